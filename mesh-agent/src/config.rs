@@ -1,0 +1,147 @@
+//! The agent's configuration: built once from the command line, validated, immutable, and
+//! serialisable for the config dump. Only this module reads flags or the environment.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// This node's name; workload records whose `node` differs are not captured here.
+    #[arg(long)]
+    pub node: String,
+    /// cgroup v2 directory under which this node's pods live; the node-wide programs attach
+    /// here. Default: the cgroup v2 mount point (found in /proc/self/mountinfo).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory for this node's pins. Default: /sys/fs/bpf/sockmesh/<node>.
+    #[arg(long)]
+    pub bpffs_dir: Option<PathBuf>,
+    /// YAML file of workloads (`workloads: [...]`).
+    #[arg(long)]
+    pub workloads: Option<PathBuf>,
+    /// Directory for run-time state (workloads added through the API). Default:
+    /// /run/sockmesh/<node>.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Root-only Unix socket of the local API. Default: <state-dir>/agent.sock.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Most live intercepted connections on this node (size of the original-destination map);
+    /// connections beyond it are refused and counted.
+    #[arg(long, default_value_t = mesh_common::ORIG_DST_SIZE)]
+    pub max_connections: u32,
+    /// Most meshed workloads on this node.
+    #[arg(long, default_value_t = mesh_common::WORKLOADS_SIZE)]
+    pub max_workloads: u32,
+    /// How long the agent waits for an upstream connect before refusing the client.
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node: String,
+    pub cgroup_root: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub workloads_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub max_connections: u32,
+    pub max_workloads: u32,
+    pub connect_timeout_ms: u64,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{setting} {value:?}: {reason}")]
+    Invalid { setting: &'static str, value: String, reason: String },
+    #[error("no cgroup v2 mount found in /proc/self/mountinfo; mount one or pass --cgroup-root")]
+    NoCgroup2,
+}
+
+impl Config {
+    pub fn from_args(a: RunArgs) -> Result<Config, ConfigError> {
+        let invalid = |setting, value: &dyn std::fmt::Debug, reason: &str| ConfigError::Invalid {
+            setting,
+            value: format!("{value:?}"),
+            reason: reason.to_owned(),
+        };
+        if a.node.is_empty() || !a.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
+            return Err(invalid("node", &a.node, "must be non-empty and use only letters, digits, '-', '.', '_'"));
+        }
+        let cgroup_root = match a.cgroup_root {
+            Some(p) => p,
+            None => cgroup2_mount()?,
+        };
+        if !cgroup_root.join("cgroup.procs").exists() {
+            return Err(invalid("cgroup-root", &cgroup_root, "is not a cgroup v2 directory (no cgroup.procs)"));
+        }
+        if a.max_connections < 1 {
+            return Err(invalid("max-connections", &a.max_connections, "must be at least 1"));
+        }
+        if a.max_workloads < 1 {
+            return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));
+        }
+        if let Some(w) = &a.workloads {
+            if !w.is_file() {
+                return Err(invalid("workloads", w, "no such file"));
+            }
+        }
+        let bpffs_dir = a.bpffs_dir.unwrap_or_else(|| Path::new("/sys/fs/bpf/sockmesh").join(&a.node));
+        let state_dir = a.state_dir.unwrap_or_else(|| Path::new("/run/sockmesh").join(&a.node));
+        let api_socket = a.api_socket.unwrap_or_else(|| state_dir.join("agent.sock"));
+        Ok(Config {
+            node: a.node,
+            cgroup_root,
+            bpffs_dir,
+            workloads_file: a.workloads,
+            state_dir,
+            api_socket,
+            max_connections: a.max_connections,
+            max_workloads: a.max_workloads,
+            connect_timeout_ms: a.connect_timeout_ms,
+            log_format: a.log_format,
+        })
+    }
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on unified
+/// hosts and /sys/fs/cgroup/unified on hybrid ones: never hard-coded).
+pub fn cgroup2_mount() -> Result<PathBuf, ConfigError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| ConfigError::NoCgroup2)?;
+    parse_cgroup2_mount(&text).ok_or(ConfigError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_a_hybrid_mountinfo() {
+        let text = "35 25 0:30 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw\n\
+                    36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(parse_cgroup2_mount("35 25 0:30 / /x rw - tmpfs tmpfs rw\n"), None);
+    }
+}

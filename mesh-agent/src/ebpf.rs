@@ -1,0 +1,385 @@
+//! The kernel side of the datapath: load the programs, attach them (or take over the ones a
+//! previous agent left pinned), and keep the maps in step with the local workloads.
+//!
+//! Layout under the node's bpffs directory (P6):
+//!   maps/SM_*            every map, pinned by name (reused by the next agent)
+//!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release)
+//!   links/sk_lookup-<id> one sk_lookup link per workload netns
+//! A restarted agent finds the links pinned, swaps its freshly loaded program into each one
+//! with BPF_LINK_UPDATE (atomic: the hook is never empty) and reuses the pinned maps.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
+
+/// The eBPF object built by `cargo xtask build-ebpf` (empty when it was not built).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("this agent was built without its eBPF object; build it with `cargo xtask build` (which runs build-ebpf first)")]
+    NotBuilt,
+    #[error("bpffs directory {path}: {source}; is bpffs mounted (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    Bpffs { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not on a bpffs mount; mount one (`mount -t bpf bpf /sys/fs/bpf`) and point --bpffs-dir below it")]
+    NotBpffs { path: PathBuf },
+    #[error("cannot open cgroup root {path}: {source}; it must be a cgroup v2 directory")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("pinning {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("taking over pinned link {path}: {source}")]
+    Adopt { path: PathBuf, source: std::io::Error },
+    #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build`")]
+    Missing(&'static str),
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Why a link exists: the pin names of the node-wide cgroup links.
+const CGROUP_LINKS: [(&str, &str); 4] = [
+    (mesh_common::PROG_CONNECT4, "connect4"),
+    (mesh_common::PROG_CONNECT6, "connect6"),
+    (mesh_common::PROG_SOCK_OPS, "sock_ops"),
+    (mesh_common::PROG_SOCK_RELEASE, "sock_release"),
+];
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    workloads: BpfHashMap<MapData, u64, WorkloadValue>,
+    orig_dst: BpfHashMap<MapData, u64, OrigDst>,
+    orig_by_port: BpfHashMap<MapData, PortKey, OrigDst>,
+    inbound: SockHash<MapData, InboundKey>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Load-time settings.
+pub struct DatapathConfig<'a> {
+    pub bpffs_dir: &'a Path,
+    pub cgroup_root: &'a Path,
+    pub max_connections: u32,
+    pub max_workloads: u32,
+}
+
+/// What attach did with each node-wide link (logged at start; tests look for take-overs).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkReport {
+    pub name: &'static str,
+    pub adopted: bool,
+}
+
+impl Datapath {
+    pub fn load(cfg: &DatapathConfig<'_>) -> Result<(Self, Vec<LinkReport>), EbpfError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        let maps_dir = cfg.bpffs_dir.join("maps");
+        let links_dir = cfg.bpffs_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs { path: dir.clone(), source })?;
+        }
+        check_bpffs(cfg.bpffs_dir)?;
+        let cgroup = File::open(cfg.cgroup_root)
+            .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
+
+        let by_port_size = mesh_common::orig_dst_by_port_size(cfg.max_connections);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(mesh_common::ORIG_DST, cfg.max_connections)
+            .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
+            .map_max_entries(mesh_common::WORKLOADS, cfg.max_workloads)
+            .map_max_entries(mesh_common::INBOUND_LISTENERS, cfg.max_workloads)
+            .load(EBPF_OBJECT)?;
+
+        let mut reports = Vec::new();
+        for (prog, pin) in CGROUP_LINKS {
+            let pin_path = links_dir.join(pin);
+            let program = ebpf.program_mut(prog).ok_or(EbpfError::Missing(prog))?;
+            let adopted = match program {
+                aya::programs::Program::CgroupSockAddr(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
+                aya::programs::Program::SockOps(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
+                aya::programs::Program::CgroupSock(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
+                _ => return Err(EbpfError::Missing(prog)),
+            };
+            reports.push(LinkReport { name: pin, adopted });
+        }
+        let sk_lookup: &mut SkLookup = ebpf
+            .program_mut(mesh_common::PROG_SK_LOOKUP)
+            .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
+            .try_into()
+            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
+        sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
+
+        let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
+        let orig_dst = take_map(&mut ebpf, mesh_common::ORIG_DST)?;
+        let orig_by_port = take_map(&mut ebpf, mesh_common::ORIG_DST_BY_PORT)?;
+        let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
+        let counters = take_map(&mut ebpf, mesh_common::COUNTERS)?;
+        Ok((Datapath { ebpf, links_dir, workloads, orig_dst, orig_by_port, inbound, counters }, reports))
+    }
+
+    /// Marks a cgroup as a meshed workload: from now on its connects are redirected.
+    pub fn add_workload_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<(), EbpfError> {
+        self.workloads
+            .insert(cgroup_id, WorkloadValue { id, flags: 0 }, 0)
+            .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOADS, source })
+    }
+
+    pub fn remove_workload_cgroup(&mut self, cgroup_id: u64) -> Result<(), EbpfError> {
+        match self.workloads.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(EbpfError::Map { name: mesh_common::WORKLOADS, source }),
+        }
+    }
+
+    /// The cgroup ids currently marked, with their workload ids.
+    pub fn workload_cgroups(&self) -> Vec<(u64, u32)> {
+        self.workloads.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.id)).collect()
+    }
+
+    pub fn set_inbound_listener(&mut self, key: InboundKey, sock: &impl AsRawFd) -> Result<(), EbpfError> {
+        self.inbound
+            .insert(key, sock.as_raw_fd(), 0)
+            .map_err(|source| EbpfError::Map { name: mesh_common::INBOUND_LISTENERS, source })
+    }
+
+    pub fn remove_inbound_listener(&mut self, key: &InboundKey) {
+        let _ = self.inbound.remove(key);
+    }
+
+    pub fn inbound_keys(&self) -> Vec<InboundKey> {
+        self.inbound.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Attaches sk_lookup to a workload's netns (or takes over the pinned link).
+    pub fn attach_sk_lookup(&mut self, pin_name: &str, netns: &File) -> Result<bool, EbpfError> {
+        let pin_path = self.links_dir.join(format!("sk_lookup-{pin_name}"));
+        let program: &mut SkLookup = self
+            .ebpf
+            .program_mut(mesh_common::PROG_SK_LOOKUP)
+            .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
+            .try_into()
+            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
+        if pin_path.exists() {
+            adopt(&pin_path, program.fd().map_err(|source| EbpfError::Program { name: "sk_lookup", source })?.as_fd())?;
+            return Ok(true);
+        }
+        let id = program.attach(netns).map_err(|source| EbpfError::Program { name: "sk_lookup", source })?;
+        let link = program.take_link(id).map_err(|source| EbpfError::Program { name: "sk_lookup", source })?;
+        let fd_link: FdLink = link.into();
+        fd_link
+            .pin(&pin_path)
+            .map_err(|e| EbpfError::Pin { path: pin_path.clone(), reason: e.to_string() })?;
+        Ok(false)
+    }
+
+    /// Detaches a workload's sk_lookup link (unpinning drops the last reference).
+    pub fn detach_sk_lookup(&mut self, pin_name: &str) {
+        let _ = std::fs::remove_file(self.links_dir.join(format!("sk_lookup-{pin_name}")));
+    }
+
+    /// Names of the sk_lookup links pinned on this node.
+    pub fn sk_lookup_pins(&self) -> Vec<String> {
+        std::fs::read_dir(&self.links_dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("sk_lookup-")).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Takes the original destination of a connection the agent accepted on a workload's
+    /// outbound listener: (netns cookie of the listener, client family, client port).
+    pub fn take_orig_dst(&mut self, key: &PortKey) -> Option<OrigDst> {
+        let v = self.orig_by_port.get(key, 0).ok()?;
+        let _ = self.orig_by_port.remove(key);
+        Some(v)
+    }
+
+    /// Deletes port-keyed entries whose client socket was released more than
+    /// [`mesh_common::RELEASED_ENTRY_TTL_NS`] ago without the agent consuming them.
+    pub fn collect_released(&mut self) -> usize {
+        let now = monotonic_ns();
+        let stale: Vec<PortKey> = self
+            .orig_by_port
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.released_ns != 0 && now.saturating_sub(v.released_ns) > mesh_common::RELEASED_ENTRY_TTL_NS)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = self.orig_by_port.remove(k);
+        }
+        stale.len()
+    }
+
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let v = self.counters.get(&(*c as u32), 0).map(|vals| vals.iter().sum()).unwrap_or(0);
+                (c.name(), v)
+            })
+            .collect()
+    }
+
+    /// Entries in each bounded map (for stats and the map-fill metric).
+    pub fn map_fill(&self) -> BTreeMap<&'static str, usize> {
+        let mut m = BTreeMap::new();
+        m.insert(mesh_common::WORKLOADS, self.workloads.keys().count());
+        m.insert(mesh_common::ORIG_DST, self.orig_dst.keys().count());
+        m.insert(mesh_common::ORIG_DST_BY_PORT, self.orig_by_port.keys().count());
+        m.insert(mesh_common::INBOUND_LISTENERS, self.inbound.keys().count());
+        m
+    }
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// The cgroup-attached program kinds share this shape.
+trait CgroupProgram {
+    fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, aya::programs::ProgramError>;
+    fn attach_pinned(&mut self, cgroup: &File, pin: &Path) -> Result<(), EbpfError>;
+}
+
+macro_rules! cgroup_program {
+    ($ty:ty, $name:literal) => {
+        impl CgroupProgram for $ty {
+            fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+            fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, aya::programs::ProgramError> {
+                Ok(self.fd()?.as_fd())
+            }
+            fn attach_pinned(&mut self, cgroup: &File, pin: &Path) -> Result<(), EbpfError> {
+                // Mode "Single" means no attach flags: bpf_link_create rejects them, and cgroup
+                // links always coexist with other programs (a CNI, systemd) as if ALLOW_MULTI.
+                let id = self
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| EbpfError::Program { name: $name, source })?;
+                let link = self.take_link(id).map_err(|source| EbpfError::Program { name: $name, source })?;
+                let fd_link: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| EbpfError::Pin { path: pin.to_owned(), reason: e.to_string() })?;
+                fd_link.pin(pin).map_err(|e| EbpfError::Pin { path: pin.to_owned(), reason: e.to_string() })?;
+                Ok(())
+            }
+        }
+    };
+}
+cgroup_program!(CgroupSockAddr, "cgroup_sock_addr");
+cgroup_program!(SockOps, "sock_ops");
+cgroup_program!(CgroupSock, "cgroup_sock");
+
+fn attach_or_adopt(name: &'static str, p: &mut impl CgroupProgram, cgroup: &File, pin: &Path) -> Result<bool, EbpfError> {
+    p.load_prog().map_err(|source| EbpfError::Program { name, source })?;
+    if pin.exists() {
+        adopt(pin, p.prog_fd().map_err(|source| EbpfError::Program { name, source })?)?;
+        Ok(true)
+    } else {
+        p.attach_pinned(cgroup, pin)?;
+        Ok(false)
+    }
+}
+
+/// Takes over a pinned link: swaps the freshly loaded program in atomically.
+fn adopt(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<(), EbpfError> {
+    let link = bpf_obj_get(pin).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })?;
+    bpf_link_update(&link, prog).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })
+}
+
+fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: attr is a valid prefix of union bpf_attr; the kernel zero-extends the rest.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGet, std::mem::size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn bpf_link_update(link: &OwnedFd, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdate, std::mem::size_of::<LinkUpdate>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn check_bpffs(path: &Path) -> Result<(), EbpfError> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| EbpfError::Bpffs { path: path.to_owned(), source: std::io::Error::other(e) })?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(EbpfError::Bpffs { path: path.to_owned(), source: std::io::Error::last_os_error() });
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(EbpfError::NotBpffs { path: path.to_owned() });
+    }
+    Ok(())
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A cgroup v2 directory's id, as bpf_get_current_cgroup_id() reports it: its inode number.
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// Removes everything this node's agents pinned: detaches all programs and frees the maps.
+pub fn uninstall(bpffs_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(bpffs_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}

@@ -1,0 +1,119 @@
+//! mesh-agent: the per-node sockmesh agent.
+
+mod api;
+mod app;
+mod config;
+mod ebpf;
+mod netns;
+mod proxy;
+mod workload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "sockmesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the kernel programs (or take over pinned ones) and serve this node.
+    Run(config::RunArgs),
+    /// Detach everything this node's agents pinned and free the maps. Meshed pods lose
+    /// capture: their connections go direct from then on.
+    Uninstall {
+        #[arg(long)]
+        bpffs_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let cfg = config::Config::from_args(args)?;
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run(cfg))
+        }
+        Cmd::Uninstall { bpffs_dir } => {
+            ebpf::uninstall(&bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
+            eprintln!("removed {}: programs detached, maps freed", bpffs_dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
+        config::LogFormat::Text => b.init(),
+    }
+}
+
+async fn run(cfg: config::Config) -> anyhow::Result<()> {
+    let file_workloads = match &cfg.workloads_file {
+        Some(p) => workload::parse_file(p)?,
+        None => Vec::new(),
+    };
+    let (datapath, links) = ebpf::Datapath::load(&ebpf::DatapathConfig {
+        bpffs_dir: &cfg.bpffs_dir,
+        cgroup_root: &cfg.cgroup_root,
+        max_connections: cfg.max_connections,
+        max_workloads: cfg.max_workloads,
+    })?;
+    for l in &links {
+        tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
+    }
+    let agent = app::Agent::new(cfg.clone(), datapath);
+    agent.set_known(&file_workloads);
+
+    let api = api::bind(&cfg.api_socket).with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
+
+    let mut failed = 0;
+    let runtime = agent.load_runtime_state();
+    let local = file_workloads.into_iter().filter(|w| w.is_local_to(&cfg.node)).map(|w| (w, false));
+    for (w, is_runtime) in local.chain(runtime.into_iter().map(|w| (w, true))) {
+        let key = w.key();
+        if let Err(e) = agent.add_workload(w, is_runtime).await {
+            // One broken record must not take the node's other workloads down.
+            failed += 1;
+            tracing::error!(workload = %key, error = %e, "cannot capture workload");
+        }
+    }
+    agent.sweep_stale();
+    tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
+
+    tokio::spawn(api::serve(agent.clone(), api));
+    tokio::spawn(collect_released(agent.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // The programs stay attached (P6): meshed pods fail closed until an agent is back.
+    let _ = std::fs::remove_file(&cfg.api_socket);
+    tracing::info!("agent stopping; kernel programs stay attached");
+    Ok(())
+}
+
+async fn collect_released(agent: Arc<app::Agent>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let n = agent.datapath().collect_released();
+        if n > 0 {
+            tracing::debug!(n, "collected released original-destination entries");
+        }
+    }
+}

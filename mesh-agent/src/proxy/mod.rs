@@ -1,0 +1,115 @@
+//! Carrying captured connections. `outbound` serves the 15001 listeners, `inbound` the 15006
+//! ones; both end in [`relay`], which moves the bytes and writes the access-log line.
+
+pub mod inbound;
+pub mod outbound;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::netns::NetnsWorker;
+
+/// Why a captured connection was refused (bounded: these become log fields and metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseReason {
+    /// The kernel recorded no original destination for this socket (map full, or not ours).
+    NoOrigDst,
+    /// The original destination was recorded for another workload's cgroup.
+    WorkloadMismatch,
+    /// The upstream could not be reached.
+    UpstreamUnreachable,
+    /// The destination is one of the mesh's own ports.
+    MeshPort,
+    /// HBONE is not served yet by this agent.
+    HboneUnavailable,
+}
+
+impl RefuseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::NoOrigDst => "no_orig_dst",
+            RefuseReason::WorkloadMismatch => "workload_mismatch",
+            RefuseReason::UpstreamUnreachable => "upstream_unreachable",
+            RefuseReason::MeshPort => "mesh_port",
+            RefuseReason::HboneUnavailable => "hbone_unavailable",
+        }
+    }
+}
+
+/// Refuses a client with a TCP reset rather than a clean close, so that it cannot mistake the
+/// refusal for an empty response.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
+
+/// Opens a TCP connection from inside a workload's netns (the agent's socket, not the pod's:
+/// never intercepted).
+/// With `bind_to`, the socket's source address is fixed first (the inbound path binds to the
+/// app's own address, which sk_lookup recognises as traffic from inside the pod).
+pub async fn dial_in(
+    netns: &NetnsWorker,
+    addr: SocketAddr,
+    bind_to: Option<std::net::IpAddr>,
+    timeout: std::time::Duration,
+) -> std::io::Result<TcpStream> {
+    let sock = netns
+        .run(move || -> std::io::Result<std::net::TcpStream> {
+            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            s.set_nonblocking(true)?;
+            if let Some(ip) = bind_to {
+                s.bind(&SocketAddr::new(ip, 0).into())?;
+            }
+            s.set_nodelay(true)?;
+            Ok(s.into())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+    let sock = TcpSocket::from_std_stream(sock);
+    match tokio::time::timeout(timeout, sock.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// The facts of one connection, logged at close.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnRecord {
+    pub direction: &'static str,
+    pub src_workload: Option<String>,
+    pub src_principal: Option<String>,
+    pub src_addr: Option<String>,
+    pub dst_workload: Option<String>,
+    pub orig_dst: String,
+}
+
+/// Moves bytes both ways until both sides are done, then writes one access-log line.
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, rec: ConnRecord, started: Instant) {
+    let res = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (sent, received, error) = match res {
+        Ok((a, b)) => (a, b, None),
+        Err(e) => (0, 0, Some(e.to_string())),
+    };
+    log_close(&rec, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
+}
+
+pub fn log_close(rec: &ConnRecord, sent: u64, received: u64, started: Instant, error: &str, result: &str) {
+    tracing::info!(
+        target: "access",
+        direction = rec.direction,
+        src_workload = rec.src_workload.as_deref().unwrap_or("-"),
+        src_principal = rec.src_principal.as_deref().unwrap_or("-"),
+        src_addr = rec.src_addr.as_deref().unwrap_or("-"),
+        dst_workload = rec.dst_workload.as_deref().unwrap_or("-"),
+        orig_dst = %rec.orig_dst,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        result,
+        error,
+        "connection closed"
+    );
+}

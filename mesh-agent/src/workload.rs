@@ -1,0 +1,204 @@
+//! Local workloads: what a node agent must capture, and where their kernel objects are.
+//!
+//! In local mode the records come from a YAML file (`--workloads`) and from the root-only
+//! Unix-socket API at run time. Identity is a name, a namespace and a service account; the
+//! kernel facts that tie it to traffic are the cgroup (which sockets are the workload's) and the
+//! netns (where the agent's listeners live). IPs are only used to steer inbound packets.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    /// The node the workload runs on; records for other nodes are known but not captured here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Path of the workload's network namespace (e.g. /run/netns/pod-a). Local workloads only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// Path of the workload's cgroup v2 directory. Local workloads only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// `namespace/name`: how a workload is named in logs, the API and the state file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkloadKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("cannot read workload file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("workload file {path} is not valid YAML for a workload list (line {line}): {reason}; expected `workloads: [{{name, namespace, serviceAccount, labels, ips, node, netns, cgroup}}]`")]
+    Parse { path: PathBuf, line: usize, reason: String },
+    #[error("workload {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadFile {
+    #[serde(default)]
+    workloads: Vec<Workload>,
+}
+
+impl Workload {
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey { namespace: self.namespace.clone(), name: self.name.clone() }
+    }
+
+    /// Whether this record is one the agent of `node` must capture.
+    pub fn is_local_to(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+
+    /// Checks a record before anything is attached for it.
+    pub fn validate(&self, node: &str) -> Result<(), WorkloadError> {
+        let invalid = |reason: String| WorkloadError::Invalid { key: self.key().to_string(), reason };
+        for (what, v) in [("name", &self.name), ("namespace", &self.namespace), ("serviceAccount", &self.service_account)] {
+            if !is_dns_label(v) {
+                return Err(invalid(format!(
+                    "{what} {v:?} must be a DNS-1123 label (lowercase letters, digits, '-', '.', at most 253 characters)"
+                )));
+            }
+        }
+        if self.ips.is_empty() {
+            return Err(invalid("ips is empty; list the workload's addresses".into()));
+        }
+        if self.is_local_to(node) {
+            let Some(netns) = &self.netns else {
+                return Err(invalid(format!("runs on this node ({node}) but has no netns path")));
+            };
+            let Some(cgroup) = &self.cgroup else {
+                return Err(invalid(format!("runs on this node ({node}) but has no cgroup path")));
+            };
+            if !netns.exists() {
+                return Err(invalid(format!("netns {} does not exist", netns.display())));
+            }
+            if !cgroup.join("cgroup.procs").exists() {
+                return Err(invalid(format!(
+                    "cgroup {} is not a cgroup v2 directory (no cgroup.procs)",
+                    cgroup.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Service-account names may contain '.', so DNS-1123 subdomain rules apply.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+pub fn parse_file(path: &Path) -> Result<Vec<Workload>, WorkloadError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| WorkloadError::Read { path: path.to_owned(), source })?;
+    parse_str(path, &text)
+}
+
+pub fn parse_str(path: &Path, text: &str) -> Result<Vec<Workload>, WorkloadError> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let file: WorkloadFile = serde_yaml::from_str(text).map_err(|e| WorkloadError::Parse {
+        path: path.to_owned(),
+        line: e.location().map(|l| l.line()).unwrap_or(0),
+        reason: e.to_string(),
+    })?;
+    let mut seen = std::collections::BTreeSet::new();
+    for w in &file.workloads {
+        if !seen.insert(w.key()) {
+            return Err(WorkloadError::Invalid {
+                key: w.key().to_string(),
+                reason: format!("listed twice in {}", path.display()),
+            });
+        }
+    }
+    Ok(file.workloads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_workload_list_with_defaults() {
+        let ws = parse_str(
+            Path::new("w.yaml"),
+            "workloads:\n- name: a\n  ips: [10.0.0.1]\n  node: n1\n  labels: {app: a}\n",
+        )
+        .unwrap();
+        assert_eq!(ws.len(), 1);
+        assert_eq!(ws[0].namespace, "default");
+        assert_eq!(ws[0].service_account, "default");
+        assert_eq!(ws[0].labels["app"], "a");
+        assert!(ws[0].is_local_to("n1"));
+        assert!(!ws[0].is_local_to("n2"));
+    }
+
+    #[test]
+    fn bad_yaml_names_the_line_and_unknown_fields_are_rejected() {
+        let err = parse_str(Path::new("w.yaml"), "workloads:\n- name: a\n  ips: [10.0.0.1]\n  serviceAcount: x\n")
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("w.yaml") && msg.contains("line 2") && msg.contains("serviceAcount"), "{msg}");
+        let err = parse_str(Path::new("w.yaml"), "workloads:\n- name: a\n  ips: [not-an-ip]\n").unwrap_err();
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_and_bad_names_are_refused() {
+        let err = parse_str(Path::new("w.yaml"), "workloads:\n- {name: a, ips: [10.0.0.1]}\n- {name: a, ips: [10.0.0.2]}\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+        let w = Workload {
+            name: "A_B".into(),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+            labels: Default::default(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            node: Some("other".into()),
+            netns: None,
+            cgroup: None,
+        };
+        assert!(w.validate("n1").unwrap_err().to_string().contains("DNS-1123"));
+        let mut ok = w.clone();
+        ok.name = "a".into();
+        ok.validate("n1").unwrap();
+        ok.node = Some("n1".into());
+        assert!(ok.validate("n1").unwrap_err().to_string().contains("no netns"));
+    }
+}

@@ -1,0 +1,265 @@
+//! Types, constants and pure decisions shared by the kernel programs (`mesh-ebpf`) and user
+//! space (`mesh-agent`). Everything here is `no_std`; the `user` feature adds `aya::Pod`.
+//!
+//! Byte orders follow the kernel contexts they come from, and every field says which:
+//! addresses are always network order (as `bpf_sock_addr.user_ip4` carries them), ports are
+//! always host order (we convert at the edge, once).
+#![no_std]
+
+pub mod maps;
+pub mod ports;
+
+pub use maps::*;
+pub use ports::*;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `ingress_ifindex` of the loopback device; it is 1 in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// A socket address as the kernel programs see it. `addr` holds the IPv4 address in `addr[0]`
+/// (network order) or the IPv6 address as four network-order words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockAddr {
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
+
+/// What `connect4`/`connect6` remember about a redirected socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub dst: SockAddr,
+    /// The workload id the source cgroup was registered under (see [`WorkloadValue`]).
+    pub workload_id: u32,
+    /// The client's local port (host order), filled in by sock_ops when it is bound: the
+    /// sock_release hook may not read the socket's port itself.
+    pub src_port: u16,
+    pub _pad: u16,
+    /// CLOCK_MONOTONIC ns at which the client socket was released, 0 while it lives. Set by
+    /// sock_release in [`maps::ORIG_DST_BY_PORT`] instead of deleting, because a client may
+    /// connect, write and close before the agent accepts: the agent must still find the
+    /// original destination. The agent deletes an entry when it consumes it and collects
+    /// released entries older than [`RELEASED_ENTRY_TTL_NS`].
+    pub released_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 40);
+
+/// How long a released, unconsumed [`maps::ORIG_DST_BY_PORT`] entry waits for the agent.
+pub const RELEASED_ENTRY_TTL_NS: u64 = 10_000_000_000;
+
+/// How many cgroup levels connect4/6 climb to find a meshed pod's cgroup: a pod's processes
+/// usually sit in a container cgroup below it.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// Key of [`maps::ORIG_DST_BY_PORT`]: where the agent finds an accepted socket's original
+/// destination. The netns cookie is that of the pod's network namespace (the agent reads it
+/// from its listener with `SO_NETNS_COOKIE`), the port is the client's local port (the agent's
+/// peer port), host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+
+/// Value of [`maps::WORKLOADS`], keyed by the pod's cgroup id (its cgroup v2 inode number).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkloadValue {
+    /// Agent-assigned id, echoed into [`OrigDst::workload_id`] so that the agent can check that
+    /// the socket it accepted in a pod's netns really came from that pod's cgroup.
+    pub id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<WorkloadValue>() == 8);
+
+/// Key of [`maps::INBOUND_LISTENERS`]: a local workload address. `sk_lookup` runs inside the
+/// pod's netns and picks the agent's inbound socket of that same netns by the address the
+/// packet was sent to (pod addresses are unique on a node). This is steering, not identity:
+/// the kernel refuses to assign a socket of another netns, and no identity is derived from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct InboundKey {
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 20);
+
+impl InboundKey {
+    pub const fn v4(addr_be: u32) -> Self {
+        InboundKey { family: AF_INET as u32, addr: [addr_be, 0, 0, 0] }
+    }
+    pub const fn v6(addr_be: [u32; 4]) -> Self {
+        InboundKey { family: AF_INET6 as u32, addr: addr_be }
+    }
+}
+
+/// Indices into [`maps::COUNTERS`]: why the kernel programs did what they did.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect4/6 redirected a meshed socket to its agent.
+    Redirected = 0,
+    /// connect4/6 refused a connection because the original-destination map was full.
+    RefusedOrigDstFull = 1,
+    /// sock_ops could not re-key an original destination (map full); the agent refuses it.
+    PortKeyFull = 2,
+    /// sk_lookup steered an inbound connection to the agent's inbound socket.
+    InboundSteered = 3,
+    /// sk_lookup dropped an inbound connection: no agent socket for that workload (agent down).
+    InboundNoListener = 4,
+    /// connect4/6 left a meshed socket alone (loopback or a mesh port).
+    PassedLocal = 5,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 6] = [
+        Counter::Redirected,
+        Counter::RefusedOrigDstFull,
+        Counter::PortKeyFull,
+        Counter::InboundSteered,
+        Counter::InboundNoListener,
+        Counter::PassedLocal,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::RefusedOrigDstFull => "refused_orig_dst_map_full",
+            Counter::PortKeyFull => "port_key_map_full",
+            Counter::InboundSteered => "inbound_steered",
+            Counter::InboundNoListener => "inbound_dropped_no_agent",
+            Counter::PassedLocal => "passed_local",
+        }
+    }
+}
+
+/// What connect4/connect6 do with a meshed socket's destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboundAction {
+    /// Leave it alone: loopback (the pod talking to itself, or to the agent) or a mesh port.
+    Pass,
+    /// Record the original destination and send it to the agent's outbound listener.
+    Redirect,
+}
+
+/// The decision for an IPv4 destination (`addr_be` network order, `port` host order).
+pub fn outbound_action_v4(addr_be: u32, port: u16) -> OutboundAction {
+    // 127.0.0.0/8: first octet is the lowest-addressed byte of the network-order word.
+    let first_octet = addr_be.to_ne_bytes()[0];
+    if first_octet == 127 || is_mesh_port(port) {
+        OutboundAction::Pass
+    } else {
+        OutboundAction::Redirect
+    }
+}
+
+/// The decision for an IPv6 destination (four network-order words, `port` host order).
+pub fn outbound_action_v6(addr_be: [u32; 4], port: u16) -> OutboundAction {
+    let is_loopback =
+        addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == 0 && addr_be[3].to_ne_bytes() == [0, 0, 0, 1];
+    // ::ffff:127.x.y.z (a v4-mapped loopback on a dual-stack socket).
+    let mapped_prefix = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
+    let is_mapped_loopback = mapped_prefix && addr_be[3].to_ne_bytes()[0] == 127;
+    if is_loopback || is_mapped_loopback || is_mesh_port(port) {
+        OutboundAction::Pass
+    } else {
+        OutboundAction::Redirect
+    }
+}
+
+/// What `sk_lookup` does with a TCP connection arriving in a pod's netns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundAction {
+    /// Normal lookup: loopback traffic (the agent dialling the app, the app itself) or HBONE.
+    Pass,
+    /// Steer to the agent's inbound socket of this netns.
+    Steer,
+}
+
+/// `from_self`: the packet's source is the destination address itself (the agent dialling the
+/// app from inside the pod binds to the app's address) or loopback. Local traffic does not
+/// arrive with the loopback ifindex when it is addressed to the pod's own IP, so the source
+/// is what tells. An outside packet cannot claim a local source: the kernel drops those as
+/// martians (accept_local=0) before any socket lookup.
+pub fn inbound_action(ingress_ifindex: u32, local_port: u16, from_self: bool) -> InboundAction {
+    if from_self || ingress_ifindex == LOOPBACK_IFINDEX || local_port == HBONE_PORT {
+        InboundAction::Pass
+    } else {
+        InboundAction::Steer
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for SockAddr {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for WorkloadValue {}
+    unsafe impl aya::Pod for InboundKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+    fn v6(a: [u8; 16]) -> [u32; 4] {
+        let mut w = [0u32; 4];
+        for (i, c) in a.chunks(4).enumerate() {
+            w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        w
+    }
+
+    #[test]
+    fn loopback_and_mesh_ports_pass_everything_else_redirects() {
+        assert_eq!(outbound_action_v4(v4([127, 0, 0, 1]), 80), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([127, 9, 9, 9]), 80), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 15008), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 15001), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 8080), OutboundAction::Redirect);
+        assert_eq!(outbound_action_v4(v4([128, 0, 0, 1]), 80), OutboundAction::Redirect);
+    }
+
+    #[test]
+    fn v6_loopback_and_mapped_loopback_pass() {
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        assert_eq!(outbound_action_v6(v6(lo), 80), OutboundAction::Pass);
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12] = 127;
+        mapped[15] = 1;
+        assert_eq!(outbound_action_v6(v6(mapped), 80), OutboundAction::Pass);
+        mapped[12] = 10;
+        assert_eq!(outbound_action_v6(v6(mapped), 80), OutboundAction::Redirect);
+        let mut global = [0u8; 16];
+        global[0] = 0xfd;
+        global[15] = 7;
+        assert_eq!(outbound_action_v6(v6(global), 8080), OutboundAction::Redirect);
+        assert_eq!(outbound_action_v6(v6(global), 15008), OutboundAction::Pass);
+    }
+
+    #[test]
+    fn inbound_steers_all_but_loopback_and_hbone() {
+        assert_eq!(inbound_action(1, 8080, false), InboundAction::Pass);
+        assert_eq!(inbound_action(2, 8080, true), InboundAction::Pass);
+        assert_eq!(inbound_action(2, 15008, false), InboundAction::Pass);
+        assert_eq!(inbound_action(2, 8080, false), InboundAction::Steer);
+        assert_eq!(inbound_action(7, 15001, false), InboundAction::Steer);
+    }
+}

@@ -1,0 +1,41 @@
+//! Every map's name and default size. The kernel side declares the maps with these names
+//! (`mesh-ebpf/src/maps.rs`); the agent opens them by name and may shrink or grow the sizes at
+//! load time (`--max-connections`, `--max-workloads`). All maps are bounded (P5): when one is
+//! full the connection is refused and counted, never passed through unproxied.
+
+/// cgroup id (u64) -> [`crate::WorkloadValue`]: the meshed workloads of this node.
+pub const WORKLOADS: &str = "SM_WORKLOADS";
+pub const WORKLOADS_SIZE: u32 = 4096;
+
+/// socket cookie (u64) -> [`crate::OrigDst`]: original destinations of redirected sockets,
+/// kept for the socket's lifetime (deleted by sock_release). Its fill is the number of live
+/// intercepted connections on the node; when full, connect4/6 refuse.
+pub const ORIG_DST: &str = "SM_ORIG_DST";
+pub const ORIG_DST_SIZE: u32 = 65536;
+
+/// [`crate::PortKey`] -> [`crate::OrigDst`]: the same entries re-keyed by sock_ops so that the
+/// agent finds them from its accepted socket. Twice the size of [`ORIG_DST`]: every entry
+/// here has one there while its socket lives, plus released entries awaiting the agent.
+pub const ORIG_DST_BY_PORT: &str = "SM_ORIG_BY_PORT";
+
+/// The size of [`ORIG_DST_BY_PORT`] for a given [`ORIG_DST`] size.
+pub const fn orig_dst_by_port_size(orig_dst_size: u32) -> u32 {
+    orig_dst_size.saturating_mul(2)
+}
+
+/// [`crate::InboundKey`] -> the agent's inbound (15006) listening socket in that workload's
+/// netns (a SOCKHASH). Entries vanish when the agent's socket closes, so with the agent down
+/// sk_lookup finds nothing and drops: fail closed.
+pub const INBOUND_LISTENERS: &str = "SM_INBOUND";
+pub const INBOUND_LISTENERS_SIZE: u32 = 4096;
+
+/// Array of u64 indexed by [`crate::Counter`].
+pub const COUNTERS: &str = "SM_COUNTERS";
+pub const COUNTERS_SIZE: u32 = 16;
+
+/// Program names (the Rust function names in mesh-ebpf) and their pin names.
+pub const PROG_CONNECT4: &str = "sm_connect4";
+pub const PROG_CONNECT6: &str = "sm_connect6";
+pub const PROG_SOCK_OPS: &str = "sm_sock_ops";
+pub const PROG_SOCK_RELEASE: &str = "sm_sock_release";
+pub const PROG_SK_LOOKUP: &str = "sm_sk_lookup";

@@ -1,0 +1,36 @@
+//! Every map of the kernel programs. Names, sizes, keys and values come from mesh-common;
+//! the agent may resize the maps at load time. All are pinned by name under the node's bpffs
+//! directory (P6) so that a restarted agent takes over the same maps.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, SockHash},
+};
+use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadValue};
+
+#[map(name = "SM_WORKLOADS")]
+pub static WORKLOADS: HashMap<u64, WorkloadValue> =
+    HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
+
+#[map(name = "SM_ORIG_DST")]
+pub static ORIG_DST: HashMap<u64, OrigDst> = HashMap::pinned(mesh_common::ORIG_DST_SIZE, 0);
+
+#[map(name = "SM_ORIG_BY_PORT")]
+pub static ORIG_DST_BY_PORT: HashMap<PortKey, OrigDst> =
+    HashMap::pinned(mesh_common::orig_dst_by_port_size(mesh_common::ORIG_DST_SIZE), 0);
+
+#[map(name = "SM_INBOUND")]
+pub static INBOUND_LISTENERS: SockHash<InboundKey> =
+    SockHash::pinned(mesh_common::INBOUND_LISTENERS_SIZE, 0);
+
+#[map(name = "SM_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(mesh_common::COUNTERS_SIZE, 0);
+
+#[inline(always)]
+pub fn count(c: mesh_common::Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // Per-CPU slot: no other CPU writes it, and BPF programs are not preempted mid-run
+        // on the same CPU for these hooks, so a plain add is exact.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,62 @@
+//! `sk_lookup`, attached to each meshed workload's network namespace: TCP that arrives from
+//! outside the pod (not via loopback) for any port but HBONE is assigned to the agent's inbound
+//! socket of that netns. With no agent socket (agent down) it is dropped: nothing reaches the
+//! app from outside except through the agent (P4).
+
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use mesh_common::{inbound_action, Counter, InboundAction, InboundKey, AF_INET};
+
+use crate::maps::{count, INBOUND_LISTENERS};
+
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let v4 = l.family == AF_INET as u32;
+    let from_self = if v4 {
+        l.remote_ip4 == l.local_ip4 || l.remote_ip4.to_ne_bytes()[0] == 127
+    } else {
+        let r = unsafe { read_words(&l.remote_ip6) };
+        let loc = unsafe { read_words(&l.local_ip6) };
+        r == loc
+    };
+    if inbound_action(l.ingress_ifindex, l.local_port as u16, from_self) == InboundAction::Pass {
+        return SK_PASS;
+    }
+    let key = if v4 {
+        InboundKey::v4(l.local_ip4)
+    } else {
+        // One 4-byte ctx load per word: the verifier refuses a memcpy from ctx.
+        InboundKey::v6(unsafe { read_words(&l.local_ip6) })
+    };
+    let mut key = key;
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, &mut key, 0) {
+        Ok(()) => {
+            count(Counter::InboundSteered);
+            SK_PASS
+        }
+        Err(_) => {
+            count(Counter::InboundNoListener);
+            SK_DROP
+        }
+    }
+}
+
+/// One 4-byte ctx load per word: the verifier refuses a memcpy from ctx.
+#[inline(always)]
+unsafe fn read_words(w: &[u32; 4]) -> [u32; 4] {
+    unsafe {
+        [
+            core::ptr::read_volatile(&w[0]),
+            core::ptr::read_volatile(&w[1]),
+            core::ptr::read_volatile(&w[2]),
+            core::ptr::read_volatile(&w[3]),
+        ]
+    }
+}

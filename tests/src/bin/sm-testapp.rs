@@ -1,0 +1,206 @@
+//! The workload the integration tests run inside pods: an echo server and clients that check
+//! every byte and report, as one JSON line, what the kernel told them (peer address, errno).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |name: &str| -> Option<String> {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    };
+    let num = |name: &str, default: u64| get(name).map(|v| v.parse::<u64>().expect(name)).unwrap_or(default);
+    let to = || -> SocketAddr { get("--to").expect("--to IP:PORT").parse().expect("--to IP:PORT") };
+    let timeout = Duration::from_millis(num("--timeout-ms", 3000));
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(get("--listen").expect("--listen IP:PORT").parse().expect("--listen")),
+        Some("echo") => {
+            let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), timeout);
+            let ok = r["ok"] == true;
+            println!("{r}");
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Some("probe") => probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), timeout),
+        Some("hold") => hold(to(), num("--count", 3), num("--hold-ms", 2000), timeout),
+        _ => {
+            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] | probe --to IP:PORT | hold --to IP:PORT --count N");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Echo server: logs one JSON line per accepted connection (peer and local address) so that a
+/// test can tell who reached the app and how.
+fn serve(addr: SocketAddr) {
+    let l = TcpListener::bind(addr).expect("bind");
+    println!("{}", json!({"event": "listening", "addr": addr.to_string()}));
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        println!("{}", json!({"event": "accept", "peer": peer, "local": local}));
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+struct Gen(u64);
+impl Gen {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+fn fnv(h: &mut u64, data: &[u8]) {
+    for b in data {
+        *h ^= *b as u64;
+        *h = h.wrapping_mul(0x100000001b3);
+    }
+}
+
+fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, serde_json::Value> {
+    TcpStream::connect_timeout(&to, timeout).map_err(|e| {
+        json!({"ok": false, "stage": "connect", "error": e.to_string(), "errno": e.raw_os_error()})
+    })
+}
+
+/// Sends `bytes` pseudo-random bytes (prefixed by the marker, if any), reads the echo back and
+/// compares checksums of both directions.
+fn echo(to: SocketAddr, bytes: u64, seed: u64, marker: Option<String>, timeout: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    let s = match connect(to, timeout) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut g = Gen(seed.max(1));
+        let mut h = 0xcbf29ce484222325u64;
+        let mut sent = 0u64;
+        if let Some(m) = marker {
+            w.write_all(m.as_bytes())?;
+            fnv(&mut h, m.as_bytes());
+            sent += m.len() as u64;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        while sent < bytes {
+            let n = ((bytes - sent) as usize).min(buf.len());
+            g.fill(&mut buf[..n]);
+            w.write_all(&buf[..n])?;
+            fnv(&mut h, &buf[..n]);
+            sent += n as u64;
+        }
+        w.shutdown(Shutdown::Write)?;
+        Ok(h ^ sent)
+    });
+    let mut r = s;
+    let mut h = 0xcbf29ce484222325u64;
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_err = loop {
+        match r.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => {
+                fnv(&mut h, &buf[..n]);
+                received += n as u64;
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    let sent_hash = writer.join().expect("writer");
+    let (sent_ok, sent_hash) = match sent_hash {
+        Ok(h) => (true, h),
+        Err(_) => (false, 0),
+    };
+    let matches = sent_ok && read_err.is_none() && (h ^ received) == sent_hash;
+    json!({
+        "ok": matches,
+        "stage": "transfer",
+        "peer": peer,
+        "local": local,
+        "received": received,
+        "checksum_match": matches,
+        "error": read_err.map(|e| e.to_string()),
+        "ms": started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Connects repeatedly for `duration_ms`; each probe sends a line and waits for its echo. Prints
+/// one JSON line per probe and a summary.
+fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, timeout: Duration) {
+    let end = Instant::now() + Duration::from_millis(duration_ms);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut peers = std::collections::BTreeMap::<String, u64>::new();
+    let mut n = 0u64;
+    while Instant::now() < end {
+        n += 1;
+        let line = format!("probe {n}\n");
+        let result = (|| -> Result<String, String> {
+            let s = TcpStream::connect_timeout(&to, timeout).map_err(|e| e.to_string())?;
+            let peer = s.peer_addr().map_err(|e| e.to_string())?.to_string();
+            let _ = s.set_read_timeout(Some(timeout));
+            (&s).write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+            let mut back = String::new();
+            BufReader::new(&s).read_line(&mut back).map_err(|e| e.to_string())?;
+            if back != line {
+                return Err(format!("echo mismatch: {back:?}"));
+            }
+            Ok(peer)
+        })();
+        match result {
+            Ok(peer) => {
+                ok += 1;
+                *peers.entry(peer).or_default() += 1;
+            }
+            Err(_) => failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
+    println!("{}", json!({"ok": ok, "failed": failed, "peers": peers}));
+}
+
+/// Opens `count` connections one after another and keeps them open for `hold_ms`.
+fn hold(to: SocketAddr, count: u64, hold_ms: u64, timeout: Duration) {
+    let mut held = Vec::new();
+    let mut results = Vec::new();
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, timeout) {
+            Ok(mut s) => {
+                let ok = s.write_all(b"x").is_ok() && {
+                    let mut b = [0u8; 1];
+                    let _ = s.set_read_timeout(Some(timeout));
+                    s.read_exact(&mut b).is_ok()
+                };
+                results.push(json!({"ok": ok}));
+                held.push(s);
+            }
+            Err(e) => results.push(json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error()})),
+        }
+    }
+    println!("{}", json!({"results": results}));
+    std::thread::sleep(Duration::from_millis(hold_ms));
+}

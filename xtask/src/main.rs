@@ -1,0 +1,298 @@
+//! Developer entry point: `cargo xtask <setup|build-ebpf|build|test|demo>`.
+//! Every command that needs the toolchain runs `setup` first; setup is idempotent and quick
+//! when everything is present.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks: Debian packages, nightly rust-src, bpf-linker; mount bpffs.
+    Setup,
+    /// Build the kernel programs (nightly, bpfel-unknown-none).
+    BuildEbpf,
+    /// Build the eBPF object and every binary (release).
+    Build,
+    /// Run all tests: unit tests, then the privileged integration tests on the real kernel.
+    Test {
+        /// Only run integration tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// A local mesh in network namespaces with real traffic.
+    Demo {
+        /// Leave the mesh running and print how to poke at it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+const APT_PACKAGES: &[(&str, &str)] = &[
+    // (command that proves it is there, Debian package)
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("tcpdump", "tcpdump"),
+    ("iperf3", "iperf3"),
+    ("ss", "iproute2"),
+];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            build_ebpf(&root)
+        }
+        Cmd::Build => {
+            setup()?;
+            build(&root)
+        }
+        Cmd::Test { filter } => {
+            setup()?;
+            build(&root)?;
+            test(&root, filter.as_deref())
+        }
+        Cmd::Demo { keep } => {
+            setup()?;
+            build(&root)?;
+            step("starting the demo mesh");
+            let mut cmd = Command::new(root.join("target/release/sm-demo"));
+            if keep {
+                cmd.arg("--keep");
+            }
+            sh(&mut cmd)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")]).status().map(|s| s.success()).unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let t = Instant::now();
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("cargo xtask must run as root: it loads eBPF programs and creates network namespaces");
+    }
+    // 1. Debian packages.
+    let mut missing: Vec<&str> = APT_PACKAGES.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // 2. The nightly toolchain's rust-src (for -Z build-std=core).
+    let comps = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
+    if !comps.status.success() {
+        bail!("no nightly toolchain (`rustup toolchain list`): the eBPF programs need one; install it with `rustup toolchain install nightly`");
+    }
+    if !String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // 3. bpf-linker, linked against the nightly's own LLVM (see ../shared/TOOLCHAIN.md).
+    let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if !linker_ok {
+        install_bpf_linker()?;
+    }
+    // 4. bpffs.
+    mount_bpffs()?;
+    eprintln!("setup: ok ({:.1}s)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn install_bpf_linker() -> Result<()> {
+    step("building bpf-linker against the nightly's LLVM (about a minute)");
+    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
+    let lib = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM") && n.ends_with(".so"))))
+        .with_context(|| format!("no libLLVM in {}", lib.display()))?;
+    // Outside the checkout: the installed bpf-linker keeps a RUNPATH to this prefix.
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let prefix = home.join(".local/share/sockmesh-llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so".to_owned(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    sh(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22", "--force"])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut it = l.split(" - ");
+        let left = it.next().unwrap_or("");
+        let right = it.next().unwrap_or("");
+        left.split_whitespace().nth(4) == Some("/sys/fs/bpf") && right.starts_with("bpf ")
+    });
+    if !mounted {
+        step("mounting bpffs at /sys/fs/bpf");
+        std::fs::create_dir_all("/sys/fs/bpf")?;
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    step("building the eBPF programs (nightly, bpfel-unknown-none)");
+    sh(Command::new("cargo")
+        .args(["+nightly", "build", "--release", "--target-dir"])
+        .arg(root.join("target/ebpf"))
+        .current_dir(root.join("mesh-ebpf"))
+        // Inherited from `cargo xtask` (stable) these would point the nightly build at stable.
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+fn build(root: &Path) -> Result<()> {
+    build_ebpf(root)?;
+    step("building the agent and tools (release)");
+    sh(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]).env("SOCKMESH_EBPF_OBJECT", root.join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf")))
+}
+
+/// Sums cargo's "test result:" lines.
+fn count_results(output: &str) -> (u64, u64) {
+    let mut passed = 0;
+    let mut failed = 0;
+    for line in output.lines().filter(|l| l.starts_with("test result:")) {
+        for part in line.split([';', '.']) {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            if words.len() == 2 {
+                match (words[0].parse::<u64>(), words[1]) {
+                    (Ok(n), "passed") => passed += n,
+                    (Ok(n), "failed") => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    (passed, failed)
+}
+
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let (p, f) = count_results(&text);
+    Ok((p, f, out.status.success()))
+}
+
+fn test(root: &Path, filter: Option<&str>) -> Result<()> {
+    let t = Instant::now();
+    let mut passed = 0;
+    let mut failed = 0;
+    let mut ok = true;
+    step("unit tests");
+    let (p, f, s) = run_tests(Command::new("cargo").args(["test", "--release", "--workspace"]))?;
+    passed += p;
+    failed += f;
+    ok &= s;
+    step("integration tests on the real kernel");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--release", "-p", "tests", "--features", "privileged", "--"]);
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    let (p, f, s) = run_tests(cmd.env("SOCKMESH_BIN_DIR", root.join("target/release")))?;
+    passed += p;
+    failed += f;
+    ok &= s;
+    step("checking that the tests left nothing behind");
+    let left = leftovers()?;
+    if left.is_empty() {
+        passed += 1;
+        println!("leftovers: none (namespaces, cgroups, bpffs pins)");
+    } else {
+        failed += 1;
+        ok = false;
+        println!("leftovers FAILED: {}", left.join(", "));
+    }
+    println!("\nsockmesh tests finished in {:.0}s", t.elapsed().as_secs_f64());
+    println!("summary: {passed} passed, {failed} failed");
+    if !ok || failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// Namespaces, cgroups and bpffs entries named with the tests' prefix.
+fn leftovers() -> Result<Vec<String>> {
+    const PREFIX: &str = "smt-";
+    let mut left = Vec::new();
+    let ns = Command::new("ip").args(["netns", "list"]).output()?;
+    for l in String::from_utf8_lossy(&ns.stdout).lines() {
+        if l.starts_with(PREFIX) {
+            left.push(format!("netns {}", l.split_whitespace().next().unwrap_or(l)));
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let cg2 = mountinfo.lines().find_map(|l| {
+        let (a, b) = l.split_once(" - ")?;
+        b.starts_with("cgroup2 ").then(|| a.split_whitespace().nth(4).map(PathBuf::from)).flatten()
+    });
+    for dir in [cg2, Some(PathBuf::from("/sys/fs/bpf"))].into_iter().flatten() {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(PREFIX) {
+                    left.push(e.path().display().to_string());
+                }
+            }
+        }
+    }
+    Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_cargo_result_lines() {
+        let out = "test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s\n\
+                   test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out\n";
+        assert_eq!(super::count_results(out), (7, 3));
+    }
+}
