@@ -5,9 +5,9 @@ use std::path::PathBuf;
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("mesh-ebpf.o");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let src = std::env::var_os("SOCKMESH_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        manifest.join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf")
-    });
+    let src = std::env::var_os("SOCKMESH_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf"));
     println!("cargo:rerun-if-env-changed=SOCKMESH_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", src.display());
     match std::fs::read(&src) {

@@ -42,13 +42,18 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             match stream.peer_cred() {
                 Ok(c) if c.uid() == 0 => handle(agent, stream).await,
                 Ok(c) => {
-                    tracing::warn!(uid = c.uid(), "refused local API client: only root may use it");
+                    tracing::warn!(
+                        uid = c.uid(),
+                        "refused local API client: only root may use it"
+                    );
                 }
                 Err(_) => {}
             }
@@ -62,7 +67,11 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
     let mut buf = String::new();
     loop {
         buf.clear();
-        let n = match (&mut lines).take(MAX_LINE as u64 + 1).read_line(&mut buf).await {
+        let n = match (&mut lines)
+            .take(MAX_LINE as u64 + 1)
+            .read_line(&mut buf)
+            .await
+        {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
@@ -88,10 +97,14 @@ async fn respond(agent: &Arc<Agent>, line: &str) -> serde_json::Value {
         }
     };
     let result = match req {
-        Request::AddWorkload { workload } => agent.add_workload(workload, true).await.map(|_| serde_json::Value::Null),
-        Request::RemoveWorkload { namespace, name } => {
-            agent.remove_workload(&WorkloadKey { namespace, name }, true).await.map(|_| serde_json::Value::Null)
-        }
+        Request::AddWorkload { workload } => agent
+            .add_workload(workload, true)
+            .await
+            .map(|_| serde_json::Value::Null),
+        Request::RemoveWorkload { namespace, name } => agent
+            .remove_workload(&WorkloadKey { namespace, name }, true)
+            .await
+            .map(|_| serde_json::Value::Null),
         Request::Workloads => Ok(agent.workloads_json()),
         Request::Stats => Ok(agent.stats_json()),
         Request::Config => Ok(serde_json::to_value(&agent.config).unwrap_or_default()),

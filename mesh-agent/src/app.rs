@@ -47,7 +47,12 @@ pub struct Stats {
 
 impl Stats {
     pub fn refused(&self, reason: RefuseReason) {
-        *self.refused.lock().unwrap().entry(reason.as_str()).or_default() += 1;
+        *self
+            .refused
+            .lock()
+            .unwrap()
+            .entry(reason.as_str())
+            .or_default() += 1;
     }
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
@@ -67,19 +72,40 @@ pub enum RegisterError {
     #[error("workload {0} is not registered")]
     NotFound(WorkloadKey),
     #[error("workload {key}: its netns {netns} is already used by workload {other}; one workload per network namespace")]
-    SharedNetns { key: WorkloadKey, netns: String, other: WorkloadKey },
+    SharedNetns {
+        key: WorkloadKey,
+        netns: String,
+        other: WorkloadKey,
+    },
     #[error("workload {key}: cgroup {path}: {source}")]
-    Cgroup { key: WorkloadKey, path: PathBuf, source: std::io::Error },
+    Cgroup {
+        key: WorkloadKey,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("workload {key}: {source}")]
-    Netns { key: WorkloadKey, source: netns::NetnsError },
+    Netns {
+        key: WorkloadKey,
+        source: netns::NetnsError,
+    },
     #[error("workload {key}: cannot listen on {addr} in its netns: {source}; is another process using the mesh's ports there?")]
-    Listen { key: WorkloadKey, addr: SocketAddr, source: std::io::Error },
+    Listen {
+        key: WorkloadKey,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("workload {key}: {source}")]
-    Ebpf { key: WorkloadKey, source: ebpf::EbpfError },
+    Ebpf {
+        key: WorkloadKey,
+        source: Box<ebpf::EbpfError>,
+    },
     #[error("workload {0} was added from the workloads file; edit that file instead")]
     FromFile(WorkloadKey),
     #[error("cannot write state file {path}: {source}")]
-    State { path: PathBuf, source: std::io::Error },
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct Agent {
@@ -164,7 +190,11 @@ impl Agent {
         }
     }
 
-    pub async fn add_workload(self: &Arc<Self>, w: Workload, runtime: bool) -> Result<Arc<LocalWorkload>, RegisterError> {
+    pub async fn add_workload(
+        self: &Arc<Self>,
+        w: Workload,
+        runtime: bool,
+    ) -> Result<Arc<LocalWorkload>, RegisterError> {
         let _guard = self.register_lock.lock().await;
         let key = w.key();
         w.validate(&self.config.node)?;
@@ -172,7 +202,11 @@ impl Agent {
             self.set_known(std::slice::from_ref(&w));
             return Err(RegisterError::Invalid(WorkloadError::Invalid {
                 key: key.to_string(),
-                reason: format!("runs on node {:?}, not on this node {:?}", w.node.as_deref().unwrap_or(""), self.config.node),
+                reason: format!(
+                    "runs on node {:?}, not on this node {:?}",
+                    w.node.as_deref().unwrap_or(""),
+                    self.config.node
+                ),
             }));
         }
         let netns_path = w.netns.clone().expect("validated");
@@ -182,28 +216,60 @@ impl Agent {
             if reg.contains_key(&key) {
                 return Err(RegisterError::Exists(key));
             }
-            let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+            let ino = |p: &std::path::Path| {
+                std::fs::metadata(p)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .ok()
+            };
             let mine = ino(&netns_path);
-            if let Some(other) = reg.values().find(|r| mine.is_some() && ino(r.wl.netns.path()) == mine) {
-                return Err(RegisterError::SharedNetns { key, netns: netns_path.display().to_string(), other: other.wl.key.clone() });
+            if let Some(other) = reg
+                .values()
+                .find(|r| mine.is_some() && ino(r.wl.netns.path()) == mine)
+            {
+                return Err(RegisterError::SharedNetns {
+                    key,
+                    netns: netns_path.display().to_string(),
+                    other: other.wl.key.clone(),
+                });
             }
         }
-        let cgroup_id = ebpf::cgroup_id(&cgroup_path)
-            .map_err(|source| RegisterError::Cgroup { key: key.clone(), path: cgroup_path.clone(), source })?;
+        let cgroup_id = ebpf::cgroup_id(&cgroup_path).map_err(|source| RegisterError::Cgroup {
+            key: key.clone(),
+            path: cgroup_path.clone(),
+            source,
+        })?;
         let netns_path2 = netns_path.clone();
         let worker = tokio::task::spawn_blocking(move || NetnsWorker::spawn(&netns_path2))
             .await
             .expect("netns spawn task")
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
+            .map_err(|source| RegisterError::Netns {
+                key: key.clone(),
+                source,
+            })?;
 
         // Listeners first: by the time the kernel redirects anything, someone is listening.
         let listeners = worker
             .run(bind_listeners)
             .await
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
-            .map_err(|(addr, source)| RegisterError::Listen { key: key.clone(), addr, source })?;
-        let netns_cookie = netns::socket_netns_cookie(&listeners.outbound[0])
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source: netns::NetnsError::Enter { path: netns_path.clone(), source } })?;
+            .map_err(|source| RegisterError::Netns {
+                key: key.clone(),
+                source,
+            })?
+            .map_err(|(addr, source)| RegisterError::Listen {
+                key: key.clone(),
+                addr,
+                source,
+            })?;
+        let netns_cookie =
+            netns::socket_netns_cookie(&listeners.outbound[0]).map_err(|source| {
+                RegisterError::Netns {
+                    key: key.clone(),
+                    source: netns::NetnsError::Enter {
+                        path: netns_path.clone(),
+                        source,
+                    },
+                }
+            })?;
 
         let id = self.allocate_id(&key);
         let pin_name = format!("{}_{}", key.namespace, key.name);
@@ -233,22 +299,46 @@ impl Agent {
             Ok(a) => a,
             Err(source) => {
                 self.release_kernel_state(&wl);
-                return Err(RegisterError::Ebpf { key, source });
+                return Err(RegisterError::Ebpf {
+                    key,
+                    source: Box::new(source),
+                });
             }
         };
 
         let mut tasks = Vec::new();
         for l in listeners.outbound {
             let l = tokio::net::TcpListener::from_std(l).expect("nonblocking listener");
-            tasks.push(tokio::spawn(proxy::outbound::serve(self.clone(), wl.clone(), l)));
+            tasks.push(tokio::spawn(proxy::outbound::serve(
+                self.clone(),
+                wl.clone(),
+                l,
+            )));
         }
-        let inbound = tokio::net::TcpListener::from_std(listeners.inbound).expect("nonblocking listener");
-        tasks.push(tokio::spawn(proxy::inbound::serve(self.clone(), wl.clone(), inbound)));
-        let hbone = tokio::net::TcpListener::from_std(listeners.hbone).expect("nonblocking listener");
-        tasks.push(tokio::spawn(proxy::inbound::serve_hbone_placeholder(self.clone(), wl.clone(), hbone)));
+        let inbound =
+            tokio::net::TcpListener::from_std(listeners.inbound).expect("nonblocking listener");
+        tasks.push(tokio::spawn(proxy::inbound::serve(
+            self.clone(),
+            wl.clone(),
+            inbound,
+        )));
+        let hbone =
+            tokio::net::TcpListener::from_std(listeners.hbone).expect("nonblocking listener");
+        tasks.push(tokio::spawn(proxy::inbound::serve_hbone_placeholder(
+            self.clone(),
+            wl.clone(),
+            hbone,
+        )));
 
         self.set_known(std::slice::from_ref(&w));
-        self.registered.lock().unwrap().insert(key.clone(), Registered { wl: wl.clone(), tasks, runtime });
+        self.registered.lock().unwrap().insert(
+            key.clone(),
+            Registered {
+                wl: wl.clone(),
+                tasks,
+                runtime,
+            },
+        );
         if runtime {
             self.save_runtime_state()?;
         }
@@ -256,13 +346,19 @@ impl Agent {
         Ok(wl)
     }
 
-    pub async fn remove_workload(&self, key: &WorkloadKey, from_api: bool) -> Result<(), RegisterError> {
+    pub async fn remove_workload(
+        &self,
+        key: &WorkloadKey,
+        from_api: bool,
+    ) -> Result<(), RegisterError> {
         let _guard = self.register_lock.lock().await;
         let reg = {
             let mut all = self.registered.lock().unwrap();
             match all.get(key) {
                 None => return Err(RegisterError::NotFound(key.clone())),
-                Some(r) if from_api && !r.runtime => return Err(RegisterError::FromFile(key.clone())),
+                Some(r) if from_api && !r.runtime => {
+                    return Err(RegisterError::FromFile(key.clone()))
+                }
                 Some(_) => all.remove(key).expect("present"),
             }
         };
@@ -301,7 +397,10 @@ impl Agent {
         let reg = self.registered.lock().unwrap();
         let cgroups: Vec<u64> = reg.values().map(|r| r.wl.cgroup_id).collect();
         let pins: Vec<&str> = reg.values().map(|r| r.wl.pin_name.as_str()).collect();
-        let keys: Vec<InboundKey> = reg.values().flat_map(|r| r.wl.inbound_keys.iter().copied()).collect();
+        let keys: Vec<InboundKey> = reg
+            .values()
+            .flat_map(|r| r.wl.inbound_keys.iter().copied())
+            .collect();
         let mut dp = self.datapath();
         for (cg, _) in dp.workload_cgroups() {
             if !cgroups.contains(&cg) {
@@ -380,18 +479,30 @@ fn bind_listeners() -> Result<Listeners, (SocketAddr, std::io::Error)> {
     }
     let inbound = listen_any(INBOUND_PORT)?;
     let hbone = listen_any(HBONE_PORT)?;
-    Ok(Listeners { outbound, inbound, hbone })
+    Ok(Listeners {
+        outbound,
+        inbound,
+        hbone,
+    })
 }
 
 /// A dual-stack wildcard listener (sk_lookup assigns both families to it), or IPv4 only when
 /// the netns has IPv6 disabled.
 fn listen_any(port: u16) -> Result<std::net::TcpListener, (SocketAddr, std::io::Error)> {
-    listen((Ipv6Addr::UNSPECIFIED, port).into(), false).or_else(|_| listen((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false))
+    listen((Ipv6Addr::UNSPECIFIED, port).into(), false)
+        .or_else(|_| listen((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false))
 }
 
-fn listen(addr: SocketAddr, v6only: bool) -> Result<std::net::TcpListener, (SocketAddr, std::io::Error)> {
+fn listen(
+    addr: SocketAddr,
+    v6only: bool,
+) -> Result<std::net::TcpListener, (SocketAddr, std::io::Error)> {
     let mk = || -> std::io::Result<std::net::TcpListener> {
-        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
         if addr.is_ipv6() {
             s.set_only_v6(v6only)?;
         }

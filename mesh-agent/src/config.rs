@@ -65,7 +65,11 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--{setting} {value:?}: {reason}")]
-    Invalid { setting: &'static str, value: String, reason: String },
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("no cgroup v2 mount found in /proc/self/mountinfo; mount one or pass --cgroup-root")]
     NoCgroup2,
 }
@@ -77,29 +81,54 @@ impl Config {
             value: format!("{value:?}"),
             reason: reason.to_owned(),
         };
-        if a.node.is_empty() || !a.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
-            return Err(invalid("node", &a.node, "must be non-empty and use only letters, digits, '-', '.', '_'"));
+        if a.node.is_empty()
+            || !a
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(invalid(
+                "node",
+                &a.node,
+                "must be non-empty and use only letters, digits, '-', '.', '_'",
+            ));
         }
         let cgroup_root = match a.cgroup_root {
             Some(p) => p,
             None => cgroup2_mount()?,
         };
         if !cgroup_root.join("cgroup.procs").exists() {
-            return Err(invalid("cgroup-root", &cgroup_root, "is not a cgroup v2 directory (no cgroup.procs)"));
+            return Err(invalid(
+                "cgroup-root",
+                &cgroup_root,
+                "is not a cgroup v2 directory (no cgroup.procs)",
+            ));
         }
         if a.max_connections < 1 {
-            return Err(invalid("max-connections", &a.max_connections, "must be at least 1"));
+            return Err(invalid(
+                "max-connections",
+                &a.max_connections,
+                "must be at least 1",
+            ));
         }
         if a.max_workloads < 1 {
-            return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));
+            return Err(invalid(
+                "max-workloads",
+                &a.max_workloads,
+                "must be at least 1",
+            ));
         }
         if let Some(w) = &a.workloads {
             if !w.is_file() {
                 return Err(invalid("workloads", w, "no such file"));
             }
         }
-        let bpffs_dir = a.bpffs_dir.unwrap_or_else(|| Path::new("/sys/fs/bpf/sockmesh").join(&a.node));
-        let state_dir = a.state_dir.unwrap_or_else(|| Path::new("/run/sockmesh").join(&a.node));
+        let bpffs_dir = a
+            .bpffs_dir
+            .unwrap_or_else(|| Path::new("/sys/fs/bpf/sockmesh").join(&a.node));
+        let state_dir = a
+            .state_dir
+            .unwrap_or_else(|| Path::new("/run/sockmesh").join(&a.node));
         let api_socket = a.api_socket.unwrap_or_else(|| state_dir.join("agent.sock"));
         Ok(Config {
             node: a.node,
@@ -119,7 +148,8 @@ impl Config {
 /// The cgroup v2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on unified
 /// hosts and /sys/fs/cgroup/unified on hybrid ones: never hard-coded).
 pub fn cgroup2_mount() -> Result<PathBuf, ConfigError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| ConfigError::NoCgroup2)?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| ConfigError::NoCgroup2)?;
     parse_cgroup2_mount(&text).ok_or(ConfigError::NoCgroup2)
 }
 
@@ -141,7 +171,13 @@ mod tests {
     fn finds_cgroup2_in_a_hybrid_mountinfo() {
         let text = "35 25 0:30 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw\n\
                     36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("35 25 0:30 / /x rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("35 25 0:30 / /x rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 }

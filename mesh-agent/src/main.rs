@@ -39,12 +39,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let cfg = config::Config::from_args(args)?;
             init_logging(cfg.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(run(cfg))
         }
         Cmd::Uninstall { bpffs_dir } => {
-            ebpf::uninstall(&bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
-            eprintln!("removed {}: programs detached, maps freed", bpffs_dir.display());
+            ebpf::uninstall(&bpffs_dir)
+                .with_context(|| format!("removing {}", bpffs_dir.display()))?;
+            eprintln!(
+                "removed {}: programs detached, maps freed",
+                bpffs_dir.display()
+            );
             Ok(())
         }
     }
@@ -53,7 +59,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         config::LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
         config::LogFormat::Text => b.init(),
@@ -72,16 +80,24 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         max_workloads: cfg.max_workloads,
     })?;
     for l in &links {
-        tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
+        tracing::info!(
+            link = l.name,
+            adopted = l.adopted,
+            "cgroup program attached"
+        );
     }
     let agent = app::Agent::new(cfg.clone(), datapath);
     agent.set_known(&file_workloads);
 
-    let api = api::bind(&cfg.api_socket).with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
+    let api = api::bind(&cfg.api_socket)
+        .with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
 
     let mut failed = 0;
     let runtime = agent.load_runtime_state();
-    let local = file_workloads.into_iter().filter(|w| w.is_local_to(&cfg.node)).map(|w| (w, false));
+    let local = file_workloads
+        .into_iter()
+        .filter(|w| w.is_local_to(&cfg.node))
+        .map(|w| (w, false));
     for (w, is_runtime) in local.chain(runtime.into_iter().map(|w| (w, true))) {
         let key = w.key();
         if let Err(e) = agent.add_workload(w, is_runtime).await {

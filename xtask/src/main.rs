@@ -46,7 +46,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ss", "iproute2"),
 ];
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
@@ -79,7 +86,10 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 fn step(msg: &str) {
@@ -95,33 +105,64 @@ fn sh(cmd: &mut Command) -> Result<()> {
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")]).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn setup() -> Result<()> {
     let t = Instant::now();
     if unsafe { libc_geteuid() } != 0 {
-        bail!("cargo xtask must run as root: it loads eBPF programs and creates network namespaces");
+        bail!(
+            "cargo xtask must run as root: it loads eBPF programs and creates network namespaces"
+        );
     }
     // 1. Debian packages.
-    let mut missing: Vec<&str> = APT_PACKAGES.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    let mut missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(c, _)| !have(c))
+        .map(|(_, p)| *p)
+        .collect();
     missing.dedup();
     if !missing.is_empty() {
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
         sh(Command::new("apt-get").args(["update", "-q"]))?;
-        sh(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     // 2. The nightly toolchain's rust-src (for -Z build-std=core).
-    let comps = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
+    let comps = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()?;
     if !comps.status.success() {
         bail!("no nightly toolchain (`rustup toolchain list`): the eBPF programs need one; install it with `rustup toolchain install nightly`");
     }
-    if !String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if !String::from_utf8_lossy(&comps.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         step("adding rust-src to the nightly toolchain");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     // 3. bpf-linker, linked against the nightly's own LLVM (see ../shared/TOOLCHAIN.md).
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !linker_ok {
         install_bpf_linker()?;
     }
@@ -138,25 +179,45 @@ extern "C" {
 
 fn install_bpf_linker() -> Result<()> {
     step("building bpf-linker against the nightly's LLVM (about a minute)");
-    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()?;
     let lib = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim()).join("lib");
     let llvm = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM") && n.ends_with(".so"))))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM") && n.ends_with(".so"))
+            })
+        })
         .with_context(|| format!("no libLLVM in {}", lib.display()))?;
     // Outside the checkout: the installed bpf-linker keeps a RUNPATH to this prefix.
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     let prefix = home.join(".local/share/sockmesh-llvm");
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
-    for name in ["libLLVM.so".to_owned(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
+    for name in [
+        "libLLVM.so".to_owned(),
+        llvm.file_name().unwrap().to_string_lossy().into_owned(),
+    ] {
         let link = prefix_lib.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&llvm, &link)?;
     }
     sh(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22", "--force"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--force",
+        ])
         .env("LLVM_PREFIX", &prefix))
 }
 
@@ -192,7 +253,8 @@ fn build_ebpf(root: &Path) -> Result<()> {
 fn build(root: &Path) -> Result<()> {
     build_ebpf(root)?;
     step("building the agent and tools (release)");
-    sh(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]).env("SOCKMESH_EBPF_OBJECT", root.join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf")))
+    // mesh-agent's build.rs embeds target/ebpf/.../mesh-ebpf, where build_ebpf just put it.
+    sh(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))
 }
 
 /// Sums cargo's "test result:" lines.
@@ -215,7 +277,10 @@ fn count_results(output: &str) -> (u64, u64) {
 }
 
 fn run_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
-    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
     let (p, f) = count_results(&text);
@@ -228,13 +293,27 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let mut failed = 0;
     let mut ok = true;
     step("unit tests");
-    let (p, f, s) = run_tests(Command::new("cargo").args(["test", "--release", "--workspace"]))?;
+    let (p, f, s) = run_tests(Command::new("cargo").args([
+        "test",
+        "--release",
+        "--workspace",
+        "--no-fail-fast",
+    ]))?;
     passed += p;
     failed += f;
     ok &= s;
     step("integration tests on the real kernel");
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--release", "-p", "tests", "--features", "privileged", "--"]);
+    cmd.args([
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "-p",
+        "tests",
+        "--features",
+        "privileged",
+        "--",
+    ]);
     if let Some(f) = filter {
         cmd.arg(f);
     }
@@ -252,7 +331,10 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         ok = false;
         println!("leftovers FAILED: {}", left.join(", "));
     }
-    println!("\nsockmesh tests finished in {:.0}s", t.elapsed().as_secs_f64());
+    println!(
+        "\nsockmesh tests finished in {:.0}s",
+        t.elapsed().as_secs_f64()
+    );
     println!("summary: {passed} passed, {failed} failed");
     if !ok || failed > 0 {
         bail!("tests failed");
@@ -267,15 +349,23 @@ fn leftovers() -> Result<Vec<String>> {
     let ns = Command::new("ip").args(["netns", "list"]).output()?;
     for l in String::from_utf8_lossy(&ns.stdout).lines() {
         if l.starts_with(PREFIX) {
-            left.push(format!("netns {}", l.split_whitespace().next().unwrap_or(l)));
+            left.push(format!(
+                "netns {}",
+                l.split_whitespace().next().unwrap_or(l)
+            ));
         }
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let cg2 = mountinfo.lines().find_map(|l| {
         let (a, b) = l.split_once(" - ")?;
-        b.starts_with("cgroup2 ").then(|| a.split_whitespace().nth(4).map(PathBuf::from)).flatten()
+        b.starts_with("cgroup2 ")
+            .then(|| a.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
     });
-    for dir in [cg2, Some(PathBuf::from("/sys/fs/bpf"))].into_iter().flatten() {
+    for dir in [cg2, Some(PathBuf::from("/sys/fs/bpf"))]
+        .into_iter()
+        .flatten()
+    {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().starts_with(PREFIX) {

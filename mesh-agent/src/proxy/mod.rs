@@ -58,7 +58,11 @@ pub async fn dial_in(
 ) -> std::io::Result<TcpStream> {
     let sock = netns
         .run(move || -> std::io::Result<std::net::TcpStream> {
-            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
             s.set_nonblocking(true)?;
             if let Some(ip) = bind_to {
                 s.bind(&SocketAddr::new(ip, 0).into())?;
@@ -71,7 +75,10 @@ pub async fn dial_in(
     let sock = TcpSocket::from_std_stream(sock);
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
     }
 }
 
@@ -87,16 +94,35 @@ pub struct ConnRecord {
 }
 
 /// Moves bytes both ways until both sides are done, then writes one access-log line.
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, rec: ConnRecord, started: Instant) {
+pub async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    rec: ConnRecord,
+    started: Instant,
+) {
     let res = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     let (sent, received, error) = match res {
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
-    log_close(&rec, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
+    log_close(
+        &rec,
+        sent,
+        received,
+        started,
+        error.as_deref().unwrap_or("-"),
+        "ok",
+    );
 }
 
-pub fn log_close(rec: &ConnRecord, sent: u64, received: u64, started: Instant, error: &str, result: &str) {
+pub fn log_close(
+    rec: &ConnRecord,
+    sent: u64,
+    received: u64,
+    started: Instant,
+    error: &str,
+    result: &str,
+) {
     tracing::info!(
         target: "access",
         direction = rec.direction,

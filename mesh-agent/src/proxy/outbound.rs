@@ -24,7 +24,9 @@ pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
             }
             let v6 = Ipv6Addr::from(b);
             // A dual-stack socket's v4-mapped destination is dialled as IPv4.
-            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
         }
         _ => return None,
     };
@@ -51,14 +53,22 @@ pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListe
                 continue;
             }
         };
-        let orig = agent.datapath().take_orig_dst(&port_key(wl.netns_cookie, peer));
+        let orig = agent
+            .datapath()
+            .take_orig_dst(&port_key(wl.netns_cookie, peer));
         let agent = agent.clone();
         let wl = wl.clone();
         tokio::spawn(async move { handle(agent, wl, stream, peer, orig).await });
     }
 }
 
-async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, peer: SocketAddr, orig: Option<OrigDst>) {
+async fn handle(
+    agent: Arc<Agent>,
+    wl: Arc<LocalWorkload>,
+    client: TcpStream,
+    peer: SocketAddr,
+    orig: Option<OrigDst>,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let mut rec = ConnRecord {
@@ -75,20 +85,45 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
         reset(client);
     };
     let Some(orig) = orig else {
-        return refuse(&rec, client, RefuseReason::NoOrigDst, "no original destination recorded for this socket");
+        return refuse(
+            &rec,
+            client,
+            RefuseReason::NoOrigDst,
+            "no original destination recorded for this socket",
+        );
     };
     let Some(dst) = orig_dst_addr(&orig) else {
-        return refuse(&rec, client, RefuseReason::NoOrigDst, "unknown address family");
+        return refuse(
+            &rec,
+            client,
+            RefuseReason::NoOrigDst,
+            "unknown address family",
+        );
     };
     rec.orig_dst = dst.to_string();
     if orig.workload_id != wl.id {
-        return refuse(&rec, client, RefuseReason::WorkloadMismatch, "socket was recorded for another workload's cgroup");
+        return refuse(
+            &rec,
+            client,
+            RefuseReason::WorkloadMismatch,
+            "socket was recorded for another workload's cgroup",
+        );
     }
     rec.dst_workload = agent.workload_by_ip(dst.ip());
-    agent.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    agent
+        .stats
+        .outbound
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let upstream = match dial_in(&wl.netns, dst, None, agent.connect_timeout()).await {
         Ok(s) => s,
-        Err(e) => return refuse(&rec, client, RefuseReason::UpstreamUnreachable, &e.to_string()),
+        Err(e) => {
+            return refuse(
+                &rec,
+                client,
+                RefuseReason::UpstreamUnreachable,
+                &e.to_string(),
+            )
+        }
     };
     relay(client, upstream, rec, started).await;
 }
@@ -101,19 +136,51 @@ mod tests {
     #[test]
     fn orig_dst_round_trips_v4_v6_and_mapped() {
         let v4 = OrigDst {
-            dst: SockAddr { family: AF_INET, port: 8080, _pad: 0, addr: [u32::from_ne_bytes([10, 0, 2, 7]), 0, 0, 0] },
+            dst: SockAddr {
+                family: AF_INET,
+                port: 8080,
+                _pad: 0,
+                addr: [u32::from_ne_bytes([10, 0, 2, 7]), 0, 0, 0],
+            },
             ..Default::default()
         };
         assert_eq!(orig_dst_addr(&v4), Some("10.0.2.7:8080".parse().unwrap()));
         let mut b = [0u32; 4];
         b[0] = u32::from_ne_bytes([0xfd, 0, 0, 0]);
         b[3] = u32::from_ne_bytes([0, 0, 0, 7]);
-        let v6 = OrigDst { dst: SockAddr { family: AF_INET6, port: 80, _pad: 0, addr: b }, ..Default::default() };
+        let v6 = OrigDst {
+            dst: SockAddr {
+                family: AF_INET6,
+                port: 80,
+                _pad: 0,
+                addr: b,
+            },
+            ..Default::default()
+        };
         assert_eq!(orig_dst_addr(&v6), Some("[fd00::7]:80".parse().unwrap()));
-        let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([10, 0, 0, 1])];
-        let m = OrigDst { dst: SockAddr { family: AF_INET6, port: 80, _pad: 0, addr: mapped }, ..Default::default() };
+        let mapped = [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes([10, 0, 0, 1]),
+        ];
+        let m = OrigDst {
+            dst: SockAddr {
+                family: AF_INET6,
+                port: 80,
+                _pad: 0,
+                addr: mapped,
+            },
+            ..Default::default()
+        };
         assert_eq!(orig_dst_addr(&m), Some("10.0.0.1:80".parse().unwrap()));
-        let bad = OrigDst { dst: SockAddr { family: 99, ..Default::default() }, ..Default::default() };
+        let bad = OrigDst {
+            dst: SockAddr {
+                family: 99,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         assert_eq!(orig_dst_addr(&bad), None);
     }
 
