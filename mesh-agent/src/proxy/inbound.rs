@@ -42,7 +42,8 @@ async fn handle(
     let dst = std::net::SocketAddr::new(dst.ip().to_canonical(), dst.port());
     let rec = ConnRecord {
         direction: "inbound",
-        src_workload: agent.workload_by_ip(peer.ip().to_canonical()),
+        // Plaintext: no verified source. An address is never taken for an identity (P2).
+        src_workload: None,
         src_principal: None,
         src_addr: Some(
             std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string(),
