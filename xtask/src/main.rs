@@ -292,30 +292,13 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let mut passed = 0;
     let mut failed = 0;
     let mut ok = true;
-    step("unit tests");
-    let (p, f, s) = run_tests(Command::new("cargo").args([
-        "test",
-        "--release",
-        "--workspace",
-        "--no-fail-fast",
-    ]))?;
-    passed += p;
-    failed += f;
-    ok &= s;
-    step("integration tests on the real kernel");
+    // One invocation for unit and integration tests: building `tests` alone with its feature
+    // would unify dependency features differently and rebuild half the tree.
+    step("unit tests, then integration tests on the real kernel");
     let mut cmd = Command::new("cargo");
-    cmd.args([
-        "test",
-        "--release",
-        "--no-fail-fast",
-        "-p",
-        "tests",
-        "--features",
-        "privileged",
-        "--",
-    ]);
+    cmd.args(["test", "--release", "--workspace", "--no-fail-fast", "--features", "tests/privileged"]);
     if let Some(f) = filter {
-        cmd.arg(f);
+        cmd.args(["--", f]);
     }
     let (p, f, s) = run_tests(cmd.env("SOCKMESH_BIN_DIR", root.join("target/release")))?;
     passed += p;
