@@ -29,6 +29,8 @@ enum Cmd {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Regenerate checked-in code: the CA's gRPC API from mesh-identity/proto.
+    Codegen,
     /// A local mesh in network namespaces with real traffic.
     Demo {
         /// Leave the mesh running and print how to poke at it.
@@ -44,6 +46,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
     ("ss", "iproute2"),
+    // `cargo xtask codegen` and the test that checks the generated gRPC code is current.
+    ("protoc", "protobuf-compiler"),
 ];
 
 fn main() {
@@ -71,6 +75,11 @@ fn real_main() -> Result<()> {
             setup()?;
             build(&root)?;
             test(&root, filter.as_deref())
+        }
+        Cmd::Codegen => {
+            codegen(&root.join("mesh-identity/src/proto"))?;
+            eprintln!("codegen: wrote mesh-identity/src/proto");
+            Ok(())
         }
         Cmd::Demo { keep } => {
             setup()?;
@@ -257,6 +266,19 @@ fn build(root: &Path) -> Result<()> {
     sh(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))
 }
 
+/// Generates the CA's tonic/prost code into `out`.
+fn codegen(out: &Path) -> Result<()> {
+    let root = workspace_root();
+    let proto = root.join("mesh-identity/proto/ca.proto");
+    std::fs::create_dir_all(out)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .out_dir(out)
+        .compile_protos(&[proto.as_path()], &[root.join("mesh-identity/proto").as_path()])
+        .context("protoc failed (is protobuf-compiler installed? `cargo xtask setup` installs it)")
+}
+
 /// Sums cargo's "test result:" lines.
 fn count_results(output: &str) -> (u64, u64) {
     let mut passed = 0;
@@ -362,6 +384,17 @@ fn leftovers() -> Result<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
+    /// The checked-in gRPC code must be what the .proto generates today.
+    #[test]
+    fn generated_grpc_code_is_current() {
+        let dir = tempfile::tempdir().unwrap();
+        super::codegen(dir.path()).unwrap();
+        let name = "sockmesh.ca.v1.rs";
+        let fresh = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        let checked_in = std::fs::read_to_string(super::workspace_root().join("mesh-identity/src/proto").join(name)).unwrap();
+        assert!(fresh == checked_in, "mesh-identity/src/proto/{name} is stale: run `cargo xtask codegen` and commit it");
+    }
+
     #[test]
     fn counts_cargo_result_lines() {
         let out = "test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s\n\

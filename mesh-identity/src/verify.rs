@@ -1,0 +1,260 @@
+//! Verifying a peer's certificate: chain to the trust bundle, validity window, not a CA, exactly
+//! one well-formed workload SPIFFE URI SAN, the trust domain, and (when known) the expected
+//! identity. Every refusal has a bounded reason that reaches the log and a metric. rustls
+//! verifiers for both ends of the tunnel are built on it.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use x509_parser::extensions::GeneralName;
+
+use crate::spiffe::{SpiffeError, SpiffeId};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    #[error("the certificate cannot be parsed")]
+    Malformed,
+    #[error("the certificate has expired")]
+    Expired,
+    #[error("the certificate is not yet valid")]
+    NotYetValid,
+    #[error("the certificate is not issued by a trusted root")]
+    UnknownIssuer,
+    #[error("the certificate is a CA certificate, not a workload leaf")]
+    CaLeaf,
+    #[error("the certificate has no URI SAN")]
+    NoUriSan,
+    #[error("the certificate has more than one URI SAN")]
+    MultipleUriSans,
+    #[error("the certificate's URI SAN is not a workload SPIFFE ID: {0}")]
+    MalformedSpiffeId(SpiffeError),
+    #[error("the certificate's trust domain {got:?} is not {want:?}")]
+    WrongTrustDomain { got: String, want: String },
+    #[error("the peer is {got}, expected {want}")]
+    UnexpectedIdentity { got: String, want: String },
+    #[error("the certificate chain is invalid: {0}")]
+    Invalid(String),
+}
+
+impl VerifyError {
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::NoCertificate => "no_certificate",
+            VerifyError::Malformed => "malformed",
+            VerifyError::Expired => "expired",
+            VerifyError::NotYetValid => "not_yet_valid",
+            VerifyError::UnknownIssuer => "unknown_issuer",
+            VerifyError::CaLeaf => "ca_leaf",
+            VerifyError::NoUriSan => "no_uri_san",
+            VerifyError::MultipleUriSans => "multiple_uri_sans",
+            VerifyError::MalformedSpiffeId(_) => "malformed_spiffe_id",
+            VerifyError::WrongTrustDomain { .. } => "wrong_trust_domain",
+            VerifyError::UnexpectedIdentity { .. } => "unexpected_identity",
+            VerifyError::Invalid(_) => "invalid_chain",
+        }
+    }
+
+    /// Finds our reason inside a rustls error (a failed handshake).
+    pub fn from_rustls(e: &rustls::Error) -> Option<VerifyError> {
+        match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => o.0.downcast_ref::<VerifyError>().cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// The roots and trust domain every peer is checked against.
+#[derive(Debug)]
+pub struct TrustBundle {
+    trust_domain: String,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("trust bundle: {0}")]
+pub struct BundleError(String);
+
+impl TrustBundle {
+    pub fn from_pems(trust_domain: &str, pems: &[String]) -> Result<TrustBundle, BundleError> {
+        let mut anchors = Vec::new();
+        for pem in pems {
+            for der in pem_to_ders(pem) {
+                let a = webpki::anchor_from_trusted_cert(&der).map_err(|e| BundleError(e.to_string()))?;
+                anchors.push(a.to_owned());
+            }
+        }
+        if anchors.is_empty() {
+            return Err(BundleError("no root certificate found".into()));
+        }
+        Ok(TrustBundle { trust_domain: trust_domain.to_owned(), anchors })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Verifies a peer chain and returns its workload identity.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        usage: webpki::KeyUsage,
+        now: UnixTime,
+        expected: Option<&SpiffeId>,
+    ) -> Result<SpiffeId, VerifyError> {
+        let (_, x509) = x509_parser::parse_x509_certificate(end_entity).map_err(|_| VerifyError::Malformed)?;
+        if x509.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca) {
+            return Err(VerifyError::CaLeaf);
+        }
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|_| VerifyError::Malformed)?;
+        ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, intermediates, now, usage, None, None)
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } => VerifyError::Expired,
+                webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+                // A root with the same name but another key (another install's root) shows up
+                // as a bad signature: either way no trusted root issued it.
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => VerifyError::UnknownIssuer,
+                webpki::Error::CaUsedAsEndEntity => VerifyError::CaLeaf,
+                other => VerifyError::Invalid(format!("{other:?}")),
+            })?;
+        let id = spiffe_id_of_parsed(&x509)?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(VerifyError::WrongTrustDomain { got: id.trust_domain().to_owned(), want: self.trust_domain.clone() });
+        }
+        if let Some(want) = expected {
+            if &id != want {
+                return Err(VerifyError::UnexpectedIdentity { got: id.to_string(), want: want.to_string() });
+            }
+        }
+        Ok(id)
+    }
+}
+
+/// The workload SPIFFE ID in a certificate (exactly one URI SAN). Checks nothing else: use it
+/// only on a certificate that [`TrustBundle::verify`] accepted.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|_| VerifyError::Malformed)?;
+    spiffe_id_of_parsed(&x509)
+}
+
+fn spiffe_id_of_parsed(x509: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, VerifyError> {
+    let san = x509.subject_alternative_name().map_err(|_| VerifyError::Malformed)?;
+    let uris: Vec<&str> = san
+        .map(|s| s.value.general_names.iter().filter_map(|g| if let GeneralName::URI(u) = g { Some(*u) } else { None }).collect())
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [] => Err(VerifyError::NoUriSan),
+        [one] => SpiffeId::parse_workload(one).map_err(VerifyError::MalformedSpiffeId),
+        _ => Err(VerifyError::MultipleUriSans),
+    }
+}
+
+/// The not-after time of a certificate, in seconds since the epoch.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.validity().not_after.timestamp())
+}
+
+pub fn pem_to_ders(pem: &str) -> Vec<CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(|r| r.ok()).collect()
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+fn reject(e: VerifyError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+}
+
+/// The client side of the tunnel: the server must prove the destination workload's identity.
+/// The TLS server name is not used; the SPIFFE ID is the name.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundle: Arc<TrustBundle>,
+    expected: SpiffeId,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(bundle: Arc<TrustBundle>, expected: SpiffeId) -> Self {
+        SpiffeServerVerifier { bundle, expected }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.bundle
+            .verify(end_entity, intermediates, webpki::KeyUsage::server_auth(), now, Some(&self.expected))
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(reject)
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// The server side: any workload of the trust domain may connect; who it is is read from the
+/// verified certificate and handed to policy.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundle: Arc<TrustBundle>,
+}
+
+impl SpiffeClientVerifier {
+    pub fn new(bundle: Arc<TrustBundle>) -> Self {
+        SpiffeClientVerifier { bundle }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+        self.bundle
+            .verify(end_entity, intermediates, webpki::KeyUsage::client_auth(), now, None)
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(reject)
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
