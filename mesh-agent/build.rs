@@ -13,7 +13,10 @@ fn main() {
     match std::fs::read(&src) {
         Ok(bytes) => std::fs::write(&out, bytes).unwrap(),
         Err(_) => {
-            println!("cargo:warning=eBPF object {} not found: the agent will refuse to start; run `cargo xtask build`", src.display());
+            println!(
+                "cargo:warning=eBPF object {} not found: the agent will refuse to start; run `cargo xtask build`",
+                src.display()
+            );
             std::fs::write(&out, b"").unwrap()
         }
     }

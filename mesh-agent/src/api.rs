@@ -5,6 +5,7 @@
 //!   {"op":"workloads"}                            the captured workloads and their kernel facts
 //!   {"op":"stats"}                                kernel counters, map fill, agent counters
 //!   {"op":"config"}                               the agent's configuration
+//!   {"op":"certs"}                                the identities served and their certificates
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::app::Agent;
-use crate::workload::{Workload, WorkloadKey};
+use mesh_model::{Workload, WorkloadKey};
 
 /// Longest accepted request line: a workload record is far smaller.
 const MAX_LINE: usize = 64 * 1024;
@@ -28,6 +29,7 @@ enum Request {
     Workloads,
     Stats,
     Config,
+    Certs,
 }
 
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -50,10 +52,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
             match stream.peer_cred() {
                 Ok(c) if c.uid() == 0 => handle(agent, stream).await,
                 Ok(c) => {
-                    tracing::warn!(
-                        uid = c.uid(),
-                        "refused local API client: only root may use it"
-                    );
+                    tracing::warn!(uid = c.uid(), "refused local API client: only root may use it");
                 }
                 Err(_) => {}
             }
@@ -67,11 +66,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
     let mut buf = String::new();
     loop {
         buf.clear();
-        let n = match (&mut lines)
-            .take(MAX_LINE as u64 + 1)
-            .read_line(&mut buf)
-            .await
-        {
+        let n = match (&mut lines).take(MAX_LINE as u64 + 1).read_line(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
@@ -97,17 +92,14 @@ async fn respond(agent: &Arc<Agent>, line: &str) -> serde_json::Value {
         }
     };
     let result = match req {
-        Request::AddWorkload { workload } => agent
-            .add_workload(workload, true)
-            .await
-            .map(|_| serde_json::Value::Null),
-        Request::RemoveWorkload { namespace, name } => agent
-            .remove_workload(&WorkloadKey { namespace, name }, true)
-            .await
-            .map(|_| serde_json::Value::Null),
+        Request::AddWorkload { workload } => agent.add_workload(workload, true).await.map(|_| serde_json::Value::Null),
+        Request::RemoveWorkload { namespace, name } => {
+            agent.remove_workload(&WorkloadKey { namespace, name }, true).await.map(|_| serde_json::Value::Null)
+        }
         Request::Workloads => Ok(agent.workloads_json()),
         Request::Stats => Ok(agent.stats_json()),
         Request::Config => Ok(serde_json::to_value(&agent.config).unwrap_or_default()),
+        Request::Certs => Ok(agent.identities.certs_json()),
     };
     match result {
         Ok(v) => serde_json::json!({"ok": true, "result": v}),

@@ -12,9 +12,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::ebpf::{self, Datapath};
+use crate::identity::Identities;
 use crate::netns::{self, NetnsWorker};
 use crate::proxy::{self, RefuseReason};
-use crate::workload::{Workload, WorkloadError, WorkloadKey};
+use mesh_model::{Workload, WorkloadError, WorkloadKey};
 
 /// A workload this agent captures, with the kernel objects that tie it to traffic.
 pub struct LocalWorkload {
@@ -25,8 +26,8 @@ pub struct LocalWorkload {
     pub cgroup_id: u64,
     pub netns: NetnsWorker,
     pub netns_cookie: u64,
-    /// `namespace/sa/serviceAccount`, the identity its certificate will carry.
-    pub principal: String,
+    /// The identity its certificate carries.
+    pub spiffe_id: mesh_identity::SpiffeId,
     inbound_keys: Vec<InboundKey>,
     pin_name: String,
 }
@@ -43,22 +44,25 @@ pub struct Stats {
     pub outbound: AtomicU64,
     pub inbound: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Stats {
     pub fn refused(&self, reason: RefuseReason) {
-        *self
-            .refused
-            .lock()
-            .unwrap()
-            .entry(reason.as_str())
-            .or_default() += 1;
+        self.refused_label(reason.as_str());
+    }
+    pub fn refused_label(&self, reason: &'static str) {
+        *self.refused.lock().unwrap().entry(reason).or_default() += 1;
+    }
+    pub fn handshake_failed(&self, reason: &'static str) {
+        *self.handshake_failures.lock().unwrap().entry(reason).or_default() += 1;
     }
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "outbound_accepted": self.outbound.load(Ordering::Relaxed),
             "inbound_accepted": self.inbound.load(Ordering::Relaxed),
             "refused": *self.refused.lock().unwrap(),
+            "inbound_handshake_failures": *self.handshake_failures.lock().unwrap(),
         })
     }
 }
@@ -71,62 +75,50 @@ pub enum RegisterError {
     Exists(WorkloadKey),
     #[error("workload {0} is not registered")]
     NotFound(WorkloadKey),
-    #[error("workload {key}: its netns {netns} is already used by workload {other}; one workload per network namespace")]
-    SharedNetns {
-        key: WorkloadKey,
-        netns: String,
-        other: WorkloadKey,
-    },
+    #[error(
+        "workload {key}: its netns {netns} is already used by workload {other}; one workload per network namespace"
+    )]
+    SharedNetns { key: WorkloadKey, netns: String, other: WorkloadKey },
     #[error("workload {key}: cgroup {path}: {source}")]
-    Cgroup {
-        key: WorkloadKey,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { key: WorkloadKey, path: PathBuf, source: std::io::Error },
     #[error("workload {key}: {source}")]
-    Netns {
-        key: WorkloadKey,
-        source: netns::NetnsError,
-    },
+    Netns { key: WorkloadKey, source: netns::NetnsError },
     #[error("workload {key}: cannot listen on {addr} in its netns: {source}; is another process using the mesh's ports there?")]
-    Listen {
-        key: WorkloadKey,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { key: WorkloadKey, addr: SocketAddr, source: std::io::Error },
+    #[error("workload {key}: its identity is not a valid SPIFFE ID: {source}")]
+    Identity { key: WorkloadKey, source: mesh_identity::SpiffeError },
     #[error("workload {key}: {source}")]
-    Ebpf {
-        key: WorkloadKey,
-        source: Box<ebpf::EbpfError>,
-    },
+    Ebpf { key: WorkloadKey, source: Box<ebpf::EbpfError> },
     #[error("workload {0} was added from the workloads file; edit that file instead")]
     FromFile(WorkloadKey),
     #[error("cannot write state file {path}: {source}")]
-    State {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    State { path: PathBuf, source: std::io::Error },
 }
 
 pub struct Agent {
     pub config: Config,
     datapath: Mutex<Datapath>,
     registered: Mutex<BTreeMap<WorkloadKey, Registered>>,
-    /// Every known workload address (local or not) -> workload, for attribution in logs.
-    known: Mutex<BTreeMap<IpAddr, WorkloadKey>>,
+    /// Every known workload address (local or not) -> workload: where a destination address
+    /// leads and which identity it must prove.
+    known: Mutex<BTreeMap<IpAddr, Workload>>,
     pub stats: Stats,
+    pub identities: Arc<Identities>,
+    pub pool: proxy::tunnel::Pool,
     /// Serialises registration so that add/remove never interleave half-way.
     register_lock: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
-    pub fn new(config: Config, datapath: Datapath) -> Arc<Self> {
+    pub fn new(config: Config, datapath: Datapath, identities: Arc<Identities>) -> Arc<Self> {
         Arc::new(Agent {
             config,
             datapath: Mutex::new(datapath),
             registered: Mutex::new(BTreeMap::new()),
             known: Mutex::new(BTreeMap::new()),
             stats: Stats::default(),
+            identities,
+            pool: Default::default(),
             register_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -139,8 +131,9 @@ impl Agent {
         std::time::Duration::from_millis(self.config.connect_timeout_ms)
     }
 
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<String> {
-        self.known.lock().unwrap().get(&ip).map(|k| k.to_string())
+    /// The meshed workload at a destination address, if any.
+    pub fn destination(&self, ip: IpAddr) -> Option<Workload> {
+        self.known.lock().unwrap().get(&ip).cloned()
     }
 
     fn state_file(&self) -> PathBuf {
@@ -162,14 +155,8 @@ impl Agent {
     }
 
     fn save_runtime_state(&self) -> Result<(), RegisterError> {
-        let list: Vec<Workload> = self
-            .registered
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|r| r.runtime)
-            .map(|r| r.wl.workload.clone())
-            .collect();
+        let list: Vec<Workload> =
+            self.registered.lock().unwrap().values().filter(|r| r.runtime).map(|r| r.wl.workload.clone()).collect();
         let path = self.state_file();
         let tmp = path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
@@ -185,7 +172,7 @@ impl Agent {
         let mut known = self.known.lock().unwrap();
         for w in all {
             for ip in &w.ips {
-                known.insert(*ip, w.key());
+                known.insert(*ip, w.clone());
             }
         }
     }
@@ -198,6 +185,9 @@ impl Agent {
         let _guard = self.register_lock.lock().await;
         let key = w.key();
         w.validate(&self.config.node)?;
+        if w.is_local_to(&self.config.node) {
+            w.check_local_objects()?;
+        }
         if !w.is_local_to(&self.config.node) {
             self.set_known(std::slice::from_ref(&w));
             return Err(RegisterError::Invalid(WorkloadError::Invalid {
@@ -216,16 +206,9 @@ impl Agent {
             if reg.contains_key(&key) {
                 return Err(RegisterError::Exists(key));
             }
-            let ino = |p: &std::path::Path| {
-                std::fs::metadata(p)
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                    .ok()
-            };
+            let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
             let mine = ino(&netns_path);
-            if let Some(other) = reg
-                .values()
-                .find(|r| mine.is_some() && ino(r.wl.netns.path()) == mine)
-            {
+            if let Some(other) = reg.values().find(|r| mine.is_some() && ino(r.wl.netns.path()) == mine) {
                 return Err(RegisterError::SharedNetns {
                     key,
                     netns: netns_path.display().to_string(),
@@ -242,41 +225,29 @@ impl Agent {
         let worker = tokio::task::spawn_blocking(move || NetnsWorker::spawn(&netns_path2))
             .await
             .expect("netns spawn task")
-            .map_err(|source| RegisterError::Netns {
-                key: key.clone(),
-                source,
-            })?;
+            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
 
         // Listeners first: by the time the kernel redirects anything, someone is listening.
         let listeners = worker
             .run(bind_listeners)
             .await
-            .map_err(|source| RegisterError::Netns {
-                key: key.clone(),
-                source,
-            })?
-            .map_err(|(addr, source)| RegisterError::Listen {
-                key: key.clone(),
-                addr,
-                source,
-            })?;
+            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
+            .map_err(|(addr, source)| RegisterError::Listen { key: key.clone(), addr, source })?;
         let netns_cookie =
-            netns::socket_netns_cookie(&listeners.outbound[0]).map_err(|source| {
-                RegisterError::Netns {
-                    key: key.clone(),
-                    source: netns::NetnsError::Enter {
-                        path: netns_path.clone(),
-                        source,
-                    },
-                }
+            netns::socket_netns_cookie(&listeners.outbound[0]).map_err(|source| RegisterError::Netns {
+                key: key.clone(),
+                source: netns::NetnsError::Enter { path: netns_path.clone(), source },
             })?;
 
+        let spiffe_id =
+            mesh_identity::SpiffeId::workload(self.identities.trust_domain(), &w.namespace, &w.service_account)
+                .map_err(|source| RegisterError::Identity { key: key.clone(), source })?;
         let id = self.allocate_id(&key);
         let pin_name = format!("{}_{}", key.namespace, key.name);
         let inbound_keys: Vec<InboundKey> = w.ips.iter().map(|ip| inbound_key(*ip)).collect();
         let wl = Arc::new(LocalWorkload {
             key: key.clone(),
-            principal: format!("ns/{}/sa/{}", w.namespace, w.service_account),
+            spiffe_id: spiffe_id.clone(),
             workload: w.clone(),
             id,
             cgroup_id,
@@ -299,46 +270,23 @@ impl Agent {
             Ok(a) => a,
             Err(source) => {
                 self.release_kernel_state(&wl);
-                return Err(RegisterError::Ebpf {
-                    key,
-                    source: Box::new(source),
-                });
+                return Err(RegisterError::Ebpf { key, source: Box::new(source) });
             }
         };
 
         let mut tasks = Vec::new();
         for l in listeners.outbound {
             let l = tokio::net::TcpListener::from_std(l).expect("nonblocking listener");
-            tasks.push(tokio::spawn(proxy::outbound::serve(
-                self.clone(),
-                wl.clone(),
-                l,
-            )));
+            tasks.push(tokio::spawn(proxy::outbound::serve(self.clone(), wl.clone(), l)));
         }
-        let inbound =
-            tokio::net::TcpListener::from_std(listeners.inbound).expect("nonblocking listener");
-        tasks.push(tokio::spawn(proxy::inbound::serve(
-            self.clone(),
-            wl.clone(),
-            inbound,
-        )));
-        let hbone =
-            tokio::net::TcpListener::from_std(listeners.hbone).expect("nonblocking listener");
-        tasks.push(tokio::spawn(proxy::inbound::serve_hbone_placeholder(
-            self.clone(),
-            wl.clone(),
-            hbone,
-        )));
+        let inbound = tokio::net::TcpListener::from_std(listeners.inbound).expect("nonblocking listener");
+        tasks.push(tokio::spawn(proxy::inbound::serve(self.clone(), wl.clone(), inbound)));
+        let hbone = tokio::net::TcpListener::from_std(listeners.hbone).expect("nonblocking listener");
+        tasks.push(tokio::spawn(proxy::hbone::serve(self.clone(), wl.clone(), hbone)));
+        self.identities.acquire(&spiffe_id);
 
         self.set_known(std::slice::from_ref(&w));
-        self.registered.lock().unwrap().insert(
-            key.clone(),
-            Registered {
-                wl: wl.clone(),
-                tasks,
-                runtime,
-            },
-        );
+        self.registered.lock().unwrap().insert(key.clone(), Registered { wl: wl.clone(), tasks, runtime });
         if runtime {
             self.save_runtime_state()?;
         }
@@ -346,19 +294,13 @@ impl Agent {
         Ok(wl)
     }
 
-    pub async fn remove_workload(
-        &self,
-        key: &WorkloadKey,
-        from_api: bool,
-    ) -> Result<(), RegisterError> {
+    pub async fn remove_workload(&self, key: &WorkloadKey, from_api: bool) -> Result<(), RegisterError> {
         let _guard = self.register_lock.lock().await;
         let reg = {
             let mut all = self.registered.lock().unwrap();
             match all.get(key) {
                 None => return Err(RegisterError::NotFound(key.clone())),
-                Some(r) if from_api && !r.runtime => {
-                    return Err(RegisterError::FromFile(key.clone()))
-                }
+                Some(r) if from_api && !r.runtime => return Err(RegisterError::FromFile(key.clone())),
                 Some(_) => all.remove(key).expect("present"),
             }
         };
@@ -367,6 +309,7 @@ impl Agent {
         for t in reg.tasks {
             t.abort();
         }
+        self.identities.release(&reg.wl.spiffe_id);
         {
             let mut known = self.known.lock().unwrap();
             for ip in &reg.wl.workload.ips {
@@ -397,10 +340,7 @@ impl Agent {
         let reg = self.registered.lock().unwrap();
         let cgroups: Vec<u64> = reg.values().map(|r| r.wl.cgroup_id).collect();
         let pins: Vec<&str> = reg.values().map(|r| r.wl.pin_name.as_str()).collect();
-        let keys: Vec<InboundKey> = reg
-            .values()
-            .flat_map(|r| r.wl.inbound_keys.iter().copied())
-            .collect();
+        let keys: Vec<InboundKey> = reg.values().flat_map(|r| r.wl.inbound_keys.iter().copied()).collect();
         let mut dp = self.datapath();
         for (cg, _) in dp.workload_cgroups() {
             if !cgroups.contains(&cg) {
@@ -439,7 +379,7 @@ impl Agent {
                         "namespace": r.wl.key.namespace,
                         "name": r.wl.key.name,
                         "serviceAccount": r.wl.workload.service_account,
-                        "principal": r.wl.principal,
+                        "identity": r.wl.spiffe_id.to_string(),
                         "ips": r.wl.workload.ips,
                         "labels": r.wl.workload.labels,
                         "netns": r.wl.netns.path(),
@@ -459,6 +399,11 @@ impl Agent {
             "kernel": dp.counters(),
             "maps": dp.map_fill(),
             "agent": self.stats.snapshot(),
+            "hbone": self.pool.stats_json(),
+            "certificates": {
+                "issued": self.identities.stats.issued.load(Ordering::Relaxed),
+                "failures": *self.identities.stats.failures.lock().unwrap(),
+            },
         })
     }
 }
@@ -479,11 +424,7 @@ fn bind_listeners() -> Result<Listeners, (SocketAddr, std::io::Error)> {
     }
     let inbound = listen_any(INBOUND_PORT)?;
     let hbone = listen_any(HBONE_PORT)?;
-    Ok(Listeners {
-        outbound,
-        inbound,
-        hbone,
-    })
+    Ok(Listeners { outbound, inbound, hbone })
 }
 
 /// A dual-stack wildcard listener (sk_lookup assigns both families to it), or IPv4 only when
@@ -493,10 +434,7 @@ fn listen_any(port: u16) -> Result<std::net::TcpListener, (SocketAddr, std::io::
         .or_else(|_| listen((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false))
 }
 
-fn listen(
-    addr: SocketAddr,
-    v6only: bool,
-) -> Result<std::net::TcpListener, (SocketAddr, std::io::Error)> {
+fn listen(addr: SocketAddr, v6only: bool) -> Result<std::net::TcpListener, (SocketAddr, std::io::Error)> {
     let mk = || -> std::io::Result<std::net::TcpListener> {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(addr),

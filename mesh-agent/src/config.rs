@@ -46,6 +46,26 @@ pub struct RunArgs {
     pub connect_timeout_ms: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The controller's gRPC URL, e.g. https://10.99.0.254:15012.
+    #[arg(long)]
+    pub controller: String,
+    /// The name the controller's serving certificate must carry.
+    #[arg(long, default_value = "mesh-controller")]
+    pub controller_name: String,
+    /// PEM roots: the controller's and every workload certificate must chain to them.
+    #[arg(long)]
+    pub trust_bundle: PathBuf,
+    /// File holding this node's credential for the controller (mode 0600).
+    #[arg(long)]
+    pub node_credential_file: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Workload certificate lifetime to ask for; 0 = the CA's default.
+    #[arg(long, default_value_t = 0)]
+    pub cert_ttl_seconds: u64,
+    /// How long a connection waits for its workload's first certificate before it is refused.
+    #[arg(long, default_value_t = 5000)]
+    pub cert_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,16 +80,20 @@ pub struct Config {
     pub max_workloads: u32,
     pub connect_timeout_ms: u64,
     pub log_format: LogFormat,
+    pub controller: String,
+    pub controller_name: String,
+    pub trust_bundle: PathBuf,
+    /// The path only: the credential itself never appears in the config dump or logs.
+    pub node_credential_file: PathBuf,
+    pub trust_domain: String,
+    pub cert_ttl_seconds: u64,
+    pub cert_wait_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--{setting} {value:?}: {reason}")]
-    Invalid {
-        setting: &'static str,
-        value: String,
-        reason: String,
-    },
+    Invalid { setting: &'static str, value: String, reason: String },
     #[error("no cgroup v2 mount found in /proc/self/mountinfo; mount one or pass --cgroup-root")]
     NoCgroup2,
 }
@@ -82,53 +106,53 @@ impl Config {
             reason: reason.to_owned(),
         };
         if a.node.is_empty()
-            || !a
-                .node
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            || !a.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
         {
-            return Err(invalid(
-                "node",
-                &a.node,
-                "must be non-empty and use only letters, digits, '-', '.', '_'",
-            ));
+            return Err(invalid("node", &a.node, "must be non-empty and use only letters, digits, '-', '.', '_'"));
         }
         let cgroup_root = match a.cgroup_root {
             Some(p) => p,
             None => cgroup2_mount()?,
         };
         if !cgroup_root.join("cgroup.procs").exists() {
-            return Err(invalid(
-                "cgroup-root",
-                &cgroup_root,
-                "is not a cgroup v2 directory (no cgroup.procs)",
-            ));
+            return Err(invalid("cgroup-root", &cgroup_root, "is not a cgroup v2 directory (no cgroup.procs)"));
         }
         if a.max_connections < 1 {
-            return Err(invalid(
-                "max-connections",
-                &a.max_connections,
-                "must be at least 1",
-            ));
+            return Err(invalid("max-connections", &a.max_connections, "must be at least 1"));
         }
         if a.max_workloads < 1 {
-            return Err(invalid(
-                "max-workloads",
-                &a.max_workloads,
-                "must be at least 1",
-            ));
+            return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));
         }
         if let Some(w) = &a.workloads {
             if !w.is_file() {
                 return Err(invalid("workloads", w, "no such file"));
             }
         }
-        let bpffs_dir = a
-            .bpffs_dir
-            .unwrap_or_else(|| Path::new("/sys/fs/bpf/sockmesh").join(&a.node));
-        let state_dir = a
-            .state_dir
-            .unwrap_or_else(|| Path::new("/run/sockmesh").join(&a.node));
+        if !a.controller.starts_with("https://") {
+            return Err(invalid(
+                "controller",
+                &a.controller,
+                "must be an https:// URL (the CA is only spoken to over TLS)",
+            ));
+        }
+        for (setting, p) in [("trust-bundle", &a.trust_bundle), ("node-credential-file", &a.node_credential_file)] {
+            if !p.is_file() {
+                return Err(invalid(setting, p, "no such file"));
+            }
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&a.node_credential_file).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                return Err(invalid(
+                    "node-credential-file",
+                    &a.node_credential_file,
+                    &format!("is readable by group or others (mode {mode:o}); chmod 600 it"),
+                ));
+            }
+        }
+        let bpffs_dir = a.bpffs_dir.unwrap_or_else(|| Path::new("/sys/fs/bpf/sockmesh").join(&a.node));
+        let state_dir = a.state_dir.unwrap_or_else(|| Path::new("/run/sockmesh").join(&a.node));
         let api_socket = a.api_socket.unwrap_or_else(|| state_dir.join("agent.sock"));
         Ok(Config {
             node: a.node,
@@ -141,6 +165,13 @@ impl Config {
             max_workloads: a.max_workloads,
             connect_timeout_ms: a.connect_timeout_ms,
             log_format: a.log_format,
+            controller: a.controller,
+            controller_name: a.controller_name,
+            trust_bundle: a.trust_bundle,
+            node_credential_file: a.node_credential_file,
+            trust_domain: a.trust_domain,
+            cert_ttl_seconds: a.cert_ttl_seconds,
+            cert_wait_ms: a.cert_wait_ms,
         })
     }
 }
@@ -148,8 +179,7 @@ impl Config {
 /// The cgroup v2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on unified
 /// hosts and /sys/fs/cgroup/unified on hybrid ones: never hard-coded).
 pub fn cgroup2_mount() -> Result<PathBuf, ConfigError> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| ConfigError::NoCgroup2)?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| ConfigError::NoCgroup2)?;
     parse_cgroup2_mount(&text).ok_or(ConfigError::NoCgroup2)
 }
 
@@ -171,13 +201,7 @@ mod tests {
     fn finds_cgroup2_in_a_hybrid_mountinfo() {
         let text = "35 25 0:30 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw\n\
                     36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(text),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            parse_cgroup2_mount("35 25 0:30 / /x rw - tmpfs tmpfs rw\n"),
-            None
-        );
+        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(parse_cgroup2_mount("35 25 0:30 / /x rw - tmpfs tmpfs rw\n"), None);
     }
 }

@@ -16,9 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
-use aya::programs::{
-    links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps,
-};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
 
@@ -27,41 +25,28 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("this agent was built without its eBPF object; build it with `cargo xtask build` (which runs build-ebpf first)")]
-    NotBuilt,
     #[error(
-        "bpffs directory {path}: {source}; is bpffs mounted (`mount -t bpf bpf /sys/fs/bpf`)?"
+        "this agent was built without its eBPF object; build it with `cargo xtask build` (which runs build-ebpf first)"
     )]
-    Bpffs {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not on a bpffs mount; mount one (`mount -t bpf bpf /sys/fs/bpf`) and point --bpffs-dir below it")]
+    NotBuilt,
+    #[error("bpffs directory {path}: {source}; is bpffs mounted (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    Bpffs { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is not on a bpffs mount; mount one (`mount -t bpf bpf /sys/fs/bpf`) and point --bpffs-dir below it"
+    )]
     NotBpffs { path: PathBuf },
     #[error("cannot open cgroup root {path}: {source}; it must be a cgroup v2 directory")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { path: PathBuf, source: std::io::Error },
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("taking over pinned link {path}: {source}")]
-    Adopt {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Adopt { path: PathBuf, source: std::io::Error },
     #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build`")]
     Missing(&'static str),
 }
@@ -109,16 +94,11 @@ impl Datapath {
         let maps_dir = cfg.bpffs_dir.join("maps");
         let links_dir = cfg.bpffs_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
-            std::fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs {
-                path: dir.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs { path: dir.clone(), source })?;
         }
         check_bpffs(cfg.bpffs_dir)?;
-        let cgroup = File::open(cfg.cgroup_root).map_err(|source| EbpfError::Cgroup {
-            path: cfg.cgroup_root.to_owned(),
-            source,
-        })?;
+        let cgroup = File::open(cfg.cgroup_root)
+            .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
 
         let by_port_size = mesh_common::orig_dst_by_port_size(cfg.max_connections);
         let mut ebpf = EbpfLoader::new()
@@ -134,13 +114,9 @@ impl Datapath {
             let pin_path = links_dir.join(pin);
             let program = ebpf.program_mut(prog).ok_or(EbpfError::Missing(prog))?;
             let adopted = match program {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    attach_or_adopt(prog, p, &cgroup, &pin_path)?
-                }
+                aya::programs::Program::CgroupSockAddr(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
                 aya::programs::Program::SockOps(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
-                aya::programs::Program::CgroupSock(p) => {
-                    attach_or_adopt(prog, p, &cgroup, &pin_path)?
-                }
+                aya::programs::Program::CgroupSock(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
                 _ => return Err(EbpfError::Missing(prog)),
             };
             reports.push(LinkReport { name: pin, adopted });
@@ -149,79 +125,41 @@ impl Datapath {
             .program_mut(mesh_common::PROG_SK_LOOKUP)
             .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
             .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: mesh_common::PROG_SK_LOOKUP,
-                source,
-            })?;
-        sk_lookup.load().map_err(|source| EbpfError::Program {
-            name: mesh_common::PROG_SK_LOOKUP,
-            source,
-        })?;
+            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
+        sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
 
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
         let orig_dst = take_map(&mut ebpf, mesh_common::ORIG_DST)?;
         let orig_by_port = take_map(&mut ebpf, mesh_common::ORIG_DST_BY_PORT)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
         let counters = take_map(&mut ebpf, mesh_common::COUNTERS)?;
-        Ok((
-            Datapath {
-                ebpf,
-                links_dir,
-                workloads,
-                orig_dst,
-                orig_by_port,
-                inbound,
-                counters,
-            },
-            reports,
-        ))
+        Ok((Datapath { ebpf, links_dir, workloads, orig_dst, orig_by_port, inbound, counters }, reports))
     }
 
     /// Marks a cgroup as a meshed workload: from now on its connects are redirected.
     pub fn add_workload_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<(), EbpfError> {
         self.workloads
             .insert(cgroup_id, WorkloadValue { id, flags: 0 }, 0)
-            .map_err(|source| EbpfError::Map {
-                name: mesh_common::WORKLOADS,
-                source,
-            })
+            .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOADS, source })
     }
 
     pub fn remove_workload_cgroup(&mut self, cgroup_id: u64) -> Result<(), EbpfError> {
         match self.workloads.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(EbpfError::Map {
-                name: mesh_common::WORKLOADS,
-                source,
-            }),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(EbpfError::Map { name: mesh_common::WORKLOADS, source }),
         }
     }
 
     /// The cgroup ids currently marked, with their workload ids.
     pub fn workload_cgroups(&self) -> Vec<(u64, u32)> {
-        self.workloads
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (k, v.id))
-            .collect()
+        self.workloads.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.id)).collect()
     }
 
-    pub fn set_inbound_listener(
-        &mut self,
-        key: InboundKey,
-        sock: &impl AsRawFd,
-    ) -> Result<(), EbpfError> {
+    pub fn set_inbound_listener(&mut self, key: InboundKey, sock: &impl AsRawFd) -> Result<(), EbpfError> {
         self.inbound
             .insert(key, sock.as_raw_fd(), 0)
-            .map_err(|source| EbpfError::Map {
-                name: mesh_common::INBOUND_LISTENERS,
-                source,
-            })
+            .map_err(|source| EbpfError::Map { name: mesh_common::INBOUND_LISTENERS, source })
     }
 
     pub fn remove_inbound_listener(&mut self, key: &InboundKey) {
@@ -240,36 +178,15 @@ impl Datapath {
             .program_mut(mesh_common::PROG_SK_LOOKUP)
             .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
             .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: mesh_common::PROG_SK_LOOKUP,
-                source,
-            })?;
+            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
         if pin_path.exists() {
-            adopt(
-                &pin_path,
-                program
-                    .fd()
-                    .map_err(|source| EbpfError::Program {
-                        name: "sk_lookup",
-                        source,
-                    })?
-                    .as_fd(),
-            )?;
+            adopt(&pin_path, program.fd().map_err(|source| EbpfError::Program { name: "sk_lookup", source })?.as_fd())?;
             return Ok(true);
         }
-        let id = program.attach(netns).map_err(|source| EbpfError::Program {
-            name: "sk_lookup",
-            source,
-        })?;
-        let link = program.take_link(id).map_err(|source| EbpfError::Program {
-            name: "sk_lookup",
-            source,
-        })?;
+        let id = program.attach(netns).map_err(|source| EbpfError::Program { name: "sk_lookup", source })?;
+        let link = program.take_link(id).map_err(|source| EbpfError::Program { name: "sk_lookup", source })?;
         let fd_link: FdLink = link.into();
-        fd_link.pin(&pin_path).map_err(|e| EbpfError::Pin {
-            path: pin_path.clone(),
-            reason: e.to_string(),
-        })?;
+        fd_link.pin(&pin_path).map_err(|e| EbpfError::Pin { path: pin_path.clone(), reason: e.to_string() })?;
         Ok(false)
     }
 
@@ -284,10 +201,7 @@ impl Datapath {
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .filter_map(|e| {
-                        e.file_name()
-                            .to_str()
-                            .and_then(|n| n.strip_prefix("sk_lookup-"))
-                            .map(str::to_owned)
+                        e.file_name().to_str().and_then(|n| n.strip_prefix("sk_lookup-")).map(str::to_owned)
                     })
                     .collect()
             })
@@ -311,8 +225,7 @@ impl Datapath {
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(_, v)| {
-                v.released_ns != 0
-                    && now.saturating_sub(v.released_ns) > mesh_common::RELEASED_ENTRY_TTL_NS
+                v.released_ns != 0 && now.saturating_sub(v.released_ns) > mesh_common::RELEASED_ENTRY_TTL_NS
             })
             .map(|(k, _)| k)
             .collect();
@@ -326,11 +239,7 @@ impl Datapath {
         Counter::ALL
             .iter()
             .map(|c| {
-                let v = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|vals| vals.iter().sum())
-                    .unwrap_or(0);
+                let v = self.counters.get(&(*c as u32), 0).map(|vals| vals.iter().sum()).unwrap_or(0);
                 (c.name(), v)
             })
             .collect()
@@ -341,10 +250,7 @@ impl Datapath {
         let mut m = BTreeMap::new();
         m.insert(mesh_common::WORKLOADS, self.workloads.keys().count());
         m.insert(mesh_common::ORIG_DST, self.orig_dst.keys().count());
-        m.insert(
-            mesh_common::ORIG_DST_BY_PORT,
-            self.orig_by_port.keys().count(),
-        );
+        m.insert(mesh_common::ORIG_DST_BY_PORT, self.orig_by_port.keys().count());
         m.insert(mesh_common::INBOUND_LISTENERS, self.inbound.keys().count());
         m
     }
@@ -379,24 +285,13 @@ macro_rules! cgroup_program {
                 // links always coexist with other programs (a CNI, systemd) as if ALLOW_MULTI.
                 let id = self
                     .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| EbpfError::Program {
-                        name: $name,
-                        source,
-                    })?;
-                let link = self.take_link(id).map_err(|source| EbpfError::Program {
-                    name: $name,
-                    source,
-                })?;
-                let fd_link: FdLink =
-                    link.try_into()
-                        .map_err(|e: aya::programs::links::LinkError| EbpfError::Pin {
-                            path: pin.to_owned(),
-                            reason: e.to_string(),
-                        })?;
-                fd_link.pin(pin).map_err(|e| EbpfError::Pin {
+                    .map_err(|source| EbpfError::Program { name: $name, source })?;
+                let link = self.take_link(id).map_err(|source| EbpfError::Program { name: $name, source })?;
+                let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| EbpfError::Pin {
                     path: pin.to_owned(),
                     reason: e.to_string(),
                 })?;
+                fd_link.pin(pin).map_err(|e| EbpfError::Pin { path: pin.to_owned(), reason: e.to_string() })?;
                 Ok(())
             }
         }
@@ -412,14 +307,9 @@ fn attach_or_adopt(
     cgroup: &File,
     pin: &Path,
 ) -> Result<bool, EbpfError> {
-    p.load_prog()
-        .map_err(|source| EbpfError::Program { name, source })?;
+    p.load_prog().map_err(|source| EbpfError::Program { name, source })?;
     if pin.exists() {
-        adopt(
-            pin,
-            p.prog_fd()
-                .map_err(|source| EbpfError::Program { name, source })?,
-        )?;
+        adopt(pin, p.prog_fd().map_err(|source| EbpfError::Program { name, source })?)?;
         Ok(true)
     } else {
         p.attach_pinned(cgroup, pin)?;
@@ -429,14 +319,8 @@ fn attach_or_adopt(
 
 /// Takes over a pinned link: swaps the freshly loaded program in atomically.
 fn adopt(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<(), EbpfError> {
-    let link = bpf_obj_get(pin).map_err(|source| EbpfError::Adopt {
-        path: pin.to_owned(),
-        source,
-    })?;
-    bpf_link_update(&link, prog).map_err(|source| EbpfError::Adopt {
-        path: pin.to_owned(),
-        source,
-    })
+    let link = bpf_obj_get(pin).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })?;
+    bpf_link_update(&link, prog).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })
 }
 
 fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
@@ -449,23 +333,11 @@ fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
         _pad: u32,
     }
     let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let attr = ObjGet {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     const BPF_OBJ_GET: libc::c_long = 7;
     // SAFETY: attr is a valid prefix of union bpf_attr; the kernel zero-extends the rest.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGet, std::mem::size_of::<ObjGet>()) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -481,21 +353,12 @@ fn bpf_link_update(link: &OwnedFd, prog: std::os::fd::BorrowedFd<'_>) -> std::io
         flags: u32,
         old_prog_fd: u32,
     }
-    let attr = LinkUpdate {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
+    let attr =
+        LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
     const BPF_LINK_UPDATE: libc::c_long = 29;
     // SAFETY: as above.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdate,
-            std::mem::size_of::<LinkUpdate>(),
-        )
+        libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdate, std::mem::size_of::<LinkUpdate>())
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
@@ -504,22 +367,15 @@ fn bpf_link_update(link: &OwnedFd, prog: std::os::fd::BorrowedFd<'_>) -> std::io
 }
 
 fn check_bpffs(path: &Path) -> Result<(), EbpfError> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| EbpfError::Bpffs {
-        path: path.to_owned(),
-        source: std::io::Error::other(e),
-    })?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| EbpfError::Bpffs { path: path.to_owned(), source: std::io::Error::other(e) })?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(EbpfError::Bpffs {
-            path: path.to_owned(),
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(EbpfError::Bpffs { path: path.to_owned(), source: std::io::Error::last_os_error() });
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
-        return Err(EbpfError::NotBpffs {
-            path: path.to_owned(),
-        });
+        return Err(EbpfError::NotBpffs { path: path.to_owned() });
     }
     Ok(())
 }

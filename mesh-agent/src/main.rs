@@ -4,9 +4,9 @@ mod api;
 mod app;
 mod config;
 mod ebpf;
+mod identity;
 mod netns;
 mod proxy;
-mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the kernel programs (or take over pinned ones) and serve this node.
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Detach everything this node's agents pinned and free the maps. Meshed pods lose
     /// capture: their connections go direct from then on.
     Uninstall {
@@ -37,20 +37,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(args) => {
-            let cfg = config::Config::from_args(args)?;
+            let cfg = config::Config::from_args(*args)?;
             init_logging(cfg.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(cfg))
         }
         Cmd::Uninstall { bpffs_dir } => {
-            ebpf::uninstall(&bpffs_dir)
-                .with_context(|| format!("removing {}", bpffs_dir.display()))?;
-            eprintln!(
-                "removed {}: programs detached, maps freed",
-                bpffs_dir.display()
-            );
+            ebpf::uninstall(&bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
+            eprintln!("removed {}: programs detached, maps freed", bpffs_dir.display());
             Ok(())
         }
     }
@@ -59,9 +53,7 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         config::LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
         config::LogFormat::Text => b.init(),
@@ -70,7 +62,7 @@ fn init_logging(format: config::LogFormat) {
 
 async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let file_workloads = match &cfg.workloads_file {
-        Some(p) => workload::parse_file(p)?,
+        Some(p) => mesh_model::workload::parse_file(p)?,
         None => Vec::new(),
     };
     let (datapath, links) = ebpf::Datapath::load(&ebpf::DatapathConfig {
@@ -80,24 +72,33 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         max_workloads: cfg.max_workloads,
     })?;
     for l in &links {
-        tracing::info!(
-            link = l.name,
-            adopted = l.adopted,
-            "cgroup program attached"
-        );
+        tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
     }
-    let agent = app::Agent::new(cfg.clone(), datapath);
+    let bundle = std::fs::read_to_string(&cfg.trust_bundle)
+        .with_context(|| format!("reading {}", cfg.trust_bundle.display()))?;
+    let credential = std::fs::read_to_string(&cfg.node_credential_file)
+        .with_context(|| format!("reading {}", cfg.node_credential_file.display()))?
+        .trim()
+        .to_owned();
+    let identities = identity::Identities::new(identity::IdentityConfig {
+        controller: cfg.controller.clone(),
+        controller_name: cfg.controller_name.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        bundle_pems: vec![bundle],
+        credential,
+        cert_ttl: (cfg.cert_ttl_seconds > 0).then(|| std::time::Duration::from_secs(cfg.cert_ttl_seconds)),
+        wait: std::time::Duration::from_millis(cfg.cert_wait_ms),
+    })
+    .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
+    let agent = app::Agent::new(cfg.clone(), datapath, identities);
     agent.set_known(&file_workloads);
 
-    let api = api::bind(&cfg.api_socket)
-        .with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
+    let api =
+        api::bind(&cfg.api_socket).with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
 
     let mut failed = 0;
     let runtime = agent.load_runtime_state();
-    let local = file_workloads
-        .into_iter()
-        .filter(|w| w.is_local_to(&cfg.node))
-        .map(|w| (w, false));
+    let local = file_workloads.into_iter().filter(|w| w.is_local_to(&cfg.node)).map(|w| (w, false));
     for (w, is_runtime) in local.chain(runtime.into_iter().map(|w| (w, true))) {
         let key = w.key();
         if let Err(e) = agent.add_workload(w, is_runtime).await {

@@ -15,18 +15,10 @@ type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error(
-        "cannot open netns {path}: {source}; is the workload's network namespace still there?"
-    )]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot open netns {path}: {source}; is the workload's network namespace still there?")]
+    Open { path: PathBuf, source: std::io::Error },
     #[error("cannot enter netns {path}: {source}")]
-    Enter {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Enter { path: PathBuf, source: std::io::Error },
     #[error("the netns worker for {path} has stopped")]
     Gone { path: PathBuf },
 }
@@ -40,30 +32,17 @@ pub struct NetnsWorker {
 
 impl NetnsWorker {
     pub fn spawn(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let thread_file = file.try_clone().map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+        let thread_file = file.try_clone().map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let name = format!(
-            "netns-{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
-        );
+        let name = format!("netns-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
                 // SAFETY: setns on this thread only; the fd is valid for the call.
                 let rc = unsafe { libc::setns(thread_file.as_raw_fd(), libc::CLONE_NEWNET) };
-                let entered = if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                };
+                let entered = if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 if !ok {
@@ -73,23 +52,11 @@ impl NetnsWorker {
                     job();
                 }
             })
-            .map_err(|source| NetnsError::Enter {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|source| NetnsError::Enter { path: path.to_owned(), source })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(NetnsWorker {
-                path: path.to_owned(),
-                tx,
-                file,
-            }),
-            Ok(Err(source)) => Err(NetnsError::Enter {
-                path: path.to_owned(),
-                source,
-            }),
-            Err(_) => Err(NetnsError::Gone {
-                path: path.to_owned(),
-            }),
+            Ok(Ok(())) => Ok(NetnsWorker { path: path.to_owned(), tx, file }),
+            Ok(Err(source)) => Err(NetnsError::Enter { path: path.to_owned(), source }),
+            Err(_) => Err(NetnsError::Gone { path: path.to_owned() }),
         }
     }
 
@@ -103,21 +70,14 @@ impl NetnsWorker {
     }
 
     /// Runs `f` inside the netns and returns its result, without blocking the async runtime.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, NetnsError> {
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx
             .send(Box::new(move || {
                 let _ = tx.send(f());
             }))
-            .map_err(|_| NetnsError::Gone {
-                path: self.path.clone(),
-            })?;
-        rx.await.map_err(|_| NetnsError::Gone {
-            path: self.path.clone(),
-        })
+            .map_err(|_| NetnsError::Gone { path: self.path.clone() })?;
+        rx.await.map_err(|_| NetnsError::Gone { path: self.path.clone() })
     }
 }
 
@@ -129,13 +89,7 @@ pub fn socket_netns_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, out-pointer sized for u64.
     let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
     };
     if rc == 0 {
         Ok(cookie)

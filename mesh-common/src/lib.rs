@@ -97,16 +97,10 @@ const _: () = assert!(core::mem::size_of::<InboundKey>() == 20);
 
 impl InboundKey {
     pub const fn v4(addr_be: u32) -> Self {
-        InboundKey {
-            family: AF_INET as u32,
-            addr: [addr_be, 0, 0, 0],
-        }
+        InboundKey { family: AF_INET as u32, addr: [addr_be, 0, 0, 0] }
     }
     pub const fn v6(addr_be: [u32; 4]) -> Self {
-        InboundKey {
-            family: AF_INET6 as u32,
-            addr: addr_be,
-        }
+        InboundKey { family: AF_INET6 as u32, addr: addr_be }
     }
 }
 
@@ -171,13 +165,9 @@ pub fn outbound_action_v4(addr_be: u32, port: u16) -> OutboundAction {
 
 /// The decision for an IPv6 destination (four network-order words, `port` host order).
 pub fn outbound_action_v6(addr_be: [u32; 4], port: u16) -> OutboundAction {
-    let is_loopback = addr_be[0] == 0
-        && addr_be[1] == 0
-        && addr_be[2] == 0
-        && addr_be[3].to_ne_bytes() == [0, 0, 0, 1];
+    let is_loopback = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == 0 && addr_be[3].to_ne_bytes() == [0, 0, 0, 1];
     // ::ffff:127.x.y.z (a v4-mapped loopback on a dual-stack socket).
-    let mapped_prefix =
-        addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
+    let mapped_prefix = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
     let is_mapped_loopback = mapped_prefix && addr_be[3].to_ne_bytes()[0] == 127;
     if is_loopback || is_mapped_loopback || is_mesh_port(port) {
         OutboundAction::Pass
@@ -235,30 +225,12 @@ mod tests {
 
     #[test]
     fn loopback_and_mesh_ports_pass_everything_else_redirects() {
-        assert_eq!(
-            outbound_action_v4(v4([127, 0, 0, 1]), 80),
-            OutboundAction::Pass
-        );
-        assert_eq!(
-            outbound_action_v4(v4([127, 9, 9, 9]), 80),
-            OutboundAction::Pass
-        );
-        assert_eq!(
-            outbound_action_v4(v4([10, 0, 2, 7]), 15008),
-            OutboundAction::Pass
-        );
-        assert_eq!(
-            outbound_action_v4(v4([10, 0, 2, 7]), 15001),
-            OutboundAction::Pass
-        );
-        assert_eq!(
-            outbound_action_v4(v4([10, 0, 2, 7]), 8080),
-            OutboundAction::Redirect
-        );
-        assert_eq!(
-            outbound_action_v4(v4([128, 0, 0, 1]), 80),
-            OutboundAction::Redirect
-        );
+        assert_eq!(outbound_action_v4(v4([127, 0, 0, 1]), 80), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([127, 9, 9, 9]), 80), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 15008), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 15001), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 8080), OutboundAction::Redirect);
+        assert_eq!(outbound_action_v4(v4([128, 0, 0, 1]), 80), OutboundAction::Redirect);
     }
 
     #[test]
@@ -277,10 +249,7 @@ mod tests {
         let mut global = [0u8; 16];
         global[0] = 0xfd;
         global[15] = 7;
-        assert_eq!(
-            outbound_action_v6(v6(global), 8080),
-            OutboundAction::Redirect
-        );
+        assert_eq!(outbound_action_v6(v6(global), 8080), OutboundAction::Redirect);
         assert_eq!(outbound_action_v6(v6(global), 15008), OutboundAction::Pass);
     }
 

@@ -15,14 +15,7 @@ pub const METRICS_PORT: u16 = 15020;
 pub const READINESS_PORT: u16 = 15021;
 
 /// Ports that connect4/connect6 never redirect: a pod talking to the mesh itself.
-pub const MESH_PORTS: [u16; 6] = [
-    OUTBOUND_PORT,
-    INBOUND_PORT,
-    HBONE_PORT,
-    ADMIN_PORT,
-    METRICS_PORT,
-    READINESS_PORT,
-];
+pub const MESH_PORTS: [u16; 6] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READINESS_PORT];
 
 pub fn is_mesh_port(port: u16) -> bool {
     let mut i = 0;

@@ -1,1 +1,163 @@
-fn main(){}
+//! mesh-controller: the sockmesh control plane. Today: the CA (gRPC over TLS), authorizing each
+//! node for the identities of the workloads placed on it.
+
+mod auth;
+mod ca_service;
+mod placement;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use mesh_identity::ca::Ca;
+use mesh_identity::proto::certificate_service_server::CertificateServiceServer;
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-controller", version, about = "sockmesh control plane (CA)")]
+struct Args {
+    /// gRPC (TLS) listen address.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Where a generated root CA is kept (root.pem, root-key.pem) across restarts.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Operator-provided signing certificate (root or intermediate) and key, instead of a
+    /// generated root.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Certificates above --ca-cert, up to and including the root (for an intermediate).
+    #[arg(long, requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+    /// Workloads and the nodes they run on (`workloads: [...]`), reloaded on change.
+    #[arg(long)]
+    workloads: PathBuf,
+    /// Per-node credentials (`nodes: [{name, credential}]`), mode 0600.
+    #[arg(long)]
+    node_credentials: PathBuf,
+    /// Default workload certificate lifetime, e.g. 24h, 30m, 90s.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Longest lifetime an agent may ask for.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    max_cert_ttl: Duration,
+    /// Names in the controller's serving certificate (agents check one of them).
+    #[arg(long, default_value = "mesh-controller")]
+    server_name: Vec<String>,
+    /// Addresses in the controller's serving certificate.
+    #[arg(long)]
+    server_ip: Vec<IpAddr>,
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h), e.g. 24h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG").unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format.as_str() {
+        "json" => b.json().flatten_event(true).init(),
+        "text" => b.init(),
+        other => bail!("--log-format {other:?}: expected text or json"),
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+fn load_ca(args: &Args) -> anyhow::Result<Ca> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        let chain = args.ca_chain.as_ref().map(read).transpose()?.unwrap_or_default();
+        return Ok(Ca::from_pem(
+            &args.trust_domain,
+            &read(cert)?,
+            &read(key)?,
+            &chain,
+            args.cert_ttl,
+            args.max_cert_ttl,
+        )?);
+    }
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let cert_path = args.state_dir.join("root.pem");
+    let key_path = args.state_dir.join("root-key.pem");
+    if !cert_path.exists() {
+        let root = Ca::generate_root(&args.trust_domain)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path)?;
+        std::io::Write::write_all(&mut f, root.key_pem.as_bytes())?;
+        std::fs::write(&cert_path, &root.cert_pem)?;
+        tracing::info!(cert = %cert_path.display(), "generated a new root CA");
+    }
+    Ok(Ca::from_pem(&args.trust_domain, &read(&cert_path)?, &read(&key_path)?, "", args.cert_ttl, args.max_cert_ttl)?)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if mesh_identity::SpiffeId::parse(&format!("spiffe://{}", args.trust_domain)).is_err() {
+        bail!(
+            "--trust-domain {:?}: not a valid SPIFFE trust domain (lowercase letters, digits, '.', '-', '_')",
+            args.trust_domain
+        );
+    }
+    let ca = Arc::new(load_ca(&args)?);
+    // Agents trust the roots; they find them here (or ask GetTrustBundle once trusted).
+    std::fs::create_dir_all(&args.state_dir)?;
+    std::fs::write(args.state_dir.join("trust-bundle.pem"), ca.roots_pem().concat())?;
+    let auth = Arc::new(auth::StaticCredentials::load(&args.node_credentials)?);
+    let placement_now = placement::load(&args.workloads)?;
+    let modified = std::fs::metadata(&args.workloads).and_then(|m| m.modified()).ok();
+    let shared = Arc::new(RwLock::new(placement_now));
+    tokio::spawn(placement::watch(args.workloads.clone(), shared.clone(), modified));
+
+    let mut ips = args.server_ip.clone();
+    if !args.listen.ip().is_unspecified() {
+        ips.push(args.listen.ip());
+    }
+    let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
+    let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
+    let svc = ca_service::CaService { ca: ca.clone(), auth, placement: shared, stats: Default::default() };
+    tracing::info!(listen = %args.listen, trust_domain = %args.trust_domain, "controller ready");
+    tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .add_service(CertificateServiceServer::new(svc))
+        .serve_with_shutdown(args.listen, async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+        })
+        .await
+        .context("gRPC server")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_parse_with_units_and_reject_nonsense() {
+        assert_eq!(super::parse_duration("24h").unwrap().as_secs(), 86400);
+        assert_eq!(super::parse_duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(super::parse_duration("2m").unwrap().as_secs(), 120);
+        assert!(super::parse_duration("0s").is_err());
+        assert!(super::parse_duration("1d").is_err());
+        assert!(super::parse_duration("h").is_err());
+    }
+}

@@ -77,7 +77,8 @@ impl Ca {
         dn.push(DnType::CommonName, "sockmesh root CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
@@ -89,9 +90,17 @@ impl Ca {
     /// signing certificate up to and including the root; empty when the signing certificate is
     /// itself the root. The last certificate of the chain (or the signing certificate) is the
     /// trust anchor served in the bundle.
-    pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str, chain_pem: &str, ttl: Duration, max_ttl: Duration) -> Result<Ca, CaError> {
+    pub fn from_pem(
+        trust_domain: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: &str,
+        ttl: Duration,
+        max_ttl: Duration,
+    ) -> Result<Ca, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Config(format!("CA key: {e}")))?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Config(format!("CA certificate: {e}")))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Config(format!("CA certificate: {e}")))?;
         let above = split_pems(chain_pem);
         let (chain, roots) = match above.split_last() {
             None => (vec![], vec![cert_pem.trim().to_owned() + "\n"]),
@@ -130,7 +139,10 @@ impl Ca {
         };
         let id = SpiffeId::parse_workload(uri.as_str()).map_err(CaError::NotSpiffe)?;
         if id.trust_domain() != self.trust_domain {
-            return Err(CaError::WrongTrustDomain { got: id.trust_domain().to_owned(), want: self.trust_domain.clone() });
+            return Err(CaError::WrongTrustDomain {
+                got: id.trust_domain().to_owned(),
+                want: self.trust_domain.clone(),
+            });
         }
         Ok((id, csr))
     }
@@ -157,16 +169,19 @@ impl Ca {
         // A minute of slack for clocks that disagree a little.
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
-        let leaf = params
-            .signed_by(&csr.public_key, &self.issuer)
-            .map_err(|e| CaError::Config(format!("signing: {e}")))?;
+        let leaf =
+            params.signed_by(&csr.public_key, &self.issuer).map_err(|e| CaError::Config(format!("signing: {e}")))?;
         let mut chain = vec![leaf.pem()];
         chain.extend(self.chain.iter().cloned());
         Ok((id, chain))
     }
 
     /// A serving certificate for the controller's own gRPC port (DNS and IP SANs).
-    pub fn issue_server_cert(&self, dns: &[String], ips: &[std::net::IpAddr]) -> Result<(Vec<String>, String), CaError> {
+    pub fn issue_server_cert(
+        &self,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<(Vec<String>, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Config(e.to_string()))?;
         let mut params = CertificateParams::new(dns.to_vec()).map_err(|e| CaError::Config(e.to_string()))?;
         params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
@@ -202,9 +217,8 @@ pub fn workload_csr(id: &SpiffeId) -> Result<(KeyPair, String), CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Config(e.to_string()))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        id.to_string().try_into().map_err(|_| CaError::Config("SPIFFE ID is not IA5".into()))?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(id.to_string().try_into().map_err(|_| CaError::Config("SPIFFE ID is not IA5".into()))?)];
     let csr = params.serialize_request(&key).map_err(|e| CaError::Config(e.to_string()))?;
     Ok((key, csr.pem().map_err(|e| CaError::Config(e.to_string()))?))
 }

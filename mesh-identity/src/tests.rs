@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384};
+use rcgen::{
+    BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
+};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
@@ -15,7 +17,8 @@ const TD: &str = "cluster.local";
 
 fn root() -> (Ca, TrustBundle) {
     let r = Ca::generate_root(TD).unwrap();
-    let ca = Ca::from_pem(TD, &r.cert_pem, &r.key_pem, "", Duration::from_secs(3600), Duration::from_secs(86400)).unwrap();
+    let ca =
+        Ca::from_pem(TD, &r.cert_pem, &r.key_pem, "", Duration::from_secs(3600), Duration::from_secs(86400)).unwrap();
     let bundle = TrustBundle::from_pems(TD, ca.roots_pem()).unwrap();
     (ca, bundle)
 }
@@ -25,13 +28,18 @@ fn uri(s: &str) -> SanType {
 }
 
 /// A leaf signed by `issuer_pem`/`issuer_key`, shaped by `tweak`.
-fn leaf_from(issuer_pem: &str, issuer_key: &str, tweak: impl FnOnce(&mut CertificateParams)) -> CertificateDer<'static> {
+fn leaf_from(
+    issuer_pem: &str,
+    issuer_key: &str,
+    tweak: impl FnOnce(&mut CertificateParams),
+) -> CertificateDer<'static> {
     let issuer = Issuer::from_ca_cert_pem(issuer_pem, KeyPair::from_pem(issuer_key).unwrap()).unwrap();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = CertificateParams::default();
     p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/default/sa/web")];
     p.is_ca = IsCa::ExplicitNoCa;
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let now = OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::hours(1);
     p.not_after = now + time::Duration::hours(1);
@@ -53,21 +61,74 @@ fn certificate_matrix_each_defect_is_refused_with_its_reason() {
     let now = OffsetDateTime::now_utc();
     let long = format!("spiffe://cluster.local/ns/default/sa/{}", "a".repeat(2048));
     let cases: Vec<(&str, CertificateDer<'static>, VerifyError)> = vec![
-        ("expired", leaf(&|p| { p.not_before = now - time::Duration::hours(2); p.not_after = now - time::Duration::hours(1) }), VerifyError::Expired),
-        ("not yet valid", leaf(&|p| { p.not_before = now + time::Duration::hours(1); p.not_after = now + time::Duration::hours(2) }), VerifyError::NotYetValid),
-        ("wrong trust domain", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://evil.example/ns/default/sa/web")]),
-            VerifyError::WrongTrustDomain { got: "evil.example".into(), want: TD.into() }),
-        ("no URI SAN", leaf(&|p| p.subject_alt_names = vec![SanType::DnsName("web.default".try_into().unwrap())]), VerifyError::NoUriSan),
-        ("two URI SANs", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/default/sa/web"), uri("spiffe://cluster.local/ns/default/sa/db")]),
-            VerifyError::MultipleUriSans),
+        (
+            "expired",
+            leaf(&|p| {
+                p.not_before = now - time::Duration::hours(2);
+                p.not_after = now - time::Duration::hours(1)
+            }),
+            VerifyError::Expired,
+        ),
+        (
+            "not yet valid",
+            leaf(&|p| {
+                p.not_before = now + time::Duration::hours(1);
+                p.not_after = now + time::Duration::hours(2)
+            }),
+            VerifyError::NotYetValid,
+        ),
+        (
+            "wrong trust domain",
+            leaf(&|p| p.subject_alt_names = vec![uri("spiffe://evil.example/ns/default/sa/web")]),
+            VerifyError::WrongTrustDomain { got: "evil.example".into(), want: TD.into() },
+        ),
+        (
+            "no URI SAN",
+            leaf(&|p| p.subject_alt_names = vec![SanType::DnsName("web.default".try_into().unwrap())]),
+            VerifyError::NoUriSan,
+        ),
+        (
+            "two URI SANs",
+            leaf(&|p| {
+                p.subject_alt_names = vec![
+                    uri("spiffe://cluster.local/ns/default/sa/web"),
+                    uri("spiffe://cluster.local/ns/default/sa/db"),
+                ]
+            }),
+            VerifyError::MultipleUriSans,
+        ),
         ("CA leaf", leaf(&|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)), VerifyError::CaLeaf),
         ("unknown issuer", leaf_from(&other.cert_pem, &other.key_pem, |_| {}), VerifyError::UnknownIssuer),
-        ("port", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local:443/ns/default/sa/web")]), VerifyError::MalformedSpiffeId(SpiffeError::Port)),
-        ("query", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/default/sa/web?x=1")]), VerifyError::MalformedSpiffeId(SpiffeError::Query)),
-        ("userinfo", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://u@cluster.local/ns/default/sa/web")]), VerifyError::MalformedSpiffeId(SpiffeError::UserInfo)),
-        ("fragment", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/default/sa/web#f")]), VerifyError::MalformedSpiffeId(SpiffeError::Fragment)),
-        ("over 2048 bytes", leaf(&|p| p.subject_alt_names = vec![uri(&long)]), VerifyError::MalformedSpiffeId(SpiffeError::TooLong)),
-        ("not a workload path", leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/web")]), VerifyError::MalformedSpiffeId(SpiffeError::NotWorkload)),
+        (
+            "port",
+            leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local:443/ns/default/sa/web")]),
+            VerifyError::MalformedSpiffeId(SpiffeError::Port),
+        ),
+        (
+            "query",
+            leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/default/sa/web?x=1")]),
+            VerifyError::MalformedSpiffeId(SpiffeError::Query),
+        ),
+        (
+            "userinfo",
+            leaf(&|p| p.subject_alt_names = vec![uri("spiffe://u@cluster.local/ns/default/sa/web")]),
+            VerifyError::MalformedSpiffeId(SpiffeError::UserInfo),
+        ),
+        (
+            "fragment",
+            leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/default/sa/web#f")]),
+            VerifyError::MalformedSpiffeId(SpiffeError::Fragment),
+        ),
+        (
+            "over 2048 bytes",
+            leaf(&|p| p.subject_alt_names = vec![uri(&long)]),
+            VerifyError::MalformedSpiffeId(SpiffeError::TooLong),
+        ),
+        (
+            "not a workload path",
+            leaf(&|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/web")]),
+            VerifyError::MalformedSpiffeId(SpiffeError::NotWorkload),
+        ),
     ];
     for (name, cert, want) in cases {
         let got = verify(&bundle, &cert, None);
@@ -92,13 +153,19 @@ fn the_ca_signs_a_well_formed_request_for_an_authorized_identity() {
     assert_eq!(got, id);
     let ders = pem_to_ders(&chain.join(""));
     assert_eq!(ders.len(), 1);
-    assert_eq!(bundle.verify(&ders[0], &[], webpki::KeyUsage::client_auth(), UnixTime::now(), Some(&id)), Ok(id.clone()));
+    assert_eq!(
+        bundle.verify(&ders[0], &[], webpki::KeyUsage::client_auth(), UnixTime::now(), Some(&id)),
+        Ok(id.clone())
+    );
     // ECDSA P-256, not a CA, the requested TTL.
     let (_, x) = x509_parser::parse_x509_certificate(&ders[0]).unwrap();
     assert!(!x.basic_constraints().unwrap().map(|b| b.value.ca).unwrap_or(false));
     let life = x.validity().not_after.timestamp() - x.validity().not_before.timestamp();
     assert_eq!(life, 600 + 60, "TTL plus a minute of back-dating");
-    assert_eq!(x.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string()), Some("1.2.840.10045.3.1.7".into()));
+    assert_eq!(
+        x.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string()),
+        Some("1.2.840.10045.3.1.7".into())
+    );
 }
 
 fn csr_with(key_alg: &'static rcgen::SignatureAlgorithm, tweak: impl FnOnce(&mut CertificateParams)) -> String {
@@ -114,14 +181,40 @@ fn the_ca_refuses_malformed_or_overreaching_requests() {
     let (ca, _) = root();
     let allow = |_: &SpiffeId| Ok(());
     let sign = |csr: &str| ca.sign(csr, None, allow).map(|_| ()).unwrap_err();
-    assert!(matches!(sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names.push(uri("spiffe://cluster.local/ns/default/sa/db")))), CaError::SanCount(2)));
-    assert!(matches!(sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names = vec![uri("https://web.example")])), CaError::NotSpiffe(SpiffeError::WrongScheme)));
-    assert!(matches!(sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names = vec![SanType::DnsName("web".try_into().unwrap())])), CaError::NonUriSan));
-    assert!(matches!(sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained))), CaError::CaRequested));
-    assert!(matches!(sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names = vec![uri("spiffe://other/ns/default/sa/web")])), CaError::WrongTrustDomain { .. }));
+    assert!(matches!(
+        sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p
+            .subject_alt_names
+            .push(uri("spiffe://cluster.local/ns/default/sa/db")))),
+        CaError::SanCount(2)
+    ));
+    assert!(matches!(
+        sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names = vec![uri("https://web.example")])),
+        CaError::NotSpiffe(SpiffeError::WrongScheme)
+    ));
+    assert!(matches!(
+        sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names =
+            vec![SanType::DnsName("web".try_into().unwrap())])),
+        CaError::NonUriSan
+    ));
+    assert!(matches!(
+        sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained))),
+        CaError::CaRequested
+    ));
+    assert!(matches!(
+        sign(
+            &csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names = vec![uri("spiffe://other/ns/default/sa/web")])
+        ),
+        CaError::WrongTrustDomain { .. }
+    ));
     assert!(matches!(sign(&csr_with(&PKCS_ECDSA_P384_SHA384, |_| {})), CaError::WrongKeyType));
-    assert!(matches!(sign("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"), CaError::BadCsr(_)));
-    let denied = ca.sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |_| {}), None, |_| Err("web runs on node n2".into())).map(|_| ()).unwrap_err();
+    assert!(matches!(
+        sign("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"),
+        CaError::BadCsr(_)
+    ));
+    let denied = ca
+        .sign(&csr_with(&PKCS_ECDSA_P256_SHA256, |_| {}), None, |_| Err("web runs on node n2".into()))
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(denied, CaError::Unauthorized(ref m) if m.contains("n2")), "{denied}");
 }
 
@@ -129,14 +222,23 @@ fn the_ca_refuses_malformed_or_overreaching_requests() {
 fn an_intermediate_under_an_external_root_signs_chains_that_verify() {
     // The operator's root stays offline; the controller gets an intermediate and its chain.
     let external = Ca::generate_root(TD).unwrap();
-    let ext_issuer = Issuer::from_ca_cert_pem(&external.cert_pem, KeyPair::from_pem(&external.key_pem).unwrap()).unwrap();
+    let ext_issuer =
+        Issuer::from_ca_cert_pem(&external.cert_pem, KeyPair::from_pem(&external.key_pem).unwrap()).unwrap();
     let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
     p.distinguished_name.push(rcgen::DnType::CommonName, "sockmesh intermediate");
     let int_cert = p.signed_by(&int_key, &ext_issuer).unwrap().pem();
-    let ca = Ca::from_pem(TD, &int_cert, &int_key.serialize_pem(), &external.cert_pem, Duration::from_secs(600), Duration::from_secs(600)).unwrap();
+    let ca = Ca::from_pem(
+        TD,
+        &int_cert,
+        &int_key.serialize_pem(),
+        &external.cert_pem,
+        Duration::from_secs(600),
+        Duration::from_secs(600),
+    )
+    .unwrap();
     assert_eq!(ca.roots_pem(), std::slice::from_ref(&external.cert_pem.trim().to_owned().add_nl()));
     let bundle = Arc::new(TrustBundle::from_pems(TD, ca.roots_pem()).unwrap());
     let id = SpiffeId::workload(TD, "default", "web").unwrap();
@@ -144,9 +246,15 @@ fn an_intermediate_under_an_external_root_signs_chains_that_verify() {
     let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
     let ders = pem_to_ders(&chain.join(""));
     assert_eq!(ders.len(), 2, "leaf and intermediate");
-    assert_eq!(bundle.verify(&ders[0], &ders[1..], webpki::KeyUsage::client_auth(), UnixTime::now(), Some(&id)), Ok(id.clone()));
+    assert_eq!(
+        bundle.verify(&ders[0], &ders[1..], webpki::KeyUsage::client_auth(), UnixTime::now(), Some(&id)),
+        Ok(id.clone())
+    );
     // Without the intermediate, the leaf does not chain.
-    assert_eq!(bundle.verify(&ders[0], &[], webpki::KeyUsage::client_auth(), UnixTime::now(), Some(&id)), Err(VerifyError::UnknownIssuer));
+    assert_eq!(
+        bundle.verify(&ders[0], &[], webpki::KeyUsage::client_auth(), UnixTime::now(), Some(&id)),
+        Err(VerifyError::UnknownIssuer)
+    );
 }
 
 trait AddNl {

@@ -64,7 +64,9 @@ impl VerifyError {
     /// Finds our reason inside a rustls error (a failed handshake).
     pub fn from_rustls(e: &rustls::Error) -> Option<VerifyError> {
         match e {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => o.0.downcast_ref::<VerifyError>().cloned(),
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.downcast_ref::<VerifyError>().cloned()
+            }
             _ => None,
         }
     }
@@ -120,13 +122,18 @@ impl TrustBundle {
                 webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
                 // A root with the same name but another key (another install's root) shows up
                 // as a bad signature: either way no trusted root issued it.
-                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => VerifyError::UnknownIssuer,
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                    VerifyError::UnknownIssuer
+                }
                 webpki::Error::CaUsedAsEndEntity => VerifyError::CaLeaf,
                 other => VerifyError::Invalid(format!("{other:?}")),
             })?;
         let id = spiffe_id_of_parsed(&x509)?;
         if id.trust_domain() != self.trust_domain {
-            return Err(VerifyError::WrongTrustDomain { got: id.trust_domain().to_owned(), want: self.trust_domain.clone() });
+            return Err(VerifyError::WrongTrustDomain {
+                got: id.trust_domain().to_owned(),
+                want: self.trust_domain.clone(),
+            });
         }
         if let Some(want) = expected {
             if &id != want {
@@ -147,13 +154,27 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
 fn spiffe_id_of_parsed(x509: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, VerifyError> {
     let san = x509.subject_alternative_name().map_err(|_| VerifyError::Malformed)?;
     let uris: Vec<&str> = san
-        .map(|s| s.value.general_names.iter().filter_map(|g| if let GeneralName::URI(u) = g { Some(*u) } else { None }).collect())
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|g| if let GeneralName::URI(u) = g { Some(*u) } else { None })
+                .collect()
+        })
         .unwrap_or_default();
     match uris.as_slice() {
         [] => Err(VerifyError::NoUriSan),
         [one] => SpiffeId::parse_workload(one).map_err(VerifyError::MalformedSpiffeId),
         _ => Err(VerifyError::MultipleUriSans),
     }
+}
+
+pub use webpki::KeyUsage;
+
+/// The not-before time of a certificate, in seconds since the epoch.
+pub fn not_before(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.validity().not_before.timestamp())
 }
 
 /// The not-after time of a certificate, in seconds since the epoch.
@@ -204,11 +225,21 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .map_err(reject)
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
     }
 
@@ -235,7 +266,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         self.bundle
             .verify(end_entity, intermediates, webpki::KeyUsage::client_auth(), now, None)
             .map(|_| ClientCertVerified::assertion())
@@ -246,11 +282,21 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         true
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
     }
 

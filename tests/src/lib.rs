@@ -62,11 +62,7 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
     }
     Ok(out)
 }
@@ -104,6 +100,37 @@ pub struct Pod {
     pub labels: Vec<(String, String)>,
 }
 
+/// The controller's address on the fabric (reachable from every node).
+pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
+pub const CONTROLLER_PORT: u16 = 15012;
+
+pub struct Controller {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Controller {
+    pub fn log_lines(&self) -> Vec<Value> {
+        read_json_lines(&self.log).unwrap_or_default()
+    }
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 pub struct Topology {
     pub id: String,
     pub fabric: String,
@@ -116,11 +143,7 @@ pub struct Topology {
 }
 
 /// Runs a process inside a netns and a cgroup (both entered between fork and exec).
-pub fn command_in(
-    netns: &str,
-    cgroup: &Path,
-    program: impl AsRef<std::ffi::OsStr>,
-) -> Result<Command> {
+pub fn command_in(netns: &str, cgroup: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
     let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
     let procs = std::fs::OpenOptions::new()
         .write(true)
@@ -169,6 +192,9 @@ impl Topology {
         ip(&["-n", &t.fabric, "link", "set", "lo", "up"])?;
         ip(&["-n", &t.fabric, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &t.fabric, "link", "set", "br0", "up"])?;
+        ip(&["-n", &t.fabric, "addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"])?;
+        std::fs::create_dir_all(t.cgroup_root.join("controller"))?;
+        std::fs::create_dir_all(t.controller_dir())?;
         Ok(t)
     }
 
@@ -179,60 +205,15 @@ impl Topology {
         let fab_if = format!("n{index}");
         let underlay_ip = Ipv4Addr::new(10, 99, 0, index as u8);
         let gateway_ip = Ipv4Addr::new(10, 20, index as u8, 1);
-        ip(&[
-            "-n",
-            &self.fabric,
-            "link",
-            "add",
-            &fab_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ])?;
-        ip(&[
-            "-n",
-            &self.fabric,
-            "link",
-            "set",
-            &fab_if,
-            "master",
-            "br0",
-            "up",
-        ])?;
+        ip(&["-n", &self.fabric, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &self.fabric, "link", "set", &fab_if, "master", "br0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{underlay_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{gateway_ip}/24"),
-            "dev",
-            "br0",
-        ])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{gateway_ip}/24"), "dev", "br0"])?;
         ip(&["-n", &netns, "link", "set", "br0", "up"])?;
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &netns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]))?;
+        run(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
         // Routes between this node's pods and every other node's pods.
         for other in &self.nodes {
             ip(&[
@@ -244,15 +225,7 @@ impl Topology {
                 "via",
                 &other.underlay_ip.to_string(),
             ])?;
-            ip(&[
-                "-n",
-                &other.netns,
-                "route",
-                "add",
-                &format!("10.20.{index}.0/24"),
-                "via",
-                &underlay_ip.to_string(),
-            ])?;
+            ip(&["-n", &other.netns, "route", "add", &format!("10.20.{index}.0/24"), "via", &underlay_ip.to_string()])?;
         }
         let cgroup = self.cgroup_root.join(name);
         std::fs::create_dir_all(cgroup.join("agent"))?;
@@ -283,33 +256,12 @@ impl Topology {
         let netns = format!("{PREFIX}{}-{}-{name}", self.id, n.name);
         ip(&["netns", "add", &netns])?;
         let node_if = format!("p{}", n.pods);
-        ip(&[
-            "-n", &n.netns, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
-        ])?;
-        ip(&[
-            "-n", &n.netns, "link", "set", &node_if, "master", "br0", "up",
-        ])?;
+        ip(&["-n", &n.netns, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &n.netns, "link", "set", &node_if, "master", "br0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &n.gateway_ip.to_string(),
-        ])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", &n.gateway_ip.to_string()])?;
         let cgroup = n.cgroup.join(name);
         std::fs::create_dir_all(&cgroup)?;
         self.pods.push(Pod {
@@ -323,6 +275,83 @@ impl Topology {
             labels: vec![("app".into(), name.into())],
         });
         Ok(PodId(self.pods.len() - 1))
+    }
+
+    pub fn controller_dir(&self) -> PathBuf {
+        self.dir.join("controller")
+    }
+
+    pub fn trust_bundle(&self) -> PathBuf {
+        self.controller_dir().join("trust-bundle.pem")
+    }
+
+    fn node_credential(&self, n: &Node) -> String {
+        format!("node-credential-{}-{}-0123456789abcdef", self.id, n.name)
+    }
+
+    /// Starts the controller (CA) in the fabric netns with every node's credential and the
+    /// placement of every meshed pod. Its root CA persists in its state dir across restarts.
+    pub fn start_controller(&self, extra: &[&str]) -> Result<Controller> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.controller_dir();
+        let creds = dir.join("node-credentials.yaml");
+        let mut text = String::from("nodes:\n");
+        for n in &self.nodes {
+            text.push_str(&format!("- name: {}\n  credential: {}\n", n.name, self.node_credential(n)));
+            let path = n.state_dir.join("credential");
+            let _ = std::fs::remove_file(&path);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            f.write_all(self.node_credential(n).as_bytes())?;
+        }
+        let _ = std::fs::remove_file(&creds);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&creds)?
+            .write_all(text.as_bytes())?;
+        let workloads = dir.join("workloads.yaml");
+        if !workloads.exists() {
+            self.write_controller_workloads(&[])?;
+        }
+        let log = dir.join(format!("controller-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("mesh-controller"))?;
+        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"), "--log-format", "json"])
+            .arg("--state-dir")
+            .arg(&dir)
+            .arg("--workloads")
+            .arg(&workloads)
+            .arg("--node-credentials")
+            .arg(&creds)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let child = cmd.spawn().context("starting mesh-controller")?;
+        let mut c = Controller { child: Some(child), log };
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(status) = c.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("mesh-controller exited with {status}: {}", std::fs::read_to_string(&c.log).unwrap_or_default());
+            }
+            Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready"))
+        });
+        if let Err(e) = ready {
+            bail!("controller did not become ready: {e}\n{}", std::fs::read_to_string(&c.log).unwrap_or_default());
+        }
+        Ok(c)
+    }
+
+    /// The controller's placement: every meshed pod plus `extra` pods (e.g. ones an agent will
+    /// add at run time).
+    pub fn write_controller_workloads(&self, extra: &[PodId]) -> Result<()> {
+        let mut all: Vec<Value> =
+            (0..self.pods.len()).filter(|i| self.pods[*i].meshed).map(|i| self.workload_json(PodId(i))).collect();
+        all.extend(extra.iter().map(|p| self.workload_json(*p)));
+        let doc = serde_json::json!({ "workloads": all });
+        let path = self.controller_dir().join("workloads.yaml");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
     }
 
     pub fn node(&self, n: NodeId) -> &Node {
@@ -350,15 +379,13 @@ impl Topology {
     /// Writes every node's workloads file: all meshed pods of the topology (each agent captures
     /// those on its node and knows the others).
     pub fn write_workloads(&self) -> Result<()> {
-        let all: Vec<Value> = (0..self.pods.len())
-            .filter(|i| self.pods[*i].meshed)
-            .map(|i| self.workload_json(PodId(i)))
-            .collect();
+        let all: Vec<Value> =
+            (0..self.pods.len()).filter(|i| self.pods[*i].meshed).map(|i| self.workload_json(PodId(i))).collect();
         let doc = serde_json::json!({ "workloads": all });
         for n in &self.nodes {
             std::fs::write(&n.workloads_file, serde_yaml::to_string(&doc)?)?;
         }
-        Ok(())
+        self.write_controller_workloads(&[])
     }
 
     pub fn pod_command(&self, p: PodId, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
@@ -375,9 +402,7 @@ impl Topology {
     /// Starts the echo server in a pod on `port`; returns a handle to read who connected.
     pub fn start_server(&mut self, p: PodId, port: u16) -> Result<Server> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        let log = self
-            .dir
-            .join(format!("server-{}-{port}.log", self.pod(p).name));
+        let log = self.dir.join(format!("server-{}-{port}.log", self.pod(p).name));
         let child = self
             .pod_command(p, bin("sm-testapp"))?
             .args(["serve", "--listen", &addr.to_string()])
@@ -387,18 +412,14 @@ impl Topology {
         let pid = child.id();
         self.children.push(child);
         let s = Server { log, pid };
-        wait_for(Duration::from_secs(5), || {
-            Ok(s.events()?.iter().any(|e| e["event"] == "listening"))
-        })
-        .context("echo server did not start")?;
+        wait_for(Duration::from_secs(5), || Ok(s.events()?.iter().any(|e| e["event"] == "listening")))
+            .context("echo server did not start")?;
         Ok(s)
     }
 
     /// Starts the echo server as a plain process on a node (outside any pod).
     pub fn start_node_server(&mut self, n: NodeId, port: u16) -> Result<Server> {
-        let log = self
-            .dir
-            .join(format!("server-node-{}-{port}.log", self.node(n).name));
+        let log = self.dir.join(format!("server-node-{}-{port}.log", self.node(n).name));
         let child = self
             .node_command(n, bin("sm-testapp"))?
             .args(["serve", "--listen", &format!("0.0.0.0:{port}")])
@@ -408,10 +429,8 @@ impl Topology {
         let pid = child.id();
         self.children.push(child);
         let s = Server { log, pid };
-        wait_for(Duration::from_secs(5), || {
-            Ok(s.events()?.iter().any(|e| e["event"] == "listening"))
-        })
-        .context("echo server did not start")?;
+        wait_for(Duration::from_secs(5), || Ok(s.events()?.iter().any(|e| e["event"] == "listening")))
+            .context("echo server did not start")?;
         Ok(s)
     }
 
@@ -427,10 +446,7 @@ impl Topology {
     /// Starts the node's agent with the node's workloads file, JSON logs and `extra` flags.
     pub fn start_agent(&self, n: NodeId, extra: &[&str]) -> Result<Agent> {
         let node = self.node(n);
-        let log = node.state_dir.join(format!(
-            "agent-{}.log",
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
+        let log = node.state_dir.join(format!("agent-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let api = node.state_dir.join("agent.sock");
         let mut cmd = command_in(&node.netns, &node.cgroup.join("agent"), bin("mesh-agent"))?;
         cmd.arg("run")
@@ -443,53 +459,35 @@ impl Topology {
             .arg(&node.state_dir)
             .arg("--api-socket")
             .arg(&api)
-            .args(["--log-format", "json", "--connect-timeout-ms", "2000"]);
+            .args(["--log-format", "json", "--connect-timeout-ms", "2000"])
+            .args(["--controller", &format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")])
+            .arg("--trust-bundle")
+            .arg(self.trust_bundle())
+            .arg("--node-credential-file")
+            .arg(node.state_dir.join("credential"));
         if node.workloads_file.exists() {
             cmd.arg("--workloads").arg(&node.workloads_file);
         }
-        cmd.args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
+        cmd.args(extra).stdout(Stdio::null()).stderr(File::create(&log)?);
         let child = cmd.spawn().context("starting mesh-agent")?;
-        let mut agent = Agent {
-            child: Some(child),
-            log,
-            api,
-        };
+        let mut agent = Agent { child: Some(child), log, api };
         let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("mesh-agent exited with {status}: {}", agent.log_text());
             }
-            Ok(agent
-                .log_lines()
-                .iter()
-                .any(|l| l["message"] == "agent ready"))
+            Ok(agent.log_lines().iter().any(|l| l["message"] == "agent ready"))
         });
         if let Err(e) = ready {
-            bail!(
-                "agent {} did not become ready: {e}\n{}",
-                node.name,
-                agent.log_text()
-            );
+            bail!("agent {} did not become ready: {e}\n{}", node.name, agent.log_text());
         }
         Ok(agent)
     }
 }
 
 fn app_output(cmd: &mut Command) -> Result<Value> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running sm-testapp")?;
+    let out = cmd.stderr(Stdio::inherit()).output().context("running sm-testapp")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let last = text
-        .lines()
-        .last()
-        .ok_or_else(|| anyhow!("sm-testapp printed nothing ({})", out.status))?;
+    let last = text.lines().last().ok_or_else(|| anyhow!("sm-testapp printed nothing ({})", out.status))?;
     serde_json::from_str(last).with_context(|| format!("sm-testapp output {last:?}"))
 }
 
@@ -524,21 +522,13 @@ impl Server {
         read_json_lines(&self.log)
     }
     pub fn accepted(&self) -> Result<Vec<Value>> {
-        Ok(self
-            .events()?
-            .into_iter()
-            .filter(|e| e["event"] == "accept")
-            .collect())
+        Ok(self.events()?.into_iter().filter(|e| e["event"] == "accept").collect())
     }
 }
 
 fn read_json_lines(p: &Path) -> Result<Vec<Value>> {
     let f = File::open(p)?;
-    Ok(BufReader::new(f)
-        .lines()
-        .map_while(|l| l.ok())
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect())
+    Ok(BufReader::new(f).lines().map_while(|l| l.ok()).filter_map(|l| serde_json::from_str(&l).ok()).collect())
 }
 
 pub struct Agent {
@@ -562,22 +552,17 @@ impl Agent {
 
     /// The access-log lines (one per connection, written at close).
     pub fn access_log(&self) -> Vec<Value> {
-        self.log_lines()
-            .into_iter()
-            .filter(|l| l["target"] == "access")
-            .collect()
+        self.log_lines().into_iter().filter(|l| l["target"] == "access").collect()
     }
 
     /// One request to the local API.
     pub fn api(&self, req: Value) -> Result<Value> {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.api)
-            .context("connecting to the agent API")?;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.api).context("connecting to the agent API")?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         writeln!(s, "{req}")?;
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
-        let v: Value =
-            serde_json::from_str(&line).with_context(|| format!("API reply {line:?}"))?;
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("API reply {line:?}"))?;
         if v["ok"] != true {
             bail!("API error: {}", v["error"]);
         }
@@ -623,30 +608,19 @@ pub fn pinned_link_ids(bpffs: &Path) -> Result<std::collections::BTreeMap<String
     };
     for e in rd {
         let e = e?;
-        let out = run(Command::new("bpftool")
-            .args(["-j", "link", "show", "pinned"])
-            .arg(e.path()))?;
+        let out = run(Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(e.path()))?;
         let v: Value = serde_json::from_slice(&out.stdout)?;
-        m.insert(
-            e.file_name().to_string_lossy().into_owned(),
-            v["id"].as_u64().unwrap_or(0),
-        );
+        m.insert(e.file_name().to_string_lossy().into_owned(), v["id"].as_u64().unwrap_or(0));
     }
     Ok(m)
 }
 
 /// Program names attached to a cgroup (effective set), via bpftool.
 pub fn cgroup_programs(cgroup: &Path) -> Result<Vec<String>> {
-    let out = run(Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup))?;
+    let out = run(Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup))?;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
     Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
         .unwrap_or_default())
 }
 

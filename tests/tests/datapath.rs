@@ -24,69 +24,40 @@ fn dst(t: &Topology, p: PodId) -> String {
 }
 
 fn outbound_lines(agent: &Agent) -> Vec<Value> {
-    agent
-        .access_log()
-        .into_iter()
-        .filter(|l| l["direction"] == "outbound")
-        .collect()
+    agent.access_log().into_iter().filter(|l| l["direction"] == "outbound").collect()
 }
 
 #[test]
 fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
     let (mut t, n1, n2, a, b) = two_nodes("cross");
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
 
-    let r = t
-        .pod_app(
-            a,
-            &[
-                "echo",
-                "--to",
-                &dst(&t, b),
-                "--bytes",
-                &(10 * MIB).to_string(),
-                "--seed",
-                "7",
-            ],
-        )
-        .unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", &(10 * MIB).to_string(), "--seed", "7"]).unwrap();
     assert_eq!(r["ok"], true, "transfer failed: {r}");
     assert_eq!(r["received"], 10 * MIB);
     // The kernel connected the app to the agent's outbound listener, not to b.
     assert_eq!(r["peer"], "127.0.0.1:15001", "{r}");
 
-    wait_for(Duration::from_secs(5), || {
-        Ok(!outbound_lines(&agent1).is_empty())
-    })
-    .unwrap();
+    wait_for(Duration::from_secs(5), || Ok(!outbound_lines(&agent1).is_empty())).unwrap();
     let line = &outbound_lines(&agent1)[0];
     assert_eq!(line["src_workload"], "default/a", "{line}");
-    assert_eq!(line["src_principal"], "ns/default/sa/sa-a", "{line}");
+    assert_eq!(line["src_principal"], "spiffe://cluster.local/ns/default/sa/sa-a", "{line}");
+    assert_eq!(line["dst_principal"], "spiffe://cluster.local/ns/default/sa/sa-b", "{line}");
+    assert_eq!(line["connection_security_policy"], "mutual_tls", "{line}");
     assert_eq!(line["orig_dst"], dst(&t, b), "{line}");
     assert_eq!(line["dst_workload"], "default/b", "{line}");
     assert_eq!(line["bytes_sent"], 10 * MIB, "{line}");
     assert_eq!(line["bytes_received"], 10 * MIB, "{line}");
 
     // On n2 the connection was captured on its way in and handed to the app by the agent.
-    wait_for(Duration::from_secs(5), || {
-        Ok(agent2
-            .access_log()
-            .iter()
-            .any(|l| l["direction"] == "inbound"))
-    })
-    .unwrap();
+    wait_for(Duration::from_secs(5), || Ok(agent2.access_log().iter().any(|l| l["direction"] == "inbound"))).unwrap();
     let accepted = server.accepted().unwrap();
     assert_eq!(accepted.len(), 1, "{accepted:?}");
-    assert!(
-        accepted[0]["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", t.pod(b).ip)),
-        "{accepted:?}"
-    );
+    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(b).ip)), "{accepted:?}");
 }
 
 #[test]
@@ -98,24 +69,17 @@ fn a_non_meshed_pods_connections_are_not_touched() {
     let c = t.add_pod(n1, "c", false).unwrap();
     let d = t.add_pod(n2, "d", false).unwrap();
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(d, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
 
-    let r = t
-        .pod_app(c, &["echo", "--to", &dst(&t, d), "--bytes", "100000"])
-        .unwrap();
+    let r = t.pod_app(c, &["echo", "--to", &dst(&t, d), "--bytes", "100000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
     // Connected straight to d, and d saw c's own address.
     assert_eq!(r["peer"], dst(&t, d), "{r}");
     let accepted = server.accepted().unwrap();
-    assert!(
-        accepted[0]["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", t.pod(c).ip)),
-        "{accepted:?}"
-    );
+    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(c).ip)), "{accepted:?}");
     let stats = agent1.stats().unwrap();
     assert_eq!(stats["kernel"]["redirected"], 0, "{stats}");
     assert_eq!(stats["agent"]["outbound_accepted"], 0, "{stats}");
@@ -129,43 +93,20 @@ fn the_agents_own_connections_are_never_intercepted() {
     // workload map does.
     let (mut t, n1, n2, a, b) = two_nodes("noloop");
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
     let agent_cgroup = t.node(n1).cgroup.join("agent");
     let procs = std::fs::read_to_string(agent_cgroup.join("cgroup.procs")).unwrap();
-    assert!(
-        procs
-            .lines()
-            .any(|p| p.trim() == agent1.pid().unwrap().to_string()),
-        "agent not in {agent_cgroup:?}"
-    );
-    assert!(cgroup_programs(&t.node(n1).cgroup)
-        .unwrap()
-        .iter()
-        .any(|p| p.contains("connect4")));
+    assert!(procs.lines().any(|p| p.trim() == agent1.pid().unwrap().to_string()), "agent not in {agent_cgroup:?}");
+    assert!(cgroup_programs(&t.node(n1).cgroup).unwrap().iter().any(|p| p.contains("connect4")));
 
     for i in 0..5 {
-        let r = t
-            .pod_app(
-                a,
-                &[
-                    "echo",
-                    "--to",
-                    &dst(&t, b),
-                    "--bytes",
-                    "1000",
-                    "--seed",
-                    &i.to_string(),
-                ],
-            )
-            .unwrap();
+        let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000", "--seed", &i.to_string()]).unwrap();
         assert_eq!(r["ok"], true, "{r}");
     }
-    wait_for(Duration::from_secs(5), || {
-        Ok(outbound_lines(&agent1).len() == 5)
-    })
-    .unwrap();
+    wait_for(Duration::from_secs(5), || Ok(outbound_lines(&agent1).len() == 5)).unwrap();
     let stats = agent1.stats().unwrap();
     // Exactly one redirect per app connection: the agent's 5 upstream dials (made from inside
     // a's netns) were not redirected back to itself.
@@ -178,51 +119,26 @@ fn the_agents_own_connections_are_never_intercepted() {
 fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
     let (mut t, n1, n2, a, b) = two_nodes("failclosed");
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
     let to = dst(&t, b);
-    assert_eq!(
-        t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])
-            .unwrap()["ok"],
-        true
-    );
+    assert_eq!(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap()["ok"], true);
 
     agent1.stop().unwrap();
     // Programs stay attached without an agent (P6)...
-    assert!(cgroup_programs(&t.node(n1).cgroup)
-        .unwrap()
-        .iter()
-        .any(|p| p.contains("connect4")));
+    assert!(cgroup_programs(&t.node(n1).cgroup).unwrap().iter().any(|p| p.contains("connect4")));
     // ...so a's connection is still redirected, finds no listener and fails: never direct.
-    let r = t
-        .pod_app(
-            a,
-            &[
-                "echo",
-                "--to",
-                &to,
-                "--bytes",
-                "1000",
-                "--timeout-ms",
-                "1000",
-            ],
-        )
-        .unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "1000"]).unwrap();
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["stage"], "connect", "{r}");
     assert_eq!(r["errno"], libc::ECONNREFUSED, "{r}");
-    assert_eq!(
-        server.accepted().unwrap().len(),
-        1,
-        "the app saw a connection while the agent was down"
-    );
+    assert_eq!(server.accepted().unwrap().len(), 1, "the app saw a connection while the agent was down");
 
     // Same flags, no re-registration: the workloads file and the pinned maps bring it back.
     let _agent1 = t.start_agent(n1, &[]).unwrap();
-    let r = t
-        .pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])
-        .unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["peer"], "127.0.0.1:15001", "{r}");
 }
@@ -231,6 +147,7 @@ fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
 fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     let (mut t, n1, n2, a, b) = two_nodes("restart");
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
@@ -242,17 +159,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     let prober = t
         .pod_command(a, bin("sm-testapp"))
         .unwrap()
-        .args([
-            "probe",
-            "--to",
-            &to,
-            "--interval-ms",
-            "3",
-            "--duration-ms",
-            "4000",
-            "--timeout-ms",
-            "500",
-        ])
+        .args(["probe", "--to", &to, "--interval-ms", "3", "--duration-ms", "4000", "--timeout-ms", "500"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -261,16 +168,8 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     // While no agent runs, the programs are still attached, with the same links.
     for _ in 0..5 {
         let progs = cgroup_programs(&node.cgroup).unwrap();
-        for p in [
-            "sm_connect4",
-            "sm_connect6",
-            "sm_sock_ops",
-            "sm_sock_release",
-        ] {
-            assert!(
-                progs.iter().any(|n| n == p),
-                "{p} detached while the agent was down: {progs:?}"
-            );
+        for p in ["sm_connect4", "sm_connect6", "sm_sock_ops", "sm_sock_release"] {
+            assert!(progs.iter().any(|n| n == p), "{p} detached while the agent was down: {progs:?}");
         }
         assert_eq!(pinned_link_ids(&node.bpffs).unwrap(), links_before);
         std::thread::sleep(Duration::from_millis(100));
@@ -279,36 +178,16 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     let out = prober.wait_with_output().unwrap();
     let summary: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
 
-    assert_eq!(
-        pinned_link_ids(&t.node(n1).bpffs).unwrap(),
-        links_before,
-        "links were replaced"
-    );
-    let adopted: Vec<Value> = agent1
-        .log_lines()
-        .into_iter()
-        .filter(|l| l["message"] == "cgroup program attached")
-        .collect();
-    assert!(
-        adopted.iter().all(|l| l["adopted"] == true),
-        "new agent re-attached instead of taking over: {adopted:?}"
-    );
+    assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links_before, "links were replaced");
+    let adopted: Vec<Value> =
+        agent1.log_lines().into_iter().filter(|l| l["message"] == "cgroup program attached").collect();
+    assert!(adopted.iter().all(|l| l["adopted"] == true), "new agent re-attached instead of taking over: {adopted:?}");
     let ok = summary["ok"].as_u64().unwrap();
-    assert!(
-        ok > 50,
-        "too few probes succeeded around the restart: {summary}"
-    );
-    assert!(
-        summary["failed"].as_u64().unwrap() > 0,
-        "no probe failed while the agent was down: {summary}"
-    );
+    assert!(ok > 50, "too few probes succeeded around the restart: {summary}");
+    assert!(summary["failed"].as_u64().unwrap() > 0, "no probe failed while the agent was down: {summary}");
     // Every probe that got through was connected to an agent's listener, none to b directly.
     let peers = summary["peers"].as_object().unwrap();
-    assert_eq!(
-        peers.keys().collect::<Vec<_>>(),
-        vec!["127.0.0.1:15001"],
-        "{summary}"
-    );
+    assert_eq!(peers.keys().collect::<Vec<_>>(), vec!["127.0.0.1:15001"], "{summary}");
     assert_eq!(server.accepted().unwrap().len() as u64, ok);
 }
 
@@ -316,81 +195,42 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
 fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
     let (mut t, _n1, n2, _a, b) = two_nodes("inbound");
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent2 = t.start_agent(n2, &[]).unwrap();
     let to = dst(&t, b);
 
-    let r = t
-        .node_app(n2, &["echo", "--to", &to, "--bytes", "50000"])
-        .unwrap();
+    let r = t.node_app(n2, &["echo", "--to", &to, "--bytes", "50000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
-    wait_for(Duration::from_secs(5), || {
-        Ok(!agent2.access_log().is_empty())
-    })
-    .unwrap();
+    wait_for(Duration::from_secs(5), || Ok(!agent2.access_log().is_empty())).unwrap();
     let line = &agent2.access_log()[0];
     assert_eq!(line["direction"], "inbound", "{line}");
     assert_eq!(line["dst_workload"], "default/b", "{line}");
     assert_eq!(line["orig_dst"], to, "{line}");
-    assert!(
-        line["src_addr"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", t.node(n2).gateway_ip)),
-        "{line}"
-    );
+    assert!(line["src_addr"].as_str().unwrap().starts_with(&format!("{}:", t.node(n2).gateway_ip)), "{line}");
     // The app's peer is the agent (dialling from the pod's own address), not the node.
     let accepted = server.accepted().unwrap();
-    assert!(
-        accepted[0]["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", t.pod(b).ip)),
-        "{accepted:?}"
-    );
-    assert!(
-        agent2.stats().unwrap()["kernel"]["inbound_steered"]
-            .as_u64()
-            .unwrap()
-            >= 1
-    );
+    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(b).ip)), "{accepted:?}");
+    assert!(agent2.stats().unwrap()["kernel"]["inbound_steered"].as_u64().unwrap() >= 1);
 
     // With the agent down, nothing from outside reaches the app.
     agent2.stop().unwrap();
-    let r = t
-        .node_app(
-            n2,
-            &[
-                "echo",
-                "--to",
-                &to,
-                "--bytes",
-                "1000",
-                "--timeout-ms",
-                "1000",
-            ],
-        )
-        .unwrap();
+    let r = t.node_app(n2, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "1000"]).unwrap();
     assert_eq!(r["ok"], false, "{r}");
-    assert_eq!(
-        server.accepted().unwrap().len(),
-        1,
-        "the app was reached with no agent running"
-    );
+    assert_eq!(server.accepted().unwrap().len(), 1, "the app was reached with no agent running");
 }
 
 #[test]
 fn a_full_map_refuses_the_connection_and_counts_it() {
     let (mut t, n1, n2, a, b) = two_nodes("mapfull");
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &["--max-connections", "2"]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
     let to = dst(&t, b);
 
-    let r = t
-        .pod_app(a, &["hold", "--to", &to, "--count", "3", "--hold-ms", "0"])
-        .unwrap();
+    let r = t.pod_app(a, &["hold", "--to", &to, "--count", "3", "--hold-ms", "0"]).unwrap();
     let results = r["results"].as_array().unwrap();
     assert_eq!(results[0]["ok"], true, "{r}");
     assert_eq!(results[1]["ok"], true, "{r}");
@@ -400,9 +240,7 @@ fn a_full_map_refuses_the_connection_and_counts_it() {
     assert_eq!(stats["kernel"]["refused_orig_dst_map_full"], 1, "{stats}");
     assert_eq!(stats["kernel"]["redirected"], 2, "{stats}");
     // Closed connections free their entries: the next one works.
-    let r = t
-        .pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])
-        .unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
 }
 
@@ -414,29 +252,21 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     let e = t.add_pod(n1, "e", false).unwrap();
     let d = t.add_pod(n2, "d", false).unwrap();
     t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(d, APP_PORT).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
     let to = dst(&t, d);
-    let echo = |t: &Topology| {
-        t.pod_app(e, &["echo", "--to", &to, "--bytes", "2000"])
-            .unwrap()
-    };
+    let echo = |t: &Topology| t.pod_app(e, &["echo", "--to", &to, "--bytes", "2000"]).unwrap();
 
     assert_eq!(echo(&t)["peer"], to, "captured before it was added");
 
-    agent1
-        .api(serde_json::json!({"op": "add_workload", "workload": t.workload_json(e)}))
-        .unwrap();
+    // The controller places e on n1, so n1 may obtain e's identity.
+    t.write_controller_workloads(&[e]).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    agent1.api(serde_json::json!({"op": "add_workload", "workload": t.workload_json(e)})).unwrap();
     let r = echo(&t);
-    assert_eq!(
-        (r["ok"].clone(), r["peer"].clone()),
-        (Value::Bool(true), Value::from("127.0.0.1:15001")),
-        "{r}"
-    );
-    wait_for(Duration::from_secs(5), || {
-        Ok(!agent1.access_log().is_empty())
-    })
-    .unwrap();
+    assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from("127.0.0.1:15001")), "{r}");
+    wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
     assert_eq!(agent1.access_log()[0]["src_workload"], "default/e");
 
     // Added at run time, it survives a restart.
@@ -444,31 +274,16 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     let agent1 = t.start_agent(n1, &[]).unwrap();
     assert_eq!(echo(&t)["peer"], "127.0.0.1:15001");
 
-    agent1
-        .api(serde_json::json!({"op": "remove_workload", "namespace": "default", "name": "e"}))
-        .unwrap();
+    agent1.api(serde_json::json!({"op": "remove_workload", "namespace": "default", "name": "e"})).unwrap();
     let r = echo(&t);
-    assert_eq!(
-        (r["ok"].clone(), r["peer"].clone()),
-        (Value::Bool(true), Value::from(to.as_str())),
-        "{r}"
-    );
+    assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from(to.as_str())), "{r}");
     let stats = agent1.stats().unwrap();
     assert_eq!(stats["maps"]["SM_WORKLOADS"], 0, "{stats}");
     assert_eq!(stats["maps"]["SM_INBOUND"], 0, "{stats}");
     assert_eq!(stats["maps"]["SM_ORIG_DST"], 0, "{stats}");
     let ports = listening_ports(&t.pod(e).netns).unwrap();
-    assert!(
-        !ports.iter().any(|p| [15001, 15006, 15008].contains(p)),
-        "listeners left behind: {ports:?}"
-    );
+    assert!(!ports.iter().any(|p| [15001, 15006, 15008].contains(p)), "listeners left behind: {ports:?}");
     let links = pinned_link_ids(&t.node(n1).bpffs).unwrap();
-    assert!(
-        !links.keys().any(|k| k.starts_with("sk_lookup")),
-        "{links:?}"
-    );
-    assert_eq!(
-        agent1.api(serde_json::json!({"op": "workloads"})).unwrap(),
-        serde_json::json!([])
-    );
+    assert!(!links.keys().any(|k| k.starts_with("sk_lookup")), "{links:?}");
+    assert_eq!(agent1.api(serde_json::json!({"op": "workloads"})).unwrap(), serde_json::json!([]));
 }

@@ -95,10 +95,7 @@ fn real_main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 fn step(msg: &str) {
@@ -124,22 +121,13 @@ fn have(cmd: &str) -> bool {
 fn setup() -> Result<()> {
     let t = Instant::now();
     if unsafe { libc_geteuid() } != 0 {
-        bail!(
-            "cargo xtask must run as root: it loads eBPF programs and creates network namespaces"
-        );
+        bail!("cargo xtask must run as root: it loads eBPF programs and creates network namespaces");
     }
     // 1. Debian packages.
-    let mut missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .filter(|(c, _)| !have(c))
-        .map(|(_, p)| *p)
-        .collect();
+    let mut missing: Vec<&str> = APT_PACKAGES.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
     missing.dedup();
     if !missing.is_empty() {
-        step(&format!(
-            "installing Debian packages: {}",
-            missing.join(" ")
-        ));
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
         sh(Command::new("apt-get").args(["update", "-q"]))?;
         sh(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -147,31 +135,16 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     // 2. The nightly toolchain's rust-src (for -Z build-std=core).
-    let comps = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
-        .output()?;
+    let comps = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
     if !comps.status.success() {
         bail!("no nightly toolchain (`rustup toolchain list`): the eBPF programs need one; install it with `rustup toolchain install nightly`");
     }
-    if !String::from_utf8_lossy(&comps.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
+    if !String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
         step("adding rust-src to the nightly toolchain");
-        sh(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     // 3. bpf-linker, linked against the nightly's own LLVM (see ../shared/TOOLCHAIN.md).
-    let linker_ok = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if !linker_ok {
         install_bpf_linker()?;
     }
@@ -188,30 +161,23 @@ extern "C" {
 
 fn install_bpf_linker() -> Result<()> {
     step("building bpf-linker against the nightly's LLVM (about a minute)");
-    let sysroot = Command::new("rustc")
-        .args(["+nightly", "--print", "sysroot"])
-        .output()?;
+    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
     let lib = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim()).join("lib");
     let llvm = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM") && n.ends_with(".so"))
-            })
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM") && n.ends_with(".so")))
         })
         .with_context(|| format!("no libLLVM in {}", lib.display()))?;
     // Outside the checkout: the installed bpf-linker keeps a RUNPATH to this prefix.
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     let prefix = home.join(".local/share/sockmesh-llvm");
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
-    for name in [
-        "libLLVM.so".to_owned(),
-        llvm.file_name().unwrap().to_string_lossy().into_owned(),
-    ] {
+    for name in ["libLLVM.so".to_owned(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
         let link = prefix_lib.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&llvm, &link)?;
@@ -299,10 +265,7 @@ fn count_results(output: &str) -> (u64, u64) {
 }
 
 fn run_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
     let (p, f) = count_results(&text);
@@ -336,10 +299,7 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         ok = false;
         println!("leftovers FAILED: {}", left.join(", "));
     }
-    println!(
-        "\nsockmesh tests finished in {:.0}s",
-        t.elapsed().as_secs_f64()
-    );
+    println!("\nsockmesh tests finished in {:.0}s", t.elapsed().as_secs_f64());
     println!("summary: {passed} passed, {failed} failed");
     if !ok || failed > 0 {
         bail!("tests failed");
@@ -354,23 +314,15 @@ fn leftovers() -> Result<Vec<String>> {
     let ns = Command::new("ip").args(["netns", "list"]).output()?;
     for l in String::from_utf8_lossy(&ns.stdout).lines() {
         if l.starts_with(PREFIX) {
-            left.push(format!(
-                "netns {}",
-                l.split_whitespace().next().unwrap_or(l)
-            ));
+            left.push(format!("netns {}", l.split_whitespace().next().unwrap_or(l)));
         }
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let cg2 = mountinfo.lines().find_map(|l| {
         let (a, b) = l.split_once(" - ")?;
-        b.starts_with("cgroup2 ")
-            .then(|| a.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
+        b.starts_with("cgroup2 ").then(|| a.split_whitespace().nth(4).map(PathBuf::from)).flatten()
     });
-    for dir in [cg2, Some(PathBuf::from("/sys/fs/bpf"))]
-        .into_iter()
-        .flatten()
-    {
+    for dir in [cg2, Some(PathBuf::from("/sys/fs/bpf"))].into_iter().flatten() {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().starts_with(PREFIX) {
@@ -391,8 +343,12 @@ mod tests {
         super::codegen(dir.path()).unwrap();
         let name = "sockmesh.ca.v1.rs";
         let fresh = std::fs::read_to_string(dir.path().join(name)).unwrap();
-        let checked_in = std::fs::read_to_string(super::workspace_root().join("mesh-identity/src/proto").join(name)).unwrap();
-        assert!(fresh == checked_in, "mesh-identity/src/proto/{name} is stale: run `cargo xtask codegen` and commit it");
+        let checked_in =
+            std::fs::read_to_string(super::workspace_root().join("mesh-identity/src/proto").join(name)).unwrap();
+        assert!(
+            fresh == checked_in,
+            "mesh-identity/src/proto/{name} is stale: run `cargo xtask codegen` and commit it"
+        );
     }
 
     #[test]

@@ -26,12 +26,7 @@ pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListe
     }
 }
 
-async fn handle(
-    agent: Arc<Agent>,
-    wl: Arc<LocalWorkload>,
-    client: TcpStream,
-    peer: std::net::SocketAddr,
-) {
+async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, peer: std::net::SocketAddr) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let dst = match client.local_addr() {
@@ -45,60 +40,27 @@ async fn handle(
         // Plaintext: no verified source. An address is never taken for an identity (P2).
         src_workload: None,
         src_principal: None,
-        src_addr: Some(
-            std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string(),
-        ),
+        src_addr: Some(std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()),
         dst_workload: Some(wl.key.to_string()),
+        dst_principal: Some(wl.spiffe_id.to_string()),
         orig_dst: dst.to_string(),
+        security: "none",
     };
     if mesh_common::is_mesh_port(dst.port()) {
         // Dialling it would loop back into the agent.
         agent.stats.refused(RefuseReason::MeshPort);
-        log_close(
-            &rec,
-            0,
-            0,
-            started,
-            "destination is a mesh port",
-            RefuseReason::MeshPort.as_str(),
-        );
+        log_close(&rec, 0, 0, started, "destination is a mesh port", RefuseReason::MeshPort.as_str());
         return reset(client);
     }
-    agent
-        .stats
-        .inbound
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // From inside the pod's netns, from the app's own address: sk_lookup leaves that alone.
     let upstream = match dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             agent.stats.refused(RefuseReason::UpstreamUnreachable);
-            log_close(
-                &rec,
-                0,
-                0,
-                started,
-                &e.to_string(),
-                RefuseReason::UpstreamUnreachable.as_str(),
-            );
+            log_close(&rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
             return reset(client);
         }
     };
     relay(client, upstream, rec, started).await;
-}
-
-/// The HBONE port is bound so that nothing else in the pod can take it; until the mTLS tunnel
-/// lands, every connection to it is refused and counted.
-pub async fn serve_hbone_placeholder(
-    agent: Arc<Agent>,
-    wl: Arc<LocalWorkload>,
-    listener: TcpListener,
-) {
-    loop {
-        if let Ok((stream, peer)) = listener.accept().await {
-            agent.stats.refused(RefuseReason::HboneUnavailable);
-            tracing::info!(workload = %wl.key, %peer, "refused HBONE connection: the mTLS tunnel is not enabled in this build");
-            reset(stream);
-        }
-    }
 }

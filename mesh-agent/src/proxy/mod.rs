@@ -1,8 +1,11 @@
 //! Carrying captured connections. `outbound` serves the 15001 listeners, `inbound` the 15006
 //! ones; both end in [`relay`], which moves the bytes and writes the access-log line.
 
+pub mod h2io;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -23,8 +26,10 @@ pub enum RefuseReason {
     UpstreamUnreachable,
     /// The destination is one of the mesh's own ports.
     MeshPort,
-    /// HBONE is not served yet by this agent.
-    HboneUnavailable,
+    /// The source workload has no certificate (yet, or any more).
+    NoCertificate,
+    /// The mTLS tunnel to the destination could not be opened.
+    TunnelFailed,
 }
 
 impl RefuseReason {
@@ -34,7 +39,8 @@ impl RefuseReason {
             RefuseReason::WorkloadMismatch => "workload_mismatch",
             RefuseReason::UpstreamUnreachable => "upstream_unreachable",
             RefuseReason::MeshPort => "mesh_port",
-            RefuseReason::HboneUnavailable => "hbone_unavailable",
+            RefuseReason::NoCertificate => "no_certificate",
+            RefuseReason::TunnelFailed => "tunnel_failed",
         }
     }
 }
@@ -75,10 +81,7 @@ pub async fn dial_in(
     let sock = TcpSocket::from_std_stream(sock);
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        )),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
     }
 }
 
@@ -90,39 +93,23 @@ pub struct ConnRecord {
     pub src_principal: Option<String>,
     pub src_addr: Option<String>,
     pub dst_workload: Option<String>,
+    pub dst_principal: Option<String>,
     pub orig_dst: String,
+    /// Istio's connection_security_policy: "mutual_tls" or "none".
+    pub security: &'static str,
 }
 
 /// Moves bytes both ways until both sides are done, then writes one access-log line.
-pub async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    rec: ConnRecord,
-    started: Instant,
-) {
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, rec: ConnRecord, started: Instant) {
     let res = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     let (sent, received, error) = match res {
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
-    log_close(
-        &rec,
-        sent,
-        received,
-        started,
-        error.as_deref().unwrap_or("-"),
-        "ok",
-    );
+    log_close(&rec, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
 }
 
-pub fn log_close(
-    rec: &ConnRecord,
-    sent: u64,
-    received: u64,
-    started: Instant,
-    error: &str,
-    result: &str,
-) {
+pub fn log_close(rec: &ConnRecord, sent: u64, received: u64, started: Instant, error: &str, result: &str) {
     tracing::info!(
         target: "access",
         direction = rec.direction,
@@ -130,6 +117,8 @@ pub fn log_close(
         src_principal = rec.src_principal.as_deref().unwrap_or("-"),
         src_addr = rec.src_addr.as_deref().unwrap_or("-"),
         dst_workload = rec.dst_workload.as_deref().unwrap_or("-"),
+        dst_principal = rec.dst_principal.as_deref().unwrap_or("-"),
+        connection_security_policy = rec.security,
         orig_dst = %rec.orig_dst,
         bytes_sent = sent,
         bytes_received = received,

@@ -24,9 +24,7 @@ pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
             }
             let v6 = Ipv6Addr::from(b);
             // A dual-stack socket's v4-mapped destination is dialled as IPv4.
-            v6.to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6))
+            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
         }
         _ => return None,
     };
@@ -35,12 +33,7 @@ pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
 
 /// Where the agent finds an accepted socket's original destination.
 pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
-    PortKey {
-        netns_cookie,
-        port: peer.port(),
-        family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
-        _pad: 0,
-    }
+    PortKey { netns_cookie, port: peer.port(), family: if peer.is_ipv4() { AF_INET } else { AF_INET6 }, _pad: 0 }
 }
 
 pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListener) {
@@ -53,79 +46,99 @@ pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListe
                 continue;
             }
         };
-        let orig = agent
-            .datapath()
-            .take_orig_dst(&port_key(wl.netns_cookie, peer));
+        let orig = agent.datapath().take_orig_dst(&port_key(wl.netns_cookie, peer));
         let agent = agent.clone();
         let wl = wl.clone();
         tokio::spawn(async move { handle(agent, wl, stream, peer, orig).await });
     }
 }
 
-async fn handle(
-    agent: Arc<Agent>,
-    wl: Arc<LocalWorkload>,
-    client: TcpStream,
-    peer: SocketAddr,
-    orig: Option<OrigDst>,
-) {
+async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, peer: SocketAddr, orig: Option<OrigDst>) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let mut rec = ConnRecord {
         direction: "outbound",
         src_workload: Some(wl.key.to_string()),
-        src_principal: Some(wl.principal.clone()),
+        src_principal: Some(wl.spiffe_id.to_string()),
         src_addr: Some(peer.to_string()),
         dst_workload: None,
+        dst_principal: None,
         orig_dst: "-".into(),
+        security: "none",
     };
-    let refuse = |rec: &ConnRecord, client: TcpStream, reason: RefuseReason, detail: &str| {
-        agent.stats.refused(reason);
-        log_close(rec, 0, 0, started, detail, reason.as_str());
+    let refuse = |rec: &ConnRecord, client: TcpStream, reason: &'static str, detail: &str| {
+        agent.stats.refused_label(reason);
+        log_close(rec, 0, 0, started, detail, reason);
         reset(client);
     };
     let Some(orig) = orig else {
         return refuse(
             &rec,
             client,
-            RefuseReason::NoOrigDst,
+            RefuseReason::NoOrigDst.as_str(),
             "no original destination recorded for this socket",
         );
     };
     let Some(dst) = orig_dst_addr(&orig) else {
-        return refuse(
-            &rec,
-            client,
-            RefuseReason::NoOrigDst,
-            "unknown address family",
-        );
+        return refuse(&rec, client, RefuseReason::NoOrigDst.as_str(), "unknown address family");
     };
     rec.orig_dst = dst.to_string();
     if orig.workload_id != wl.id {
         return refuse(
             &rec,
             client,
-            RefuseReason::WorkloadMismatch,
+            RefuseReason::WorkloadMismatch.as_str(),
             "socket was recorded for another workload's cgroup",
         );
     }
-    rec.dst_workload = agent.workload_by_ip(dst.ip());
-    agent
-        .stats
-        .outbound
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let upstream = match dial_in(&wl.netns, dst, None, agent.connect_timeout()).await {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                &rec,
-                client,
-                RefuseReason::UpstreamUnreachable,
-                &e.to_string(),
-            )
-        }
+    // Nothing leaves a meshed workload before it can prove who it is.
+    let cert = match agent.identities.get(&wl.spiffe_id).await {
+        Ok(c) => c,
+        Err(e) => return refuse(&rec, client, RefuseReason::NoCertificate.as_str(), &e.to_string()),
     };
-    relay(client, upstream, rec, started).await;
+    agent.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match agent.destination(dst.ip()) {
+        Some(dst_wl) => {
+            // A meshed destination: mutual TLS to its HBONE port, expecting its identity.
+            rec.dst_workload = Some(dst_wl.key().to_string());
+            rec.security = "mutual_tls";
+            let dst_id = match mesh_identity::SpiffeId::workload(
+                agent.identities.trust_domain(),
+                &dst_wl.namespace,
+                &dst_wl.service_account,
+            ) {
+                Ok(id) => id,
+                Err(e) => {
+                    return refuse(
+                        &rec,
+                        client,
+                        RefuseReason::TunnelFailed.as_str(),
+                        &format!("destination identity: {e}"),
+                    )
+                }
+            };
+            rec.dst_principal = Some(dst_id.to_string());
+            let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
+            let to = super::tunnel::Destination { id: &dst_id, hbone_addr: hbone, target: dst };
+            let opened = agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout()).await;
+            let (send, recv) = match opened {
+                Ok(s) => s,
+                Err(e) => return refuse(&rec, client, e.reason(), &e.to_string()),
+            };
+            let (sent, received, err) = super::h2io::relay(client, send, recv).await;
+            let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+            log_close(&rec, sent, received, started, &error, "ok");
+        }
+        None => {
+            // Not a mesh workload: there is no identity to require. Passed through as TCP,
+            // and logged as connection_security_policy=none.
+            let upstream = match dial_in(&wl.netns, dst, None, agent.connect_timeout()).await {
+                Ok(s) => s,
+                Err(e) => return refuse(&rec, client, RefuseReason::UpstreamUnreachable.as_str(), &e.to_string()),
+            };
+            relay(client, upstream, rec, started).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -136,51 +149,19 @@ mod tests {
     #[test]
     fn orig_dst_round_trips_v4_v6_and_mapped() {
         let v4 = OrigDst {
-            dst: SockAddr {
-                family: AF_INET,
-                port: 8080,
-                _pad: 0,
-                addr: [u32::from_ne_bytes([10, 0, 2, 7]), 0, 0, 0],
-            },
+            dst: SockAddr { family: AF_INET, port: 8080, _pad: 0, addr: [u32::from_ne_bytes([10, 0, 2, 7]), 0, 0, 0] },
             ..Default::default()
         };
         assert_eq!(orig_dst_addr(&v4), Some("10.0.2.7:8080".parse().unwrap()));
         let mut b = [0u32; 4];
         b[0] = u32::from_ne_bytes([0xfd, 0, 0, 0]);
         b[3] = u32::from_ne_bytes([0, 0, 0, 7]);
-        let v6 = OrigDst {
-            dst: SockAddr {
-                family: AF_INET6,
-                port: 80,
-                _pad: 0,
-                addr: b,
-            },
-            ..Default::default()
-        };
+        let v6 = OrigDst { dst: SockAddr { family: AF_INET6, port: 80, _pad: 0, addr: b }, ..Default::default() };
         assert_eq!(orig_dst_addr(&v6), Some("[fd00::7]:80".parse().unwrap()));
-        let mapped = [
-            0,
-            0,
-            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-            u32::from_ne_bytes([10, 0, 0, 1]),
-        ];
-        let m = OrigDst {
-            dst: SockAddr {
-                family: AF_INET6,
-                port: 80,
-                _pad: 0,
-                addr: mapped,
-            },
-            ..Default::default()
-        };
+        let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([10, 0, 0, 1])];
+        let m = OrigDst { dst: SockAddr { family: AF_INET6, port: 80, _pad: 0, addr: mapped }, ..Default::default() };
         assert_eq!(orig_dst_addr(&m), Some("10.0.0.1:80".parse().unwrap()));
-        let bad = OrigDst {
-            dst: SockAddr {
-                family: 99,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let bad = OrigDst { dst: SockAddr { family: 99, ..Default::default() }, ..Default::default() };
         assert_eq!(orig_dst_addr(&bad), None);
     }
 

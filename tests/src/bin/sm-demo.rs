@@ -17,11 +17,7 @@ fn show_access(agent: &Agent, node: &str) {
         println!(
             "  [{node}] {} {} -> {} ({}) sent={}B received={}B {}ms result={}",
             l["direction"].as_str().unwrap_or("?"),
-            l["src_workload"]
-                .as_str()
-                .filter(|s| *s != "-")
-                .or(l["src_addr"].as_str())
-                .unwrap_or("?"),
+            l["src_workload"].as_str().filter(|s| *s != "-").or(l["src_addr"].as_str()).unwrap_or("?"),
             l["orig_dst"].as_str().unwrap_or("?"),
             l["dst_workload"].as_str().unwrap_or("-"),
             l["bytes_sent"],
@@ -42,15 +38,12 @@ fn main() -> Result<()> {
     let c = t.add_pod(n1, "c", false)?;
     let b = t.add_pod(n2, "b", true)?;
     t.write_workloads()?;
+    say("starting the controller (the CA) on the fabric");
+    let _controller = t.start_controller(&[])?;
+    println!("  root CA and trust bundle in {}", t.controller_dir().display());
     for p in [a, c, b] {
         let pod = t.pod(p);
-        println!(
-            "  pod {:<2} on {}  ip {:<11} meshed={}",
-            pod.name,
-            t.node(pod.node).name,
-            pod.ip,
-            pod.meshed
-        );
+        println!("  pod {:<2} on {}  ip {:<11} meshed={}", pod.name, t.node(pod.node).name, pod.ip, pod.meshed);
     }
     let server = t.start_server(b, 8080)?;
     println!("  echo server listening in pod b on :8080");
@@ -58,30 +51,17 @@ fn main() -> Result<()> {
     say("starting one agent per node");
     let mut agent1 = t.start_agent(n1, &[])?;
     let agent2 = t.start_agent(n2, &[])?;
-    println!(
-        "  programs attached to n1's cgroup root: {}",
-        cgroup_programs(&t.node(n1).cgroup)?.join(", ")
-    );
-    println!(
-        "  pinned links: {:?}",
-        pinned_link_ids(&t.node(n1).bpffs)?
-            .keys()
-            .collect::<Vec<_>>()
-    );
+    println!("  programs attached to n1's cgroup root: {}", cgroup_programs(&t.node(n1).cgroup)?.join(", "));
+    println!("  pinned links: {:?}", pinned_link_ids(&t.node(n1).bpffs)?.keys().collect::<Vec<_>>());
 
     let to = format!("{}:8080", t.pod(b).ip);
-    say(&format!(
-        "pod a (meshed) sends 8 MiB to b at {to} and checks the echo"
-    ));
+    say(&format!("pod a (meshed) sends 8 MiB to b at {to} and checks the echo"));
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", &(8 << 20).to_string()])?;
     println!(
         "  result: ok={} received={}B checksum_match={} in {}ms",
         r["ok"], r["received"], r["checksum_match"], r["ms"]
     );
-    println!(
-        "  the kernel connected a's socket to {} (the agent's listener in a's netns), not to b",
-        r["peer"]
-    );
+    println!("  the kernel connected a's socket to {} (the agent's listener in a's netns), not to b", r["peer"]);
     std::thread::sleep(Duration::from_millis(300));
     show_access(&agent1, "n1");
     show_access(&agent2, "n2");
@@ -92,66 +72,39 @@ fn main() -> Result<()> {
 
     say("pod c (not meshed) connects to b: untouched on n1, captured on its way into b");
     let r = t.pod_app(c, &["echo", "--to", &to, "--bytes", "4096"])?;
-    println!(
-        "  result: ok={} peer={} (c's socket went straight out)",
-        r["ok"], r["peer"]
-    );
+    println!("  result: ok={} peer={} (c's socket went straight out)", r["ok"], r["peer"]);
     std::thread::sleep(Duration::from_millis(300));
-    println!(
-        "  n1 agent outbound connections so far: {}",
-        agent1.stats()?["agent"]["outbound_accepted"]
-    );
+    println!("  n1 agent outbound connections so far: {}", agent1.stats()?["agent"]["outbound_accepted"]);
     show_access(&agent2, "n2");
 
     say("fail closed: stop n1's agent, and a's connections fail instead of leaving in plaintext");
     agent1.stop()?;
-    let r = t.pod_app(
-        a,
-        &[
-            "echo",
-            "--to",
-            &to,
-            "--bytes",
-            "1000",
-            "--timeout-ms",
-            "1000",
-        ],
-    )?;
-    println!(
-        "  with the agent stopped: ok={} error={}",
-        r["ok"], r["error"]
-    );
-    println!(
-        "  programs still attached: {}",
-        cgroup_programs(&t.node(n1).cgroup)?.join(", ")
-    );
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "1000"])?;
+    println!("  with the agent stopped: ok={} error={}", r["ok"], r["error"]);
+    println!("  programs still attached: {}", cgroup_programs(&t.node(n1).cgroup)?.join(", "));
     let agent1 = t.start_agent(n1, &[])?;
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])?;
-    println!(
-        "  agent restarted (it took over the pinned programs): ok={} peer={}",
-        r["ok"], r["peer"]
-    );
+    println!("  agent restarted (it took over the pinned programs): ok={} peer={}", r["ok"], r["peer"]);
 
     say("what the agents counted (local API: {\"op\":\"stats\"})");
     for (name, ag) in [("n1", &agent1), ("n2", &agent2)] {
         let s: Value = ag.stats()?;
-        println!(
-            "  {name}: kernel={} maps={} agent={}",
-            s["kernel"], s["maps"], s["agent"]
-        );
+        println!("  {name}: kernel={} maps={} agent={}", s["kernel"], s["maps"], s["agent"]);
     }
 
     if keep {
         say("--keep: the mesh stays up");
         let script = t.dir.join("cleanup.sh");
-        let mut sh =
-            String::from("#!/bin/sh\n# Stops the demo mesh and removes everything it created.\n");
+        let mut sh = String::from("#!/bin/sh\n# Stops the demo mesh and removes everything it created.\n");
         for ag in [&agent1, &agent2] {
             if let Some(pid) = ag.pid() {
                 sh.push_str(&format!("kill {pid} 2>/dev/null\n"));
             }
         }
-        sh.push_str(&format!("for p in $(cat {0}/*/cgroup.procs {0}/*/*/cgroup.procs 2>/dev/null); do kill $p; done\nsleep 0.5\n", t.cgroup_root.display()));
+        sh.push_str(&format!(
+            "for p in $(cat {0}/*/cgroup.procs {0}/*/*/cgroup.procs 2>/dev/null); do kill $p; done\nsleep 0.5\n",
+            t.cgroup_root.display()
+        ));
         for ns in t
             .pods
             .iter()
@@ -162,10 +115,7 @@ fn main() -> Result<()> {
             sh.push_str(&format!("ip netns del {ns} 2>/dev/null\n"));
         }
         sh.push_str(&format!("rm -rf {}\n", t.bpffs_root.display()));
-        sh.push_str(&format!(
-            "find {} -depth -type d -exec rmdir {{}} \\; 2>/dev/null\n",
-            t.cgroup_root.display()
-        ));
+        sh.push_str(&format!("find {} -depth -type d -exec rmdir {{}} \\; 2>/dev/null\n", t.cgroup_root.display()));
         sh.push_str(&format!("rm -rf {}\n", t.dir.display()));
         std::fs::write(&script, sh).context("writing cleanup script")?;
         println!(
@@ -173,10 +123,7 @@ fn main() -> Result<()> {
             t.pod(a).netns,
             bin("sm-testapp").display()
         );
-        println!(
-            "        echo '{{\"op\":\"stats\"}}' | socat - UNIX-CONNECT:{}",
-            agent1.api.display()
-        );
+        println!("        echo '{{\"op\":\"stats\"}}' | socat - UNIX-CONNECT:{}", agent1.api.display());
         println!("        tail -f {}", agent1.log.display());
         println!("  clean up with: sh {}", script.display());
         std::mem::forget(agent1);

@@ -9,49 +9,20 @@ use serde_json::json;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |name: &str| -> Option<String> {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let num = |name: &str, default: u64| {
-        get(name)
-            .map(|v| v.parse::<u64>().expect(name))
-            .unwrap_or(default)
-    };
-    let to = || -> SocketAddr {
-        get("--to")
-            .expect("--to IP:PORT")
-            .parse()
-            .expect("--to IP:PORT")
-    };
+    let get =
+        |name: &str| -> Option<String> { args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned() };
+    let num = |name: &str, default: u64| get(name).map(|v| v.parse::<u64>().expect(name)).unwrap_or(default);
+    let to = || -> SocketAddr { get("--to").expect("--to IP:PORT").parse().expect("--to IP:PORT") };
     let timeout = Duration::from_millis(num("--timeout-ms", 3000));
     match args.first().map(String::as_str) {
-        Some("serve") => serve(
-            get("--listen")
-                .expect("--listen IP:PORT")
-                .parse()
-                .expect("--listen"),
-        ),
+        Some("serve") => serve(get("--listen").expect("--listen IP:PORT").parse().expect("--listen")),
         Some("echo") => {
-            let r = echo(
-                to(),
-                num("--bytes", 1 << 20),
-                num("--seed", 1),
-                get("--marker"),
-                timeout,
-            );
+            let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), timeout);
             let ok = r["ok"] == true;
             println!("{r}");
             std::process::exit(if ok { 0 } else { 1 });
         }
-        Some("probe") => probe(
-            to(),
-            num("--interval-ms", 5),
-            num("--duration-ms", 3000),
-            timeout,
-        ),
+        Some("probe") => probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), timeout),
         Some("hold") => hold(to(), num("--count", 3), num("--hold-ms", 2000), timeout),
         _ => {
             eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] | probe --to IP:PORT | hold --to IP:PORT --count N");
@@ -64,18 +35,12 @@ fn main() {
 /// test can tell who reached the app and how.
 fn serve(addr: SocketAddr) {
     let l = TcpListener::bind(addr).expect("bind");
-    println!(
-        "{}",
-        json!({"event": "listening", "addr": addr.to_string()})
-    );
+    println!("{}", json!({"event": "listening", "addr": addr.to_string()}));
     for s in l.incoming() {
         let Ok(mut s) = s else { continue };
         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        println!(
-            "{}",
-            json!({"event": "accept", "peer": peer, "local": local})
-        );
+        println!("{}", json!({"event": "accept", "peer": peer, "local": local}));
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -114,20 +79,13 @@ fn fnv(h: &mut u64, data: &[u8]) {
 }
 
 fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, serde_json::Value> {
-    TcpStream::connect_timeout(&to, timeout).map_err(|e| {
-        json!({"ok": false, "stage": "connect", "error": e.to_string(), "errno": e.raw_os_error()})
-    })
+    TcpStream::connect_timeout(&to, timeout)
+        .map_err(|e| json!({"ok": false, "stage": "connect", "error": e.to_string(), "errno": e.raw_os_error()}))
 }
 
 /// Sends `bytes` pseudo-random bytes (prefixed by the marker, if any), reads the echo back and
 /// compares checksums of both directions.
-fn echo(
-    to: SocketAddr,
-    bytes: u64,
-    seed: u64,
-    marker: Option<String>,
-    timeout: Duration,
-) -> serde_json::Value {
+fn echo(to: SocketAddr, bytes: u64, seed: u64, marker: Option<String>, timeout: Duration) -> serde_json::Value {
     let started = Instant::now();
     let s = match connect(to, timeout) {
         Ok(s) => s,
@@ -205,9 +163,7 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, timeout: Duration) 
             let _ = s.set_read_timeout(Some(timeout));
             (&s).write_all(line.as_bytes()).map_err(|e| e.to_string())?;
             let mut back = String::new();
-            BufReader::new(&s)
-                .read_line(&mut back)
-                .map_err(|e| e.to_string())?;
+            BufReader::new(&s).read_line(&mut back).map_err(|e| e.to_string())?;
             if back != line {
                 return Err(format!("echo mismatch: {back:?}"));
             }
@@ -240,8 +196,7 @@ fn hold(to: SocketAddr, count: u64, hold_ms: u64, timeout: Duration) {
                 results.push(json!({"ok": ok}));
                 held.push(s);
             }
-            Err(e) => results
-                .push(json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error()})),
+            Err(e) => results.push(json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error()})),
         }
     }
     println!("{}", json!({"results": results}));

@@ -56,16 +56,9 @@ impl std::fmt::Display for WorkloadKey {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     #[error("cannot read workload file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("workload file {path} is not valid YAML for a workload list (line {line}): {reason}; expected `workloads: [{{name, namespace, serviceAccount, labels, ips, node, netns, cgroup}}]`")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
+    Parse { path: PathBuf, line: usize, reason: String },
     #[error("workload {key}: {reason}")]
     Invalid { key: String, reason: String },
 }
@@ -79,10 +72,7 @@ struct WorkloadFile {
 
 impl Workload {
     pub fn key(&self) -> WorkloadKey {
-        WorkloadKey {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-        }
+        WorkloadKey { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 
     /// Whether this record is one the agent of `node` must capture.
@@ -90,17 +80,13 @@ impl Workload {
         self.node.as_deref().is_none_or(|n| n == node)
     }
 
-    /// Checks a record before anything is attached for it.
+    /// Checks a record: names, addresses, and (for a workload of `node`) that its kernel
+    /// objects are named. Whether they exist is the agent's check.
     pub fn validate(&self, node: &str) -> Result<(), WorkloadError> {
-        let invalid = |reason: String| WorkloadError::Invalid {
-            key: self.key().to_string(),
-            reason,
-        };
-        for (what, v) in [
-            ("name", &self.name),
-            ("namespace", &self.namespace),
-            ("serviceAccount", &self.service_account),
-        ] {
+        let invalid = |reason: String| WorkloadError::Invalid { key: self.key().to_string(), reason };
+        for (what, v) in
+            [("name", &self.name), ("namespace", &self.namespace), ("serviceAccount", &self.service_account)]
+        {
             if !is_dns_label(v) {
                 return Err(invalid(format!(
                     "{what} {v:?} must be a DNS-1123 label (lowercase letters, digits, '-', '.', at most 253 characters)"
@@ -108,24 +94,28 @@ impl Workload {
             }
         }
         if self.ips.is_empty() {
-            return Err(invalid(
-                "ips is empty; list the workload's addresses".into(),
-            ));
+            return Err(invalid("ips is empty; list the workload's addresses".into()));
         }
         if self.is_local_to(node) {
-            let Some(netns) = &self.netns else {
-                return Err(invalid(format!(
-                    "runs on this node ({node}) but has no netns path"
-                )));
-            };
-            let Some(cgroup) = &self.cgroup else {
-                return Err(invalid(format!(
-                    "runs on this node ({node}) but has no cgroup path"
-                )));
-            };
+            if self.netns.is_none() {
+                return Err(invalid(format!("runs on this node ({node}) but has no netns path")));
+            }
+            if self.cgroup.is_none() {
+                return Err(invalid(format!("runs on this node ({node}) but has no cgroup path")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the kernel objects of a local workload exist (run on its node).
+    pub fn check_local_objects(&self) -> Result<(), WorkloadError> {
+        let invalid = |reason: String| WorkloadError::Invalid { key: self.key().to_string(), reason };
+        if let Some(netns) = &self.netns {
             if !netns.exists() {
                 return Err(invalid(format!("netns {} does not exist", netns.display())));
             }
+        }
+        if let Some(cgroup) = &self.cgroup {
             if !cgroup.join("cgroup.procs").exists() {
                 return Err(invalid(format!(
                     "cgroup {} is not a cgroup v2 directory (no cgroup.procs)",
@@ -141,17 +131,13 @@ impl Workload {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
 }
 
 pub fn parse_file(path: &Path) -> Result<Vec<Workload>, WorkloadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Read { path: path.to_owned(), source })?;
     parse_str(path, &text)
 }
 
@@ -197,31 +183,19 @@ mod tests {
 
     #[test]
     fn bad_yaml_names_the_line_and_unknown_fields_are_rejected() {
-        let err = parse_str(
-            Path::new("w.yaml"),
-            "workloads:\n- name: a\n  ips: [10.0.0.1]\n  serviceAcount: x\n",
-        )
-        .unwrap_err();
+        let err = parse_str(Path::new("w.yaml"), "workloads:\n- name: a\n  ips: [10.0.0.1]\n  serviceAcount: x\n")
+            .unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("w.yaml") && msg.contains("line 4") && msg.contains("serviceAcount"),
-            "{msg}"
-        );
-        let err = parse_str(
-            Path::new("w.yaml"),
-            "workloads:\n- name: a\n  ips: [not-an-ip]\n",
-        )
-        .unwrap_err();
+        assert!(msg.contains("w.yaml") && msg.contains("line 4") && msg.contains("serviceAcount"), "{msg}");
+        let err = parse_str(Path::new("w.yaml"), "workloads:\n- name: a\n  ips: [not-an-ip]\n").unwrap_err();
         assert!(err.to_string().contains("line"), "{err}");
     }
 
     #[test]
     fn duplicates_and_bad_names_are_refused() {
-        let err = parse_str(
-            Path::new("w.yaml"),
-            "workloads:\n- {name: a, ips: [10.0.0.1]}\n- {name: a, ips: [10.0.0.2]}\n",
-        )
-        .unwrap_err();
+        let err =
+            parse_str(Path::new("w.yaml"), "workloads:\n- {name: a, ips: [10.0.0.1]}\n- {name: a, ips: [10.0.0.2]}\n")
+                .unwrap_err();
         assert!(err.to_string().contains("listed twice"), "{err}");
         let w = Workload {
             name: "A_B".into(),
@@ -233,19 +207,11 @@ mod tests {
             netns: None,
             cgroup: None,
         };
-        assert!(w
-            .validate("n1")
-            .unwrap_err()
-            .to_string()
-            .contains("DNS-1123"));
+        assert!(w.validate("n1").unwrap_err().to_string().contains("DNS-1123"));
         let mut ok = w.clone();
         ok.name = "a".into();
         ok.validate("n1").unwrap();
         ok.node = Some("n1".into());
-        assert!(ok
-            .validate("n1")
-            .unwrap_err()
-            .to_string()
-            .contains("no netns"));
+        assert!(ok.validate("n1").unwrap_err().to_string().contains("no netns"));
     }
 }

@@ -1,0 +1,61 @@
+//! Moving bytes between a TCP stream and an HTTP/2 stream, with h2's flow control: data is
+//! sent only as the peer grants capacity, and received capacity is released as it is written
+//! out, so a slow side slows the other down instead of growing buffers.
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+const CHUNK: usize = 64 * 1024;
+
+async fn tcp_to_h2(mut r: OwnedReadHalf, mut send: SendStream<Bytes>) -> std::io::Result<u64> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut total = 0u64;
+    loop {
+        buf.reserve(CHUNK);
+        let n = r.read_buf(&mut buf).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "HTTP/2 stream closed")),
+            };
+            let chunk = data.split_to(cap.min(data.len()));
+            send.send_data(chunk, false).map_err(h2_io)?;
+        }
+    }
+}
+
+async fn h2_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        let n = chunk.len();
+        w.write_all(&chunk).await?;
+        total += n as u64;
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+fn h2_io(e: h2::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Relays until both directions are done. Returns (bytes TCP→h2, bytes h2→TCP, first error).
+pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> (u64, u64, Option<std::io::Error>) {
+    let (r, w) = tcp.into_split();
+    let (up, down) = tokio::join!(tcp_to_h2(r, send), h2_to_tcp(recv, w));
+    let err = up.as_ref().err().or(down.as_ref().err()).map(|e| std::io::Error::new(e.kind(), e.to_string()));
+    (up.unwrap_or(0), down.unwrap_or(0), err)
+}

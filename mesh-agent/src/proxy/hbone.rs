@@ -1,0 +1,219 @@
+//! The HBONE server on 15008, inside each meshed workload's netns: mutual TLS 1.3 with the
+//! workload's certificate (the client must present a valid workload certificate of the trust
+//! domain), then HTTP/2 CONNECT requests, each dialled to the app from the app's own address.
+//!
+//! Responses: 200 tunnel open; 400 malformed request, or a destination that is not this
+//! workload; 401 denied by policy; 503 the app is unreachable. Header lists, concurrent streams
+//! and the handshake are bounded.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, StatusCode};
+use mesh_identity::verify::{spiffe_id_of, VerifyError};
+use mesh_identity::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{dial_in, h2io, log_close, ConnRecord, RefuseReason};
+use crate::app::{Agent, LocalWorkload};
+
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+pub const MAX_STREAMS: u32 = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a CONNECT request was refused before any dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRequest {
+    NotConnect,
+    NoAuthority,
+    BadAuthority,
+    NotLocal,
+    MeshPort,
+}
+
+impl BadRequest {
+    pub fn reason(self) -> &'static str {
+        match self {
+            BadRequest::NotConnect => "hbone_not_connect",
+            BadRequest::NoAuthority => "hbone_no_authority",
+            BadRequest::BadAuthority => "hbone_bad_authority",
+            BadRequest::NotLocal => "hbone_destination_not_local",
+            BadRequest::MeshPort => "hbone_mesh_port",
+        }
+    }
+}
+
+/// The destination a CONNECT request asks for, if this workload may serve it. Pure.
+pub fn parse_connect(method: &Method, uri: &http::Uri, local_ips: &[IpAddr]) -> Result<SocketAddr, BadRequest> {
+    if method != Method::CONNECT {
+        return Err(BadRequest::NotConnect);
+    }
+    let auth = uri.authority().ok_or(BadRequest::NoAuthority)?;
+    // An address, never a name: the agent resolves nothing on behalf of a peer.
+    let dst: SocketAddr = auth.as_str().parse().map_err(|_| BadRequest::BadAuthority)?;
+    if dst.port() == 0 {
+        return Err(BadRequest::BadAuthority);
+    }
+    if !local_ips.contains(&dst.ip()) {
+        return Err(BadRequest::NotLocal);
+    }
+    if mesh_common::is_mesh_port(dst.port()) {
+        return Err(BadRequest::MeshPort);
+    }
+    Ok(dst)
+}
+
+pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let agent = agent.clone();
+                let wl = wl.clone();
+                tokio::spawn(async move { connection(agent, wl, tcp, peer).await });
+            }
+            Err(e) => {
+                tracing::warn!(workload = %wl.key, error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(agent: Arc<Agent>, wl: Arc<LocalWorkload>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let Some(cert) = agent.identities.current(&wl.spiffe_id) else {
+        agent.stats.refused(RefuseReason::NoCertificate);
+        tracing::warn!(workload = %wl.key, %peer, "refused HBONE connection: this workload has no certificate yet");
+        return super::reset(tcp);
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let reason = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .and_then(VerifyError::from_rustls)
+                .map(|v| v.reason())
+                .unwrap_or("handshake_failed");
+            agent.stats.handshake_failed(reason);
+            tracing::warn!(workload = %wl.key, %peer, reason, error = %e, "HBONE handshake refused");
+            return;
+        }
+        Err(_) => {
+            agent.stats.handshake_failed("handshake_timeout");
+            return;
+        }
+    };
+    let peer_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(spiffe_id_of) {
+        Some(Ok(id)) => id,
+        _ => {
+            agent.stats.handshake_failed("no_certificate");
+            return;
+        }
+    };
+    let h2 = h2::server::Builder::new()
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_window_size(super::tunnel::STREAM_WINDOW)
+        .initial_connection_window_size(super::tunnel::CONNECTION_WINDOW)
+        .max_frame_size(256 * 1024)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2).await {
+        Ok(Ok(c)) => c,
+        _ => {
+            agent.stats.handshake_failed("h2_handshake");
+            return;
+        }
+    };
+    let peer_id = Arc::new(peer_id);
+    while let Some(next) = conn.accept().await {
+        let Ok((req, respond)) = next else { break };
+        let (agent, wl, peer_id) = (agent.clone(), wl.clone(), peer_id.clone());
+        tokio::spawn(async move { stream(agent, wl, peer_id, peer, req, respond).await });
+    }
+}
+
+fn status(respond: &mut SendResponse<Bytes>, code: StatusCode) {
+    let resp = http::Response::builder().status(code).body(()).expect("a valid response");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn stream(
+    agent: Arc<Agent>,
+    wl: Arc<LocalWorkload>,
+    peer_id: Arc<SpiffeId>,
+    peer: SocketAddr,
+    req: http::Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    let mut rec = ConnRecord {
+        direction: "inbound",
+        src_workload: None,
+        src_principal: Some(peer_id.to_string()),
+        src_addr: Some(peer.to_string()),
+        dst_workload: Some(wl.key.to_string()),
+        dst_principal: Some(wl.spiffe_id.to_string()),
+        orig_dst: req.uri().to_string(),
+        security: "mutual_tls",
+    };
+    let dst = match parse_connect(req.method(), req.uri(), &wl.workload.ips) {
+        Ok(d) => d,
+        Err(bad) => {
+            agent.stats.refused_label(bad.reason());
+            log_close(&rec, 0, 0, started, &format!("{bad:?}"), bad.reason());
+            return status(&mut respond, StatusCode::BAD_REQUEST);
+        }
+    };
+    rec.orig_dst = dst.to_string();
+    agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let app = match dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {
+        Ok(s) => s,
+        Err(e) => {
+            agent.stats.refused(RefuseReason::UpstreamUnreachable);
+            log_close(&rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
+            return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let resp = http::Response::builder().status(StatusCode::OK).body(()).expect("a valid response");
+    let send = match respond.send_response(resp, false) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let (from_app, to_app, err) = h2io::relay(app, send, req.into_body()).await;
+    // As the source would count them: sent toward the app, received back from it.
+    let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+    log_close(&rec, to_app, from_app, started, &error, "ok");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips() -> Vec<IpAddr> {
+        vec!["10.20.2.10".parse().unwrap()]
+    }
+
+    #[test]
+    fn connect_requests_are_checked_before_any_dial() {
+        let ok = parse_connect(&Method::CONNECT, &"10.20.2.10:8080".parse().unwrap(), &ips());
+        assert_eq!(ok, Ok("10.20.2.10:8080".parse().unwrap()));
+        let cases: &[(Method, &str, BadRequest)] = &[
+            (Method::GET, "10.20.2.10:8080", BadRequest::NotConnect),
+            (Method::POST, "10.20.2.10:8080", BadRequest::NotConnect),
+            (Method::CONNECT, "/path-only", BadRequest::NoAuthority),
+            (Method::CONNECT, "example.com:80", BadRequest::BadAuthority),
+            (Method::CONNECT, "10.20.2.10:0", BadRequest::BadAuthority),
+            (Method::CONNECT, "10.20.9.9:8080", BadRequest::NotLocal),
+            (Method::CONNECT, "10.20.2.10:15008", BadRequest::MeshPort),
+            (Method::CONNECT, "10.20.2.10:15006", BadRequest::MeshPort),
+        ];
+        for (m, u, want) in cases {
+            assert_eq!(parse_connect(m, &u.parse().unwrap(), &ips()), Err(*want), "{m} {u}");
+        }
+    }
+}

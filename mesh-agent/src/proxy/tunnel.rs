@@ -1,0 +1,194 @@
+//! The HBONE client: HTTP/2 CONNECT over mutual TLS 1.3 to the destination workload's 15008,
+//! presenting the source workload's certificate and requiring the destination's identity.
+//! Connections are pooled per (source workload, destination identity, address) and carry many
+//! streams; a new TLS session is made only when none is usable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use mesh_identity::verify::VerifyError;
+use mesh_identity::SpiffeId;
+use mesh_model::WorkloadKey;
+
+use super::dial_in;
+use crate::app::LocalWorkload;
+use crate::identity::{Identities, WorkloadCert};
+
+/// Stream and connection windows: large enough for a fast flow across nodes.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot reach the destination's HBONE port {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, String, &'static str),
+    #[error("the peer did not negotiate h2")]
+    NoAlpn,
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("the destination answered {0}")]
+    Status(http::StatusCode),
+    #[error("timed out")]
+    Timeout,
+}
+
+impl TunnelError {
+    /// A bounded label (response flag).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::Connect(..) => "hbone_connect_failed",
+            TunnelError::Handshake(_, _, r) => r,
+            TunnelError::NoAlpn => "no_alpn",
+            TunnelError::H2(_) => "h2_error",
+            TunnelError::Status(s) if *s == http::StatusCode::UNAUTHORIZED => "denied_by_destination",
+            TunnelError::Status(s) if *s == http::StatusCode::SERVICE_UNAVAILABLE => "destination_app_unreachable",
+            TunnelError::Status(_) => "destination_refused",
+            TunnelError::Timeout => "timeout",
+        }
+    }
+}
+
+/// Where a tunnel goes: the identity the peer must prove, its HBONE address, and the
+/// destination to CONNECT to.
+pub struct Destination<'a> {
+    pub id: &'a SpiffeId,
+    pub hbone_addr: SocketAddr,
+    pub target: SocketAddr,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: WorkloadKey,
+    dst: SpiffeId,
+    addr: SocketAddr,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Bytes>>>>;
+
+#[derive(Default)]
+pub struct Pool {
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    /// TLS sessions opened (one per pooled connection).
+    pub tls_sessions: AtomicU64,
+    /// CONNECT streams sent.
+    pub streams: AtomicU64,
+    pub handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Pool {
+    /// Opens a tunnel stream to `to.target` through `to.hbone_addr`.
+    pub async fn open(
+        &self,
+        identities: &Identities,
+        wl: &LocalWorkload,
+        cert: &WorkloadCert,
+        to: Destination<'_>,
+        connect_timeout: Duration,
+    ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+        let Destination { id: dst, hbone_addr, target } = to;
+        let key = PoolKey { src: wl.key.clone(), dst: dst.clone(), addr: hbone_addr };
+        let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
+        let mut sender = {
+            let mut guard = slot.lock().await;
+            let reusable = match guard.take() {
+                Some(s) => s.ready().await.ok(),
+                None => None,
+            };
+            let s = match reusable {
+                Some(s) => s,
+                None => self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?,
+            };
+            *guard = Some(s.clone());
+            s
+        };
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target.to_string())
+            .version(http::Version::HTTP_2)
+            .body(())
+            .expect("a valid CONNECT request");
+        let (resp, send) = sender.send_request(req, false)?;
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        let resp = tokio::time::timeout(connect_timeout + Duration::from_secs(1), resp)
+            .await
+            .map_err(|_| TunnelError::Timeout)??;
+        if resp.status() != http::StatusCode::OK {
+            return Err(TunnelError::Status(resp.status()));
+        }
+        Ok((send, resp.into_body()))
+    }
+
+    async fn connect(
+        &self,
+        identities: &Identities,
+        wl: &LocalWorkload,
+        cert: &WorkloadCert,
+        dst: &SpiffeId,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        // From the source pod's netns: the tunnel leaves the pod with the pod's address.
+        let tcp = dial_in(&wl.netns, addr, None, connect_timeout).await.map_err(|e| TunnelError::Connect(addr, e))?;
+        let cfg = identities
+            .client_config(cert, dst.clone())
+            .map_err(|e| TunnelError::Handshake(addr, e.to_string(), "tls_config"))?;
+        // The name is not checked (the SPIFFE ID is); it only has to be syntactically valid.
+        let name = rustls_pki_types::ServerName::try_from("hbone.sockmesh.invalid").expect("static name");
+        let tls =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+                .await
+            {
+                Err(_) => {
+                    return Err(self.failed(TunnelError::Handshake(addr, "timed out".into(), "handshake_timeout")))
+                }
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .and_then(VerifyError::from_rustls)
+                        .map(|v| v.reason())
+                        .unwrap_or("handshake_failed");
+                    return Err(self.failed(TunnelError::Handshake(addr, e.to_string(), reason)));
+                }
+                Ok(Ok(t)) => t,
+            };
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(TunnelError::NoAlpn);
+        }
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(256 * 1024)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        self.tls_sessions.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HBONE connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn failed(&self, e: TunnelError) -> TunnelError {
+        *self.handshake_failures.lock().unwrap().entry(e.reason()).or_default() += 1;
+        e
+    }
+
+    pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tls_sessions": self.tls_sessions.load(Ordering::Relaxed),
+            "streams": self.streams.load(Ordering::Relaxed),
+            "handshake_failures": *self.handshake_failures.lock().unwrap(),
+        })
+    }
+}

@@ -1,0 +1,162 @@
+//! Who is calling: a node proves itself with a credential. One trait, two sources: static
+//! per-node credentials from a root-only file (local mode) and, on Kubernetes, the agent's
+//! projected service-account token checked by TokenReview.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential: send `authorization: Bearer <node credential>`")]
+    Missing,
+    #[error("unknown node credential")]
+    Unknown,
+    #[error("the credential was valid but names no node")]
+    NoNode,
+    #[error("credential check unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_credential",
+            AuthError::Unknown => "unknown_credential",
+            AuthError::NoNode => "no_node",
+            AuthError::Unavailable(_) => "auth_unavailable",
+        }
+    }
+}
+
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AuthError>> + Send + 'a>>;
+
+/// Turns a bearer credential into the node it proves.
+pub trait NodeAuthenticator: Send + Sync + 'static {
+    fn authenticate<'a>(&'a self, credential: &'a str) -> AuthFuture<'a>;
+}
+
+/// Local mode: `nodes: [{name, credential}]` from a file only root may read.
+pub struct StaticCredentials {
+    by_node: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsFileError {
+    #[error("cannot read node credentials {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("node credentials {path} is readable by group or others (mode {mode:o}); `chmod 600` it")]
+    Mode { path: String, mode: u32 },
+    #[error("node credentials {path} (line {line}): {reason}; expected `nodes: [{{name: n1, credential: <secret>}}]`")]
+    Parse { path: String, line: usize, reason: String },
+    #[error("node credentials {path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    nodes: Vec<Entry>,
+}
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: String,
+    credential: String,
+}
+
+/// Shortest credential accepted: anything shorter is guessable.
+const MIN_CREDENTIAL_LEN: usize = 16;
+
+impl StaticCredentials {
+    pub fn load(path: &Path) -> Result<Self, CredentialsFileError> {
+        use std::os::unix::fs::PermissionsExt;
+        let p = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| CredentialsFileError::Read { path: p.clone(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CredentialsFileError::Mode { path: p, mode });
+        }
+        let text =
+            std::fs::read_to_string(path).map_err(|source| CredentialsFileError::Read { path: p.clone(), source })?;
+        Self::parse(&p, &text)
+    }
+
+    pub fn parse(path: &str, text: &str) -> Result<Self, CredentialsFileError> {
+        let f: File = serde_yaml::from_str(text).map_err(|e| CredentialsFileError::Parse {
+            path: path.to_owned(),
+            line: e.location().map(|l| l.line()).unwrap_or(0),
+            reason: e.to_string(),
+        })?;
+        let mut by_node = BTreeMap::new();
+        for e in f.nodes {
+            if e.credential.len() < MIN_CREDENTIAL_LEN {
+                return Err(CredentialsFileError::Invalid {
+                    path: path.to_owned(),
+                    reason: format!("node {}: credential shorter than {MIN_CREDENTIAL_LEN} characters", e.name),
+                });
+            }
+            if by_node.values().any(|c| c == &e.credential) {
+                return Err(CredentialsFileError::Invalid {
+                    path: path.to_owned(),
+                    reason: format!("node {}: credential shared with another node", e.name),
+                });
+            }
+            by_node.insert(e.name, e.credential);
+        }
+        Ok(StaticCredentials { by_node })
+    }
+}
+
+/// Compares without an early exit, so that timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl NodeAuthenticator for StaticCredentials {
+    fn authenticate<'a>(&'a self, credential: &'a str) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let mut found = None;
+            for (node, c) in &self.by_node {
+                if constant_time_eq(c.as_bytes(), credential.as_bytes()) {
+                    found = Some(node.clone());
+                }
+            }
+            found.ok_or(AuthError::Unknown)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn static_credentials_map_a_secret_to_its_node_only() {
+        let c = StaticCredentials::parse(
+            "f",
+            "nodes:\n- {name: n1, credential: aaaaaaaaaaaaaaaa1}\n- {name: n2, credential: bbbbbbbbbbbbbbbb2}\n",
+        )
+        .unwrap();
+        assert_eq!(c.authenticate("aaaaaaaaaaaaaaaa1").await.unwrap(), "n1");
+        assert_eq!(c.authenticate("bbbbbbbbbbbbbbbb2").await.unwrap(), "n2");
+        assert!(matches!(c.authenticate("aaaaaaaaaaaaaaaa").await, Err(AuthError::Unknown)));
+        assert!(matches!(c.authenticate("").await, Err(AuthError::Unknown)));
+    }
+
+    #[test]
+    fn weak_or_shared_credentials_are_refused() {
+        assert!(StaticCredentials::parse("f", "nodes:\n- {name: n1, credential: short}\n").is_err());
+        let e = StaticCredentials::parse(
+            "f",
+            "nodes:\n- {name: n1, credential: aaaaaaaaaaaaaaaa1}\n- {name: n2, credential: aaaaaaaaaaaaaaaa1}\n",
+        );
+        assert!(e.err().unwrap().to_string().contains("shared"));
+        let e = StaticCredentials::parse("f", "nodes:\n- {name: n1, secret: x}\n").err().unwrap();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,101 @@
+//! Which identities each node may obtain: those of the workloads the controller's config places
+//! on it (the node-authorization rule of Istio's CA). Read from the workloads file and reloaded
+//! when it changes; a bad file is reported and the last good placement is kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use mesh_model::Workload;
+
+#[derive(Debug, Default, Clone)]
+pub struct Placement {
+    /// node -> (namespace, service account) of its workloads.
+    by_node: BTreeMap<String, BTreeSet<(String, String)>>,
+}
+
+impl Placement {
+    pub fn from_workloads(ws: &[Workload]) -> Self {
+        let mut by_node: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+        for w in ws {
+            if let Some(node) = &w.node {
+                by_node.entry(node.clone()).or_default().insert((w.namespace.clone(), w.service_account.clone()));
+            }
+        }
+        Placement { by_node }
+    }
+
+    /// Ok when a workload with this identity runs on `node`; otherwise why not.
+    pub fn authorize(&self, node: &str, namespace: &str, service_account: &str) -> Result<(), String> {
+        let key = (namespace.to_owned(), service_account.to_owned());
+        if self.by_node.get(node).is_some_and(|s| s.contains(&key)) {
+            return Ok(());
+        }
+        let elsewhere: Vec<&str> =
+            self.by_node.iter().filter(|(_, s)| s.contains(&key)).map(|(n, _)| n.as_str()).collect();
+        if elsewhere.is_empty() {
+            Err(format!("no workload with service account {namespace}/{service_account} is placed on any node"))
+        } else {
+            Err(format!(
+                "node {node} runs no workload with service account {namespace}/{service_account} (it runs on {})",
+                elsewhere.join(", ")
+            ))
+        }
+    }
+}
+
+pub type Shared = Arc<RwLock<Placement>>;
+
+pub fn load(path: &Path) -> Result<Placement, mesh_model::WorkloadError> {
+    let ws = mesh_model::workload::parse_file(path)?;
+    for w in &ws {
+        if w.node.is_none() {
+            return Err(mesh_model::WorkloadError::Invalid {
+                key: w.key().to_string(),
+                reason: "has no node; the controller places every workload on a node".into(),
+            });
+        }
+    }
+    Ok(Placement::from_workloads(&ws))
+}
+
+/// Polls the file's modification time and swaps in a new placement when it parses.
+pub async fn watch(path: PathBuf, shared: Shared, mut last: Option<SystemTime>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if m == last {
+            continue;
+        }
+        last = m;
+        match load(&path) {
+            Ok(p) => {
+                *shared.write().unwrap() = p;
+                tracing::info!(path = %path.display(), "workload placement reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "workloads file rejected; keeping the last good placement"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_may_have_only_identities_of_its_own_workloads() {
+        let ws = mesh_model::workload::parse_str(
+            Path::new("w"),
+            "workloads:\n- {name: a, serviceAccount: sa-a, ips: [10.0.0.1], node: n1}\n- {name: b, serviceAccount: sa-b, ips: [10.0.0.2], node: n2}\n",
+        )
+        .unwrap();
+        let p = Placement::from_workloads(&ws);
+        assert!(p.authorize("n1", "default", "sa-a").is_ok());
+        let e = p.authorize("n1", "default", "sa-b").unwrap_err();
+        assert!(e.contains("runs on n2"), "{e}");
+        assert!(p.authorize("n3", "default", "sa-a").is_err());
+        assert!(p.authorize("n1", "other", "sa-a").is_err());
+    }
+}
