@@ -55,6 +55,9 @@ pub struct WorkloadCert {
     /// Seconds since the epoch.
     pub not_after: i64,
     pub not_before: i64,
+    /// When this agent received it: renewal is due half-way from here to `not_after` (the CA
+    /// back-dates `not_before` for clock skew, so counting from there would renew too early).
+    pub received_at: i64,
     /// What the HBONE listener of a workload with this identity presents.
     pub server_config: Arc<rustls::ServerConfig>,
 }
@@ -215,14 +218,14 @@ impl Identities {
         loop {
             match self.fetch(&id).await {
                 Ok(cert) => {
-                    let (nb, na) = (cert.not_before, cert.not_after);
+                    let (got, na) = (cert.received_at, cert.not_after);
                     self.stats.issued.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(identity = %id, not_after = na, "certificate issued");
                     let _ = tx.send(Some(Arc::new(cert)));
                     backoff = Duration::from_millis(500);
-                    // Renew at half-life, counted from issuance.
-                    let half = ((na - nb).max(2) / 2) as u64;
-                    let renew_at = (nb as u64 + half).saturating_sub(now_secs() as u64);
+                    // Renew at half-life, counted from receipt.
+                    let half = ((na - got).max(2) / 2) as u64;
+                    let renew_at = (got as u64 + half).saturating_sub(now_secs() as u64);
                     tokio::time::sleep(Duration::from_secs(renew_at.max(1))).await;
                 }
                 Err(e) => {
@@ -273,7 +276,7 @@ impl Identities {
             .with_single_cert(chain.clone(), PrivateKeyDer::Pkcs8(key.clone_key()))
             .map_err(|e| FetchError::Local(e.to_string()))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(WorkloadCert { chain, key, not_after, not_before, server_config: Arc::new(server) })
+        Ok(WorkloadCert { chain, key, not_after, not_before, received_at: now_secs(), server_config: Arc::new(server) })
     }
 }
 

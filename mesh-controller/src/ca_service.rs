@@ -92,3 +92,150 @@ impl CertificateService for CaService {
         Ok(Response::new(GetTrustBundleResponse { roots: self.ca.roots_pem().to_vec() }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The CA over real gRPC and TLS on loopback: what a node may and may not obtain.
+    use super::*;
+    use crate::auth::StaticCredentials;
+    use mesh_identity::ca::workload_csr;
+    use mesh_identity::proto::certificate_service_client::CertificateServiceClient;
+    use mesh_identity::proto::certificate_service_server::CertificateServiceServer;
+    use mesh_identity::verify::{pem_to_ders, TrustBundle};
+    use mesh_identity::SpiffeId;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+    use std::path::Path;
+
+    const N1: &str = "n1-credential-0123456789";
+    const N2: &str = "n2-credential-0123456789";
+
+    struct Running {
+        client: CertificateServiceClient<tonic::transport::Channel>,
+        bundle: TrustBundle,
+        stats: Arc<Stats>,
+    }
+
+    async fn start() -> Running {
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let ca = Arc::new(
+            Ca::from_pem(
+                "cluster.local",
+                &root.cert_pem,
+                &root.key_pem,
+                "",
+                Duration::from_secs(3600),
+                Duration::from_secs(86400),
+            )
+            .unwrap(),
+        );
+        let ws = mesh_model::workload::parse_str(
+            Path::new("w"),
+            "workloads:\n- {name: a, serviceAccount: sa-a, ips: [10.0.0.1], node: n1}\n- {name: b, serviceAccount: sa-b, ips: [10.0.0.2], node: n2}\n",
+        )
+        .unwrap();
+        let placement = Arc::new(std::sync::RwLock::new(crate::placement::Placement::from_workloads(&ws)));
+        let auth = Arc::new(
+            StaticCredentials::parse(
+                "c",
+                &format!("nodes:\n- {{name: n1, credential: {N1}}}\n- {{name: n2, credential: {N2}}}\n"),
+            )
+            .unwrap(),
+        );
+        let stats = Arc::new(Stats::default());
+        let svc = CaService { ca: ca.clone(), auth, placement, stats: stats.clone() };
+        let (chain, key) = ca.issue_server_cert(&["mesh-controller".into()], &[]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(chain.concat(), key)),
+                )
+                .unwrap()
+                .add_service(CertificateServiceServer::new(svc))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&root.cert_pem))
+            .domain_name("mesh-controller");
+        let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Running {
+            client: CertificateServiceClient::new(channel),
+            bundle: TrustBundle::from_pems("cluster.local", &[root.cert_pem]).unwrap(),
+            stats,
+        }
+    }
+
+    async fn ask(r: &Running, credential: Option<&str>, csr: String) -> Result<Vec<String>, tonic::Status> {
+        let mut req = tonic::Request::new(CreateCertificateRequest { csr, validity_duration_seconds: 0 });
+        if let Some(c) = credential {
+            req.metadata_mut().insert("authorization", format!("Bearer {c}").parse().unwrap());
+        }
+        r.client.clone().create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+    }
+
+    fn csr_for(id: &str) -> String {
+        workload_csr(&SpiffeId::parse_workload(id).unwrap()).unwrap().1
+    }
+
+    fn csr_with(tweak: impl FnOnce(&mut CertificateParams)) -> String {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI("spiffe://cluster.local/ns/default/sa/sa-a".try_into().unwrap())];
+        tweak(&mut p);
+        p.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_node_gets_its_own_workloads_identities_and_nothing_else() {
+        let r = start().await;
+        let chain = ask(&r, Some(N1), csr_for("spiffe://cluster.local/ns/default/sa/sa-a")).await.unwrap();
+        let ders = pem_to_ders(&chain.concat());
+        let want = SpiffeId::parse_workload("spiffe://cluster.local/ns/default/sa/sa-a").unwrap();
+        r.bundle
+            .verify(
+                &ders[0],
+                &ders[1..],
+                mesh_identity::verify::KeyUsage::client_auth(),
+                rustls_pki_types::UnixTime::now(),
+                Some(&want),
+            )
+            .unwrap();
+
+        // n1 asking for b's identity, which runs on n2.
+        let e = ask(&r, Some(N1), csr_for("spiffe://cluster.local/ns/default/sa/sa-b")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("n2"), "{e:?}");
+        // An unknown credential, and none at all.
+        let e = ask(&r, Some("not-a-real-node-credential"), csr_for("spiffe://cluster.local/ns/default/sa/sa-a"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let e = ask(&r, None, csr_for("spiffe://cluster.local/ns/default/sa/sa-a")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // Malformed or overreaching CSRs, from an authenticated node.
+        let two = csr_with(|p| {
+            p.subject_alt_names.push(SanType::URI("spiffe://cluster.local/ns/default/sa/x".try_into().unwrap()))
+        });
+        let dns = csr_with(|p| p.subject_alt_names = vec![SanType::DnsName("a.default".try_into().unwrap())]);
+        let https = csr_with(|p| p.subject_alt_names = vec![SanType::URI("https://a.example".try_into().unwrap())]);
+        let ca = csr_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+        for (name, csr) in [("two SANs", two), ("DNS SAN", dns), ("non-SPIFFE URI", https), ("CA:true", ca)] {
+            let e = ask(&r, Some(N1), csr).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name}: {e:?}");
+        }
+        let refused = r.stats.refused.lock().unwrap().clone();
+        assert_eq!(refused.get("unauthorized"), Some(&1), "{refused:?}");
+        assert_eq!(refused.get("unknown_credential"), Some(&1), "{refused:?}");
+        assert_eq!(refused.get("missing_credential"), Some(&1), "{refused:?}");
+        assert_eq!(refused.get("san_count"), Some(&1), "{refused:?}");
+        assert_eq!(refused.get("ca_requested"), Some(&1), "{refused:?}");
+    }
+}

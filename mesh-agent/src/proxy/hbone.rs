@@ -155,7 +155,7 @@ async fn stream(
         direction: "inbound",
         src_workload: None,
         src_principal: Some(peer_id.to_string()),
-        src_addr: Some(peer.to_string()),
+        src_addr: Some(SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()),
         dst_workload: Some(wl.key.to_string()),
         dst_principal: Some(wl.spiffe_id.to_string()),
         orig_dst: req.uri().to_string(),

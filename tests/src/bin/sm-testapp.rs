@@ -17,7 +17,8 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => serve(get("--listen").expect("--listen IP:PORT").parse().expect("--listen")),
         Some("echo") => {
-            let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), timeout);
+            let pace = (num("--chunk", 64 * 1024) as usize, Duration::from_millis(num("--pace-ms", 0)));
+            let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), timeout, pace);
             let ok = r["ok"] == true;
             println!("{r}");
             std::process::exit(if ok { 0 } else { 1 });
@@ -85,7 +86,15 @@ fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, serde_json::V
 
 /// Sends `bytes` pseudo-random bytes (prefixed by the marker, if any), reads the echo back and
 /// compares checksums of both directions.
-fn echo(to: SocketAddr, bytes: u64, seed: u64, marker: Option<String>, timeout: Duration) -> serde_json::Value {
+/// `pace`: (chunk size, pause after each chunk), for a slow, long-lived connection.
+fn echo(
+    to: SocketAddr,
+    bytes: u64,
+    seed: u64,
+    marker: Option<String>,
+    timeout: Duration,
+    pace: (usize, Duration),
+) -> serde_json::Value {
     let started = Instant::now();
     let s = match connect(to, timeout) {
         Ok(s) => s,
@@ -104,13 +113,16 @@ fn echo(to: SocketAddr, bytes: u64, seed: u64, marker: Option<String>, timeout: 
             fnv(&mut h, m.as_bytes());
             sent += m.len() as u64;
         }
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; pace.0.max(1)];
         while sent < bytes {
             let n = ((bytes - sent) as usize).min(buf.len());
             g.fill(&mut buf[..n]);
             w.write_all(&buf[..n])?;
             fnv(&mut h, &buf[..n]);
             sent += n as u64;
+            if !pace.1.is_zero() {
+                std::thread::sleep(pace.1);
+            }
         }
         w.shutdown(Shutdown::Write)?;
         Ok(h ^ sent)

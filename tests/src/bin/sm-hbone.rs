@@ -1,0 +1,113 @@
+//! A hand-driven HBONE client for the tests: mints its own client certificate (from the
+//! controller's root, from a rogue root, or for another trust domain), connects to a 15008
+//! listener and sends the requests it is told to, printing one JSON line with what came back
+//! (status, stream reset, or handshake failure).
+//!
+//!   sm-hbone --to 10.20.2.10:15008 --root-dir DIR --expect spiffe://... [--client-cert legit|rogue|other-td]
+//!            --case NAME=METHOD,URI[,PAD_BYTES] ...
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_identity::ca::{workload_csr, Ca};
+use mesh_identity::verify::{pem_to_ders, SpiffeServerVerifier, TrustBundle};
+use mesh_identity::SpiffeId;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde_json::json;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let to: std::net::SocketAddr = arg(&args, "--to").expect("--to").parse().expect("--to");
+    let dir = std::path::PathBuf::from(arg(&args, "--root-dir").expect("--root-dir"));
+    let expect = SpiffeId::parse_workload(&arg(&args, "--expect").expect("--expect")).expect("--expect");
+    let kind = arg(&args, "--client-cert").unwrap_or_else(|| "legit".into());
+    let cases: Vec<String> =
+        args.iter().enumerate().filter(|(_, a)| *a == "--case").filter_map(|(i, _)| args.get(i + 1).cloned()).collect();
+
+    let root_pem = std::fs::read_to_string(dir.join("root.pem")).unwrap();
+    let root_key = std::fs::read_to_string(dir.join("root-key.pem")).unwrap();
+    let ttl = Duration::from_secs(600);
+    let (td, ca) = match kind.as_str() {
+        "legit" => ("cluster.local", Ca::from_pem("cluster.local", &root_pem, &root_key, "", ttl, ttl).unwrap()),
+        "other-td" => ("evil.example", Ca::from_pem("evil.example", &root_pem, &root_key, "", ttl, ttl).unwrap()),
+        "rogue" => {
+            let r = Ca::generate_root("cluster.local").unwrap();
+            ("cluster.local", Ca::from_pem("cluster.local", &r.cert_pem, &r.key_pem, "", ttl, ttl).unwrap())
+        }
+        other => panic!("--client-cert {other}: legit, rogue or other-td"),
+    };
+    let id = SpiffeId::workload(td, "default", "sa-a").unwrap();
+    let (key, csr) = workload_csr(&id).unwrap();
+    let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
+    let bundle = Arc::new(TrustBundle::from_pems("cluster.local", &[root_pem]).unwrap());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundle, expect)))
+        .with_client_auth_cert(
+            pem_to_ders(&chain.concat()),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+
+    let tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("hbone.test").unwrap(), tcp).await;
+    let tls = match tls {
+        Ok(t) => t,
+        Err(e) => {
+            println!("{}", json!({"handshake": "failed", "error": e.to_string()}));
+            return;
+        }
+    };
+    let (mut client, conn) = match h2::client::handshake(tls).await {
+        Ok(x) => x,
+        Err(e) => {
+            println!("{}", json!({"handshake": "failed", "error": e.to_string()}));
+            return;
+        }
+    };
+    tokio::spawn(conn);
+    let mut results = serde_json::Map::new();
+    for case in cases {
+        let (name, spec) = case.split_once('=').expect("NAME=METHOD,URI[,PAD]");
+        let mut parts = spec.split(',');
+        let method = parts.next().unwrap();
+        let uri = parts.next().unwrap();
+        let pad: usize = parts.next().map(|p| p.parse().unwrap()).unwrap_or(0);
+        let mut req = http::Request::builder().method(method).uri(uri);
+        if pad > 0 {
+            req = req.header("x-pad", "a".repeat(pad));
+        }
+        let req = req.body(()).unwrap();
+        let outcome = async {
+            let mut c = client.clone().ready().await.map_err(|e| e.to_string())?;
+            let (resp, _send) = c.send_request(req, false).map_err(|e| e.to_string())?;
+            let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.map_err(|_| "timeout".to_string())?;
+            resp.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+        }
+        .await;
+        results.insert(
+            name.to_owned(),
+            match outcome {
+                Ok(status) => json!({"status": status}),
+                Err(e) => json!({"error": e}),
+            },
+        );
+        match client.clone().ready().await {
+            Ok(c) => client = c,
+            Err(e) => {
+                results.insert("connection".into(), json!({"error": e.to_string()}));
+                break;
+            }
+        }
+    }
+    println!("{}", json!({"handshake": "ok", "cases": results}));
+}
