@@ -73,7 +73,8 @@ pub struct IdentityConfig {
     pub controller_name: String,
     pub trust_domain: String,
     pub bundle_pems: Vec<String>,
-    pub credential: String,
+    /// Read at every request: a projected service-account token is rotated in place.
+    pub credential_file: std::path::PathBuf,
     pub cert_ttl: Option<Duration>,
     pub wait: Duration,
 }
@@ -249,7 +250,9 @@ impl Identities {
             csr,
             validity_duration_seconds: self.cfg.cert_ttl.map(|t| t.as_secs() as i64).unwrap_or(0),
         });
-        let bearer = format!("Bearer {}", self.cfg.credential)
+        let credential = std::fs::read_to_string(&self.cfg.credential_file)
+            .map_err(|e| FetchError::Local(format!("node credential {}: {e}", self.cfg.credential_file.display())))?;
+        let bearer = format!("Bearer {}", credential.trim())
             .parse()
             .map_err(|_| FetchError::Local("node credential is not valid header text".into()))?;
         req.metadata_mut().insert("authorization", bearer);

@@ -76,16 +76,12 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     }
     let bundle = std::fs::read_to_string(&cfg.trust_bundle)
         .with_context(|| format!("reading {}", cfg.trust_bundle.display()))?;
-    let credential = std::fs::read_to_string(&cfg.node_credential_file)
-        .with_context(|| format!("reading {}", cfg.node_credential_file.display()))?
-        .trim()
-        .to_owned();
     let identities = identity::Identities::new(identity::IdentityConfig {
         controller: cfg.controller.clone(),
         controller_name: cfg.controller_name.clone(),
         trust_domain: cfg.trust_domain.clone(),
         bundle_pems: vec![bundle],
-        credential,
+        credential_file: cfg.node_credential_file.clone(),
         cert_ttl: (cfg.cert_ttl_seconds > 0).then(|| std::time::Duration::from_secs(cfg.cert_ttl_seconds)),
         wait: std::time::Duration::from_millis(cfg.cert_wait_ms),
     })

@@ -2,6 +2,7 @@
 //! node for the identities of the workloads placed on it.
 
 mod auth;
+mod auth_kube;
 mod ca_service;
 mod placement;
 
@@ -38,9 +39,19 @@ struct Args {
     /// Workloads and the nodes they run on (`workloads: [...]`), reloaded on change.
     #[arg(long)]
     workloads: PathBuf,
-    /// Per-node credentials (`nodes: [{name, credential}]`), mode 0600.
+    /// How nodes prove themselves: `static` (per-node credentials from --node-credentials) or
+    /// `kubernetes` (the agent's projected service-account token, checked by TokenReview).
+    #[arg(long, default_value = "static")]
+    node_auth: String,
+    /// Per-node credentials (`nodes: [{name, credential}]`), mode 0600 (static node auth).
     #[arg(long)]
-    node_credentials: PathBuf,
+    node_credentials: Option<PathBuf>,
+    /// The audience agents' projected tokens are minted for (kubernetes node auth).
+    #[arg(long, default_value = "sockmesh-ca")]
+    token_audience: String,
+    /// The agent DaemonSet's service account, namespace/name (kubernetes node auth).
+    #[arg(long, default_value = "sockmesh-system/sockmesh-agent")]
+    agent_service_account: String,
     /// Default workload certificate lifetime, e.g. 24h, 30m, 90s.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
@@ -123,7 +134,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Agents trust the roots; they find them here (or ask GetTrustBundle once trusted).
     std::fs::create_dir_all(&args.state_dir)?;
     std::fs::write(args.state_dir.join("trust-bundle.pem"), ca.roots_pem().concat())?;
-    let auth = Arc::new(auth::StaticCredentials::load(&args.node_credentials)?);
+    let auth: Arc<dyn auth::NodeAuthenticator> = match args.node_auth.as_str() {
+        "static" => {
+            let path = args.node_credentials.as_ref().context("--node-auth static needs --node-credentials FILE")?;
+            Arc::new(auth::StaticCredentials::load(path)?)
+        }
+        "kubernetes" => {
+            let (ns, sa) = args
+                .agent_service_account
+                .split_once('/')
+                .context("--agent-service-account: expected namespace/name")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            Arc::new(auth_kube::TokenReviewAuthenticator::new(client, &args.token_audience, ns, sa))
+        }
+        other => bail!("--node-auth {other:?}: expected static or kubernetes"),
+    };
     let placement_now = placement::load(&args.workloads)?;
     let modified = std::fs::metadata(&args.workloads).and_then(|m| m.modified()).ok();
     let shared = Arc::new(RwLock::new(placement_now));
