@@ -108,6 +108,8 @@ fn malformed_hbone_requests_get_the_documented_error_and_no_dial() {
         format!("notlocal=CONNECT,10.20.1.10:{APP_PORT}"),
         format!("meshport=CONNECT,{bip}:15006"),
         format!("oversized=CONNECT,{bip}:{APP_PORT},20000"),
+        // Well-formed, but nothing listens there: the agent's dial fails.
+        format!("noapp=CONNECT,{bip}:9999"),
     ];
     let mut cmd = t.node_command(n2, bin("sm-hbone")).unwrap();
     cmd.args(["--to", &hbone, "--expect", B_ID]).arg("--root-dir").arg(&root);
@@ -125,6 +127,7 @@ fn malformed_hbone_requests_get_the_documented_error_and_no_dial() {
     // Oversized header lists are refused by the HTTP/2 layer before the request exists:
     // 431 Request Header Fields Too Large.
     assert_eq!(c["oversized"]["status"], 431, "{v}");
+    assert_eq!(c["noapp"]["status"], 503, "{v}");
     assert!(server.accepted().unwrap().is_empty(), "a malformed request reached the app");
     let refused = agent2.stats().unwrap()["agent"]["refused"].clone();
     assert_eq!(refused["hbone_not_connect"], 2, "{refused}");
