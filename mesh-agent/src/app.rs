@@ -45,6 +45,21 @@ pub struct Stats {
     pub inbound: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    pub metrics: crate::metrics::Metrics,
+    live: Mutex<BTreeMap<u64, (crate::proxy::ConnRecord, std::time::SystemTime)>>,
+    next_live: AtomicU64,
+}
+
+/// A connection being relayed, listed by the admin API until dropped.
+pub struct LiveConn {
+    agent: Arc<Agent>,
+    id: u64,
+}
+
+impl Drop for LiveConn {
+    fn drop(&mut self) {
+        self.agent.stats.live.lock().unwrap().remove(&self.id);
+    }
 }
 
 impl Stats {
@@ -54,8 +69,9 @@ impl Stats {
     pub fn refused_label(&self, reason: &'static str) {
         *self.refused.lock().unwrap().entry(reason).or_default() += 1;
     }
-    pub fn handshake_failed(&self, reason: &'static str) {
+    pub fn handshake_failed(&self, direction: &'static str, reason: &'static str) {
         *self.handshake_failures.lock().unwrap().entry(reason).or_default() += 1;
+        self.metrics.handshake_failed(direction, reason);
     }
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
@@ -105,12 +121,18 @@ pub struct Agent {
     pub stats: Stats,
     pub identities: Arc<Identities>,
     pub pool: proxy::tunnel::Pool,
+    links: Vec<ebpf::LinkReport>,
     /// Serialises registration so that add/remove never interleave half-way.
     register_lock: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
-    pub fn new(config: Config, datapath: Datapath, identities: Arc<Identities>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        datapath: Datapath,
+        identities: Arc<Identities>,
+        links: Vec<ebpf::LinkReport>,
+    ) -> Arc<Self> {
         Arc::new(Agent {
             config,
             datapath: Mutex::new(datapath),
@@ -119,6 +141,7 @@ impl Agent {
             stats: Stats::default(),
             identities,
             pool: Default::default(),
+            links,
             register_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -129,6 +152,100 @@ impl Agent {
 
     pub fn connect_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.config.connect_timeout_ms)
+    }
+
+    /// The node-wide links: whether this agent took them over, and whether they are still
+    /// pinned (attached).
+    pub fn links_json(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.links
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "name": l.name,
+                        "adopted": l.adopted,
+                        "attached": self.config.bpffs_dir.join("links").join(l.name).exists(),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    pub fn track(self: &Arc<Self>, rec: &crate::proxy::ConnRecord) -> LiveConn {
+        let id = self.stats.next_live.fetch_add(1, Ordering::Relaxed);
+        self.stats.live.lock().unwrap().insert(id, (rec.clone(), std::time::SystemTime::now()));
+        LiveConn { agent: self.clone(), id }
+    }
+
+    /// The connections being relayed now.
+    pub fn connections_json(&self) -> serde_json::Value {
+        let now = std::time::SystemTime::now();
+        let live = self.stats.live.lock().unwrap();
+        serde_json::Value::Array(
+            live.values()
+                .map(|(r, since)| {
+                    serde_json::json!({
+                        "direction": r.direction,
+                        "srcWorkload": r.src_workload,
+                        "srcPrincipal": r.src_principal,
+                        "srcAddr": r.src_addr,
+                        "dstWorkload": r.dst_workload,
+                        "dstPrincipal": r.dst_principal,
+                        "origDst": r.orig_dst,
+                        "security": r.security,
+                        "ageMs": now.duration_since(*since).map(|d| d.as_millis() as u64).unwrap_or(0),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Refreshes the metrics read at scrape time (kernel counters, map fill, certificates).
+    pub fn refresh_metrics(&self) {
+        let m = &self.stats.metrics;
+        {
+            let dp = self.datapath();
+            for (name, v) in dp.counters() {
+                m.set_kernel_counter(name, v);
+            }
+            for (map, n) in dp.map_fill() {
+                m.set_map(map, n, self.map_capacity(map));
+            }
+        }
+        for c in self.identities.certs_json().as_array().into_iter().flatten() {
+            if let (Some(id), Some(na)) = (c["identity"].as_str(), c["notAfter"].as_i64()) {
+                m.set_cert_expiry(id, na);
+            }
+        }
+    }
+
+    fn map_capacity(&self, map: &str) -> u32 {
+        match map {
+            mesh_common::ORIG_DST => self.config.max_connections,
+            mesh_common::ORIG_DST_BY_PORT => mesh_common::orig_dst_by_port_size(self.config.max_connections),
+            _ => self.config.max_workloads,
+        }
+    }
+
+    /// Ready: the programs are attached (pins present) and every local workload has a
+    /// certificate. Returns what is missing otherwise.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut missing = Vec::new();
+        for pin in ["connect4", "connect6", "sock_ops", "sock_release"] {
+            if !self.config.bpffs_dir.join("links").join(pin).exists() {
+                missing.push(format!("{pin} program not attached"));
+            }
+        }
+        for r in self.registered.lock().unwrap().values() {
+            if self.identities.current(&r.wl.spiffe_id).is_none() {
+                missing.push(format!("{} has no certificate", r.wl.key));
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
     }
 
     /// The meshed workload at a destination address, if any.

@@ -66,6 +66,15 @@ pub struct RunArgs {
     /// How long a connection waits for its workload's first certificate before it is refused.
     #[arg(long, default_value_t = 5000)]
     pub cert_wait_ms: u64,
+    /// Admin API (config dump, workloads, certificates, connections); loopback only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: std::net::SocketAddr,
+    /// Prometheus metrics (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Readiness (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,6 +97,9 @@ pub struct Config {
     pub trust_domain: String,
     pub cert_ttl_seconds: u64,
     pub cert_wait_ms: u64,
+    pub admin_addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    pub readiness_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +139,13 @@ impl Config {
             if !w.is_file() {
                 return Err(invalid("workloads", w, "no such file"));
             }
+        }
+        if !a.admin_addr.ip().is_loopback() {
+            return Err(invalid(
+                "admin-addr",
+                &a.admin_addr,
+                "must be a loopback address: the admin API has no authentication",
+            ));
         }
         if !a.controller.starts_with("https://") {
             return Err(invalid(
@@ -172,6 +191,9 @@ impl Config {
             trust_domain: a.trust_domain,
             cert_ttl_seconds: a.cert_ttl_seconds,
             cert_wait_ms: a.cert_wait_ms,
+            admin_addr: a.admin_addr,
+            metrics_addr: a.metrics_addr,
+            readiness_addr: a.readiness_addr,
         })
     }
 }

@@ -1,10 +1,12 @@
 //! mesh-agent: the per-node sockmesh agent.
 
+mod admin;
 mod api;
 mod app;
 mod config;
 mod ebpf;
 mod identity;
+mod metrics;
 mod netns;
 mod proxy;
 
@@ -71,7 +73,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         max_connections: cfg.max_connections,
         max_workloads: cfg.max_workloads,
     })?;
-    for l in &links {
+    for l in links.iter() {
         tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
     }
     let bundle = std::fs::read_to_string(&cfg.trust_bundle)
@@ -86,9 +88,12 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         wait: std::time::Duration::from_millis(cfg.cert_wait_ms),
     })
     .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
-    let agent = app::Agent::new(cfg.clone(), datapath, identities);
+    let agent = app::Agent::new(cfg.clone(), datapath, identities, links);
     agent.set_known(&file_workloads);
 
+    let admin_l = admin::bind(cfg.admin_addr, "admin API").await?;
+    let metrics_l = admin::bind(cfg.metrics_addr, "metrics").await?;
+    let ready_l = admin::bind(cfg.readiness_addr, "readiness").await?;
     let api =
         api::bind(&cfg.api_socket).with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
 
@@ -107,6 +112,9 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
 
     tokio::spawn(api::serve(agent.clone(), api));
+    tokio::spawn(admin::serve_admin(agent.clone(), admin_l));
+    tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
+    tokio::spawn(admin::serve_readiness(agent.clone(), ready_l));
     tokio::spawn(collect_released(agent.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -33,6 +33,27 @@ impl Stats {
     fn refuse(&self, reason: &'static str) {
         *self.refused.lock().unwrap().entry(reason).or_default() += 1;
     }
+
+    /// OpenMetrics text: sockmesh_ca_certificates_signed_total{identity},
+    /// sockmesh_ca_requests_refused_total{reason}.
+    pub fn encode(&self) -> String {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        let signed: Family<Vec<(String, String)>, Counter> = Family::default();
+        for (id, n) in self.signed.lock().unwrap().iter() {
+            signed.get_or_create(&vec![("identity".into(), id.clone())]).inc_by(*n);
+        }
+        let refused: Family<Vec<(String, String)>, Counter> = Family::default();
+        for (reason, n) in self.refused.lock().unwrap().iter() {
+            refused.get_or_create(&vec![("reason".into(), reason.to_string())]).inc_by(*n);
+        }
+        let mut r = prometheus_client::registry::Registry::with_prefix("sockmesh_ca");
+        r.register("certificates_signed", "Workload certificates signed, by identity", signed);
+        r.register("requests_refused", "Certificate requests refused, by reason", refused);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
+        out
+    }
 }
 
 fn bearer(req: &Request<CreateCertificateRequest>) -> Result<&str, AuthError> {

@@ -66,6 +66,9 @@ struct Args {
     server_ip: Vec<IpAddr>,
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Prometheus metrics (/metrics): certificates signed, refusals by reason.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -162,7 +165,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
-    let svc = ca_service::CaService { ca: ca.clone(), auth, placement: shared, stats: Default::default() };
+    let stats: Arc<ca_service::Stats> = Default::default();
+    let svc = ca_service::CaService { ca: ca.clone(), auth, placement: shared, stats: stats.clone() };
+    let metrics_l = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
+    tokio::spawn(serve_metrics(stats, metrics_l));
     tracing::info!(listen = %args.listen, trust_domain = %args.trust_domain, "controller ready");
     tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
@@ -174,6 +182,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("gRPC server")?;
     Ok(())
+}
+
+async fn serve_metrics(stats: Arc<ca_service::Stats>, listener: tokio::net::TcpListener) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let body = stats.encode();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    body,
+                )
+            }
+        }),
+    );
+    let _ = axum::serve(listener, app).await;
 }
 
 #[cfg(test)]

@@ -741,3 +741,43 @@ impl Drop for Capture {
         self.stop();
     }
 }
+
+/// An HTTP/1.1 GET from inside a netns (a thread that enters it): (status, body).
+pub fn http_get(netns: &str, addr: &str, path: &str) -> Result<(u16, String)> {
+    let ns = File::open(format!("/run/netns/{netns}"))?;
+    let addr: SocketAddr = addr.parse()?;
+    let path = path.to_owned();
+    std::thread::spawn(move || -> Result<(u16, String)> {
+        // SAFETY: setns on this short-lived thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut raw = String::new();
+        std::io::Read::read_to_string(&mut s, &mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP response"))?;
+        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok((status, body.to_owned()))
+    })
+    .join()
+    .map_err(|_| anyhow!("http_get thread panicked"))?
+}
+
+/// The value of one Prometheus sample whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if n != name {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        if all {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}

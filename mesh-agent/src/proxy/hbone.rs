@@ -99,19 +99,19 @@ async fn connection(agent: Arc<Agent>, wl: Arc<LocalWorkload>, tcp: TcpStream, p
                 .and_then(VerifyError::from_rustls)
                 .map(|v| v.reason())
                 .unwrap_or("handshake_failed");
-            agent.stats.handshake_failed(reason);
+            agent.stats.handshake_failed("inbound", reason);
             tracing::warn!(workload = %wl.key, %peer, reason, error = %e, "HBONE handshake refused");
             return;
         }
         Err(_) => {
-            agent.stats.handshake_failed("handshake_timeout");
+            agent.stats.handshake_failed("inbound", "handshake_timeout");
             return;
         }
     };
     let peer_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(spiffe_id_of) {
         Some(Ok(id)) => id,
         _ => {
-            agent.stats.handshake_failed("no_certificate");
+            agent.stats.handshake_failed("inbound", "no_certificate");
             return;
         }
     };
@@ -125,7 +125,7 @@ async fn connection(agent: Arc<Agent>, wl: Arc<LocalWorkload>, tcp: TcpStream, p
     let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2).await {
         Ok(Ok(c)) => c,
         _ => {
-            agent.stats.handshake_failed("h2_handshake");
+            agent.stats.handshake_failed("inbound", "h2_handshake");
             return;
         }
     };
@@ -151,9 +151,15 @@ async fn stream(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
+    // The workload name is looked up by the tunnel's source address only to label metrics and
+    // logs, and only kept when that workload's identity is the one the certificate proved.
+    let src_workload = agent.destination(peer.ip().to_canonical()).filter(|w| {
+        mesh_identity::SpiffeId::workload(agent.identities.trust_domain(), &w.namespace, &w.service_account).as_ref()
+            == Ok(&*peer_id)
+    });
     let mut rec = ConnRecord {
         direction: "inbound",
-        src_workload: None,
+        src_workload: src_workload.map(|w| w.key().to_string()),
         src_principal: Some(peer_id.to_string()),
         src_addr: Some(SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()),
         dst_workload: Some(wl.key.to_string()),
@@ -165,7 +171,7 @@ async fn stream(
         Ok(d) => d,
         Err(bad) => {
             agent.stats.refused_label(bad.reason());
-            log_close(&rec, 0, 0, started, &format!("{bad:?}"), bad.reason());
+            log_close(&agent, &rec, 0, 0, started, &format!("{bad:?}"), bad.reason());
             return status(&mut respond, StatusCode::BAD_REQUEST);
         }
     };
@@ -175,7 +181,7 @@ async fn stream(
         Ok(s) => s,
         Err(e) => {
             agent.stats.refused(RefuseReason::UpstreamUnreachable);
-            log_close(&rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
+            log_close(&agent, &rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
             return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -184,10 +190,12 @@ async fn stream(
         Ok(s) => s,
         Err(_) => return,
     };
+    let live = super::opened(&agent, &rec);
     let (from_app, to_app, err) = h2io::relay(app, send, req.into_body()).await;
+    drop(live);
     // As the source would count them: sent toward the app, received back from it.
     let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
-    log_close(&rec, to_app, from_app, started, &error, "ok");
+    log_close(&agent, &rec, to_app, from_app, started, &error, "ok");
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
     if mesh_common::is_mesh_port(dst.port()) {
         // Dialling it would loop back into the agent.
         agent.stats.refused(RefuseReason::MeshPort);
-        log_close(&rec, 0, 0, started, "destination is a mesh port", RefuseReason::MeshPort.as_str());
+        log_close(&agent, &rec, 0, 0, started, "destination is a mesh port", RefuseReason::MeshPort.as_str());
         return reset(client);
     }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -58,9 +58,9 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
         Ok(s) => s,
         Err(e) => {
             agent.stats.refused(RefuseReason::UpstreamUnreachable);
-            log_close(&rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
+            log_close(&agent, &rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
             return reset(client);
         }
     };
-    relay(client, upstream, rec, started).await;
+    relay(&agent, client, upstream, rec, started).await;
 }

@@ -12,6 +12,9 @@ use std::time::Instant;
 
 use tokio::net::{TcpSocket, TcpStream};
 
+use std::sync::Arc;
+
+use crate::app::Agent;
 use crate::netns::NetnsWorker;
 
 /// Why a captured connection was refused (bounded: these become log fields and metric labels).
@@ -100,16 +103,40 @@ pub struct ConnRecord {
 }
 
 /// Moves bytes both ways until both sides are done, then writes one access-log line.
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, rec: ConnRecord, started: Instant) {
+pub async fn relay(
+    agent: &Arc<Agent>,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    rec: ConnRecord,
+    started: Instant,
+) {
+    let _live = opened(agent, &rec);
     let res = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     let (sent, received, error) = match res {
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
-    log_close(&rec, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
+    log_close(agent, &rec, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
 }
 
-pub fn log_close(rec: &ConnRecord, sent: u64, received: u64, started: Instant, error: &str, result: &str) {
+/// A connection is being relayed: counted as opened and listed by the admin API until the
+/// returned guard is dropped.
+pub fn opened(agent: &Arc<Agent>, rec: &ConnRecord) -> crate::app::LiveConn {
+    agent.stats.metrics.opened(rec);
+    agent.track(rec)
+}
+
+/// One access-log line per connection, at close (or refusal), and the matching metrics.
+pub fn log_close(
+    agent: &Agent,
+    rec: &ConnRecord,
+    sent: u64,
+    received: u64,
+    started: Instant,
+    error: &str,
+    result: &str,
+) {
+    agent.stats.metrics.closed(rec, sent, received, result);
     tracing::info!(
         target: "access",
         direction = rec.direction,
@@ -123,6 +150,7 @@ pub fn log_close(rec: &ConnRecord, sent: u64, received: u64, started: Instant, e
         bytes_sent = sent,
         bytes_received = received,
         duration_ms = started.elapsed().as_millis() as u64,
+        decision = if result == "ok" { "allow" } else { "deny" },
         result,
         error,
         "connection closed"

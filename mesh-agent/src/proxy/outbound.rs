@@ -68,7 +68,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
     };
     let refuse = |rec: &ConnRecord, client: TcpStream, reason: &'static str, detail: &str| {
         agent.stats.refused_label(reason);
-        log_close(rec, 0, 0, started, detail, reason);
+        log_close(&agent, rec, 0, 0, started, detail, reason);
         reset(client);
     };
     let Some(orig) = orig else {
@@ -123,11 +123,18 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
             let opened = agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout()).await;
             let (send, recv) = match opened {
                 Ok(s) => s,
-                Err(e) => return refuse(&rec, client, e.reason(), &e.to_string()),
+                Err(e) => {
+                    if let super::tunnel::TunnelError::Handshake(_, _, reason) = &e {
+                        agent.stats.metrics.handshake_failed("outbound", reason);
+                    }
+                    return refuse(&rec, client, e.reason(), &e.to_string());
+                }
             };
+            let live = super::opened(&agent, &rec);
             let (sent, received, err) = super::h2io::relay(client, send, recv).await;
+            drop(live);
             let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
-            log_close(&rec, sent, received, started, &error, "ok");
+            log_close(&agent, &rec, sent, received, started, &error, "ok");
         }
         None => {
             // Not a mesh workload: there is no identity to require. Passed through as TCP,
@@ -136,7 +143,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
                 Ok(s) => s,
                 Err(e) => return refuse(&rec, client, RefuseReason::UpstreamUnreachable.as_str(), &e.to_string()),
             };
-            relay(client, upstream, rec, started).await;
+            relay(&agent, client, upstream, rec, started).await;
         }
     }
 }
