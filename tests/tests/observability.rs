@@ -107,7 +107,7 @@ fn meshctl(t: &Topology, n: NodeId, args: &[&str]) -> (i32, String) {
 
 #[test]
 fn meshctl_check_passes_on_a_healthy_node_and_says_what_is_wrong_otherwise() {
-    let (mut t, n1, _n2, _a, _b) = mesh("check");
+    let (t, n1, _n2, _a, _b) = mesh("check");
     let _ctl = t.start_controller(&[]).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
     // Ready once the workload has its certificate.
@@ -207,4 +207,21 @@ fn meshctl_json_parses_and_matches_the_tables() {
     let (_, text) = meshctl(&t, n1, &["status"]);
     assert!(text.contains("node:        n1") && text.contains("workloads:   1"), "{text}");
     drop(held);
+}
+
+#[test]
+fn the_demo_tour_runs_and_leaves_nothing_behind() {
+    let out = std::process::Command::new(bin("sm-demo")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("never appeared"), "{text}");
+    assert!(text.contains("✓ certificates"), "{text}");
+    assert!(text.contains("istio_tcp_connections_opened_total"), "{text}");
+    // Everything the demo made carries its topology id; none of it may remain.
+    let id_line = text.lines().find(|l| l.contains("root CA and trust bundle in")).unwrap();
+    let id = id_line.rsplit('/').nth(1).unwrap().trim_start_matches(PREFIX).split('-').next().unwrap().to_owned();
+    let netns = run(std::process::Command::new("ip").args(["netns", "list"])).unwrap();
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&id), "demo left namespaces");
+    assert!(!std::path::Path::new("/sys/fs/bpf").join(format!("{PREFIX}{id}")).exists(), "demo left pins");
+    assert!(!cgroup2_mount().unwrap().join(format!("{PREFIX}{id}")).exists(), "demo left cgroups");
 }
