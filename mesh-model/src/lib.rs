@@ -1,6 +1,8 @@
 //! The records the control plane and the agents agree on: workloads (who runs where, with
 //! which identity and addresses). One model, whatever source it is read from.
 
+pub mod authz;
+pub mod policy;
 pub mod workload;
 
 pub use workload::{Workload, WorkloadError, WorkloadKey};
