@@ -55,15 +55,15 @@ async fn config_dump(State(a): S) -> Json<serde_json::Value> {
     Json(json!({
         "config": a.config,
         "workloads": a.workloads_json(),
-        "policies": [],
+        "policies": a.policies_json(),
+        "configVersion": a.policy_state().version,
         "certificates": a.identities.certs_json(),
         "links": a.links_json(),
     }))
 }
 
-/// Authorization policy lands with the policy issue; until then no policy applies.
-async fn policies() -> Json<serde_json::Value> {
-    Json(json!([]))
+async fn policies(State(a): S) -> Json<serde_json::Value> {
+    Json(a.policies_json())
 }
 
 async fn status(State(a): S) -> Json<serde_json::Value> {

@@ -122,6 +122,9 @@ pub struct Agent {
     pub identities: Arc<Identities>,
     pub pool: proxy::tunnel::Pool,
     links: Vec<ebpf::LinkReport>,
+    policy: std::sync::RwLock<Arc<crate::policy::PolicyState>>,
+    policy_connected: std::sync::atomic::AtomicBool,
+    pub push_lag_ms: AtomicU64,
     /// Serialises registration so that add/remove never interleave half-way.
     register_lock: tokio::sync::Mutex<()>,
 }
@@ -142,6 +145,9 @@ impl Agent {
             identities,
             pool: Default::default(),
             links,
+            policy: Default::default(),
+            policy_connected: Default::default(),
+            push_lag_ms: AtomicU64::new(0),
             register_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -248,9 +254,74 @@ impl Agent {
         }
     }
 
-    /// The meshed workload at a destination address, if any.
+    /// The meshed workload at a destination address, if any: from the controller's push, or
+    /// the local workloads file.
     pub fn destination(&self, ip: IpAddr) -> Option<Workload> {
+        if let Some(w) = self.policy_state().workloads.get(&ip) {
+            return Some(w.clone());
+        }
         self.known.lock().unwrap().get(&ip).cloned()
+    }
+
+    pub fn policy_state(&self) -> Arc<crate::policy::PolicyState> {
+        self.policy.read().unwrap().clone()
+    }
+
+    pub fn set_policy_state(&self, s: crate::policy::PolicyState, lag_ms: i64) {
+        *self.policy.write().unwrap() = Arc::new(s);
+        self.policy_connected.store(true, Ordering::Relaxed);
+        self.push_lag_ms.store(lag_ms as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a push has been received since the last reconnect attempt (resets backoff).
+    pub fn policy_connected(&self) -> bool {
+        self.policy_connected.swap(false, Ordering::Relaxed)
+    }
+
+    /// Decides a connection to a local workload, logging what AUDIT and dry-run policies saw.
+    pub fn authorize(&self, wl: &LocalWorkload, facts: &mesh_model::authz::Facts<'_>) -> mesh_model::authz::Verdict {
+        let state = self.policy_state();
+        // Labels select policies; the controller's record is current (a label change there
+        // applies at once), the local record is the fallback. Identity never comes from labels.
+        let labels = state.by_key.get(&wl.key).map(|w| &w.labels).unwrap_or(&wl.workload.labels);
+        let policies = state.index.for_workload(&wl.workload.namespace, labels);
+        let v = mesh_model::authz::authorize(facts, &policies);
+        for name in &v.audited {
+            tracing::info!(target: "policy", policy = %name, workload = %wl.key, principal = facts.principal.unwrap_or("-"), source = %facts.source_ip, port = facts.dst_port, "AUDIT policy matched");
+        }
+        for (name, action, matched) in &v.dry_run {
+            tracing::info!(target: "policy", policy = %name, action = ?action, matched, workload = %wl.key, principal = facts.principal.unwrap_or("-"), source = %facts.source_ip, port = facts.dst_port, "dry-run policy evaluated (not enforced)");
+        }
+        v
+    }
+
+    pub fn mtls_mode(&self, wl: &LocalWorkload, port: u16) -> mesh_model::policy::MtlsMode {
+        let state = self.policy_state();
+        let w = state.by_key.get(&wl.key).unwrap_or(&wl.workload);
+        state.mtls_mode(&self.config.root_namespace, w, port)
+    }
+
+    /// The policies that select this node's workloads, for the admin API.
+    pub fn policies_json(&self) -> serde_json::Value {
+        let state = self.policy_state();
+        let reg = self.registered.lock().unwrap();
+        let mut out = BTreeMap::new();
+        for r in reg.values() {
+            let labels = state.by_key.get(&r.wl.key).map(|w| &w.labels).unwrap_or(&r.wl.workload.labels);
+            let ps = state.index.for_workload(&r.wl.workload.namespace, labels);
+            for (list, action) in
+                [(&ps.deny, "DENY"), (&ps.allow, "ALLOW"), (&ps.audit, "AUDIT"), (&ps.dry_run, "DRY-RUN")]
+            {
+                for p in list {
+                    let e = out.entry(p.name.clone()).or_insert_with(|| serde_json::json!({"namespace": p.namespace, "name": p.name.split('/').nth(1).unwrap_or(""), "kind": "AuthorizationPolicy", "action": action, "workloads": []}));
+                    e["workloads"].as_array_mut().unwrap().push(serde_json::json!(r.wl.key.to_string()));
+                }
+            }
+        }
+        for (ns, name, spec) in &state.peer {
+            out.insert(format!("{ns}/{name}#pa"), serde_json::json!({"namespace": ns, "name": name, "kind": "PeerAuthentication", "action": format!("mtls {:?}", spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default()).to_uppercase(), "workloads": []}));
+        }
+        serde_json::Value::Array(out.into_values().collect())
     }
 
     fn state_file(&self) -> PathBuf {
@@ -517,6 +588,7 @@ impl Agent {
             "maps": dp.map_fill(),
             "agent": self.stats.snapshot(),
             "hbone": self.pool.stats_json(),
+            "config": {"version": self.policy_state().version, "pushLagMs": self.push_lag_ms.load(Ordering::Relaxed)},
             "certificates": {
                 "issued": self.identities.stats.issued.load(Ordering::Relaxed),
                 "failures": *self.identities.stats.failures.lock().unwrap(),

@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// How long a connection waits for its workload's first certificate before it is refused.
     #[arg(long, default_value_t = 5000)]
     pub cert_wait_ms: u64,
+    /// Policies in this namespace without a selector apply to the whole mesh.
+    #[arg(long, default_value = "sockmesh-system")]
+    pub root_namespace: String,
     /// Admin API (config dump, workloads, certificates, connections); loopback only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: std::net::SocketAddr,
@@ -100,6 +103,7 @@ pub struct Config {
     pub admin_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub readiness_addr: std::net::SocketAddr,
+    pub root_namespace: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +198,7 @@ impl Config {
             admin_addr: a.admin_addr,
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
+            root_namespace: a.root_namespace,
         })
     }
 }

@@ -95,6 +95,7 @@ pub struct Identities {
     cfg: IdentityConfig,
     pub bundle: Arc<TrustBundle>,
     client: CertificateServiceClient<Channel>,
+    channel: Channel,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
     pub stats: IdentityStats,
 }
@@ -118,10 +119,25 @@ impl Identities {
         Ok(Arc::new(Identities {
             cfg,
             bundle,
-            client: CertificateServiceClient::new(channel),
+            client: CertificateServiceClient::new(channel.clone()),
+            channel,
             entries: Mutex::new(HashMap::new()),
             stats: IdentityStats::default(),
         }))
+    }
+
+    /// The channel to the controller (shared by the CA client and the config stream).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// `Bearer <node credential>`, read fresh from the credential file.
+    pub fn bearer(&self) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, FetchError> {
+        let credential = std::fs::read_to_string(&self.cfg.credential_file)
+            .map_err(|e| FetchError::Local(format!("node credential {}: {e}", self.cfg.credential_file.display())))?;
+        format!("Bearer {}", credential.trim())
+            .parse()
+            .map_err(|_| FetchError::Local("node credential is not valid header text".into()))
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -250,12 +266,7 @@ impl Identities {
             csr,
             validity_duration_seconds: self.cfg.cert_ttl.map(|t| t.as_secs() as i64).unwrap_or(0),
         });
-        let credential = std::fs::read_to_string(&self.cfg.credential_file)
-            .map_err(|e| FetchError::Local(format!("node credential {}: {e}", self.cfg.credential_file.display())))?;
-        let bearer = format!("Bearer {}", credential.trim())
-            .parse()
-            .map_err(|_| FetchError::Local("node credential is not valid header text".into()))?;
-        req.metadata_mut().insert("authorization", bearer);
+        req.metadata_mut().insert("authorization", self.bearer()?);
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.clone().create_certificate(req))
             .await
             .map_err(|_| FetchError::Timeout)?

@@ -8,6 +8,7 @@ mod ebpf;
 mod identity;
 mod metrics;
 mod netns;
+mod policy;
 mod proxy;
 
 use std::path::PathBuf;
@@ -112,6 +113,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
 
     tokio::spawn(api::serve(agent.clone(), api));
+    tokio::spawn(policy::watch(agent.clone()));
     tokio::spawn(admin::serve_admin(agent.clone(), admin_l));
     tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
     tokio::spawn(admin::serve_readiness(agent.clone(), ready_l));

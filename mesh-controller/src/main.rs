@@ -4,7 +4,10 @@
 mod auth;
 mod auth_kube;
 mod ca_service;
+mod config_dir;
+mod model;
 mod placement;
+mod push;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -38,7 +41,14 @@ struct Args {
     ca_chain: Option<PathBuf>,
     /// Workloads and the nodes they run on (`workloads: [...]`), reloaded on change.
     #[arg(long)]
-    workloads: PathBuf,
+    workloads: Option<PathBuf>,
+    /// A directory of YAML files: workloads and policies (AuthorizationPolicy,
+    /// PeerAuthentication), reloaded on change.
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
+    /// Policies in this namespace without a selector apply to the whole mesh.
+    #[arg(long, default_value = "sockmesh-system")]
+    root_namespace: String,
     /// How nodes prove themselves: `static` (per-node credentials from --node-credentials) or
     /// `kubernetes` (the agent's projected service-account token, checked by TokenReview).
     #[arg(long, default_value = "static")]
@@ -154,15 +164,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         other => bail!("--node-auth {other:?}: expected static or kubernetes"),
     };
-    let placement_now = placement::load(&args.workloads)?;
-    let modified = std::fs::metadata(&args.workloads).and_then(|m| m.modified()).ok();
-    let shared = Arc::new(RwLock::new(placement_now));
-    tokio::spawn(placement::watch(args.workloads.clone(), shared.clone(), modified));
+    if args.workloads.is_none() && args.config_dir.is_none() {
+        bail!(
+            "give --workloads FILE and/or --config-dir DIR: the controller must know which workloads run on which node"
+        );
+    }
+    let (model_tx, model_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
+    tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), model_tx));
+    let shared = Arc::new(RwLock::new(placement::Placement::default()));
+    {
+        // The CA authorizes against the latest model's placement.
+        let (shared, mut rx) = (shared.clone(), model_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                let p = rx.borrow_and_update().placement();
+                *shared.write().unwrap() = p;
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    // Serve only once the first configuration has been read.
+    let mut first = model_rx.clone();
+    let _ = first.wait_for(|m| m.version > 0).await;
 
     let mut ips = args.server_ip.clone();
     if !args.listen.ip().is_unspecified() {
         ips.push(args.listen.ip());
     }
+    let push =
+        push::ConfigPush { auth: auth.clone(), model: model_rx.clone(), root_namespace: args.root_namespace.clone() };
     let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
     let stats: Arc<ca_service::Stats> = Default::default();
@@ -170,34 +202,64 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_l = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
-    tokio::spawn(serve_metrics(stats, metrics_l));
+    tokio::spawn(serve_metrics(stats, model_rx.clone(), metrics_l));
     tracing::info!(listen = %args.listen, trust_domain = %args.trust_domain, "controller ready");
     tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
         .add_service(CertificateServiceServer::new(svc))
+        .add_service(mesh_identity::config_proto::config_service_server::ConfigServiceServer::new(push))
         .serve_with_shutdown(args.listen, async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
             tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+            tracing::info!("controller stopping");
+            // Agents hold watch streams open for ever: give in-flight requests a moment, then go.
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                std::process::exit(0);
+            });
         })
         .await
         .context("gRPC server")?;
     Ok(())
 }
 
-async fn serve_metrics(stats: Arc<ca_service::Stats>, listener: tokio::net::TcpListener) {
+async fn serve_metrics(
+    stats: Arc<ca_service::Stats>,
+    model: tokio::sync::watch::Receiver<Arc<model::Model>>,
+    listener: tokio::net::TcpListener,
+) {
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let body = stats.encode();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    body,
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/config",
+            get(move || {
+                let m = model.borrow().clone();
+                let body = serde_json::json!({
+                    "version": m.version,
+                    "workloads": m.workloads.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
+                    "authorizationPolicies": m.authz.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                    "peerAuthentications": m.peer_auth.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                    "errors": m.errors,
+                })
+                .to_string();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = stats.encode();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        );
     let _ = axum::serve(listener, app).await;
 }
 

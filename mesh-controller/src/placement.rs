@@ -1,11 +1,8 @@
-//! Which identities each node may obtain: those of the workloads the controller's config places
-//! on it (the node-authorization rule of Istio's CA). Read from the workloads file and reloaded
-//! when it changes; a bad file is reported and the last good placement is kept.
+//! Which identities each node may obtain: those of the workloads the controller's model places
+//! on it (the node-authorization rule of Istio's CA).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
 
 use mesh_model::Workload;
 
@@ -47,39 +44,6 @@ impl Placement {
 
 pub type Shared = Arc<RwLock<Placement>>;
 
-pub fn load(path: &Path) -> Result<Placement, mesh_model::WorkloadError> {
-    let ws = mesh_model::workload::parse_file(path)?;
-    for w in &ws {
-        if w.node.is_none() {
-            return Err(mesh_model::WorkloadError::Invalid {
-                key: w.key().to_string(),
-                reason: "has no node; the controller places every workload on a node".into(),
-            });
-        }
-    }
-    Ok(Placement::from_workloads(&ws))
-}
-
-/// Polls the file's modification time and swaps in a new placement when it parses.
-pub async fn watch(path: PathBuf, shared: Shared, mut last: Option<SystemTime>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if m == last {
-            continue;
-        }
-        last = m;
-        match load(&path) {
-            Ok(p) => {
-                *shared.write().unwrap() = p;
-                tracing::info!(path = %path.display(), "workload placement reloaded");
-            }
-            Err(e) => tracing::error!(error = %e, "workloads file rejected; keeping the last good placement"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,7 +51,7 @@ mod tests {
     #[test]
     fn a_node_may_have_only_identities_of_its_own_workloads() {
         let ws = mesh_model::workload::parse_str(
-            Path::new("w"),
+            std::path::Path::new("w"),
             "workloads:\n- {name: a, serviceAccount: sa-a, ips: [10.0.0.1], node: n1}\n- {name: b, serviceAccount: sa-b, ips: [10.0.0.2], node: n2}\n",
         )
         .unwrap();

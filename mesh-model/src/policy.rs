@@ -14,6 +14,7 @@ pub const VERSION: &str = "v1alpha1";
 /// the root namespace without a selector applies to the whole mesh.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
@@ -45,6 +46,7 @@ pub enum Action {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
@@ -62,6 +64,7 @@ pub struct AuthorizationPolicySpec {
 /// A rule matches if any `from` matches (or there is none) and any `to` matches (or none).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
     pub from: Vec<From>,
@@ -70,6 +73,7 @@ pub struct Rule {
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct From {
     pub source: Source,
 }
@@ -79,6 +83,7 @@ pub struct From {
 /// without the `spiffe://` scheme (`cluster.local/ns/default/sa/web`).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
@@ -96,12 +101,14 @@ pub struct Source {
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct To {
     pub operation: Operation,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Operation {
     /// Destination ports, as strings like Istio's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -123,6 +130,7 @@ pub enum MtlsMode {
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Mtls {
     #[serde(default)]
     pub mode: MtlsMode,
@@ -142,6 +150,7 @@ pub struct Mtls {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,

@@ -117,9 +117,22 @@ impl Controller {
         if let Some(mut c) = self.child.take() {
             // SAFETY: our own child's pid.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
+            wait_or_kill(&mut c);
         }
     }
+}
+
+/// Waits up to 5 s for a signalled child, then kills it: a stuck shutdown must not hang a test.
+fn wait_or_kill(c: &mut Child) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 impl Drop for Controller {
@@ -195,6 +208,7 @@ impl Topology {
         ip(&["-n", &t.fabric, "addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"])?;
         std::fs::create_dir_all(t.cgroup_root.join("controller"))?;
         std::fs::create_dir_all(t.controller_dir())?;
+        std::fs::create_dir_all(t.config_dir())?;
         Ok(t)
     }
 
@@ -281,6 +295,25 @@ impl Topology {
         self.dir.join("controller")
     }
 
+    /// The controller's configuration directory (policies), watched for changes.
+    pub fn config_dir(&self) -> PathBuf {
+        self.controller_dir().join("config")
+    }
+
+    /// Writes (atomically) a configuration file into the controller's directory.
+    pub fn write_config(&self, name: &str, yaml: &str) -> Result<()> {
+        std::fs::create_dir_all(self.config_dir())?;
+        let tmp = self.controller_dir().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.config_dir().join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_config(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.config_dir().join(name))?;
+        Ok(())
+    }
+
     pub fn trust_bundle(&self) -> PathBuf {
         self.controller_dir().join("trust-bundle.pem")
     }
@@ -323,6 +356,8 @@ impl Topology {
             .arg(&workloads)
             .arg("--node-credentials")
             .arg(&creds)
+            .arg("--config-dir")
+            .arg(self.config_dir())
             .args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
@@ -587,7 +622,7 @@ impl Agent {
         if let Some(mut c) = self.child.take() {
             // SAFETY: our own child's pid.
             unsafe { libc::kill(c.id() as i32, sig) };
-            c.wait()?;
+            wait_or_kill(&mut c);
         }
         Ok(())
     }

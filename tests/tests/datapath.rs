@@ -188,7 +188,10 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     // Every probe that got through was connected to an agent's listener, none to b directly.
     let peers = summary["peers"].as_object().unwrap();
     assert_eq!(peers.keys().collect::<Vec<_>>(), vec!["127.0.0.1:15001"], "{summary}");
-    assert_eq!(server.accepted().unwrap().len() as u64, ok);
+    // Every successful probe reached the app; at most the one in flight when the agent was
+    // killed reached it without completing.
+    let accepted = server.accepted().unwrap().len() as u64;
+    assert!(ok <= accepted && accepted <= ok + 1, "app accepted {accepted}, probes ok {ok}");
 }
 
 #[test]

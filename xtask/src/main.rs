@@ -237,13 +237,13 @@ fn build(root: &Path) -> Result<()> {
 /// Generates the CA's tonic/prost code into `out`.
 fn codegen(out: &Path) -> Result<()> {
     let root = workspace_root();
-    let proto = root.join("mesh-identity/proto/ca.proto");
+    let protos = [root.join("mesh-identity/proto/ca.proto"), root.join("mesh-identity/proto/config.proto")];
     std::fs::create_dir_all(out)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .out_dir(out)
-        .compile_protos(&[proto.as_path()], &[root.join("mesh-identity/proto").as_path()])
+        .compile_protos(&protos, &[root.join("mesh-identity/proto")])
         .context("protoc failed (is protobuf-compiler installed? `cargo xtask setup` installs it)")
 }
 

@@ -176,6 +176,21 @@ async fn stream(
         }
     };
     rec.orig_dst = dst.to_string();
+    let principal = peer_id.to_string();
+    let verdict = agent.authorize(
+        &wl,
+        &mesh_model::authz::Facts {
+            principal: Some(&principal),
+            source_ip: peer.ip().to_canonical(),
+            dst_port: dst.port(),
+        },
+    );
+    if let mesh_model::authz::Decision::Deny(reason) = &verdict.decision {
+        // Refused before any dial: the app never sees it; the source agent resets its client.
+        agent.stats.refused_label(reason.label());
+        log_close(&agent, &rec, 0, 0, started, &reason.to_string(), reason.label());
+        return status(&mut respond, StatusCode::UNAUTHORIZED);
+    }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let app = match dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {
         Ok(s) => s,

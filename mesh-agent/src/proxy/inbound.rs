@@ -52,6 +52,22 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
         log_close(&agent, &rec, 0, 0, started, "destination is a mesh port", RefuseReason::MeshPort.as_str());
         return reset(client);
     }
+    // PeerAuthentication: STRICT refuses plaintext outright; PERMISSIVE lets it through after
+    // policy, with no peer identity.
+    if agent.mtls_mode(&wl, dst.port()) == mesh_model::policy::MtlsMode::Strict {
+        agent.stats.refused_label("mtls_strict");
+        log_close(&agent, &rec, 0, 0, started, "plaintext refused: PeerAuthentication STRICT", "mtls_strict");
+        return reset(client);
+    }
+    let verdict = agent.authorize(
+        &wl,
+        &mesh_model::authz::Facts { principal: None, source_ip: peer.ip().to_canonical(), dst_port: dst.port() },
+    );
+    if let mesh_model::authz::Decision::Deny(reason) = &verdict.decision {
+        agent.stats.refused_label(reason.label());
+        log_close(&agent, &rec, 0, 0, started, &reason.to_string(), reason.label());
+        return reset(client);
+    }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // From inside the pod's netns, from the app's own address: sk_lookup leaves that alone.
     let upstream = match dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {

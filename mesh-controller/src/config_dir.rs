@@ -1,0 +1,249 @@
+//! The local configuration source: a directory of YAML files holding workloads and policies,
+//! in the same shapes as on Kubernetes (multi-document YAML; `kind: AuthorizationPolicy` /
+//! `PeerAuthentication` with metadata and spec; `kind: Workload` with the workload record).
+//! Reloaded when a file changes. A bad file is reported (path, line, reason) and its last good
+//! contents are kept; an invalid policy is reported and left out whole, never half-applied.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mesh_model::authz::Compiled;
+use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use mesh_model::Workload;
+use serde::Deserialize;
+
+use crate::model::Model;
+
+#[derive(Debug, Clone, Default)]
+struct FileContents {
+    workloads: Vec<Workload>,
+    authz: Vec<(String, String, AuthorizationPolicySpec)>,
+    peer: Vec<(String, String, PeerAuthenticationSpec)>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyDoc<S> {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Meta,
+    spec: S,
+}
+
+/// Parses one file. Errors name the file, the line and the reason.
+fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
+    let mut out = FileContents::default();
+    // Where each document starts, to turn a document-relative error into a file line.
+    let mut starts = vec![1usize];
+    for (i, l) in text.lines().enumerate() {
+        if l.trim_end() == "---" && i > 0 {
+            starts.push(i + 2);
+        }
+    }
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let start = starts.get(i).copied().unwrap_or(1);
+        let at =
+            |line: Option<usize>, reason: String| format!("{}:{}: {reason}", path.display(), line.unwrap_or(start));
+        let v = serde_yaml::Value::deserialize(doc).map_err(|e| at(e.location().map(|l| l.line()), e.to_string()))?;
+        if v.is_null() {
+            continue;
+        }
+        let kind = v.get("kind").and_then(|k| k.as_str()).ok_or_else(|| {
+            at(None, "document has no `kind` (Workload, AuthorizationPolicy or PeerAuthentication)".into())
+        })?;
+        let doc_line = |e: &serde_yaml::Error| e.location().map(|l| start + l.line() - 1);
+        match kind {
+            "Workload" => {
+                let mut v = v.clone();
+                if let Some(m) = v.as_mapping_mut() {
+                    m.remove("kind");
+                    m.remove("apiVersion");
+                }
+                let w: Workload = serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("Workload: {e}")))?;
+                w.validate("").map_err(|e| at(None, e.to_string()))?;
+                if w.node.is_none() {
+                    return Err(at(None, format!("Workload {}: no node; every workload is placed on a node", w.key())));
+                }
+                out.workloads.push(w);
+            }
+            "AuthorizationPolicy" => {
+                let d: PolicyDoc<AuthorizationPolicySpec> =
+                    serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("AuthorizationPolicy: {e}")))?;
+                check_api(&d.api_version).map_err(|r| at(None, r))?;
+                out.authz.push((d.metadata.namespace, d.metadata.name, d.spec));
+            }
+            "PeerAuthentication" => {
+                let d: PolicyDoc<PeerAuthenticationSpec> =
+                    serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("PeerAuthentication: {e}")))?;
+                check_api(&d.api_version).map_err(|r| at(None, r))?;
+                out.peer.push((d.metadata.namespace, d.metadata.name, d.spec));
+            }
+            other => {
+                return Err(at(
+                    None,
+                    format!("unknown kind {other:?}: expected Workload, AuthorizationPolicy or PeerAuthentication"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn check_api(v: &str) -> Result<(), String> {
+    let want = format!("{}/{}", mesh_model::policy::GROUP, mesh_model::policy::VERSION);
+    if v == want {
+        Ok(())
+    } else {
+        Err(format!("apiVersion {v:?}: expected {want:?}"))
+    }
+}
+
+/// Builds the model from the last good contents of every file.
+fn assemble(
+    files: &BTreeMap<PathBuf, FileContents>,
+    mut errors: Vec<String>,
+    extra_workloads: &[Workload],
+    version: u64,
+) -> Model {
+    let mut m = Model { version, ..Default::default() };
+    for w in extra_workloads.iter().chain(files.values().flat_map(|f| f.workloads.iter())) {
+        m.workloads.insert(w.key(), w.clone());
+    }
+    for f in files.values() {
+        for (ns, n, spec) in &f.authz {
+            match Compiled::compile(ns, n, spec) {
+                Ok(_) => {
+                    m.authz.insert((ns.clone(), n.clone()), spec.clone());
+                }
+                Err(e) => errors.push(format!("AuthorizationPolicy rejected: {e}")),
+            }
+        }
+        for (ns, n, spec) in &f.peer {
+            m.peer_auth.insert((ns.clone(), n.clone()), spec.clone());
+        }
+    }
+    m.errors = errors;
+    m.accepted_at_ms =
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    m
+}
+
+/// Watches `dir` (polling modification times every 200 ms) and publishes a new model whenever
+/// what it yields changes.
+pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: tokio::sync::watch::Sender<Arc<Model>>) {
+    let mut good: BTreeMap<PathBuf, FileContents> = BTreeMap::new();
+    let mut seen: BTreeMap<PathBuf, Option<SystemTime>> = BTreeMap::new();
+    let mut version = tx.borrow().version;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut first = true;
+    loop {
+        tick.tick().await;
+        let mut now: BTreeMap<PathBuf, Option<SystemTime>> = BTreeMap::new();
+        if let Some(f) = &workloads_file {
+            now.insert(f.clone(), std::fs::metadata(f).and_then(|m| m.modified()).ok());
+        }
+        if let Some(rd) = dir.as_ref().and_then(|d| std::fs::read_dir(d).ok()) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                    now.insert(p, e.metadata().and_then(|m| m.modified()).ok());
+                }
+            }
+        }
+        if now == seen && !first {
+            continue;
+        }
+        first = false;
+        seen = now.clone();
+        let mut errors = Vec::new();
+        good.retain(|p, _| now.contains_key(p));
+        for p in now.keys() {
+            let parsed = if Some(p) == workloads_file.as_ref() {
+                // The --workloads file: a plain `workloads: [...]` list (placement only).
+                mesh_model::workload::parse_file(p).map_err(|e| e.to_string()).and_then(|ws| {
+                    match ws.iter().find(|w| w.node.is_none()) {
+                        Some(w) => Err(format!(
+                            "{}: workload {} has no node; the controller places every workload on a node",
+                            p.display(),
+                            w.key()
+                        )),
+                        None => Ok(FileContents { workloads: ws, ..Default::default() }),
+                    }
+                })
+            } else {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())).and_then(|t| parse_file(p, &t))
+            };
+            match parsed {
+                Ok(c) => {
+                    good.insert(p.clone(), c);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, kept_last_good = good.contains_key(p), "configuration file rejected");
+                    errors.push(e);
+                }
+            }
+        }
+        version += 1;
+        let m = assemble(&good, errors, &[], version);
+        tracing::info!(
+            version,
+            workloads = m.workloads.len(),
+            policies = m.authz.len(),
+            peer_authentications = m.peer_auth.len(),
+            errors = m.errors.len(),
+            "configuration loaded"
+        );
+        let _ = tx.send(Arc::new(m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_policies_and_workloads_and_names_the_line_of_an_error() {
+        let text = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-a, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-a\"]}\n---\nkind: Workload\nname: b\nserviceAccount: sa-b\nips: [10.0.0.2]\nnode: n2\n";
+        let c = parse_file(Path::new("p.yaml"), text).unwrap();
+        assert_eq!(c.authz.len(), 1);
+        assert_eq!(c.workloads.len(), 1);
+        let bad = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec:\n  action: DENY\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: y}\nspec:\n  acton: DENY\n";
+        let e = parse_file(Path::new("bad.yaml"), bad).unwrap_err();
+        assert!(e.starts_with("bad.yaml:") && e.contains("acton"), "{e}");
+        let line: usize = e.split(':').nth(1).unwrap().parse().unwrap();
+        assert!((7..=10).contains(&line), "line {line}: {e}");
+        let e = parse_file(Path::new("k.yaml"), "kind: Gateway\n").unwrap_err();
+        assert!(e.contains("unknown kind"), "{e}");
+        let e = parse_file(
+            Path::new("v.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("apiVersion"), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_policy_is_left_out_whole_and_reported() {
+        let text = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad}\nspec:\n  rules:\n  - to:\n    - operation: {ports: [\"http\"]}\n";
+        let c = parse_file(Path::new("p.yaml"), text).unwrap();
+        let files = BTreeMap::from([(PathBuf::from("p.yaml"), c)]);
+        let m = assemble(&files, vec![], &[], 1);
+        assert!(m.authz.is_empty());
+        assert!(m.errors[0].contains("default/bad") && m.errors[0].contains("ports"), "{:?}", m.errors);
+    }
+}

@@ -1,0 +1,79 @@
+//! The controller's one model of the mesh: workloads (who runs where, with which identity and
+//! addresses) and policies. Sources (a local directory today; the Kubernetes API next) produce
+//! it; the CA's node authorization and the push to agents read it.
+
+use std::collections::BTreeMap;
+
+use mesh_model::authz::Compiled;
+use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use mesh_model::{Workload, WorkloadKey};
+
+pub type Key = (String, String);
+
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub workloads: BTreeMap<WorkloadKey, Workload>,
+    pub authz: BTreeMap<Key, AuthorizationPolicySpec>,
+    pub peer_auth: BTreeMap<Key, PeerAuthenticationSpec>,
+    /// What was rejected and why (path, line, reason), for the operator.
+    pub errors: Vec<String>,
+    pub version: u64,
+    pub accepted_at_ms: i64,
+}
+
+/// One resource as pushed to agents: (kind, namespace, name) -> JSON.
+pub type Resources = BTreeMap<(String, String, String), String>;
+
+impl Model {
+    pub fn placement(&self) -> crate::placement::Placement {
+        crate::placement::Placement::from_workloads(&self.workloads.values().cloned().collect::<Vec<_>>())
+    }
+
+    /// What `node` needs: every workload (to resolve destinations and their identities), and
+    /// the policies that select its own workloads.
+    pub fn resources_for(&self, node: &str, root_namespace: &str) -> Resources {
+        let mut out = Resources::new();
+        for (k, w) in &self.workloads {
+            out.insert(
+                ("Workload".into(), k.namespace.clone(), k.name.clone()),
+                serde_json::to_string(w).expect("serialisable"),
+            );
+        }
+        let compiled = self.authz.iter().filter_map(|((ns, n), s)| Compiled::compile(ns, n, s).ok());
+        let index = mesh_model::authz::PolicyIndex::new(root_namespace, compiled);
+        let local: Vec<&Workload> = self.workloads.values().filter(|w| w.node.as_deref() == Some(node)).collect();
+        let mut wanted = std::collections::BTreeSet::new();
+        for w in &local {
+            for name in index.for_workload(&w.namespace, &w.labels).names() {
+                wanted.insert(name);
+            }
+        }
+        for ((ns, n), spec) in &self.authz {
+            if wanted.contains(&format!("{ns}/{n}")) {
+                out.insert(
+                    ("AuthorizationPolicy".into(), ns.clone(), n.clone()),
+                    serde_json::to_string(spec).expect("serialisable"),
+                );
+            }
+        }
+        for ((ns, n), spec) in &self.peer_auth {
+            if ns == root_namespace || local.iter().any(|w| &w.namespace == ns) {
+                out.insert(
+                    ("PeerAuthentication".into(), ns.clone(), n.clone()),
+                    serde_json::to_string(spec).expect("serialisable"),
+                );
+            }
+        }
+        out
+    }
+}
+
+pub type ResourceKey = (String, String, String);
+pub type Delta = (Vec<(ResourceKey, String)>, Vec<ResourceKey>);
+
+/// (upserts, removals) that turn `old` into `new`.
+pub fn diff(old: &Resources, new: &Resources) -> Delta {
+    let upserts = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let removals = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+    (upserts, removals)
+}

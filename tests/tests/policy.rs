@@ -1,0 +1,172 @@
+//! L4 authorization and PeerAuthentication, written to the controller's config directory and
+//! enforced by the agents without restarts.
+#![cfg(feature = "privileged")]
+
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+const APP_PORT: u16 = 8080;
+
+fn deny_from_a() -> &'static str {
+    "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-a, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-a\"]}\n"
+}
+
+fn echo_ok(t: &Topology, p: PodId, to: &str) -> bool {
+    t.pod_app(p, &["echo", "--to", to, "--bytes", "2000", "--timeout-ms", "1000"]).unwrap()["ok"] == true
+}
+
+/// How long until `f` holds, polling every 50 ms (None if not within `limit`).
+fn time_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_deny_policy_takes_effect_within_a_second_and_its_removal_restores_traffic() {
+    let mut t = Topology::new("deny").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let c = t.add_pod(n1, "c", true).unwrap();
+    let b = t.add_pod(n2, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let agent1 = t.start_agent(n1, &[]).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    let pids = (agent1.pid(), agent2.pid());
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    assert!(echo_ok(&t, a, &to) && echo_ok(&t, c, &to));
+
+    t.write_config("deny-a.yaml", deny_from_a()).unwrap();
+    let took = time_until(Duration::from_secs(3), || !echo_ok(&t, a, &to))
+        .expect("A->B still allowed 3 s after the DENY policy");
+    assert!(took < Duration::from_secs(1), "the DENY took {took:?}");
+    let seen_before = server.accepted().unwrap().len();
+    for _ in 0..3 {
+        assert!(!echo_ok(&t, a, &to), "A->B allowed under DENY");
+        assert!(echo_ok(&t, c, &to), "C->B refused by a policy about A");
+    }
+    assert_eq!(server.accepted().unwrap().len(), seen_before + 3, "the app saw a denied connection");
+    // Refused at B's agent with its reason, visible in metrics and the access log.
+    let line = agent2.access_log().into_iter().find(|l| l["result"] == "deny_policy").expect("a deny line");
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["src_principal"], "spiffe://cluster.local/ns/default/sa/sa-a");
+    let (_, m) = http_get(&t.node(n2).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    assert!(metric(&m, "sockmesh_connections_refused_total", &[("reason", "deny_policy")]).unwrap() >= 4.0, "{m}");
+    // The source agent saw its tunnel refused with 401.
+    assert!(agent1.access_log().iter().any(|l| l["result"] == "denied_by_destination"));
+
+    t.remove_config("deny-a.yaml").unwrap();
+    let took = time_until(Duration::from_secs(3), || echo_ok(&t, a, &to))
+        .expect("A->B still denied 3 s after the policy was removed");
+    assert!(took < Duration::from_secs(1), "restoring took {took:?}");
+    assert_eq!((agent1.pid(), agent2.pid()), pids, "no agent restart");
+}
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_allows_it_unless_policy_denies() {
+    let mut t = Topology::new("strict").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let plain = t.add_pod(n1, "p", false).unwrap();
+    let b = t.add_pod(n2, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let _agent1 = t.start_agent(n1, &[]).unwrap();
+    let _agent2 = t.start_agent(n2, &[]).unwrap();
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    let from_node = |t: &Topology| {
+        t.node_app(n2, &["echo", "--to", &to, "--bytes", "2000", "--timeout-ms", "1000"]).unwrap()["ok"] == true
+    };
+
+    // PERMISSIVE (the default): plaintext from a non-meshed pod and from the node gets through.
+    assert!(echo_ok(&t, plain, &to) && from_node(&t) && echo_ok(&t, a, &to));
+
+    t.write_config("strict.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: b-strict, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  mtls: {mode: STRICT}\n").unwrap();
+    time_until(Duration::from_secs(3), || !echo_ok(&t, plain, &to)).expect("plaintext still allowed under STRICT");
+    let before = server.accepted().unwrap().len();
+    assert!(!from_node(&t), "a process on the node reached b's app in plaintext under STRICT");
+    assert!(!echo_ok(&t, plain, &to));
+    assert!(echo_ok(&t, a, &to), "mTLS must still work under STRICT");
+    assert_eq!(server.accepted().unwrap().len(), before + 1, "plaintext reached the app under STRICT");
+
+    // PERMISSIVE again, with an ALLOW policy for sa-a only: plaintext (no identity) is denied.
+    t.write_config("strict.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: b-strict, namespace: default}\nspec:\n  mtls: {mode: PERMISSIVE}\n").unwrap();
+    t.write_config("allow.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-a, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-a\"]}\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(echo_ok(&t, a, &to));
+    assert!(!echo_ok(&t, plain, &to), "PERMISSIVE plaintext must still pass policy");
+    t.remove_config("allow.yaml").unwrap();
+    time_until(Duration::from_secs(3), || echo_ok(&t, plain, &to))
+        .expect("PERMISSIVE without policy should allow plaintext");
+}
+
+#[test]
+fn labels_select_policies_but_never_change_identity_and_dots_match_literally() {
+    let mut t = Topology::new("labels").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let d = t.add_pod(n1, "d", true).unwrap();
+    let b = t.add_pod(n2, "b", true).unwrap();
+    t.pods[a.0].service_account = "my.sa".into();
+    t.pods[d.0].service_account = "myxsa".into();
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let _server = t.start_server(b, APP_PORT).unwrap();
+    let _agent1 = t.start_agent(n1, &[]).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+
+    // Only my.sa, literally: "myxsa" is not matched by the '.'.
+    t.write_config("allow.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-dotted, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/my.sa\"]}\n").unwrap();
+    time_until(Duration::from_secs(3), || !echo_ok(&t, d, &to)).expect("myxsa still allowed");
+    assert!(echo_ok(&t, a, &to), "my.sa refused");
+    assert!(!echo_ok(&t, d, &to), "myxsa matched my.sa");
+
+    // Relabel b (app: b -> app: b2): the policy no longer selects it, so d gets through; b's
+    // identity is what it was.
+    t.pods[b.0].labels = vec![("app".into(), "b2".into())];
+    t.write_controller_workloads(&[]).unwrap();
+    time_until(Duration::from_secs(3), || echo_ok(&t, d, &to)).expect("the label change did not deselect the policy");
+    let last = agent2.access_log().into_iter().rfind(|l| l["result"] == "ok").unwrap();
+    assert_eq!(last["dst_principal"], "spiffe://cluster.local/ns/default/sa/sa-b", "{last}");
+    assert_eq!(last["src_principal"], "spiffe://cluster.local/ns/default/sa/myxsa", "{last}");
+}
+
+#[test]
+fn agents_keep_enforcing_while_the_controller_is_away_and_catch_up_when_it_returns() {
+    let mut t = Topology::new("ctlrestart").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let b = t.add_pod(n2, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    let mut ctl = t.start_controller(&[]).unwrap();
+    let _server = t.start_server(b, APP_PORT).unwrap();
+    let _agent1 = t.start_agent(n1, &[]).unwrap();
+    let _agent2 = t.start_agent(n2, &[]).unwrap();
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    t.write_config("deny-a.yaml", deny_from_a()).unwrap();
+    time_until(Duration::from_secs(3), || !echo_ok(&t, a, &to)).expect("DENY not applied");
+
+    ctl.stop();
+    t.remove_config("deny-a.yaml").unwrap();
+    for _ in 0..3 {
+        assert!(!echo_ok(&t, a, &to), "the last state (DENY) was lost while the controller was away");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ctl = t.start_controller(&[]).unwrap();
+    time_until(Duration::from_secs(10), || echo_ok(&t, a, &to))
+        .expect("new state not picked up after the controller returned");
+}
