@@ -5,6 +5,7 @@ mod auth;
 mod auth_kube;
 mod ca_service;
 mod config_dir;
+mod kube_source;
 mod model;
 mod placement;
 mod push;
@@ -49,6 +50,10 @@ struct Args {
     /// Policies in this namespace without a selector apply to the whole mesh.
     #[arg(long, default_value = "sockmesh-system")]
     root_namespace: String,
+    /// Where workloads and policies come from: `local` (--workloads / --config-dir) or
+    /// `kubernetes` (Pods in namespaces labelled sockmesh.io/mesh=enabled, and the policy CRDs).
+    #[arg(long, default_value = "local")]
+    source: String,
     /// How nodes prove themselves: `static` (per-node credentials from --node-credentials) or
     /// `kubernetes` (the agent's projected service-account token, checked by TokenReview).
     #[arg(long, default_value = "static")]
@@ -164,13 +169,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         other => bail!("--node-auth {other:?}: expected static or kubernetes"),
     };
-    if args.workloads.is_none() && args.config_dir.is_none() {
-        bail!(
-            "give --workloads FILE and/or --config-dir DIR: the controller must know which workloads run on which node"
-        );
-    }
     let (model_tx, model_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
-    tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), model_tx));
+    match args.source.as_str() {
+        "local" => {
+            if args.workloads.is_none() && args.config_dir.is_none() {
+                bail!("give --workloads FILE and/or --config-dir DIR: the controller must know which workloads run on which node");
+            }
+            tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), model_tx));
+        }
+        "kubernetes" => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            tokio::spawn(kube_source::run(client, model_tx));
+        }
+        other => bail!("--source {other:?}: expected local or kubernetes"),
+    }
     let shared = Arc::new(RwLock::new(placement::Placement::default()));
     {
         // The CA authorizes against the latest model's placement.
