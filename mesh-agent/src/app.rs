@@ -218,6 +218,7 @@ impl Agent {
                 m.set_map(map, n, self.map_capacity(map));
             }
         }
+        m.set_push_lag(self.push_lag_ms.load(Ordering::Relaxed), self.policy_state().version);
         for c in self.identities.certs_json().as_array().into_iter().flatten() {
             if let (Some(id), Some(na)) = (c["identity"].as_str(), c["notAfter"].as_i64()) {
                 m.set_cert_expiry(id, na);
@@ -317,6 +318,9 @@ impl Agent {
                     e["workloads"].as_array_mut().unwrap().push(serde_json::json!(r.wl.key.to_string()));
                 }
             }
+        }
+        for (i, e) in state.errors.iter().enumerate() {
+            out.insert(format!("~invalid-{i:04}"), serde_json::json!({"namespace": "-", "name": e, "kind": "rejected", "action": "INVALID", "workloads": []}));
         }
         for (ns, name, spec) in &state.peer {
             out.insert(format!("{ns}/{name}#pa"), serde_json::json!({"namespace": ns, "name": name, "kind": "PeerAuthentication", "action": format!("mtls {:?}", spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default()).to_uppercase(), "workloads": []}));

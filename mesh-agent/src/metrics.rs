@@ -61,6 +61,8 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     kernel_events: Family<EventLabels, Counter>,
+    push_lag: Gauge,
+    config_version: Gauge,
     /// Last kernel counter values seen (they live in a pinned map, across agent restarts).
     kernel_seen: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -92,6 +94,8 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             kernel_events: Family::default(),
+            push_lag: Gauge::default(),
+            config_version: Gauge::default(),
             kernel_seen: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -123,6 +127,12 @@ impl Metrics {
             "What the kernel programs did (redirects, refusals when a map was full, ...)",
             m.kernel_events.clone(),
         );
+        sm.register(
+            "config_push_lag_milliseconds",
+            "From the controller accepting a change to this agent applying it (last push)",
+            m.push_lag.clone(),
+        );
+        sm.register("config_version", "Version of the configuration applied", m.config_version.clone());
         Metrics { registry, ..m }
     }
 
@@ -181,6 +191,11 @@ impl Metrics {
             c.inc_by(value - *last);
         }
         *last = value;
+    }
+
+    pub fn set_push_lag(&self, lag_ms: u64, version: u64) {
+        self.push_lag.set(lag_ms as i64);
+        self.config_version.set(version as i64);
     }
 
     pub fn encode(&self) -> String {

@@ -28,6 +28,8 @@ pub struct PolicyState {
     /// The same, by namespace/name: the controller's labels are what policies select on.
     pub by_key: BTreeMap<mesh_model::WorkloadKey, Workload>,
     pub resources: BTreeMap<Key, String>,
+    /// Configuration the controller rejected (file, line, reason), as it reported it.
+    pub errors: Vec<String>,
 }
 
 impl PolicyState {
@@ -36,6 +38,7 @@ impl PolicyState {
         let mut peer = Vec::new();
         let mut workloads = BTreeMap::new();
         let mut by_key = BTreeMap::new();
+        let mut errors = Vec::new();
         for ((kind, ns, name), json) in &resources {
             match kind.as_str() {
                 "AuthorizationPolicy" => match serde_json::from_str::<AuthorizationPolicySpec>(json)
@@ -62,10 +65,15 @@ impl PolicyState {
                         by_key.insert(w.key(), w);
                     }
                 }
+                "ConfigError" => {
+                    if let Ok(e) = serde_json::from_str::<String>(json) {
+                        errors.push(e);
+                    }
+                }
                 _ => {}
             }
         }
-        PolicyState { version, index: PolicyIndex::new(root, policies), peer, workloads, by_key, resources }
+        PolicyState { version, index: PolicyIndex::new(root, policies), peer, workloads, by_key, resources, errors }
     }
 
     /// The mTLS mode for a workload's port: a selecting policy in its namespace, then its

@@ -124,13 +124,13 @@ fn assemble(
     for w in extra_workloads.iter().chain(files.values().flat_map(|f| f.workloads.iter())) {
         m.workloads.insert(w.key(), w.clone());
     }
-    for f in files.values() {
+    for (path, f) in files {
         for (ns, n, spec) in &f.authz {
             match Compiled::compile(ns, n, spec) {
                 Ok(_) => {
                     m.authz.insert((ns.clone(), n.clone()), spec.clone());
                 }
-                Err(e) => errors.push(format!("AuthorizationPolicy rejected: {e}")),
+                Err(e) => errors.push(format!("{}: AuthorizationPolicy rejected whole: {e}", path.display())),
             }
         }
         for (ns, n, spec) in &f.peer {

@@ -56,6 +56,13 @@ impl Model {
                 );
             }
         }
+        // What the controller rejected, so that agents (and meshctl on any node) can show it.
+        for (i, e) in self.errors.iter().enumerate() {
+            out.insert(
+                ("ConfigError".into(), String::new(), format!("{i:04}")),
+                serde_json::to_string(e).expect("serialisable"),
+            );
+        }
         for ((ns, n), spec) in &self.peer_auth {
             if ns == root_namespace || local.iter().any(|w| &w.namespace == ns) {
                 out.insert(

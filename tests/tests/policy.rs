@@ -170,3 +170,33 @@ fn agents_keep_enforcing_while_the_controller_is_away_and_catch_up_when_it_retur
     time_until(Duration::from_secs(10), || echo_ok(&t, a, &to))
         .expect("new state not picked up after the controller returned");
 }
+
+#[test]
+fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
+    let mut t = Topology::new("invalid").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let c = t.add_pod(n1, "c", true).unwrap();
+    let b = t.add_pod(n2, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let _server = t.start_server(b, APP_PORT).unwrap();
+    let _agent1 = t.start_agent(n1, &[]).unwrap();
+    let _agent2 = t.start_agent(n2, &[]).unwrap();
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    // Its first rule alone would allow only a; its second rule is invalid. Applied half, c would
+    // be denied.
+    t.write_config("bad.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-a, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-a\"]}\n  - to:\n    - operation: {ports: [\"http\"]}\n").unwrap();
+    let shown = time_until(Duration::from_secs(3), || {
+        let out = t.node_command(n2, bin("meshctl")).unwrap().args(["policies"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("INVALID") && text.contains("bad.yaml") && text.contains("\"http\" is not a port")
+    });
+    assert!(shown.is_some(), "meshctl policies does not report the rejected policy");
+    assert!(echo_ok(&t, c, &to), "the invalid policy was half-applied");
+    assert!(echo_ok(&t, a, &to));
+    let (_, m) = http_get(&t.node(n1).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    assert!(metric(&m, "sockmesh_config_version", &[]).unwrap() >= 1.0, "{m}");
+    assert!(metric(&m, "sockmesh_config_push_lag_milliseconds", &[]).is_some(), "{m}");
+}
