@@ -217,6 +217,8 @@ fn the_demo_tour_runs_and_leaves_nothing_behind() {
     assert!(text.contains("never appeared"), "{text}");
     assert!(text.contains("✓ certificates"), "{text}");
     assert!(text.contains("istio_tcp_connections_opened_total"), "{text}");
+    assert!(text.contains("a -> b refused") && text.contains("result=\"deny_policy\""), "{text}");
+    assert!(text.contains("a -> b works again"), "{text}");
     // Everything the demo made carries its topology id; none of it may remain.
     let id_line = text.lines().find(|l| l.contains("root CA and trust bundle in")).unwrap();
     let id = id_line.rsplit('/').nth(1).unwrap().trim_start_matches(PREFIX).split('-').next().unwrap().to_owned();

@@ -129,7 +129,30 @@ fn main() -> Result<()> {
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])?;
     println!("  agent restarted (it took over the pinned programs): ok={} peer={}", r["ok"], r["peer"]);
 
-    say("policy: L4 authorization (DENY/ALLOW) is the next milestone and not in this build");
+    say("policy: a DENY written to the controller's config directory, enforced at b without restarts");
+    let deny = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-a, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-a\"]}\n";
+    println!("{}", deny.lines().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n"));
+    t.write_config("deny-a.yaml", deny)?;
+    let t0 = std::time::Instant::now();
+    wait_for(Duration::from_secs(5), || {
+        Ok(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "1000"])?["ok"] == false)
+    })?;
+    println!("  a -> b refused {}ms after the file was written", t0.elapsed().as_millis());
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(l) = agent2.access_log().into_iter().rfind(|l| l["decision"] == "deny") {
+        println!(
+            "  n2 access log: decision={} result={} src_principal={} ({})",
+            l["decision"], l["result"], l["src_principal"], l["error"]
+        );
+    }
+    let (_, m) = http_get(&t.node(n2).netns, "127.0.0.1:15020", "/metrics")?;
+    for l in m.lines().filter(|l| l.starts_with("sockmesh_connections_refused_total")) {
+        println!("  {l}");
+    }
+    println!("  $ meshctl policies (on n2)\n{}", meshctl(&t, n2, &["policies"])?);
+    t.remove_config("deny-a.yaml")?;
+    wait_for(Duration::from_secs(5), || Ok(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])?["ok"] == true))?;
+    println!("  policy removed: a -> b works again");
 
     say("what the agents counted (local API: {\"op\":\"stats\"})");
     for (name, ag) in [("n1", &agent1), ("n2", &agent2)] {
