@@ -134,7 +134,12 @@ fn assemble(
             }
         }
         for (ns, n, spec) in &f.peer {
-            m.peer_auth.insert((ns.clone(), n.clone()), spec.clone());
+            match spec.validate() {
+                Ok(()) => {
+                    m.peer_auth.insert((ns.clone(), n.clone()), spec.clone());
+                }
+                Err(e) => errors.push(format!("{}: PeerAuthentication {ns}/{n} rejected whole: {e}", path.display())),
+            }
         }
     }
     m.errors = errors;
@@ -245,5 +250,29 @@ mod tests {
         let m = assemble(&files, vec![], &[], 1);
         assert!(m.authz.is_empty());
         assert!(m.errors[0].contains("default/bad") && m.errors[0].contains("ports"), "{:?}", m.errors);
+
+        // A PeerAuthentication whose port key would silently never match is refused, not ignored.
+        for (spec, want) in [
+            ("selector: {matchLabels: {app: b}}\n  portLevelMtls: {\"08080\": {mode: PERMISSIVE}}", "08080"),
+            ("portLevelMtls: {\"8080\": {mode: PERMISSIVE}}", "needs a selector"),
+        ] {
+            let text = format!("apiVersion: security.sockmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: pa}}\nspec:\n  {spec}\n");
+            let c = parse_file(Path::new("pa.yaml"), &text).unwrap();
+            let m = assemble(&BTreeMap::from([(PathBuf::from("pa.yaml"), c)]), vec![], &[], 1);
+            assert!(m.peer_auth.is_empty(), "{spec}");
+            assert!(
+                m.errors[0].starts_with("pa.yaml: PeerAuthentication default/pa") && m.errors[0].contains(want),
+                "{:?}",
+                m.errors
+            );
+        }
+        let ok = "apiVersion: security.sockmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: pa}\nspec:\n  selector: {matchLabels: {app: b}}\n  portLevelMtls: {\"8080\": {mode: PERMISSIVE}}\n";
+        let m = assemble(
+            &BTreeMap::from([(PathBuf::from("pa.yaml"), parse_file(Path::new("pa.yaml"), ok).unwrap())]),
+            vec![],
+            &[],
+            1,
+        );
+        assert_eq!((m.peer_auth.len(), m.errors.len()), (1, 0), "{:?}", m.errors);
     }
 }

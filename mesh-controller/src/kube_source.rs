@@ -2,8 +2,10 @@
 //! feed the same model the local directory does. Reconciling is a pure function of the stores
 //! (`model_from`), tested on recorded objects; the watch plumbing is kube-runtime's.
 //!
-//! Exercised against a mock API server (tower-test) with recorded JSON, including watch events
-//! and a 410 Gone resync; not yet against a real cluster.
+//! Policies get an `Accepted` status condition for the generation read (`status`).
+//!
+//! Exercised against a mock API server (tower-test) with recorded JSON, including watch events,
+//! a 410 Gone resync and status writes; not yet against a real cluster.
 
 use std::sync::Arc;
 
@@ -90,7 +92,13 @@ pub fn model_from(
         }
     }
     for pa in pas {
-        m.peer_auth.insert((pa.namespace().unwrap_or_default(), pa.name_any()), pa.spec.clone());
+        let (ns, name) = (pa.namespace().unwrap_or_default(), pa.name_any());
+        match pa.spec.validate() {
+            Ok(()) => {
+                m.peer_auth.insert((ns, name), pa.spec.clone());
+            }
+            Err(e) => m.errors.push(format!("PeerAuthentication {ns}/{name} rejected: {e}")),
+        }
     }
     m
 }
@@ -112,8 +120,11 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
     let s4 =
         reflector(pas_w, watcher(Api::<PeerAuthentication>::all(client.clone()), cfg).default_backoff()).map(|_| ());
     let mut all = futures::stream::select_all(vec![s1.boxed(), s2.boxed(), s3.boxed(), s4.boxed()]);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(status::run(client.clone(), aps.clone(), pas.clone(), changed.clone()));
     let mut version = 0u64;
     while all.next().await.is_some() {
+        changed.notify_one();
         let mut m = model_from(&pods.state(), &nss.state(), &aps.state(), &pas.state());
         version += 1;
         m.version = version;
@@ -139,6 +150,8 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
         }
     }
 }
+
+pub mod status;
 
 #[cfg(test)]
 mod tests;

@@ -161,6 +161,24 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<String, Mtls>,
 }
 
+impl PeerAuthenticationSpec {
+    /// Why this policy cannot be applied, if it cannot: a `portLevelMtls` key that is not a port
+    /// number written plainly (`8080`, not `08080` or `http`), or port-level settings without a
+    /// selector (they would apply to every workload's port, which is never what was meant).
+    pub fn validate(&self) -> Result<(), String> {
+        for k in self.port_level_mtls.keys() {
+            match k.parse::<u16>() {
+                Ok(p) if p > 0 && p.to_string() == *k => {}
+                _ => return Err(format!("portLevelMtls: key {k:?} is not a port number (1-65535, no leading zeros)")),
+            }
+        }
+        if !self.port_level_mtls.is_empty() && self.selector.is_none() {
+            return Err("portLevelMtls needs a selector: port-level settings apply to selected workloads only".into());
+        }
+        Ok(())
+    }
+}
+
 /// Status of a policy: whether the controller accepted it, for which generation.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

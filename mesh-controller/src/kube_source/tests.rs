@@ -56,6 +56,11 @@ async fn api_server(
     while let Some((req, send)) = handle.next_request().await {
         let path = req.uri().path().to_owned();
         let watch = req.uri().query().unwrap_or("").contains("watch=true");
+        if req.method() == http::Method::PATCH {
+            let (_, body) = patched(req, std::slice::from_ref(&ap)).await;
+            send.send_response(ok(serde_json::to_vec(&body).unwrap()));
+            continue;
+        }
         match (path.as_str(), watch) {
             ("/api/v1/namespaces", false) => send.send_response(ok(serde_json::to_vec(&list(
                 "NamespaceList",
@@ -119,6 +124,19 @@ async fn api_server(
             (p, _) => panic!("unexpected request {p}"),
         }
     }
+}
+
+/// A status PATCH: (path, the merge patch's status), and the object as the server would return it.
+async fn patched(req: Request<Body>, objects: &[Value]) -> ((String, Value), Value) {
+    let path = req.uri().path().to_owned();
+    assert!(path.ends_with("/status"), "only status is ever patched, not {path}");
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let patch: Value = serde_json::from_slice(&bytes).unwrap();
+    let name = path.trim_end_matches("/status").rsplit('/').next().unwrap().to_owned();
+    let mut obj =
+        objects.iter().find(|o| o["metadata"]["name"] == name.as_str()).expect("patch of a known object").clone();
+    obj["status"] = patch["status"].clone();
+    ((path, patch["status"].clone()), obj)
 }
 
 /// Waits until the model has exactly `want` workloads and pod a's app label is `app_a`.
@@ -205,4 +223,119 @@ fn only_scheduled_addressed_pods_of_meshed_namespaces_are_workloads() {
     let mut nosa = pod("a", "n1", "sa-a", "10.0.0.1", "a", 1);
     nosa["spec"].as_object_mut().unwrap().remove("serviceAccountName");
     assert_eq!(workload_of(&p(nosa), &meshed).unwrap().service_account, "default");
+}
+
+/// Status write-back: each policy gets `Accepted` True/False for the generation read, an invalid
+/// one says why, one already up to date is not written, a new generation is written again, and
+/// nothing is written twice.
+#[tokio::test]
+async fn policies_get_an_accepted_condition_for_the_generation_read() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let ap = |name: &str, gen: i64, rv: u32, spec: &str, status: Value| {
+        json!({"apiVersion": "security.sockmesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": rv.to_string(), "generation": gen},
+            "spec": serde_json::from_str::<Value>(spec).unwrap(), "status": status})
+    };
+    let current = json!({"observedGeneration": 1, "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+        "message": "in force on the nodes running the workloads it selects", "lastTransitionTime": "2026-11-01T00:00:00Z"}]});
+    let good = ap("good", 3, 11, DENY, Value::Null);
+    let bad = ap("bad", 2, 12, r#"{"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}"#, Value::Null);
+    let settled = ap("settled", 1, 13, DENY, current.clone());
+    let pa_bad = json!({"apiVersion": "security.sockmesh.io/v1alpha1", "kind": "PeerAuthentication",
+        "metadata": {"name": "pa-bad", "namespace": "default", "resourceVersion": "14", "generation": 1},
+        "spec": {"portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}});
+    // `settled` edited to generation 2, arriving as a watch event once the first writes are in.
+    let settled_v2 = ap("settled", 2, 15, DENY, current.clone());
+    let objects = vec![good.clone(), bad.clone(), settled.clone(), pa_bad.clone()];
+
+    let (patches_tx, mut patches) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+    let edit = Arc::new(tokio::sync::Notify::new());
+    let edit2 = edit.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut ap_watches = 0;
+        while let Some((req, send)) = handle.next_request().await {
+            let watch = req.uri().query().unwrap_or("").contains("watch=true");
+            let path = req.uri().path().to_owned();
+            if req.method() == http::Method::PATCH {
+                let (rec, obj) = patched(req, &objects).await;
+                patches_tx.send(rec).unwrap();
+                send.send_response(ok(serde_json::to_vec(&obj).unwrap()));
+                continue;
+            }
+            let g = "security.sockmesh.io/v1alpha1";
+            match (path.as_str(), watch) {
+                ("/api/v1/namespaces", false) => {
+                    send.send_response(ok(serde_json::to_vec(&list("NamespaceList", "v1", 1, vec![])).unwrap()))
+                }
+                ("/api/v1/pods", false) => {
+                    send.send_response(ok(serde_json::to_vec(&list("PodList", "v1", 1, vec![])).unwrap()))
+                }
+                ("/apis/security.sockmesh.io/v1alpha1/authorizationpolicies", false) => {
+                    send.send_response(ok(serde_json::to_vec(&list(
+                        "AuthorizationPolicyList",
+                        g,
+                        20,
+                        vec![good.clone(), bad.clone(), settled.clone()],
+                    ))
+                    .unwrap()))
+                }
+                ("/apis/security.sockmesh.io/v1alpha1/peerauthentications", false) => send.send_response(ok(
+                    serde_json::to_vec(&list("PeerAuthenticationList", g, 20, vec![pa_bad.clone()])).unwrap(),
+                )),
+                ("/apis/security.sockmesh.io/v1alpha1/authorizationpolicies", true) if ap_watches == 0 => {
+                    ap_watches += 1;
+                    let (send, edit) = (send, edit2.clone());
+                    let ev = events(&[("MODIFIED", settled_v2.clone())]);
+                    tokio::spawn(async move {
+                        edit.notified().await;
+                        send.send_response(ok(ev));
+                    });
+                }
+                (_, true) => held.push(send),
+                (p, _) => panic!("unexpected request {p}"),
+            }
+        }
+    });
+    let (tx, _rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
+    tokio::spawn(run(client, tx));
+
+    async fn next(patches: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Value)>) -> (String, Value) {
+        tokio::time::timeout(Duration::from_secs(10), patches.recv())
+            .await
+            .expect("no status write within 10 s")
+            .unwrap()
+    }
+    let mut first = BTreeMap::new();
+    for _ in 0..3 {
+        let (path, status) = next(&mut patches).await;
+        assert!(first.insert(path.clone(), status).is_none(), "{path} written twice");
+    }
+    let at =
+        |kind: &str, name: &str| format!("/apis/security.sockmesh.io/v1alpha1/namespaces/default/{kind}/{name}/status");
+    let cond =
+        |s: &Value| s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Accepted").unwrap().clone();
+    let g = &first[&at("authorizationpolicies", "good")];
+    assert_eq!((g["observedGeneration"].as_i64(), cond(g)["status"].as_str()), (Some(3), Some("True")), "{g}");
+    let b = &first[&at("authorizationpolicies", "bad")];
+    assert_eq!((b["observedGeneration"].as_i64(), cond(b)["status"].as_str()), (Some(2), Some("False")), "{b}");
+    assert_eq!(cond(b)["reason"], "Invalid");
+    assert!(cond(b)["message"].as_str().unwrap().contains("ports"), "{b}");
+    let p = &first[&at("peerauthentications", "pa-bad")];
+    assert!(cond(p)["message"].as_str().unwrap().contains("needs a selector"), "{p}");
+    assert!(!first.contains_key(&at("authorizationpolicies", "settled")), "an up-to-date status was rewritten");
+
+    // The edit: generation 2 of `settled` gets observedGeneration 2; it stayed accepted, so its
+    // transition time is the one it had.
+    edit.notify_one();
+    let (path, s) = next(&mut patches).await;
+    assert_eq!(path, at("authorizationpolicies", "settled"));
+    assert_eq!(s["observedGeneration"], 2);
+    assert_eq!(cond(&s)["lastTransitionTime"], "2026-11-01T00:00:00Z");
+    // And nothing else is written (the others have not changed).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), patches.recv()).await.is_err(),
+        "an unchanged policy was written again"
+    );
 }
