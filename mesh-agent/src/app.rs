@@ -136,6 +136,7 @@ impl Agent {
         identities: Arc<Identities>,
         links: Vec<ebpf::LinkReport>,
     ) -> Arc<Self> {
+        let pooling = config.hbone_pooling;
         Arc::new(Agent {
             config,
             datapath: Mutex::new(datapath),
@@ -143,7 +144,7 @@ impl Agent {
             known: Mutex::new(BTreeMap::new()),
             stats: Stats::default(),
             identities,
-            pool: Default::default(),
+            pool: proxy::tunnel::Pool::new(pooling),
             links,
             policy: Default::default(),
             policy_connected: Default::default(),

@@ -78,6 +78,11 @@ pub struct RunArgs {
     /// Readiness (/healthz/ready).
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: std::net::SocketAddr,
+    /// Carry many connections over one mutual-TLS HBONE connection per (source workload,
+    /// destination identity). `false` makes a fresh TLS handshake per connection (for
+    /// measuring handshake cost; never faster).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub hbone_pooling: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +109,7 @@ pub struct Config {
     pub metrics_addr: std::net::SocketAddr,
     pub readiness_addr: std::net::SocketAddr,
     pub root_namespace: String,
+    pub hbone_pooling: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +205,7 @@ impl Config {
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
             root_namespace: a.root_namespace,
+            hbone_pooling: a.hbone_pooling,
         })
     }
 }

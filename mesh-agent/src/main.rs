@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let cfg = config::Config::from_args(*args)?;
             init_logging(cfg.log_format);
+            raise_nofile(2 * u64::from(cfg.max_connections) + 4096);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(cfg))
         }
@@ -50,6 +51,30 @@ fn main() -> anyhow::Result<()> {
             eprintln!("removed {}: programs detached, maps freed", bpffs_dir.display());
             Ok(())
         }
+    }
+}
+
+/// Every proxied connection holds up to two descriptors (the pod's socket and the upstream
+/// one); the default soft limit (often 1024) would refuse connections long before
+/// `--max-connections` does. Raised as far as allowed, and said when that is not far enough.
+fn raise_nofile(want: u64) {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 || l.rlim_cur >= want {
+            return;
+        }
+        let up = libc::rlimit { rlim_cur: want, rlim_max: want.max(l.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+            return;
+        }
+        let hard = libc::rlimit { rlim_cur: l.rlim_max, rlim_max: l.rlim_max };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &hard);
+        tracing::warn!(
+            limit = l.rlim_max,
+            wanted = want,
+            "open-file limit is below what --max-connections needs; raise the hard limit (LimitNOFILE=) or lower --max-connections"
+        );
     }
 }
 

@@ -60,6 +60,26 @@ fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
     assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(b).ip)), "{accepted:?}");
 }
 
+/// One pod holding more connections to one destination than the peer allows streams on one
+/// HBONE connection (256): the pool opens more mTLS connections instead of stalling.
+#[test]
+fn more_concurrent_connections_than_one_tunnel_carries_all_work() {
+    let (mut t, n1, n2, a, b) = two_nodes("many");
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let _server = t.start_server(b, APP_PORT).unwrap();
+    let agent1 = t.start_agent(n1, &[]).unwrap();
+    let _agent2 = t.start_agent(n2, &[]).unwrap();
+
+    let r = t.pod_app(a, &["hold", "--to", &dst(&t, b), "--count", "600", "--hold-ms", "0"]).unwrap();
+    let results = r["results"].as_array().unwrap();
+    let failed: Vec<(usize, &Value)> = results.iter().enumerate().filter(|(_, r)| r["ok"] != true).collect();
+    assert!(failed.is_empty(), "{} of 600 held connections failed, first: {:?}", failed.len(), failed.first());
+    let hbone = &agent1.stats().unwrap()["hbone"];
+    assert_eq!(hbone["streams"], 600, "{hbone}");
+    assert!(hbone["tls_sessions"].as_u64().unwrap() >= 3, "600 streams at 256 per connection need 3: {hbone}");
+}
+
 #[test]
 fn a_non_meshed_pods_connections_are_not_touched() {
     let mut t = Topology::new("nonmesh").unwrap();

@@ -4,23 +4,43 @@
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+/// Read sizes: a connection starts small and doubles while reads fill the buffer (a bulk flow),
+/// up to the largest; request/response traffic stays small.
+const MIN_CHUNK: usize = 8 * 1024;
 const CHUNK: usize = 64 * 1024;
 
-async fn tcp_to_h2(mut r: OwnedReadHalf, mut send: SendStream<Bytes>) -> std::io::Result<u64> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+/// Reads from the client and sends on the stream. The read buffer exists only while data is
+/// flowing: an idle connection holds none (it waits for readability first), which is what lets
+/// one agent hold many idle connections cheaply.
+async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>) -> std::io::Result<u64> {
+    let mut buf = BytesMut::new();
+    let mut want = MIN_CHUNK;
     let mut total = 0u64;
     loop {
-        buf.reserve(CHUNK);
-        let n = r.read_buf(&mut buf).await?;
+        buf.reserve(want);
+        let room = buf.capacity() - buf.len();
+        let n = match r.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Nothing to read: give the buffer back before waiting.
+                buf = BytesMut::new();
+                r.readable().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
         total += n as u64;
+        if n == room {
+            want = (want * 2).min(CHUNK);
+        }
         let mut data = buf.split().freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());

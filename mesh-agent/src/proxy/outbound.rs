@@ -121,7 +121,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
             let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
             let to = super::tunnel::Destination { id: &dst_id, hbone_addr: hbone, target: dst };
             let opened = agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout()).await;
-            let (send, recv) = match opened {
+            let (send, recv, _lease) = match opened {
                 Ok(s) => s,
                 Err(e) => {
                     if let super::tunnel::TunnelError::Handshake(_, _, reason) = &e {

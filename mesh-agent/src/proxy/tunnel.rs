@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,10 +72,27 @@ struct PoolKey {
     addr: SocketAddr,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Bytes>>>>;
+/// The current pooled connection for a key, and how many streams it carries.
+struct Pooled {
+    sender: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+}
 
-#[derive(Default)]
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+/// One stream's share of its connection: released when the stream is done, so that the pool
+/// knows when a connection has room under the peer's MAX_CONCURRENT_STREAMS.
+pub struct StreamLease(Arc<AtomicUsize>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Pool {
+    /// When false, every connection gets its own TLS session (see `--hbone-pooling`).
+    pooling: bool,
     slots: Mutex<HashMap<PoolKey, Slot>>,
     /// TLS sessions opened (one per pooled connection).
     pub tls_sessions: AtomicU64,
@@ -85,6 +102,16 @@ pub struct Pool {
 }
 
 impl Pool {
+    pub fn new(pooling: bool) -> Pool {
+        Pool {
+            pooling,
+            slots: Default::default(),
+            tls_sessions: Default::default(),
+            streams: Default::default(),
+            handshake_failures: Default::default(),
+        }
+    }
+
     /// Opens a tunnel stream to `to.target` through `to.hbone_addr`.
     pub async fn open(
         &self,
@@ -93,23 +120,36 @@ impl Pool {
         cert: &WorkloadCert,
         to: Destination<'_>,
         connect_timeout: Duration,
-    ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamLease), TunnelError> {
         let Destination { id: dst, hbone_addr, target } = to;
         let key = PoolKey { src: wl.key.clone(), dst: dst.clone(), addr: hbone_addr };
-        let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
-        let mut sender = {
+        let (mut sender, active) = if !self.pooling {
+            (self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?, Arc::default())
+        } else {
+            let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
             let mut guard = slot.lock().await;
+            // A connection at the peer's stream limit is not reused: a new one becomes current,
+            // and the full one closes once its streams are done. (Waiting for room instead
+            // would stall new connections behind long-lived ones.)
             let reusable = match guard.take() {
-                Some(s) => s.ready().await.ok(),
-                None => None,
+                Some(p) if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams() => {
+                    p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
+                }
+                _ => None,
             };
-            let s = match reusable {
-                Some(s) => s,
-                None => self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?,
+            let p = match reusable {
+                Some(p) => p,
+                None => Pooled {
+                    sender: self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?,
+                    active: Arc::default(),
+                },
             };
-            *guard = Some(s.clone());
-            s
+            let out = (p.sender.clone(), p.active.clone());
+            *guard = Some(p);
+            out
         };
+        active.fetch_add(1, Ordering::Relaxed);
+        let lease = StreamLease(active);
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(target.to_string())
@@ -124,7 +164,7 @@ impl Pool {
         if resp.status() != http::StatusCode::OK {
             return Err(TunnelError::Status(resp.status()));
         }
-        Ok((send, resp.into_body()))
+        Ok((send, resp.into_body(), lease))
     }
 
     async fn connect(
