@@ -32,9 +32,18 @@ enum Cmd {
     /// Regenerate checked-in artifacts: the CA's gRPC code (mesh-identity/src/proto) and the
     /// CRD manifests (deploy/crds) from the Rust types.
     Codegen,
-    /// Benchmarks (reported as ratios to a baseline measured in the same run). Today: policy
-    /// decision cost, 10 vs 10,000 policies; report in target/bench/.
-    Bench,
+    /// Benchmarks, reported as ratios to a baseline measured in the same run: policy decision
+    /// cost (10 vs 10,000 policies) and the datapath (throughput, latency, connection rate, agent
+    /// CPU and memory, mesh vs direct). Report and chart in target/bench/.
+    Bench {
+        /// One short run of each measurement (a smoke test, not numbers to quote).
+        #[arg(long)]
+        quick: bool,
+        /// Also profile the agents (perf) where targets are hard: new mTLS connections,
+        /// cross-node throughput and echo. Flat profiles in target/bench/profile-*.txt.
+        #[arg(long)]
+        profile: bool,
+    },
     /// A local mesh in network namespaces with real traffic.
     Demo {
         /// Leave the mesh running and print how to poke at it.
@@ -52,6 +61,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ss", "iproute2"),
     // `cargo xtask codegen` and the test that checks the generated gRPC code is current.
     ("protoc", "protobuf-compiler"),
+    // The benchmark: its chart's text, and the profiler the report's notes cite.
+    ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+    ("perf", "linux-perf"),
 ];
 
 fn main() {
@@ -80,7 +92,11 @@ fn real_main() -> Result<()> {
             build(&root)?;
             test(&root, filter.as_deref())
         }
-        Cmd::Bench => bench(&root),
+        Cmd::Bench { quick, profile } => {
+            setup()?;
+            build(&root)?;
+            bench(&root, quick, profile)
+        }
         Cmd::Codegen => {
             codegen(&root.join("mesh-identity/src/proto"))?;
             write_crds(&root.join("deploy/crds"))?;
@@ -116,7 +132,11 @@ fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// A command on PATH, or (for an absolute path) a file that exists.
 fn have(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return Path::new(cmd).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
         .status()
@@ -261,7 +281,7 @@ fn write_crds(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path) -> Result<()> {
+fn bench(root: &Path, quick: bool, profile: bool) -> Result<()> {
     step("policy decision benchmark (10 vs 10,000 policies)");
     let out = Command::new("cargo")
         .args(["bench", "-q", "-p", "mesh-model", "--bench", "policy"])
@@ -274,21 +294,17 @@ fn bench(root: &Path) -> Result<()> {
     print!("{table}");
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let report = format!(
-        "# sockmesh benchmarks\n\nmachine: {} CPUs, kernel {}, commit {}\n\n## Policy decisions\n\n{table}\nThe datapath benchmarks (throughput, latency, connection rate, agent memory) are not implemented yet.\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        kernel.trim(),
-        commit
-    );
-    std::fs::write(dir.join("report.md"), report)?;
-    eprintln!("report: {}", dir.join("report.md").display());
-    Ok(())
+    std::fs::write(dir.join("policy.md"), &table)?;
+    step("datapath benchmark: mesh vs direct in one two-node topology");
+    let mut cmd = Command::new(root.join("target/release/sm-bench"));
+    cmd.arg("--out").arg(&dir);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if profile {
+        cmd.arg("--profile");
+    }
+    sh(&mut cmd)
 }
 
 /// Sums cargo's "test result:" lines.
