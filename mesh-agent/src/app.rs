@@ -265,6 +265,12 @@ impl Agent {
         self.known.lock().unwrap().get(&ip).cloned()
     }
 
+    /// The workload registered on this node at `ip`, if any: the agent holds its netns, so a
+    /// connection to it need not leave the node.
+    pub fn local_workload_at(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
+        self.registered.lock().unwrap().values().find(|r| r.wl.workload.ips.contains(&ip)).map(|r| r.wl.clone())
+    }
+
     pub fn policy_state(&self) -> Arc<crate::policy::PolicyState> {
         self.policy.read().unwrap().clone()
     }

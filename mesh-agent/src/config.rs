@@ -83,6 +83,12 @@ pub struct RunArgs {
     /// measuring handshake cost; never faster).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub hbone_pooling: bool,
+    /// Send connections between two meshed pods of this node through mutual TLS too (to the
+    /// agent itself), as if they crossed nodes. By default they are authenticated by kernel
+    /// facts on both ends, authorized by the destination's policy and relayed without TLS:
+    /// the bytes never leave the node.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub same_node_tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,6 +116,7 @@ pub struct Config {
     pub readiness_addr: std::net::SocketAddr,
     pub root_namespace: String,
     pub hbone_pooling: bool,
+    pub same_node_tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +213,7 @@ impl Config {
             readiness_addr: a.readiness_addr,
             root_namespace: a.root_namespace,
             hbone_pooling: a.hbone_pooling,
+            same_node_tls: a.same_node_tls,
         })
     }
 }

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let cfg = config::Config::from_args(*args)?;
             init_logging(cfg.log_format);
-            raise_nofile(2 * u64::from(cfg.max_connections) + 4096);
+            raise_nofile(6 * u64::from(cfg.max_connections) + 4096);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(cfg))
         }
@@ -54,8 +54,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Every proxied connection holds up to two descriptors (the pod's socket and the upstream
-/// one); the default soft limit (often 1024) would refuse connections long before
+/// Every proxied connection holds up to six descriptors (the pod's socket, the upstream one,
+/// and a pipe per direction while a plain relay splices); the default soft limit (often 1024) would refuse connections long before
 /// `--max-connections` does. Raised as far as allowed, and said when that is not far enough.
 fn raise_nofile(want: u64) {
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -147,7 +147,13 @@ impl Metrics {
             destination_workload: dw,
             destination_workload_namespace: dns,
             destination_principal: rec.dst_principal.clone().unwrap_or_else(|| "unknown".into()),
-            connection_security_policy: if rec.security == "mutual_tls" { "mutual_tls" } else { "none" },
+            // Bounded: mutual_tls, node_local (same node, identities from kernel facts, no
+            // wire), or none (plaintext).
+            connection_security_policy: match rec.security {
+                "mutual_tls" => "mutual_tls",
+                crate::proxy::local::SECURITY => crate::proxy::local::SECURITY,
+                _ => "none",
+            },
             response_flags: if flags == "ok" { "-".into() } else { flags.to_owned() },
             request_protocol: "tcp",
         }

@@ -200,3 +200,58 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
     assert!(metric(&m, "sockmesh_config_version", &[]).unwrap() >= 1.0, "{m}");
     assert!(metric(&m, "sockmesh_config_push_lag_milliseconds", &[]).is_some(), "{m}");
 }
+
+/// Same node: no TLS (nothing leaves the node; both identities are kernel facts), but the
+/// destination's policy still decides, and both sides are attributed. `--same-node-tls true`
+/// puts the same connection through mutual TLS.
+#[test]
+fn same_node_traffic_skips_tls_but_not_policy() {
+    let mut t = Topology::new("samenode").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let b = t.add_pod(n1, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let mut agent = t.start_agent(n1, &[]).unwrap();
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000000", "--seed", "3"]).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(server.accepted().unwrap().len(), 1);
+    wait_for(Duration::from_secs(5), || Ok(agent.access_log().len() >= 2)).unwrap();
+    let log = agent.access_log();
+    for dir in ["outbound", "inbound"] {
+        let l = log.iter().find(|l| l["direction"] == dir).unwrap_or_else(|| panic!("no {dir} line: {log:?}"));
+        assert_eq!(l["connection_security_policy"], "node_local", "{l}");
+        assert_eq!(l["src_principal"], "spiffe://cluster.local/ns/default/sa/sa-a", "{l}");
+        assert_eq!(l["dst_principal"], "spiffe://cluster.local/ns/default/sa/sa-b", "{l}");
+        assert_eq!(l["bytes_sent"], 1_000_000, "{l}");
+    }
+    assert_eq!(agent.stats().unwrap()["hbone"]["tls_sessions"], 0, "same-node traffic made a TLS session");
+    let (_, m) = http_get(&t.node(n1).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    for reporter in ["source", "destination"] {
+        let labels =
+            [("reporter", reporter), ("connection_security_policy", "node_local"), ("destination_workload", "b")];
+        assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &labels), Some(1.0), "{reporter}: {m}");
+    }
+
+    // Policy still decides: a DENY for a's principal refuses a -> b on the same node.
+    t.write_config("deny-a.yaml", deny_from_a()).unwrap();
+    time_until(Duration::from_secs(3), || !echo_ok(&t, a, &to)).expect("same-node A->B allowed under DENY");
+    let seen = server.accepted().unwrap().len();
+    for _ in 0..3 {
+        assert!(!echo_ok(&t, a, &to), "same-node A->B allowed under DENY");
+    }
+    assert_eq!(server.accepted().unwrap().len(), seen, "the app saw a denied connection");
+    assert!(agent.access_log().iter().any(|l| l["direction"] == "inbound" && l["result"] == "deny_policy"));
+    t.remove_config("deny-a.yaml").unwrap();
+    time_until(Duration::from_secs(3), || echo_ok(&t, a, &to)).expect("A->B still denied after removal");
+
+    // Asked for TLS on every hop: the same connection goes through HBONE to the agent itself.
+    agent.stop().unwrap();
+    let agent = t.start_agent(n1, &["--same-node-tls", "true"]).unwrap();
+    wait_for(Duration::from_secs(10), || Ok(echo_ok(&t, a, &to))).unwrap();
+    assert!(agent.stats().unwrap()["hbone"]["tls_sessions"].as_u64().unwrap() >= 1);
+    assert!(agent.access_log().iter().any(|l| l["connection_security_policy"] == "mutual_tls"));
+}

@@ -4,7 +4,9 @@
 pub mod h2io;
 pub mod hbone;
 pub mod inbound;
+pub mod local;
 pub mod outbound;
+pub mod splice;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -102,21 +104,24 @@ pub struct ConnRecord {
     pub security: &'static str,
 }
 
-/// Moves bytes both ways until both sides are done, then writes one access-log line.
+/// Moves bytes both ways (in the kernel, [`splice`]) until both sides are done, then writes one
+/// access-log line. Returns
+/// (bytes client→upstream, bytes upstream→client, error).
 pub async fn relay(
     agent: &Arc<Agent>,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     rec: ConnRecord,
     started: Instant,
-) {
+) -> (u64, u64, Option<String>) {
     let _live = opened(agent, &rec);
-    let res = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let res = tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client));
     let (sent, received, error) = match res {
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
     log_close(agent, &rec, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
+    (sent, received, error)
 }
 
 /// A connection is being relayed: counted as opened and listed by the admin API until the

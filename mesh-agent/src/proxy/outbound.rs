@@ -97,6 +97,11 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
         Err(e) => return refuse(&rec, client, RefuseReason::NoCertificate.as_str(), &e.to_string()),
     };
     agent.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if !agent.config.same_node_tls {
+        if let Some(local) = agent.local_workload_at(dst.ip()) {
+            return super::local::handle(agent.clone(), wl, local, client, rec, dst, started).await;
+        }
+    }
     match agent.destination(dst.ip()) {
         Some(dst_wl) => {
             // A meshed destination: mutual TLS to its HBONE port, expecting its identity.
