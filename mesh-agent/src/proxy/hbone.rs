@@ -133,7 +133,7 @@ async fn connection(agent: Arc<Agent>, wl: Arc<LocalWorkload>, tcp: TcpStream, p
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
         let (agent, wl, peer_id) = (agent.clone(), wl.clone(), peer_id.clone());
-        tokio::spawn(async move { stream(agent, wl, peer_id, peer, req, respond).await });
+        tokio::spawn(stream(agent, wl, peer_id, peer, req, respond));
     }
 }
 
@@ -192,7 +192,7 @@ async fn stream(
         return status(&mut respond, StatusCode::UNAUTHORIZED);
     }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let app = match dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {
+    let app = match Box::pin(dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout())).await {
         Ok(s) => s,
         Err(e) => {
             agent.stats.refused(RefuseReason::UpstreamUnreachable);

@@ -70,7 +70,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
     }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // From inside the pod's netns, from the app's own address: sk_lookup leaves that alone.
-    let upstream = match dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {
+    let upstream = match Box::pin(dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout())).await {
         Ok(s) => s,
         Err(e) => {
             agent.stats.refused(RefuseReason::UpstreamUnreachable);

@@ -58,7 +58,7 @@ pub async fn handle(
     }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // From inside the destination's netns, from its own address: sk_lookup leaves that alone.
-    let upstream = match dial_in(&dst_wl.netns, dst, Some(dst.ip()), agent.connect_timeout()).await {
+    let upstream = match Box::pin(dial_in(&dst_wl.netns, dst, Some(dst.ip()), agent.connect_timeout())).await {
         Ok(s) => s,
         Err(e) => return refuse(RefuseReason::UpstreamUnreachable.as_str(), &e.to_string(), client),
     };

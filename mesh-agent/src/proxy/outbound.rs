@@ -49,7 +49,10 @@ pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListe
         let orig = agent.datapath().take_orig_dst(&port_key(wl.netns_cookie, peer));
         let agent = agent.clone();
         let wl = wl.clone();
-        tokio::spawn(async move { handle(agent, wl, stream, peer, orig).await });
+        // The task lives as long as the connection: the one-off steps (certificate, tunnel
+        // set-up, dial) are boxed inside it so their state is freed once done instead of sizing
+        // every connection's task (5.5 KB -> 2.1 KB).
+        tokio::spawn(handle(agent, wl, stream, peer, orig));
     }
 }
 
@@ -92,14 +95,14 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
         );
     }
     // Nothing leaves a meshed workload before it can prove who it is.
-    let cert = match agent.identities.get(&wl.spiffe_id).await {
+    let cert = match Box::pin(agent.identities.get(&wl.spiffe_id)).await {
         Ok(c) => c,
         Err(e) => return refuse(&rec, client, RefuseReason::NoCertificate.as_str(), &e.to_string()),
     };
     agent.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if !agent.config.same_node_tls {
         if let Some(local) = agent.local_workload_at(dst.ip()) {
-            return super::local::handle(agent.clone(), wl, local, client, rec, dst, started).await;
+            return Box::pin(super::local::handle(agent.clone(), wl, local, client, rec, dst, started)).await;
         }
     }
     match agent.destination(dst.ip()) {
@@ -125,7 +128,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
             rec.dst_principal = Some(dst_id.to_string());
             let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
             let to = super::tunnel::Destination { id: &dst_id, hbone_addr: hbone, target: dst };
-            let opened = agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout()).await;
+            let opened = Box::pin(agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout())).await;
             let (send, recv, _lease) = match opened {
                 Ok(s) => s,
                 Err(e) => {
@@ -144,7 +147,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
         None => {
             // Not a mesh workload: there is no identity to require. Passed through as TCP,
             // and logged as connection_security_policy=none.
-            let upstream = match dial_in(&wl.netns, dst, None, agent.connect_timeout()).await {
+            let upstream = match Box::pin(dial_in(&wl.netns, dst, None, agent.connect_timeout())).await {
                 Ok(s) => s,
                 Err(e) => return refuse(&rec, client, RefuseReason::UpstreamUnreachable.as_str(), &e.to_string()),
             };
