@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
             init_logging(cfg.log_format);
             raise_nofile(6 * u64::from(cfg.max_connections) + 4096);
             limit_malloc_arenas();
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.worker_threads).enable_all().build()?;
             rt.block_on(run(cfg))
         }
         Cmd::Uninstall { bpffs_dir } => {

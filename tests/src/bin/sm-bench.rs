@@ -84,6 +84,9 @@ struct Bench {
     pods: BTreeMap<&'static str, PodId>,
     results: BTreeMap<String, Stat>,
     notes: Vec<String>,
+    /// Extra agent flags for every start (`--agent-args "--worker-threads 1"`), for trying
+    /// settings; recorded in the report.
+    agent_args: Vec<String>,
 }
 
 impl Bench {
@@ -103,8 +106,10 @@ impl Bench {
         for mut a in self.agents.drain(..) {
             a.stop()?;
         }
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(self.agent_args.iter().map(String::as_str));
         for n in [self.n1, self.n2] {
-            self.agents.push(self.t.start_agent(n, extra)?);
+            self.agents.push(self.t.start_agent(n, &args)?);
         }
         for n in [self.n1, self.n2] {
             wait_for(Duration::from_secs(20), || {
@@ -348,6 +353,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let profile = args.iter().any(|a| a == "--profile");
+    // For iterating on one thing: `--only tput` (or lat, conns, mem, fresh) skips the rest.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let want = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let out = args
         .iter()
         .position(|a| a == "--out")
@@ -393,7 +401,17 @@ fn main() -> Result<()> {
         start(&mut servers, t.pod_command(pods[s], "iperf3")?.args(["-s", "-p", "5201"]))?;
         start(&mut servers, t.pod_command(pods[s], bin("sm-load"))?.args(["serve", "--listen", "0.0.0.0:7000"]))?;
     }
-    let mut b = Bench { t, opts, agents: Vec::new(), n1, n2, pods, results: BTreeMap::new(), notes: Vec::new() };
+    let agent_args: Vec<String> = args
+        .iter()
+        .position(|a| a == "--agent-args")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut notes = Vec::new();
+    if !agent_args.is_empty() {
+        notes.push(format!("agents ran with extra flags: {}", agent_args.join(" ")));
+    }
+    let mut b = Bench { t, opts, agents: Vec::new(), n1, n2, pods, results: BTreeMap::new(), notes, agent_args };
     b.start_agents(&[])?;
     // Servers up (iperf3 prints nothing we read; poll its port).
     for s in ["a2", "b", "c2", "d"] {
@@ -412,19 +430,29 @@ fn main() -> Result<()> {
         b.record(&format!("mem.start_rss.n{}", i + 1), vec![rss]);
     }
 
-    eprintln!("throughput (iperf3, {}s per run, {} runs)", b.opts.tput_secs, b.opts.reps);
-    b.throughput()?;
-    eprintln!("latency (1 KiB request/response, {}s per run)", b.opts.rr_secs);
-    b.latency()?;
-    eprintln!("new connections per second");
-    b.conn_rate(&[("direct", "c", "d"), ("mesh_pooled", "a", "b")])?;
-    eprintln!("agent memory");
-    b.memory()?;
-    eprintln!(
-        "new connections per second with a fresh mTLS handshake each (agents restarted with --hbone-pooling false)"
-    );
-    b.start_agents(&["--hbone-pooling", "false"])?;
-    b.profiled("fresh-mtls-connections", |b| b.conn_rate(&[("mesh_fresh_mtls", "a", "b")]))?;
+    if want("tput") {
+        eprintln!("throughput (iperf3, {}s per run, {} runs)", b.opts.tput_secs, b.opts.reps);
+        b.throughput()?;
+    }
+    if want("lat") {
+        eprintln!("latency (1 KiB request/response, {}s per run)", b.opts.rr_secs);
+        b.latency()?;
+    }
+    if want("conns") || want("fresh") {
+        eprintln!("new connections per second");
+        b.conn_rate(&[("direct", "c", "d"), ("mesh_pooled", "a", "b")])?;
+    }
+    if want("mem") {
+        eprintln!("agent memory");
+        b.memory()?;
+    }
+    if want("fresh") {
+        eprintln!(
+            "new connections per second with a fresh mTLS handshake each (agents restarted with --hbone-pooling false)"
+        );
+        b.start_agents(&["--hbone-pooling", "false"])?;
+        b.profiled("fresh-mtls-connections", |b| b.conn_rate(&[("mesh_fresh_mtls", "a", "b")]))?;
+    }
     if b.opts.profile {
         eprintln!("profiling: cross-node throughput and 1 KiB echo through the mesh");
         b.start_agents(&[])?;
