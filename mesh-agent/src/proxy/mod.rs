@@ -76,6 +76,20 @@ pub async fn dial_in(
             )?;
             s.set_nonblocking(true)?;
             if let Some(ip) = bind_to {
+                // Choose the port at connect() by the whole 4-tuple, not at bind() by the
+                // address alone: otherwise many connections to one app exhaust the ports
+                // (ports held in TIME_WAIT are never reused by bind).
+                let one: libc::c_int = 1;
+                // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        libc::IPPROTO_IP,
+                        libc::IP_BIND_ADDRESS_NO_PORT,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
                 s.bind(&SocketAddr::new(ip, 0).into())?;
             }
             s.set_nodelay(true)?;
