@@ -46,7 +46,7 @@ pub struct Stats {
     refused: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     pub metrics: crate::metrics::Metrics,
-    live: Mutex<BTreeMap<u64, (crate::proxy::ConnRecord, std::time::SystemTime)>>,
+    live: Mutex<BTreeMap<u64, (Arc<crate::proxy::ConnRecord>, std::time::SystemTime)>>,
     next_live: AtomicU64,
 }
 
@@ -178,7 +178,8 @@ impl Agent {
         )
     }
 
-    pub fn track(self: &Arc<Self>, rec: &crate::proxy::ConnRecord) -> LiveConn {
+    /// Shares the connection's record (no copy of its strings per live connection).
+    pub fn track(self: &Arc<Self>, rec: &Arc<crate::proxy::ConnRecord>) -> LiveConn {
         let id = self.stats.next_live.fetch_add(1, Ordering::Relaxed);
         self.stats.live.lock().unwrap().insert(id, (rec.clone(), std::time::SystemTime::now()));
         LiveConn { agent: self.clone(), id }

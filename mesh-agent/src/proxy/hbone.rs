@@ -205,6 +205,7 @@ async fn stream(
         Ok(s) => s,
         Err(_) => return,
     };
+    let rec = Arc::new(rec);
     let live = super::opened(&agent, &rec);
     let (from_app, to_app, err) = h2io::relay(app, send, req.into_body()).await;
     drop(live);

@@ -62,6 +62,7 @@ pub async fn handle(
         Ok(s) => s,
         Err(e) => return refuse(RefuseReason::UpstreamUnreachable.as_str(), &e.to_string(), client),
     };
+    let inb = Arc::new(inb);
     let live_in = super::opened(&agent, &inb);
     let (sent, received, error) = relay(&agent, client, upstream, out, started).await;
     drop(live_in);

@@ -128,6 +128,7 @@ pub async fn relay(
     rec: ConnRecord,
     started: Instant,
 ) -> (u64, u64, Option<String>) {
+    let rec = Arc::new(rec);
     let _live = opened(agent, &rec);
     let res = tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client));
     let (sent, received, error) = match res {
@@ -140,7 +141,7 @@ pub async fn relay(
 
 /// A connection is being relayed: counted as opened and listed by the admin API until the
 /// returned guard is dropped.
-pub fn opened(agent: &Arc<Agent>, rec: &ConnRecord) -> crate::app::LiveConn {
+pub fn opened(agent: &Arc<Agent>, rec: &Arc<ConnRecord>) -> crate::app::LiveConn {
     agent.stats.metrics.opened(rec);
     agent.track(rec)
 }

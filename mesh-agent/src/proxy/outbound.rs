@@ -138,6 +138,10 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
                     return refuse(&rec, client, e.reason(), &e.to_string());
                 }
             };
+            // Held for the connection's life otherwise: the destination's whole record (a
+            // clone, with its labels), its identity, and this workload's certificate.
+            drop((dst_wl, dst_id, cert));
+            let rec = Arc::new(rec);
             let live = super::opened(&agent, &rec);
             let (sent, received, err) = super::h2io::relay(client, send, recv).await;
             drop(live);
