@@ -304,7 +304,7 @@ impl Bench {
         text.extend_from_slice(&rep.stdout);
         std::fs::write(&path, &text)?;
         let _ = std::fs::remove_file(&data);
-        self.notes.push(format!("CPU profile of both agents during {name}: {}", path.display()));
+        self.notes.push(format!("CPU profile of both agents during {name}: profile-{name}.txt (perf, cpu-clock)"));
         r
     }
 
@@ -670,7 +670,10 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
     if !missed.is_empty() {
         md.push_str("\n## Missed targets\n\n");
         for r in &missed {
-            md.push_str(&format!("- {}: {} (mesh {}, direct {})\n", r.what, r.ratio, r.mesh, r.direct));
+            md.push_str(&format!(
+                "- {}: mesh {}, target {} (direct {}; mesh/direct {})\n",
+                r.what, r.mesh, r.target, r.direct, r.ratio
+            ));
         }
     }
     if !b.notes.is_empty() {
@@ -701,7 +704,7 @@ fn chart(b: &Bench, path: &Path) -> Result<()> {
                 unit: &str,
                 groups: Vec<(&str, f64, f64)>|
      -> Result<()> {
-        let top = groups.iter().flat_map(|(_, d, m)| [*d, *m]).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.2;
+        let top = groups.iter().flat_map(|(_, d, m)| [*d, *m]).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.35;
         let mut c = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 20))
             .margin(12)
@@ -735,7 +738,11 @@ fn chart(b: &Bench, path: &Path) -> Result<()> {
         c.draw_series(std::iter::once(Rectangle::new([(0.0, 0.0), (0.0, 0.0)], mesh_c.filled())))?
             .label("mesh")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], mesh_c.filled()));
-        c.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
         Ok(())
     };
     draw(
