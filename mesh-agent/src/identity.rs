@@ -60,7 +60,13 @@ pub struct WorkloadCert {
     pub received_at: i64,
     /// What the HBONE listener of a workload with this identity presents.
     pub server_config: Arc<rustls::ServerConfig>,
+    /// Client configurations by the identity the peer must prove, built once per certificate:
+    /// building one loads (and checks) the private key, which costs as much as a signature.
+    client_configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
 }
+
+/// More distinct destination identities than this per certificate and the cache starts over.
+const CLIENT_CONFIGS_MAX: usize = 4096;
 
 impl WorkloadCert {
     fn key(&self) -> PrivateKeyDer<'static> {
@@ -213,13 +219,28 @@ impl Identities {
         cert: &WorkloadCert,
         expected: SpiffeId,
     ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        if let Some(c) = cert.client_configs.lock().unwrap().get(&expected) {
+            return Ok(c.clone());
+        }
         let mut c = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(self.bundle.clone(), expected)))
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+                self.bundle.clone(),
+                expected.clone(),
+            )))
             .with_client_auth_cert(cert.chain.clone(), cert.key())?;
         c.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(c))
+        // Every tunnel is a full handshake: both ends prove their identity each time, and no
+        // session secrets outlive a connection.
+        c.resumption = rustls::client::Resumption::disabled();
+        let c = Arc::new(c);
+        let mut cache = cert.client_configs.lock().unwrap();
+        if cache.len() >= CLIENT_CONFIGS_MAX {
+            cache.clear();
+        }
+        cache.insert(expected, c.clone());
+        Ok(c)
     }
 
     pub fn certs_json(&self) -> serde_json::Value {
@@ -301,7 +322,18 @@ impl Identities {
             .with_single_cert(chain.clone(), PrivateKeyDer::Pkcs8(key.clone_key()))
             .map_err(|e| FetchError::Local(e.to_string()))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(WorkloadCert { chain, key, not_after, not_before, received_at: now_secs(), server_config: Arc::new(server) })
+        // No resumption (see client_config): no tickets to send, no sessions to keep.
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Ok(WorkloadCert {
+            chain,
+            key,
+            not_after,
+            not_before,
+            received_at: now_secs(),
+            server_config: Arc::new(server),
+            client_configs: Mutex::new(HashMap::new()),
+        })
     }
 }
 
