@@ -115,6 +115,9 @@ pub struct Agent {
     pub config: Config,
     datapath: Mutex<Datapath>,
     registered: Mutex<BTreeMap<WorkloadKey, Registered>>,
+    /// The registered workloads by address: every outbound connection asks whether its
+    /// destination is on this node.
+    local_ips: Mutex<std::collections::HashMap<IpAddr, Arc<LocalWorkload>>>,
     /// Every known workload address (local or not) -> workload: where a destination address
     /// leads and which identity it must prove.
     known: Mutex<BTreeMap<IpAddr, Workload>>,
@@ -141,6 +144,7 @@ impl Agent {
             config,
             datapath: Mutex::new(datapath),
             registered: Mutex::new(BTreeMap::new()),
+            local_ips: Default::default(),
             known: Mutex::new(BTreeMap::new()),
             stats: Stats::default(),
             identities,
@@ -269,7 +273,7 @@ impl Agent {
     /// The workload registered on this node at `ip`, if any: the agent holds its netns, so a
     /// connection to it need not leave the node.
     pub fn local_workload_at(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
-        self.registered.lock().unwrap().values().find(|r| r.wl.workload.ips.contains(&ip)).map(|r| r.wl.clone())
+        self.local_ips.lock().unwrap().get(&ip).cloned()
     }
 
     pub fn policy_state(&self) -> Arc<crate::policy::PolicyState> {
@@ -486,6 +490,7 @@ impl Agent {
         self.identities.acquire(&spiffe_id);
 
         self.set_known(std::slice::from_ref(&w));
+        self.local_ips.lock().unwrap().extend(w.ips.iter().map(|ip| (*ip, wl.clone())));
         self.registered.lock().unwrap().insert(key.clone(), Registered { wl: wl.clone(), tasks, runtime });
         if runtime {
             self.save_runtime_state()?;
@@ -512,8 +517,10 @@ impl Agent {
         self.identities.release(&reg.wl.spiffe_id);
         {
             let mut known = self.known.lock().unwrap();
+            let mut local = self.local_ips.lock().unwrap();
             for ip in &reg.wl.workload.ips {
                 known.remove(ip);
+                local.remove(ip);
             }
         }
         if reg.runtime {

@@ -160,13 +160,8 @@ impl Config {
                 return Err(invalid("worker-threads", &n, "must be between 1 and 64"));
             }
             Some(n) => n,
-            None => {
-                if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) <= 2 {
-                    1
-                } else {
-                    2
-                }
-            }
+            None if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) <= 2 => 1,
+            None => 2,
         };
         if a.max_workloads < 1 {
             return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));

@@ -57,8 +57,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Every proxied connection holds up to six descriptors (the pod's socket, the upstream one,
-/// and a pipe per direction while a plain relay splices); the default soft limit (often 1024) would refuse connections long before
-/// `--max-connections` does. Raised as far as allowed, and said when that is not far enough.
+/// and a pipe per direction while a plain relay splices); the default soft limit (often 1024)
+/// would refuse connections long before `--max-connections` does. Raised as far as allowed,
+/// and said when that is not far enough.
 fn raise_nofile(want: u64) {
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on our own process with a valid struct.

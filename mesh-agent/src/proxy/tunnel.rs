@@ -122,10 +122,10 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamLease), TunnelError> {
         let Destination { id: dst, hbone_addr, target } = to;
-        let key = PoolKey { src: wl.key.clone(), dst: dst.clone(), addr: hbone_addr };
         let (mut sender, active) = if !self.pooling {
             (self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?, Arc::default())
         } else {
+            let key = PoolKey { src: wl.key.clone(), dst: dst.clone(), addr: hbone_addr };
             let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
             let mut guard = slot.lock().await;
             // A connection at the peer's stream limit is not reused: a new one becomes current,

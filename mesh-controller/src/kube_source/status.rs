@@ -93,10 +93,12 @@ async fn write_kind<K>(
         + 'static,
 {
     let kind = K::kind(&());
+    // One snapshot of the store for the whole pass.
+    let objects = store.state();
     let present: std::collections::HashSet<(String, String)> =
-        store.state().iter().map(|o| (o.namespace().unwrap_or_default(), o.name_any())).collect();
+        objects.iter().map(|o| (o.namespace().unwrap_or_default(), o.name_any())).collect();
     written.retain(|k, _| present.contains(k));
-    for o in store.state() {
+    for o in objects {
         let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
         let rv = o.resource_version().unwrap_or_default();
         if written.get(&(ns.clone(), name.clone())) == Some(&rv) {

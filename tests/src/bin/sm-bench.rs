@@ -124,6 +124,21 @@ impl Bench {
         self.results.insert(key.to_owned(), stat(samples));
     }
 
+    fn record_all(&mut self, samples: BTreeMap<String, Vec<f64>>) {
+        for (k, v) in samples {
+            self.record(&k, v);
+        }
+    }
+
+    /// "mesh" or "direct": whether the client pod is meshed.
+    fn path(&self, client: &str) -> &'static str {
+        if self.t.pod(self.pod(client)).meshed {
+            "mesh"
+        } else {
+            "direct"
+        }
+    }
+
     fn get(&self, key: &str) -> f64 {
         self.results.get(key).map(|s| s.median).unwrap_or(f64::NAN)
     }
@@ -174,7 +189,7 @@ impl Bench {
         let mut cpu_per_gb = Vec::new();
         for rep in 0..self.opts.reps {
             for (name, client, server, streams) in cases {
-                let path = if client.starts_with('a') { "mesh" } else { "direct" };
+                let path = self.path(client);
                 progress(&format!("throughput {name} {path} ({streams} connection(s), {secs}s) run {}", rep + 1));
                 let cpu0: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
                 let (bps, bytes) = self.iperf(client, server, streams, secs)?;
@@ -185,9 +200,7 @@ impl Bench {
                 }
             }
         }
-        for (k, v) in samples {
-            self.record(&k, v);
-        }
+        self.record_all(samples);
         self.record("cpu.seconds_per_gb", cpu_per_gb);
         Ok(())
     }
@@ -205,7 +218,7 @@ impl Bench {
         let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for rep in 0..self.opts.reps {
             for (name, client, server, rate) in cases {
-                let path = if client.starts_with('a') { "mesh" } else { "direct" };
+                let path = self.path(client);
                 progress(&format!("latency {name} {path} (1 KiB echo, {secs}s) run {}", rep + 1));
                 let to = format!("{}:7000", self.ip(server));
                 let v = self.load(
@@ -222,9 +235,7 @@ impl Bench {
                     .push(v["per_second"].as_f64().unwrap_or(0.0));
             }
         }
-        for (k, v) in samples {
-            self.record(&k, v);
-        }
+        self.record_all(samples);
         Ok(())
     }
 
@@ -240,15 +251,13 @@ impl Bench {
                 let v = self.load(client, &["conns", "--to", &to, "--seconds", &secs, "--parallel", "8"])?;
                 let n = v["completed"].as_f64().unwrap_or(0.0);
                 samples.entry(format!("conns.{key}")).or_default().push(v["per_second"].as_f64().unwrap_or(0.0));
-                if client.starts_with('a') {
+                if self.path(client) == "mesh" {
                     let made = self.tls_sessions()? - sessions0;
                     samples.entry(format!("conns.{key}.handshakes_per_conn")).or_default().push(made / n.max(1.0));
                 }
             }
         }
-        for (k, v) in samples {
-            self.record(&k, v);
-        }
+        self.record_all(samples);
         Ok(())
     }
 
