@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use crate::ca::{workload_csr, Ca, CaError};
 use crate::spiffe::{SpiffeError, SpiffeId};
-use crate::verify::{pem_to_ders, TrustBundle, VerifyError};
+use crate::verify::{pem_to_ders, PeerRole, TrustBundle, VerifyError};
 
 const TD: &str = "cluster.local";
 
@@ -264,4 +264,48 @@ impl AddNl for String {
     fn add_nl(self) -> String {
         self + "\n"
     }
+}
+
+#[test]
+fn a_remembered_chain_is_still_checked_for_identity_time_and_use() {
+    let r = Ca::generate_root(TD).unwrap();
+    let bundle = TrustBundle::from_pems(TD, std::slice::from_ref(&r.cert_pem)).unwrap();
+    let web = SpiffeId::parse_workload("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let db = SpiffeId::parse_workload("spiffe://cluster.local/ns/default/sa/db").unwrap();
+    let now = OffsetDateTime::now_utc();
+    let at = |t: OffsetDateTime| UnixTime::since_unix_epoch(Duration::from_secs(t.unix_timestamp() as u64));
+    let good = leaf_from(&r.cert_pem, &r.key_pem, |_| {});
+    for _ in 0..3 {
+        assert_eq!(bundle.verify_peer(&good, &[], PeerRole::Server, at(now), Some(&web)), Ok(web.clone()));
+    }
+    assert_eq!(bundle.remembered_chains(), 1, "the same chain is verified once and then remembered");
+    // Remembered, but not for another identity, nor past its validity, nor before it.
+    assert_eq!(
+        bundle.verify_peer(&good, &[], PeerRole::Server, at(now), Some(&db)).unwrap_err().reason(),
+        "unexpected_identity"
+    );
+    assert_eq!(
+        bundle.verify_peer(&good, &[], PeerRole::Server, at(now + time::Duration::hours(2)), None),
+        Err(VerifyError::Expired)
+    );
+    assert_eq!(
+        bundle.verify_peer(&good, &[], PeerRole::Server, at(now - time::Duration::hours(2)), None),
+        Err(VerifyError::NotYetValid)
+    );
+    // Verified for one use is not verified for the other: a server-only certificate.
+    let server_only = leaf_from(&r.cert_pem, &r.key_pem, |p| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    });
+    assert!(bundle.verify_peer(&server_only, &[], PeerRole::Server, at(now), None).is_ok());
+    assert_eq!(
+        bundle.verify_peer(&server_only, &[], PeerRole::Client, at(now), None).unwrap_err().reason(),
+        "invalid_chain"
+    );
+    // Another root's leaf with the same name is refused, and failures are not remembered.
+    let other = Ca::generate_root(TD).unwrap();
+    let forged = leaf_from(&other.cert_pem, &other.key_pem, |_| {});
+    for _ in 0..2 {
+        assert_eq!(bundle.verify_peer(&forged, &[], PeerRole::Server, at(now), None), Err(VerifyError::UnknownIssuer));
+    }
+    assert_eq!(bundle.remembered_chains(), 2, "good and server_only (as server) only");
 }

@@ -3,7 +3,8 @@
 //! identity. Every refusal has a bounded reason that reaches the log and a metric. rustls
 //! verifiers for both ends of the tunnel are built on it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -77,7 +78,40 @@ impl VerifyError {
 pub struct TrustBundle {
     trust_domain: String,
     anchors: Vec<TrustAnchor<'static>>,
+    /// Chains that verified against these anchors (see [`TrustBundle::verify_peer`]).
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
 }
+
+/// What the tunnel's end is verifying: the peer's certificate must allow that use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The HBONE server, verified by the client.
+    Server,
+    /// The HBONE client, verified by the server.
+    Client,
+}
+
+impl PeerRole {
+    fn usage(self) -> webpki::KeyUsage {
+        match self {
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+        }
+    }
+}
+
+/// A chain that verified: whose it is, and the window (seconds since the epoch, inclusive) in
+/// which every certificate presented with it is within its validity.
+#[derive(Debug, Clone)]
+struct Verified {
+    id: SpiffeId,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// Past this many distinct verified chains the cache starts over (a node sees a few per peer
+/// identity per rotation).
+const VERIFIED_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 #[error("trust bundle: {0}")]
@@ -95,7 +129,7 @@ impl TrustBundle {
         if anchors.is_empty() {
             return Err(BundleError("no root certificate found".into()));
         }
-        Ok(TrustBundle { trust_domain: trust_domain.to_owned(), anchors })
+        Ok(TrustBundle { trust_domain: trust_domain.to_owned(), anchors, verified: Default::default() })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -135,13 +169,85 @@ impl TrustBundle {
                 want: self.trust_domain.clone(),
             });
         }
-        if let Some(want) = expected {
-            if &id != want {
-                return Err(VerifyError::UnexpectedIdentity { got: id.to_string(), want: want.to_string() });
-            }
-        }
-        Ok(id)
+        expect(id, expected)
     }
+
+    /// [`TrustBundle::verify`] for a tunnel's peer, remembering chains that verified.
+    ///
+    /// Every mutual-TLS handshake presents the same few certificates again and again, and
+    /// checking a chain's signatures costs as much as the handshake's own signature. What the
+    /// check decides depends only on the certificates' bytes, these anchors, the use and the
+    /// time, so a chain that verified is remembered by a digest of its bytes and the use, with
+    /// the window in which all its certificates are valid; a later handshake presenting the
+    /// same bytes inside that window gets the same answer without the signature checks. The
+    /// expected identity is checked every time, a chain outside its window is verified again
+    /// (and refused with the precise reason), and failures are never remembered. The handshake
+    /// itself still proves possession of the key (CertificateVerify) every time.
+    pub fn verify_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        role: PeerRole,
+        now: UnixTime,
+        expected: Option<&SpiffeId>,
+    ) -> Result<SpiffeId, VerifyError> {
+        let key = chain_digest(role, end_entity, intermediates);
+        let t = now.as_secs();
+        let hit = self.verified.lock().unwrap().get(&key).filter(|v| v.not_before <= t && t <= v.not_after).cloned();
+        if let Some(v) = hit {
+            return expect(v.id, expected);
+        }
+        let id = self.verify(end_entity, intermediates, role.usage(), now, None)?;
+        if let Some((not_before, not_after)) = validity_window(end_entity, intermediates) {
+            let mut cache = self.verified.lock().unwrap();
+            if cache.len() >= VERIFIED_MAX {
+                cache.clear();
+            }
+            cache.insert(key, Verified { id: id.clone(), not_before, not_after });
+        }
+        expect(id, expected)
+    }
+}
+
+impl TrustBundle {
+    /// How many verified chains are remembered.
+    pub fn remembered_chains(&self) -> usize {
+        self.verified.lock().unwrap().len()
+    }
+}
+
+fn expect(id: SpiffeId, expected: Option<&SpiffeId>) -> Result<SpiffeId, VerifyError> {
+    match expected {
+        Some(want) if &id != want => {
+            Err(VerifyError::UnexpectedIdentity { got: id.to_string(), want: want.to_string() })
+        }
+        _ => Ok(id),
+    }
+}
+
+/// SHA-256 over the use and each certificate, length-prefixed.
+fn chain_digest(role: PeerRole, end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&[role as u8]);
+    for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// The span in which every presented certificate is within its validity, if it is not empty.
+fn validity_window(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Option<(u64, u64)> {
+    let (mut from, mut to) = (0u64, u64::MAX);
+    for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
+        let v = x509.validity();
+        from = from.max(u64::try_from(v.not_before.timestamp()).unwrap_or(0));
+        to = to.min(u64::try_from(v.not_after.timestamp()).ok()?);
+    }
+    (from <= to).then_some((from, to))
 }
 
 /// The workload SPIFFE ID in a certificate (exactly one URI SAN). Checks nothing else: use it
@@ -220,7 +326,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.bundle
-            .verify(end_entity, intermediates, webpki::KeyUsage::server_auth(), now, Some(&self.expected))
+            .verify_peer(end_entity, intermediates, PeerRole::Server, now, Some(&self.expected))
             .map(|_| ServerCertVerified::assertion())
             .map_err(reject)
     }
@@ -273,7 +379,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.bundle
-            .verify(end_entity, intermediates, webpki::KeyUsage::client_auth(), now, None)
+            .verify_peer(end_entity, intermediates, PeerRole::Client, now, None)
             .map(|_| ClientCertVerified::assertion())
             .map_err(reject)
     }
