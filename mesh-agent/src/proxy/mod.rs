@@ -1,6 +1,7 @@
 //! Carrying captured connections. `outbound` serves the 15001 listeners, `inbound` the 15006
 //! ones; both end in [`relay`], which moves the bytes and writes the access-log line.
 
+pub mod batch;
 pub mod h2io;
 pub mod hbone;
 pub mod inbound;
@@ -67,36 +68,32 @@ pub async fn dial_in(
     bind_to: Option<std::net::IpAddr>,
     timeout: std::time::Duration,
 ) -> std::io::Result<TcpStream> {
-    let sock = netns
-        .run(move || -> std::io::Result<std::net::TcpStream> {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            s.set_nonblocking(true)?;
-            if let Some(ip) = bind_to {
-                // Choose the port at connect() by the whole 4-tuple, not at bind() by the
-                // address alone: otherwise many connections to one app exhaust the ports
-                // (ports held in TIME_WAIT are never reused by bind).
-                let one: libc::c_int = 1;
-                // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
-                unsafe {
-                    libc::setsockopt(
-                        std::os::fd::AsRawFd::as_raw_fd(&s),
-                        libc::IPPROTO_IP,
-                        libc::IP_BIND_ADDRESS_NO_PORT,
-                        (&one as *const libc::c_int).cast(),
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    );
-                }
-                s.bind(&SocketAddr::new(ip, 0).into())?;
-            }
-            s.set_nodelay(true)?;
-            Ok(s.into())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+    let v6 = addr.is_ipv6();
+    let s = match netns.spare_tcp(v6) {
+        Some(s) => s,
+        None => socket2::Socket::from(
+            netns.run(move || crate::netns::new_tcp_socket(v6)).await.map_err(std::io::Error::other)??,
+        ),
+    };
+    if let Some(ip) = bind_to {
+        // Choose the port at connect() by the whole 4-tuple, not at bind() by the address
+        // alone: otherwise many connections to one app exhaust the ports (ports held in
+        // TIME_WAIT are never reused by bind).
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.set_nodelay(true)?;
+    let sock: std::net::TcpStream = s.into();
     let sock = TcpSocket::from_std_stream(sock);
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
         Ok(r) => r,
