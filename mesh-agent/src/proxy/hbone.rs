@@ -89,8 +89,22 @@ async fn connection(agent: Arc<Agent>, wl: Arc<LocalWorkload>, tcp: TcpStream, p
         tracing::warn!(workload = %wl.key, %peer, "refused HBONE connection: this workload has no certificate yet");
         return super::reset(tcp);
     };
+    // Each poll of this connection's task writes once (see batch.rs).
+    let io = super::batch::BatchIo::new(tcp);
+    let batcher = io.batcher();
+    batcher.run(Box::pin(tunnel(agent, wl, cert, io, peer))).await
+}
+
+async fn tunnel(
+    agent: Arc<Agent>,
+    wl: Arc<LocalWorkload>,
+    cert: Arc<crate::identity::WorkloadCert>,
+    io: super::batch::BatchIo,
+    peer: SocketAddr,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    drop(cert);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = e

@@ -39,6 +39,8 @@ pub enum TunnelError {
     Status(http::StatusCode),
     #[error("timed out")]
     Timeout,
+    #[error("the HBONE connection closed before the destination answered")]
+    Closed,
 }
 
 impl TunnelError {
@@ -53,6 +55,7 @@ impl TunnelError {
             TunnelError::Status(s) if *s == http::StatusCode::SERVICE_UNAVAILABLE => "destination_app_unreachable",
             TunnelError::Status(_) => "destination_refused",
             TunnelError::Timeout => "timeout",
+            TunnelError::Closed => "hbone_closed",
         }
     }
 }
@@ -79,6 +82,28 @@ struct Pooled {
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+/// What a new connection needs.
+struct NewConnection<'a> {
+    identities: &'a Identities,
+    wl: &'a LocalWorkload,
+    cert: &'a WorkloadCert,
+    dst: &'a SpiffeId,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+}
+
+/// The destination's answer to CONNECT: 200 opens the tunnel.
+fn established(
+    resp: http::Response<RecvStream>,
+    send: SendStream<Bytes>,
+    lease: StreamLease,
+) -> Result<(SendStream<Bytes>, RecvStream, StreamLease), TunnelError> {
+    if resp.status() != http::StatusCode::OK {
+        return Err(TunnelError::Status(resp.status()));
+    }
+    Ok((send, resp.into_body(), lease))
+}
 
 /// One stream's share of its connection: released when the stream is done, so that the pool
 /// knows when a connection has room under the peer's MAX_CONCURRENT_STREAMS.
@@ -122,101 +147,144 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamLease), TunnelError> {
         let Destination { id: dst, hbone_addr, target } = to;
-        let (mut sender, active) = if !self.pooling {
-            (self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?, Arc::default())
-        } else {
-            let key = PoolKey { src: wl.key.clone(), dst: dst.clone(), addr: hbone_addr };
-            let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
-            let mut guard = slot.lock().await;
-            // A connection at the peer's stream limit is not reused: a new one becomes current,
-            // and the full one closes once its streams are done. (Waiting for room instead
-            // would stall new connections behind long-lived ones.)
-            let reusable = match guard.take() {
-                Some(p) if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams() => {
-                    p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
-                }
-                _ => None,
-            };
-            let p = match reusable {
-                Some(p) => p,
-                None => Pooled {
-                    sender: self.connect(identities, wl, cert, dst, hbone_addr, connect_timeout).await?,
-                    active: Arc::default(),
-                },
-            };
-            let out = (p.sender.clone(), p.active.clone());
-            *guard = Some(p);
-            out
-        };
-        active.fetch_add(1, Ordering::Relaxed);
-        let lease = StreamLease(active);
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(target.to_string())
             .version(http::Version::HTTP_2)
             .body(())
             .expect("a valid CONNECT request");
+        let new = NewConnection { identities, wl, cert, dst, addr: hbone_addr, connect_timeout };
+        if !self.pooling {
+            return self.open_new(new, req, None).await;
+        }
+        let key = PoolKey { src: wl.key.clone(), dst: dst.clone(), addr: hbone_addr };
+        let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
+        let mut guard = slot.lock().await;
+        // A connection at the peer's stream limit is not reused: a new one becomes current,
+        // and the full one closes once its streams are done. (Waiting for room instead
+        // would stall new connections behind long-lived ones.)
+        let reusable = match guard.take() {
+            Some(p) if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams() => {
+                p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
+            }
+            _ => None,
+        };
+        let Some(p) = reusable else {
+            // The slot stays locked until the new connection is in it.
+            return self.open_new(new, req, Some(guard)).await;
+        };
+        let (mut sender, active) = (p.sender.clone(), p.active.clone());
+        *guard = Some(p);
+        drop(guard);
+        let lease = self.lease(&active);
         let (resp, send) = sender.send_request(req, false)?;
         self.streams.fetch_add(1, Ordering::Relaxed);
         let resp = tokio::time::timeout(connect_timeout + Duration::from_secs(1), resp)
             .await
             .map_err(|_| TunnelError::Timeout)??;
-        if resp.status() != http::StatusCode::OK {
-            return Err(TunnelError::Status(resp.status()));
-        }
-        Ok((send, resp.into_body(), lease))
+        established(resp, send, lease)
     }
 
-    async fn connect(
+    fn lease(&self, active: &Arc<AtomicUsize>) -> StreamLease {
+        active.fetch_add(1, Ordering::Relaxed);
+        StreamLease(active.clone())
+    }
+
+    /// A new HBONE connection and its first stream. The TLS handshake, the HTTP/2 preface and
+    /// settings and the first CONNECT run in one batched task (see batch.rs), so the client's
+    /// last handshake flight, the preface, SETTINGS and the request leave in one write; the
+    /// connection then gets a task of its own (in the pool, when pooling).
+    async fn open_new(
         &self,
-        identities: &Identities,
-        wl: &LocalWorkload,
-        cert: &WorkloadCert,
-        dst: &SpiffeId,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        new: NewConnection<'_>,
+        req: http::Request<()>,
+        slot: Option<tokio::sync::MutexGuard<'_, Option<Pooled>>>,
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamLease), TunnelError> {
+        let NewConnection { identities, wl, cert, dst, addr, connect_timeout } = new;
         // From the source pod's netns: the tunnel leaves the pod with the pod's address.
         let tcp = dial_in(&wl.netns, addr, None, connect_timeout).await.map_err(|e| TunnelError::Connect(addr, e))?;
         let cfg = identities
             .client_config(cert, dst.clone())
             .map_err(|e| TunnelError::Handshake(addr, e.to_string(), "tls_config"))?;
+        let io = super::batch::BatchIo::new(tcp);
+        let batcher = io.batcher();
+        let setup = async {
+            let tls = self.handshake(cfg, io, addr).await?;
+            let (mut sender, mut conn) = h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(256 * 1024)
+                .handshake::<_, Bytes>(tls)
+                .await?;
+            self.tls_sessions.fetch_add(1, Ordering::Relaxed);
+            let active: Arc<AtomicUsize> = Arc::default();
+            if let Some(mut slot) = slot {
+                *slot = Some(Pooled { sender: sender.clone(), active: active.clone() });
+            }
+            let lease = self.lease(&active);
+            // From here on the connection exists (and may be in the pool): it is kept running
+            // whatever becomes of this stream.
+            let stream = async {
+                let (resp, send) = sender.send_request(req, false)?;
+                self.streams.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, TunnelError>((resp, send))
+            }
+            .await;
+            let (resp, send) = match stream {
+                Ok(s) => s,
+                Err(e) => return Ok((Some(conn), Err(e))),
+            };
+            // Drive the connection here until the answer arrives.
+            let wait = tokio::time::timeout(connect_timeout + Duration::from_secs(1), async {
+                tokio::select! {
+                    r = resp => (true, r.map_err(TunnelError::from)),
+                    r = &mut conn => (false, Err(r.err().map(TunnelError::from).unwrap_or(TunnelError::Closed))),
+                }
+            })
+            .await;
+            Ok::<_, TunnelError>(match wait {
+                Err(_) => (Some(conn), Err(TunnelError::Timeout)),
+                Ok((alive, r)) => (alive.then_some(conn), r.and_then(|resp| established(resp, send, lease))),
+            })
+        };
+        let (conn, stream) = batcher.clone().run(Box::pin(setup)).await?;
+        if let Some(conn) = conn {
+            tokio::spawn(async move {
+                if let Err(e) = batcher.run(conn).await {
+                    tracing::debug!(error = %e, "HBONE connection ended");
+                }
+            });
+        }
+        stream
+    }
+
+    async fn handshake(
+        &self,
+        cfg: Arc<rustls::ClientConfig>,
+        io: super::batch::BatchIo,
+        addr: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<super::batch::BatchIo>, TunnelError> {
         // The name is not checked (the SPIFFE ID is); it only has to be syntactically valid.
         let name = rustls_pki_types::ServerName::try_from("hbone.sockmesh.invalid").expect("static name");
-        let tls =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
-                .await
-            {
-                Err(_) => {
-                    return Err(self.failed(TunnelError::Handshake(addr, "timed out".into(), "handshake_timeout")))
-                }
-                Ok(Err(e)) => {
-                    let reason = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .and_then(VerifyError::from_rustls)
-                        .map(|v| v.reason())
-                        .unwrap_or("handshake_failed");
-                    return Err(self.failed(TunnelError::Handshake(addr, e.to_string(), reason)));
-                }
-                Ok(Ok(t)) => t,
-            };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, io))
+            .await
+        {
+            Err(_) => return Err(self.failed(TunnelError::Handshake(addr, "timed out".into(), "handshake_timeout"))),
+            Ok(Err(e)) => {
+                let reason = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .and_then(VerifyError::from_rustls)
+                    .map(|v| v.reason())
+                    .unwrap_or("handshake_failed");
+                return Err(self.failed(TunnelError::Handshake(addr, e.to_string(), reason)));
+            }
+            Ok(Ok(t)) => t,
+        };
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(TunnelError::NoAlpn);
         }
-        let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(256 * 1024)
-            .handshake::<_, Bytes>(tls)
-            .await?;
-        self.tls_sessions.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HBONE connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(tls)
     }
 
     fn failed(&self, e: TunnelError) -> TunnelError {
