@@ -63,11 +63,31 @@ impl State {
     }
 }
 
+/// Lets the kernel delay ACKs on an established connection (TCP_QUICKACK off) so that they
+/// ride on the reply: every exchange on an HBONE connection is answered (handshake flights,
+/// SETTINGS, CONNECT, data), yet at the start of a connection Linux acknowledges each segment
+/// at once, which cost a bare ACK packet before each handshake reply. The kernel returns to
+/// quick ACKs by itself when a delayed ACK finds no reply to ride on.
+fn delayed_acks(tcp: &TcpStream) {
+    let zero: libc::c_int = 0;
+    // SAFETY: setsockopt on a live socket with a pointer to a c_int.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(tcp),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// The TCP stream under TLS, batching writes as described in the module documentation.
 pub struct BatchIo(Arc<Shared>);
 
 impl BatchIo {
     pub fn new(tcp: TcpStream) -> BatchIo {
+        delayed_acks(&tcp);
         BatchIo(Arc::new(Shared { state: Mutex::new(State { tcp, buf: Vec::new(), hold: false, broken: None }) }))
     }
 
