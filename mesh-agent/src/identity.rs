@@ -106,7 +106,7 @@ pub struct Identities {
     pub stats: IdentityStats,
 }
 
-/// ring, with the TLS 1.3 suites in the order the agent prefers: AES-128-GCM/SHA-256 first
+/// ring (with aws-lc's X25519), with the TLS 1.3 suites in the order the agent prefers: AES-128-GCM/SHA-256 first
 /// (fewer AES rounds per byte than AES-256, and SHA-256 for the key schedule where SHA-384
 /// runs on SHA-512 blocks, which most CPUs do not accelerate). Both ends are agents, so this
 /// order decides; every suite is still TLS 1.3 AEAD with forward secrecy.
@@ -118,6 +118,9 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         cipher_suite::TLS13_AES_256_GCM_SHA384,
         cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
+    // X25519 first, as rustls orders them, from aws-lc (see kx.rs); the NIST curves from ring.
+    p.kx_groups =
+        vec![crate::kx::X25519, rustls::crypto::ring::kx_group::SECP256R1, rustls::crypto::ring::kx_group::SECP384R1];
     Arc::new(p)
 }
 

@@ -6,6 +6,7 @@ mod app;
 mod config;
 mod ebpf;
 mod identity;
+mod kx;
 mod metrics;
 mod netns;
 mod policy;
