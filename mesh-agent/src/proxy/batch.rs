@@ -82,6 +82,20 @@ fn delayed_acks(tcp: &TcpStream) {
     }
 }
 
+fn set_cork(tcp: &TcpStream, on: bool) {
+    let v: libc::c_int = on.into();
+    // SAFETY: setsockopt on a live socket with a pointer to a c_int.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(tcp),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// The TCP stream under TLS, batching writes as described in the module documentation.
 pub struct BatchIo(Arc<Shared>);
 
@@ -143,6 +157,11 @@ impl AsyncWrite for BatchIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.0.state();
+        if !st.buf.is_empty() {
+            // The last bytes (GOAWAY, close_notify) and the FIN in one segment: corked, the
+            // kernel holds the data until shutdown pushes it with the FIN attached.
+            set_cork(&st.tcp, true);
+        }
         ready!(st.poll_drain(cx))?;
         Pin::new(&mut st.tcp).poll_shutdown(cx)
     }
