@@ -7,7 +7,9 @@
 //! and the handshake are bounded.
 
 use std::net::{IpAddr, SocketAddr};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -147,7 +149,14 @@ async fn tunnel(
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
         let (agent, wl, peer_id) = (agent.clone(), wl.clone(), peer_id.clone());
-        tokio::spawn(stream(agent, wl, peer_id, peer, req, respond));
+        // The stream's first steps (policy, the dial to the app, usually complete within
+        // connect(), and the answer) run here, in this connection's poll, so the answer leaves
+        // in the same write as what the connection sends anyway (batch.rs); the rest of the
+        // stream gets a task of its own.
+        let mut stream = Box::pin(stream(agent, wl, peer_id, peer, req, respond));
+        if std::future::poll_fn(|cx| Poll::Ready(stream.as_mut().poll(cx).is_pending())).await {
+            tokio::spawn(stream);
+        }
     }
 }
 

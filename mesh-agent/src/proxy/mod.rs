@@ -13,7 +13,7 @@ pub mod tunnel;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use std::sync::Arc;
 
@@ -93,12 +93,29 @@ pub async fn dial_in(
         s.bind(&SocketAddr::new(ip, 0).into())?;
     }
     s.set_nodelay(true)?;
-    let sock: std::net::TcpStream = s.into();
-    let sock = TcpSocket::from_std_stream(sock);
-    match tokio::time::timeout(timeout, sock.connect(addr)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
     }
+    // To an address on this machine the kernel has usually finished the handshake (or been
+    // refused) within connect() itself, the packets being processed in this thread's softirq:
+    // then there is nothing to wait for, and the caller goes on in the same poll.
+    let established = match s.take_error()? {
+        Some(e) => return Err(e),
+        None => s.peer_addr().is_ok(),
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(s))?;
+    if !established {
+        match tokio::time::timeout(timeout, stream.writable()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 /// The facts of one connection, logged at close.
