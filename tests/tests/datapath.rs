@@ -78,6 +78,9 @@ fn more_concurrent_connections_than_one_tunnel_carries_all_work() {
     let hbone = &agent1.stats().unwrap()["hbone"];
     assert_eq!(hbone["streams"], 600, "{hbone}");
     assert!(hbone["tls_sessions"].as_u64().unwrap() >= 3, "600 streams at 256 per connection need 3: {hbone}");
+    // Each client wrote at once: its byte went out right behind the CONNECT request, without
+    // waiting for the destination's answer, and still came back (checked above).
+    assert!(hbone["early_streams"].as_u64().unwrap() >= 1, "{hbone}");
 }
 
 #[test]

@@ -6,8 +6,8 @@
 //! workload; 401 denied by policy; 503 the app is unreachable. Header lists, concurrent streams
 //! and the handshake are bounded.
 
-use std::net::{IpAddr, SocketAddr};
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};

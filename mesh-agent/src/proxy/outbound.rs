@@ -128,8 +128,9 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
             rec.dst_principal = Some(dst_id.to_string());
             let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
             let to = super::tunnel::Destination { id: &dst_id, hbone_addr: hbone, target: dst };
-            let opened = Box::pin(agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout())).await;
-            let (send, recv, _lease) = match opened {
+            let opened =
+                Box::pin(agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout(), &client)).await;
+            let super::tunnel::Tunnel { send, recv, lease: _lease, early } = match opened {
                 Ok(s) => s,
                 Err(e) => {
                     if let super::tunnel::TunnelError::Handshake(_, _, reason) = &e {
@@ -144,6 +145,7 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
             let rec = Arc::new(rec);
             let live = super::opened(&agent, &rec);
             let (sent, received, err) = super::h2io::relay(client, send, recv).await;
+            let sent = sent + early;
             drop(live);
             let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
             log_close(&agent, &rec, sent, received, started, &error, "ok");
