@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let cfg = config::Config::from_args(*args)?;
             init_logging(cfg.log_format);
-            raise_nofile(6 * u64::from(cfg.max_connections) + 4096);
+            raise_nofile(6 * u64::from(cfg.max_connections) + 16384);
             limit_malloc_arenas();
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.worker_threads).enable_all().build()?;
@@ -59,8 +59,10 @@ fn main() -> anyhow::Result<()> {
 
 /// Every proxied connection holds up to six descriptors (the pod's socket, the upstream one,
 /// and a pipe per direction while a plain relay splices); the default soft limit (often 1024)
-/// would refuse connections long before `--max-connections` does. Raised as far as allowed,
-/// and said when that is not far enough.
+/// would refuse connections long before `--max-connections` does. The headroom covers what
+/// each workload holds besides connections: its listeners, its netns handle and up to 32 spare
+/// dial sockets (netns.rs), a few hundred workloads' worth. Raised as far as allowed, and said
+/// when that is not far enough.
 fn raise_nofile(want: u64) {
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on our own process with a valid struct.
