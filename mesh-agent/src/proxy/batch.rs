@@ -63,45 +63,17 @@ impl State {
     }
 }
 
-/// Lets the kernel delay ACKs on an established connection (TCP_QUICKACK off) so that they
-/// ride on the reply: every exchange on an HBONE connection is answered (handshake flights,
-/// SETTINGS, CONNECT, data), yet at the start of a connection Linux acknowledges each segment
-/// at once, which cost a bare ACK packet before each handshake reply. The kernel returns to
-/// quick ACKs by itself when a delayed ACK finds no reply to ride on.
-fn delayed_acks(tcp: &TcpStream) {
-    let zero: libc::c_int = 0;
-    // SAFETY: setsockopt on a live socket with a pointer to a c_int.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(tcp),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-fn set_cork(tcp: &TcpStream, on: bool) {
-    let v: libc::c_int = on.into();
-    // SAFETY: setsockopt on a live socket with a pointer to a c_int.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(tcp),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 /// The TCP stream under TLS, batching writes as described in the module documentation.
 pub struct BatchIo(Arc<Shared>);
 
 impl BatchIo {
     pub fn new(tcp: TcpStream) -> BatchIo {
-        delayed_acks(&tcp);
+        // Delayed ACKs (TCP_QUICKACK off), so they ride on the reply: every exchange on an
+        // HBONE connection is answered (handshake flights, SETTINGS, CONNECT, data), yet at the
+        // start of a connection Linux acknowledges each segment at once, which cost a bare ACK
+        // packet before each handshake reply. The kernel goes back to quick ACKs by itself when
+        // a delayed ACK finds no reply to ride on. Best effort: only packets depend on it.
+        let _ = socket2::SockRef::from(&tcp).set_quickack(false);
         BatchIo(Arc::new(Shared { state: Mutex::new(State { tcp, buf: Vec::new(), hold: false, broken: None }) }))
     }
 
@@ -160,7 +132,7 @@ impl AsyncWrite for BatchIo {
         if !st.buf.is_empty() {
             // The last bytes (GOAWAY, close_notify) and the FIN in one segment: corked, the
             // kernel holds the data until shutdown pushes it with the FIN attached.
-            set_cork(&st.tcp, true);
+            let _ = socket2::SockRef::from(&st.tcp).set_cork(true);
         }
         ready!(st.poll_drain(cx))?;
         Pin::new(&mut st.tcp).poll_shutdown(cx)

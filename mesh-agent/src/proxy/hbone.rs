@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, StatusCode};
-use mesh_identity::verify::{spiffe_id_of, VerifyError};
+use mesh_identity::verify::spiffe_id_of;
 use mesh_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -109,12 +109,7 @@ async fn tunnel(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            let reason = e
-                .get_ref()
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-                .and_then(VerifyError::from_rustls)
-                .map(|v| v.reason())
-                .unwrap_or("handshake_failed");
+            let reason = super::handshake_failure(&e);
             agent.stats.handshake_failed("inbound", reason);
             tracing::warn!(workload = %wl.key, %peer, reason, error = %e, "HBONE handshake refused");
             return;

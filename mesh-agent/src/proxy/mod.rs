@@ -58,6 +58,16 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// Why a TLS handshake failed, as a bounded label: our verifier's reason when it refused the
+/// peer's certificate, else "handshake_failed".
+pub fn handshake_failure(e: &std::io::Error) -> &'static str {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .and_then(mesh_identity::verify::VerifyError::from_rustls)
+        .map(|v| v.reason())
+        .unwrap_or("handshake_failed")
+}
+
 /// Opens a TCP connection from inside a workload's netns (the agent's socket, not the pod's:
 /// never intercepted).
 /// With `bind_to`, the socket's source address is fixed first (the inbound path binds to the

@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
-use mesh_identity::verify::VerifyError;
 use mesh_identity::SpiffeId;
 use mesh_model::WorkloadKey;
 
@@ -195,10 +194,7 @@ impl Pool {
         let (mut sender, active) = (p.sender.clone(), p.active.clone());
         *guard = Some(p);
         drop(guard);
-        let lease = self.lease(&active);
-        let (resp, mut send) = sender.send_request(req, false)?;
-        self.streams.fetch_add(1, Ordering::Relaxed);
-        let early = self.send_early(&mut send, client)?;
+        let (resp, send, lease, early) = self.start_stream(&mut sender, req, &active, client)?;
         let resp = tokio::time::timeout(connect_timeout + Duration::from_secs(1), resp)
             .await
             .map_err(|_| TunnelError::Timeout)??;
@@ -223,9 +219,21 @@ impl Pool {
         }
     }
 
-    fn lease(&self, active: &Arc<AtomicUsize>) -> StreamLease {
+    /// Sends the CONNECT request on a connection and, right behind it, what the client has
+    /// already written; the stream counts against the connection's limit until it is done.
+    fn start_stream(
+        &self,
+        sender: &mut SendRequest<Bytes>,
+        req: http::Request<()>,
+        active: &Arc<AtomicUsize>,
+        client: &tokio::net::TcpStream,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>, StreamLease, u64), TunnelError> {
         active.fetch_add(1, Ordering::Relaxed);
-        StreamLease(active.clone())
+        let lease = StreamLease(active.clone());
+        let (resp, mut send) = sender.send_request(req, false)?;
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        let early = self.send_early(&mut send, client)?;
+        Ok((resp, send, lease, early))
     }
 
     /// A new HBONE connection and its first stream. The TLS handshake, the HTTP/2 preface and
@@ -259,17 +267,9 @@ impl Pool {
             if let Some(mut slot) = slot {
                 *slot = Some(Pooled { sender: sender.clone(), active: active.clone() });
             }
-            let lease = self.lease(&active);
             // From here on the connection exists (and may be in the pool): it is kept running
             // whatever becomes of this stream.
-            let stream = async {
-                let (resp, mut send) = sender.send_request(req, false)?;
-                self.streams.fetch_add(1, Ordering::Relaxed);
-                let early = self.send_early(&mut send, client)?;
-                Ok::<_, TunnelError>((resp, send, early))
-            }
-            .await;
-            let (resp, send, early) = match stream {
+            let (resp, send, lease, early) = match self.start_stream(&mut sender, req, &active, client) {
                 Ok(s) => s,
                 Err(e) => return Ok((Some(conn), Err(e))),
             };
@@ -310,12 +310,7 @@ impl Pool {
         {
             Err(_) => return Err(self.failed(TunnelError::Handshake(addr, "timed out".into(), "handshake_timeout"))),
             Ok(Err(e)) => {
-                let reason = e
-                    .get_ref()
-                    .and_then(|i| i.downcast_ref::<rustls::Error>())
-                    .and_then(VerifyError::from_rustls)
-                    .map(|v| v.reason())
-                    .unwrap_or("handshake_failed");
+                let reason = super::handshake_failure(&e);
                 return Err(self.failed(TunnelError::Handshake(addr, e.to_string(), reason)));
             }
             Ok(Ok(t)) => t,
