@@ -4,8 +4,12 @@
 //! portable curve25519 code took ~40 us of that per handshake here; aws-lc's (s2n-bignum) does
 //! the same in ~17 us (measured on this machine: 2 key generations + 1 agreement, 57 us vs
 //! 26 us). Only the key exchange comes from aws-lc: the rest of the TLS provider (ciphers,
-//! signatures, certificate checks) stays ring, and rustls' own aws-lc provider is not enabled,
-//! so nothing that relies on rustls' process-wide default provider changes.
+//! signatures, certificate checks) stays ring. rustls' own aws-lc provider (which has this
+//! group) is deliberately not enabled: with two providers compiled in, rustls has no
+//! process-wide default, and code that builds configurations without naming one (kube's
+//! client, tonic's TLS server, both with `ServerConfig`/`ClientConfig::builder()`) would
+//! panic at run time; features are unified across the workspace, so the controller would get
+//! it too.
 
 use rustls::crypto::{ActiveKeyExchange, SharedSecret, SupportedKxGroup};
 use rustls::{Error, NamedGroup, PeerMisbehaved};

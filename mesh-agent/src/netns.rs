@@ -12,7 +12,7 @@
 //! filled on first use, so a workload that never dials holds none.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -43,7 +43,7 @@ pub struct NetnsWorker {
 /// Unconnected TCP sockets created in the netns, for one address family.
 #[derive(Default)]
 struct Spare {
-    sockets: Mutex<Vec<OwnedFd>>,
+    sockets: Mutex<Vec<socket2::Socket>>,
     refilling: AtomicBool,
 }
 
@@ -118,7 +118,7 @@ impl NetnsWorker {
                 spare.refilling.store(false, Ordering::Release);
             }
         }
-        sock.map(socket2::Socket::from)
+        sock
     }
 
     /// Runs `f` inside the netns and returns its result, without blocking the async runtime.
@@ -134,17 +134,10 @@ impl NetnsWorker {
 }
 
 /// A non-blocking, close-on-exec TCP socket in the calling thread's netns.
-pub fn new_tcp_socket(v6: bool) -> std::io::Result<OwnedFd> {
-    let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP)
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+pub fn new_tcp_socket(v6: bool) -> std::io::Result<socket2::Socket> {
+    let domain = if v6 { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    // socket2 adds SOCK_CLOEXEC itself.
+    socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), Some(socket2::Protocol::TCP))
 }
 
 /// The cookie of the netns a socket lives in (SO_NETNS_COOKIE, Linux 5.14+): what the

@@ -207,9 +207,7 @@ impl TrustBundle {
         }
         expect(id, expected)
     }
-}
 
-impl TrustBundle {
     /// How many verified chains are remembered.
     pub fn remembered_chains(&self) -> usize {
         self.verified.lock().unwrap().len()

@@ -79,8 +79,10 @@ fn more_concurrent_connections_than_one_tunnel_carries_all_work() {
     assert_eq!(hbone["streams"], 600, "{hbone}");
     assert!(hbone["tls_sessions"].as_u64().unwrap() >= 3, "600 streams at 256 per connection need 3: {hbone}");
     // Each client wrote at once: its byte went out right behind the CONNECT request, without
-    // waiting for the destination's answer, and still came back (checked above).
-    assert!(hbone["early_streams"].as_u64().unwrap() >= 1, "{hbone}");
+    // waiting for the destination's answer, and still came back (checked above). (On an idle
+    // machine 598-599 of 600 do; a client slower to write than the agent to open its stream
+    // goes the ordinary way.)
+    assert!(hbone["early_streams"].as_u64().unwrap() >= 300, "most clients' first bytes waited a round trip: {hbone}");
 }
 
 #[test]

@@ -81,9 +81,7 @@ pub async fn dial_in(
     let v6 = addr.is_ipv6();
     let s = match netns.spare_tcp(v6) {
         Some(s) => s,
-        None => socket2::Socket::from(
-            netns.run(move || crate::netns::new_tcp_socket(v6)).await.map_err(std::io::Error::other)??,
-        ),
+        None => netns.run(move || crate::netns::new_tcp_socket(v6)).await.map_err(std::io::Error::other)??,
     };
     if let Some(ip) = bind_to {
         // Choose the port at connect() by the whole 4-tuple, not at bind() by the address

@@ -207,10 +207,11 @@ impl Pool {
     /// policy admits the stream and the app is reached; if it refuses, these bytes are dropped
     /// with the stream and the client is reset, as it would have been anyway.
     fn send_early(&self, send: &mut SendStream<Bytes>, client: &tokio::net::TcpStream) -> Result<u64, TunnelError> {
-        let mut buf = [0u8; EARLY_MAX];
-        match client.try_read(&mut buf) {
+        // Read straight into the buffer h2 sends (no zeroing, no copy).
+        let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
+        match client.try_read_buf(&mut buf) {
             Ok(n) if n > 0 => {
-                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)?;
+                send.send_data(buf.freeze(), false)?;
                 self.early_streams.fetch_add(1, Ordering::Relaxed);
                 Ok(n as u64)
             }
