@@ -43,6 +43,10 @@ enum Cmd {
         /// cross-node throughput and echo. Flat profiles in target/bench/profile-*.txt.
         #[arg(long)]
         profile: bool,
+        /// Extra flags for every agent the bench starts, to measure an option against the
+        /// defaults: `--agent-args "--kernel-relay true"`. The report notes them.
+        #[arg(long, allow_hyphen_values = true)]
+        agent_args: Option<String>,
     },
     /// A local mesh in network namespaces with real traffic.
     Demo {
@@ -92,10 +96,10 @@ fn real_main() -> Result<()> {
             build(&root)?;
             test(&root, filter.as_deref())
         }
-        Cmd::Bench { quick, profile } => {
+        Cmd::Bench { quick, profile, agent_args } => {
             setup()?;
             build(&root)?;
-            bench(&root, quick, profile)
+            bench(&root, quick, profile, agent_args.as_deref())
         }
         Cmd::Codegen => {
             codegen(&root.join("mesh-identity/src/proto"))?;
@@ -281,7 +285,7 @@ fn write_crds(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path, quick: bool, profile: bool) -> Result<()> {
+fn bench(root: &Path, quick: bool, profile: bool, agent_args: Option<&str>) -> Result<()> {
     step("policy decision benchmark (10 vs 10,000 policies)");
     let out = Command::new("cargo")
         .args(["bench", "-q", "-p", "mesh-model", "--bench", "policy"])
@@ -303,6 +307,9 @@ fn bench(root: &Path, quick: bool, profile: bool) -> Result<()> {
     }
     if profile {
         cmd.arg("--profile");
+    }
+    if let Some(a) = agent_args {
+        cmd.arg("--agent-args").arg(a);
     }
     sh(&mut cmd)
 }
