@@ -93,8 +93,8 @@ pub struct RunArgs {
     /// the agent's sockets go into a sockhash whose `sk_skb` program sends each segment on to
     /// the other socket, and the agent only watches for the ends. Off by default: on kernel
     /// 6.18 it measured slower than the default splice(2) relay and cost more CPU in all
-    /// (ARCHITECTURE.md, "Same node"); measure on your kernel with `cargo xtask bench --
-    /// --agent-args "--kernel-relay true"`.
+    /// (ARCHITECTURE.md, "Same node"); measure on your kernel with
+    /// `cargo xtask bench --agent-args "--kernel-relay true"`.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub kernel_relay: bool,
     /// Threads that carry connections (the tokio runtime's workers). Default: 1 where the
