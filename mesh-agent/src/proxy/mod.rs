@@ -153,11 +153,9 @@ pub async fn relay(
 ) -> (u64, u64, Option<String>) {
     let rec = Arc::new(rec);
     let _live = opened(agent, &rec);
-    let res = match kernel_relay::relay(agent, client, upstream).await {
-        Ok(res) => res,
-        Err((client, upstream)) => {
-            tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client))
-        }
+    let res = match kernel_relay::start(agent, &client, &upstream) {
+        Some(started) => started.relay(client, upstream).await,
+        None => tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client)),
     };
     let (sent, received, error) = match res {
         Ok((a, b)) => (a, b, None),

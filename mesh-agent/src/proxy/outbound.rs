@@ -157,7 +157,9 @@ async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, pe
                 Ok(s) => s,
                 Err(e) => return refuse(&rec, client, RefuseReason::UpstreamUnreachable.as_str(), &e.to_string()),
             };
-            relay(&agent, client, upstream, rec, started).await;
+            // Boxed: only passed-through connections carry a plain relay's state (inline it
+            // sized every connection's task: 1,984 B, boxed 1,664 B).
+            Box::pin(relay(&agent, client, upstream, rec, started)).await;
         }
     }
 }
