@@ -48,21 +48,6 @@ pub struct Stats {
     pub metrics: crate::metrics::Metrics,
     live: Mutex<BTreeMap<u64, (Arc<crate::proxy::ConnRecord>, std::time::SystemTime)>>,
     next_live: AtomicU64,
-    pub kernel_relay: KernelRelayStats,
-}
-
-/// Plain relays handed to the kernel (`proxy::kernel_relay`), and who moved their bytes.
-#[derive(Default)]
-pub struct KernelRelayStats {
-    /// Relays that ran in the kernel.
-    pub relays: AtomicU64,
-    /// Relays that could not (a map full, or the client's socket no longer established: it
-    /// had sent everything and its FIN before the agent dialed): spliced by the agent instead.
-    pub unavailable: AtomicU64,
-    /// Bytes the kernel sent on from socket to socket.
-    pub kernel_bytes: AtomicU64,
-    /// Bytes the kernel passed up to the agent (before both sockets were in the map).
-    pub agent_bytes: AtomicU64,
 }
 
 /// A connection being relayed, listed by the admin API until dropped.
@@ -88,33 +73,12 @@ impl Stats {
         *self.handshake_failures.lock().unwrap().entry(reason).or_default() += 1;
         self.metrics.handshake_failed(direction, reason);
     }
-    /// A same-node relay went to the kernel (`true`) or stayed with the agent.
-    pub fn kernel_relay(&self, in_kernel: bool) {
-        let (counter, moved_by) = match in_kernel {
-            true => (&self.kernel_relay.relays, "kernel"),
-            false => (&self.kernel_relay.unavailable, "agent"),
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.metrics.plain_relay(moved_by);
-    }
-    /// One direction of a kernel relay ended: who moved its bytes.
-    pub fn kernel_relay_bytes(&self, kernel: u64, agent: u64) {
-        self.kernel_relay.kernel_bytes.fetch_add(kernel, Ordering::Relaxed);
-        self.kernel_relay.agent_bytes.fetch_add(agent, Ordering::Relaxed);
-        self.metrics.plain_relay_bytes(kernel, agent);
-    }
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "outbound_accepted": self.outbound.load(Ordering::Relaxed),
             "inbound_accepted": self.inbound.load(Ordering::Relaxed),
             "refused": *self.refused.lock().unwrap(),
             "inbound_handshake_failures": *self.handshake_failures.lock().unwrap(),
-            "kernel_relay": {
-                "relays": self.kernel_relay.relays.load(Ordering::Relaxed),
-                "unavailable": self.kernel_relay.unavailable.load(Ordering::Relaxed),
-                "kernel_bytes": self.kernel_relay.kernel_bytes.load(Ordering::Relaxed),
-                "agent_bytes": self.kernel_relay.agent_bytes.load(Ordering::Relaxed),
-            },
         })
     }
 }
@@ -272,7 +236,6 @@ impl Agent {
         match map {
             mesh_common::ORIG_DST => self.config.max_connections,
             mesh_common::ORIG_DST_BY_PORT => mesh_common::orig_dst_by_port_size(self.config.max_connections),
-            mesh_common::RELAY_SOCKS => mesh_common::RELAY_SIZE,
             _ => self.config.max_workloads,
         }
     }

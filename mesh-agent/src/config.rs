@@ -89,14 +89,6 @@ pub struct RunArgs {
     /// the bytes never leave the node.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub same_node_tls: bool,
-    /// Plain TCP relays (same node, and plaintext passed through) moved by the kernel: both of
-    /// the agent's sockets go into a sockhash whose `sk_skb` program sends each segment on to
-    /// the other socket, and the agent only watches for the ends. Off by default: on kernel
-    /// 6.18 it measured slower than the default splice(2) relay and cost more CPU in all
-    /// (ARCHITECTURE.md, "Same node"); measure on your kernel with
-    /// `cargo xtask bench --agent-args "--kernel-relay true"`.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    pub kernel_relay: bool,
     /// Threads that carry connections (the tokio runtime's workers). Default: 1 where the
     /// agent can use at most 2 CPUs (it shares them with the workloads it serves, and a second
     /// worker costs more in cross-thread wake-ups than it adds), else 2.
@@ -130,7 +122,6 @@ pub struct Config {
     pub root_namespace: String,
     pub hbone_pooling: bool,
     pub same_node_tls: bool,
-    pub kernel_relay: bool,
     pub worker_threads: usize,
 }
 
@@ -237,7 +228,6 @@ impl Config {
             root_namespace: a.root_namespace,
             hbone_pooling: a.hbone_pooling,
             same_node_tls: a.same_node_tls,
-            kernel_relay: a.kernel_relay,
             worker_threads,
         })
     }

@@ -16,9 +16,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SkSkb, SockOps};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{Counter, InboundKey, OrigDst, PortKey, RelayBytes, RelayPeer, WorkloadValue};
+use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -69,9 +69,6 @@ pub struct Datapath {
     orig_by_port: BpfHashMap<MapData, PortKey, OrigDst>,
     inbound: SockHash<MapData, InboundKey>,
     counters: PerCpuArray<MapData, u64>,
-    relay_socks: SockHash<MapData, u64>,
-    relay_peers: BpfHashMap<MapData, u64, RelayPeer>,
-    relay_bytes: BpfHashMap<MapData, u64, RelayBytes>,
 }
 
 /// Load-time settings.
@@ -136,34 +133,7 @@ impl Datapath {
         let orig_by_port = take_map(&mut ebpf, mesh_common::ORIG_DST_BY_PORT)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
         let counters = take_map(&mut ebpf, mesh_common::COUNTERS)?;
-        let relay_socks: SockHash<MapData, u64> = take_map(&mut ebpf, mesh_common::RELAY_SOCKS)?;
-        let relay: &mut SkSkb = ebpf
-            .program_mut(mesh_common::PROG_RELAY)
-            .ok_or(EbpfError::Missing(mesh_common::PROG_RELAY))?
-            .try_into()
-            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_RELAY, source })?;
-        relay.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_RELAY, source })?;
-        // Attached to this agent's own (unpinned) map: it goes when the agent does.
-        relay
-            .attach(relay_socks.fd())
-            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_RELAY, source })?;
-        let relay_peers = take_map(&mut ebpf, mesh_common::RELAY_PEERS)?;
-        let relay_bytes = take_map(&mut ebpf, mesh_common::RELAY_BYTES)?;
-        Ok((
-            Datapath {
-                ebpf,
-                links_dir,
-                workloads,
-                orig_dst,
-                orig_by_port,
-                inbound,
-                counters,
-                relay_socks,
-                relay_peers,
-                relay_bytes,
-            },
-            reports,
-        ))
+        Ok((Datapath { ebpf, links_dir, workloads, orig_dst, orig_by_port, inbound, counters }, reports))
     }
 
     /// Marks a cgroup as a meshed workload: from now on its connects are redirected.
@@ -265,58 +235,6 @@ impl Datapath {
         stale.len()
     }
 
-    /// Hands two connected sockets to the kernel relay (`sk_skb` verdict): from now on each
-    /// segment that arrives on one is sent out of the other without waking the agent. `a` is
-    /// the accepted (client's) socket, `b` the one the agent dialed. Returns their cookies. On
-    /// error nothing is left in the maps and the caller relays itself.
-    pub fn relay_start(&mut self, a: &impl AsRawFd, b: &impl AsRawFd) -> Result<(u64, u64), EbpfError> {
-        let map_err = |source| EbpfError::Map { name: mesh_common::RELAY_SOCKS, source };
-        let ca = socket_cookie(a.as_raw_fd()).map_err(|e| map_err(aya::maps::MapError::IoError(e)))?;
-        let cb = socket_cookie(b.as_raw_fd()).map_err(|e| map_err(aya::maps::MapError::IoError(e)))?;
-        let res = (|| {
-            // Counters and peers first: a socket in the map without them is passed up whole.
-            for (c, peer) in [(ca, cb), (cb, ca)] {
-                self.relay_bytes.insert(c, RelayBytes::default(), 0)?;
-                self.relay_peers.insert(c, RelayPeer { peer, forwarded: 0 }, 0)?;
-            }
-            // `b` first. A segment that reaches a socket in the map whose peer is not yet
-            // there is passed up whole, with everything queued before it. `b` is the socket
-            // just dialed: its server has seen nothing yet and rarely has anything to say,
-            // while `a`, the client's, may be full of bytes; entering second, its peer is
-            // already there and they go straight on.
-            self.relay_socks.insert(cb, b.as_raw_fd(), 0)?;
-            self.relay_socks.insert(ca, a.as_raw_fd(), 0)
-        })();
-        match res {
-            Ok(()) => Ok((ca, cb)),
-            Err(e) => {
-                self.relay_end(ca, cb);
-                Err(map_err(e))
-            }
-        }
-    }
-
-    /// The agent finished writing `forwarded` bytes it read from socket `from` to its peer.
-    pub fn relay_forwarded(&mut self, from: u64, peer: u64, forwarded: u64) -> Result<(), EbpfError> {
-        self.relay_peers
-            .insert(from, RelayPeer { peer, forwarded }, 0)
-            .map_err(|source| EbpfError::Map { name: mesh_common::RELAY_PEERS, source })
-    }
-
-    /// What the verdict program did with a relayed socket's bytes so far.
-    pub fn relay_bytes(&self, cookie: u64) -> RelayBytes {
-        self.relay_bytes.get(&cookie, 0).unwrap_or_default()
-    }
-
-    /// Forgets a relay (its sockets may still be open; closing also takes them out of the map).
-    pub fn relay_end(&mut self, a: u64, b: u64) {
-        for c in [a, b] {
-            let _ = self.relay_socks.remove(&c);
-            let _ = self.relay_peers.remove(&c);
-            let _ = self.relay_bytes.remove(&c);
-        }
-    }
-
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         Counter::ALL
             .iter()
@@ -334,7 +252,6 @@ impl Datapath {
         m.insert(mesh_common::ORIG_DST, self.orig_dst.keys().count());
         m.insert(mesh_common::ORIG_DST_BY_PORT, self.orig_by_port.keys().count());
         m.insert(mesh_common::INBOUND_LISTENERS, self.inbound.keys().count());
-        m.insert(mesh_common::RELAY_SOCKS, self.relay_bytes.keys().count());
         m
     }
 }
@@ -461,18 +378,6 @@ fn check_bpffs(path: &Path) -> Result<(), EbpfError> {
         return Err(EbpfError::NotBpffs { path: path.to_owned() });
     }
     Ok(())
-}
-
-/// A socket's cookie (SO_COOKIE): the id the kernel programs see for it.
-pub fn socket_cookie(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
-    let mut v = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a descriptor the caller owns and an out-pointer of the option's size.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
 }
 
 pub fn monotonic_ns() -> u64 {

@@ -49,12 +49,6 @@ pub struct EventLabels {
     pub event: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MovedByLabels {
-    /// "kernel" (the relay's sockhash program) or "agent" (user space).
-    pub moved_by: &'static str,
-}
-
 pub struct Metrics {
     registry: Registry,
     opened: Family<TcpLabels, Counter>,
@@ -67,8 +61,6 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     kernel_events: Family<EventLabels, Counter>,
-    plain_relays: Family<MovedByLabels, Counter>,
-    plain_relay_bytes: Family<MovedByLabels, Counter>,
     push_lag: Gauge,
     config_version: Gauge,
     /// Last kernel counter values seen (they live in a pinned map, across agent restarts).
@@ -102,8 +94,6 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             kernel_events: Family::default(),
-            plain_relays: Family::default(),
-            plain_relay_bytes: Family::default(),
             push_lag: Gauge::default(),
             config_version: Gauge::default(),
             kernel_seen: Mutex::new(BTreeMap::new()),
@@ -138,27 +128,11 @@ impl Metrics {
             m.kernel_events.clone(),
         );
         sm.register(
-            "plain_relays",
-            "Same-node (no TLS) connections, by who relayed them: the kernel or the agent (map full, \
-             client already closed, --kernel-relay false)",
-            m.plain_relays.clone(),
-        );
-        sm.register(
-            "plain_relay_bytes",
-            "Bytes of same-node connections relayed in the kernel, by who moved them",
-            m.plain_relay_bytes.clone(),
-        );
-        sm.register(
             "config_push_lag_milliseconds",
             "From the controller accepting a change to this agent applying it (last push)",
             m.push_lag.clone(),
         );
         sm.register("config_version", "Version of the configuration applied", m.config_version.clone());
-        // Both series from the start, so a dashboard shows 0 rather than nothing.
-        for moved_by in ["kernel", "agent"] {
-            let _ = m.plain_relays.get_or_create(&MovedByLabels { moved_by });
-            let _ = m.plain_relay_bytes.get_or_create(&MovedByLabels { moved_by });
-        }
         Metrics { registry, ..m }
     }
 
@@ -223,17 +197,6 @@ impl Metrics {
             c.inc_by(value - *last);
         }
         *last = value;
-    }
-
-    /// A same-node connection relayed by the kernel or by the agent.
-    pub fn plain_relay(&self, moved_by: &'static str) {
-        self.plain_relays.get_or_create(&MovedByLabels { moved_by }).inc();
-    }
-
-    /// Bytes of a kernel relay, by who moved them.
-    pub fn plain_relay_bytes(&self, kernel: u64, agent: u64) {
-        self.plain_relay_bytes.get_or_create(&MovedByLabels { moved_by: "kernel" }).inc_by(kernel);
-        self.plain_relay_bytes.get_or_create(&MovedByLabels { moved_by: "agent" }).inc_by(agent);
     }
 
     pub fn set_push_lag(&self, lag_ms: u64, version: u64) {

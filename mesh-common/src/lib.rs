@@ -104,39 +104,6 @@ impl InboundKey {
     }
 }
 
-/// Value of [`maps::RELAY_PEERS`], written only by the agent: where a relayed socket's bytes
-/// go, and how many of the bytes the kernel passed up to the agent it has already written to
-/// that peer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct RelayPeer {
-    /// Socket cookie of the other end of the relay (the key in [`maps::RELAY_SOCKS`]).
-    pub peer: u64,
-    /// Bytes the agent read from this socket and finished writing to the peer.
-    pub forwarded: u64,
-}
-const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
-
-/// Value of [`maps::RELAY_BYTES`], written only by the verdict program (one socket's verdicts
-/// run one at a time, under that socket's lock).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct RelayBytes {
-    /// Bytes left for the agent to read (the peer was not in the map, or the agent had not yet
-    /// forwarded everything passed before).
-    pub passed: u64,
-    /// Bytes sent straight to the peer's transmit queue in the kernel.
-    pub redirected: u64,
-}
-const _: () = assert!(core::mem::size_of::<RelayBytes>() == 16);
-
-/// Whether the verdict program may hand the next bytes of a relayed socket straight to its
-/// peer. Only when the agent has forwarded every byte the kernel passed up to it: otherwise
-/// the new bytes would overtake older ones still in the agent's hands.
-pub const fn relay_may_redirect(peer: &RelayPeer, bytes: &RelayBytes) -> bool {
-    bytes.passed == peer.forwarded
-}
-
 /// Indices into [`maps::COUNTERS`]: why the kernel programs did what they did.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,8 +206,6 @@ mod pod {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for WorkloadValue {}
     unsafe impl aya::Pod for InboundKey {}
-    unsafe impl aya::Pod for RelayPeer {}
-    unsafe impl aya::Pod for RelayBytes {}
 }
 
 #[cfg(test)]
@@ -250,20 +215,6 @@ mod tests {
     fn v4(a: [u8; 4]) -> u32 {
         u32::from_ne_bytes(a)
     }
-
-    #[test]
-    fn the_kernel_relay_redirects_only_when_the_agent_holds_nothing_passed_up() {
-        let peer = |forwarded| RelayPeer { peer: 7, forwarded };
-        let bytes = |passed| RelayBytes { passed, redirected: 123 };
-        // Nothing passed up yet: straight on.
-        assert!(relay_may_redirect(&peer(0), &bytes(0)));
-        // 100 bytes passed up and not yet forwarded: new bytes would overtake them.
-        assert!(!relay_may_redirect(&peer(0), &bytes(100)));
-        assert!(!relay_may_redirect(&peer(60), &bytes(100)));
-        // The agent caught up.
-        assert!(relay_may_redirect(&peer(100), &bytes(100)));
-    }
-
     fn v6(a: [u8; 16]) -> [u32; 4] {
         let mut w = [0u32; 4];
         for (i, c) in a.chunks(4).enumerate() {

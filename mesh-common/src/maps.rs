@@ -29,18 +29,6 @@ pub const fn orig_dst_by_port_size(orig_dst_size: u32) -> u32 {
 pub const INBOUND_LISTENERS: &str = "SM_INBOUND";
 pub const INBOUND_LISTENERS_SIZE: u32 = 4096;
 
-/// Same-node relays spliced in the kernel: socket cookie (u64) -> one of the agent's two
-/// sockets of a relayed connection (a SOCKHASH with the `sk_skb` verdict program attached).
-/// The verdict program sends each arriving segment's bytes out of the peer socket.
-/// Not pinned: the sockets belong to one agent process and leave the map when they close.
-pub const RELAY_SOCKS: &str = "SM_RELAY_SOCKS";
-/// socket cookie (u64) -> [`crate::RelayPeer`], written by the agent.
-pub const RELAY_PEERS: &str = "SM_RELAY_PEERS";
-/// socket cookie (u64) -> [`crate::RelayBytes`], written by the verdict program.
-pub const RELAY_BYTES: &str = "SM_RELAY_BYTES";
-/// Sockets (two per relayed connection); beyond this, connections are relayed with splice(2).
-pub const RELAY_SIZE: u32 = 16384;
-
 /// Array of u64 indexed by [`crate::Counter`].
 pub const COUNTERS: &str = "SM_COUNTERS";
 pub const COUNTERS_SIZE: u32 = 16;
@@ -51,4 +39,3 @@ pub const PROG_CONNECT6: &str = "sm_connect6";
 pub const PROG_SOCK_OPS: &str = "sm_sock_ops";
 pub const PROG_SOCK_RELEASE: &str = "sm_sock_release";
 pub const PROG_SK_LOOKUP: &str = "sm_sk_lookup";
-pub const PROG_RELAY: &str = "sm_relay";

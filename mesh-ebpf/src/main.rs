@@ -5,7 +5,6 @@
 
 mod connect;
 mod maps;
-mod relay;
 mod sk_lookup;
 mod sock_ops;
 mod sock_release;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{InboundKey, OrigDst, PortKey, RelayBytes, RelayPeer, WorkloadValue};
+use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadValue};
 
 #[map(name = "SM_WORKLOADS")]
 pub static WORKLOADS: HashMap<u64, WorkloadValue> =
@@ -22,15 +22,6 @@ pub static ORIG_DST_BY_PORT: HashMap<PortKey, OrigDst> =
 #[map(name = "SM_INBOUND")]
 pub static INBOUND_LISTENERS: SockHash<InboundKey> =
     SockHash::pinned(mesh_common::INBOUND_LISTENERS_SIZE, 0);
-
-#[map(name = "SM_RELAY_SOCKS")]
-pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(mesh_common::RELAY_SIZE, 0);
-
-#[map(name = "SM_RELAY_PEERS")]
-pub static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(mesh_common::RELAY_SIZE, 0);
-
-#[map(name = "SM_RELAY_BYTES")]
-pub static RELAY_BYTES: HashMap<u64, RelayBytes> = HashMap::with_max_entries(mesh_common::RELAY_SIZE, 0);
 
 #[map(name = "SM_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(mesh_common::COUNTERS_SIZE, 0);

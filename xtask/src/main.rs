@@ -44,7 +44,7 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
         /// Extra flags for every agent the bench starts, to measure an option against the
-        /// defaults: `--agent-args "--kernel-relay true"`. The report notes them.
+        /// defaults: `--agent-args "--worker-threads 2"`. The report notes them.
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
     },

@@ -5,7 +5,6 @@ pub mod batch;
 pub mod h2io;
 pub mod hbone;
 pub mod inbound;
-pub mod kernel_relay;
 pub mod local;
 pub mod outbound;
 pub mod splice;
@@ -153,10 +152,7 @@ pub async fn relay(
 ) -> (u64, u64, Option<String>) {
     let rec = Arc::new(rec);
     let _live = opened(agent, &rec);
-    let res = match kernel_relay::start(agent, &client, &upstream) {
-        Some(started) => started.relay(client, upstream).await,
-        None => tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client)),
-    };
+    let res = tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client));
     let (sent, received, error) = match res {
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e.to_string())),
