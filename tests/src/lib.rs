@@ -478,6 +478,16 @@ impl Topology {
         app_output(self.node_command(n, bin("sm-testapp"))?.args(args))
     }
 
+    /// Waits until the node's agent reports ready on `/healthz/ready`: its programs attached
+    /// and a certificate for every workload it serves. Until then a meshed pod's first
+    /// connections wait for a certificate (and under load may time out); a test whose first
+    /// traffic is not about start-up waits here first.
+    pub fn wait_ready(&self, n: NodeId) -> Result<()> {
+        let netns = &self.node(n).netns;
+        wait_for(Duration::from_secs(20), || Ok(http_get(netns, "127.0.0.1:15021", "/healthz/ready")?.0 == 200))
+            .with_context(|| format!("agent on {} not ready", self.node(n).name))
+    }
+
     /// Starts the node's agent with the node's workloads file, JSON logs and `extra` flags.
     pub fn start_agent(&self, n: NodeId, extra: &[&str]) -> Result<Agent> {
         let node = self.node(n);

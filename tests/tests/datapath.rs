@@ -70,6 +70,8 @@ fn more_concurrent_connections_than_one_tunnel_carries_all_work() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
 
     let r = t.pod_app(a, &["hold", "--to", &dst(&t, b), "--count", "600", "--hold-ms", "0"]).unwrap();
     let results = r["results"].as_array().unwrap();

@@ -201,6 +201,52 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
     assert!(metric(&m, "sockmesh_config_push_lag_milliseconds", &[]).is_some(), "{m}");
 }
 
+/// Same node, four clients at a time over sizes around the boundaries that matter (empty, one
+/// byte, a segment, a page, 64 KiB, a receive buffer): every echo comes back whole (checksums
+/// both ways, half-close included) and no relay ends in an error. This test is what found the
+/// kernel relay's lost and duplicated bytes (ARCHITECTURE.md, "Same node").
+#[test]
+fn same_node_relays_lose_nothing_under_concurrency() {
+    let mut t = Topology::new("sameconc").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let b = t.add_pod(n1, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let _server = t.start_server(b, APP_PORT).unwrap();
+    let agent = t.start_agent(n1, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    let sizes: [u64; 13] = [0, 1, 2, 777, 1448, 4095, 4096, 65535, 65536, 65537, 131_073, 300_001, 1_000_003];
+    const CLIENTS: u64 = 4;
+    const ROUNDS: u64 = 4;
+    let failed = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for c in 0..CLIENTS {
+            let (t, to, sizes, failed) = (&t, &to, &sizes, &failed);
+            sc.spawn(move || {
+                for round in 0..ROUNDS {
+                    for (i, n) in sizes.iter().enumerate() {
+                        let seed = (c * 1000 + round * 100 + i as u64 + 1).to_string();
+                        let r = t.pod_app(a, &["echo", "--to", to, "--bytes", &n.to_string(), "--seed", &seed]);
+                        match r {
+                            Ok(r) if r["ok"] == true => {}
+                            other => failed.lock().unwrap().push(format!("{n} bytes: {other:?}")),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let conns = (CLIENTS * ROUNDS) as usize * sizes.len();
+    let _ = wait_for(Duration::from_secs(5), || Ok(agent.access_log().len() >= 2 * conns));
+    let errors: Vec<_> = agent.access_log().into_iter().filter(|l| l["error"] != "-").collect();
+    let failed = failed.into_inner().unwrap();
+    assert!(failed.is_empty(), "{} echoes failed: {failed:?}\nagent errors: {errors:?}", failed.len());
+    assert!(errors.is_empty(), "relays that ended in an error: {errors:?}");
+    assert_eq!(agent.access_log().len(), 2 * conns, "access log lines missing");
+}
+
 /// Same node: no TLS (nothing leaves the node; both identities are kernel facts), but the
 /// destination's policy still decides, and both sides are attributed. `--same-node-tls true`
 /// puts the same connection through mutual TLS.

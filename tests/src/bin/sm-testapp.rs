@@ -200,12 +200,18 @@ fn hold(to: SocketAddr, count: u64, hold_ms: u64, timeout: Duration) {
     for _ in 0..count {
         match TcpStream::connect_timeout(&to, timeout) {
             Ok(mut s) => {
-                let ok = s.write_all(b"x").is_ok() && {
-                    let mut b = [0u8; 1];
-                    let _ = s.set_read_timeout(Some(timeout));
-                    s.read_exact(&mut b).is_ok()
-                };
-                results.push(json!({"ok": ok}));
+                let _ = s.set_read_timeout(Some(timeout));
+                let mut b = [0u8; 1];
+                let r = s
+                    .write_all(b"x")
+                    .map_err(|e| ("write", e))
+                    .and_then(|()| s.read_exact(&mut b).map_err(|e| ("read", e)));
+                results.push(match r {
+                    Ok(()) => json!({"ok": true}),
+                    Err((stage, e)) => {
+                        json!({"ok": false, "stage": stage, "error": e.to_string(), "errno": e.raw_os_error()})
+                    }
+                });
                 held.push(s);
             }
             Err(e) => results.push(json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error()})),
