@@ -41,6 +41,8 @@ fn a_deny_policy_takes_effect_within_a_second_and_its_removal_restores_traffic()
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let pids = (agent1.pid(), agent2.pid());
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     assert!(echo_ok(&t, a, &to) && echo_ok(&t, c, &to));
