@@ -148,9 +148,22 @@ async fn tunnel(
         // connect(), and the answer) run here, in this connection's poll, so the answer leaves
         // in the same write as what the connection sends anyway (batch.rs); the rest of the
         // stream gets a task of its own.
-        let mut stream = Box::pin(stream(agent, wl, peer_id, peer, req, respond));
-        if std::future::poll_fn(|cx| Poll::Ready(stream.as_mut().poll(cx).is_pending())).await {
-            tokio::spawn(stream);
+        // Only the relay outlives the set-up: it is spawned on its own, so an idle stream's task
+        // does not keep the set-up's state (the request, its headers) for the stream's life.
+        let mut setup = Box::pin(stream(agent, wl, peer_id, peer, req, respond));
+        match std::future::poll_fn(|cx| Poll::Ready(setup.as_mut().poll(cx))).await {
+            Poll::Ready(Some(relay)) => {
+                tokio::spawn(relay);
+            }
+            Poll::Ready(None) => {}
+            Poll::Pending => {
+                tokio::spawn(async move {
+                    let relay = setup.await;
+                    if let Some(relay) = relay {
+                        relay.await;
+                    }
+                });
+            }
         }
     }
 }
@@ -160,6 +173,8 @@ fn status(respond: &mut SendResponse<Bytes>, code: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
+/// A stream's set-up: policy, the dial to the app, the answer. Returns the relay that carries
+/// the stream from then on (`None` when the stream was refused or went away).
 async fn stream(
     agent: Arc<Agent>,
     wl: Arc<LocalWorkload>,
@@ -167,7 +182,7 @@ async fn stream(
     peer: SocketAddr,
     req: http::Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     let started = Instant::now();
     // The workload name is looked up by the tunnel's source address only to label metrics and
     // logs, and only kept when that workload's identity is the one the certificate proved.
@@ -190,7 +205,8 @@ async fn stream(
         Err(bad) => {
             agent.stats.refused_label(bad.reason());
             log_close(&agent, &rec, 0, 0, started, &format!("{bad:?}"), bad.reason());
-            return status(&mut respond, StatusCode::BAD_REQUEST);
+            status(&mut respond, StatusCode::BAD_REQUEST);
+            return None;
         }
     };
     rec.orig_dst = dst.to_string();
@@ -207,7 +223,8 @@ async fn stream(
         // Refused before any dial: the app never sees it; the source agent resets its client.
         agent.stats.refused_label(reason.label());
         log_close(&agent, &rec, 0, 0, started, &reason.to_string(), reason.label());
-        return status(&mut respond, StatusCode::UNAUTHORIZED);
+        status(&mut respond, StatusCode::UNAUTHORIZED);
+        return None;
     }
     agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let app = match Box::pin(dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout())).await {
@@ -215,21 +232,22 @@ async fn stream(
         Err(e) => {
             agent.stats.refused(RefuseReason::UpstreamUnreachable);
             log_close(&agent, &rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
-            return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return None;
         }
     };
     let resp = http::Response::builder().status(StatusCode::OK).body(()).expect("a valid response");
-    let send = match respond.send_response(resp, false) {
-        Ok(s) => s,
-        Err(_) => return,
-    };
+    let send = respond.send_response(resp, false).ok()?;
     let rec = Arc::new(rec);
     let live = super::opened(&agent, &rec);
-    let (from_app, to_app, err) = h2io::relay(app, send, req.into_body()).await;
-    drop(live);
-    // As the source would count them: sent toward the app, received back from it.
-    let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
-    log_close(&agent, &rec, to_app, from_app, started, &error, "ok");
+    let body = req.into_body();
+    Some(async move {
+        let (from_app, to_app, err) = h2io::relay(app, send, body).await;
+        drop(live);
+        // As the source would count them: sent toward the app, received back from it.
+        let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        log_close(&agent, &rec, to_app, from_app, started, &error, "ok");
+    })
 }
 
 #[cfg(test)]
