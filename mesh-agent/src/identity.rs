@@ -108,8 +108,9 @@ pub struct Identities {
 
 /// ring (with aws-lc's X25519), with the TLS 1.3 suites in the order the agent prefers:
 /// AES-128-GCM/SHA-256 first (fewer AES rounds per byte than AES-256, and SHA-256 for the key
-/// schedule where SHA-384 runs on SHA-512 blocks, which most CPUs do not accelerate). Both ends are agents, so this
-/// order decides; every suite is still TLS 1.3 AEAD with forward secrecy.
+/// schedule where SHA-384 runs on SHA-512 blocks, which most CPUs do not accelerate). Both
+/// ends are agents, so this order decides; every suite is still TLS 1.3 AEAD with forward
+/// secrecy.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite;
     let mut p = rustls::crypto::ring::default_provider();

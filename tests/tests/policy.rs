@@ -16,6 +16,16 @@ fn echo_ok(t: &Topology, p: PodId, to: &str) -> bool {
     t.pod_app(p, &["echo", "--to", to, "--bytes", "2000", "--timeout-ms", "1000"]).unwrap()["ok"] == true
 }
 
+/// One node with two meshed pods, a and b, and its workloads file written.
+fn one_node(name: &str) -> (Topology, NodeId, PodId, PodId) {
+    let mut t = Topology::new(name).unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let b = t.add_pod(n1, "b", true).unwrap();
+    t.write_workloads().unwrap();
+    (t, n1, a, b)
+}
+
 /// How long until `f` holds, polling every 50 ms (None if not within `limit`).
 fn time_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
@@ -209,11 +219,7 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
 /// kernel relay's lost and duplicated bytes (ARCHITECTURE.md, "Same node").
 #[test]
 fn same_node_relays_lose_nothing_under_concurrency() {
-    let mut t = Topology::new("sameconc").unwrap();
-    let n1 = t.add_node("n1").unwrap();
-    let a = t.add_pod(n1, "a", true).unwrap();
-    let b = t.add_pod(n1, "b", true).unwrap();
-    t.write_workloads().unwrap();
+    let (mut t, n1, a, b) = one_node("sameconc");
     let _ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent = t.start_agent(n1, &[]).unwrap();
@@ -246,7 +252,11 @@ fn same_node_relays_lose_nothing_under_concurrency() {
     let failed = failed.into_inner().unwrap();
     assert!(failed.is_empty(), "{} echoes failed: {failed:?}\nagent errors: {errors:?}", failed.len());
     assert!(errors.is_empty(), "relays that ended in an error: {errors:?}");
-    assert_eq!(agent.access_log().len(), 2 * conns, "access log lines missing");
+    let log = agent.access_log();
+    assert_eq!(log.len(), 2 * conns, "access log lines missing");
+    // Every one went the same-node way (no TLS, relayed by this agent), not through a tunnel.
+    let other: Vec<_> = log.iter().filter(|l| l["connection_security_policy"] != "node_local").collect();
+    assert!(other.is_empty(), "connections that did not take the same-node path: {other:?}");
 }
 
 /// Same node: no TLS (nothing leaves the node; both identities are kernel facts), but the
@@ -254,11 +264,7 @@ fn same_node_relays_lose_nothing_under_concurrency() {
 /// puts the same connection through mutual TLS.
 #[test]
 fn same_node_traffic_skips_tls_but_not_policy() {
-    let mut t = Topology::new("samenode").unwrap();
-    let n1 = t.add_node("n1").unwrap();
-    let a = t.add_pod(n1, "a", true).unwrap();
-    let b = t.add_pod(n1, "b", true).unwrap();
-    t.write_workloads().unwrap();
+    let (mut t, n1, a, b) = one_node("samenode");
     let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent = t.start_agent(n1, &[]).unwrap();

@@ -158,8 +158,7 @@ async fn tunnel(
             Poll::Ready(None) => {}
             Poll::Pending => {
                 tokio::spawn(async move {
-                    let relay = setup.await;
-                    if let Some(relay) = relay {
+                    if let Some(relay) = setup.await {
                         relay.await;
                     }
                 });

@@ -58,9 +58,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let rest = s.rsplit_once(')').ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / clock_ticks_per_second())
+}
+
+/// The unit of /proc's CPU times.
+fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 /// CPU seconds the whole machine has been busy so far (every CPU; user, system, interrupts,
@@ -71,9 +75,7 @@ fn machine_busy_seconds() -> Result<f64> {
     let f: Vec<f64> = line.split_whitespace().skip(1).map(|x| x.parse::<f64>()).collect::<Result<_, _>>()?;
     // user nice system idle iowait irq softirq steal ...; guest time is already in user.
     let busy: f64 = f.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(busy / hz)
+    Ok(busy / clock_ticks_per_second())
 }
 
 /// Resident set size in bytes.
@@ -205,17 +207,16 @@ impl Bench {
                 let path = self.path(client);
                 progress(&format!("throughput {name} {path} ({streams} connection(s), {secs}s) run {}", rep + 1));
                 let cpu0: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
-                let busy0 = machine_busy_seconds()?;
+                // Same node, the relay's work may be the kernel's rather than the agent's: only
+                // the whole machine's CPU is a fair count.
+                let busy0 = if name == "same" { Some(machine_busy_seconds()?) } else { None };
                 let (bps, bytes) = self.iperf(client, server, streams, secs)?;
-                let busy1 = machine_busy_seconds()?;
-                let cpu1: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
-                samples.entry(format!("tput.{name}.{path}")).or_default().push(bps / 1e9);
-                if name == "same" {
-                    // Same node, the relay's work may be the kernel's rather than the agent's:
-                    // only the whole machine's CPU is a fair count.
-                    let per_gb = (busy1 - busy0) / (bytes / 1e9);
+                if let Some(busy0) = busy0 {
+                    let per_gb = (machine_busy_seconds()? - busy0) / (bytes / 1e9);
                     samples.entry(format!("cpu.machine_per_gb.same.{path}")).or_default().push(per_gb);
                 }
+                let cpu1: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                samples.entry(format!("tput.{name}.{path}")).or_default().push(bps / 1e9);
                 if path == "mesh" && name == "cross_1" {
                     cpu_per_gb.push((cpu1 - cpu0) / (bytes / 1e9));
                 }
