@@ -159,6 +159,8 @@ fn meshctl_json_parses_and_matches_the_tables() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     // A connection held open while we look.
     let held = t
