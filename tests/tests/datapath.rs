@@ -35,6 +35,8 @@ fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
 
     let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", &(10 * MIB).to_string(), "--seed", "7"]).unwrap();
     assert_eq!(r["ok"], true, "transfer failed: {r}");
@@ -124,6 +126,8 @@ fn the_agents_own_connections_are_never_intercepted() {
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let agent_cgroup = t.node(n1).cgroup.join("agent");
     let procs = std::fs::read_to_string(agent_cgroup.join("cgroup.procs")).unwrap();
     assert!(procs.lines().any(|p| p.trim() == agent1.pid().unwrap().to_string()), "agent not in {agent_cgroup:?}");
@@ -150,6 +154,8 @@ fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = dst(&t, b);
     assert_eq!(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap()["ok"], true);
 
@@ -165,6 +171,7 @@ fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
 
     // Same flags, no re-registration: the workloads file and the pinned maps bring it back.
     let _agent1 = t.start_agent(n1, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["peer"], "127.0.0.1:15001", "{r}");
@@ -178,6 +185,10 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    // Ready before the probes start: the failures counted must be the restart's, not start-up's.
+    // (No wait after the restart: the probes measure exactly that window.)
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let node = t.node(n1);
     let links_before = pinned_link_ids(&node.bpffs).unwrap();
     assert_eq!(links_before.len(), 5, "{links_before:?}"); // 4 cgroup links + a's sk_lookup
@@ -258,6 +269,8 @@ fn a_full_map_refuses_the_connection_and_counts_it() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &["--max-connections", "2"]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = dst(&t, b);
 
     let r = t.pod_app(a, &["hold", "--to", &to, "--count", "3", "--hold-ms", "0"]).unwrap();
@@ -294,6 +307,7 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     t.write_controller_workloads(&[e]).unwrap();
     std::thread::sleep(Duration::from_millis(1200));
     agent1.api(serde_json::json!({"op": "add_workload", "workload": t.workload_json(e)})).unwrap();
+    t.wait_ready(n1).unwrap();
     let r = echo(&t);
     assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from("127.0.0.1:15001")), "{r}");
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
@@ -302,6 +316,7 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     // Added at run time, it survives a restart.
     agent1.kill().unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
     assert_eq!(echo(&t)["peer"], "127.0.0.1:15001");
 
     agent1.api(serde_json::json!({"op": "remove_workload", "namespace": "default", "name": "e"})).unwrap();

@@ -40,6 +40,8 @@ fn between_nodes_the_wire_carries_only_tls_and_b_sees_a_verified() {
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let mut cap = Capture::start(&t.fabric, "br0", t.dir.join("fabric.pcap")).unwrap();
 
     let marker = "SOCKMESH-PLAINTEXT-MARKER-7f3a9c";
@@ -79,6 +81,8 @@ fn many_connections_share_one_tls_session() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     for i in 0..20 {
         let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "5000", "--seed", &i.to_string()]).unwrap();
         assert_eq!(r["ok"], true, "{r}");
@@ -195,6 +199,8 @@ fn certificates_rotate_while_connections_keep_working() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = dst(&t, b);
     let first = agent1.api(serde_json::json!({"op": "certs"})).unwrap();
 
@@ -231,6 +237,10 @@ fn with_the_controller_down_existing_identities_work_and_a_new_workload_fails_cl
     let server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &["--cert-wait-ms", "1000"]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    // The existing identities must exist before the controller goes (e is not registered yet,
+    // so readiness is a's and b's certificates only).
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = dst(&t, b);
     assert_eq!(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap()["ok"], true);
 

@@ -35,6 +35,9 @@ fn metrics_carry_istio_labels_and_refusals_show_with_their_reason() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &["--cert-wait-ms", "1000"]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
+    // Before e is added (n1 is never ready after that: e gets no certificate).
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "300000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");

@@ -96,6 +96,8 @@ fn strict_refuses_plaintext_and_permissive_allows_it_unless_policy_denies() {
     let server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     let from_node = |t: &Topology| {
         t.node_app(n2, &["echo", "--to", &to, "--bytes", "2000", "--timeout-ms", "1000"]).unwrap()["ok"] == true
@@ -138,6 +140,8 @@ fn labels_select_policies_but_never_change_identity_and_dots_match_literally() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
 
     // Only my.sa, literally: "myxsa" is not matched by the '.'.
@@ -168,6 +172,8 @@ fn agents_keep_enforcing_while_the_controller_is_away_and_catch_up_when_it_retur
     let _server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     t.write_config("deny-a.yaml", deny_from_a()).unwrap();
     time_until(Duration::from_secs(3), || !echo_ok(&t, a, &to)).expect("DENY not applied");
@@ -196,6 +202,8 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
     let _server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     // Its first rule alone would allow only a; its second rule is invalid. Applied half, c would
     // be denied.
@@ -268,6 +276,7 @@ fn same_node_traffic_skips_tls_but_not_policy() {
     let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent = t.start_agent(n1, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
 
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000000", "--seed", "3"]).unwrap();
@@ -305,6 +314,7 @@ fn same_node_traffic_skips_tls_but_not_policy() {
     // Asked for TLS on every hop: the same connection goes through HBONE to the agent itself.
     agent.stop().unwrap();
     let agent = t.start_agent(n1, &["--same-node-tls", "true"]).unwrap();
+    t.wait_ready(n1).unwrap();
     wait_for(Duration::from_secs(10), || Ok(echo_ok(&t, a, &to))).unwrap();
     assert!(agent.stats().unwrap()["hbone"]["tls_sessions"].as_u64().unwrap() >= 1);
     assert!(agent.access_log().iter().any(|l| l["connection_security_policy"] == "mutual_tls"));
