@@ -230,6 +230,12 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     // killed reached it without completing.
     let accepted = server.accepted().unwrap().len() as u64;
     assert!(ok <= accepted && accepted <= ok + 1, "app accepted {accepted}, probes ok {ok}");
+    // The probes before the kill alone would satisfy the counts: the restarted agent itself
+    // must carry traffic.
+    t.wait_ready(n1).unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
+    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    wait_for(Duration::from_secs(5), || Ok(agent1.access_log().iter().any(|l| l["result"] == "ok"))).unwrap();
 }
 
 #[test]

@@ -266,3 +266,46 @@ fn with_the_controller_down_existing_identities_work_and_a_new_workload_fails_cl
         "{s}"
     );
 }
+
+/// The other tests wait for ready agents before their first traffic; this one proves what
+/// happens when a pod connects before its certificate exists: the connection waits (up to
+/// --cert-wait-ms), and goes through over mutual TLS once the certificate arrives.
+#[test]
+fn a_connection_opened_before_its_certificate_waits_for_it_and_then_goes_through() {
+    let Mesh { mut t, n1, n2, a, b } = mesh("certwait");
+    let mut ctl = t.start_controller(&[]).unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    // b's agent gets b's certificate now; the controller then goes before a's agent starts.
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n2).unwrap();
+    ctl.stop();
+    let agent1 = t.start_agent(n1, &["--cert-wait-ms", "20000"]).unwrap();
+    let to = dst(&t, b);
+    let echo = t
+        .pod_command(a, bin("sm-testapp"))
+        .unwrap()
+        .args(["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "25000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (status, body) = http_get(&t.node(n1).netns, "127.0.0.1:15021", "/healthz/ready").unwrap();
+    assert_ne!(status, 200, "a's certificate exists before the controller is back: {body}");
+    assert!(server.accepted().unwrap().is_empty(), "the app was reached before a had a certificate");
+
+    let _ctl = t.start_controller(&[]).unwrap();
+    let out = echo.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(r["ok"], true, "the waiting connection failed: {r}");
+    assert_eq!(r["peer"], "127.0.0.1:15001", "it was not captured: {r}");
+    assert_eq!(server.accepted().unwrap().len(), 1);
+    wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
+    let line = &agent1.access_log()[0];
+    assert_eq!(
+        (line["result"].as_str(), line["connection_security_policy"].as_str()),
+        (Some("ok"), Some("mutual_tls")),
+        "{line}"
+    );
+    wait_for(Duration::from_secs(5), || Ok(!agent2.access_log().is_empty())).unwrap();
+    assert_eq!(agent2.access_log()[0]["src_principal"], A_ID);
+}

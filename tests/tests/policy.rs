@@ -144,6 +144,7 @@ fn labels_select_policies_but_never_change_identity_and_dots_match_literally() {
     t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
 
+    assert!(echo_ok(&t, d, &to), "myxsa refused before any policy");
     // Only my.sa, literally: "myxsa" is not matched by the '.'.
     t.write_config("allow.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-dotted, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/my.sa\"]}\n").unwrap();
     time_until(Duration::from_secs(3), || !echo_ok(&t, d, &to)).expect("myxsa still allowed");
@@ -175,6 +176,7 @@ fn agents_keep_enforcing_while_the_controller_is_away_and_catch_up_when_it_retur
     t.wait_ready(n1).unwrap();
     t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    assert!(echo_ok(&t, a, &to), "a -> b refused before any policy");
     t.write_config("deny-a.yaml", deny_from_a()).unwrap();
     time_until(Duration::from_secs(3), || !echo_ok(&t, a, &to)).expect("DENY not applied");
 
