@@ -131,7 +131,7 @@ async fn tunnel(
         .max_concurrent_streams(MAX_STREAMS)
         .initial_window_size(super::tunnel::STREAM_WINDOW)
         .initial_connection_window_size(super::tunnel::CONNECTION_WINDOW)
-        .max_frame_size(256 * 1024)
+        .max_frame_size(super::tunnel::MAX_FRAME_SIZE)
         .handshake::<_, Bytes>(tls);
     let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2).await {
         Ok(Ok(c)) => c,

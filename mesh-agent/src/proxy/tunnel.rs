@@ -22,6 +22,8 @@ use crate::identity::{Identities, WorkloadCert};
 /// Stream and connection windows: large enough for a fast flow across nodes.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest DATA frame either end accepts: above h2io's largest read, so a read is one frame.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +262,7 @@ impl Pool {
             let (mut sender, mut conn) = h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_frame_size(256 * 1024)
+                .max_frame_size(MAX_FRAME_SIZE)
                 .handshake::<_, Bytes>(tls)
                 .await?;
             self.tls_sessions.fetch_add(1, Ordering::Relaxed);
