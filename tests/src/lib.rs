@@ -478,6 +478,18 @@ impl Topology {
         app_output(self.node_command(n, bin("sm-testapp"))?.args(args))
     }
 
+    /// `sm-testapp` in the pod, in the background; [`BackgroundApp::result`] waits for its report.
+    pub fn spawn_pod_app(&self, p: PodId, args: &[&str]) -> Result<BackgroundApp> {
+        let child = self
+            .pod_command(p, bin("sm-testapp"))?
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting sm-testapp")?;
+        Ok(BackgroundApp(child))
+    }
+
     /// Waits until the node's agent reports ready on `/healthz/ready`: its programs attached
     /// and a certificate for every workload it serves. Until then a meshed pod's first
     /// connections wait for a certificate (and under load may time out); a test whose first
@@ -529,8 +541,22 @@ impl Topology {
     }
 }
 
+/// An `sm-testapp` started with [`Topology::spawn_pod_app`]; dropping it leaves the process to
+/// finish on its own.
+pub struct BackgroundApp(Child);
+
+impl BackgroundApp {
+    /// Waits for the app to end and returns its JSON report.
+    pub fn result(self) -> Result<Value> {
+        app_report(self.0.wait_with_output().context("waiting for sm-testapp")?)
+    }
+}
+
 fn app_output(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.stderr(Stdio::inherit()).output().context("running sm-testapp")?;
+    app_report(cmd.stderr(Stdio::inherit()).output().context("running sm-testapp")?)
+}
+
+fn app_report(out: std::process::Output) -> Result<Value> {
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().ok_or_else(|| anyhow!("sm-testapp printed nothing ({})", out.status))?;
     serde_json::from_str(last).with_context(|| format!("sm-testapp output {last:?}"))

@@ -195,11 +195,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
 
     let to = dst(&t, b);
     let prober = t
-        .pod_command(a, bin("sm-testapp"))
-        .unwrap()
-        .args(["probe", "--to", &to, "--interval-ms", "3", "--duration-ms", "4000", "--timeout-ms", "500"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_pod_app(a, &["probe", "--to", &to, "--interval-ms", "3", "--duration-ms", "4000", "--timeout-ms", "500"])
         .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     agent1.kill().unwrap();
@@ -213,8 +209,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let agent1 = t.start_agent(n1, &[]).unwrap();
-    let out = prober.wait_with_output().unwrap();
-    let summary: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    let summary = prober.result().unwrap();
 
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links_before, "links were replaced");
     let adopted: Vec<Value> =

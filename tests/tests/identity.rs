@@ -205,15 +205,10 @@ fn certificates_rotate_while_connections_keep_working() {
     let first = agent1.api(serde_json::json!({"op": "certs"})).unwrap();
 
     // A long-lived connection (25 s, 1 KiB a second) and a new connection every 2 s.
-    let long = t
-        .pod_command(a, bin("sm-testapp"))
-        .unwrap()
-        .args(["echo", "--to", &to, "--bytes", "25000", "--chunk", "1000", "--pace-ms", "1000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let long =
+        t.spawn_pod_app(a, &["echo", "--to", &to, "--bytes", "25000", "--chunk", "1000", "--pace-ms", "1000"]).unwrap();
     let probes = t.pod_app(a, &["probe", "--to", &to, "--interval-ms", "2000", "--duration-ms", "26000"]).unwrap();
-    let long: Value = serde_json::from_slice(long.wait_with_output().unwrap().stdout.trim_ascii()).unwrap();
+    let long = long.result().unwrap();
 
     assert_eq!(long["ok"], true, "long-lived connection broke: {long}");
     assert_eq!(probes["failed"], 0, "{probes}");
@@ -281,21 +276,14 @@ fn a_connection_opened_before_its_certificate_waits_for_it_and_then_goes_through
     ctl.stop();
     let agent1 = t.start_agent(n1, &["--cert-wait-ms", "20000"]).unwrap();
     let to = dst(&t, b);
-    let echo = t
-        .pod_command(a, bin("sm-testapp"))
-        .unwrap()
-        .args(["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "25000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let echo = t.spawn_pod_app(a, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "25000"]).unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     let (status, body) = http_get(&t.node(n1).netns, "127.0.0.1:15021", "/healthz/ready").unwrap();
     assert_ne!(status, 200, "a's certificate exists before the controller is back: {body}");
     assert!(server.accepted().unwrap().is_empty(), "the app was reached before a had a certificate");
 
     let _ctl = t.start_controller(&[]).unwrap();
-    let out = echo.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    let r = echo.result().unwrap();
     assert_eq!(r["ok"], true, "the waiting connection failed: {r}");
     assert_eq!(r["peer"], "127.0.0.1:15001", "it was not captured: {r}");
     assert_eq!(server.accepted().unwrap().len(), 1);

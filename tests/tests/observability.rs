@@ -166,13 +166,7 @@ fn meshctl_json_parses_and_matches_the_tables() {
     t.wait_ready(n2).unwrap();
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     // A connection held open while we look.
-    let held = t
-        .pod_command(a, bin("sm-testapp"))
-        .unwrap()
-        .args(["hold", "--to", &to, "--count", "1", "--hold-ms", "4000"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let held = t.spawn_pod_app(a, &["hold", "--to", &to, "--count", "1", "--hold-ms", "4000"]).unwrap();
     wait_for(Duration::from_secs(5), || {
         let (_, j) = meshctl(&t, n1, &["connections", "-o", "json"]);
         Ok(serde_json::from_str::<Value>(&j).map(|v| v.as_array().map(|a| a.len()) == Some(1)).unwrap_or(false))
@@ -211,7 +205,8 @@ fn meshctl_json_parses_and_matches_the_tables() {
     assert_eq!(s["workloads"], 1);
     let (_, text) = meshctl(&t, n1, &["status"]);
     assert!(text.contains("node:        n1") && text.contains("workloads:   1"), "{text}");
-    drop(held);
+    let held = held.result().unwrap();
+    assert_eq!(held["results"][0]["ok"], true, "the connection looked at was not carried: {held}");
 }
 
 #[test]
