@@ -84,12 +84,18 @@ impl Workload {
     /// objects are named. Whether they exist is the agent's check.
     pub fn validate(&self, node: &str) -> Result<(), WorkloadError> {
         let invalid = |reason: String| WorkloadError::Invalid { key: self.key().to_string(), reason };
-        for (what, v) in
-            [("name", &self.name), ("namespace", &self.namespace), ("serviceAccount", &self.service_account)]
-        {
-            if !is_dns_label(v) {
+        // Kubernetes' own rules: a namespace is a DNS-1123 label; pod and service-account
+        // names are DNS-1123 subdomains.
+        if !is_dns_label(&self.namespace) {
+            return Err(invalid(format!(
+                "namespace {:?} must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters",
+                self.namespace
+            )));
+        }
+        for (what, v) in [("name", &self.name), ("serviceAccount", &self.service_account)] {
+            if !is_dns_subdomain(v) {
                 return Err(invalid(format!(
-                    "{what} {v:?} must be a DNS-1123 label (lowercase letters, digits, '-', '.', at most 253 characters)"
+                    "{what} {v:?} must be a DNS-1123 subdomain: dot-separated labels of lowercase letters, digits and '-', at most 253 characters"
                 )));
             }
         }
@@ -127,13 +133,19 @@ impl Workload {
     }
 }
 
-/// Service-account names may contain '.', so DNS-1123 subdomain rules apply.
+/// A DNS-1123 label (RFC 1123, as Kubernetes applies it): 1-63 lowercase letters, digits and
+/// '-', starting and ending with a letter or digit.
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !s.starts_with(['-', '.'])
-        && !s.ends_with(['-', '.'])
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain: labels joined by '.', at most 253 characters in all.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 pub fn parse_file(path: &Path) -> Result<Vec<Workload>, WorkloadError> {
@@ -207,11 +219,35 @@ mod tests {
             netns: None,
             cgroup: None,
         };
-        assert!(w.validate("n1").unwrap_err().to_string().contains("DNS-1123"));
+        assert!(w.validate("n1").unwrap_err().to_string().contains("DNS-1123 subdomain"));
         let mut ok = w.clone();
         ok.name = "a".into();
         ok.validate("n1").unwrap();
         ok.node = Some("n1".into());
         assert!(ok.validate("n1").unwrap_err().to_string().contains("no netns"));
+    }
+
+    #[test]
+    fn namespaces_are_labels_and_names_are_subdomains() {
+        let mut w: Workload = serde_yaml::from_str("name: a\nips: [10.0.0.1]\nnode: other\n").unwrap();
+        for ok in ["a", "my.sa", "a-b.c-d", &"x".repeat(63)] {
+            w.service_account = ok.into();
+            w.validate("n1").unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "A", "a..b", ".a", "a.", "-a", "a-", "a_b", &"x".repeat(64), &format!("{}.b", "x".repeat(252))]
+        {
+            w.service_account = bad.into();
+            let e = w.validate("n1").unwrap_err().to_string();
+            assert!(e.contains("serviceAccount") && e.contains("subdomain"), "{bad}: {e}");
+        }
+        w.service_account = "sa".into();
+        w.namespace = "team.a".into();
+        let e = w.validate("n1").unwrap_err().to_string();
+        assert!(e.contains("namespace") && e.contains("DNS-1123 label") && !e.contains("'.'"), "{e}");
+        w.namespace = "x".repeat(64);
+        assert!(w.validate("n1").is_err());
+        w.namespace = "team-a".into();
+        w.name = "web.v1".into();
+        w.validate("n1").unwrap();
     }
 }
