@@ -1,19 +1,175 @@
 //! The agent's HTTP endpoints: the admin API (localhost only; config dump, workloads, policies,
-//! certificates, connections, stats), Prometheus metrics, and readiness.
+//! certificates, connections, stats, status), Prometheus metrics, and readiness. Every answer
+//! is a typed record of `mesh_api::admin`, the same types `meshctl` reads.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::Router;
-use serde_json::json;
+use mesh_api::admin::{self, paths, LinkInfo, PolicyInfo, PolicyKind, Readiness, Stats, Status};
+use mesh_model::policy::MtlsMode;
 
-use crate::app::Agent;
+use crate::config::Config;
+use crate::connections::Connections;
+use crate::ebpf::maps::{Census, BOUNDED_MAPS};
+use crate::ebpf::LinkReport;
+use crate::identity::Identities;
+use crate::metrics::Metrics;
+use crate::outcome::Direction;
+use crate::registration::Registry;
+use crate::state::StateStore;
 
-type S = State<Arc<Agent>>;
+/// What the admin views read.
+pub struct Views {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub identities: Arc<Identities>,
+    pub conns: Arc<Connections>,
+    pub metrics: Arc<Metrics>,
+    pub state: Arc<StateStore>,
+    pub census: Arc<Mutex<Census>>,
+    pub links: Vec<LinkReport>,
+}
+
+impl Views {
+    /// The kernel counters, read now (a few lookups; map fill comes from the last census).
+    async fn refresh_counters(&self) {
+        let (census, metrics) = (self.census.clone(), self.metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            census.lock().unwrap_or_else(|e| e.into_inner()).read_counters(&metrics)
+        })
+        .await;
+    }
+
+    pub async fn stats(&self) -> Stats {
+        self.refresh_counters().await;
+        let m = &self.metrics;
+        Stats {
+            node: self.config.node.clone(),
+            kernel: m.kernel_stats(),
+            maps: m.map_stats(&BOUNDED_MAPS),
+            outbound: m.direction_stats(Direction::Outbound),
+            inbound: m.direction_stats(Direction::Inbound),
+            hbone: m.hbone_stats(),
+            certificates: m.cert_stats(),
+            config: m.config_stats(),
+        }
+    }
+
+    /// The node-wide links: whether this agent took them over, and whether they are still
+    /// pinned (attached).
+    pub fn links(&self) -> Vec<LinkInfo> {
+        self.links
+            .iter()
+            .map(|l| LinkInfo {
+                name: l.name.to_owned(),
+                adopted: l.adopted,
+                attached: self.config.bpffs_dir.join("links").join(l.name).exists(),
+            })
+            .collect()
+    }
+
+    /// Ready: the programs are attached (pins present) and every local workload has a
+    /// certificate. Otherwise, what is missing.
+    pub fn readiness(&self) -> Readiness {
+        let mut missing = Vec::new();
+        for l in self.links().into_iter().filter(|l| !l.attached) {
+            missing.push(format!("{} program not attached", l.name));
+        }
+        for wl in self.state.load().local.by_key.values() {
+            if self.identities.current(wl.spiffe_id()).is_none() {
+                missing.push(format!("{} has no certificate", wl.key()));
+            }
+        }
+        Readiness { ready: missing.is_empty(), missing }
+    }
+
+    /// The policies that select this node's workloads, PeerAuthentications, and what the
+    /// controller rejected.
+    pub fn policies(&self) -> Vec<PolicyInfo> {
+        let snap = self.state.load();
+        let mut out: BTreeMap<String, PolicyInfo> = BTreeMap::new();
+        for wl in snap.local.by_key.values() {
+            let ps = snap.config.index.for_workload(&wl.known.workload.namespace, snap.labels_of(wl));
+            for (list, action) in
+                [(&ps.deny, "DENY"), (&ps.allow, "ALLOW"), (&ps.audit, "AUDIT"), (&ps.dry_run, "DRY-RUN")]
+            {
+                for p in list {
+                    let e = out.entry(p.name.clone()).or_insert_with(|| PolicyInfo {
+                        namespace: p.namespace.clone(),
+                        name: p.name.split_once('/').map(|(_, n)| n).unwrap_or(&p.name).to_owned(),
+                        kind: PolicyKind::AuthorizationPolicy,
+                        action: action.into(),
+                        workloads: Vec::new(),
+                        reason: None,
+                    });
+                    e.workloads.push(wl.key().to_string());
+                }
+            }
+        }
+        for (i, e) in snap.config.rejected.iter().enumerate() {
+            let info = PolicyInfo {
+                namespace: "-".into(),
+                name: e.clone(),
+                kind: PolicyKind::Rejected,
+                action: "INVALID".into(),
+                workloads: Vec::new(),
+                reason: Some(e.clone()),
+            };
+            out.insert(format!("~invalid-{i:04}"), info);
+        }
+        for p in &snap.config.peer_auth {
+            let mode = p.spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default();
+            let mode = match mode {
+                MtlsMode::Strict => "STRICT",
+                MtlsMode::Permissive => "PERMISSIVE",
+                MtlsMode::Unset => "UNSET",
+            };
+            let info = PolicyInfo {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                kind: PolicyKind::PeerAuthentication,
+                action: format!("MTLS {mode}"),
+                workloads: Vec::new(),
+                reason: None,
+            };
+            out.insert(format!("{}/{}#pa", p.namespace, p.name), info);
+        }
+        out.into_values().collect()
+    }
+
+    pub async fn status(&self) -> Status {
+        let ready = self.readiness();
+        Status {
+            node: self.config.node.clone(),
+            ready: ready.ready,
+            not_ready: ready.missing,
+            links: self.links(),
+            workloads: self.state.load().local.by_key.len(),
+            connections: self.conns.count(),
+            controller: self.config.controller.clone(),
+            stats: self.stats().await,
+        }
+    }
+
+    pub fn config_dump(&self) -> admin::ConfigDump {
+        admin::ConfigDump {
+            config: serde_json::to_value(&self.config).unwrap_or_default(),
+            workloads: self.registry.list(),
+            policies: self.policies(),
+            config_version: self.state.load().config.version,
+            certificates: self.identities.certs(),
+            links: self.links(),
+        }
+    }
+}
+
+type S = State<Arc<Views>>;
 
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -21,76 +177,38 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::T
     })
 }
 
-pub async fn serve_admin(agent: Arc<Agent>, listener: tokio::net::TcpListener) {
+pub async fn serve_admin(views: Arc<Views>, listener: tokio::net::TcpListener) {
     let app = Router::new()
-        .route("/", get(index))
-        .route("/config_dump", get(config_dump))
-        .route("/workloads", get(|State(a): S| async move { Json(a.workloads_json()) }))
-        .route("/policies", get(policies))
-        .route("/certificates", get(|State(a): S| async move { Json(a.identities.certs_json()) }))
-        .route("/connections", get(|State(a): S| async move { Json(a.connections_json()) }))
-        .route("/stats", get(|State(a): S| async move { Json(a.stats_json()) }))
-        .route("/status", get(status))
-        .with_state(agent);
+        .route("/", get(|| async { Json(serde_json::json!({ "endpoints": paths::ALL })) }))
+        .route(paths::CONFIG_DUMP, get(|State(v): S| async move { Json(v.config_dump()) }))
+        .route(paths::WORKLOADS, get(|State(v): S| async move { Json(v.registry.list()) }))
+        .route(paths::POLICIES, get(|State(v): S| async move { Json(v.policies()) }))
+        .route(paths::CERTIFICATES, get(|State(v): S| async move { Json(v.identities.certs()) }))
+        .route(paths::CONNECTIONS, get(|State(v): S| async move { Json(v.conns.list()) }))
+        .route(paths::STATS, get(|State(v): S| async move { Json(v.stats().await) }))
+        .route(paths::STATUS, get(|State(v): S| async move { Json(v.status().await) }))
+        .with_state(views);
     let _ = axum::serve(listener, app).await;
 }
 
-pub async fn serve_metrics(agent: Arc<Agent>, listener: tokio::net::TcpListener) {
-    let app = Router::new().route("/metrics", get(metrics)).route("/stats/prometheus", get(metrics)).with_state(agent);
+pub async fn serve_metrics(views: Arc<Views>, listener: tokio::net::TcpListener) {
+    let app = Router::new().route("/metrics", get(metrics)).route("/stats/prometheus", get(metrics)).with_state(views);
     let _ = axum::serve(listener, app).await;
 }
 
-pub async fn serve_readiness(agent: Arc<Agent>, listener: tokio::net::TcpListener) {
-    let app = Router::new().route("/healthz/ready", get(ready)).with_state(agent);
+pub async fn serve_readiness(views: Arc<Views>, listener: tokio::net::TcpListener) {
+    let app = Router::new().route(paths::READY, get(ready)).with_state(views);
     let _ = axum::serve(listener, app).await;
 }
 
-async fn index() -> Json<serde_json::Value> {
-    Json(
-        json!({"endpoints": ["/config_dump", "/workloads", "/policies", "/certificates", "/connections", "/stats", "/status"]}),
-    )
-}
-
-async fn config_dump(State(a): S) -> Json<serde_json::Value> {
-    Json(json!({
-        "config": a.config,
-        "workloads": a.workloads_json(),
-        "policies": a.policies_json(),
-        "configVersion": a.policy_state().version,
-        "certificates": a.identities.certs_json(),
-        "links": a.links_json(),
-    }))
-}
-
-async fn policies(State(a): S) -> Json<serde_json::Value> {
-    Json(a.policies_json())
-}
-
-async fn status(State(a): S) -> Json<serde_json::Value> {
-    let ready = a.readiness();
-    Json(json!({
-        "node": a.config.node,
-        "ready": ready.is_ok(),
-        "notReady": ready.err().unwrap_or_default(),
-        "links": a.links_json(),
-        "workloads": a.workloads_json().as_array().map(|w| w.len()).unwrap_or(0),
-        "connections": a.connections_json().as_array().map(|c| c.len()).unwrap_or(0),
-        "controller": a.config.controller,
-        "stats": a.stats_json(),
-    }))
-}
-
-async fn metrics(State(a): S) -> Response {
-    a.refresh_metrics();
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], a.stats.metrics.encode())
+async fn metrics(State(v): S) -> Response {
+    v.refresh_counters().await;
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], v.metrics.encode())
         .into_response()
 }
 
-async fn ready(State(a): S) -> Response {
-    match a.readiness() {
-        Ok(()) => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
-        Err(missing) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "missing": missing}))).into_response()
-        }
-    }
+async fn ready(State(v): S) -> Response {
+    let r = v.readiness();
+    let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(r)).into_response()
 }

@@ -10,16 +10,21 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use mesh_api::admin::Source;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::app::Agent;
+use crate::admin::Views;
 use mesh_model::{Workload, WorkloadKey};
 
 /// Longest accepted request line: a workload record is far smaller.
 const MAX_LINE: usize = 64 * 1024;
+
+const USAGE: &str =
+    "send one JSON object per line with \"op\" one of add_workload, remove_workload, workloads, stats, config, certs";
 
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -42,25 +47,34 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+pub async fn serve(views: Arc<Views>, listener: UnixListener) {
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin, longer while it lasts.
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "local API accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
         };
-        let agent = agent.clone();
+        let views = views.clone();
         tokio::spawn(async move {
             match stream.peer_cred() {
-                Ok(c) if c.uid() == 0 => handle(agent, stream).await,
-                Ok(c) => {
-                    tracing::warn!(uid = c.uid(), "refused local API client: only root may use it");
-                }
+                Ok(c) if c.uid() == 0 => handle(views, stream).await,
+                Ok(c) => tracing::warn!(uid = c.uid(), "refused local API client: only root may use it"),
                 Err(_) => {}
             }
         });
     }
 }
 
-async fn handle(agent: Arc<Agent>, stream: UnixStream) {
+async fn handle(views: Arc<Views>, stream: UnixStream) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r);
     let mut buf = String::new();
@@ -73,7 +87,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
         let resp = if n > MAX_LINE {
             serde_json::json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
         } else {
-            respond(&agent, buf.trim()).await
+            respond(&views, buf.trim()).await
         };
         let mut out = resp.to_string();
         out.push('\n');
@@ -83,26 +97,45 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) {
     }
 }
 
-async fn respond(agent: &Arc<Agent>, line: &str) -> serde_json::Value {
+async fn respond(views: &Views, line: &str) -> serde_json::Value {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
-        Err(e) => {
-            return serde_json::json!({"ok": false, "error": format!(
-                "bad request: {e}; send one JSON object per line with \"op\" one of add_workload, remove_workload, workloads, stats, config")})
-        }
+        Err(e) => return serde_json::json!({"ok": false, "error": format!("bad request: {e}; {USAGE}")}),
     };
+    let to_json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
     let result = match req {
-        Request::AddWorkload { workload } => agent.add_workload(workload, true).await.map(|_| serde_json::Value::Null),
-        Request::RemoveWorkload { namespace, name } => {
-            agent.remove_workload(&WorkloadKey { namespace, name }, true).await.map(|_| serde_json::Value::Null)
+        Request::AddWorkload { workload } => {
+            views.registry.add(workload, Source::Api).await.map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
         }
-        Request::Workloads => Ok(agent.workloads_json()),
-        Request::Stats => Ok(agent.stats_json()),
-        Request::Config => Ok(serde_json::to_value(&agent.config).unwrap_or_default()),
-        Request::Certs => Ok(agent.identities.certs_json()),
+        Request::RemoveWorkload { namespace, name } => views
+            .registry
+            .remove(&WorkloadKey { namespace, name }, true)
+            .await
+            .map(|_| serde_json::Value::Null)
+            .map_err(|e| e.to_string()),
+        Request::Workloads => to_json(serde_json::to_value(views.registry.list())),
+        Request::Stats => to_json(serde_json::to_value(views.stats().await)),
+        Request::Config => to_json(serde_json::to_value(&views.config)),
+        Request::Certs => to_json(serde_json::to_value(views.identities.certs())),
     };
     match result {
         Ok(v) => serde_json::json!({"ok": true, "result": v}),
-        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        Err(e) => serde_json::json!({"ok": false, "error": e}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_parses_and_the_usage_names_each() {
+        for op in ["workloads", "stats", "config", "certs"] {
+            assert!(serde_json::from_str::<Request>(&format!("{{\"op\":\"{op}\"}}")).is_ok(), "{op}");
+            assert!(USAGE.contains(op), "{op}");
+        }
+        assert!(USAGE.contains("add_workload") && USAGE.contains("remove_workload"));
+        assert!(serde_json::from_str::<Request>(r#"{"op":"remove_workload","namespace":"d","name":"a"}"#).is_ok());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }
 }

@@ -4,16 +4,22 @@ mod admin;
 mod api;
 mod app;
 mod config;
+mod config_watch;
+mod connections;
 mod ebpf;
+mod hbone;
 mod identity;
-mod kx;
+mod inputs;
+#[cfg(test)]
+mod layers;
 mod metrics;
 mod netns;
-mod policy;
+mod outcome;
 mod proxy;
+mod registration;
+mod state;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -107,79 +113,23 @@ fn init_logging(format: config::LogFormat) {
 }
 
 async fn run(cfg: config::Config) -> anyhow::Result<()> {
-    let file_workloads = match &cfg.workloads_file {
-        Some(p) => mesh_model::workload::parse_file(p)?,
-        None => Vec::new(),
-    };
-    let (datapath, links) = ebpf::Datapath::load(&ebpf::DatapathConfig {
-        bpffs_dir: &cfg.bpffs_dir,
-        cgroup_root: &cfg.cgroup_root,
-        max_connections: cfg.max_connections,
-        max_workloads: cfg.max_workloads,
-    })?;
-    for l in links.iter() {
-        tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
-    }
-    let bundle = std::fs::read_to_string(&cfg.trust_bundle)
-        .with_context(|| format!("reading {}", cfg.trust_bundle.display()))?;
-    let identities = identity::Identities::new(identity::IdentityConfig {
-        controller: cfg.controller.clone(),
-        controller_name: cfg.controller_name.clone(),
-        trust_domain: cfg.trust_domain.clone(),
-        bundle_pems: vec![bundle],
-        credential_file: cfg.node_credential_file.clone(),
-        cert_ttl: (cfg.cert_ttl_seconds > 0).then(|| std::time::Duration::from_secs(cfg.cert_ttl_seconds)),
-        wait: std::time::Duration::from_millis(cfg.cert_wait_ms),
-    })
-    .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
-    let agent = app::Agent::new(cfg.clone(), datapath, identities, links);
-    agent.set_known(&file_workloads);
-
-    let admin_l = admin::bind(cfg.admin_addr, "admin API").await?;
-    let metrics_l = admin::bind(cfg.metrics_addr, "metrics").await?;
-    let ready_l = admin::bind(cfg.readiness_addr, "readiness").await?;
-    let api =
-        api::bind(&cfg.api_socket).with_context(|| format!("binding the local API at {}", cfg.api_socket.display()))?;
-
-    let mut failed = 0;
-    let runtime = agent.load_runtime_state();
-    let local = file_workloads.into_iter().filter(|w| w.is_local_to(&cfg.node)).map(|w| (w, false));
-    for (w, is_runtime) in local.chain(runtime.into_iter().map(|w| (w, true))) {
-        let key = w.key();
-        if let Err(e) = agent.add_workload(w, is_runtime).await {
-            // One broken record must not take the node's other workloads down.
-            failed += 1;
-            tracing::error!(workload = %key, error = %e, "cannot capture workload");
-        }
-    }
-    agent.sweep_stale();
-    tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
-
-    tokio::spawn(api::serve(agent.clone(), api));
-    tokio::spawn(policy::watch(agent.clone()));
-    tokio::spawn(admin::serve_admin(agent.clone(), admin_l));
-    tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
-    tokio::spawn(admin::serve_readiness(agent.clone(), ready_l));
-    tokio::spawn(collect_released(agent.clone()));
-
+    let api_socket = cfg.api_socket.clone();
+    let agent = app::start(cfg).await?;
+    tracing::info!(
+        admin = %agent.admin_addr,
+        metrics = %agent.metrics_addr,
+        readiness = %agent.readiness_addr,
+        api = %agent.api_socket.display(),
+        failed = agent.failed,
+        "serving"
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    // The programs stay attached (P6): meshed pods fail closed until an agent is back.
-    let _ = std::fs::remove_file(&cfg.api_socket);
+    // The programs stay attached (pinned): meshed pods fail closed until an agent is back.
+    let _ = std::fs::remove_file(&api_socket);
     tracing::info!("agent stopping; kernel programs stay attached");
     Ok(())
-}
-
-async fn collect_released(agent: Arc<app::Agent>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        let n = agent.datapath().collect_released();
-        if n > 0 {
-            tracing::debug!(n, "collected released original-destination entries");
-        }
-    }
 }

@@ -12,6 +12,7 @@
 //! filled on first use, so a workload that never dials holds none.
 
 use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,8 @@ pub enum NetnsError {
     Enter { path: PathBuf, source: std::io::Error },
     #[error("the netns worker for {path} has stopped")]
     Gone { path: PathBuf },
+    #[error("starting the netns thread failed: {0}")]
+    Thread(String),
 }
 
 /// A worker thread living in one network namespace.
@@ -131,6 +134,72 @@ impl NetnsWorker {
             .map_err(|_| NetnsError::Gone { path: self.path.clone() })?;
         rx.await.map_err(|_| NetnsError::Gone { path: self.path.clone() })
     }
+}
+
+impl NetnsWorker {
+    /// Opens a TCP connection from inside this netns (the agent's socket, not the pod's: never
+    /// intercepted). With `bind_to`, the source address is fixed first: the inbound paths bind
+    /// to the app's own address, which sk_lookup recognises as traffic from inside the pod.
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        bind_to: Option<IpAddr>,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let v6 = addr.is_ipv6();
+        let s = match self.spare_tcp(v6) {
+            Some(s) => s,
+            None => self.run(move || new_tcp_socket(v6)).await.map_err(std::io::Error::other)??,
+        };
+        if let Some(ip) = bind_to {
+            // Choose the port at connect() by the whole 4-tuple, not at bind() by the address
+            // alone: otherwise many connections to one app exhaust the ports (ports held in
+            // TIME_WAIT are never reused by bind).
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+        s.set_nodelay(true)?;
+        match s.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        // To an address on this machine the kernel has usually finished the handshake (or been
+        // refused) within connect() itself, the packets being processed in this thread's
+        // softirq: then there is nothing to wait for, and the caller goes on in the same poll.
+        let established = match s.take_error()? {
+            Some(e) => return Err(e),
+            None => s.peer_addr().is_ok(),
+        };
+        let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(s))?;
+        if !established {
+            match tokio::time::timeout(timeout, stream.writable()).await {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+            }
+            if let Some(e) = stream.take_error()? {
+                return Err(e);
+            }
+        }
+        Ok(stream)
+    }
+}
+
+/// Refuses a client with a TCP reset rather than a clean close, so that it cannot mistake the
+/// refusal for an empty response.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
 }
 
 /// A non-blocking, close-on-exec TCP socket in the calling thread's netns.

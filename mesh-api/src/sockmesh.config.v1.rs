@@ -5,9 +5,8 @@ pub struct WatchRequest {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Resource {
-    /// Workload | AuthorizationPolicy | PeerAuthentication
-    #[prost(string, tag = "1")]
-    pub kind: ::prost::alloc::string::String,
+    #[prost(enumeration = "Kind", tag = "1")]
+    pub kind: i32,
     #[prost(string, tag = "2")]
     pub namespace: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -19,8 +18,8 @@ pub struct Resource {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ResourceKey {
-    #[prost(string, tag = "1")]
-    pub kind: ::prost::alloc::string::String,
+    #[prost(enumeration = "Kind", tag = "1")]
+    pub kind: i32,
     #[prost(string, tag = "2")]
     pub namespace: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -42,6 +41,47 @@ pub struct ConfigUpdate {
     /// When the controller accepted the change (ms since the epoch), for push-lag metrics.
     #[prost(int64, tag = "5")]
     pub accepted_at_ms: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Kind {
+    /// Never sent: an agent that receives it (a newer controller's kind) cannot decode it.
+    Unspecified = 0,
+    /// A workload record (mesh_model::Workload).
+    Workload = 1,
+    /// mesh_model::policy::AuthorizationPolicySpec.
+    AuthorizationPolicy = 2,
+    /// mesh_model::policy::PeerAuthenticationSpec.
+    PeerAuthentication = 3,
+    /// Configuration the controller rejected: a JSON string naming the file or object and why.
+    Rejected = 4,
+}
+impl Kind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "KIND_UNSPECIFIED",
+            Self::Workload => "KIND_WORKLOAD",
+            Self::AuthorizationPolicy => "KIND_AUTHORIZATION_POLICY",
+            Self::PeerAuthentication => "KIND_PEER_AUTHENTICATION",
+            Self::Rejected => "KIND_REJECTED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "KIND_WORKLOAD" => Some(Self::Workload),
+            "KIND_AUTHORIZATION_POLICY" => Some(Self::AuthorizationPolicy),
+            "KIND_PEER_AUTHENTICATION" => Some(Self::PeerAuthentication),
+            "KIND_REJECTED" => Some(Self::Rejected),
+            _ => None,
+        }
+    }
 }
 /// Generated client implementations.
 pub mod config_service_client {

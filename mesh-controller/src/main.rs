@@ -1,5 +1,6 @@
-//! mesh-controller: the sockmesh control plane. Today: the CA (gRPC over TLS), authorizing each
-//! node for the identities of the workloads placed on it.
+//! mesh-controller: the sockmesh control plane. The CA (gRPC over TLS), authorizing each node
+//! for the identities of the workloads placed on it, and the configuration push to agents,
+//! from a local directory or the Kubernetes API.
 
 mod auth;
 mod auth_kube;
@@ -16,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use mesh_identity::ca::Ca;
 use mesh_identity::proto::certificate_service_server::CertificateServiceServer;
 
@@ -50,14 +51,12 @@ struct Args {
     /// Policies in this namespace without a selector apply to the whole mesh.
     #[arg(long, default_value = "sockmesh-system")]
     root_namespace: String,
-    /// Where workloads and policies come from: `local` (--workloads / --config-dir) or
-    /// `kubernetes` (Pods in namespaces labelled sockmesh.io/mesh=enabled, and the policy CRDs).
-    #[arg(long, default_value = "local")]
-    source: String,
-    /// How nodes prove themselves: `static` (per-node credentials from --node-credentials) or
-    /// `kubernetes` (the agent's projected service-account token, checked by TokenReview).
-    #[arg(long, default_value = "static")]
-    node_auth: String,
+    /// Where workloads and policies come from.
+    #[arg(long, value_enum, default_value_t = ConfigSource::Local)]
+    source: ConfigSource,
+    /// How nodes prove themselves.
+    #[arg(long, value_enum, default_value_t = NodeAuth::Static)]
+    node_auth: NodeAuth,
     /// Per-node credentials (`nodes: [{name, credential}]`), mode 0600 (static node auth).
     #[arg(long)]
     node_credentials: Option<PathBuf>,
@@ -79,11 +78,34 @@ struct Args {
     /// Addresses in the controller's serving certificate.
     #[arg(long)]
     server_ip: Vec<IpAddr>,
-    #[arg(long, default_value = "text")]
-    log_format: String,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Prometheus metrics (/metrics): certificates signed, refusals by reason.
     #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ConfigSource {
+    /// YAML files: --workloads and --config-dir, reloaded on change.
+    Local,
+    /// The Kubernetes API: Pods in namespaces labelled sockmesh.io/mesh=enabled, and the
+    /// policy CRDs.
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NodeAuth {
+    /// Per-node credentials from --node-credentials.
+    Static,
+    /// The agent's projected service-account token, checked by TokenReview.
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -105,10 +127,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG").unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match args.log_format.as_str() {
-        "json" => b.json().flatten_event(true).init(),
-        "text" => b.init(),
-        other => bail!("--log-format {other:?}: expected text or json"),
+    match args.log_format {
+        LogFormat::Json => b.json().flatten_event(true).init(),
+        LogFormat::Text => b.init(),
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run(args))
@@ -152,12 +173,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Agents trust the roots; they find them here (or ask GetTrustBundle once trusted).
     std::fs::create_dir_all(&args.state_dir)?;
     std::fs::write(args.state_dir.join("trust-bundle.pem"), ca.roots_pem().concat())?;
-    let auth: Arc<dyn auth::NodeAuthenticator> = match args.node_auth.as_str() {
-        "static" => {
+    let auth: Arc<dyn auth::NodeAuthenticator> = match args.node_auth {
+        NodeAuth::Static => {
             let path = args.node_credentials.as_ref().context("--node-auth static needs --node-credentials FILE")?;
             Arc::new(auth::StaticCredentials::load(path)?)
         }
-        "kubernetes" => {
+        NodeAuth::Kubernetes => {
             let (ns, sa) = args
                 .agent_service_account
                 .split_once('/')
@@ -167,23 +188,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
             Arc::new(auth_kube::TokenReviewAuthenticator::new(client, &args.token_audience, ns, sa))
         }
-        other => bail!("--node-auth {other:?}: expected static or kubernetes"),
     };
     let (model_tx, model_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
-    match args.source.as_str() {
-        "local" => {
+    match args.source {
+        ConfigSource::Local => {
             if args.workloads.is_none() && args.config_dir.is_none() {
                 bail!("give --workloads FILE and/or --config-dir DIR: the controller must know which workloads run on which node");
             }
             tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), model_tx));
         }
-        "kubernetes" => {
+        ConfigSource::Kubernetes => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
             tokio::spawn(kube_source::run(client, model_tx));
         }
-        other => bail!("--source {other:?}: expected local or kubernetes"),
     }
     let shared = Arc::new(RwLock::new(placement::Placement::default()));
     {
@@ -221,7 +240,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
         .add_service(CertificateServiceServer::new(svc))
-        .add_service(mesh_identity::config_proto::config_service_server::ConfigServiceServer::new(push))
+        .add_service(mesh_api::push::config_service_server::ConfigServiceServer::new(push))
         .serve_with_shutdown(args.listen, async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
             tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }

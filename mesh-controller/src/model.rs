@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::Compiled;
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use mesh_model::{Workload, WorkloadKey};
@@ -21,8 +22,8 @@ pub struct Model {
     pub accepted_at_ms: i64,
 }
 
-/// One resource as pushed to agents: (kind, namespace, name) -> JSON.
-pub type Resources = BTreeMap<(String, String, String), String>;
+/// The resources pushed to an agent: identity -> JSON.
+pub type Resources = BTreeMap<ResourceId, String>;
 
 impl Model {
     pub fn placement(&self) -> crate::placement::Placement {
@@ -35,7 +36,7 @@ impl Model {
         let mut out = Resources::new();
         for (k, w) in &self.workloads {
             out.insert(
-                ("Workload".into(), k.namespace.clone(), k.name.clone()),
+                ResourceId::new(Kind::Workload, &k.namespace, &k.name),
                 serde_json::to_string(w).expect("serialisable"),
             );
         }
@@ -51,7 +52,7 @@ impl Model {
         for ((ns, n), spec) in &self.authz {
             if wanted.contains(&format!("{ns}/{n}")) {
                 out.insert(
-                    ("AuthorizationPolicy".into(), ns.clone(), n.clone()),
+                    ResourceId::new(Kind::AuthorizationPolicy, ns, n),
                     serde_json::to_string(spec).expect("serialisable"),
                 );
             }
@@ -59,14 +60,14 @@ impl Model {
         // What the controller rejected, so that agents (and meshctl on any node) can show it.
         for (i, e) in self.errors.iter().enumerate() {
             out.insert(
-                ("ConfigError".into(), String::new(), format!("{i:04}")),
+                ResourceId::new(Kind::Rejected, "", format!("{i:04}")),
                 serde_json::to_string(e).expect("serialisable"),
             );
         }
         for ((ns, n), spec) in &self.peer_auth {
             if ns == root_namespace || local.iter().any(|w| &w.namespace == ns) {
                 out.insert(
-                    ("PeerAuthentication".into(), ns.clone(), n.clone()),
+                    ResourceId::new(Kind::PeerAuthentication, ns, n),
                     serde_json::to_string(spec).expect("serialisable"),
                 );
             }
@@ -75,8 +76,7 @@ impl Model {
     }
 }
 
-pub type ResourceKey = (String, String, String);
-pub type Delta = (Vec<(ResourceKey, String)>, Vec<ResourceKey>);
+pub type Delta = (Vec<(ResourceId, String)>, Vec<ResourceId>);
 
 /// (upserts, removals) that turn `old` into `new`.
 pub fn diff(old: &Resources, new: &Resources) -> Delta {

@@ -5,8 +5,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use mesh_identity::config_proto::config_service_server::ConfigService;
-use mesh_identity::config_proto::{ConfigUpdate, Resource, ResourceKey, WatchRequest};
+use mesh_api::push::config_service_server::ConfigService;
+use mesh_api::push::{ConfigUpdate, ResourceId, WatchRequest};
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -20,19 +20,11 @@ pub struct ConfigPush {
     pub root_namespace: String,
 }
 
-fn update(
-    snapshot: bool,
-    ups: Vec<((String, String, String), String)>,
-    rem: Vec<(String, String, String)>,
-    m: &Model,
-) -> ConfigUpdate {
+fn update(snapshot: bool, ups: Vec<(ResourceId, String)>, rem: Vec<ResourceId>, m: &Model) -> ConfigUpdate {
     ConfigUpdate {
         snapshot,
-        upserts: ups
-            .into_iter()
-            .map(|((kind, namespace, name), json)| Resource { kind, namespace, name, json })
-            .collect(),
-        removals: rem.into_iter().map(|(kind, namespace, name)| ResourceKey { kind, namespace, name }).collect(),
+        upserts: ups.into_iter().map(|(id, json)| id.with_json(json)).collect(),
+        removals: rem.iter().map(ResourceId::key).collect(),
         version: m.version,
         accepted_at_ms: m.accepted_at_ms,
     }

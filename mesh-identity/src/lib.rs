@@ -13,11 +13,5 @@ pub mod proto {
     include!("proto/sockmesh.ca.v1.rs");
 }
 
-/// The configuration push API (generated from proto/config.proto; checked in).
-#[allow(clippy::all)]
-pub mod config_proto {
-    include!("proto/sockmesh.config.v1.rs");
-}
-
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 //! consistent with each other), not placeholders. No timing is asserted: the machines are noisy.
 #![cfg(feature = "privileged")]
 
-use serde_json::Value;
+use tests::bench::{ConnRate, Key, Latency, Node, Path, Quantile, ResultsFile, Rss, Throughput};
 use tests::*;
 
 #[test]
@@ -14,36 +14,46 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
     assert!(run.status.success(), "sm-bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("targets:"), "no summary line:\n{stdout}");
 
-    let results: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    let r = &results["results"];
-    let median = |k: &str| r[k]["median"].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    let file: ResultsFile = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let r = &file.results;
+    let median = |k: Key| {
+        let m = r.median(k);
+        assert!(!m.is_nan(), "{k} was not measured");
+        m
+    };
+    let tput = |case, path| Key::Throughput { case, path };
+    let lat = |q| Key::Latency { case: Latency::CrossClosed, path: Path::Mesh, q };
     for k in [
-        "tput.cross_1.direct",
-        "tput.cross_1.mesh",
-        "tput.cross_2.mesh",
-        "tput.same.direct",
-        "tput.same.mesh",
-        "lat.cross_closed.mesh.p50",
-        "lat.cross_closed.direct.p50",
-        "conns.direct",
-        "conns.mesh_pooled",
-        "conns.mesh_fresh_mtls",
-        "cpu.seconds_per_gb",
-        "mem.idle_rss.n1",
+        tput(Throughput::Cross1, Path::Direct),
+        tput(Throughput::Cross1, Path::Mesh),
+        tput(Throughput::Cross2, Path::Mesh),
+        tput(Throughput::Same, Path::Direct),
+        tput(Throughput::Same, Path::Mesh),
+        lat(Quantile::P50),
+        Key::Latency { case: Latency::CrossClosed, path: Path::Direct, q: Quantile::P50 },
+        Key::Conns { case: ConnRate::Direct },
+        Key::Conns { case: ConnRate::MeshPooled },
+        Key::Conns { case: ConnRate::MeshFreshMtls },
+        Key::AgentCpuPerGb,
+        Key::Rss { when: Rss::Idle, node: Node::N1 },
     ] {
         assert!(median(k) > 0.0, "{k} = {}", median(k));
     }
     // Percentiles are ordered, and the fixed-rate run really ran near its rate.
-    let q = |p: &str| median(&format!("lat.cross_closed.mesh.{p}"));
-    assert!(q("p50") <= q("p90") && q("p90") <= q("p99") && q("p99") <= q("p999"));
-    let rps = median("lat.cross_rate1000.mesh.rps");
+    let q = |p| median(lat(p));
+    assert!(
+        q(Quantile::P50) <= q(Quantile::P90)
+            && q(Quantile::P90) <= q(Quantile::P99)
+            && q(Quantile::P99) <= q(Quantile::P999)
+    );
+    let rps = median(Key::LatencyRate { case: Latency::CrossRate1000, path: Path::Mesh });
     assert!((500.0..=1100.0).contains(&rps), "fixed-rate run at {rps}/s, asked for 1000/s");
     // Every held connection was opened through the mesh.
-    assert_eq!(median("mem.idle_conns"), 1000.0);
+    assert_eq!(median(Key::IdleConns), 1000.0);
     // With pooling off each connection made its own mutual-TLS session; pooled, almost none did.
-    let fresh = median("conns.mesh_fresh_mtls.handshakes_per_conn");
+    let fresh = median(Key::HandshakesPerConn { case: ConnRate::MeshFreshMtls });
     assert!((0.95..=1.05).contains(&fresh), "{fresh} handshakes per connection with --hbone-pooling false");
-    assert!(median("conns.mesh_pooled.handshakes_per_conn") < 0.05);
+    assert!(median(Key::HandshakesPerConn { case: ConnRate::MeshPooled }) < 0.05);
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("kernel: ") && md.contains("commit: "), "{md}");

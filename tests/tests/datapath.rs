@@ -9,18 +9,8 @@ use tests::*;
 const APP_PORT: u16 = 8080;
 const MIB: u64 = 1024 * 1024;
 
-/// Two nodes; a meshed on n1; b meshed on n2 with an echo server.
-fn two_nodes(name: &str) -> (Topology, NodeId, NodeId, PodId, PodId) {
-    let mut t = Topology::new(name).unwrap();
-    let n1 = t.add_node("n1").unwrap();
-    let n2 = t.add_node("n2").unwrap();
-    let a = t.add_pod(n1, "a", true).unwrap();
-    let b = t.add_pod(n2, "b", true).unwrap();
-    (t, n1, n2, a, b)
-}
-
 fn dst(t: &Topology, p: PodId) -> String {
-    format!("{}:{APP_PORT}", t.pod(p).ip)
+    t.addr(p, APP_PORT)
 }
 
 fn outbound_lines(agent: &Agent) -> Vec<Value> {
@@ -29,14 +19,9 @@ fn outbound_lines(agent: &Agent) -> Vec<Value> {
 
 #[test]
 fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
-    let (mut t, n1, n2, a, b) = two_nodes("cross");
-    t.write_workloads().unwrap();
-    let _ctl = t.start_controller(&[]).unwrap();
-    let server = t.start_server(b, APP_PORT).unwrap();
-    let agent1 = t.start_agent(n1, &[]).unwrap();
-    let agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let mut m = Topology::two_node_mesh("cross").unwrap();
+    let Running { ctl: _ctl, server, agent1, agent2 } = m.start(APP_PORT).unwrap();
+    let Mesh { t, a, b, .. } = m;
 
     let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", &(10 * MIB).to_string(), "--seed", "7"]).unwrap();
     assert_eq!(r["ok"], true, "transfer failed: {r}");
@@ -66,27 +51,22 @@ fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
 /// HBONE connection (256): the pool opens more mTLS connections instead of stalling.
 #[test]
 fn more_concurrent_connections_than_one_tunnel_carries_all_work() {
-    let (mut t, n1, n2, a, b) = two_nodes("many");
-    t.write_workloads().unwrap();
-    let _ctl = t.start_controller(&[]).unwrap();
-    let _server = t.start_server(b, APP_PORT).unwrap();
-    let agent1 = t.start_agent(n1, &[]).unwrap();
-    let _agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let mut m = Topology::two_node_mesh("many").unwrap();
+    let Running { ctl: _ctl, server: _server, agent1, agent2: _agent2 } = m.start(APP_PORT).unwrap();
+    let Mesh { t, a, b, .. } = m;
 
     let r = t.pod_app(a, &["hold", "--to", &dst(&t, b), "--count", "600", "--hold-ms", "0"]).unwrap();
     let results = r["results"].as_array().unwrap();
     let failed: Vec<(usize, &Value)> = results.iter().enumerate().filter(|(_, r)| r["ok"] != true).collect();
     assert!(failed.is_empty(), "{} of 600 held connections failed, first: {:?}", failed.len(), failed.first());
-    let hbone = &agent1.stats().unwrap()["hbone"];
-    assert_eq!(hbone["streams"], 600, "{hbone}");
-    assert!(hbone["tls_sessions"].as_u64().unwrap() >= 3, "600 streams at 256 per connection need 3: {hbone}");
+    let hbone = agent1.stats().unwrap().hbone;
+    assert_eq!(hbone.streams, 600, "{hbone:?}");
+    assert!(hbone.tls_sessions >= 3, "600 streams at 256 per connection need 3: {hbone:?}");
     // Each client wrote at once: its byte went out right behind the CONNECT request, without
     // waiting for the destination's answer, and still came back (checked above). (On an idle
     // machine 598-599 of 600 do; a client slower to write than the agent to open its stream
     // goes the ordinary way.)
-    assert!(hbone["early_streams"].as_u64().unwrap() >= 300, "most clients' first bytes waited a round trip: {hbone}");
+    assert!(hbone.early_streams >= 300, "most clients' first bytes waited a round trip: {hbone:?}");
 }
 
 #[test]
@@ -110,8 +90,8 @@ fn a_non_meshed_pods_connections_are_not_touched() {
     let accepted = server.accepted().unwrap();
     assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(c).ip)), "{accepted:?}");
     let stats = agent1.stats().unwrap();
-    assert_eq!(stats["kernel"]["redirected"], 0, "{stats}");
-    assert_eq!(stats["agent"]["outbound_accepted"], 0, "{stats}");
+    assert_eq!(stats.kernel["redirected"], 0, "{stats:?}");
+    assert_eq!(stats.outbound.accepted, 0, "{stats:?}");
     assert!(agent1.access_log().is_empty(), "{:?}", agent1.access_log());
 }
 
@@ -120,14 +100,9 @@ fn the_agents_own_connections_are_never_intercepted() {
     // The agent runs as root in a cgroup under the node root where connect4 is attached, and
     // the pod's client runs as root too: no uid or mark could tell them apart. Only the
     // workload map does.
-    let (mut t, n1, n2, a, b) = two_nodes("noloop");
-    t.write_workloads().unwrap();
-    let _ctl = t.start_controller(&[]).unwrap();
-    let server = t.start_server(b, APP_PORT).unwrap();
-    let agent1 = t.start_agent(n1, &[]).unwrap();
-    let _agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let mut m = Topology::two_node_mesh("noloop").unwrap();
+    let Running { ctl: _ctl, server, agent1, agent2: _agent2 } = m.start(APP_PORT).unwrap();
+    let Mesh { t, n1, a, b, .. } = m;
     let agent_cgroup = t.node(n1).cgroup.join("agent");
     let procs = std::fs::read_to_string(agent_cgroup.join("cgroup.procs")).unwrap();
     assert!(procs.lines().any(|p| p.trim() == agent1.pid().unwrap().to_string()), "agent not in {agent_cgroup:?}");
@@ -141,21 +116,16 @@ fn the_agents_own_connections_are_never_intercepted() {
     let stats = agent1.stats().unwrap();
     // Exactly one redirect per app connection: the agent's 5 upstream dials (made from inside
     // a's netns) were not redirected back to itself.
-    assert_eq!(stats["kernel"]["redirected"], 5, "{stats}");
-    assert_eq!(stats["agent"]["outbound_accepted"], 5, "{stats}");
+    assert_eq!(stats.kernel["redirected"], 5, "{stats:?}");
+    assert_eq!(stats.outbound.accepted, 5, "{stats:?}");
     assert_eq!(server.accepted().unwrap().len(), 5);
 }
 
 #[test]
 fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
-    let (mut t, n1, n2, a, b) = two_nodes("failclosed");
-    t.write_workloads().unwrap();
-    let _ctl = t.start_controller(&[]).unwrap();
-    let server = t.start_server(b, APP_PORT).unwrap();
-    let mut agent1 = t.start_agent(n1, &[]).unwrap();
-    let _agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let mut m = Topology::two_node_mesh("failclosed").unwrap();
+    let Running { ctl: _ctl, server, mut agent1, agent2: _agent2 } = m.start(APP_PORT).unwrap();
+    let Mesh { t, n1, a, b, .. } = m;
     let to = dst(&t, b);
     assert_eq!(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap()["ok"], true);
 
@@ -179,8 +149,7 @@ fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
 
 #[test]
 fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
-    let (mut t, n1, n2, a, b) = two_nodes("restart");
-    t.write_workloads().unwrap();
+    let Mesh { mut t, n1, n2, a, b } = Topology::two_node_mesh("restart").unwrap();
     let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent1 = t.start_agent(n1, &[]).unwrap();
@@ -214,9 +183,13 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links_before, "links were replaced");
     let adopted: Vec<Value> =
         agent1.log_lines().into_iter().filter(|l| l["message"] == "cgroup program attached").collect();
+    assert_eq!(adopted.len(), 4, "one line per node-wide link: {adopted:?}");
     assert!(adopted.iter().all(|l| l["adopted"] == true), "new agent re-attached instead of taking over: {adopted:?}");
+    // How many probes fit in the window depends on the machine's speed; what matters is that
+    // some got through before the kill, some failed while no agent ran, and that none went
+    // around the agent (below).
     let ok = summary["ok"].as_u64().unwrap();
-    assert!(ok > 50, "too few probes succeeded around the restart: {summary}");
+    assert!(ok > 0, "no probe succeeded around the restart: {summary}");
     assert!(summary["failed"].as_u64().unwrap() > 0, "no probe failed while the agent was down: {summary}");
     // Every probe that got through was connected to an agent's listener, none to b directly.
     let peers = summary["peers"].as_object().unwrap();
@@ -235,8 +208,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
 
 #[test]
 fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
-    let (mut t, _n1, n2, _a, b) = two_nodes("inbound");
-    t.write_workloads().unwrap();
+    let Mesh { mut t, n2, b, .. } = Topology::two_node_mesh("inbound").unwrap();
     let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent2 = t.start_agent(n2, &[]).unwrap();
@@ -253,7 +225,7 @@ fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
     // The app's peer is the agent (dialling from the pod's own address), not the node.
     let accepted = server.accepted().unwrap();
     assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(b).ip)), "{accepted:?}");
-    assert!(agent2.stats().unwrap()["kernel"]["inbound_steered"].as_u64().unwrap() >= 1);
+    assert!(agent2.stats().unwrap().kernel["inbound_steered"] >= 1);
 
     // With the agent down, nothing from outside reaches the app.
     agent2.stop().unwrap();
@@ -264,8 +236,7 @@ fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
 
 #[test]
 fn a_full_map_refuses_the_connection_and_counts_it() {
-    let (mut t, n1, n2, a, b) = two_nodes("mapfull");
-    t.write_workloads().unwrap();
+    let Mesh { mut t, n1, n2, a, b } = Topology::two_node_mesh("mapfull").unwrap();
     let _ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
     let agent1 = t.start_agent(n1, &["--max-connections", "2"]).unwrap();
@@ -281,8 +252,8 @@ fn a_full_map_refuses_the_connection_and_counts_it() {
     assert_eq!(results[2]["ok"], false, "{r}");
     assert_eq!(results[2]["errno"], libc::EPERM, "{r}");
     let stats = agent1.stats().unwrap();
-    assert_eq!(stats["kernel"]["refused_orig_dst_map_full"], 1, "{stats}");
-    assert_eq!(stats["kernel"]["redirected"], 2, "{stats}");
+    assert_eq!(stats.kernel["refused_orig_dst_map_full"], 1, "{stats:?}");
+    assert_eq!(stats.kernel["redirected"], 2, "{stats:?}");
     // Closed connections free their entries: the next one works.
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
@@ -307,12 +278,37 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     // The controller places e on n1, so n1 may obtain e's identity.
     t.write_controller_workloads(&[e]).unwrap();
     std::thread::sleep(Duration::from_millis(1200));
-    agent1.api(serde_json::json!({"op": "add_workload", "workload": t.workload_json(e)})).unwrap();
+    let add = serde_json::json!({"op": "add_workload", "workload": t.workload_json(e)});
+    // The state file cannot be written (its temporary name is taken by a directory): the add
+    // fails whole, nothing of e stays captured, and a retry is not told "already registered".
+    let blocker = t.node(n1).state_dir.join("workloads.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let err = agent1.api(add.clone()).unwrap_err().to_string();
+    assert!(err.contains("cannot write the state file"), "{err}");
+    assert_eq!(agent1.api(serde_json::json!({"op": "workloads"})).unwrap(), serde_json::json!([]));
+    assert_eq!(echo(&t)["peer"], to, "captured after a failed add");
+    std::fs::remove_dir(&blocker).unwrap();
+    agent1.api(add).unwrap();
     t.wait_ready(n1).unwrap();
     let r = echo(&t);
     assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from("127.0.0.1:15001")), "{r}");
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
-    assert_eq!(agent1.access_log()[0]["src_workload"], "default/e");
+    let first = &agent1.access_log()[0];
+    assert_eq!(
+        (first["src_workload"].as_str(), first["connection_security_policy"].as_str()),
+        (Some("default/e"), Some("none")),
+        "d is not in the mesh: {first}"
+    );
+
+    // A record of another node's workload is refused, and changes nothing: had it been taken
+    // as a destination (it claims d's address), e's next connection to d would need mTLS.
+    let mut elsewhere = t.workload_json(d);
+    elsewhere["name"] = "impostor".into();
+    let err = agent1.api(serde_json::json!({"op": "add_workload", "workload": elsewhere})).unwrap_err().to_string();
+    assert!(err.contains("runs on node") && err.contains("n2") && err.contains("register it on its own node"), "{err}");
+    assert_eq!(echo(&t)["ok"], true);
+    wait_for(Duration::from_secs(5), || Ok(agent1.access_log().len() == 2)).unwrap();
+    assert_eq!(agent1.access_log()[1]["connection_security_policy"], "none", "the refused record became a destination");
 
     // Added at run time, it survives a restart.
     agent1.kill().unwrap();
@@ -323,10 +319,12 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     agent1.api(serde_json::json!({"op": "remove_workload", "namespace": "default", "name": "e"})).unwrap();
     let r = echo(&t);
     assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from(to.as_str())), "{r}");
-    let stats = agent1.stats().unwrap();
-    assert_eq!(stats["maps"]["SM_WORKLOADS"], 0, "{stats}");
-    assert_eq!(stats["maps"]["SM_INBOUND"], 0, "{stats}");
-    assert_eq!(stats["maps"]["SM_ORIG_DST"], 0, "{stats}");
+    // The maps are counted off the connection path, every second: wait for a count.
+    wait_for(Duration::from_secs(5), || {
+        let maps = agent1.stats()?.maps;
+        Ok(["SM_WORKLOADS", "SM_INBOUND", "SM_ORIG_DST"].iter().all(|m| maps[*m].entries == 0 && maps[*m].capacity > 0))
+    })
+    .unwrap();
     let ports = listening_ports(&t.pod(e).netns).unwrap();
     assert!(!ports.iter().any(|p| [15001, 15006, 15008].contains(p)), "listeners left behind: {ports:?}");
     let links = pinned_link_ids(&t.node(n1).bpffs).unwrap();

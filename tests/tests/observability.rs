@@ -11,12 +11,7 @@ const A_ID: &str = "spiffe://cluster.local/ns/default/sa/sa-a";
 const B_ID: &str = "spiffe://cluster.local/ns/default/sa/sa-b";
 
 fn mesh(name: &str) -> (Topology, NodeId, NodeId, PodId, PodId) {
-    let mut t = Topology::new(name).unwrap();
-    let n1 = t.add_node("n1").unwrap();
-    let n2 = t.add_node("n2").unwrap();
-    let a = t.add_pod(n1, "a", true).unwrap();
-    let b = t.add_pod(n2, "b", true).unwrap();
-    t.write_workloads().unwrap();
+    let Mesh { t, n1, n2, a, b } = Topology::two_node_mesh(name).unwrap();
     (t, n1, n2, a, b)
 }
 
@@ -157,13 +152,9 @@ fn meshctl_check_passes_on_a_healthy_node_and_says_what_is_wrong_otherwise() {
 
 #[test]
 fn meshctl_json_parses_and_matches_the_tables() {
-    let (mut t, n1, n2, a, b) = mesh("meshctl");
-    let _ctl = t.start_controller(&[]).unwrap();
-    let _server = t.start_server(b, APP_PORT).unwrap();
-    let _agent1 = t.start_agent(n1, &[]).unwrap();
-    let _agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let mut m = Topology::two_node_mesh("meshctl").unwrap();
+    let _running = m.start(APP_PORT).unwrap();
+    let Mesh { t, n1, a, b, .. } = m;
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     // A connection held open while we look.
     let held = t.spawn_pod_app(a, &["hold", "--to", &to, "--count", "1", "--hold-ms", "4000"]).unwrap();
@@ -226,4 +217,39 @@ fn the_demo_tour_runs_and_leaves_nothing_behind() {
     assert!(!String::from_utf8_lossy(&netns.stdout).contains(&id), "demo left namespaces");
     assert!(!std::path::Path::new("/sys/fs/bpf").join(format!("{PREFIX}{id}")).exists(), "demo left pins");
     assert!(!cgroup2_mount().unwrap().join(format!("{PREFIX}{id}")).exists(), "demo left cgroups");
+}
+
+/// `meshctl exec` runs a command as part of a workload (its netns and its cgroup), so what the
+/// command connects to goes through the mesh: the demo's "try" hint depends on it.
+#[test]
+fn meshctl_exec_runs_a_command_as_part_of_the_workload() {
+    let mut m = Topology::two_node_mesh("exec").unwrap();
+    let Running { ctl: _ctl, server: _server, agent1, agent2: _agent2 } = m.start(APP_PORT).unwrap();
+    let Mesh { t, n1, b, .. } = m;
+    let to = format!("{}:{APP_PORT}", t.pod(b).ip);
+    let out = t
+        .node_command(n1, bin("meshctl"))
+        .unwrap()
+        .args(["exec", "default/a", "--"])
+        .arg(bin("sm-testapp"))
+        .args(["echo", "--to", &to, "--bytes", "1000"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap();
+    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "not captured: {r}");
+    wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
+    let line = &agent1.access_log()[0];
+    assert_eq!(
+        (line["src_workload"].as_str(), line["connection_security_policy"].as_str()),
+        (Some("default/a"), Some("mutual_tls")),
+        "{line}"
+    );
+
+    // A workload this node does not capture: a clear error naming what it does capture.
+    let out = t.node_command(n1, bin("meshctl")).unwrap().args(["exec", "default/b", "--", "true"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("default/b is not captured") && err.contains("default/a"), "{err}");
 }

@@ -18,12 +18,7 @@ fn echo_ok(t: &Topology, p: PodId, to: &str) -> bool {
 
 /// One node with two meshed pods, a and b, and its workloads file written.
 fn one_node(name: &str) -> (Topology, NodeId, PodId, PodId) {
-    let mut t = Topology::new(name).unwrap();
-    let n1 = t.add_node("n1").unwrap();
-    let a = t.add_pod(n1, "a", true).unwrap();
-    let b = t.add_pod(n1, "b", true).unwrap();
-    t.write_workloads().unwrap();
-    (t, n1, a, b)
+    Topology::one_node_mesh(name).unwrap()
 }
 
 /// How long until `f` holds, polling every 50 ms (None if not within `limit`).
@@ -163,12 +158,7 @@ fn labels_select_policies_but_never_change_identity_and_dots_match_literally() {
 
 #[test]
 fn agents_keep_enforcing_while_the_controller_is_away_and_catch_up_when_it_returns() {
-    let mut t = Topology::new("ctlrestart").unwrap();
-    let n1 = t.add_node("n1").unwrap();
-    let n2 = t.add_node("n2").unwrap();
-    let a = t.add_pod(n1, "a", true).unwrap();
-    let b = t.add_pod(n2, "b", true).unwrap();
-    t.write_workloads().unwrap();
+    let Mesh { mut t, n1, n2, a, b } = Topology::two_node_mesh("ctlrestart").unwrap();
     let mut ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
@@ -293,7 +283,7 @@ fn same_node_traffic_skips_tls_but_not_policy() {
         assert_eq!(l["dst_principal"], "spiffe://cluster.local/ns/default/sa/sa-b", "{l}");
         assert_eq!(l["bytes_sent"], 1_000_000, "{l}");
     }
-    assert_eq!(agent.stats().unwrap()["hbone"]["tls_sessions"], 0, "same-node traffic made a TLS session");
+    assert_eq!(agent.stats().unwrap().hbone.tls_sessions, 0, "same-node traffic made a TLS session");
     let (_, m) = http_get(&t.node(n1).netns, "127.0.0.1:15020", "/metrics").unwrap();
     for reporter in ["source", "destination"] {
         let labels =
@@ -318,6 +308,6 @@ fn same_node_traffic_skips_tls_but_not_policy() {
     let agent = t.start_agent(n1, &["--same-node-tls", "true"]).unwrap();
     t.wait_ready(n1).unwrap();
     wait_for(Duration::from_secs(10), || Ok(echo_ok(&t, a, &to))).unwrap();
-    assert!(agent.stats().unwrap()["hbone"]["tls_sessions"].as_u64().unwrap() >= 1);
+    assert!(agent.stats().unwrap().hbone.tls_sessions >= 1);
     assert!(agent.access_log().iter().any(|l| l["connection_security_policy"] == "mutual_tls"));
 }

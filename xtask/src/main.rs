@@ -29,8 +29,9 @@ enum Cmd {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
     },
-    /// Regenerate checked-in artifacts: the CA's gRPC code (mesh-identity/src/proto) and the
-    /// CRD manifests (deploy/crds) from the Rust types.
+    /// Regenerate checked-in artifacts: the gRPC code (the CA's in mesh-identity/src/proto, the
+    /// configuration push's in mesh-api/src) and the CRD manifests (deploy/crds) from the Rust
+    /// types.
     Codegen,
     /// Benchmarks, reported as ratios to a baseline measured in the same run: policy decision
     /// cost (10 vs 10,000 policies) and the datapath (throughput, latency, connection rate, agent
@@ -102,9 +103,12 @@ fn real_main() -> Result<()> {
             bench(&root, quick, profile, agent_args.as_deref())
         }
         Cmd::Codegen => {
-            codegen(&root.join("mesh-identity/src/proto"))?;
+            for proto in PROTOS {
+                codegen(&root, proto, &root.join(proto.out_dir))?;
+            }
             write_crds(&root.join("deploy/crds"))?;
-            eprintln!("codegen: wrote mesh-identity/src/proto and deploy/crds");
+            let written = PROTOS.map(|p| format!("{}/{}", p.out_dir, p.generated));
+            eprintln!("codegen: wrote {} and deploy/crds", written.join(", "));
             Ok(())
         }
         Cmd::Demo { keep } => {
@@ -173,7 +177,7 @@ fn setup() -> Result<()> {
         step("adding rust-src to the nightly toolchain");
         sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
-    // 3. bpf-linker, linked against the nightly's own LLVM (see ../shared/TOOLCHAIN.md).
+    // 3. bpf-linker, linked against the nightly's own LLVM (docs/toolchain.md says why).
     let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if !linker_ok {
         install_bpf_linker()?;
@@ -262,16 +266,31 @@ fn build(root: &Path) -> Result<()> {
     sh(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))
 }
 
-/// Generates the CA's tonic/prost code into `out`.
-fn codegen(out: &Path) -> Result<()> {
-    let root = workspace_root();
-    let protos = [root.join("mesh-identity/proto/ca.proto"), root.join("mesh-identity/proto/config.proto")];
+/// A .proto file and where its generated code is checked in.
+#[derive(Clone, Copy)]
+struct Proto {
+    /// Relative to the workspace root.
+    file: &'static str,
+    out_dir: &'static str,
+    /// The file tonic-prost-build writes (named after the proto package).
+    generated: &'static str,
+}
+
+const PROTOS: [Proto; 2] = [
+    Proto { file: "mesh-identity/proto/ca.proto", out_dir: "mesh-identity/src/proto", generated: "sockmesh.ca.v1.rs" },
+    Proto { file: "mesh-api/proto/config.proto", out_dir: "mesh-api/src", generated: "sockmesh.config.v1.rs" },
+];
+
+/// Generates a proto's tonic/prost code into `out`.
+fn codegen(root: &Path, proto: Proto, out: &Path) -> Result<()> {
+    let file = root.join(proto.file);
+    let include = file.parent().expect("a proto file has a directory").to_owned();
     std::fs::create_dir_all(out)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .out_dir(out)
-        .compile_protos(&protos, &[root.join("mesh-identity/proto")])
+        .compile_protos(&[file], &[include])
         .context("protoc failed (is protobuf-compiler installed? `cargo xtask setup` installs it)")
 }
 
@@ -419,19 +438,18 @@ mod tests {
         }
     }
 
-    /// The checked-in gRPC code must be what the .proto generates today.
+    /// The checked-in gRPC code of every .proto must be what it generates today.
     #[test]
     fn generated_grpc_code_is_current() {
-        let dir = tempfile::tempdir().unwrap();
-        super::codegen(dir.path()).unwrap();
-        let name = "sockmesh.ca.v1.rs";
-        let fresh = std::fs::read_to_string(dir.path().join(name)).unwrap();
-        let checked_in =
-            std::fs::read_to_string(super::workspace_root().join("mesh-identity/src/proto").join(name)).unwrap();
-        assert!(
-            fresh == checked_in,
-            "mesh-identity/src/proto/{name} is stale: run `cargo xtask codegen` and commit it"
-        );
+        let root = super::workspace_root();
+        for proto in super::PROTOS {
+            let dir = tempfile::tempdir().unwrap();
+            super::codegen(&root, proto, dir.path()).unwrap();
+            let fresh = std::fs::read_to_string(dir.path().join(proto.generated)).unwrap();
+            let path = root.join(proto.out_dir).join(proto.generated);
+            let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(fresh == checked_in, "{} is stale: run `cargo xtask codegen` and commit it", path.display());
+        }
     }
 
     #[test]

@@ -1,24 +1,26 @@
 //! The kernel side of the datapath: load the programs, attach them (or take over the ones a
 //! previous agent left pinned), and keep the maps in step with the local workloads.
+//! [`maps`] has the handles the rest of the agent uses afterwards; [`sys`] the raw bpf(2)
+//! commands aya does not offer.
 //!
-//! Layout under the node's bpffs directory (P6):
+//! Layout under the node's bpffs directory (pinned, property P6 in ARCHITECTURE.md):
 //!   maps/SM_*            every map, pinned by name (reused by the next agent)
 //!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release)
 //!   links/sk_lookup-<id> one sk_lookup link per workload netns
 //! A restarted agent finds the links pinned, swaps its freshly loaded program into each one
 //! with BPF_LINK_UPDATE (atomic: the hook is never empty) and reuses the pinned maps.
 
-use std::collections::BTreeMap;
-use std::ffi::CString;
+pub mod maps;
+pub mod sys;
+
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
+use mesh_common::{InboundKey, WorkloadValue};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -51,8 +53,6 @@ pub enum EbpfError {
     Missing(&'static str),
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
 /// Why a link exists: the pin names of the node-wide cgroup links.
 const CGROUP_LINKS: [(&str, &str); 4] = [
     (mesh_common::PROG_CONNECT4, "connect4"),
@@ -61,14 +61,14 @@ const CGROUP_LINKS: [(&str, &str); 4] = [
     (mesh_common::PROG_SOCK_RELEASE, "sock_release"),
 ];
 
+/// The programs and the maps registration writes to. The connection path never touches this
+/// (it reads its one map through [`maps::OrigDstTable`]).
 pub struct Datapath {
     ebpf: Ebpf,
+    maps_dir: PathBuf,
     links_dir: PathBuf,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
-    orig_dst: BpfHashMap<MapData, u64, OrigDst>,
-    orig_by_port: BpfHashMap<MapData, PortKey, OrigDst>,
     inbound: SockHash<MapData, InboundKey>,
-    counters: PerCpuArray<MapData, u64>,
 }
 
 /// Load-time settings.
@@ -96,7 +96,11 @@ impl Datapath {
         for dir in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs { path: dir.clone(), source })?;
         }
-        check_bpffs(cfg.bpffs_dir)?;
+        match sys::is_bpffs(cfg.bpffs_dir) {
+            Ok(true) => {}
+            Ok(false) => return Err(EbpfError::NotBpffs { path: cfg.bpffs_dir.to_owned() }),
+            Err(source) => return Err(EbpfError::Bpffs { path: cfg.bpffs_dir.to_owned(), source }),
+        }
         let cgroup = File::open(cfg.cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
 
@@ -129,11 +133,13 @@ impl Datapath {
         sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
 
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
-        let orig_dst = take_map(&mut ebpf, mesh_common::ORIG_DST)?;
-        let orig_by_port = take_map(&mut ebpf, mesh_common::ORIG_DST_BY_PORT)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
-        let counters = take_map(&mut ebpf, mesh_common::COUNTERS)?;
-        Ok((Datapath { ebpf, links_dir, workloads, orig_dst, orig_by_port, inbound, counters }, reports))
+        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, inbound }, reports))
+    }
+
+    /// Where the maps are pinned (for [`maps::OrigDstTable`] and [`maps::Census`]).
+    pub fn maps_dir(&self) -> &Path {
+        &self.maps_dir
     }
 
     /// Marks a cgroup as a meshed workload: from now on its connects are redirected.
@@ -207,53 +213,6 @@ impl Datapath {
             })
             .unwrap_or_default()
     }
-
-    /// Takes the original destination of a connection the agent accepted on a workload's
-    /// outbound listener: (netns cookie of the listener, client family, client port).
-    pub fn take_orig_dst(&mut self, key: &PortKey) -> Option<OrigDst> {
-        let v = self.orig_by_port.get(key, 0).ok()?;
-        let _ = self.orig_by_port.remove(key);
-        Some(v)
-    }
-
-    /// Deletes port-keyed entries whose client socket was released more than
-    /// [`mesh_common::RELEASED_ENTRY_TTL_NS`] ago without the agent consuming them.
-    pub fn collect_released(&mut self) -> usize {
-        let now = monotonic_ns();
-        let stale: Vec<PortKey> = self
-            .orig_by_port
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, v)| {
-                v.released_ns != 0 && now.saturating_sub(v.released_ns) > mesh_common::RELEASED_ENTRY_TTL_NS
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.orig_by_port.remove(k);
-        }
-        stale.len()
-    }
-
-    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let v = self.counters.get(&(*c as u32), 0).map(|vals| vals.iter().sum()).unwrap_or(0);
-                (c.name(), v)
-            })
-            .collect()
-    }
-
-    /// Entries in each bounded map (for stats and the map-fill metric).
-    pub fn map_fill(&self) -> BTreeMap<&'static str, usize> {
-        let mut m = BTreeMap::new();
-        m.insert(mesh_common::WORKLOADS, self.workloads.keys().count());
-        m.insert(mesh_common::ORIG_DST, self.orig_dst.keys().count());
-        m.insert(mesh_common::ORIG_DST_BY_PORT, self.orig_by_port.keys().count());
-        m.insert(mesh_common::INBOUND_LISTENERS, self.inbound.keys().count());
-        m
-    }
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -319,72 +278,8 @@ fn attach_or_adopt(
 
 /// Takes over a pinned link: swaps the freshly loaded program in atomically.
 fn adopt(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<(), EbpfError> {
-    let link = bpf_obj_get(pin).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })?;
-    bpf_link_update(&link, prog).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })
-}
-
-fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
-    const BPF_OBJ_GET: libc::c_long = 7;
-    // SAFETY: attr is a valid prefix of union bpf_attr; the kernel zero-extends the rest.
-    let fd =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGet, std::mem::size_of::<ObjGet>()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn bpf_link_update(link: &OwnedFd, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let attr =
-        LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdate, std::mem::size_of::<LinkUpdate>())
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn check_bpffs(path: &Path) -> Result<(), EbpfError> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| EbpfError::Bpffs { path: path.to_owned(), source: std::io::Error::other(e) })?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(EbpfError::Bpffs { path: path.to_owned(), source: std::io::Error::last_os_error() });
-    }
-    if st.f_type as i64 != BPF_FS_MAGIC {
-        return Err(EbpfError::NotBpffs { path: path.to_owned() });
-    }
-    Ok(())
-}
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let link = sys::obj_get(pin).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })?;
+    sys::link_update(&link, prog).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })
 }
 
 /// A cgroup v2 directory's id, as bpf_get_current_cgroup_id() reports it: its inode number.

@@ -10,19 +10,18 @@ use tokio::net::TcpStream;
 
 /// Read sizes: a connection starts small and doubles while reads fill the buffer (a bulk flow),
 /// up to the largest; request/response traffic stays small. Each read becomes one DATA frame,
-/// and a frame's 9-byte header goes to rustls together with its payload, so a frame of 64 KiB
-/// in all is exactly four full TLS records: reading 64 KiB itself made every frame four full
-/// records and a fifth of 9 bytes, a fifth of all records (and often a segment of its own).
+/// and h2 gives rustls a frame's 9-byte header together with its payload, so each read stops a
+/// header short of a power of two: a bulk frame is then exactly four full TLS records instead
+/// of four and a 9-byte fifth (docs/decisions/0003-data-frames-sized-to-tls-records.md).
 ///
 /// This holds while a read goes out as one frame: both ends advertise a 256 KiB
-/// SETTINGS_MAX_FRAME_SIZE (`tunnel::MAX_FRAME_SIZE`; at the 16 KiB default every frame would
+/// SETTINGS_MAX_FRAME_SIZE ([`super::MAX_FRAME_SIZE`]; at the 16 KiB default every frame would
 /// carry a 9-byte tail again), and the frame is not split by a smaller grant of send capacity
-/// or preceded in the same write by a control frame. Those shift the boundaries for one write;
-/// strace of a bulk transfer found ~60 odd-sized records among 10,000.
+/// or preceded in the same write by a control frame.
 const MIN_CHUNK: usize = 8 * 1024;
 const CHUNK: usize = 64 * 1024;
 const FRAME_HEADER: usize = 9;
-const _: () = assert!(MIN_CHUNK > FRAME_HEADER && CHUNK <= super::tunnel::MAX_FRAME_SIZE as usize);
+const _: () = assert!(MIN_CHUNK > FRAME_HEADER && CHUNK <= super::MAX_FRAME_SIZE as usize);
 
 /// Reads from the client and sends on the stream. The read buffer exists only while data is
 /// flowing: an idle connection holds none (it waits for readability first), which is what lets

@@ -1,15 +1,9 @@
-//! X25519 for the HBONE handshakes, computed by aws-lc instead of ring.
-//!
-//! Every fresh tunnel costs each agent one X25519 key generation and one agreement. ring's
-//! portable curve25519 code took ~40 us of that per handshake here; aws-lc's (s2n-bignum) does
-//! the same in ~17 us (measured on this machine: 2 key generations + 1 agreement, 57 us vs
-//! 26 us). Only the key exchange comes from aws-lc: the rest of the TLS provider (ciphers,
-//! signatures, certificate checks) stays ring. rustls' own aws-lc provider (which has this
-//! group) is deliberately not enabled: with two providers compiled in, rustls has no
-//! process-wide default, and code that builds configurations without naming one (kube's
-//! client, tonic's TLS server, both with `ServerConfig`/`ClientConfig::builder()`) would
-//! panic at run time; features are unified across the workspace, so the controller would get
-//! it too.
+//! X25519 for the HBONE handshakes, computed by aws-lc instead of ring: every fresh tunnel
+//! costs each agent one X25519 key generation and one agreement, and aws-lc's implementation
+//! takes less than half of ring's portable one. Only the key exchange comes from aws-lc; the
+//! rest of the TLS provider stays ring, and rustls' own aws-lc provider is deliberately not
+//! enabled (with two providers compiled in, code that builds TLS configurations without naming
+//! one panics). docs/decisions/0005-x25519-from-aws-lc.md has the measurements.
 
 use rustls::crypto::{ActiveKeyExchange, SharedSecret, SupportedKxGroup};
 use rustls::{Error, NamedGroup, PeerMisbehaved};

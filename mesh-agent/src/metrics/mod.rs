@@ -1,53 +1,23 @@
-//! Prometheus metrics (OpenMetrics text on :15020). The TCP metrics carry the label set Istio
-//! uses, so existing dashboards work unchanged. Every label value is bounded: workload names,
-//! namespaces and principals come from the workload records (a cluster's size), reasons and
-//! flags from enums.
+//! The agent's one counter store: a Prometheus registry (OpenMetrics text on :15020). The
+//! admin API's `/stats` and the local API's `stats` are read from the same counters, so no view
+//! can disagree with another. The TCP metrics carry the label set Istio uses, so existing
+//! dashboards work unchanged. Every label value is bounded: workload names, namespaces and
+//! principals come from the workload records (a cluster's size), reasons from [`Reason`].
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use mesh_api::admin::{CertStats, ConfigStats, DirectionStats, HboneStats, MapFill};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::ConnRecord;
+mod labels;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub connection_security_policy: &'static str,
-    pub response_flags: String,
-    pub request_protocol: &'static str,
-}
+use labels::{DirectionLabels, EventLabels, FailureLabels, IdentityLabels, MapLabels, ReasonLabels, TcpLabels};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub direction: &'static str,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IdentityLabels {
-    pub identity: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MapLabels {
-    pub map: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EventLabels {
-    pub event: &'static str,
-}
+use crate::outcome::{ConnRecord, Direction, HandshakeFailure, Outcome, Reason};
 
 pub struct Metrics {
     registry: Registry,
@@ -55,23 +25,32 @@ pub struct Metrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    accepted: Family<DirectionLabels, Counter>,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
+    tls_sessions: Counter,
+    streams: Counter,
+    early_streams: Counter,
+    certs_issued: Counter,
+    cert_failures: Family<FailureLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     kernel_events: Family<EventLabels, Counter>,
     push_lag: Gauge,
     config_version: Gauge,
+    /// Which reason labels have been counted, to list them in `/stats` (the values stay in the
+    /// registry; this only remembers which keys exist, a bounded set).
+    seen_reasons: Mutex<BTreeMap<(&'static str, &'static str), Kind>>,
     /// Last kernel counter values seen (they live in a pinned map, across agent restarts).
     kernel_seen: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-fn split_workload(w: &Option<String>) -> (String, String) {
-    match w.as_deref().and_then(|w| w.split_once('/')) {
-        Some((ns, name)) => (name.to_owned(), ns.to_owned()),
-        None => ("unknown".into(), "unknown".into()),
-    }
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Refused,
+    Handshake,
+    Certificate,
 }
 
 impl Default for Metrics {
@@ -84,20 +63,27 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
+            registry: Registry::default(),
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
+            accepted: Family::default(),
             refused: Family::default(),
             handshake_failures: Family::default(),
+            tls_sessions: Counter::default(),
+            streams: Counter::default(),
+            early_streams: Counter::default(),
+            certs_issued: Counter::default(),
+            cert_failures: Family::default(),
             cert_expiry: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             kernel_events: Family::default(),
             push_lag: Gauge::default(),
             config_version: Gauge::default(),
+            seen_reasons: Mutex::new(BTreeMap::new()),
             kernel_seen: Mutex::new(BTreeMap::new()),
-            registry: Registry::default(),
         };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
@@ -105,6 +91,11 @@ impl Metrics {
         istio.register("tcp_sent_bytes", "Bytes sent toward the destination", m.sent.clone());
         istio.register("tcp_received_bytes", "Bytes received from the destination", m.received.clone());
         let sm = registry.sub_registry_with_prefix("sockmesh");
+        sm.register(
+            "connections_accepted",
+            "Captured connections that passed the agent's checks and were carried",
+            m.accepted.clone(),
+        );
         sm.register(
             "connections_refused",
             "Connections refused, by reason (policy denials, no certificate, ...)",
@@ -114,6 +105,23 @@ impl Metrics {
             "handshake_failures",
             "mTLS handshakes and peer verifications that failed, by reason",
             m.handshake_failures.clone(),
+        );
+        sm.register(
+            "hbone_tls_sessions",
+            "HBONE connections opened as a client (one TLS session each)",
+            m.tls_sessions.clone(),
+        );
+        sm.register("hbone_streams", "HBONE CONNECT streams sent", m.streams.clone());
+        sm.register(
+            "hbone_early_streams",
+            "HBONE streams whose client's first bytes went right behind the CONNECT request",
+            m.early_streams.clone(),
+        );
+        sm.register("certificates_issued", "Workload certificates received from the CA", m.certs_issued.clone());
+        sm.register(
+            "certificate_requests_failed",
+            "Certificate requests to the CA that failed, by reason",
+            m.cert_failures.clone(),
         );
         sm.register(
             "certificate_expiry_timestamp_seconds",
@@ -136,52 +144,64 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    fn labels(rec: &ConnRecord, flags: &str) -> TcpLabels {
-        let (sw, sns) = split_workload(&rec.src_workload);
-        let (dw, dns) = split_workload(&rec.dst_workload);
-        TcpLabels {
-            reporter: if rec.direction == "outbound" { "source" } else { "destination" },
-            source_workload: sw,
-            source_workload_namespace: sns,
-            source_principal: rec.src_principal.clone().unwrap_or_else(|| "unknown".into()),
-            destination_workload: dw,
-            destination_workload_namespace: dns,
-            destination_principal: rec.dst_principal.clone().unwrap_or_else(|| "unknown".into()),
-            // Bounded: mutual_tls, node_local (same node, identities from kernel facts, no
-            // wire), or none (plaintext).
-            connection_security_policy: match rec.security {
-                "mutual_tls" => "mutual_tls",
-                crate::proxy::local::SECURITY => crate::proxy::local::SECURITY,
-                _ => "none",
-            },
-            response_flags: if flags == "ok" { "-".into() } else { flags.to_owned() },
-            request_protocol: "tcp",
-        }
-    }
-
     pub fn opened(&self, rec: &ConnRecord) {
-        self.opened.get_or_create(&Self::labels(rec, "ok")).inc();
+        self.opened.get_or_create(&TcpLabels::of(rec, &Outcome::Ok)).inc();
     }
 
-    /// A connection ended (`result` "ok") or was refused (`result` its reason).
-    pub fn closed(&self, rec: &ConnRecord, sent: u64, received: u64, result: &str) {
-        let l = Self::labels(rec, result);
-        if result != "ok" {
-            // Refused before it was relayed: it was opened and closed at once.
+    /// A connection ended or was refused. A refused one was never opened: it is counted as
+    /// opened and closed at once, and under its reason.
+    pub fn closed(&self, rec: &ConnRecord, outcome: &Outcome, sent: u64, received: u64) {
+        let l = TcpLabels::of(rec, outcome);
+        if let Outcome::Refused(reason) = outcome {
             self.opened.get_or_create(&l).inc();
-            self.refused.get_or_create(&ReasonLabels { direction: rec.direction, reason: result.to_owned() }).inc();
+            self.refused(rec.direction, reason);
         }
         self.closed.get_or_create(&l).inc();
         self.sent.get_or_create(&l).inc_by(sent);
         self.received.get_or_create(&l).inc_by(received);
     }
 
-    pub fn handshake_failed(&self, direction: &'static str, reason: &str) {
-        self.handshake_failures.get_or_create(&ReasonLabels { direction, reason: reason.to_owned() }).inc();
+    /// A refusal that has no connection record (one turned away before anything was known).
+    pub fn refused(&self, direction: Direction, reason: &Reason) {
+        let l = ReasonLabels { direction: direction.as_str(), reason: reason.label() };
+        self.seen(l.direction, l.reason, Kind::Refused);
+        self.refused.get_or_create(&l).inc();
     }
 
-    pub fn set_cert_expiry(&self, identity: &str, not_after: i64) {
+    pub fn accepted(&self, direction: Direction) {
+        self.accepted.get_or_create(&DirectionLabels { direction: direction.as_str() }).inc();
+    }
+
+    pub fn handshake_failed(&self, direction: Direction, failure: &HandshakeFailure) {
+        let l = ReasonLabels { direction: direction.as_str(), reason: failure.label() };
+        self.seen(l.direction, l.reason, Kind::Handshake);
+        self.handshake_failures.get_or_create(&l).inc();
+    }
+
+    pub fn tls_session(&self) {
+        self.tls_sessions.inc();
+    }
+
+    pub fn stream(&self, early: bool) {
+        self.streams.inc();
+        if early {
+            self.early_streams.inc();
+        }
+    }
+
+    pub fn certificate_issued(&self, identity: &str, not_after: i64) {
+        self.certs_issued.inc();
         self.cert_expiry.get_or_create(&IdentityLabels { identity: identity.to_owned() }).set(not_after);
+    }
+
+    /// The identity is no longer served: its expiry series goes with it.
+    pub fn certificate_dropped(&self, identity: &str) {
+        self.cert_expiry.remove(&IdentityLabels { identity: identity.to_owned() });
+    }
+
+    pub fn certificate_failed(&self, reason: &'static str) {
+        self.seen("-", reason, Kind::Certificate);
+        self.cert_failures.get_or_create(&FailureLabels { reason }).inc();
     }
 
     pub fn set_map(&self, map: &'static str, entries: usize, capacity: u32) {
@@ -189,8 +209,10 @@ impl Metrics {
         self.map_capacity.get_or_create(&MapLabels { map }).set(capacity as i64);
     }
 
+    /// Kernel counters are absolute values from a pinned map that outlives this process; the
+    /// Prometheus counter moves by what changed since the last reading.
     pub fn set_kernel_counter(&self, event: &'static str, value: u64) {
-        let mut seen = self.kernel_seen.lock().unwrap();
+        let mut seen = self.kernel_seen.lock().unwrap_or_else(|e| e.into_inner());
         let last = seen.entry(event).or_insert(0);
         let c = self.kernel_events.get_or_create(&EventLabels { event });
         if value >= *last {
@@ -199,14 +221,142 @@ impl Metrics {
         *last = value;
     }
 
-    pub fn set_push_lag(&self, lag_ms: u64, version: u64) {
+    pub fn set_config(&self, lag_ms: u64, version: u64) {
         self.push_lag.set(lag_ms as i64);
         self.config_version.set(version as i64);
+    }
+
+    fn seen(&self, direction: &'static str, reason: &'static str, kind: Kind) {
+        let mut s = self.seen_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        s.entry((direction, reason)).or_insert(kind);
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+
+    // Typed readings for /stats, from the same counters /metrics encodes.
+
+    pub fn direction_stats(&self, direction: Direction) -> DirectionStats {
+        let d = direction.as_str();
+        let mut out = DirectionStats {
+            accepted: self.accepted.get(&DirectionLabels { direction: d }).map(|c| c.get()).unwrap_or(0),
+            ..Default::default()
+        };
+        let seen = self.seen_reasons.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for ((dir, reason), kind) in seen {
+            let l = ReasonLabels { direction: dir, reason };
+            match kind {
+                Kind::Refused if dir == d => {
+                    out.refused.insert(reason.to_owned(), self.refused.get(&l).map(|c| c.get()).unwrap_or(0));
+                }
+                Kind::Handshake if dir == d => {
+                    let n = self.handshake_failures.get(&l).map(|c| c.get()).unwrap_or(0);
+                    out.handshake_failures.insert(reason.to_owned(), n);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    pub fn hbone_stats(&self) -> HboneStats {
+        HboneStats {
+            tls_sessions: self.tls_sessions.get(),
+            streams: self.streams.get(),
+            early_streams: self.early_streams.get(),
+        }
+    }
+
+    pub fn cert_stats(&self) -> CertStats {
+        let seen = self.seen_reasons.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let failures = seen
+            .into_iter()
+            .filter(|(_, k)| *k == Kind::Certificate)
+            .map(|((_, reason), _)| {
+                (reason.to_owned(), self.cert_failures.get(&FailureLabels { reason }).map(|c| c.get()).unwrap_or(0))
+            })
+            .collect();
+        CertStats { issued: self.certs_issued.get(), failures }
+    }
+
+    pub fn config_stats(&self) -> ConfigStats {
+        ConfigStats { version: self.config_version.get().max(0) as u64, push_lag_ms: self.push_lag.get().max(0) as u64 }
+    }
+
+    pub fn kernel_stats(&self) -> BTreeMap<String, u64> {
+        self.kernel_seen.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    pub fn map_stats(&self, maps: &[&'static str]) -> BTreeMap<String, MapFill> {
+        maps.iter()
+            .map(|&map| {
+                let l = MapLabels { map };
+                let entries = self.map_entries.get(&l).map(|g| g.get().max(0) as u64).unwrap_or(0);
+                let capacity = self.map_capacity.get(&l).map(|g| g.get().max(0) as u64).unwrap_or(0);
+                (map.to_owned(), MapFill { entries, capacity })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::{KernelRefusal, Peer, Security, Target};
+
+    fn rec(direction: Direction) -> ConnRecord {
+        ConnRecord {
+            direction,
+            security: Security::MutualTls,
+            src: Peer::default(),
+            dst: Peer::default(),
+            orig_dst: Target::Unknown,
+        }
+    }
+
+    /// A refusal shows in /metrics under its reason and in the typed stats with the same
+    /// number; an outbound refusal is not an inbound one.
+    #[test]
+    fn refusals_reach_prometheus_and_stats_with_the_same_label() {
+        let m = Metrics::new();
+        let r = Outcome::Refused(Reason::Kernel(KernelRefusal::WorkloadMismatch));
+        m.closed(&rec(Direction::Outbound), &r, 0, 0);
+        m.closed(&rec(Direction::Outbound), &r, 0, 0);
+        m.closed(&rec(Direction::Inbound), &Outcome::Refused(Reason::MtlsStrict), 0, 0);
+        m.accepted(Direction::Inbound);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"sockmesh_connections_refused_total{direction="outbound",reason="workload_mismatch"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"response_flags="workload_mismatch""#), "{text}");
+        let out = m.direction_stats(Direction::Outbound);
+        assert_eq!(out.refused.get("workload_mismatch"), Some(&2));
+        assert!(!out.refused.contains_key("mtls_strict"));
+        assert_eq!(out.accepted, 0);
+        let inb = m.direction_stats(Direction::Inbound);
+        assert_eq!((inb.accepted, inb.refused.get("mtls_strict")), (1, Some(&1)));
+    }
+
+    #[test]
+    fn a_dropped_identity_takes_its_expiry_series_with_it() {
+        let m = Metrics::new();
+        m.certificate_issued("spiffe://td/ns/a/sa/b", 1_900_000_000);
+        assert!(m.encode().contains("spiffe://td/ns/a/sa/b"));
+        m.certificate_dropped("spiffe://td/ns/a/sa/b");
+        assert!(!m.encode().contains("spiffe://td/ns/a/sa/b"));
+        assert_eq!(m.cert_stats().issued, 1);
+    }
+
+    #[test]
+    fn kernel_counters_move_by_their_difference() {
+        let m = Metrics::new();
+        m.set_kernel_counter("redirected", 5);
+        m.set_kernel_counter("redirected", 7);
+        assert!(m.encode().contains(r#"sockmesh_ebpf_events_total{event="redirected"} 7"#));
+        assert_eq!(m.kernel_stats().get("redirected"), Some(&7));
     }
 }

@@ -2,81 +2,77 @@
 //! The accepted socket's local address is the destination the client asked for. There is no
 //! peer identity on this path (the client's address is recorded, never trusted as identity).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use mesh_model::authz::{Decision, Facts};
+use mesh_model::policy::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{dial_in, log_close, relay, reset, ConnRecord, RefuseReason};
-use crate::app::{Agent, LocalWorkload};
+use crate::inputs::ProxyInputs;
+use crate::netns::reset;
+use crate::outcome::{ConnRecord, Direction, Peer, Reason, Security, Target};
+use crate::state::LocalWorkload;
 
-pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListener) {
+pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let agent = agent.clone();
-                let wl = wl.clone();
-                tokio::spawn(async move { handle(agent, wl, stream, peer).await });
+                tokio::spawn(handle(inputs.clone(), wl.clone(), stream, peer));
             }
             Err(e) => {
-                tracing::warn!(workload = %wl.key, error = %e, "inbound accept failed");
+                tracing::warn!(workload = %wl.key(), error = %e, "inbound accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, peer: std::net::SocketAddr) {
+async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
-    let dst = match client.local_addr() {
-        Ok(a) => a,
-        Err(_) => return reset(client),
+    let Ok(dst) = client.local_addr() else {
+        return reset(client);
     };
     // A dual-stack listener reports IPv4 clients as v4-mapped.
-    let dst = std::net::SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let rec = ConnRecord {
-        direction: "inbound",
-        // Plaintext: no verified source. An address is never taken for an identity (P2).
-        src_workload: None,
-        src_principal: None,
-        src_addr: Some(std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()),
-        dst_workload: Some(wl.key.to_string()),
-        dst_principal: Some(wl.spiffe_id.to_string()),
-        orig_dst: dst.to_string(),
-        security: "none",
+        direction: Direction::Inbound,
+        security: Security::None,
+        // Plaintext: no verified source. An address is never taken for an identity.
+        src: Peer { addr: Some(peer), ..Peer::default() },
+        dst: Peer::workload(&wl.known),
+        orig_dst: Target::Addr(dst),
+    };
+    let refuse = |reason: Reason, client: TcpStream| {
+        inputs.conns.refused(&rec, reason.clone(), started, &reason);
+        reset(client);
     };
     if mesh_common::is_mesh_port(dst.port()) {
         // Dialling it would loop back into the agent.
-        agent.stats.refused(RefuseReason::MeshPort);
-        log_close(&agent, &rec, 0, 0, started, "destination is a mesh port", RefuseReason::MeshPort.as_str());
-        return reset(client);
+        return refuse(Reason::MeshPort, client);
     }
+    let snap = inputs.state.load();
     // PeerAuthentication: STRICT refuses plaintext outright; PERMISSIVE lets it through after
     // policy, with no peer identity.
-    if agent.mtls_mode(&wl, dst.port()) == mesh_model::policy::MtlsMode::Strict {
-        agent.stats.refused_label("mtls_strict");
-        log_close(&agent, &rec, 0, 0, started, "plaintext refused: PeerAuthentication STRICT", "mtls_strict");
-        return reset(client);
+    if snap.mtls_mode(inputs.state.root_namespace(), &wl, dst.port()) == MtlsMode::Strict {
+        return refuse(Reason::MtlsStrict, client);
     }
-    let verdict = agent.authorize(
-        &wl,
-        &mesh_model::authz::Facts { principal: None, source_ip: peer.ip().to_canonical(), dst_port: dst.port() },
-    );
-    if let mesh_model::authz::Decision::Deny(reason) = &verdict.decision {
-        agent.stats.refused_label(reason.label());
-        log_close(&agent, &rec, 0, 0, started, &reason.to_string(), reason.label());
-        return reset(client);
+    let facts = Facts { principal: None, source_ip: peer.ip(), dst_port: dst.port() };
+    if let Decision::Deny(d) = snap.authorize(&wl, &facts).decision {
+        return refuse(Reason::Denied(d), client);
     }
-    agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    drop(snap);
+    inputs.metrics.accepted(Direction::Inbound);
     // From inside the pod's netns, from the app's own address: sk_lookup leaves that alone.
-    let upstream = match Box::pin(dial_in(&wl.netns, dst, Some(dst.ip()), agent.connect_timeout())).await {
+    let upstream = match Box::pin(wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
         Ok(s) => s,
         Err(e) => {
-            agent.stats.refused(RefuseReason::UpstreamUnreachable);
-            log_close(&agent, &rec, 0, 0, started, &e.to_string(), RefuseReason::UpstreamUnreachable.as_str());
+            inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &e);
             return reset(client);
         }
     };
-    relay(&agent, client, upstream, rec, started).await;
+    super::relay(&inputs.conns, client, upstream, Arc::new(rec), started).await;
 }

@@ -11,15 +11,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use mesh_model::authz::{Decision, Facts};
 use tokio::net::TcpStream;
 
-use super::{dial_in, log_close, relay, reset, ConnRecord, RefuseReason};
-use crate::app::{Agent, LocalWorkload};
-
-pub const SECURITY: &str = "node_local";
+use crate::inputs::ProxyInputs;
+use crate::netns::reset;
+use crate::outcome::{ConnRecord, Direction, Peer, Reason, Security, Target};
+use crate::state::LocalWorkload;
 
 pub async fn handle(
-    agent: Arc<Agent>,
+    inputs: Arc<ProxyInputs>,
     src: Arc<LocalWorkload>,
     dst_wl: Arc<LocalWorkload>,
     client: TcpStream,
@@ -27,44 +28,39 @@ pub async fn handle(
     dst: SocketAddr,
     started: Instant,
 ) {
-    out.security = SECURITY;
-    out.dst_workload = Some(dst_wl.key.to_string());
-    out.dst_principal = Some(dst_wl.spiffe_id.to_string());
-    let source_ip = src.workload.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied().unwrap_or(dst.ip());
+    out.security = Security::NodeLocal;
+    out.dst = Peer::workload(&dst_wl.known);
+    let source_ip = src.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied().unwrap_or(dst.ip());
     let inb = ConnRecord {
-        direction: "inbound",
-        src_workload: out.src_workload.clone(),
-        src_principal: out.src_principal.clone(),
-        src_addr: out.src_addr.clone(),
-        dst_workload: out.dst_workload.clone(),
-        dst_principal: out.dst_principal.clone(),
-        orig_dst: dst.to_string(),
-        security: SECURITY,
+        direction: Direction::Inbound,
+        security: Security::NodeLocal,
+        src: out.src.clone(),
+        dst: out.dst.clone(),
+        orig_dst: Target::Addr(dst),
     };
-    let refuse = |reason: &'static str, detail: &str, client: TcpStream| {
-        agent.stats.refused_label(reason);
-        log_close(&agent, &inb, 0, 0, started, detail, reason);
-        log_close(&agent, &out, 0, 0, started, detail, reason);
+    let refuse = |reason: Reason, detail: &dyn std::fmt::Display, client: TcpStream| {
+        inputs.conns.refused(&inb, reason.clone(), started, detail);
+        inputs.conns.refused(&out, reason, started, detail);
         reset(client);
     };
     if mesh_common::is_mesh_port(dst.port()) {
-        return refuse(RefuseReason::MeshPort.as_str(), "destination is a mesh port", client);
+        return refuse(Reason::MeshPort, &Reason::MeshPort, client);
     }
-    let principal = src.spiffe_id.to_string();
-    let verdict = agent
-        .authorize(&dst_wl, &mesh_model::authz::Facts { principal: Some(&principal), source_ip, dst_port: dst.port() });
-    if let mesh_model::authz::Decision::Deny(reason) = &verdict.decision {
-        return refuse(reason.label(), &reason.to_string(), client);
+    let principal = src.spiffe_id().to_string();
+    let facts = Facts { principal: Some(&principal), source_ip, dst_port: dst.port() };
+    if let Decision::Deny(d) = inputs.state.load().authorize(&dst_wl, &facts).decision {
+        let reason = Reason::Denied(d);
+        return refuse(reason.clone(), &reason, client);
     }
-    agent.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    inputs.metrics.accepted(Direction::Inbound);
     // From inside the destination's netns, from its own address: sk_lookup leaves that alone.
-    let upstream = match Box::pin(dial_in(&dst_wl.netns, dst, Some(dst.ip()), agent.connect_timeout())).await {
+    let upstream = match Box::pin(dst_wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
         Ok(s) => s,
-        Err(e) => return refuse(RefuseReason::UpstreamUnreachable.as_str(), &e.to_string(), client),
+        Err(e) => return refuse(Reason::UpstreamUnreachable, &e, client),
     };
     let inb = Arc::new(inb);
-    let live_in = super::opened(&agent, &inb);
-    let (sent, received, error) = relay(&agent, client, upstream, out, started).await;
+    let live_in = inputs.conns.opened(&inb);
+    let (bytes, error) = super::relay(&inputs.conns, client, upstream, Arc::new(out), started).await;
     drop(live_in);
-    log_close(&agent, &inb, sent, received, started, error.as_deref().unwrap_or("-"), "ok");
+    inputs.conns.closed(&inb, bytes, started, error.as_ref());
 }

@@ -1,7 +1,7 @@
 //! The 15001 listeners: a meshed workload's redirected connections. The source is the workload
-//! whose netns the accepting listener lives in — a kernel fact (P2) — cross-checked against the
-//! cgroup the kernel recorded for the socket. The original destination comes from the map
-//! sock_ops filled; without it the connection is refused (fail closed).
+//! whose netns the accepting listener lives in — a kernel fact, never an address — cross-checked
+//! against the cgroup the kernel recorded for the socket. The original destination comes from
+//! the map sock_ops filled; without it the connection is refused (fail closed).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -10,8 +10,11 @@ use std::time::Instant;
 use mesh_common::{OrigDst, PortKey, AF_INET, AF_INET6};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{dial_in, log_close, relay, reset, ConnRecord, RefuseReason};
-use crate::app::{Agent, LocalWorkload};
+use crate::hbone::pool::{Destination, Pool, Source};
+use crate::inputs::ProxyInputs;
+use crate::netns::reset;
+use crate::outcome::{ConnRecord, Direction, KernelRefusal, Peer, Reason, Security, Target};
+use crate::state::LocalWorkload;
 
 /// The socket address an [`OrigDst`] names.
 pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
@@ -36,133 +39,112 @@ pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
     PortKey { netns_cookie, port: peer.port(), family: if peer.is_ipv4() { AF_INET } else { AF_INET6 }, _pad: 0 }
 }
 
-pub async fn serve(agent: Arc<Agent>, wl: Arc<LocalWorkload>, listener: TcpListener) {
+pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(workload = %wl.key, error = %e, "outbound accept failed");
+                tracing::warn!(workload = %wl.key(), error = %e, "outbound accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let orig = agent.datapath().take_orig_dst(&port_key(wl.netns_cookie, peer));
-        let agent = agent.clone();
-        let wl = wl.clone();
+        let orig = inputs.orig_dst.take(&port_key(wl.netns_cookie, peer));
         // The task lives as long as the connection: the one-off steps (certificate, tunnel
         // set-up, dial) are boxed inside it so their state is freed once done instead of sizing
-        // every connection's task (5.5 KB -> 2.1 KB).
-        tokio::spawn(handle(agent, wl, stream, peer, orig));
+        // every connection's task.
+        tokio::spawn(handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig));
     }
 }
 
-async fn handle(agent: Arc<Agent>, wl: Arc<LocalWorkload>, client: TcpStream, peer: SocketAddr, orig: Option<OrigDst>) {
+async fn handle(
+    inputs: Arc<ProxyInputs>,
+    pool: Arc<Pool>,
+    wl: Arc<LocalWorkload>,
+    client: TcpStream,
+    peer: SocketAddr,
+    orig: Option<OrigDst>,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let mut rec = ConnRecord {
-        direction: "outbound",
-        src_workload: Some(wl.key.to_string()),
-        src_principal: Some(wl.spiffe_id.to_string()),
-        src_addr: Some(peer.to_string()),
-        dst_workload: None,
-        dst_principal: None,
-        orig_dst: "-".into(),
-        security: "none",
+        direction: Direction::Outbound,
+        security: Security::None,
+        src: Peer { addr: Some(peer), ..Peer::workload(&wl.known) },
+        dst: Peer::default(),
+        orig_dst: Target::Unknown,
     };
-    let refuse = |rec: &ConnRecord, client: TcpStream, reason: &'static str, detail: &str| {
-        agent.stats.refused_label(reason);
-        log_close(&agent, rec, 0, 0, started, detail, reason);
+    let refuse = |rec: &ConnRecord, client: TcpStream, reason: Reason, detail: &dyn std::fmt::Display| {
+        inputs.conns.refused(rec, reason, started, detail);
         reset(client);
     };
+    let kernel = |k: KernelRefusal| Reason::Kernel(k);
     let Some(orig) = orig else {
-        return refuse(
-            &rec,
-            client,
-            RefuseReason::NoOrigDst.as_str(),
-            "no original destination recorded for this socket",
-        );
+        let r = kernel(KernelRefusal::NoOrigDst);
+        return refuse(&rec, client, r.clone(), &r);
     };
     let Some(dst) = orig_dst_addr(&orig) else {
-        return refuse(&rec, client, RefuseReason::NoOrigDst.as_str(), "unknown address family");
+        let r = kernel(KernelRefusal::UnknownFamily);
+        return refuse(&rec, client, r.clone(), &r);
     };
-    rec.orig_dst = dst.to_string();
+    rec.orig_dst = Target::Addr(dst);
     if orig.workload_id != wl.id {
-        return refuse(
-            &rec,
-            client,
-            RefuseReason::WorkloadMismatch.as_str(),
-            "socket was recorded for another workload's cgroup",
-        );
+        let r = kernel(KernelRefusal::WorkloadMismatch);
+        return refuse(&rec, client, r.clone(), &r);
     }
     // Nothing leaves a meshed workload before it can prove who it is.
-    let cert = match Box::pin(agent.identities.get(&wl.spiffe_id)).await {
+    let cert = match Box::pin(inputs.identities.get(wl.spiffe_id())).await {
         Ok(c) => c,
-        Err(e) => return refuse(&rec, client, RefuseReason::NoCertificate.as_str(), &e.to_string()),
+        Err(e) => return refuse(&rec, client, Reason::NoCertificate, &e),
     };
-    agent.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if !agent.config.same_node_tls {
-        if let Some(local) = agent.local_workload_at(dst.ip()) {
-            return Box::pin(super::local::handle(agent.clone(), wl, local, client, rec, dst, started)).await;
+    inputs.metrics.accepted(Direction::Outbound);
+    let snap = inputs.state.load();
+    if !inputs.settings.same_node_tls {
+        if let Some(local) = snap.local_at(dst.ip()).cloned() {
+            drop((snap, cert));
+            return Box::pin(super::local::handle(inputs, wl, local, client, rec, dst, started)).await;
         }
     }
-    match agent.destination(dst.ip()) {
-        Some(dst_wl) => {
-            // A meshed destination: mutual TLS to its HBONE port, expecting its identity.
-            rec.dst_workload = Some(dst_wl.key().to_string());
-            rec.security = "mutual_tls";
-            let dst_id = match mesh_identity::SpiffeId::workload(
-                agent.identities.trust_domain(),
-                &dst_wl.namespace,
-                &dst_wl.service_account,
-            ) {
-                Ok(id) => id,
-                Err(e) => {
-                    return refuse(
-                        &rec,
-                        client,
-                        RefuseReason::TunnelFailed.as_str(),
-                        &format!("destination identity: {e}"),
-                    )
-                }
-            };
-            rec.dst_principal = Some(dst_id.to_string());
-            let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
-            let to = super::tunnel::Destination { id: &dst_id, hbone_addr: hbone, target: dst };
-            let opened =
-                Box::pin(agent.pool.open(&agent.identities, &wl, &cert, to, agent.connect_timeout(), &client)).await;
-            let super::tunnel::Tunnel { send, recv, lease: _lease, early } = match opened {
-                Ok(s) => s,
-                Err(e) => {
-                    if let super::tunnel::TunnelError::Handshake(_, _, reason) = &e {
-                        agent.stats.metrics.handshake_failed("outbound", reason);
-                    }
-                    return refuse(&rec, client, e.reason(), &e.to_string());
-                }
-            };
-            // Held for the connection's life otherwise: the destination's whole record (a
-            // clone, with its labels), its identity, and this workload's certificate.
-            drop((dst_wl, dst_id, cert));
-            let rec = Arc::new(rec);
-            let live = super::opened(&agent, &rec);
-            let (sent, received, err) = super::h2io::relay(client, send, recv).await;
-            let sent = sent + early;
-            drop(live);
-            let error = err.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
-            log_close(&agent, &rec, sent, received, started, &error, "ok");
+    let Some(dst_wl) = snap.destination(dst.ip()).cloned() else {
+        drop((snap, cert));
+        // Not a mesh workload: there is no identity to require. Passed through as TCP, and
+        // logged as connection_security_policy=none.
+        let upstream = match Box::pin(wl.netns.dial(dst, None, inputs.settings.connect_timeout)).await {
+            Ok(s) => s,
+            Err(e) => return refuse(&rec, client, Reason::UpstreamUnreachable, &e),
+        };
+        // Boxed: only passed-through connections carry a plain relay's state. Inline, it
+        // sized every connection's task, HBONE ones included.
+        Box::pin(super::relay(&inputs.conns, client, upstream, Arc::new(rec), started)).await;
+        return;
+    };
+    drop(snap);
+    // A meshed destination: mutual TLS to its HBONE port, expecting its identity.
+    rec.security = Security::MutualTls;
+    rec.dst = Peer::workload(&dst_wl);
+    let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
+    let to = Destination { id: &dst_wl.spiffe_id, hbone_addr: hbone, target: dst };
+    let src = Source { key: wl.key(), cert: &cert, client: &client };
+    let timeout = inputs.settings.connect_timeout;
+    let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout))).await;
+    let tunnel = match opened {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(h) = e.handshake() {
+                inputs.metrics.handshake_failed(Direction::Outbound, &h);
+            }
+            return refuse(&rec, client, Reason::Tunnel(e.failure()), &e);
         }
-        None => {
-            // Not a mesh workload: there is no identity to require. Passed through as TCP,
-            // and logged as connection_security_policy=none.
-            let upstream = match Box::pin(dial_in(&wl.netns, dst, None, agent.connect_timeout())).await {
-                Ok(s) => s,
-                Err(e) => return refuse(&rec, client, RefuseReason::UpstreamUnreachable.as_str(), &e.to_string()),
-            };
-            // Boxed: only passed-through connections carry a plain relay's state. Inline, it
-            // sized every connection's task, HBONE ones included: 1,944 B, boxed 1,664 B; agent
-            // memory per idle connection 3,613-3,642 B -> 3,347-3,376 B (sm-bench --only mem).
-            Box::pin(relay(&agent, client, upstream, rec, started)).await;
-        }
-    }
+    };
+    // Held for the connection's life otherwise: the destination's record and this workload's
+    // certificate (the record keeps its own references to both identities).
+    drop((dst_wl, cert));
+    let rec = Arc::new(rec);
+    let live = inputs.conns.opened(&rec);
+    let (sent, received, err) = crate::hbone::io::relay(client, tunnel.send, tunnel.recv).await;
+    drop((live, tunnel.lease));
+    let bytes = crate::outcome::Bytes { sent: sent + tunnel.early, received };
+    inputs.conns.closed(&rec, bytes, started, err.as_ref());
 }
 
 #[cfg(test)]

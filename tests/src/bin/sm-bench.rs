@@ -12,27 +12,43 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
+use tests::bench::{ConnRate, Key, Latency, Node, Path as P, Quantile, Results, ResultsFile, Rss, Stat, Throughput};
 use tests::*;
 
-/// Median and spread of repeated measurements.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-    samples: Vec<f64>,
+#[derive(Parser)]
+#[command(name = "sm-bench", about = "The datapath benchmark: the mesh against the direct path, in one run")]
+struct Args {
+    /// Where report.md, results.json and chart.png go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// One short run of each measurement (a smoke test, not numbers to quote).
+    #[arg(long)]
+    quick: bool,
+    /// Also profile the agents (perf) where targets are hard; flat profiles in profile-*.txt.
+    #[arg(long)]
+    profile: bool,
+    /// Run one section only, for iterating on one thing.
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+    /// Extra flags for every agent started, to measure an option against the defaults.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_args: Option<String>,
 }
 
-fn stat(mut v: Vec<f64>) -> Stat {
-    if v.is_empty() {
-        return Stat { median: f64::NAN, min: f64::NAN, max: f64::NAN, samples: v };
-    }
-    let samples = v.clone();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Stat { median, min: v[0], max: v[n - 1], samples }
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// Throughput.
+    Tput,
+    /// 1 KiB request/response latency.
+    Lat,
+    /// New connections per second, pooled.
+    Conns,
+    /// Agent memory.
+    Mem,
+    /// New connections per second with a fresh mutual-TLS handshake each.
+    Fresh,
 }
 
 struct Opts {
@@ -97,7 +113,7 @@ struct Bench {
     n2: NodeId,
     /// Meshed: a (n1), a2 (n1), b (n2). Direct: c (n1), c2 (n1), d (n2).
     pods: BTreeMap<&'static str, PodId>,
-    results: BTreeMap<String, Stat>,
+    results: Results,
     notes: Vec<String>,
     /// Extra agent flags for every start (`--agent-args "--worker-threads 1"`), for trying
     /// settings; recorded in the report.
@@ -135,27 +151,27 @@ impl Bench {
         Ok(())
     }
 
-    fn record(&mut self, key: &str, samples: Vec<f64>) {
-        self.results.insert(key.to_owned(), stat(samples));
+    fn record(&mut self, key: Key, samples: Vec<f64>) {
+        self.results.insert(key, samples);
     }
 
-    fn record_all(&mut self, samples: BTreeMap<String, Vec<f64>>) {
+    fn record_all(&mut self, samples: BTreeMap<Key, Vec<f64>>) {
         for (k, v) in samples {
-            self.record(&k, v);
+            self.record(k, v);
         }
     }
 
-    /// "mesh" or "direct": whether the client pod is meshed.
-    fn path(&self, client: &str) -> &'static str {
+    /// Whether the client pod is meshed.
+    fn path(&self, client: &str) -> P {
         if self.t.pod(self.pod(client)).meshed {
-            "mesh"
+            P::Mesh
         } else {
-            "direct"
+            P::Direct
         }
     }
 
-    fn get(&self, key: &str) -> f64 {
-        self.results.get(key).map(|s| s.median).unwrap_or(f64::NAN)
+    fn get(&self, key: Key) -> f64 {
+        self.results.median(key)
     }
 
     /// iperf3 from `client` to `server`: (bits per second received, bytes received).
@@ -192,67 +208,68 @@ impl Bench {
 
     fn throughput(&mut self) -> Result<()> {
         let secs = self.opts.tput_secs;
-        let cases: [(&str, &str, &str, u32); 6] = [
-            ("cross_1", "c", "d", 1),
-            ("cross_1", "a", "b", 1),
-            ("cross_2", "c", "d", 2),
-            ("cross_2", "a", "b", 2),
-            ("same", "c", "c2", 1),
-            ("same", "a", "a2", 1),
+        let cases: [(Throughput, &str, &str, u32); 6] = [
+            (Throughput::Cross1, "c", "d", 1),
+            (Throughput::Cross1, "a", "b", 1),
+            (Throughput::Cross2, "c", "d", 2),
+            (Throughput::Cross2, "a", "b", 2),
+            (Throughput::Same, "c", "c2", 1),
+            (Throughput::Same, "a", "a2", 1),
         ];
-        let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
         let mut cpu_per_gb = Vec::new();
         for rep in 0..self.opts.reps {
-            for (name, client, server, streams) in cases {
+            for (case, client, server, streams) in cases {
                 let path = self.path(client);
-                progress(&format!("throughput {name} {path} ({streams} connection(s), {secs}s) run {}", rep + 1));
+                let key = Key::Throughput { case, path };
+                progress(&format!("{key} ({streams} connection(s), {secs}s) run {}", rep + 1));
                 let cpu0: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
                 // Same node, the relay's work may be the kernel's rather than the agent's: only
                 // the whole machine's CPU is a fair count.
-                let busy0 = if name == "same" { Some(machine_busy_seconds()?) } else { None };
+                let busy0 = if case == Throughput::Same { Some(machine_busy_seconds()?) } else { None };
                 let (bps, bytes) = self.iperf(client, server, streams, secs)?;
                 if let Some(busy0) = busy0 {
                     let per_gb = (machine_busy_seconds()? - busy0) / (bytes / 1e9);
-                    samples.entry(format!("cpu.machine_per_gb.same.{path}")).or_default().push(per_gb);
+                    samples.entry(Key::MachineCpuPerGb { path }).or_default().push(per_gb);
                 }
                 let cpu1: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
-                samples.entry(format!("tput.{name}.{path}")).or_default().push(bps / 1e9);
-                if path == "mesh" && name == "cross_1" {
+                samples.entry(key).or_default().push(bps / 1e9);
+                if path == P::Mesh && case == Throughput::Cross1 {
                     cpu_per_gb.push((cpu1 - cpu0) / (bytes / 1e9));
                 }
             }
         }
         self.record_all(samples);
-        self.record("cpu.seconds_per_gb", cpu_per_gb);
+        self.record(Key::AgentCpuPerGb, cpu_per_gb);
         Ok(())
     }
 
     fn latency(&mut self) -> Result<()> {
         let secs = self.opts.rr_secs.to_string();
-        let cases: [(&str, &str, &str, u64); 6] = [
-            ("cross_closed", "c", "d", 0),
-            ("cross_closed", "a", "b", 0),
-            ("cross_rate1000", "c", "d", 1000),
-            ("cross_rate1000", "a", "b", 1000),
-            ("same_closed", "c", "c2", 0),
-            ("same_closed", "a", "a2", 0),
+        let cases: [(Latency, &str, &str, u64); 6] = [
+            (Latency::CrossClosed, "c", "d", 0),
+            (Latency::CrossClosed, "a", "b", 0),
+            (Latency::CrossRate1000, "c", "d", 1000),
+            (Latency::CrossRate1000, "a", "b", 1000),
+            (Latency::SameClosed, "c", "c2", 0),
+            (Latency::SameClosed, "a", "a2", 0),
         ];
-        let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
         for rep in 0..self.opts.reps {
-            for (name, client, server, rate) in cases {
+            for (case, client, server, rate) in cases {
                 let path = self.path(client);
-                progress(&format!("latency {name} {path} (1 KiB echo, {secs}s) run {}", rep + 1));
+                progress(&format!("{} (1 KiB echo, {secs}s) run {}", Key::LatencyRate { case, path }, rep + 1));
                 let to = format!("{}:7000", self.ip(server));
                 let v = self.load(
                     client,
                     &["rr", "--to", &to, "--size", "1024", "--seconds", &secs, "--rate", &rate.to_string()],
                 )?;
-                for q in ["p50", "p90", "p99", "p999"] {
-                    let us = v["latency_us"][q].as_f64().ok_or_else(|| anyhow!("no {q} in {v}"))?;
-                    samples.entry(format!("lat.{name}.{path}.{q}")).or_default().push(us);
+                for q in Quantile::ALL {
+                    let us = v["latency_us"][q.as_str()].as_f64().ok_or_else(|| anyhow!("no {q:?} in {v}"))?;
+                    samples.entry(Key::Latency { case, path, q }).or_default().push(us);
                 }
                 samples
-                    .entry(format!("lat.{name}.{path}.rps"))
+                    .entry(Key::LatencyRate { case, path })
                     .or_default()
                     .push(v["per_second"].as_f64().unwrap_or(0.0));
             }
@@ -262,20 +279,20 @@ impl Bench {
     }
 
     /// New connections per second (each: connect, 1 KiB each way, close), 8 in parallel.
-    fn conn_rate(&mut self, cases: &[(&str, &str, &str)]) -> Result<()> {
+    fn conn_rate(&mut self, cases: &[(ConnRate, &str, &str)]) -> Result<()> {
         let secs = self.opts.rr_secs.to_string();
-        let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
         for rep in 0..self.opts.reps {
-            for (key, client, server) in cases {
-                progress(&format!("new connections/s {key} ({secs}s) run {}", rep + 1));
+            for &(case, client, server) in cases {
+                progress(&format!("{} ({secs}s) run {}", Key::Conns { case }, rep + 1));
                 let to = format!("{}:7000", self.ip(server));
                 let sessions0 = self.tls_sessions()?;
                 let v = self.load(client, &["conns", "--to", &to, "--seconds", &secs, "--parallel", "8"])?;
                 let n = v["completed"].as_f64().unwrap_or(0.0);
-                samples.entry(format!("conns.{key}")).or_default().push(v["per_second"].as_f64().unwrap_or(0.0));
-                if self.path(client) == "mesh" {
+                samples.entry(Key::Conns { case }).or_default().push(v["per_second"].as_f64().unwrap_or(0.0));
+                if self.path(client) == P::Mesh {
                     let made = self.tls_sessions()? - sessions0;
-                    samples.entry(format!("conns.{key}.handshakes_per_conn")).or_default().push(made / n.max(1.0));
+                    samples.entry(Key::HandshakesPerConn { case }).or_default().push(made / n.max(1.0));
                 }
             }
         }
@@ -287,7 +304,7 @@ impl Bench {
     fn tls_sessions(&self) -> Result<f64> {
         let mut n = 0.0;
         for a in &self.agents {
-            n += a.stats()?["hbone"]["tls_sessions"].as_f64().unwrap_or(0.0);
+            n += a.stats()?.hbone.tls_sessions as f64;
         }
         Ok(n)
     }
@@ -365,12 +382,12 @@ impl Bench {
         if open < count as f64 {
             self.notes.push(format!("only {open} of {count} idle connections opened: {}", v["error"]));
         }
-        for (i, name) in ["n1", "n2"].iter().enumerate() {
-            self.record(&format!("mem.idle_rss.{name}"), vec![idle[i]]);
-            self.record(&format!("mem.held_rss.{name}"), vec![held[i]]);
-            self.record(&format!("mem.per_conn.{name}"), vec![(held[i] - idle[i]) / open.max(1.0)]);
+        for (i, node) in [Node::N1, Node::N2].into_iter().enumerate() {
+            self.record(Key::Rss { when: Rss::Idle, node }, vec![idle[i]]);
+            self.record(Key::Rss { when: Rss::Held, node }, vec![held[i]]);
+            self.record(Key::MemPerConn { node }, vec![(held[i] - idle[i]) / open.max(1.0)]);
         }
-        self.record("mem.idle_conns", vec![open]);
+        self.record(Key::IdleConns, vec![open]);
         Ok(())
     }
 }
@@ -381,19 +398,10 @@ fn start(kept: &mut Vec<Child>, cmd: &mut Command) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let profile = args.iter().any(|a| a == "--profile");
-    // For iterating on one thing: `--only tput` (or lat, conns, mem, fresh) skips the rest.
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
-    let want = |section: &str| only.as_deref().is_none_or(|o| o == section);
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench"));
-    let opts = if quick {
+    let args = Args::parse();
+    let (profile, out) = (args.profile, args.out.clone());
+    let want = |section: Section| args.only.is_none_or(|o| o == section);
+    let opts = if args.quick {
         Opts { reps: 1, tput_secs: 2, rr_secs: 1, idle_conns: 1000, profile, out }
     } else {
         Opts { reps: 3, tput_secs: 5, rr_secs: 3, idle_conns: 10_000, profile, out }
@@ -432,17 +440,13 @@ fn main() -> Result<()> {
         start(&mut servers, t.pod_command(pods[s], "iperf3")?.args(["-s", "-p", "5201"]))?;
         start(&mut servers, t.pod_command(pods[s], bin("sm-load"))?.args(["serve", "--listen", "0.0.0.0:7000"]))?;
     }
-    let agent_args: Vec<String> = args
-        .iter()
-        .position(|a| a == "--agent-args")
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.split_whitespace().map(String::from).collect())
-        .unwrap_or_default();
+    let agent_args: Vec<String> =
+        args.agent_args.as_deref().map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default();
     let mut notes = Vec::new();
     if !agent_args.is_empty() {
         notes.push(format!("agents ran with extra flags: {}", agent_args.join(" ")));
     }
-    let mut b = Bench { t, opts, agents: Vec::new(), n1, n2, pods, results: BTreeMap::new(), notes, agent_args };
+    let mut b = Bench { t, opts, agents: Vec::new(), n1, n2, pods, results: Results::default(), notes, agent_args };
     b.start_agents(&[])?;
     // Servers up (iperf3 prints nothing we read; poll its port).
     for s in ["a2", "b", "c2", "d"] {
@@ -456,33 +460,33 @@ fn main() -> Result<()> {
     b.load("a", &["rr", "--to", &format!("{}:7000", b.ip("b")), "--seconds", "1"])?;
     b.load("a", &["rr", "--to", &format!("{}:7000", b.ip("a2")), "--seconds", "1"])?;
     std::thread::sleep(Duration::from_secs(1));
-    for (i, pid) in b.agent_pids().into_iter().enumerate() {
+    for (pid, node) in b.agent_pids().into_iter().zip([Node::N1, Node::N2]) {
         let rss = rss_bytes(pid)?;
-        b.record(&format!("mem.start_rss.n{}", i + 1), vec![rss]);
+        b.record(Key::Rss { when: Rss::Start, node }, vec![rss]);
     }
 
-    if want("tput") {
+    if want(Section::Tput) {
         eprintln!("throughput (iperf3, {}s per run, {} runs)", b.opts.tput_secs, b.opts.reps);
         b.throughput()?;
     }
-    if want("lat") {
+    if want(Section::Lat) {
         eprintln!("latency (1 KiB request/response, {}s per run)", b.opts.rr_secs);
         b.latency()?;
     }
-    if want("conns") || want("fresh") {
+    if want(Section::Conns) || want(Section::Fresh) {
         eprintln!("new connections per second");
-        b.conn_rate(&[("direct", "c", "d"), ("mesh_pooled", "a", "b")])?;
+        b.conn_rate(&[(ConnRate::Direct, "c", "d"), (ConnRate::MeshPooled, "a", "b")])?;
     }
-    if want("mem") {
+    if want(Section::Mem) {
         eprintln!("agent memory");
         b.memory()?;
     }
-    if want("fresh") {
+    if want(Section::Fresh) {
         eprintln!(
             "new connections per second with a fresh mTLS handshake each (agents restarted with --hbone-pooling false)"
         );
         b.start_agents(&["--hbone-pooling", "false"])?;
-        b.profiled("fresh-mtls-connections", |b| b.conn_rate(&[("mesh_fresh_mtls", "a", "b")]))?;
+        b.profiled("fresh-mtls-connections", |b| b.conn_rate(&[(ConnRate::MeshFreshMtls, "a", "b")]))?;
     }
     if b.opts.profile {
         eprintln!("profiling: cross-node throughput and 1 KiB echo through the mesh");
@@ -500,10 +504,8 @@ fn main() -> Result<()> {
         report.markdown.push_str(&format!("\n## Policy decisions (cargo bench -p mesh-model)\n\n{policy}\n"));
     }
     std::fs::write(b.opts.out.join("report.md"), &report.markdown)?;
-    std::fs::write(
-        b.opts.out.join("results.json"),
-        serde_json::to_string_pretty(&json!({"results": b.results, "machine": report.machine, "notes": b.notes}))?,
-    )?;
+    let file = ResultsFile { results: b.results.clone(), machine: report.machine.clone(), notes: b.notes.clone() };
+    std::fs::write(b.opts.out.join("results.json"), serde_json::to_string_pretty(&file)?)?;
     chart(&b, &b.opts.out.join("chart.png"))?;
     println!("{}", report.summary);
     println!("report: {}  chart: {}", b.opts.out.join("report.md").display(), b.opts.out.join("chart.png").display());
@@ -564,54 +566,56 @@ fn fmt_stat(s: Option<&Stat>, unit: &str, scale: f64, digits: usize) -> String {
 }
 
 fn report(b: &Bench, took: Duration) -> Result<Report> {
-    let r = |k: &str| b.results.get(k);
-    let g = |k: &str| b.get(k);
+    let r = |k: Key| b.results.get(k);
+    let g = |k: Key| b.get(k);
     let mut rows = Vec::new();
-    let ratio_row = |what: &str, key: &str, unit: &str, target: Option<f64>| {
-        let (d, m) = (g(&format!("{key}.direct")), g(&format!("{key}.mesh")));
+    let ratio_row = |what: &str, key: &dyn Fn(P) -> Key, unit: &str, target: Option<f64>| {
+        let (d, m) = (g(key(P::Direct)), g(key(P::Mesh)));
         let ratio = m / d;
         Row {
             what: what.into(),
-            direct: fmt_stat(r(&format!("{key}.direct")), unit, 1.0, 2),
-            mesh: fmt_stat(r(&format!("{key}.mesh")), unit, 1.0, 2),
+            direct: fmt_stat(r(key(P::Direct)), unit, 1.0, 2),
+            mesh: fmt_stat(r(key(P::Mesh)), unit, 1.0, 2),
             ratio: format!("{ratio:.2}×"),
             target: target.map(|t| format!("≥ {t}× direct")).unwrap_or_else(|| "-".into()),
             met: target.map(|t| ratio >= t),
         }
     };
-    rows.push(ratio_row("throughput, cross-node, 1 connection", "tput.cross_1", "Gbit/s", Some(0.5)));
-    rows.push(ratio_row("throughput, cross-node, 2 connections", "tput.cross_2", "Gbit/s", None));
-    rows.push(ratio_row("throughput, same node, 1 connection", "tput.same", "Gbit/s", Some(0.9)));
+    let tput = |case| move |path| Key::Throughput { case, path };
+    rows.push(ratio_row("throughput, cross-node, 1 connection", &tput(Throughput::Cross1), "Gbit/s", Some(0.5)));
+    rows.push(ratio_row("throughput, cross-node, 2 connections", &tput(Throughput::Cross2), "Gbit/s", None));
+    rows.push(ratio_row("throughput, same node, 1 connection", &tput(Throughput::Same), "Gbit/s", Some(0.9)));
     // The issue's latency target (added p50 <= 50 us for a 1 KiB request/response) names no
     // load, so every p50 row is held to it, the fixed-rate one included.
-    for (what, key, target) in [
-        ("1 KiB echo, cross-node, closed loop", "lat.cross_closed", Some(50.0)),
-        ("1 KiB echo, cross-node, 1000 req/s", "lat.cross_rate1000", Some(50.0)),
-        ("1 KiB echo, same node, closed loop", "lat.same_closed", Some(50.0)),
+    for (what, case, target) in [
+        ("1 KiB echo, cross-node, closed loop", Latency::CrossClosed, Some(50.0)),
+        ("1 KiB echo, cross-node, 1000 req/s", Latency::CrossRate1000, Some(50.0)),
+        ("1 KiB echo, same node, closed loop", Latency::SameClosed, Some(50.0)),
     ] {
-        for q in ["p50", "p90", "p99", "p999"] {
-            let (d, m) = (g(&format!("{key}.direct.{q}")), g(&format!("{key}.mesh.{q}")));
-            let t = if q == "p50" { target } else { None };
+        for q in Quantile::ALL {
+            let key = |path| Key::Latency { case, path, q };
+            let (d, m) = (g(key(P::Direct)), g(key(P::Mesh)));
+            let t = if q == Quantile::P50 { target } else { None };
             rows.push(Row {
-                what: format!("{what}, {q} latency"),
-                direct: fmt_stat(r(&format!("{key}.direct.{q}")), "µs", 1.0, 0),
-                mesh: fmt_stat(r(&format!("{key}.mesh.{q}")), "µs", 1.0, 0),
+                what: format!("{what}, {} latency", q.as_str()),
+                direct: fmt_stat(r(key(P::Direct)), "µs", 1.0, 0),
+                mesh: fmt_stat(r(key(P::Mesh)), "µs", 1.0, 0),
                 ratio: format!("{:.2}× (+{:.0} µs)", m / d, m - d),
                 target: t.map(|t| format!("≤ +{t} µs")).unwrap_or_else(|| "-".into()),
                 met: t.map(|t| m - d <= t),
             });
         }
     }
-    let direct_cps = g("conns.direct");
-    for (what, key, target) in [
-        ("new connections/s, pooled mTLS tunnel", "conns.mesh_pooled", None),
-        ("new connections/s, fresh mTLS handshake each", "conns.mesh_fresh_mtls", Some(2700.0)),
+    let direct_cps = g(Key::Conns { case: ConnRate::Direct });
+    for (what, case, target) in [
+        ("new connections/s, pooled mTLS tunnel", ConnRate::MeshPooled, None),
+        ("new connections/s, fresh mTLS handshake each", ConnRate::MeshFreshMtls, Some(2700.0)),
     ] {
-        let m = g(key);
+        let m = g(Key::Conns { case });
         rows.push(Row {
             what: what.into(),
-            direct: fmt_stat(r("conns.direct"), "/s", 1.0, 0),
-            mesh: fmt_stat(r(key), "/s", 1.0, 0),
+            direct: fmt_stat(r(Key::Conns { case: ConnRate::Direct }), "/s", 1.0, 0),
+            mesh: fmt_stat(r(Key::Conns { case }), "/s", 1.0, 0),
             ratio: format!("{:.2}×", m / direct_cps),
             target: target.map(|t| format!("≥ {t}/s")).unwrap_or_else(|| "-".into()),
             met: target.map(|t| m >= t),
@@ -619,21 +623,21 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
     }
     rows.push(ratio_row(
         "machine CPU per GB moved, same node, 1 connection (all processes and kernel work; lower is better)",
-        "cpu.machine_per_gb.same",
+        &|path| Key::MachineCpuPerGb { path },
         "CPU-s/GB",
         None,
     ));
     rows.push(Row {
         what: "agent CPU per GB moved (both agents, cross-node, 1 connection)".into(),
         direct: "-".into(),
-        mesh: fmt_stat(r("cpu.seconds_per_gb"), "CPU-s/GB", 1.0, 2),
+        mesh: fmt_stat(r(Key::AgentCpuPerGb), "CPU-s/GB", 1.0, 2),
         ratio: "-".into(),
         target: "-".into(),
         met: None,
     });
-    for n in ["n1", "n2"] {
-        for (what, key) in [("before any load", "start_rss"), ("after the load runs", "idle_rss")] {
-            let idle = g(&format!("mem.{key}.{n}"));
+    for (node, n) in [(Node::N1, "n1"), (Node::N2, "n2")] {
+        for (what, when) in [("before any load", Rss::Start), ("after the load runs", Rss::Idle)] {
+            let idle = g(Key::Rss { when, node });
             rows.push(Row {
                 what: format!("agent RSS idle, {what} ({n})"),
                 direct: "-".into(),
@@ -643,12 +647,12 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
                 met: Some(idle <= 20.0 * 1048576.0),
             });
         }
-        let per = g(&format!("mem.per_conn.{n}"));
+        let per = g(Key::MemPerConn { node });
         rows.push(Row {
             what: format!(
                 "agent memory per idle proxied connection ({n}, {} held, {})",
-                g("mem.idle_conns"),
-                if n == "n1" { "client side" } else { "server side" }
+                g(Key::IdleConns),
+                if node == Node::N1 { "client side" } else { "server side" }
             ),
             direct: "-".into(),
             mesh: format!("{:.0} B", per),
@@ -691,8 +695,8 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
         missed.len()
     ));
     let m = machine();
-    let hs = g("conns.mesh_fresh_mtls.handshakes_per_conn");
-    let hp = g("conns.mesh_pooled.handshakes_per_conn");
+    let hs = g(Key::HandshakesPerConn { case: ConnRate::MeshFreshMtls });
+    let hp = g(Key::HandshakesPerConn { case: ConnRate::MeshPooled });
     let mut md = format!(
         "# sockmesh datapath benchmark\n\n\
          - machine: {} CPUs ({}), {} memory\n- kernel: {}\n- commit: {}\n- date: {}\n- runs: {} per measurement (median, [min–max]); throughput {} s per run, latency and connection rate {} s per run; took {:.0} s\n\n\
@@ -732,7 +736,7 @@ fn chart(b: &Bench, path: &Path) -> Result<()> {
         .ok_or_else(|| anyhow!("no DejaVuSans.ttf (apt package fonts-dejavu-core; `cargo xtask setup` installs it)"))?;
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
         .map_err(|_| anyhow!("DejaVuSans.ttf is not a usable font"))?;
-    let g = |k: &str| b.get(k);
+    let g = |k: Key| b.get(k);
     let root = BitMapBackend::new(path, (1500, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
@@ -788,19 +792,23 @@ fn chart(b: &Bench, path: &Path) -> Result<()> {
         &panels[0],
         "Throughput (higher is better)",
         "Gbit/s",
-        vec![
-            ("cross 1", g("tput.cross_1.direct"), g("tput.cross_1.mesh")),
-            ("cross 2", g("tput.cross_2.direct"), g("tput.cross_2.mesh")),
-            ("same node", g("tput.same.direct"), g("tput.same.mesh")),
-        ],
+        [("cross 1", Throughput::Cross1), ("cross 2", Throughput::Cross2), ("same node", Throughput::Same)]
+            .into_iter()
+            .map(|(name, case)| {
+                (name, g(Key::Throughput { case, path: P::Direct }), g(Key::Throughput { case, path: P::Mesh }))
+            })
+            .collect(),
     )?;
     draw(
         &panels[1],
         "1 KiB echo latency, cross-node (lower is better)",
         "µs",
-        ["p50", "p90", "p99", "p999"]
+        Quantile::ALL
             .iter()
-            .map(|q| (*q, g(&format!("lat.cross_closed.direct.{q}")), g(&format!("lat.cross_closed.mesh.{q}"))))
+            .map(|&q| {
+                let key = |path| Key::Latency { case: Latency::CrossClosed, path, q };
+                (q.as_str(), g(key(P::Direct)), g(key(P::Mesh)))
+            })
             .collect(),
     )?;
     draw(
@@ -808,8 +816,8 @@ fn chart(b: &Bench, path: &Path) -> Result<()> {
         "New connections/s (higher is better)",
         "connections/s",
         vec![
-            ("pooled mTLS", g("conns.direct"), g("conns.mesh_pooled")),
-            ("fresh mTLS", g("conns.direct"), g("conns.mesh_fresh_mtls")),
+            ("pooled mTLS", g(Key::Conns { case: ConnRate::Direct }), g(Key::Conns { case: ConnRate::MeshPooled })),
+            ("fresh mTLS", g(Key::Conns { case: ConnRate::Direct }), g(Key::Conns { case: ConnRate::MeshFreshMtls })),
         ],
     )?;
     root.present()?;

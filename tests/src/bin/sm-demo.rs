@@ -4,7 +4,6 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 use tests::*;
 
 fn say(step: &str) {
@@ -45,7 +44,7 @@ fn main() -> Result<()> {
     let b = t.add_pod(n2, "b", true)?;
     t.write_workloads()?;
     say("starting the controller (the CA) on the fabric");
-    let _controller = t.start_controller(&[])?;
+    let controller = t.start_controller(&[])?;
     println!("  root CA and trust bundle in {}", t.controller_dir().display());
     for p in [a, c, b] {
         let pod = t.pod(p);
@@ -117,7 +116,7 @@ fn main() -> Result<()> {
     let r = t.pod_app(c, &["echo", "--to", &to, "--bytes", "4096"])?;
     println!("  result: ok={} peer={} (c's socket went straight out)", r["ok"], r["peer"]);
     std::thread::sleep(Duration::from_millis(300));
-    println!("  n1 agent outbound connections so far: {}", agent1.stats()?["agent"]["outbound_accepted"]);
+    println!("  n1 agent outbound connections so far: {}", agent1.stats()?.outbound.accepted);
     show_access(&agent2, "n2");
 
     say("fail closed: stop n1's agent, and a's connections fail instead of leaving in plaintext");
@@ -156,18 +155,26 @@ fn main() -> Result<()> {
 
     say("what the agents counted (local API: {\"op\":\"stats\"})");
     for (name, ag) in [("n1", &agent1), ("n2", &agent2)] {
-        let s: Value = ag.stats()?;
-        println!("  {name}: kernel={} maps={} agent={}", s["kernel"], s["maps"], s["agent"]);
+        let s = ag.stats()?;
+        let kv = |m: &std::collections::BTreeMap<String, u64>| {
+            m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+        };
+        println!("  {name}: kernel: {}", kv(&s.kernel));
+        println!(
+            "  {name}: accepted outbound={} inbound={}; refused outbound: {{{}}} inbound: {{{}}}",
+            s.outbound.accepted,
+            s.inbound.accepted,
+            kv(&s.outbound.refused),
+            kv(&s.inbound.refused)
+        );
     }
 
     if keep {
         say("--keep: the mesh stays up");
         let script = t.dir.join("cleanup.sh");
         let mut sh = String::from("#!/bin/sh\n# Stops the demo mesh and removes everything it created.\n");
-        for ag in [&agent1, &agent2] {
-            if let Some(pid) = ag.pid() {
-                sh.push_str(&format!("kill {pid} 2>/dev/null\n"));
-            }
+        for pid in [agent1.pid(), agent2.pid(), controller.pid()].into_iter().flatten() {
+            sh.push_str(&format!("kill {pid} 2>/dev/null\n"));
         }
         sh.push_str(&format!(
             "for p in $(cat {0}/*/cgroup.procs {0}/*/*/cgroup.procs 2>/dev/null); do kill $p; done\nsleep 0.5\n",
@@ -186,23 +193,26 @@ fn main() -> Result<()> {
         sh.push_str(&format!("find {} -depth -type d -exec rmdir {{}} \\; 2>/dev/null\n", t.cgroup_root.display()));
         sh.push_str(&format!("rm -rf {}\n", t.dir.display()));
         std::fs::write(&script, sh).context("writing cleanup script")?;
-        println!(
-            "  try:  ip netns exec {} {} echo --to {to} --bytes 1000",
-            t.pod(a).netns,
-            bin("sm-testapp").display()
-        );
-        println!("        nsenter --net=/run/netns/{} {} status", t.node(n1).netns, bin("meshctl").display());
+        // meshctl runs on the node (its admin API is the node's loopback); `meshctl exec` puts
+        // the command in pod a's netns *and* cgroup, so its connection is captured and meshed.
+        let on_n1 = format!("nsenter --net=/run/netns/{} {}", t.node(n1).netns, bin("meshctl").display());
+        println!("  try:  {on_n1} exec default/a -- {} echo --to {to} --bytes 1000", bin("sm-testapp").display());
+        println!("        (prints \"peer\":\"127.0.0.1:15001\": the kernel handed the connection to the agent)");
+        println!("        {on_n1} connections");
+        println!("        {on_n1} status");
         println!("        echo '{{\"op\":\"stats\"}}' | socat - UNIX-CONNECT:{}", agent1.api.display());
         println!("        tail -f {}", agent1.log.display());
         println!("  clean up with: sh {}", script.display());
         std::mem::forget(agent1);
         std::mem::forget(agent2);
+        std::mem::forget(controller);
         std::mem::forget(t);
         return Ok(());
     }
     say("cleaning up (pass --keep to leave the mesh running)");
     drop(agent1);
     drop(agent2);
+    drop(controller);
     drop(t);
     println!("  done: namespaces, cgroups and pins removed");
     Ok(())

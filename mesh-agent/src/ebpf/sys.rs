@@ -1,0 +1,120 @@
+//! The few bpf(2) commands aya 0.14 does not offer (or offers only behind `&mut`), as thin
+//! wrappers: getting a pinned object, swapping a link's program, and looking up and deleting a
+//! map entry in one call.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: every caller passes a #[repr(C)] prefix of union bpf_attr for `cmd`; the kernel
+    // reads (and for lookups writes through the pointers in) exactly that many bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned bpffs object (map, program or link).
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    // SAFETY: the kernel returned a new descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Swaps the program of a link atomically: the hook is never empty.
+pub fn link_update(link: &OwnedFd, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr =
+        LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
+#[repr(C)]
+struct MapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Looks up `key` and deletes it, returning the value: one call where the kernel has it
+/// (hash maps since Linux 5.14), else a lookup and a delete. `None` when absent.
+pub fn lookup_and_delete<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> std::io::Result<Option<V>> {
+    let mut value = V::default();
+    let attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) {
+        Ok(_) => return Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        // Older kernels: not supported for this map type.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(524)) => {}
+        Err(e) => return Err(e),
+    }
+    match bpf(BPF_MAP_LOOKUP_ELEM, &attr) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let del = MapElem { value: 0, ..attr };
+    match bpf(BPF_MAP_DELETE_ELEM, &del) {
+        Ok(_) => Ok(Some(value)),
+        // Taken by someone else between the two calls.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statfs is plain old data; an all-zero value is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain old data.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

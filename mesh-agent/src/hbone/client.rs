@@ -1,0 +1,192 @@
+//! The HBONE client: a new connection (TLS 1.3 presenting the source workload's certificate and
+//! requiring the destination's identity, then the HTTP/2 preface) and CONNECT streams on it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+
+use super::batch::BatchIo;
+use super::{CONNECTION_WINDOW, EARLY_MAX, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::metrics::Metrics;
+use crate::outcome::{HandshakeFailure, TunnelFailure};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot reach the destination's HBONE port {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS handshake with {addr} failed ({}): {source}", failure.label())]
+    Handshake { addr: SocketAddr, failure: HandshakeFailure, source: std::io::Error },
+    #[error("the TLS configuration for the destination cannot be built: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    #[error("the peer did not negotiate h2")]
+    NoAlpn,
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("the destination answered {0}")]
+    Status(http::StatusCode),
+    #[error("no answer from the destination in time")]
+    Timeout,
+    #[error("the HBONE connection closed before the destination answered")]
+    Closed,
+}
+
+impl TunnelError {
+    pub fn failure(&self) -> TunnelFailure {
+        match self {
+            TunnelError::Connect { .. } => TunnelFailure::Connect,
+            TunnelError::Handshake { failure, .. } => TunnelFailure::Handshake(failure.clone()),
+            TunnelError::TlsConfig(_) => TunnelFailure::Handshake(HandshakeFailure::TlsConfig),
+            TunnelError::NoAlpn => TunnelFailure::Handshake(HandshakeFailure::NoAlpn),
+            TunnelError::H2(_) => TunnelFailure::H2,
+            TunnelError::Status(s) => TunnelFailure::from_status(*s),
+            TunnelError::Timeout => TunnelFailure::Timeout,
+            TunnelError::Closed => TunnelFailure::Closed,
+        }
+    }
+
+    /// The handshake failure, when this is one (counted apart from other tunnel failures).
+    pub fn handshake(&self) -> Option<HandshakeFailure> {
+        match self.failure() {
+            TunnelFailure::Handshake(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// An open tunnel stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub lease: StreamLease,
+    /// How many of the client's bytes were sent behind the CONNECT request.
+    pub early: u64,
+}
+
+/// One stream's share of its connection: released when the stream is done, so that the pool
+/// knows when a connection has room under the peer's MAX_CONCURRENT_STREAMS.
+pub struct StreamLease(Arc<AtomicUsize>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The CONNECT request for `target`.
+pub fn connect_request(target: SocketAddr) -> http::Request<()> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .version(http::Version::HTTP_2)
+        .body(())
+        .expect("a valid CONNECT request")
+}
+
+/// A stream whose CONNECT was sent, awaiting the destination's answer.
+pub struct Started {
+    pub response: ResponseFuture,
+    pub stream: PendingStream,
+}
+
+/// The stream's own half until the answer arrives.
+pub struct PendingStream {
+    send: SendStream<Bytes>,
+    lease: StreamLease,
+    early: u64,
+}
+
+impl PendingStream {
+    /// The destination's answer: 200 opens the tunnel.
+    pub fn established(self, resp: http::Response<RecvStream>) -> Result<Tunnel, TunnelError> {
+        if resp.status() != http::StatusCode::OK {
+            return Err(TunnelError::Status(resp.status()));
+        }
+        Ok(Tunnel { send: self.send, recv: resp.into_body(), lease: self.lease, early: self.early })
+    }
+}
+
+/// Sends the CONNECT request on a connection and, right behind it, what the client has already
+/// written (up to [`EARLY_MAX`]) instead of a round trip later. That is safe: the destination
+/// agent has proved its identity in the handshake, and it forwards nothing to its app before
+/// its policy admits the stream and the app is reached; a refused stream's bytes are dropped
+/// with it and the client is reset, as it would have been anyway. The stream counts against
+/// the connection's limit until it is done.
+pub fn start_stream(
+    sender: &mut SendRequest<Bytes>,
+    req: http::Request<()>,
+    active: &Arc<AtomicUsize>,
+    client: &TcpStream,
+    metrics: &Metrics,
+) -> Result<Started, TunnelError> {
+    active.fetch_add(1, Ordering::Relaxed);
+    let lease = StreamLease(active.clone());
+    let (response, mut send) = sender.send_request(req, false)?;
+    // Read straight into the buffer h2 sends (no zeroing, no copy).
+    let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
+    let early = match client.try_read_buf(&mut buf) {
+        Ok(n) if n > 0 => {
+            send.send_data(buf.freeze(), false)?;
+            n as u64
+        }
+        // Nothing yet, or the client already finished: the relay sees to it.
+        _ => 0,
+    };
+    metrics.stream(early > 0);
+    Ok(Started { response, stream: PendingStream { send, lease, early } })
+}
+
+/// Waits for the answer to a stream on a connection that another task drives.
+pub async fn answer(started: Started, connect_timeout: Duration) -> Result<Tunnel, TunnelError> {
+    let Started { response, stream } = started;
+    let resp = tokio::time::timeout(connect_timeout + Duration::from_secs(1), response)
+        .await
+        .map_err(|_| TunnelError::Timeout)??;
+    stream.established(resp)
+}
+
+/// A new HBONE connection up to HTTP/2: TLS first (from the batched I/O, so the client's last
+/// flight and the preface leave together), then the preface and settings.
+pub async fn handshake(
+    io: BatchIo,
+    cfg: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> Result<(SendRequest<Bytes>, h2::client::Connection<tokio_rustls::client::TlsStream<BatchIo>, Bytes>), TunnelError>
+{
+    // The name is not checked (the SPIFFE ID is); it only has to be syntactically valid.
+    let name = rustls_pki_types::ServerName::try_from("hbone.sockmesh.invalid").expect("static name");
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, io)).await {
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
+                return Err(TunnelError::Handshake { addr, failure: HandshakeFailure::Timeout, source });
+            }
+            Ok(Err(source)) => {
+                return Err(TunnelError::Handshake { addr, failure: HandshakeFailure::from_io(&source), source })
+            }
+            Ok(Ok(t)) => t,
+        };
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(TunnelError::NoAlpn);
+    }
+    Ok(h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake::<_, Bytes>(tls)
+        .await?)
+}
+
+/// Dials the destination's HBONE port with `dial` and wraps the socket for batched writes.
+pub async fn dial<F>(addr: SocketAddr, dial: F) -> Result<BatchIo, TunnelError>
+where
+    F: std::future::Future<Output = std::io::Result<TcpStream>>,
+{
+    let tcp = dial.await.map_err(|source| TunnelError::Connect { addr, source })?;
+    Ok(BatchIo::new(tcp))
+}

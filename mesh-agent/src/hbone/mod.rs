@@ -1,0 +1,90 @@
+//! HBONE: TCP connections carried as HTTP/2 CONNECT streams over mutual TLS 1.3 between
+//! agents, on port 15008 of the destination workload's address.
+//!
+//! - [`client`]: opening a new HBONE connection (dial, handshake, HTTP/2 preface, first stream);
+//! - [`pool`]: reusing connections per (source workload, destination identity, address);
+//! - [`server`]: the 15008 listener in each workload's netns;
+//! - [`io`]: moving bytes between a TCP socket and an HTTP/2 stream with flow control;
+//! - [`batch`]: one write per poll of the task that owns an HBONE connection.
+//!
+//! Every limit and window of the protocol is defined here, once, for both ends.
+
+pub mod batch;
+pub mod client;
+pub mod io;
+pub mod pool;
+pub mod server;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::Method;
+
+use crate::outcome::BadRequest;
+
+/// Flow-control windows: large enough for a fast flow across nodes.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest DATA frame either end accepts: above [`io`]'s largest read, so a read is one
+/// frame.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// The TLS handshake and the HTTP/2 preface and settings, each.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest header list the server accepts (431 beyond).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Concurrent streams the server allows on one connection; the client's pool opens another
+/// connection at the peer's limit.
+pub const MAX_STREAMS: u32 = 256;
+/// The most of a client's first bytes sent behind the CONNECT request: well inside the stream
+/// window a peer starts with (65,535 bytes).
+pub const EARLY_MAX: usize = 16 * 1024;
+const _: () = assert!(EARLY_MAX < 65_535);
+
+/// The destination a CONNECT request asks for, if this workload may serve it. Pure: checked
+/// before any dial.
+pub fn parse_connect(method: &Method, uri: &http::Uri, local_ips: &[IpAddr]) -> Result<SocketAddr, BadRequest> {
+    if method != Method::CONNECT {
+        return Err(BadRequest::NotConnect);
+    }
+    let auth = uri.authority().ok_or(BadRequest::NoAuthority)?;
+    // An address, never a name: the agent resolves nothing on behalf of a peer.
+    let dst: SocketAddr = auth.as_str().parse().map_err(|_| BadRequest::BadAuthority)?;
+    if dst.port() == 0 {
+        return Err(BadRequest::BadAuthority);
+    }
+    if !local_ips.contains(&dst.ip()) {
+        return Err(BadRequest::NotLocal);
+    }
+    if mesh_common::is_mesh_port(dst.port()) {
+        return Err(BadRequest::MeshPort);
+    }
+    Ok(dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips() -> Vec<IpAddr> {
+        vec!["10.20.2.10".parse().unwrap()]
+    }
+
+    #[test]
+    fn connect_requests_are_checked_before_any_dial() {
+        let ok = parse_connect(&Method::CONNECT, &"10.20.2.10:8080".parse().unwrap(), &ips());
+        assert_eq!(ok, Ok("10.20.2.10:8080".parse().unwrap()));
+        let cases: &[(Method, &str, BadRequest)] = &[
+            (Method::GET, "10.20.2.10:8080", BadRequest::NotConnect),
+            (Method::POST, "10.20.2.10:8080", BadRequest::NotConnect),
+            (Method::CONNECT, "/path-only", BadRequest::NoAuthority),
+            (Method::CONNECT, "example.com:80", BadRequest::BadAuthority),
+            (Method::CONNECT, "10.20.2.10:0", BadRequest::BadAuthority),
+            (Method::CONNECT, "10.20.9.9:8080", BadRequest::NotLocal),
+            (Method::CONNECT, "10.20.2.10:15008", BadRequest::MeshPort),
+            (Method::CONNECT, "10.20.2.10:15006", BadRequest::MeshPort),
+        ];
+        for (m, u, want) in cases {
+            assert_eq!(parse_connect(m, &u.parse().unwrap(), &ips()), Err(*want), "{m} {u}");
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! What the proxies get: a narrow set of handles, not the agent. The state they read is the
+//! current snapshot; everything they record goes to the metrics and the live-connection set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::connections::Connections;
+use crate::ebpf::maps::OrigDstTable;
+use crate::identity::Identities;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+
+/// The settings the connection path uses, from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// How long a dial (to an app, a non-mesh destination, or a peer's HBONE port) may take.
+    pub connect_timeout: Duration,
+    /// Same-node connections through mutual TLS instead of the node-local relay.
+    pub same_node_tls: bool,
+}
+
+impl ProxySettings {
+    pub fn from_config(c: &Config) -> ProxySettings {
+        ProxySettings { connect_timeout: Duration::from_millis(c.connect_timeout_ms), same_node_tls: c.same_node_tls }
+    }
+}
+
+pub struct ProxyInputs {
+    pub settings: ProxySettings,
+    pub state: Arc<StateStore>,
+    pub identities: Arc<Identities>,
+    pub metrics: Arc<Metrics>,
+    pub conns: Arc<Connections>,
+    /// Where outbound connections find their original destination.
+    pub orig_dst: OrigDstTable,
+}

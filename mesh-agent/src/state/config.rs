@@ -1,0 +1,239 @@
+//! The configuration half of the snapshot: what the controller's last accepted push says, and
+//! the decisions taken from it (authorization by mesh-model's engine, and which workloads
+//! accept plaintext under PeerAuthentication).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use mesh_api::push::{Kind, ResourceId};
+use mesh_model::authz::{Compiled, Facts, PolicyIndex, Verdict};
+use mesh_model::policy::{MtlsMode, PeerAuthenticationSpec};
+use mesh_model::{Workload, WorkloadKey};
+
+use super::{KnownWorkload, LocalWorkload, Snapshot};
+
+/// A PeerAuthentication as pushed.
+#[derive(Debug, Clone)]
+pub struct PeerAuth {
+    pub namespace: String,
+    pub name: String,
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Default)]
+pub struct ConfigState {
+    /// The controller's version of this configuration; 0 before the first push.
+    pub version: u64,
+    pub index: PolicyIndex,
+    pub peer_auth: Vec<PeerAuth>,
+    /// Every workload in the mesh, by address (for destinations and their identities).
+    pub workloads: HashMap<IpAddr, Arc<KnownWorkload>>,
+    /// The same by namespace/name: the controller's labels are what policies select on.
+    pub by_key: HashMap<WorkloadKey, Arc<KnownWorkload>>,
+    /// Configuration the controller rejected (file, line, reason), as it reported it.
+    pub rejected: Vec<String>,
+    /// The pushed resources themselves, to which the next delta applies.
+    pub resources: BTreeMap<ResourceId, String>,
+}
+
+impl ConfigState {
+    /// Builds the state from a push's resources. A resource that does not decode is logged and
+    /// left out (the controller validated it: a failure here means the versions disagree).
+    pub fn build(resources: BTreeMap<ResourceId, String>, version: u64, root: &str, trust_domain: &str) -> ConfigState {
+        let mut policies = Vec::new();
+        let mut peer_auth = Vec::new();
+        let mut workloads = Vec::new();
+        let mut rejected = Vec::new();
+        for (id, json) in &resources {
+            let (ns, name) = (&id.namespace, &id.name);
+            match id.kind {
+                Kind::AuthorizationPolicy => match serde_json::from_str(json)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| Compiled::compile(ns, name, &s).map_err(|e| e.to_string()))
+                {
+                    Ok(c) => policies.push(c),
+                    Err(e) => {
+                        tracing::error!(policy = %format!("{ns}/{name}"), error = %e, "pushed policy does not compile; ignored")
+                    }
+                },
+                Kind::PeerAuthentication => match serde_json::from_str::<PeerAuthenticationSpec>(json) {
+                    Ok(spec) => peer_auth.push(PeerAuth { namespace: ns.clone(), name: name.clone(), spec }),
+                    Err(e) => {
+                        tracing::error!(policy = %format!("{ns}/{name}"), error = %e, "pushed PeerAuthentication does not decode; ignored")
+                    }
+                },
+                Kind::Workload => match serde_json::from_str::<Workload>(json) {
+                    Ok(w) => workloads.push(w),
+                    Err(e) => {
+                        tracing::error!(workload = %format!("{ns}/{name}"), error = %e, "pushed workload does not decode; ignored")
+                    }
+                },
+                Kind::Rejected => {
+                    if let Ok(e) = serde_json::from_str::<String>(json) {
+                        rejected.push(e);
+                    }
+                }
+                Kind::Unspecified => {}
+            }
+        }
+        let mut state = ConfigState::from_workloads(trust_domain, version, workloads);
+        state.index = PolicyIndex::new(root, policies);
+        state.peer_auth = peer_auth;
+        state.rejected = rejected;
+        state.resources = resources;
+        state
+    }
+
+    /// A state with only workloads (each with its identity computed once).
+    pub fn from_workloads(trust_domain: &str, version: u64, all: Vec<Workload>) -> ConfigState {
+        let mut workloads = HashMap::new();
+        let mut by_key = HashMap::new();
+        for w in all {
+            let key = w.key();
+            match KnownWorkload::new(trust_domain, w) {
+                Ok(k) => {
+                    let k = Arc::new(k);
+                    for ip in &k.workload.ips {
+                        workloads.insert(*ip, k.clone());
+                    }
+                    by_key.insert(key, k);
+                }
+                Err(e) => tracing::warn!(workload = %key, error = %e, "pushed workload has no valid identity; ignored"),
+            }
+        }
+        ConfigState { version, workloads, by_key, ..Default::default() }
+    }
+
+    /// The mTLS mode for a workload's port: a selecting policy in its namespace, then its
+    /// namespace's policy without selector, then the mesh-wide one (root namespace, no
+    /// selector); a port-level setting beats the policy's own; PERMISSIVE if none says.
+    pub fn mtls_mode(&self, root: &str, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+        let level = |spec: &PeerAuthenticationSpec| -> MtlsMode {
+            if let Some(m) = spec.port_level_mtls.get(&port.to_string()) {
+                if m.mode != MtlsMode::Unset {
+                    return m.mode;
+                }
+            }
+            spec.mtls.as_ref().map(|m| m.mode).unwrap_or(MtlsMode::Unset)
+        };
+        let selects = |spec: &PeerAuthenticationSpec| {
+            spec.selector.as_ref().is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        };
+        type Tier<'a> = Box<dyn Fn(&PeerAuth) -> bool + 'a>;
+        let tiers: [Tier<'_>; 3] = [
+            Box::new(|p| p.namespace == namespace && selects(&p.spec)),
+            Box::new(|p| p.namespace == namespace && p.spec.selector.is_none()),
+            Box::new(|p| p.namespace == root && p.spec.selector.is_none()),
+        ];
+        for tier in tiers {
+            for p in self.peer_auth.iter().filter(|p| tier(p)) {
+                let m = level(&p.spec);
+                if m != MtlsMode::Unset {
+                    return m;
+                }
+            }
+        }
+        MtlsMode::Permissive
+    }
+}
+
+impl Snapshot {
+    /// Decides a connection to a local workload, logging what AUDIT and dry-run policies saw.
+    pub fn authorize(&self, wl: &LocalWorkload, facts: &Facts<'_>) -> Verdict {
+        let policies = self.config.index.for_workload(&wl.known.workload.namespace, self.labels_of(wl));
+        let v = mesh_model::authz::authorize(facts, &policies);
+        for name in &v.audited {
+            tracing::info!(target: "policy", policy = %name, workload = %wl.key(), principal = facts.principal.unwrap_or("-"), source = %facts.source_ip, port = facts.dst_port, "AUDIT policy matched");
+        }
+        for (name, action, matched) in &v.dry_run {
+            tracing::info!(target: "policy", policy = %name, action = ?action, matched, workload = %wl.key(), principal = facts.principal.unwrap_or("-"), source = %facts.source_ip, port = facts.dst_port, "dry-run policy evaluated (not enforced)");
+        }
+        v
+    }
+
+    /// The PeerAuthentication mode for a local workload's port.
+    pub fn mtls_mode(&self, root: &str, wl: &LocalWorkload, port: u16) -> MtlsMode {
+        self.config.mtls_mode(root, &wl.known.workload.namespace, self.labels_of(wl), port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pa(ns: &str, name: &str, yaml: &str) -> PeerAuth {
+        PeerAuth { namespace: ns.into(), name: name.into(), spec: serde_yaml::from_str(yaml).unwrap() }
+    }
+
+    fn labels(app: &str) -> BTreeMap<String, String> {
+        [("app".to_owned(), app.to_owned())].into()
+    }
+
+    const ROOT: &str = "sockmesh-system";
+
+    /// The three tiers in order, port-level settings over a policy's own, UNSET falling
+    /// through, and PERMISSIVE when nothing says.
+    #[test]
+    fn mtls_mode_is_chosen_by_selector_then_namespace_then_mesh() {
+        let mut s = ConfigState::default();
+        let b = labels("b");
+        assert_eq!(s.mtls_mode(ROOT, "default", &b, 80), MtlsMode::Permissive, "nothing says");
+
+        s.peer_auth.push(pa(ROOT, "mesh", "mtls: {mode: STRICT}"));
+        assert_eq!(s.mtls_mode(ROOT, "default", &b, 80), MtlsMode::Strict, "mesh-wide");
+        assert_eq!(s.mtls_mode("other-root", "default", &b, 80), MtlsMode::Permissive, "only the root ns is mesh-wide");
+
+        s.peer_auth.push(pa("default", "ns", "mtls: {mode: PERMISSIVE}"));
+        assert_eq!(s.mtls_mode(ROOT, "default", &b, 80), MtlsMode::Permissive, "namespace beats mesh");
+        assert_eq!(s.mtls_mode(ROOT, "prod", &b, 80), MtlsMode::Strict, "another namespace keeps the mesh's");
+
+        s.peer_auth.push(pa(
+            "default",
+            "b-only",
+            "selector: {matchLabels: {app: b}}\nmtls: {mode: STRICT}\nportLevelMtls: {\"9090\": {mode: PERMISSIVE}, \"9091\": {mode: UNSET}}",
+        ));
+        assert_eq!(s.mtls_mode(ROOT, "default", &b, 80), MtlsMode::Strict, "a selecting policy beats the namespace's");
+        assert_eq!(s.mtls_mode(ROOT, "default", &b, 9090), MtlsMode::Permissive, "port level beats the policy's own");
+        assert_eq!(s.mtls_mode(ROOT, "default", &b, 9091), MtlsMode::Strict, "UNSET at port level falls to the policy");
+        assert_eq!(s.mtls_mode(ROOT, "default", &labels("c"), 80), MtlsMode::Permissive, "not selected");
+        // A selector in another namespace selects nothing here.
+        s.peer_auth.push(pa("prod", "x", "selector: {matchLabels: {app: c}}\nmtls: {mode: PERMISSIVE}"));
+        assert_eq!(s.mtls_mode(ROOT, "default", &labels("c"), 80), MtlsMode::Permissive);
+        assert_eq!(s.mtls_mode(ROOT, "prod", &labels("c"), 80), MtlsMode::Permissive);
+        assert_eq!(s.mtls_mode(ROOT, "prod", &labels("d"), 80), MtlsMode::Strict);
+    }
+
+    /// A selector-less policy with UNSET mode defers to the next tier.
+    #[test]
+    fn unset_defers_to_the_next_tier() {
+        let s = ConfigState {
+            peer_auth: vec![pa("default", "ns", "mtls: {mode: UNSET}"), pa(ROOT, "mesh", "mtls: {mode: STRICT}")],
+            ..Default::default()
+        };
+        assert_eq!(s.mtls_mode(ROOT, "default", &labels("b"), 80), MtlsMode::Strict);
+    }
+
+    #[test]
+    fn a_push_builds_workloads_policies_and_reports_rejections() {
+        let mut r = BTreeMap::new();
+        r.insert(
+            ResourceId::new(Kind::Workload, "default", "b"),
+            r#"{"name":"b","namespace":"default","serviceAccount":"sa-b","ips":["10.0.0.2"]}"#.into(),
+        );
+        r.insert(
+            ResourceId::new(Kind::AuthorizationPolicy, "default", "deny"),
+            r#"{"action":"DENY","rules":[{"from":[{"source":{"principals":["*"]}}]}]}"#.into(),
+        );
+        r.insert(ResourceId::new(Kind::PeerAuthentication, "default", "s"), r#"{"mtls":{"mode":"STRICT"}}"#.into());
+        r.insert(ResourceId::new(Kind::Rejected, "", "0000"), r#""bad.yaml:3: nope""#.into());
+        let s = ConfigState::build(r, 3, ROOT, "cluster.local");
+        assert_eq!(s.version, 3);
+        let b = &s.workloads[&"10.0.0.2".parse().unwrap()];
+        assert_eq!(b.spiffe_id.to_string(), "spiffe://cluster.local/ns/default/sa/sa-b");
+        assert_eq!(s.index.for_workload("default", &labels("b")).deny.len(), 1);
+        assert_eq!(s.mtls_mode(ROOT, "default", &labels("b"), 80), MtlsMode::Strict);
+        assert_eq!(s.rejected, vec!["bad.yaml:3: nope".to_owned()]);
+        assert_eq!(s.resources.len(), 4);
+    }
+}

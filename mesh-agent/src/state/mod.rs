@@ -1,0 +1,219 @@
+//! What the agent knows, as one immutable snapshot swapped atomically by its two writers:
+//! registration (the workloads captured on this node) and the configuration watch (every
+//! workload of the mesh, policies, PeerAuthentication, from the controller). The connection
+//! path loads the current snapshot without a lock and decides from it; a writer builds a new
+//! half and swaps it in.
+
+mod config;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh_common::InboundKey;
+use mesh_identity::SpiffeId;
+use mesh_model::{Workload, WorkloadKey};
+
+pub use config::ConfigState;
+
+use crate::netns::NetnsWorker;
+
+/// A workload of the mesh, with its SPIFFE identity computed once.
+#[derive(Debug)]
+pub struct KnownWorkload {
+    pub key: WorkloadKey,
+    pub workload: Workload,
+    pub spiffe_id: Arc<SpiffeId>,
+}
+
+impl KnownWorkload {
+    /// `None` when the record's names do not form a workload SPIFFE ID in `trust_domain`.
+    pub fn new(trust_domain: &str, workload: Workload) -> Result<KnownWorkload, mesh_identity::SpiffeError> {
+        let id = SpiffeId::workload(trust_domain, &workload.namespace, &workload.service_account)?;
+        Ok(KnownWorkload { key: workload.key(), workload, spiffe_id: Arc::new(id) })
+    }
+}
+
+/// A workload this agent captures, with the kernel objects that tie it to traffic.
+pub struct LocalWorkload {
+    pub known: Arc<KnownWorkload>,
+    /// Echoed by connect4/6 into each original destination; checked at accept.
+    pub id: u32,
+    pub cgroup_id: u64,
+    pub netns: NetnsWorker,
+    pub netns_cookie: u64,
+    /// Where sk_lookup finds this workload's inbound socket.
+    pub inbound_keys: Vec<InboundKey>,
+    /// The name of its sk_lookup link under the node's bpffs directory.
+    pub pin_name: String,
+    /// The workloads file, or the local API (persisted in the state directory).
+    pub source: mesh_api::admin::Source,
+}
+
+impl LocalWorkload {
+    pub fn key(&self) -> &WorkloadKey {
+        &self.known.key
+    }
+    pub fn spiffe_id(&self) -> &Arc<SpiffeId> {
+        &self.known.spiffe_id
+    }
+    pub fn ips(&self) -> &[IpAddr] {
+        &self.known.workload.ips
+    }
+}
+
+/// The registration writer's half: this node's captured workloads, and the workloads the
+/// agent's own file names (local mode: every node's, for destinations before any push).
+#[derive(Default)]
+pub struct LocalState {
+    pub by_key: BTreeMap<WorkloadKey, Arc<LocalWorkload>>,
+    pub by_ip: HashMap<IpAddr, Arc<LocalWorkload>>,
+    pub file_known: HashMap<IpAddr, Arc<KnownWorkload>>,
+}
+
+impl LocalState {
+    /// This state with `wl` captured.
+    pub fn with(&self, wl: Arc<LocalWorkload>) -> LocalState {
+        let mut next = self.clone_shallow();
+        for ip in wl.ips() {
+            next.by_ip.insert(*ip, wl.clone());
+            next.file_known.insert(*ip, wl.known.clone());
+        }
+        next.by_key.insert(wl.key().clone(), wl);
+        next
+    }
+
+    /// This state without the workload `key`.
+    pub fn without(&self, key: &WorkloadKey) -> LocalState {
+        let mut next = self.clone_shallow();
+        if let Some(wl) = next.by_key.remove(key) {
+            for ip in wl.ips() {
+                next.by_ip.remove(ip);
+                next.file_known.remove(ip);
+            }
+        }
+        next
+    }
+
+    fn clone_shallow(&self) -> LocalState {
+        LocalState { by_key: self.by_key.clone(), by_ip: self.by_ip.clone(), file_known: self.file_known.clone() }
+    }
+}
+
+/// Everything the connection path decides from.
+#[derive(Default)]
+pub struct Snapshot {
+    pub config: Arc<ConfigState>,
+    pub local: Arc<LocalState>,
+}
+
+impl Snapshot {
+    /// The mesh workload at a destination address, if any: the controller's record first,
+    /// then the agent's own file (or its registrations).
+    pub fn destination(&self, ip: IpAddr) -> Option<&Arc<KnownWorkload>> {
+        self.config.workloads.get(&ip).or_else(|| self.local.file_known.get(&ip))
+    }
+
+    /// The workload captured on this node at `ip`: a connection to it need not leave the node.
+    pub fn local_at(&self, ip: IpAddr) -> Option<&Arc<LocalWorkload>> {
+        self.local.by_ip.get(&ip)
+    }
+
+    /// The labels policies select `wl` by: the controller's record (a label change there
+    /// applies at once), else the local one. Identity never comes from labels.
+    pub fn labels_of<'a>(&'a self, wl: &'a LocalWorkload) -> &'a BTreeMap<String, String> {
+        self.config.by_key.get(wl.key()).map(|w| &w.workload.labels).unwrap_or(&wl.known.workload.labels)
+    }
+}
+
+/// The current snapshot, swapped by its writers.
+pub struct StateStore {
+    current: ArcSwap<Snapshot>,
+    trust_domain: String,
+    root_namespace: String,
+}
+
+impl StateStore {
+    pub fn new(trust_domain: &str, root_namespace: &str) -> StateStore {
+        StateStore {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            trust_domain: trust_domain.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// Replaces the registration half. The caller serialises its own updates.
+    pub fn update_local(&self, f: impl Fn(&LocalState) -> LocalState) {
+        self.current.rcu(|cur| Snapshot { config: cur.config.clone(), local: Arc::new(f(&cur.local)) });
+    }
+
+    /// Replaces the configuration half.
+    pub fn set_config(&self, config: ConfigState) {
+        let config = Arc::new(config);
+        self.current.rcu(|cur| Snapshot { config: config.clone(), local: cur.local.clone() });
+    }
+
+    /// Records the workloads of the agent's file (other nodes' too) as destinations.
+    pub fn set_file_workloads(&self, all: &[Workload]) {
+        let known: Vec<(IpAddr, Arc<KnownWorkload>)> = all
+            .iter()
+            .filter_map(|w| match KnownWorkload::new(&self.trust_domain, w.clone()) {
+                Ok(k) => Some(Arc::new(k)),
+                Err(e) => {
+                    tracing::warn!(workload = %w.key(), error = %e, "workload has no valid identity; not a destination");
+                    None
+                }
+            })
+            .flat_map(|k| k.workload.ips.iter().map(|ip| (*ip, k.clone())).collect::<Vec<_>>())
+            .collect();
+        self.update_local(|cur| {
+            let mut next = cur.clone_shallow();
+            next.file_known.extend(known.iter().cloned());
+            next
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(name: &str, ip: &str) -> Workload {
+        serde_yaml::from_str(&format!("name: {name}\nips: [{ip}]\nserviceAccount: sa-{name}\n")).unwrap()
+    }
+
+    /// The controller's record of an address wins over the agent's file, and each writer's
+    /// swap keeps the other's half.
+    #[test]
+    fn destinations_prefer_the_controllers_record_and_writers_keep_each_others_half() {
+        let store = StateStore::new("cluster.local", "sockmesh-system");
+        store.set_file_workloads(&[w("a", "10.0.0.1"), w("b", "10.0.0.2")]);
+        let snap = store.load();
+        let b = snap.destination("10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(b.spiffe_id.to_string(), "spiffe://cluster.local/ns/default/sa/sa-b");
+
+        let mut pushed = w("b-new", "10.0.0.2");
+        pushed.service_account = "other".into();
+        let cfg = ConfigState::from_workloads("cluster.local", 7, vec![pushed]);
+        store.set_config(cfg);
+        let snap = store.load();
+        let b = snap.destination("10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(b.key.name, "b-new");
+        assert!(snap.destination("10.0.0.1".parse().unwrap()).is_some(), "the file's half was kept");
+        assert_eq!(snap.config.version, 7);
+        assert!(snap.destination("10.9.9.9".parse().unwrap()).is_none());
+    }
+}

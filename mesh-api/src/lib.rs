@@ -1,0 +1,10 @@
+//! The interfaces between sockmesh's components, defined once for both ends:
+//!
+//! - [`push`]: the configuration push from the controller to the agents (gRPC, generated from
+//!   `proto/config.proto`), with the resource kinds as an enum on both sides.
+//! - [`admin`]: what the agent's admin API answers (JSON), which `meshctl` reads with the same
+//!   types, so the CLI cannot drift from the API.
+
+pub mod admin;
+#[cfg(feature = "push")]
+pub mod push;

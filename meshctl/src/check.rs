@@ -1,0 +1,172 @@
+//! `meshctl check`: diagnoses a node — kernel, cgroup v2, bpffs, the agent, its programs, its
+//! certificates, the controller — each with a hint when it fails.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mesh_api::admin::{paths, CertInfo, ConfigDump, Status};
+use serde::Serialize;
+
+use crate::client::get;
+
+#[derive(Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    hint: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    ok: bool,
+    checks: Vec<Check>,
+}
+
+pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
+    let mut out = Vec::new();
+    let mut add = |name, ok, detail: String, hint: &str| {
+        out.push(Check { name, ok, detail, hint: if ok { String::new() } else { hint.to_owned() } })
+    };
+
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let (maj, min) = kernel_version(release.trim());
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    add(
+        "kernel",
+        (maj, min) >= (5, 15),
+        format!("Linux {} (BTF {})", release.trim(), if btf { "present" } else { "absent" }),
+        "sockmesh needs Linux 5.15 or newer (sk_lookup links, sock_release, SO_NETNS_COOKIE)",
+    );
+
+    let cg2 = cgroup2_mount();
+    add(
+        "cgroup v2",
+        cg2.is_some(),
+        cg2.as_ref().map(|p| format!("mounted at {}", p.display())).unwrap_or_else(|| "not mounted".into()),
+        "mount cgroup v2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
+    );
+
+    let bpf_ok = is_bpffs(bpffs);
+    add(
+        "bpffs",
+        bpf_ok,
+        if bpf_ok {
+            format!("mounted at {}", bpffs.display())
+        } else {
+            format!("{} is not a bpffs mount", bpffs.display())
+        },
+        &format!("mount it: `mount -t bpf bpf {}`; without it the agent cannot pin its programs", bpffs.display()),
+    );
+
+    let status: anyhow::Result<Status> = get(admin, paths::STATUS);
+    let certs: anyhow::Result<Vec<CertInfo>> = get(admin, paths::CERTIFICATES);
+    let config: anyhow::Result<ConfigDump> = get(admin, paths::CONFIG_DUMP);
+    let not_answering = "unknown: the agent is not answering";
+    match &status {
+        Ok(s) => add("agent", true, format!("answering on {admin} (node {})", s.node), ""),
+        Err(e) => add(
+            "agent",
+            false,
+            format!("no answer on {admin}: {e}"),
+            "start mesh-agent on this node (run meshctl inside the node's network namespace, or pass --admin)",
+        ),
+    }
+    match &status {
+        Ok(s) => {
+            let detached: Vec<&str> = s.links.iter().filter(|l| !l.attached).map(|l| l.name.as_str()).collect();
+            let ok = !s.links.is_empty() && detached.is_empty();
+            let detail = if ok {
+                format!("{} attached", s.links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "))
+            } else {
+                format!("not attached: {}", detached.join(", "))
+            };
+            add(
+                "programs",
+                ok,
+                detail,
+                "restart the agent: it re-attaches missing programs and takes over pinned ones",
+            );
+        }
+        Err(_) => add("programs", false, not_answering.into(), "start the agent first"),
+    }
+    match &certs {
+        Ok(all) => {
+            let bad: Vec<&str> = all.iter().filter(|c| !c.ready).map(|c| c.identity.as_str()).collect();
+            let detail = if bad.is_empty() {
+                format!("{} identities with valid certificates", all.len())
+            } else {
+                format!("no valid certificate: {}", bad.join(", "))
+            };
+            add("certificates", bad.is_empty(), detail, "check that the controller is reachable and places these workloads on this node (see the agent's log: 'certificate request failed')");
+        }
+        Err(_) => add("certificates", false, not_answering.into(), "start the agent first"),
+    }
+    match &config {
+        Ok(d) => {
+            let url = d.config["controller"].as_str().unwrap_or("").to_owned();
+            let hostport = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+            let reachable = hostport
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+                .unwrap_or(false);
+            add("controller", reachable, format!("{url} {}", if reachable { "reachable" } else { "unreachable" }), "start mesh-controller or fix the agent's --controller; existing certificates keep working until they expire");
+        }
+        Err(_) => add("controller", false, not_answering.into(), "start the agent first"),
+    }
+
+    let report = Report { ok: out.iter().all(|c| c.ok), checks: out };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("serialisable"));
+    } else {
+        for c in &report.checks {
+            println!("{} {:<13} {}", if c.ok { "✓" } else { "✗" }, c.name, c.detail);
+            if !c.ok {
+                println!("  hint: {}", c.hint);
+            }
+        }
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn kernel_version(release: &str) -> (u32, u32) {
+    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs is plain old data.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0xcafe4a11 }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(super::kernel_version("6.18.0-1-amd64"), (6, 18));
+        assert_eq!(super::kernel_version("5.15.120"), (5, 15));
+        assert_eq!(super::kernel_version("garbage"), (0, 0));
+    }
+}

@@ -1,0 +1,383 @@
+//! The real binaries, started the way a node runs them: the controller in the fabric netns,
+//! an agent in its node's netns and `agent` cgroup, the test app in a pod's netns and cgroup.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::http::http_get;
+use crate::topology::{NodeId, PodId, Topology};
+use crate::COUNTER;
+
+/// The workspace's target dir, where `cargo xtask build` put the release binaries.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("SOCKMESH_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for profile in ["release", "debug"] {
+        let p = here.join("../target").join(profile).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not built; run the integration tests with `cargo xtask test`")
+}
+
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(out)
+}
+
+/// The controller's address on the fabric (reachable from every node).
+pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
+pub const CONTROLLER_PORT: u16 = 15012;
+
+pub struct Controller {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Controller {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+    pub fn log_lines(&self) -> Vec<Value> {
+        read_json_lines(&self.log).unwrap_or_default()
+    }
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            wait_or_kill(&mut c);
+        }
+    }
+}
+
+/// Waits up to 5 s for a signalled child, then kills it: a stuck shutdown must not hang a test.
+fn wait_or_kill(c: &mut Child) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a process inside a netns and a cgroup (both entered between fork and exec).
+pub fn command_in(netns: &str, cgroup: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("cgroup {}", cgroup.display()))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+impl Topology {
+    /// Starts the controller (CA) in the fabric netns with every node's credential and the
+    /// placement of every meshed pod. Its root CA persists in its state dir across restarts.
+    pub fn start_controller(&self, extra: &[&str]) -> Result<Controller> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.controller_dir();
+        let creds = dir.join("node-credentials.yaml");
+        let mut text = String::from("nodes:\n");
+        for n in &self.nodes {
+            text.push_str(&format!("- name: {}\n  credential: {}\n", n.name, self.node_credential(n)));
+            let path = n.state_dir.join("credential");
+            let _ = std::fs::remove_file(&path);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            f.write_all(self.node_credential(n).as_bytes())?;
+        }
+        let _ = std::fs::remove_file(&creds);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&creds)?
+            .write_all(text.as_bytes())?;
+        let workloads = dir.join("workloads.yaml");
+        if !workloads.exists() {
+            self.write_controller_workloads(&[])?;
+        }
+        let log = dir.join(format!("controller-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("mesh-controller"))?;
+        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"), "--log-format", "json"])
+            .arg("--state-dir")
+            .arg(&dir)
+            .arg("--workloads")
+            .arg(&workloads)
+            .arg("--node-credentials")
+            .arg(&creds)
+            .arg("--config-dir")
+            .arg(self.config_dir())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let child = cmd.spawn().context("starting mesh-controller")?;
+        let mut c = Controller { child: Some(child), log };
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(status) = c.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("mesh-controller exited with {status}: {}", std::fs::read_to_string(&c.log).unwrap_or_default());
+            }
+            Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready"))
+        });
+        if let Err(e) = ready {
+            bail!("controller did not become ready: {e}\n{}", std::fs::read_to_string(&c.log).unwrap_or_default());
+        }
+        Ok(c)
+    }
+
+    /// Starts the echo server in a pod on `port`; returns a handle to read who connected.
+    pub fn start_server(&mut self, p: PodId, port: u16) -> Result<Server> {
+        let log = self.dir.join(format!("server-{}-{port}.log", self.pod(p).name));
+        let cmd = self.pod_command(p, bin("sm-testapp"))?;
+        self.serve(cmd, port, log)
+    }
+
+    fn serve(&mut self, mut cmd: Command, port: u16, log: PathBuf) -> Result<Server> {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        let child = cmd
+            .args(["serve", "--listen", &addr.to_string()])
+            .stdout(File::create(&log)?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        self.children.push(child);
+        let s = Server { log, pid };
+        wait_for(Duration::from_secs(5), || Ok(s.events()?.iter().any(|e| e["event"] == "listening")))
+            .context("echo server did not start")?;
+        Ok(s)
+    }
+
+    /// Runs sm-testapp in a pod to completion and parses its last JSON line.
+    pub fn pod_app(&self, p: PodId, args: &[&str]) -> Result<Value> {
+        app_output(self.pod_command(p, bin("sm-testapp"))?.args(args))
+    }
+
+    pub fn node_app(&self, n: NodeId, args: &[&str]) -> Result<Value> {
+        app_output(self.node_command(n, bin("sm-testapp"))?.args(args))
+    }
+
+    /// `sm-testapp` in the pod, in the background; [`BackgroundApp::result`] waits for its report.
+    pub fn spawn_pod_app(&self, p: PodId, args: &[&str]) -> Result<BackgroundApp> {
+        let child = self
+            .pod_command(p, bin("sm-testapp"))?
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting sm-testapp")?;
+        Ok(BackgroundApp(child))
+    }
+
+    /// Waits until the node's agent reports ready on `/healthz/ready`: its programs attached
+    /// and a certificate for every workload it serves. Until then a meshed pod's first
+    /// connections wait for a certificate (and under load may time out); a test whose first
+    /// traffic is not about start-up waits here first.
+    pub fn wait_ready(&self, n: NodeId) -> Result<()> {
+        let netns = &self.node(n).netns;
+        wait_for(Duration::from_secs(20), || Ok(http_get(netns, "127.0.0.1:15021", "/healthz/ready")?.0 == 200))
+            .with_context(|| format!("agent on {} not ready", self.node(n).name))
+    }
+
+    /// Starts the node's agent with the node's workloads file, JSON logs and `extra` flags.
+    pub fn start_agent(&self, n: NodeId, extra: &[&str]) -> Result<Agent> {
+        let node = self.node(n);
+        let log = node.state_dir.join(format!("agent-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let api = node.state_dir.join("agent.sock");
+        let mut cmd = command_in(&node.netns, &node.cgroup.join("agent"), bin("mesh-agent"))?;
+        cmd.arg("run")
+            .args(["--node", &node.name])
+            .arg("--cgroup-root")
+            .arg(&node.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--api-socket")
+            .arg(&api)
+            .args(["--log-format", "json", "--connect-timeout-ms", "2000"])
+            .args(["--controller", &format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")])
+            .arg("--trust-bundle")
+            .arg(self.trust_bundle())
+            .arg("--node-credential-file")
+            .arg(node.state_dir.join("credential"));
+        if node.workloads_file.exists() {
+            cmd.arg("--workloads").arg(&node.workloads_file);
+        }
+        cmd.args(extra).stdout(Stdio::null()).stderr(File::create(&log)?);
+        let child = cmd.spawn().context("starting mesh-agent")?;
+        let mut agent = Agent { child: Some(child), log, api };
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("mesh-agent exited with {status}: {}", agent.log_text());
+            }
+            Ok(agent.log_lines().iter().any(|l| l["message"] == "agent ready"))
+        });
+        if let Err(e) = ready {
+            bail!("agent {} did not become ready: {e}\n{}", node.name, agent.log_text());
+        }
+        Ok(agent)
+    }
+}
+
+/// An `sm-testapp` started with [`Topology::spawn_pod_app`]; dropping it leaves the process to
+/// finish on its own.
+pub struct BackgroundApp(Child);
+
+impl BackgroundApp {
+    /// Waits for the app to end and returns its JSON report.
+    pub fn result(self) -> Result<Value> {
+        app_report(self.0.wait_with_output().context("waiting for sm-testapp")?)
+    }
+}
+
+fn app_output(cmd: &mut Command) -> Result<Value> {
+    app_report(cmd.stderr(Stdio::inherit()).output().context("running sm-testapp")?)
+}
+
+fn app_report(out: std::process::Output) -> Result<Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().ok_or_else(|| anyhow!("sm-testapp printed nothing ({})", out.status))?;
+    serde_json::from_str(last).with_context(|| format!("sm-testapp output {last:?}"))
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let end = Instant::now() + limit;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            bail!("timed out after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Server {
+    pub log: PathBuf,
+    pub pid: u32,
+}
+
+impl Server {
+    pub fn events(&self) -> Result<Vec<Value>> {
+        read_json_lines(&self.log)
+    }
+    pub fn accepted(&self) -> Result<Vec<Value>> {
+        Ok(self.events()?.into_iter().filter(|e| e["event"] == "accept").collect())
+    }
+}
+
+fn read_json_lines(p: &Path) -> Result<Vec<Value>> {
+    let f = File::open(p)?;
+    Ok(BufReader::new(f).lines().map_while(|l| l.ok()).filter_map(|l| serde_json::from_str(&l).ok()).collect())
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub api: PathBuf,
+}
+
+impl Agent {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_lines(&self) -> Vec<Value> {
+        read_json_lines(&self.log).unwrap_or_default()
+    }
+
+    /// The access-log lines (one per connection, written at close).
+    pub fn access_log(&self) -> Vec<Value> {
+        self.log_lines().into_iter().filter(|l| l["target"] == "access").collect()
+    }
+
+    /// One request to the local API.
+    pub fn api(&self, req: Value) -> Result<Value> {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.api).context("connecting to the agent API")?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        writeln!(s, "{req}")?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("API reply {line:?}"))?;
+        if v["ok"] != true {
+            bail!("API error: {}", v["error"]);
+        }
+        Ok(v["result"].clone())
+    }
+
+    /// The agent's counters, as the API's own type.
+    pub fn stats(&self) -> Result<mesh_api::admin::Stats> {
+        Ok(serde_json::from_value(self.api(serde_json::json!({"op": "stats"}))?)?)
+    }
+
+    /// Graceful stop (SIGTERM), waiting for exit.
+    pub fn stop(&mut self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    fn signal(&mut self, sig: i32) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: our own child's pid.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            wait_or_kill(&mut c);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}

@@ -1,0 +1,399 @@
+//! A test topology on the real kernel: network namespaces as nodes and pods, a cgroup per pod,
+//! real agent processes. Everything is named after a per-topology id so that tests run in
+//! parallel, and everything is deleted on drop (also when the test fails).
+//!
+//! ```text
+//!  fabric netns: br0 (10.99.0.0/24)
+//!    ├─ veth ── node netns n1: eth0 10.99.0.1, br0 10.20.1.1/24, ip_forward=1, routes to other nodes
+//!    │            └─ veth ── pod netns: eth0 10.20.1.10/24 (default via 10.20.1.1)
+//!    └─ veth ── node netns n2 ...
+//!  cgroup v2: <mount>/smt-<id>/<node>/{agent,host,<pod>...}   (node root = <mount>/smt-<id>/<node>)
+//!  bpffs:     /sys/fs/bpf/smt-<id>/<node>/...
+//! ```
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::kernel::{cgroup2_mount, is_bpffs};
+use crate::process::{command_in, run, Agent, Controller, Server, CONTROLLER_IP};
+use crate::COUNTER;
+
+/// Prefix of every namespace, cgroup and bpffs directory the tests create (the leftover check
+/// in `cargo xtask test` looks for it).
+pub const PREFIX: &str = "smt-";
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeId(pub usize);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodId(pub usize);
+
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub index: usize,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub workloads_file: PathBuf,
+    pub underlay_ip: Ipv4Addr,
+    pub gateway_ip: Ipv4Addr,
+    pods: usize,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub node: NodeId,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+    pub meshed: bool,
+    pub service_account: String,
+    pub labels: Vec<(String, String)>,
+}
+
+pub struct Topology {
+    pub id: String,
+    pub fabric: String,
+    pub cgroup_root: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub(crate) children: Vec<std::process::Child>,
+}
+
+/// The topology most tests use: two nodes, `a` meshed on n1 and `b` meshed on n2, the
+/// workloads files written.
+pub struct Mesh {
+    pub t: Topology,
+    pub n1: NodeId,
+    pub n2: NodeId,
+    pub a: PodId,
+    pub b: PodId,
+}
+
+/// A [`Mesh`] started by [`Mesh::start`]; each part stops when dropped.
+pub struct Running {
+    pub ctl: Controller,
+    /// The echo server in `b`.
+    pub server: Server,
+    pub agent1: Agent,
+    pub agent2: Agent,
+}
+
+impl Mesh {
+    /// `b`'s address and `port`, as a client dials it.
+    pub fn dst(&self, port: u16) -> String {
+        format!("{}:{port}", self.t.pod(self.b).ip)
+    }
+
+    /// The controller, an echo server in `b` on `port`, and both agents; returns once both
+    /// agents are ready (their programs attached and certificates in hand), so a test's first
+    /// traffic does not race start-up.
+    pub fn start(&mut self, port: u16) -> Result<Running> {
+        let ctl = self.t.start_controller(&[])?;
+        let server = self.t.start_server(self.b, port)?;
+        let agent1 = self.t.start_agent(self.n1, &[])?;
+        let agent2 = self.t.start_agent(self.n2, &[])?;
+        self.t.wait_ready(self.n1)?;
+        self.t.wait_ready(self.n2)?;
+        Ok(Running { ctl, server, agent1, agent2 })
+    }
+}
+
+impl Topology {
+    /// Two nodes, a meshed pod on each (`a` on n1, `b` on n2), workloads written.
+    pub fn two_node_mesh(test: &str) -> Result<Mesh> {
+        let mut t = Topology::new(test)?;
+        let n1 = t.add_node("n1")?;
+        let n2 = t.add_node("n2")?;
+        let a = t.add_pod(n1, "a", true)?;
+        let b = t.add_pod(n2, "b", true)?;
+        t.write_workloads()?;
+        Ok(Mesh { t, n1, n2, a, b })
+    }
+
+    /// One node with two meshed pods, `a` and `b`, workloads written.
+    pub fn one_node_mesh(test: &str) -> Result<(Topology, NodeId, PodId, PodId)> {
+        let mut t = Topology::new(test)?;
+        let n1 = t.add_node("n1")?;
+        let a = t.add_pod(n1, "a", true)?;
+        let b = t.add_pod(n1, "b", true)?;
+        t.write_workloads()?;
+        Ok((t, n1, a, b))
+    }
+
+    /// `host:port` of a pod, as a client dials it.
+    pub fn addr(&self, p: PodId, port: u16) -> String {
+        format!("{}:{port}", self.pod(p).ip)
+    }
+
+    pub fn new(test: &str) -> Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{:04x}{:02x}", std::process::id() & 0xffff, n & 0xff);
+        let cg2 = cgroup2_mount()?;
+        let bpf = Path::new("/sys/fs/bpf");
+        if !is_bpffs(bpf) {
+            bail!("bpffs is not mounted at /sys/fs/bpf; run `cargo xtask setup` (or `mount -t bpf bpf /sys/fs/bpf`)");
+        }
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{id}-{test}"));
+        let t = Topology {
+            fabric: format!("{PREFIX}{id}-fabric"),
+            cgroup_root: cg2.join(format!("{PREFIX}{id}")),
+            bpffs_root: bpf.join(format!("{PREFIX}{id}")),
+            dir,
+            id,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            children: Vec::new(),
+        };
+        std::fs::create_dir_all(&t.dir)?;
+        std::fs::create_dir_all(&t.cgroup_root).context("creating the test cgroup")?;
+        std::fs::create_dir_all(&t.bpffs_root)?;
+        ip(&["netns", "add", &t.fabric])?;
+        ip(&["-n", &t.fabric, "link", "set", "lo", "up"])?;
+        ip(&["-n", &t.fabric, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &t.fabric, "link", "set", "br0", "up"])?;
+        ip(&["-n", &t.fabric, "addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"])?;
+        std::fs::create_dir_all(t.cgroup_root.join("controller"))?;
+        std::fs::create_dir_all(t.controller_dir())?;
+        std::fs::create_dir_all(t.config_dir())?;
+        Ok(t)
+    }
+
+    pub fn add_node(&mut self, name: &str) -> Result<NodeId> {
+        let index = self.nodes.len() + 1;
+        let netns = format!("{PREFIX}{}-{name}", self.id);
+        ip(&["netns", "add", &netns])?;
+        let fab_if = format!("n{index}");
+        let underlay_ip = Ipv4Addr::new(10, 99, 0, index as u8);
+        let gateway_ip = Ipv4Addr::new(10, 20, index as u8, 1);
+        ip(&["-n", &self.fabric, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &self.fabric, "link", "set", &fab_if, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{gateway_ip}/24"), "dev", "br0"])?;
+        ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        run(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        // Routes between this node's pods and every other node's pods.
+        for other in &self.nodes {
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                &format!("10.20.{}.0/24", other.index),
+                "via",
+                &other.underlay_ip.to_string(),
+            ])?;
+            ip(&["-n", &other.netns, "route", "add", &format!("10.20.{index}.0/24"), "via", &underlay_ip.to_string()])?;
+        }
+        let cgroup = self.cgroup_root.join(name);
+        std::fs::create_dir_all(cgroup.join("agent"))?;
+        std::fs::create_dir_all(cgroup.join("host"))?;
+        let state_dir = self.dir.join(name);
+        std::fs::create_dir_all(&state_dir)?;
+        self.nodes.push(Node {
+            name: name.to_owned(),
+            netns,
+            index,
+            bpffs: self.bpffs_root.join(name),
+            workloads_file: state_dir.join("workloads.yaml"),
+            state_dir,
+            cgroup,
+            underlay_ip,
+            gateway_ip,
+            pods: 0,
+        });
+        Ok(NodeId(self.nodes.len() - 1))
+    }
+
+    /// A pod: its own netns and cgroup under the node. `meshed` pods are listed in the node's
+    /// workloads file (written by [`Topology::write_workloads`]).
+    pub fn add_pod(&mut self, node: NodeId, name: &str, meshed: bool) -> Result<PodId> {
+        let n = &mut self.nodes[node.0];
+        n.pods += 1;
+        let ip4 = Ipv4Addr::new(10, 20, n.index as u8, 9 + n.pods as u8);
+        let netns = format!("{PREFIX}{}-{}-{name}", self.id, n.name);
+        ip(&["netns", "add", &netns])?;
+        let node_if = format!("p{}", n.pods);
+        ip(&["-n", &n.netns, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &n.netns, "link", "set", &node_if, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", &n.gateway_ip.to_string()])?;
+        let cgroup = n.cgroup.join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            node,
+            netns,
+            ip: ip4,
+            cgroup,
+            meshed,
+            service_account: format!("sa-{name}"),
+            labels: vec![("app".into(), name.into())],
+        });
+        Ok(PodId(self.pods.len() - 1))
+    }
+
+    pub fn controller_dir(&self) -> PathBuf {
+        self.dir.join("controller")
+    }
+
+    /// The controller's configuration directory (policies), watched for changes.
+    pub fn config_dir(&self) -> PathBuf {
+        self.controller_dir().join("config")
+    }
+
+    /// Writes (atomically) a configuration file into the controller's directory.
+    pub fn write_config(&self, name: &str, yaml: &str) -> Result<()> {
+        std::fs::create_dir_all(self.config_dir())?;
+        let tmp = self.controller_dir().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.config_dir().join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_config(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.config_dir().join(name))?;
+        Ok(())
+    }
+
+    pub fn trust_bundle(&self) -> PathBuf {
+        self.controller_dir().join("trust-bundle.pem")
+    }
+
+    pub(crate) fn node_credential(&self, n: &Node) -> String {
+        format!("node-credential-{}-{}-0123456789abcdef", self.id, n.name)
+    }
+
+    /// The controller's placement: every meshed pod plus `extra` pods (e.g. ones an agent will
+    /// add at run time).
+    pub fn write_controller_workloads(&self, extra: &[PodId]) -> Result<()> {
+        let mut all: Vec<Value> =
+            (0..self.pods.len()).filter(|i| self.pods[*i].meshed).map(|i| self.workload_json(PodId(i))).collect();
+        all.extend(extra.iter().map(|p| self.workload_json(*p)));
+        let doc = serde_json::json!({ "workloads": all });
+        let path = self.controller_dir().join("workloads.yaml");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn node(&self, n: NodeId) -> &Node {
+        &self.nodes[n.0]
+    }
+    pub fn pod(&self, p: PodId) -> &Pod {
+        &self.pods[p.0]
+    }
+
+    /// The workload record of a pod, as the agent's file and API take it.
+    pub fn workload_json(&self, p: PodId) -> Value {
+        let pod = self.pod(p);
+        serde_json::json!({
+            "name": pod.name,
+            "namespace": "default",
+            "serviceAccount": pod.service_account,
+            "labels": pod.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "ips": [pod.ip.to_string()],
+            "node": self.node(pod.node).name,
+            "netns": format!("/run/netns/{}", pod.netns),
+            "cgroup": pod.cgroup,
+        })
+    }
+
+    /// Writes every node's workloads file: all meshed pods of the topology (each agent captures
+    /// those on its node and knows the others).
+    pub fn write_workloads(&self) -> Result<()> {
+        let all: Vec<Value> =
+            (0..self.pods.len()).filter(|i| self.pods[*i].meshed).map(|i| self.workload_json(PodId(i))).collect();
+        let doc = serde_json::json!({ "workloads": all });
+        for n in &self.nodes {
+            std::fs::write(&n.workloads_file, serde_yaml::to_string(&doc)?)?;
+        }
+        self.write_controller_workloads(&[])
+    }
+
+    pub fn pod_command(&self, p: PodId, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let pod = self.pod(p);
+        command_in(&pod.netns, &pod.cgroup, program)
+    }
+
+    /// A process on the node itself (host network, not in any pod's cgroup).
+    pub fn node_command(&self, n: NodeId, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let node = self.node(n);
+        command_in(&node.netns, &node.cgroup.join("host"), program)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Anything else still in our cgroups was started by this topology: end it by pid.
+        kill_cgroup_tree(&self.cgroup_root);
+        for p in &self.pods {
+            let _ = ip(&["netns", "del", &p.netns]);
+        }
+        for n in &self.nodes {
+            let _ = ip(&["netns", "del", &n.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.fabric]);
+        let _ = std::fs::remove_dir_all(&self.bpffs_root);
+        remove_cgroup_tree(&self.cgroup_root);
+        if std::env::var_os("SOCKMESH_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: a pid in a cgroup this topology created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                kill_cgroup_tree(&e.path());
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    // A cgroup whose last process just died may take a moment to be removable.
+    for _ in 0..100 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
