@@ -134,10 +134,10 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     Ok(Agent { admin_addr, metrics_addr, readiness_addr, api_socket: cfg.api_socket, failed })
 }
 
-/// Counts the maps and collects released entries every second, on a blocking thread: a walk
+/// Counts the maps and collects released entries every two seconds, on a blocking thread: a walk
 /// of a full map never runs on the connection path's threads or under its locks.
 async fn census_loop(census: Arc<Mutex<Census>>, metrics: Arc<Metrics>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
         let (census, metrics) = (census.clone(), metrics.clone());

@@ -319,7 +319,7 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     agent1.api(serde_json::json!({"op": "remove_workload", "namespace": "default", "name": "e"})).unwrap();
     let r = echo(&t);
     assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from(to.as_str())), "{r}");
-    // The maps are counted off the connection path, every second: wait for a count.
+    // The maps are counted off the connection path, every two seconds: wait for a count.
     wait_for(Duration::from_secs(5), || {
         let maps = agent1.stats()?.maps;
         Ok(["SM_WORKLOADS", "SM_INBOUND", "SM_ORIG_DST"].iter().all(|m| maps[*m].entries == 0 && maps[*m].capacity > 0))
