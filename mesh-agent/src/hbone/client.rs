@@ -13,7 +13,6 @@ use tokio::net::TcpStream;
 
 use super::batch::BatchIo;
 use super::{CONNECTION_WINDOW, EARLY_MAX, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
-use crate::metrics::Metrics;
 use crate::outcome::{HandshakeFailure, TunnelFailure};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +36,13 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
+    /// The peer refused the stream before doing anything with it (HTTP/2 REFUSED_STREAM: it
+    /// counted more open streams than its limit, its view of closed streams lagging ours). Safe
+    /// to send again: nothing of it reached the app.
+    pub fn is_refused_stream(&self) -> bool {
+        matches!(self, TunnelError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+
     pub fn failure(&self) -> TunnelFailure {
         match self {
             TunnelError::Connect { .. } => TunnelFailure::Connect,
@@ -111,6 +117,33 @@ impl PendingStream {
     }
 }
 
+/// What the client has written before its stream opened: read once, sent behind the CONNECT
+/// request, and kept until the stream is answered, in case it must be sent again.
+#[derive(Default)]
+pub struct EarlyBytes(Option<Bytes>);
+
+impl EarlyBytes {
+    /// Whether any of the client's bytes went behind a CONNECT request.
+    pub fn any(&self) -> bool {
+        self.0.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
+    /// The client's first bytes, read now if they have not been (at most [`EARLY_MAX`]).
+    fn get(&mut self, client: &TcpStream) -> Bytes {
+        self.0
+            .get_or_insert_with(|| {
+                // Read straight into the buffer h2 sends (no zeroing, no copy).
+                let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
+                match client.try_read_buf(&mut buf) {
+                    Ok(n) if n > 0 => buf.freeze(),
+                    // Nothing yet, or the client already finished: the relay sees to it.
+                    _ => Bytes::new(),
+                }
+            })
+            .clone()
+    }
+}
+
 /// Sends the CONNECT request on a connection and, right behind it, what the client has already
 /// written (up to [`EARLY_MAX`]) instead of a round trip later. That is safe: the destination
 /// agent has proved its identity in the handshake, and it forwards nothing to its app before
@@ -122,22 +155,16 @@ pub fn start_stream(
     req: http::Request<()>,
     active: &Arc<AtomicUsize>,
     client: &TcpStream,
-    metrics: &Metrics,
+    early: &mut EarlyBytes,
 ) -> Result<Started, TunnelError> {
     active.fetch_add(1, Ordering::Relaxed);
     let lease = StreamLease(active.clone());
     let (response, mut send) = sender.send_request(req, false)?;
-    // Read straight into the buffer h2 sends (no zeroing, no copy).
-    let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
-    let early = match client.try_read_buf(&mut buf) {
-        Ok(n) if n > 0 => {
-            send.send_data(buf.freeze(), false)?;
-            n as u64
-        }
-        // Nothing yet, or the client already finished: the relay sees to it.
-        _ => 0,
-    };
-    metrics.stream(early > 0);
+    let data = early.get(client);
+    let early = data.len() as u64;
+    if early > 0 {
+        send.send_data(data, false)?;
+    }
     Ok(Started { response, stream: PendingStream { send, lease, early } })
 }
 

@@ -15,7 +15,7 @@ use mesh_identity::SpiffeId;
 use mesh_model::WorkloadKey;
 use tokio::net::TcpStream;
 
-use super::client::{self, Started, Tunnel, TunnelError};
+use super::client::{self, EarlyBytes, Started, Tunnel, TunnelError};
 use crate::identity::WorkloadCert;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
@@ -51,6 +51,9 @@ pub struct Source<'a> {
     pub client: &'a TcpStream,
 }
 
+/// How many times a stream the peer refused before processing it is sent again.
+pub const REFUSED_RETRIES: u32 = 2;
+
 pub struct Pool {
     /// When false, every connection gets its own TLS session (see `--hbone-pooling`).
     pooling: bool,
@@ -68,7 +71,8 @@ impl Pool {
     }
 
     /// Opens a tunnel stream to `to.target` through `to.hbone_addr`; `dial` makes the TCP
-    /// connection when a new HBONE connection is needed.
+    /// connection when a new HBONE connection is needed. A stream the peer refuses before
+    /// processing it (REFUSED_STREAM) is sent again, up to [`REFUSED_RETRIES`] times.
     pub async fn open<D, F>(
         &self,
         src: Source<'_>,
@@ -77,12 +81,42 @@ impl Pool {
         dial: D,
     ) -> Result<Tunnel, TunnelError>
     where
-        D: FnOnce() -> F,
+        D: Fn() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let mut early = EarlyBytes::default();
+        let mut tries = 0;
+        let r = loop {
+            match self.open_once(&src, &to, connect_timeout, &dial, &mut early).await {
+                Err(e) if e.is_refused_stream() && tries < REFUSED_RETRIES => {
+                    tries += 1;
+                    self.metrics.stream_refused_retried();
+                    // The peer counts that connection full: the next try gets a new one (the
+                    // old one keeps its streams and closes when they are done).
+                    self.retire(src.key, &to).await;
+                }
+                r => break r,
+            }
+        };
+        self.metrics.stream(early.any());
+        r
+    }
+
+    async fn open_once<D, F>(
+        &self,
+        src: &Source<'_>,
+        to: &Destination<'_>,
+        connect_timeout: Duration,
+        dial: &D,
+        early: &mut EarlyBytes,
+    ) -> Result<Tunnel, TunnelError>
+    where
+        D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let req = client::connect_request(to.target);
         if !self.pooling {
-            return self.open_new(&src, &to, req, connect_timeout, dial, None).await;
+            return self.open_new(src, to, req, connect_timeout, dial, early, None).await;
         }
         let key = PoolKey { src: src.key.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().entry(key).or_default().clone();
@@ -98,12 +132,12 @@ impl Pool {
         };
         let Some(p) = reusable else {
             // The slot stays locked until the new connection is in it.
-            return self.open_new(&src, &to, req, connect_timeout, dial, Some(guard)).await;
+            return self.open_new(src, to, req, connect_timeout, dial, early, Some(guard)).await;
         };
         let (mut sender, active) = (p.sender.clone(), p.active.clone());
         *guard = Some(p);
         drop(guard);
-        let started = client::start_stream(&mut sender, req, &active, src.client, &self.metrics)?;
+        let started = client::start_stream(&mut sender, req, &active, src.client, early)?;
         client::answer(started, connect_timeout).await
     }
 
@@ -111,17 +145,19 @@ impl Pool {
     /// settings and the first CONNECT run in one batched task (see batch.rs), so the client's
     /// last handshake flight, the preface, SETTINGS and the request leave in one write; the
     /// connection then gets a task of its own (in the pool, when pooling).
+    #[allow(clippy::too_many_arguments)]
     async fn open_new<D, F>(
         &self,
         src: &Source<'_>,
         to: &Destination<'_>,
         req: http::Request<()>,
         connect_timeout: Duration,
-        dial: D,
+        dial: &D,
+        early: &mut EarlyBytes,
         slot: Option<tokio::sync::MutexGuard<'_, Option<Pooled>>>,
     ) -> Result<Tunnel, TunnelError>
     where
-        D: FnOnce() -> F,
+        D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let cfg = src.cert.client_config(to.id).map_err(TunnelError::TlsConfig)?;
@@ -136,11 +172,11 @@ impl Pool {
             }
             // From here on the connection exists (and may be in the pool): it is kept running
             // whatever becomes of this stream.
-            let Started { response, stream } =
-                match client::start_stream(&mut sender, req, &active, src.client, &self.metrics) {
-                    Ok(s) => s,
-                    Err(e) => return Ok((Some(conn), Err(e))),
-                };
+            let Started { response, stream } = match client::start_stream(&mut sender, req, &active, src.client, early)
+            {
+                Ok(s) => s,
+                Err(e) => return Ok((Some(conn), Err(e))),
+            };
             // Drive the connection here until the answer arrives.
             let wait = tokio::time::timeout(connect_timeout + Duration::from_secs(1), async {
                 tokio::select! {
@@ -163,6 +199,15 @@ impl Pool {
             });
         }
         stream
+    }
+
+    /// Stops reusing the current connection for (source, destination).
+    async fn retire(&self, src: &WorkloadKey, to: &Destination<'_>) {
+        let key = PoolKey { src: src.clone(), dst: to.id.clone(), addr: to.hbone_addr };
+        let slot = self.slots().get(&key).cloned();
+        if let Some(slot) = slot {
+            slot.lock().await.take();
+        }
     }
 
     /// Drops the slots `keep` refuses, and slots with no connection. A dropped slot's
@@ -224,6 +269,18 @@ mod tests {
     /// A minimal HBONE server presenting `cert`: answers every CONNECT with 200 and counts the
     /// TLS sessions it accepted.
     async fn server(cert: WorkloadCert) -> (SocketAddr, Arc<AtomicUsize>) {
+        let (addr, sessions, _) = server_refusing(cert, 0).await;
+        (addr, sessions)
+    }
+
+    /// The same, refusing its first `refuse` streams unprocessed (REFUSED_STREAM), and
+    /// reporting the first bytes of every stream it answered.
+    async fn server_refusing(
+        cert: WorkloadCert,
+        refuse: usize,
+    ) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let refused = Arc::new(AtomicUsize::new(0));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let sessions = Arc::new(AtomicUsize::new(0));
@@ -231,7 +288,7 @@ mod tests {
         let counted = sessions.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
-                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                let (acceptor, counted, refused, tx) = (acceptor.clone(), counted.clone(), refused.clone(), tx.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     counted.fetch_add(1, Ordering::SeqCst);
@@ -243,27 +300,44 @@ mod tests {
                     else {
                         return;
                     };
-                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        if refused.fetch_add(1, Ordering::SeqCst) < refuse {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
                         let resp = http::Response::builder().status(200).body(()).unwrap();
                         let _ = respond.send_response(resp, false);
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            if let Some(Ok(first)) = body.data().await {
+                                let _ = tx.send(first);
+                            }
+                        });
                     }
                 });
             }
         });
-        (addr, sessions)
+        (addr, sessions, rx)
     }
 
-    /// A connected pair standing in for the pod's socket.
-    async fn client_socket() -> TcpStream {
+    /// A connected pair standing in for the pod's socket, whose peer (the pod) has written
+    /// `first`.
+    async fn client_socket(first: &[u8]) -> TcpStream {
+        use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let _ = l.accept().await.unwrap();
+        let mut pod = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (c, _) = l.accept().await.unwrap();
+        pod.write_all(first).await.unwrap();
+        // Kept open: a closed peer would end the stream.
+        std::mem::forget(pod);
+        c.readable().await.unwrap();
         c
     }
 
     async fn open(pool: &Pool, cert: &WorkloadCert, dst: &SpiffeId, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
         let key = WorkloadKey { namespace: "default".into(), name: "a".into() };
-        let client = client_socket().await;
+        let client = client_socket(b"hello").await;
         let src = Source { key: &key, cert, client: &client };
         let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap() };
         pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr)).await
@@ -288,6 +362,28 @@ mod tests {
         assert_eq!(sessions.load(Ordering::SeqCst), 2);
         // Streams opened before the eviction are untouched by it.
         drop((t1, t2));
+    }
+
+    /// A stream refused unprocessed is sent again, with the client's first bytes, on a new
+    /// connection; refused too often, the refusal is the answer.
+    #[tokio::test]
+    async fn a_refused_stream_is_sent_again_with_its_first_bytes() {
+        let (a, b, b_id) = certs();
+        let (addr, sessions, mut firsts) = server_refusing(b, 2).await;
+        let metrics = Arc::new(Metrics::new());
+        let pool = Pool::new(true, metrics.clone());
+        let t = open(&pool, &a, &b_id, addr).await.unwrap();
+        assert_eq!(t.early, 5);
+        assert_eq!(firsts.recv().await.unwrap(), Bytes::from_static(b"hello"), "the first bytes were lost");
+        // Each refusal retires the connection the peer counted full: one new session per try.
+        assert_eq!(sessions.load(Ordering::SeqCst), 3);
+        assert_eq!(metrics.hbone_stats().streams, 1, "one tunnel, however often its stream was sent");
+        assert!(metrics.encode().contains("sockmesh_hbone_streams_retried_total 2"));
+
+        let (a, b, b_id) = certs();
+        let (addr, _, _) = server_refusing(b, 10).await;
+        let e = open(&Pool::new(true, Arc::new(Metrics::new())), &a, &b_id, addr).await.err().expect("refused");
+        assert!(e.is_refused_stream(), "{e}");
     }
 
     #[tokio::test]
