@@ -74,14 +74,22 @@ impl Views {
             .collect()
     }
 
-    /// Ready: the programs are attached (pins present) and every local workload has a
-    /// certificate. Otherwise, what is missing.
-    pub fn readiness(&self) -> Readiness {
+    /// Ready: the programs are attached (pins present), a configuration is in force (pushed,
+    /// or kept from the last run), every workload of this node is captured, and every captured
+    /// one has a certificate. Otherwise, what is missing.
+    pub async fn readiness(&self) -> Readiness {
         let mut missing = Vec::new();
         for l in self.links().into_iter().filter(|l| !l.attached) {
             missing.push(format!("{} program not attached", l.name));
         }
-        for wl in self.state.load().local.by_key.values() {
+        let snap = self.state.load();
+        if snap.config.version == 0 {
+            missing.push("no configuration received from the controller yet".to_owned());
+        }
+        for (key, reason) in self.registry.not_captured().await {
+            missing.push(format!("{key} is not captured (its connections are refused): {reason}"));
+        }
+        for wl in snap.local.by_key.values() {
             if self.identities.current(wl.spiffe_id()).is_none() {
                 missing.push(format!("{} has no certificate", wl.key()));
             }
@@ -111,6 +119,17 @@ impl Views {
                     e.workloads.push(wl.key().to_string());
                 }
             }
+        }
+        if let Some(why) = self.state.refused() {
+            let info = PolicyInfo {
+                namespace: "-".into(),
+                name: "(configuration update)".into(),
+                kind: PolicyKind::Rejected,
+                action: "REFUSED".into(),
+                workloads: Vec::new(),
+                reason: Some(format!("{why} (in force: version {})", snap.config.version)),
+            };
+            out.insert("~refused".into(), info);
         }
         for (i, e) in snap.config.rejected.iter().enumerate() {
             let info = PolicyInfo {
@@ -144,7 +163,7 @@ impl Views {
     }
 
     pub async fn status(&self) -> Status {
-        let ready = self.readiness();
+        let ready = self.readiness().await;
         Status {
             node: self.config.node.clone(),
             ready: ready.ready,
@@ -208,7 +227,7 @@ async fn metrics(State(v): S) -> Response {
 }
 
 async fn ready(State(v): S) -> Response {
-    let r = v.readiness();
+    let r = v.readiness().await;
     let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(r)).into_response()
 }

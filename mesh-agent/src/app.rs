@@ -10,16 +10,16 @@ use mesh_api::admin::Source;
 
 use crate::admin::{self, Views};
 use crate::config::Config;
-use crate::config_watch::ConfigWatch;
+use crate::config_watch::{ConfigFile, ConfigWatch};
 use crate::connections::Connections;
-use crate::ebpf::maps::{Capacity, Census, OrigDstTable};
+use crate::ebpf::maps::{Capacity, Census, LiveSockets, OrigDstTable};
 use crate::ebpf::{self, Datapath, DatapathConfig};
 use crate::hbone::pool::Pool;
 use crate::identity::{Identities, IdentityConfig};
 use crate::inputs::{ProxyInputs, ProxySettings};
 use crate::metrics::Metrics;
 use crate::registration::{Registry, StateFile};
-use crate::state::StateStore;
+use crate::state::{ConfigState, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -81,6 +81,25 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     )?;
     let state = Arc::new(StateStore::new(&cfg.trust_domain, &cfg.root_namespace));
     state.set_file_workloads(&file_workloads);
+    // The last configuration, before anything is captured: a restarted agent enforces what it
+    // enforced before, whether or not the controller is there.
+    let config_file = ConfigFile::new(&cfg.state_dir);
+    match config_file.load() {
+        Ok(Some((version, resources))) => {
+            match ConfigState::build(resources, version, &cfg.root_namespace, &cfg.trust_domain) {
+                Ok(c) => {
+                    tracing::info!(version, "configuration from the last run in force until the controller pushes");
+                    state.set_config(c);
+                    metrics.set_config(0, version);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the configuration kept by the last run is not usable; waiting for the controller")
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "waiting for the controller"),
+    }
     let conns = Arc::new(Connections::new(metrics.clone()));
     let inputs = Arc::new(ProxyInputs {
         settings: ProxySettings::from_config(&cfg),
@@ -91,7 +110,15 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         orig_dst,
     });
     let pool = Arc::new(Pool::new(cfg.hbone_pooling, metrics.clone()));
-    let registry = Arc::new(Registry::new(&cfg.node, datapath, inputs, pool.clone(), StateFile::new(&cfg.state_dir)));
+    let state_file = StateFile::new(&cfg.state_dir);
+    let registry = Arc::new(Registry::new(
+        &cfg.node,
+        cfg.max_connections_per_workload,
+        datapath,
+        inputs,
+        pool.clone(),
+        state_file,
+    ));
 
     let admin_l = admin::bind(cfg.admin_addr, "admin API").await.map_err(StartError::Bind)?;
     let metrics_l = admin::bind(cfg.metrics_addr, "metrics").await.map_err(StartError::Bind)?;
@@ -125,28 +152,71 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         links,
     });
     tokio::spawn(crate::api::serve(views.clone(), api_l));
-    tokio::spawn(ConfigWatch { state, identities, metrics: metrics.clone(), pool }.run());
+    tokio::spawn(ConfigWatch { state, identities, metrics: metrics.clone(), pool, file: config_file }.run());
     tokio::spawn(admin::serve_admin(views.clone(), admin_l));
     tokio::spawn(admin::serve_metrics(views.clone(), metrics_l));
+    tokio::spawn(census_loop(census, metrics, views.state.clone(), views.registry.clone()));
     tokio::spawn(admin::serve_readiness(views, ready_l));
-    tokio::spawn(census_loop(census, metrics));
     tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
     Ok(Agent { admin_addr, metrics_addr, readiness_addr, api_socket: cfg.api_socket, failed })
 }
 
-/// Counts the maps and collects released entries every two seconds, on a blocking thread: a walk
-/// of a full map never runs on the connection path's threads or under its locks.
-async fn census_loop(census: Arc<Mutex<Census>>, metrics: Arc<Metrics>) {
+/// Every two seconds, on a blocking thread (a walk of a full map never runs on the connection
+/// path's threads or under its locks): counts the maps and collects released entries. Every
+/// fifth pass, and the first two, also removes entries whose socket is gone (comparing with
+/// each workload netns' sockets) and retries capturing the workloads that failed.
+async fn census_loop(
+    census: Arc<Mutex<Census>>,
+    metrics: Arc<Metrics>,
+    state: Arc<StateStore>,
+    registry: Arc<Registry>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
+    let mut suspects = std::collections::HashSet::new();
+    for pass in 0u64.. {
         tick.tick().await;
+        let reconcile = pass < 2 || pass % 5 == 0;
+        let live = if reconcile {
+            registry.retry_failed().await;
+            Some(live_sockets(&state).await)
+        } else {
+            None
+        };
         let (census, metrics) = (census.clone(), metrics.clone());
-        let collected =
-            tokio::task::spawn_blocking(move || census.lock().unwrap_or_else(|e| e.into_inner()).pass(&metrics))
-                .await
-                .unwrap_or(0);
+        let mut s = std::mem::take(&mut suspects);
+        let (collected, removed, s) = tokio::task::spawn_blocking(move || {
+            let mut c = census.lock().unwrap_or_else(|e| e.into_inner());
+            let removed = live.map(|l| c.reconcile(&l, &mut s)).unwrap_or(0);
+            (c.pass(&metrics), removed, s)
+        })
+        .await
+        .unwrap_or_default();
+        suspects = s;
         if collected > 0 {
             tracing::debug!(collected, "collected released original-destination entries");
         }
+        if removed > 0 {
+            tracing::info!(removed, "removed original-destination entries whose socket is gone");
+        }
     }
+}
+
+/// The TCP sockets alive in each captured workload's netns, by workload id.
+async fn live_sockets(state: &StateStore) -> LiveSockets {
+    let mut live = LiveSockets::new();
+    for wl in state.load().local.by_key.values() {
+        let cookies = match wl.netns.run(crate::sockdiag::tcp_cookies).await {
+            Ok(Ok(cookies)) => Some(cookies),
+            Ok(Err(e)) => {
+                tracing::warn!(workload = %wl.key(), error = %e, "listing the workload's sockets failed");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(workload = %wl.key(), error = %e, "listing the workload's sockets failed");
+                None
+            }
+        };
+        live.insert(wl.id, cookies);
+    }
+    live
 }

@@ -38,9 +38,19 @@ pub struct RunArgs {
     /// connections beyond it are refused and counted.
     #[arg(long, default_value_t = mesh_common::ORIG_DST_SIZE)]
     pub max_connections: u32,
+    /// Most live intercepted connections of one workload: one pod's excess is refused (and
+    /// counted) before it can take the node's map from the others. Default: a quarter of the
+    /// node's default (16384), or --max-connections if that is lower.
+    #[arg(long)]
+    pub max_connections_per_workload: Option<u32>,
     /// Most meshed workloads on this node.
     #[arg(long, default_value_t = mesh_common::WORKLOADS_SIZE)]
     pub max_workloads: u32,
+    /// The mesh's pod address ranges (repeat the flag for several). A destination inside them
+    /// that is not a known workload is refused, never sent in plaintext; outside them an
+    /// unknown destination is passed through as plain TCP.
+    #[arg(long = "mesh-cidr", value_name = "CIDR")]
+    pub mesh_cidrs: Vec<mesh_model::Cidr>,
     /// How long the agent waits for an upstream connect before refusing the client.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
@@ -105,7 +115,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub api_socket: PathBuf,
     pub max_connections: u32,
+    pub max_connections_per_workload: u32,
     pub max_workloads: u32,
+    pub mesh_cidrs: Vec<mesh_model::Cidr>,
     pub connect_timeout_ms: u64,
     pub log_format: LogFormat,
     pub controller: String,
@@ -163,6 +175,17 @@ impl Config {
             None if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) <= 2 => 1,
             None => 2,
         };
+        let max_connections_per_workload = match a.max_connections_per_workload {
+            None => mesh_common::WORKLOAD_CONNS_DEFAULT.min(a.max_connections),
+            Some(n) if n < 1 || n > a.max_connections => {
+                return Err(invalid(
+                    "max-connections-per-workload",
+                    &n,
+                    &format!("must be between 1 and --max-connections ({})", a.max_connections),
+                ));
+            }
+            Some(n) => n,
+        };
         if a.max_workloads < 1 {
             return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));
         }
@@ -212,7 +235,9 @@ impl Config {
             state_dir,
             api_socket,
             max_connections: a.max_connections,
+            max_connections_per_workload,
             max_workloads: a.max_workloads,
+            mesh_cidrs: a.mesh_cidrs,
             connect_timeout_ms: a.connect_timeout_ms,
             log_format: a.log_format,
             controller: a.controller,

@@ -1,18 +1,25 @@
 //! The configuration watch: the controller's push stream (a snapshot, then deltas) turned into
 //! the configuration half of the agent's state. Reconnects with backoff for ever and keeps the
 //! last state while the controller is away.
+//!
+//! Every configuration applied is also kept on disk ([`ConfigFile`]), so that a restarted
+//! agent enforces the last policy it had — STRICT and DENY included — from its first
+//! connection, even if the controller is away. An update the agent cannot decode is refused
+//! whole: the previous configuration stays in force, and the refusal is counted and shown.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::push::config_service_client::ConfigServiceClient;
-use mesh_api::push::{ConfigUpdate, ResourceId, WatchRequest};
+use mesh_api::push::{ConfigUpdate, Resource, ResourceId, WatchRequest};
+use serde::{Deserialize, Serialize};
 
 use crate::hbone::pool::Pool;
 use crate::identity::{now_secs, FetchError, Identities};
 use crate::metrics::Metrics;
-use crate::state::{ConfigState, StateStore};
+use crate::state::{BuildError, ConfigState, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -22,6 +29,8 @@ pub enum WatchError {
     Credential(#[from] FetchError),
     #[error("the update cannot be decoded: {0}")]
     Decode(#[from] mesh_api::push::UnknownKind),
+    #[error("update to version {version} refused whole, the previous configuration stays in force: {source}")]
+    Refused { version: u64, source: BuildError },
 }
 
 pub struct ConfigWatch {
@@ -29,6 +38,7 @@ pub struct ConfigWatch {
     pub identities: Arc<Identities>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
+    pub file: ConfigFile,
 }
 
 impl ConfigWatch {
@@ -39,6 +49,11 @@ impl ConfigWatch {
             let mut applied = false;
             match self.stream_once(&mut applied).await {
                 Ok(()) => tracing::warn!("configuration stream ended; reconnecting"),
+                Err(e @ (WatchError::Decode(_) | WatchError::Refused { .. })) => {
+                    self.metrics.config_refused();
+                    self.state.set_refused(Some(e.to_string()));
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "configuration update refused");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "configuration stream unavailable; keeping the last state")
                 }
@@ -57,14 +72,21 @@ impl ConfigWatch {
         let mut resources = self.state.load().config.resources.clone();
         while let Some(u) = s.message().await? {
             let (version, snapshot, accepted_at_ms) = (u.version, u.snapshot, u.accepted_at_ms);
-            apply(&mut resources, u)?;
-            let state =
-                ConfigState::build(resources.clone(), version, self.state.root_namespace(), self.state.trust_domain());
+            let mut next = resources.clone();
+            apply(&mut next, u)?;
+            let (root, td) = (self.state.root_namespace(), self.state.trust_domain());
+            let state = ConfigState::build(next.clone(), version, root, td)
+                .map_err(|source| WatchError::Refused { version, source })?;
+            resources = next;
             let lag_ms = (now_secs() * 1000 - accepted_at_ms).max(0) as u64;
             tracing::info!(version, snapshot, resources = resources.len(), lag_ms, "configuration applied");
             self.state.set_config(state);
+            self.state.set_refused(None);
             self.metrics.set_config(lag_ms, version);
             self.pool.evict_stale(&self.state.load());
+            if let Err(e) = self.file.save(version, &resources) {
+                tracing::error!(path = %self.file.path.display(), error = %e, "cannot keep the configuration on disk; a restart without the controller would start without it");
+            }
             *applied = true;
         }
         Ok(())
@@ -72,6 +94,7 @@ impl ConfigWatch {
 }
 
 /// Applies one update to the resources: a snapshot replaces them, a delta changes them.
+/// Nothing changes if any of it cannot be decoded.
 pub fn apply(resources: &mut BTreeMap<ResourceId, String>, u: ConfigUpdate) -> Result<(), WatchError> {
     let mut next = if u.snapshot { BTreeMap::new() } else { resources.clone() };
     for r in u.upserts {
@@ -85,10 +108,98 @@ pub fn apply(resources: &mut BTreeMap<ResourceId, String>, u: ConfigUpdate) -> R
     Ok(())
 }
 
+/// The last configuration applied, on disk: `<state-dir>/config.json`, written whole and
+/// renamed into place, with a SHA-256 of its resources that is checked on load.
+pub struct ConfigFile {
+    path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    format: u32,
+    version: u64,
+    sha256: String,
+    resources: Vec<StoredResource>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredResource {
+    kind: i32,
+    namespace: String,
+    name: String,
+    json: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a configuration this agent wrote ({reason}); remove it, the controller will push the configuration again")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+const FORMAT: u32 = 1;
+
+fn digest(resources: &[StoredResource]) -> String {
+    let bytes = serde_json::to_vec(resources).expect("serialisable");
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ConfigFile {
+    pub fn new(state_dir: &Path) -> ConfigFile {
+        ConfigFile { path: state_dir.join("config.json") }
+    }
+
+    pub fn save(&self, version: u64, resources: &BTreeMap<ResourceId, String>) -> std::io::Result<()> {
+        let resources: Vec<StoredResource> = resources
+            .iter()
+            .map(|(id, json)| StoredResource {
+                kind: id.kind as i32,
+                namespace: id.namespace.clone(),
+                name: id.name.clone(),
+                json: json.clone(),
+            })
+            .collect();
+        let stored = Stored { format: FORMAT, version, sha256: digest(&resources), resources };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&stored)?)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// The configuration kept by the last run, if there is one; an error if the file is
+    /// there but damaged (it is then not used).
+    pub fn load(&self) -> Result<Option<(u64, BTreeMap<ResourceId, String>)>, ConfigFileError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ConfigFileError::Read { path: self.path.clone(), source }),
+        };
+        let invalid = |reason: String| ConfigFileError::Invalid { path: self.path.clone(), reason };
+        let stored: Stored = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        if stored.format != FORMAT {
+            return Err(invalid(format!("format {} (this agent writes {FORMAT})", stored.format)));
+        }
+        if digest(&stored.resources) != stored.sha256 {
+            return Err(invalid("its checksum does not match its content".into()));
+        }
+        let mut out = BTreeMap::new();
+        for r in stored.resources {
+            let res = Resource { kind: r.kind, namespace: r.namespace, name: r.name, json: r.json };
+            let (id, json) = res.into_parts().map_err(|e| invalid(e.to_string()))?;
+            out.insert(id, json);
+        }
+        Ok(Some((stored.version, out)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_api::push::{Kind, Resource};
+    use mesh_api::push::Kind;
 
     fn upsert(kind: Kind, name: &str) -> Resource {
         ResourceId::new(kind, "default", name).with_json("{}".into())
@@ -118,5 +229,26 @@ mod tests {
         let snap = ConfigUpdate { snapshot: true, ..Default::default() };
         apply(&mut r, snap).unwrap();
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn the_kept_configuration_round_trips_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = ConfigFile::new(dir.path());
+        assert!(f.load().unwrap().is_none());
+        let mut r = BTreeMap::new();
+        r.insert(
+            ResourceId::new(Kind::PeerAuthentication, "default", "strict"),
+            r#"{"mtls":{"mode":"STRICT"}}"#.into(),
+        );
+        f.save(9, &r).unwrap();
+        assert_eq!(f.load().unwrap(), Some((9, r)));
+        // A changed byte in the content: the checksum no longer matches.
+        let text = std::fs::read_to_string(&f.path).unwrap().replace("STRICT", "PERMISSIVE");
+        std::fs::write(&f.path, text).unwrap();
+        let e = f.load().unwrap_err().to_string();
+        assert!(e.contains("checksum") && e.contains("remove it"), "{e}");
+        std::fs::write(&f.path, "{").unwrap();
+        assert!(f.load().is_err());
     }
 }

@@ -18,11 +18,21 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// Same-node connections through mutual TLS instead of the node-local relay.
     pub same_node_tls: bool,
+    /// The mesh's pod ranges: an unknown destination inside them is refused.
+    pub mesh_cidrs: Vec<mesh_model::Cidr>,
 }
 
 impl ProxySettings {
     pub fn from_config(c: &Config) -> ProxySettings {
-        ProxySettings { connect_timeout: Duration::from_millis(c.connect_timeout_ms), same_node_tls: c.same_node_tls }
+        ProxySettings {
+            connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+            same_node_tls: c.same_node_tls,
+            mesh_cidrs: c.mesh_cidrs.clone(),
+        }
+    }
+
+    pub fn in_mesh_ranges(&self, ip: std::net::IpAddr) -> bool {
+        self.mesh_cidrs.iter().any(|c| c.contains(ip))
     }
 }
 

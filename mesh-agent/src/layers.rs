@@ -6,6 +6,7 @@
 const LAYERS: &[&str] = &[
     "config",
     "netns",
+    "sockdiag",
     "state",
     "outcome",
     "metrics",

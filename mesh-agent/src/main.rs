@@ -17,6 +17,7 @@ mod netns;
 mod outcome;
 mod proxy;
 mod registration;
+mod sockdiag;
 mod state;
 
 use std::path::PathBuf;

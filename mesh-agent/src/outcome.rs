@@ -50,6 +50,11 @@ pub enum Reason {
     Tunnel(TunnelFailure),
     /// The app (or a non-mesh destination) could not be reached.
     UpstreamUnreachable,
+    /// No configuration yet (none pushed, none kept from a previous run): the agent does not
+    /// know the destination's identity or the policy, and decides nothing on a guess.
+    NoConfig,
+    /// The destination is inside the mesh's pod ranges but is no known workload.
+    UnknownMeshDestination,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +185,8 @@ impl Reason {
             Reason::BadRequest(b) => b.label(),
             Reason::Tunnel(t) => t.label(),
             Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::NoConfig => "no_config",
+            Reason::UnknownMeshDestination => "unknown_mesh_destination",
         }
     }
 }
@@ -200,6 +207,10 @@ impl fmt::Display for Reason {
             Reason::Tunnel(TunnelFailure::Handshake(HandshakeFailure::Verify(v))) => write!(f, "handshake: {v}"),
             Reason::Tunnel(t) => write!(f, "tunnel: {}", t.label()),
             Reason::UpstreamUnreachable => f.write_str("upstream unreachable"),
+            Reason::NoConfig => f.write_str("no configuration received yet: refused rather than decided on a guess"),
+            Reason::UnknownMeshDestination => {
+                f.write_str("the destination is in the mesh's pod ranges but is no known workload")
+            }
         }
     }
 }
@@ -298,6 +309,8 @@ mod tests {
             (Reason::Tunnel(TunnelFailure::Timeout), "timeout"),
             (Reason::Tunnel(TunnelFailure::Closed), "hbone_closed"),
             (Reason::UpstreamUnreachable, "upstream_unreachable"),
+            (Reason::NoConfig, "no_config"),
+            (Reason::UnknownMeshDestination, "unknown_mesh_destination"),
         ];
         for (reason, label) in &cases {
             assert_eq!(reason.label(), *label, "{reason:?}");

@@ -79,9 +79,33 @@ pub struct WorkloadValue {
     /// Agent-assigned id, echoed into [`OrigDst::workload_id`] so that the agent can check that
     /// the socket it accepted in a pod's netns really came from that pod's cgroup.
     pub id: u32,
-    pub flags: u32,
+    /// The most live intercepted connections this workload may hold ([`maps::WORKLOAD_CONNS`]
+    /// counts them); beyond it connect() fails and is counted. 0 refuses every connection:
+    /// a workload whose registration failed stays redirected but is never let through.
+    pub max_conns: u32,
 }
 const _: () = assert!(core::mem::size_of::<WorkloadValue>() == 8);
+
+/// What connect4/6 do for a meshed workload, given its live connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaCheck {
+    Admit,
+    /// The workload's registration failed: it is captured but nothing is let through.
+    NotCaptured,
+    /// The workload holds its quota of connections.
+    Exceeded,
+}
+
+/// The quota decision (pure, tested on the host).
+pub const fn quota_check(max_conns: u32, live: u64) -> QuotaCheck {
+    if max_conns == 0 {
+        QuotaCheck::NotCaptured
+    } else if live >= max_conns as u64 {
+        QuotaCheck::Exceeded
+    } else {
+        QuotaCheck::Admit
+    }
+}
 
 /// Key of [`maps::INBOUND_LISTENERS`]: a local workload address. `sk_lookup` runs inside the
 /// pod's netns and picks the agent's inbound socket of that same netns by the address the
@@ -118,18 +142,31 @@ pub enum Counter {
     InboundSteered = 3,
     /// sk_lookup dropped an inbound connection: no agent socket for that workload (agent down).
     InboundNoListener = 4,
-    /// connect4/6 left a meshed socket alone (loopback or a mesh port).
+    /// connect4/6 left a meshed socket alone (loopback).
     PassedLocal = 5,
+    /// connect4/6 refused a connection: the workload holds its quota of connections.
+    RefusedWorkloadQuota = 6,
+    /// connect4/6 refused a connection of a workload whose registration failed.
+    RefusedNotCaptured = 7,
+    /// An original destination was removed when its socket closed without a release (kernel
+    /// sockets, such as MPTCP subflows, are never released through the cgroup hook).
+    ClosedUnreleased = 8,
+    /// sock_ops moved an original destination to the agent's accepted socket.
+    MovedToAccepted = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Redirected,
         Counter::RefusedOrigDstFull,
         Counter::PortKeyFull,
         Counter::InboundSteered,
         Counter::InboundNoListener,
         Counter::PassedLocal,
+        Counter::RefusedWorkloadQuota,
+        Counter::RefusedNotCaptured,
+        Counter::ClosedUnreleased,
+        Counter::MovedToAccepted,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -139,6 +176,10 @@ impl Counter {
             Counter::InboundSteered => "inbound_steered",
             Counter::InboundNoListener => "inbound_dropped_no_agent",
             Counter::PassedLocal => "passed_local",
+            Counter::RefusedWorkloadQuota => "refused_workload_quota",
+            Counter::RefusedNotCaptured => "refused_not_captured",
+            Counter::ClosedUnreleased => "closed_unreleased",
+            Counter::MovedToAccepted => "moved_to_accepted",
         }
     }
 }
@@ -146,30 +187,32 @@ impl Counter {
 /// What connect4/connect6 do with a meshed socket's destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutboundAction {
-    /// Leave it alone: loopback (the pod talking to itself, or to the agent) or a mesh port.
+    /// Leave it alone: loopback (the pod talking to itself, or to the agent's listener in its
+    /// netns). Every other destination is captured, the mesh's own ports on other hosts
+    /// included: the agent decides about those (it refuses them), nothing leaves uncaptured.
     Pass,
     /// Record the original destination and send it to the agent's outbound listener.
     Redirect,
 }
 
-/// The decision for an IPv4 destination (`addr_be` network order, `port` host order).
-pub fn outbound_action_v4(addr_be: u32, port: u16) -> OutboundAction {
+/// The decision for an IPv4 destination (`addr_be` network order).
+pub fn outbound_action_v4(addr_be: u32) -> OutboundAction {
     // 127.0.0.0/8: first octet is the lowest-addressed byte of the network-order word.
     let first_octet = addr_be.to_ne_bytes()[0];
-    if first_octet == 127 || is_mesh_port(port) {
+    if first_octet == 127 {
         OutboundAction::Pass
     } else {
         OutboundAction::Redirect
     }
 }
 
-/// The decision for an IPv6 destination (four network-order words, `port` host order).
-pub fn outbound_action_v6(addr_be: [u32; 4], port: u16) -> OutboundAction {
+/// The decision for an IPv6 destination (four network-order words).
+pub fn outbound_action_v6(addr_be: [u32; 4]) -> OutboundAction {
     let is_loopback = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == 0 && addr_be[3].to_ne_bytes() == [0, 0, 0, 1];
     // ::ffff:127.x.y.z (a v4-mapped loopback on a dual-stack socket).
     let mapped_prefix = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
     let is_mapped_loopback = mapped_prefix && addr_be[3].to_ne_bytes()[0] == 127;
-    if is_loopback || is_mapped_loopback || is_mesh_port(port) {
+    if is_loopback || is_mapped_loopback {
         OutboundAction::Pass
     } else {
         OutboundAction::Redirect
@@ -224,33 +267,31 @@ mod tests {
     }
 
     #[test]
-    fn loopback_and_mesh_ports_pass_everything_else_redirects() {
-        assert_eq!(outbound_action_v4(v4([127, 0, 0, 1]), 80), OutboundAction::Pass);
-        assert_eq!(outbound_action_v4(v4([127, 9, 9, 9]), 80), OutboundAction::Pass);
-        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 15008), OutboundAction::Pass);
-        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 15001), OutboundAction::Pass);
-        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7]), 8080), OutboundAction::Redirect);
-        assert_eq!(outbound_action_v4(v4([128, 0, 0, 1]), 80), OutboundAction::Redirect);
+    fn loopback_passes_everything_else_redirects_mesh_ports_included() {
+        assert_eq!(outbound_action_v4(v4([127, 0, 0, 1])), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([127, 9, 9, 9])), OutboundAction::Pass);
+        assert_eq!(outbound_action_v4(v4([10, 0, 2, 7])), OutboundAction::Redirect);
+        assert_eq!(outbound_action_v4(v4([10, 99, 0, 2])), OutboundAction::Redirect);
+        assert_eq!(outbound_action_v4(v4([128, 0, 0, 1])), OutboundAction::Redirect);
     }
 
     #[test]
     fn v6_loopback_and_mapped_loopback_pass() {
         let mut lo = [0u8; 16];
         lo[15] = 1;
-        assert_eq!(outbound_action_v6(v6(lo), 80), OutboundAction::Pass);
+        assert_eq!(outbound_action_v6(v6(lo)), OutboundAction::Pass);
         let mut mapped = [0u8; 16];
         mapped[10] = 0xff;
         mapped[11] = 0xff;
         mapped[12] = 127;
         mapped[15] = 1;
-        assert_eq!(outbound_action_v6(v6(mapped), 80), OutboundAction::Pass);
+        assert_eq!(outbound_action_v6(v6(mapped)), OutboundAction::Pass);
         mapped[12] = 10;
-        assert_eq!(outbound_action_v6(v6(mapped), 80), OutboundAction::Redirect);
+        assert_eq!(outbound_action_v6(v6(mapped)), OutboundAction::Redirect);
         let mut global = [0u8; 16];
         global[0] = 0xfd;
         global[15] = 7;
-        assert_eq!(outbound_action_v6(v6(global), 8080), OutboundAction::Redirect);
-        assert_eq!(outbound_action_v6(v6(global), 15008), OutboundAction::Pass);
+        assert_eq!(outbound_action_v6(v6(global)), OutboundAction::Redirect);
     }
 
     #[test]
@@ -260,5 +301,14 @@ mod tests {
         assert_eq!(inbound_action(2, 15008, false), InboundAction::Pass);
         assert_eq!(inbound_action(2, 8080, false), InboundAction::Steer);
         assert_eq!(inbound_action(7, 15001, false), InboundAction::Steer);
+    }
+
+    #[test]
+    fn quota_admits_below_the_limit_and_zero_captures_without_admitting() {
+        assert_eq!(quota_check(2, 0), QuotaCheck::Admit);
+        assert_eq!(quota_check(2, 1), QuotaCheck::Admit);
+        assert_eq!(quota_check(2, 2), QuotaCheck::Exceeded);
+        assert_eq!(quota_check(2, 9), QuotaCheck::Exceeded);
+        assert_eq!(quota_check(0, 0), QuotaCheck::NotCaptured);
     }
 }

@@ -13,15 +13,33 @@ pub const WORKLOADS_SIZE: u32 = 4096;
 pub const ORIG_DST: &str = "SM_ORIG_DST";
 pub const ORIG_DST_SIZE: u32 = 65536;
 
-/// [`crate::PortKey`] -> [`crate::OrigDst`]: the same entries re-keyed by sock_ops so that the
-/// agent finds them from its accepted socket. Twice the size of [`ORIG_DST`]: every entry
-/// here has one there while its socket lives, plus released entries awaiting the agent.
+/// [`crate::PortKey`] -> [`crate::OrigDst`]: the same entries re-keyed by sock_ops when the
+/// client sends its SYN, so that the agent finds them from its accepted socket. Twice the
+/// size of [`ORIG_DST`]: every entry here has one there while its socket lives, plus released
+/// entries awaiting the agent.
 pub const ORIG_DST_BY_PORT: &str = "SM_ORIG_BY_PORT";
 
 /// The size of [`ORIG_DST_BY_PORT`] for a given [`ORIG_DST`] size.
 pub const fn orig_dst_by_port_size(orig_dst_size: u32) -> u32 {
     orig_dst_size.saturating_mul(2)
 }
+
+/// The agent's accepted socket's cookie (u64) -> [`crate::OrigDst`]: sock_ops moves a
+/// [`ORIG_DST_BY_PORT`] entry here when the agent's side of the loopback connection is
+/// established. During the handshake the client's port cannot be reused (the connection holds
+/// it), so the move binds the destination to exactly that connection: a later client reusing
+/// the port cannot overwrite it. The agent takes it by its socket's `SO_COOKIE`. Same size as
+/// [`ORIG_DST_BY_PORT`].
+pub const ORIG_DST_BY_CONN: &str = "SM_ORIG_BY_CONN";
+
+/// Workload id (u32) -> live intercepted connections (u64) of that workload: what
+/// [`crate::WorkloadValue::max_conns`] bounds. Incremented when an [`ORIG_DST`] entry is made,
+/// decremented when one is removed. Sized like [`WORKLOADS`].
+pub const WORKLOAD_CONNS: &str = "SM_WL_CONNS";
+
+/// Default most live intercepted connections per workload: a quarter of the node's default,
+/// so that one pod cannot take the whole node's map.
+pub const WORKLOAD_CONNS_DEFAULT: u32 = ORIG_DST_SIZE / 4;
 
 /// [`crate::InboundKey`] -> the agent's inbound (15006) listening socket in that workload's
 /// netns (a SOCKHASH). Entries vanish when the agent's socket closes, so with the agent down

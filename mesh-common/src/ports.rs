@@ -14,7 +14,9 @@ pub const METRICS_PORT: u16 = 15020;
 /// Readiness.
 pub const READINESS_PORT: u16 = 15021;
 
-/// Ports that connect4/connect6 never redirect: a pod talking to the mesh itself.
+/// The mesh's own ports. A captured connection to one of them is refused by the agent: from
+/// a pod it would loop into the agent (15001/15006/15008) or reach another node's agent
+/// endpoints (admin, metrics, readiness), which are not for workloads.
 pub const MESH_PORTS: [u16; 6] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READINESS_PORT];
 
 pub fn is_mesh_port(port: u16) -> bool {

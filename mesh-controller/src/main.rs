@@ -80,9 +80,14 @@ struct Args {
     server_ip: Vec<IpAddr>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Prometheus metrics (/metrics): certificates signed, refusals by reason.
+    /// Prometheus metrics (/metrics): certificates signed, refusals by reason. Counts only:
+    /// no workload, policy or node names beyond the identities signed.
     #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
+    /// The configuration dump (/config: every workload, policy and rejected file); loopback
+    /// only, as it lists the whole mesh and has no authentication.
+    #[arg(long, default_value = "127.0.0.1:15015")]
+    admin_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -235,7 +240,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_l = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
-    tokio::spawn(serve_metrics(stats, model_rx.clone(), metrics_l));
+    if !args.admin_addr.ip().is_loopback() {
+        bail!(
+            "--admin-addr {}: must be a loopback address: the configuration dump has no authentication",
+            args.admin_addr
+        );
+    }
+    let admin_l = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("--admin-addr {}", args.admin_addr))?;
+    tokio::spawn(serve_metrics(stats, metrics_l));
+    tokio::spawn(serve_admin(model_rx.clone(), admin_l));
     tracing::info!(listen = %args.listen, trust_domain = %args.trust_domain, "controller ready");
     tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
@@ -256,43 +271,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(
-    stats: Arc<ca_service::Stats>,
-    model: tokio::sync::watch::Receiver<Arc<model::Model>>,
-    listener: tokio::net::TcpListener,
-) {
+async fn serve_metrics(stats: Arc<ca_service::Stats>, listener: tokio::net::TcpListener) {
     use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/config",
-            get(move || {
-                let m = model.borrow().clone();
-                let body = serde_json::json!({
-                    "version": m.version,
-                    "workloads": m.workloads.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
-                    "authorizationPolicies": m.authz.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
-                    "peerAuthentications": m.peer_auth.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
-                    "errors": m.errors,
-                })
-                .to_string();
-                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let body = stats.encode();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        );
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let body = stats.encode();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    body,
+                )
+            }
+        }),
+    );
+    let _ = axum::serve(listener, app).await;
+}
+
+async fn serve_admin(model: tokio::sync::watch::Receiver<Arc<model::Model>>, listener: tokio::net::TcpListener) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/config",
+        get(move || {
+            let m = model.borrow().clone();
+            let body = serde_json::json!({
+                "version": m.version,
+                "workloads": m.workloads.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
+                "authorizationPolicies": m.authz.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                "peerAuthentications": m.peer_auth.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                "errors": m.errors,
+            })
+            .to_string();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
     let _ = axum::serve(listener, app).await;
 }
 

@@ -11,16 +11,18 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mesh_common::{
-    outbound_action_v4, outbound_action_v6, Counter, OrigDst, OutboundAction, SockAddr,
-    WorkloadValue, AF_INET, AF_INET6, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
+    outbound_action_v4, outbound_action_v6, quota_check, Counter, OrigDst, OutboundAction,
+    QuotaCheck, SockAddr, WorkloadValue, AF_INET, AF_INET6, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
 };
 
-use crate::maps::{count, ORIG_DST, WORKLOADS};
+use crate::maps::{conns_add, count, ORIG_DST, WORKLOADS, WORKLOAD_CONNS};
 
 const ALLOW: i32 = 1;
 /// connect() fails with EPERM.
 const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sm_connect4(ctx: SockAddrContext) -> i32 {
@@ -67,19 +69,43 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> i32 {
     let mut dst = SockAddr { family, port, _pad: 0, addr: [0; 4] };
     let action = if family == AF_INET {
         dst.addr[0] = sa.user_ip4;
-        outbound_action_v4(sa.user_ip4, port)
+        outbound_action_v4(sa.user_ip4)
     } else {
         dst.addr = read_ip6(sa);
-        outbound_action_v6(dst.addr, port)
+        outbound_action_v6(dst.addr)
     };
     if action == OutboundAction::Pass {
         count(Counter::PassedLocal);
         return ALLOW;
     }
+    // One workload may not take the node's map: each has its quota of live connections.
+    let live = match unsafe { WORKLOAD_CONNS.get(&workload.id) } {
+        Some(n) => *n,
+        None => {
+            // The agent makes the count at registration; made here if it is not there (yet).
+            let _ = WORKLOAD_CONNS.insert(&workload.id, &0, BPF_NOEXIST);
+            0
+        }
+    };
+    match quota_check(workload.max_conns, live) {
+        QuotaCheck::Admit => {}
+        QuotaCheck::Exceeded => {
+            count(Counter::RefusedWorkloadQuota);
+            return REFUSE;
+        }
+        QuotaCheck::NotCaptured => {
+            count(Counter::RefusedNotCaptured);
+            return REFUSE;
+        }
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst { dst, workload_id: workload.id, src_port: 0, _pad: 0, released_ns: 0 };
-    if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
-        // P5: a full map refuses the connection; it never goes out unproxied.
+    if ORIG_DST.insert(&cookie, &orig, BPF_NOEXIST).is_ok() {
+        conns_add(workload.id, 1);
+    } else if ORIG_DST.insert(&cookie, &orig, BPF_EXIST).is_err() {
+        // The first insert failed and no entry exists to replace (a socket connecting again
+        // after a failed attempt replaces its own, counted once): the map is full. P5: a full
+        // map refuses the connection; it never goes out unproxied.
         count(Counter::RefusedOrigDstFull);
         return REFUSE;
     }

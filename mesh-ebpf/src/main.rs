@@ -2,6 +2,9 @@
 //! helper calls in mesh-common (tested on the host).
 #![no_std]
 #![no_main]
+// The kernel's atomic add for per-workload connection counts (maps.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod maps;

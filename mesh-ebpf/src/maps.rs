@@ -19,12 +19,46 @@ pub static ORIG_DST: HashMap<u64, OrigDst> = HashMap::pinned(mesh_common::ORIG_D
 pub static ORIG_DST_BY_PORT: HashMap<PortKey, OrigDst> =
     HashMap::pinned(mesh_common::orig_dst_by_port_size(mesh_common::ORIG_DST_SIZE), 0);
 
+#[map(name = "SM_ORIG_BY_CONN")]
+pub static ORIG_DST_BY_CONN: HashMap<u64, OrigDst> =
+    HashMap::pinned(mesh_common::orig_dst_by_port_size(mesh_common::ORIG_DST_SIZE), 0);
+
+#[map(name = "SM_WL_CONNS")]
+pub static WORKLOAD_CONNS: HashMap<u32, u64> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
+
 #[map(name = "SM_INBOUND")]
 pub static INBOUND_LISTENERS: SockHash<InboundKey> =
     SockHash::pinned(mesh_common::INBOUND_LISTENERS_SIZE, 0);
 
 #[map(name = "SM_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(mesh_common::COUNTERS_SIZE, 0);
+
+/// One more live intercepted connection for `workload`.
+#[inline(always)]
+pub fn conns_add(workload: u32, delta: u64) {
+    if let Some(p) = WORKLOAD_CONNS.get_ptr_mut(&workload) {
+        // An atomic add whose result is unused: BPF's oldest atomic (XADD), on every kernel.
+        // A decrement adds u64::MAX (wrapping -1).
+        // (core's AtomicU64 has no read-modify-write methods on this target; the intrinsic
+        // lowers to the same instruction.)
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, delta);
+        }
+    }
+}
+
+/// Removes the original destination of socket `cookie`, and its connection from its
+/// workload's count. Only the caller whose delete succeeds decrements: exactly once per entry,
+/// whichever hook (or the agent) gets there first.
+#[inline(always)]
+pub fn forget_orig_dst(cookie: u64, workload: u32) -> bool {
+    if ORIG_DST.remove(&cookie).is_ok() {
+        conns_add(workload, u64::MAX);
+        true
+    } else {
+        false
+    }
+}
 
 #[inline(always)]
 pub fn count(c: mesh_common::Counter) {

@@ -1,24 +1,43 @@
-//! `sock_ops`: when a redirected socket sends its SYN (its local port is bound by then),
-//! re-key its original destination by (netns cookie, family, local port) — what the agent can
-//! compute from the socket it accepts (its listener's SO_NETNS_COOKIE and the peer port).
+//! `sock_ops`, on the node's cgroup root, follows a redirected connection through its life:
+//!
+//! - the client's SYN (`TCP_CONNECT_CB`; its local port is bound by then): re-key its original
+//!   destination by (netns cookie, family, local port) — what the agent can compute from the
+//!   socket it accepts — and ask for state callbacks on the socket;
+//! - the agent's side established (`PASSIVE_ESTABLISHED_CB`, on the accepted socket in the
+//!   pod's netns): move the entry to the accepted socket's cookie, binding it to exactly this
+//!   connection (the port cannot be reused while the handshake holds it);
+//! - a socket closing (`STATE_CB` to `TCP_CLOSE`): drop what is left of its entries. This is
+//!   what frees a socket that is never released through the cgroup hook — kernel sockets,
+//!   such as MPTCP subflows — so that no kind of socket can leak a map entry.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::{Counter, PortKey};
+use mesh_common::{Counter, PortKey, AF_INET, OUTBOUND_PORT};
 
-use crate::maps::{count, ORIG_DST, ORIG_DST_BY_PORT};
+use crate::maps::{count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT};
 
 #[sock_ops]
 pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        rekey(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => bind_to_accepted(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => closed(&ctx),
+        _ => {}
     }
     1
+}
+
+#[inline(always)]
+fn port_key(ctx: &SockOpsContext, port: u16) -> PortKey {
+    PortKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, port, family: ctx.family() as u16, _pad: 0 }
 }
 
 #[inline(always)]
@@ -31,14 +50,61 @@ fn rekey(ctx: &SockOpsContext) {
     // Remembered for sock_release, which may not read the socket's port.
     unsafe { (*orig).src_port = port };
     let orig = unsafe { *orig };
-    let key = PortKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        port,
-        family: ctx.family() as u16,
-        _pad: 0,
-    };
-    if ORIG_DST_BY_PORT.insert(&key, &orig, 0).is_err() {
+    if ORIG_DST_BY_PORT.insert(&port_key(ctx, port), &orig, 0).is_err() {
         // The agent will not find this connection's destination and refuses it.
         count(Counter::PortKeyFull);
+    }
+    // Told when the socket closes, however it ends (see the module documentation).
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// The peer is on loopback (the agent's accepted socket sees the pod's own client).
+#[inline(always)]
+fn from_loopback(ctx: &SockOpsContext) -> bool {
+    if ctx.family() == AF_INET as u32 {
+        ctx.remote_ip4().to_ne_bytes()[0] == 127
+    } else {
+        let r = ctx.remote_ip6();
+        r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3].to_ne_bytes() == [0, 0, 0, 1]
+    }
+}
+
+#[inline(always)]
+fn bind_to_accepted(ctx: &SockOpsContext) {
+    if ctx.local_port() != OUTBOUND_PORT as u32 || !from_loopback(ctx) {
+        return;
+    }
+    // remote_port holds the port in network order in its upper half.
+    let client_port = u32::from_be(ctx.remote_port()) as u16;
+    let key = port_key(ctx, client_port);
+    let Some(orig) = (unsafe { ORIG_DST_BY_PORT.get(&key) }).copied() else {
+        return;
+    };
+    let accepted = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_CONN.insert(&accepted, &orig, 0).is_ok() {
+        let _ = ORIG_DST_BY_PORT.remove(&key);
+        count(Counter::MovedToAccepted);
+        // If the agent never accepts it (it went away), the entry goes when the socket closes.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+    // Otherwise (map full) the port-keyed entry stays where the agent also looks.
+}
+
+#[inline(always)]
+fn closed(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The agent's side of a connection it never accepted.
+    let _ = ORIG_DST_BY_CONN.remove(&cookie);
+    // A client whose entry no release removed.
+    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+        return;
+    };
+    if forget_orig_dst(cookie, orig.workload_id) {
+        count(Counter::ClosedUnreleased);
+    }
+    if orig.src_port != 0 {
+        if let Some(entry) = ORIG_DST_BY_PORT.get_ptr_mut(&port_key(ctx, orig.src_port)) {
+            unsafe { (*entry).released_ns = bpf_ktime_get_ns() };
+        }
     }
 }

@@ -11,16 +11,16 @@ use aya_ebpf::{
 };
 use mesh_common::PortKey;
 
-use crate::maps::{ORIG_DST, ORIG_DST_BY_PORT};
+use crate::maps::{forget_orig_dst, ORIG_DST, ORIG_DST_BY_PORT};
 
 #[cgroup_sock(sock_release)]
 pub fn sm_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }) else {
+    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
         return 1;
     };
     let src_port = orig.src_port;
-    let _ = ORIG_DST.remove(&cookie);
+    forget_orig_dst(cookie, orig.workload_id);
     if src_port == 0 {
         // Released before its SYN: never re-keyed.
         return 1;

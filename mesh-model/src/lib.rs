@@ -5,4 +5,5 @@ pub mod authz;
 pub mod policy;
 pub mod workload;
 
+pub use authz::Cidr;
 pub use workload::{Workload, WorkloadError, WorkloadKey};

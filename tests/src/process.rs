@@ -165,6 +165,39 @@ impl Topology {
         Ok(c)
     }
 
+    /// Starts `sm-fakectl` (a test fixture) where the controller would be, pushing `script`
+    /// (its JSON format is in the binary's documentation). It writes its own trust bundle where
+    /// the agents read the controller's; every node's credential file is written as for the
+    /// real controller.
+    pub fn start_fake_controller(&self, script: &Value) -> Result<Controller> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.controller_dir();
+        for n in &self.nodes {
+            let path = n.state_dir.join("credential");
+            let _ = std::fs::remove_file(&path);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            f.write_all(self.node_credential(n).as_bytes())?;
+        }
+        let script_path = dir.join("fake-script.json");
+        std::fs::write(&script_path, serde_json::to_vec(script)?)?;
+        let log = dir.join(format!("fakectl-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("sm-fakectl"))?;
+        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{CONTROLLER_PORT}")])
+            .arg("--state-dir")
+            .arg(&dir)
+            .arg("--script")
+            .arg(&script_path)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let child = cmd.spawn().context("starting sm-fakectl")?;
+        let c = Controller { child: Some(child), log };
+        wait_for(Duration::from_secs(20), || Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready")))
+            .with_context(|| {
+                format!("sm-fakectl did not start: {}", std::fs::read_to_string(&c.log).unwrap_or_default())
+            })?;
+        Ok(c)
+    }
+
     /// Starts the echo server in a pod on `port`; returns a handle to read who connected.
     pub fn start_server(&mut self, p: PodId, port: u16) -> Result<Server> {
         let log = self.dir.join(format!("server-{}-{port}.log", self.pod(p).name));
@@ -268,6 +301,12 @@ impl BackgroundApp {
     pub fn result(self) -> Result<Value> {
         app_report(self.0.wait_with_output().context("waiting for sm-testapp")?)
     }
+
+    /// Ends the app now (it may be holding connections) and returns the report it printed.
+    pub fn stop(mut self) -> Result<Value> {
+        let _ = self.0.kill();
+        self.result()
+    }
 }
 
 fn app_output(cmd: &mut Command) -> Result<Value> {
@@ -359,6 +398,23 @@ impl Agent {
     /// Graceful stop (SIGTERM), waiting for exit.
     pub fn stop(&mut self) -> Result<()> {
         self.signal(libc::SIGTERM)
+    }
+
+    /// Stops the agent without ending it (SIGSTOP): the kernel still completes handshakes to
+    /// its listeners, nothing accepts them.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: our own child's pid.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        }
+    }
+
+    /// Lets a paused agent run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: our own child's pid.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
     }
 
     /// kill -9.

@@ -329,6 +329,18 @@ impl Topology {
         self.write_controller_workloads(&[])
     }
 
+    /// Writes `n`'s workloads file with only the pods of `n` (as a node knows them before any
+    /// push: the others' addresses are then known only from the controller).
+    pub fn write_local_workloads(&self, n: NodeId) -> Result<()> {
+        let mine: Vec<Value> = (0..self.pods.len())
+            .filter(|i| self.pods[*i].meshed && self.pods[*i].node == n)
+            .map(|i| self.workload_json(PodId(i)))
+            .collect();
+        let doc = serde_json::json!({ "workloads": mine });
+        std::fs::write(&self.node(n).workloads_file, serde_yaml::to_string(&doc)?)?;
+        Ok(())
+    }
+
     pub fn pod_command(&self, p: PodId, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         let pod = self.pod(p);
         command_in(&pod.netns, &pod.cgroup, program)

@@ -212,6 +212,8 @@ fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
     let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(b, APP_PORT).unwrap();
     let mut agent2 = t.start_agent(n2, &[]).unwrap();
+    // Until it has a configuration the agent admits nothing (STRICT and policy are unknown).
+    t.wait_ready(n2).unwrap();
     let to = dst(&t, b);
 
     let r = t.node_app(n2, &["echo", "--to", &to, "--bytes", "50000"]).unwrap();
@@ -234,27 +236,53 @@ fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
     assert_eq!(server.accepted().unwrap().len(), 1, "the app was reached with no agent running");
 }
 
+/// One pod may not take the node's map from the others: over its quota its connects are
+/// refused and counted while another pod of the node still connects; and when the node's map is
+/// full, every connect is refused and counted. Nothing passes unproxied either way.
 #[test]
-fn a_full_map_refuses_the_connection_and_counts_it() {
-    let Mesh { mut t, n1, n2, a, b } = Topology::two_node_mesh("mapfull").unwrap();
+fn a_pod_over_its_quota_and_a_full_map_are_refused_and_counted() {
+    let mut t = Topology::new("quota").unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", true).unwrap();
+    let a2 = t.add_pod(n1, "a2", true).unwrap();
+    let b = t.add_pod(n2, "b", true).unwrap();
+    t.write_workloads().unwrap();
     let _ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
-    let agent1 = t.start_agent(n1, &["--max-connections", "2"]).unwrap();
+    let agent1 = t.start_agent(n1, &["--max-connections", "3", "--max-connections-per-workload", "2"]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
     t.wait_ready(n1).unwrap();
     t.wait_ready(n2).unwrap();
     let to = dst(&t, b);
 
-    let r = t.pod_app(a, &["hold", "--to", &to, "--count", "3", "--hold-ms", "0"]).unwrap();
+    // a holds what it can of three connections: two, its quota.
+    let held = t.spawn_pod_app(a, &["hold", "--to", &to, "--count", "3", "--hold-ms", "60000"]).unwrap();
+    wait_for(Duration::from_secs(10), || Ok(agent1.stats()?.maps["SM_ORIG_DST"].entries == 2)).unwrap();
+    // a2, on the same node, still connects: one connection fills the node's map (3)...
+    let r = t.pod_app(a2, &["hold", "--to", &to, "--count", "2", "--hold-ms", "0"]).unwrap();
     let results = r["results"].as_array().unwrap();
-    assert_eq!(results[0]["ok"], true, "{r}");
-    assert_eq!(results[1]["ok"], true, "{r}");
-    assert_eq!(results[2]["ok"], false, "{r}");
-    assert_eq!(results[2]["errno"], libc::EPERM, "{r}");
+    assert_eq!(results[0]["ok"], true, "another pod was starved by a's connections: {r}");
+    // ...and the next is refused because the map is full.
+    assert_eq!(
+        (results[1]["ok"].as_bool(), results[1]["errno"].as_i64()),
+        (Some(false), Some(libc::EPERM as i64)),
+        "{r}"
+    );
+    let r = held.stop().unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!((results[0]["ok"].as_bool(), results[1]["ok"].as_bool()), (Some(true), Some(true)), "{r}");
+    assert_eq!(
+        (results[2]["ok"].as_bool(), results[2]["errno"].as_i64()),
+        (Some(false), Some(libc::EPERM as i64)),
+        "{r}"
+    );
     let stats = agent1.stats().unwrap();
+    assert_eq!(stats.kernel["refused_workload_quota"], 1, "{stats:?}");
     assert_eq!(stats.kernel["refused_orig_dst_map_full"], 1, "{stats:?}");
-    assert_eq!(stats.kernel["redirected"], 2, "{stats:?}");
-    // Closed connections free their entries: the next one works.
+    assert_eq!(stats.kernel["redirected"], 3, "{stats:?}");
+    // Closed connections free their entries and their quota: the next one works.
+    wait_for(Duration::from_secs(10), || Ok(agent1.stats()?.maps["SM_ORIG_DST"].entries == 0)).unwrap();
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
 }
@@ -286,7 +314,12 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     let err = agent1.api(add.clone()).unwrap_err().to_string();
     assert!(err.contains("cannot write the state file"), "{err}");
     assert_eq!(agent1.api(serde_json::json!({"op": "workloads"})).unwrap(), serde_json::json!([]));
-    assert_eq!(echo(&t)["peer"], to, "captured after a failed add");
+    // A workload that could not be captured fails closed: its connects are refused (not sent
+    // around the agent), and readiness names it.
+    let r = echo(&t);
+    assert_eq!((r["ok"].as_bool(), r["errno"].as_i64()), (Some(false), Some(libc::EPERM as i64)), "{r}");
+    let (status, body) = http_get(&t.node(n1).netns, "127.0.0.1:15021", "/healthz/ready").unwrap();
+    assert!(status == 503 && body.contains("default/e is not captured"), "{status} {body}");
     std::fs::remove_dir(&blocker).unwrap();
     agent1.api(add).unwrap();
     t.wait_ready(n1).unwrap();

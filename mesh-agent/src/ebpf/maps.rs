@@ -4,9 +4,10 @@
 //! - [`OrigDstTable`]: the connection path's one map operation, taking the original
 //!   destination of an accepted socket (a lookup-and-delete on its own descriptor, no lock).
 //! - [`Census`]: everything that walks maps, off the connection path on a blocking thread:
-//!   entries per map (the fill metrics), the kernel programs' counters, and the collection of
-//!   released entries the agent never consumed.
+//!   entries per map (the fill metrics), the kernel programs' counters, the collection of
+//!   released entries the agent never consumed, and of entries whose socket is gone.
 
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
@@ -16,28 +17,39 @@ use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
 use super::{sys, EbpfError};
 use crate::metrics::Metrics;
 
-/// Takes original destinations from `SM_ORIG_BY_PORT`.
+/// Takes original destinations from `SM_ORIG_BY_CONN` (by the accepted socket's cookie) and,
+/// failing that, `SM_ORIG_BY_PORT`.
 pub struct OrigDstTable {
-    fd: OwnedFd,
+    by_conn: OwnedFd,
+    by_port: OwnedFd,
 }
 
 impl OrigDstTable {
     pub fn open(maps_dir: &Path) -> Result<OrigDstTable, EbpfError> {
-        let path = maps_dir.join(mesh_common::ORIG_DST_BY_PORT);
-        let fd = sys::obj_get(&path).map_err(|source| EbpfError::Adopt { path, source })?;
-        Ok(OrigDstTable { fd })
+        let open = |name: &str| {
+            let path = maps_dir.join(name);
+            sys::obj_get(&path).map_err(|source| EbpfError::Adopt { path, source })
+        };
+        Ok(OrigDstTable {
+            by_conn: open(mesh_common::ORIG_DST_BY_CONN)?,
+            by_port: open(mesh_common::ORIG_DST_BY_PORT)?,
+        })
     }
 
     /// The original destination of the connection the agent accepted on a workload's outbound
-    /// listener: (netns cookie of the listener, client family, client port). Consumed.
-    pub fn take(&self, key: &PortKey) -> Option<OrigDst> {
-        match sys::lookup_and_delete::<PortKey, OrigDst>(self.fd.as_fd(), key) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the original-destination map failed");
-                None
-            }
-        }
+    /// listener. Consumed. sock_ops has normally bound it to the accepted socket (`accepted`,
+    /// its SO_COOKIE); where it could not, it is still under (netns cookie of the listener,
+    /// client family, client port).
+    pub fn take(&self, accepted: Option<u64>, key: &PortKey) -> Option<OrigDst> {
+        let by_conn = accepted.and_then(|c| Self::taken(sys::lookup_and_delete(self.by_conn.as_fd(), &c)));
+        by_conn.or_else(|| Self::taken(sys::lookup_and_delete(self.by_port.as_fd(), key)))
+    }
+
+    fn taken(r: std::io::Result<Option<OrigDst>>) -> Option<OrigDst> {
+        r.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the original-destination map failed");
+            None
+        })
     }
 }
 
@@ -45,6 +57,8 @@ impl OrigDstTable {
 pub struct Census {
     orig_dst: BpfHashMap<MapData, u64, OrigDst>,
     orig_by_port: BpfHashMap<MapData, PortKey, OrigDst>,
+    orig_by_conn: BpfHashMap<MapData, u64, OrigDst>,
+    workload_conns: BpfHashMap<MapData, u32, u64>,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     inbound: SockHash<MapData, InboundKey>,
     counters: PerCpuArray<MapData, u64>,
@@ -62,15 +76,22 @@ impl Capacity {
     fn of(&self, map: &str) -> u32 {
         match map {
             mesh_common::ORIG_DST => self.max_connections,
-            mesh_common::ORIG_DST_BY_PORT => mesh_common::orig_dst_by_port_size(self.max_connections),
+            mesh_common::ORIG_DST_BY_PORT | mesh_common::ORIG_DST_BY_CONN => {
+                mesh_common::orig_dst_by_port_size(self.max_connections)
+            }
             _ => self.max_workloads,
         }
     }
 }
 
 /// The maps whose fill is reported.
-pub const BOUNDED_MAPS: [&str; 4] =
-    [mesh_common::WORKLOADS, mesh_common::ORIG_DST, mesh_common::ORIG_DST_BY_PORT, mesh_common::INBOUND_LISTENERS];
+pub const BOUNDED_MAPS: [&str; 5] = [
+    mesh_common::WORKLOADS,
+    mesh_common::ORIG_DST,
+    mesh_common::ORIG_DST_BY_PORT,
+    mesh_common::ORIG_DST_BY_CONN,
+    mesh_common::INBOUND_LISTENERS,
+];
 
 fn open(maps_dir: &Path, name: &'static str) -> Result<MapData, EbpfError> {
     MapData::from_pin(maps_dir.join(name)).map_err(|source| EbpfError::Map { name, source })
@@ -82,10 +103,14 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, m: Ma
 
 impl Census {
     pub fn open(maps_dir: &Path, capacity: Capacity) -> Result<Census, EbpfError> {
-        use mesh_common::{COUNTERS, INBOUND_LISTENERS, ORIG_DST, ORIG_DST_BY_PORT, WORKLOADS};
+        use mesh_common::{
+            COUNTERS, INBOUND_LISTENERS, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, WORKLOADS, WORKLOAD_CONNS,
+        };
         Ok(Census {
             orig_dst: typed(ORIG_DST, Map::HashMap(open(maps_dir, ORIG_DST)?))?,
             orig_by_port: typed(ORIG_DST_BY_PORT, Map::HashMap(open(maps_dir, ORIG_DST_BY_PORT)?))?,
+            orig_by_conn: typed(ORIG_DST_BY_CONN, Map::HashMap(open(maps_dir, ORIG_DST_BY_CONN)?))?,
+            workload_conns: typed(WORKLOAD_CONNS, Map::HashMap(open(maps_dir, WORKLOAD_CONNS)?))?,
             workloads: typed(WORKLOADS, Map::HashMap(open(maps_dir, WORKLOADS)?))?,
             inbound: typed(INBOUND_LISTENERS, Map::SockHash(open(maps_dir, INBOUND_LISTENERS)?))?,
             counters: typed(COUNTERS, Map::PerCpuArray(open(maps_dir, COUNTERS)?))?,
@@ -121,6 +146,7 @@ impl Census {
         }
         let fills = [
             (mesh_common::ORIG_DST_BY_PORT, by_port - stale.len()),
+            (mesh_common::ORIG_DST_BY_CONN, self.orig_by_conn.keys().count()),
             (mesh_common::ORIG_DST, self.orig_dst.keys().count()),
             (mesh_common::WORKLOADS, self.workloads.keys().count()),
             (mesh_common::INBOUND_LISTENERS, self.inbound.keys().count()),
@@ -129,5 +155,64 @@ impl Census {
             metrics.set_map(map, n, self.capacity.of(map));
         }
         stale.len()
+    }
+}
+
+/// What a reconciliation found, per workload id: the cookies of the TCP sockets alive in its
+/// network namespace (`None`: they could not be listed, so its entries are left alone).
+/// Workload ids missing here are not registered.
+pub type LiveSockets = HashMap<u32, Option<HashSet<u64>>>;
+
+impl Census {
+    /// Removes original destinations whose socket is gone: missing from its workload's netns
+    /// (or belonging to no registered workload) in this dump and in the previous one
+    /// (`suspects`, updated). A socket's entry normally goes with the socket (sock_release, or
+    /// sock_ops when it closes); this catches whatever else could leave one behind, and is
+    /// what makes a restarted agent's map clean. Two dumps apart, because a socket's entry is
+    /// made by connect4 just before the socket appears in the dump (and a workload's before it
+    /// appears in the agent's state). Returns how many were removed.
+    pub fn reconcile(&mut self, live: &LiveSockets, suspects: &mut HashSet<u64>) -> usize {
+        let mut gone = Vec::new();
+        let mut still_suspect = HashSet::new();
+        for (cookie, orig) in self.orig_dst.iter().filter_map(|r| r.ok()) {
+            let alive = match live.get(&orig.workload_id) {
+                Some(None) => continue,
+                Some(Some(sockets)) => sockets.contains(&cookie),
+                None => false,
+            };
+            if alive {
+                continue;
+            }
+            if suspects.contains(&cookie) {
+                gone.push((cookie, orig.workload_id));
+            } else {
+                still_suspect.insert(cookie);
+            }
+        }
+        *suspects = still_suspect;
+        // Counts of workloads no longer registered, once nothing is left to count.
+        let idle: Vec<u32> = self
+            .workload_conns
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(id, n)| *n == 0 && !live.contains_key(id))
+            .map(|(id, _)| id)
+            .collect();
+        for id in idle {
+            let _ = self.workload_conns.remove(&id);
+        }
+        let mut removed = 0;
+        for (cookie, workload) in gone {
+            if self.orig_dst.remove(&cookie).is_ok() {
+                removed += 1;
+                // The kernel counts with atomic adds; from here only a read and a write: a
+                // connect racing this can be undercounted by one (a rare path: it runs only
+                // for entries nothing else removed).
+                if let Ok(n) = self.workload_conns.get(&workload, 0) {
+                    let _ = self.workload_conns.insert(workload, n.saturating_sub(1), 0);
+                }
+            }
+        }
+        removed
     }
 }

@@ -68,6 +68,7 @@ pub struct Datapath {
     maps_dir: PathBuf,
     links_dir: PathBuf,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
+    workload_conns: BpfHashMap<MapData, u32, u64>,
     inbound: SockHash<MapData, InboundKey>,
 }
 
@@ -109,7 +110,9 @@ impl Datapath {
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(mesh_common::ORIG_DST, cfg.max_connections)
             .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
+            .map_max_entries(mesh_common::ORIG_DST_BY_CONN, by_port_size)
             .map_max_entries(mesh_common::WORKLOADS, cfg.max_workloads)
+            .map_max_entries(mesh_common::WORKLOAD_CONNS, cfg.max_workloads)
             .map_max_entries(mesh_common::INBOUND_LISTENERS, cfg.max_workloads)
             .load(EBPF_OBJECT)?;
 
@@ -133,8 +136,9 @@ impl Datapath {
         sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
 
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
+        let workload_conns = take_map(&mut ebpf, mesh_common::WORKLOAD_CONNS)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
-        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, inbound }, reports))
+        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, workload_conns, inbound }, reports))
     }
 
     /// Where the maps are pinned (for [`maps::OrigDstTable`] and [`maps::Census`]).
@@ -142,11 +146,30 @@ impl Datapath {
         &self.maps_dir
     }
 
-    /// Marks a cgroup as a meshed workload: from now on its connects are redirected.
-    pub fn add_workload_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<(), EbpfError> {
+    /// Marks a cgroup as a meshed workload: from now on its connects are redirected, up to
+    /// `max_conns` live ones (0: every connect refused, for a workload that could not be
+    /// captured). Its connection count is created first (kept if a previous agent left one:
+    /// it counts connections that still live).
+    pub fn add_workload_cgroup(&mut self, cgroup_id: u64, id: u32, max_conns: u32) -> Result<(), EbpfError> {
+        const NOEXIST: u64 = 1;
+        match self.workload_conns.insert(id, 0, NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => return Err(EbpfError::Map { name: mesh_common::WORKLOAD_CONNS, source }),
+        }
         self.workloads
-            .insert(cgroup_id, WorkloadValue { id, flags: 0 }, 0)
+            .insert(cgroup_id, WorkloadValue { id, max_conns }, 0)
             .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOADS, source })
+    }
+
+    /// Forgets a workload's connection count once it is zero. While its sockets live, their
+    /// closing decrements it; removing it then and creating it again (the workload coming back
+    /// under the same id) would let those decrements wrap the new count. The census removes
+    /// counts that reach zero later.
+    pub fn remove_workload_conns(&mut self, id: u32) {
+        if self.workload_conns.get(&id, 0).is_ok_and(|n| n == 0) {
+            let _ = self.workload_conns.remove(&id);
+        }
     }
 
     pub fn remove_workload_cgroup(&mut self, cgroup_id: u64) -> Result<(), EbpfError> {

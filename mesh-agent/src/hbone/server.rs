@@ -3,7 +3,8 @@
 //! domain), then HTTP/2 CONNECT requests, each dialled to the app from the app's own address.
 //!
 //! Responses: 200 tunnel open; 400 malformed request, or a destination that is not this
-//! workload; 401 denied by policy; 503 the app is unreachable. Header lists, concurrent streams
+//! workload; 401 denied by policy; 403 no configuration yet (policy unknown); 503 the app is
+//! unreachable. Header lists, concurrent streams
 //! and the handshake are bounded (the constants in [`super`]).
 
 use std::future::Future;
@@ -156,6 +157,12 @@ async fn stream(
         }
     };
     rec.orig_dst = Target::Addr(dst);
+    if snap.config.version == 0 {
+        // No policy known yet: nothing is admitted on a guess.
+        inputs.conns.refused(&rec, Reason::NoConfig, started, &Reason::NoConfig);
+        status(&mut respond, StatusCode::FORBIDDEN);
+        return None;
+    }
     let principal = peer_id.to_string();
     let facts = mesh_model::authz::Facts { principal: Some(&principal), source_ip: peer.ip(), dst_port: dst.port() };
     if let mesh_model::authz::Decision::Deny(d) = snap.authorize(&wl, &facts).decision {

@@ -30,6 +30,7 @@ pub struct Metrics {
     handshake_failures: Family<ReasonLabels, Counter>,
     tls_sessions: Counter,
     streams: Counter,
+    streams_retried: Counter,
     early_streams: Counter,
     certs_issued: Counter,
     cert_failures: Family<FailureLabels, Counter>,
@@ -39,6 +40,9 @@ pub struct Metrics {
     kernel_events: Family<EventLabels, Counter>,
     push_lag: Gauge,
     config_version: Gauge,
+    config_refused: Counter,
+    registration_failures: Family<FailureLabels, Counter>,
+    not_captured: Gauge,
     /// Which reason labels have been counted, to list them in `/stats` (the values stay in the
     /// registry; this only remembers which keys exist, a bounded set).
     seen_reasons: Mutex<BTreeMap<(&'static str, &'static str), Kind>>,
@@ -73,6 +77,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             tls_sessions: Counter::default(),
             streams: Counter::default(),
+            streams_retried: Counter::default(),
             early_streams: Counter::default(),
             certs_issued: Counter::default(),
             cert_failures: Family::default(),
@@ -82,6 +87,9 @@ impl Metrics {
             kernel_events: Family::default(),
             push_lag: Gauge::default(),
             config_version: Gauge::default(),
+            config_refused: Counter::default(),
+            registration_failures: Family::default(),
+            not_captured: Gauge::default(),
             seen_reasons: Mutex::new(BTreeMap::new()),
             kernel_seen: Mutex::new(BTreeMap::new()),
         };
@@ -113,6 +121,11 @@ impl Metrics {
         );
         sm.register("hbone_streams", "HBONE CONNECT streams sent", m.streams.clone());
         sm.register(
+            "hbone_streams_retried",
+            "HBONE streams sent again after the peer refused them unprocessed (REFUSED_STREAM)",
+            m.streams_retried.clone(),
+        );
+        sm.register(
             "hbone_early_streams",
             "HBONE streams whose client's first bytes went right behind the CONNECT request",
             m.early_streams.clone(),
@@ -141,6 +154,21 @@ impl Metrics {
             m.push_lag.clone(),
         );
         sm.register("config_version", "Version of the configuration applied", m.config_version.clone());
+        sm.register(
+            "config_updates_refused",
+            "Configuration updates refused whole (undecodable); the previous configuration stays in force",
+            m.config_refused.clone(),
+        );
+        sm.register(
+            "registration_failures",
+            "Workloads of this node that could not be captured, by reason (their connections are refused)",
+            m.registration_failures.clone(),
+        );
+        sm.register(
+            "workloads_not_captured",
+            "Workloads of this node that could not be captured now (their connections are refused)",
+            m.not_captured.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -189,6 +217,10 @@ impl Metrics {
         }
     }
 
+    pub fn stream_refused_retried(&self) {
+        self.streams_retried.inc();
+    }
+
     pub fn certificate_issued(&self, identity: &str, not_after: i64) {
         self.certs_issued.inc();
         self.cert_expiry.get_or_create(&IdentityLabels { identity: identity.to_owned() }).set(not_after);
@@ -219,6 +251,18 @@ impl Metrics {
             c.inc_by(value - *last);
         }
         *last = value;
+    }
+
+    pub fn config_refused(&self) {
+        self.config_refused.inc();
+    }
+
+    pub fn registration_failed(&self, reason: &'static str) {
+        self.registration_failures.get_or_create(&FailureLabels { reason }).inc();
+    }
+
+    pub fn set_not_captured(&self, n: usize) {
+        self.not_captured.set(n as i64);
     }
 
     pub fn set_config(&self, lag_ms: u64, version: u64) {

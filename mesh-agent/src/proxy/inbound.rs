@@ -55,6 +55,10 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
         return refuse(Reason::MeshPort, client);
     }
     let snap = inputs.state.load();
+    if snap.config.version == 0 {
+        // Neither STRICT nor policy known yet: nothing is admitted on a guess.
+        return refuse(Reason::NoConfig, client);
+    }
     // PeerAuthentication: STRICT refuses plaintext outright; PERMISSIVE lets it through after
     // policy, with no peer identity.
     if snap.mtls_mode(inputs.state.root_namespace(), &wl, dst.port()) == MtlsMode::Strict {

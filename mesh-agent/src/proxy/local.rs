@@ -46,12 +46,18 @@ pub async fn handle(
     if mesh_common::is_mesh_port(dst.port()) {
         return refuse(Reason::MeshPort, &Reason::MeshPort, client);
     }
+    let snap = inputs.state.load();
+    if snap.config.version == 0 {
+        // The destination's policy is not known yet: nothing is admitted on a guess.
+        return refuse(Reason::NoConfig, &Reason::NoConfig, client);
+    }
     let principal = src.spiffe_id().to_string();
     let facts = Facts { principal: Some(&principal), source_ip, dst_port: dst.port() };
-    if let Decision::Deny(d) = inputs.state.load().authorize(&dst_wl, &facts).decision {
+    if let Decision::Deny(d) = snap.authorize(&dst_wl, &facts).decision {
         let reason = Reason::Denied(d);
         return refuse(reason.clone(), &reason, client);
     }
+    drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
     // From inside the destination's netns, from its own address: sk_lookup leaves that alone.
     let upstream = match Box::pin(dst_wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {

@@ -34,6 +34,23 @@ pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, o.dst.port))
 }
 
+/// The accepted socket's cookie (SO_COOKIE), under which sock_ops filed its destination.
+fn socket_cookie(s: &TcpStream) -> Option<u64> {
+    let mut c: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a live socket and an out-pointer sized for u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut c as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(c)
+}
+
 /// Where the agent finds an accepted socket's original destination.
 pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
     PortKey { netns_cookie, port: peer.port(), family: if peer.is_ipv4() { AF_INET } else { AF_INET6 }, _pad: 0 }
@@ -49,7 +66,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkl
                 continue;
             }
         };
-        let orig = inputs.orig_dst.take(&port_key(wl.netns_cookie, peer));
+        let orig = inputs.orig_dst.take(socket_cookie(&stream), &port_key(wl.netns_cookie, peer));
         // The task lives as long as the connection: the one-off steps (certificate, tunnel
         // set-up, dial) are boxed inside it so their state is freed once done instead of sizing
         // every connection's task.
@@ -92,6 +109,11 @@ async fn handle(
         let r = kernel(KernelRefusal::WorkloadMismatch);
         return refuse(&rec, client, r.clone(), &r);
     }
+    // The mesh's own ports are not for workloads: on this pod they would loop into the agent,
+    // elsewhere they are other agents' endpoints.
+    if mesh_common::is_mesh_port(dst.port()) {
+        return refuse(&rec, client, Reason::MeshPort, &Reason::MeshPort);
+    }
     // Nothing leaves a meshed workload before it can prove who it is.
     let cert = match Box::pin(inputs.identities.get(wl.spiffe_id())).await {
         Ok(c) => c,
@@ -106,7 +128,18 @@ async fn handle(
         }
     }
     let Some(dst_wl) = snap.destination(dst.ip()).cloned() else {
+        // Not a known workload. Without a configuration that means nothing (the list of
+        // workloads may simply not be here yet); inside the mesh's pod ranges it is a workload
+        // the agent does not know. Neither leaves in plaintext.
+        let no_config = snap.config.version == 0;
         drop((snap, cert));
+        if no_config {
+            return refuse(&rec, client, Reason::NoConfig, &Reason::NoConfig);
+        }
+        if inputs.settings.in_mesh_ranges(dst.ip()) {
+            let r = Reason::UnknownMeshDestination;
+            return refuse(&rec, client, r.clone(), &r);
+        }
         // Not a mesh workload: there is no identity to require. Passed through as TCP, and
         // logged as connection_security_policy=none.
         let upstream = match Box::pin(wl.netns.dial(dst, None, inputs.settings.connect_timeout)).await {

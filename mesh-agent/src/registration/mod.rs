@@ -3,9 +3,14 @@
 //! its cgroup — or it goes and all of that is undone in reverse. Also the start-up sweep of
 //! what a previous agent left for workloads that no longer exist.
 //!
+//! A workload that cannot be captured fails closed: its cgroup stays redirected with a quota of
+//! zero, so its connects are refused (never sent around the agent), it is reported in
+//! readiness and counted, and capturing it is retried.
+//!
 //! One writer at a time (an async mutex around the datapath and the registered set); readers
 //! see the result in the state snapshot.
 
+mod capture;
 mod listeners;
 mod persist;
 
@@ -23,8 +28,9 @@ use crate::ebpf::{self, Datapath};
 use crate::hbone::pool::Pool;
 use crate::identity::Identities;
 use crate::inputs::ProxyInputs;
-use crate::netns::{self, NetnsWorker};
-use crate::state::{KnownWorkload, LocalWorkload, StateStore};
+use crate::metrics::Metrics;
+use crate::netns;
+use crate::state::{LocalWorkload, StateStore};
 pub use persist::StateFile;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,20 +63,68 @@ pub enum RegisterError {
     State { path: PathBuf, source: std::io::Error },
 }
 
+impl RegisterError {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RegisterError::Invalid(_) => "invalid",
+            RegisterError::OtherNode { .. } => "other_node",
+            RegisterError::Exists(_) => "exists",
+            RegisterError::NotFound(_) => "not_found",
+            RegisterError::SharedNetns { .. } => "shared_netns",
+            RegisterError::Cgroup { .. } => "cgroup",
+            RegisterError::Netns { .. } => "netns",
+            RegisterError::Listen { .. } => "listen",
+            RegisterError::Identity { .. } => "identity",
+            RegisterError::Ebpf { .. } => "ebpf",
+            RegisterError::FromFile(_) => "from_file",
+            RegisterError::State { .. } => "state_file",
+        }
+    }
+
+    /// Whether the workload's cgroup is refused after this error: every failure to capture a
+    /// workload of this node, but not a request that was wrong about the workload's state
+    /// (already registered, not found, another node's, not the API's to remove).
+    fn fails_closed(&self) -> bool {
+        !matches!(
+            self,
+            RegisterError::Exists(_)
+                | RegisterError::NotFound(_)
+                | RegisterError::OtherNode { .. }
+                | RegisterError::FromFile(_)
+        )
+    }
+}
+
 struct Registered {
     wl: Arc<LocalWorkload>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-struct Inner {
+/// A workload of this node that could not be captured.
+struct Failed {
+    workload: Workload,
+    source: Source,
+    /// The id its refused cgroup entry carries (stable, as for a captured one).
+    id: u32,
+    /// The refused cgroup, when it exists.
+    cgroup_id: Option<u64>,
+    reason: String,
+}
+
+pub(crate) struct Inner {
     datapath: Datapath,
     registered: BTreeMap<WorkloadKey, Registered>,
+    failed: BTreeMap<WorkloadKey, Failed>,
 }
 
 pub struct Registry {
     node: String,
+    /// Each workload's quota of live intercepted connections.
+    max_conns: u32,
     state: Arc<StateStore>,
     identities: Arc<Identities>,
+    metrics: Arc<Metrics>,
     inputs: Arc<ProxyInputs>,
     pool: Arc<Pool>,
     file: StateFile,
@@ -78,15 +132,24 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(node: &str, datapath: Datapath, inputs: Arc<ProxyInputs>, pool: Arc<Pool>, file: StateFile) -> Registry {
+    pub fn new(
+        node: &str,
+        max_conns: u32,
+        datapath: Datapath,
+        inputs: Arc<ProxyInputs>,
+        pool: Arc<Pool>,
+        file: StateFile,
+    ) -> Registry {
         Registry {
             node: node.to_owned(),
+            max_conns,
             state: inputs.state.clone(),
             identities: inputs.identities.clone(),
+            metrics: inputs.metrics.clone(),
             inputs,
             pool,
             file,
-            inner: tokio::sync::Mutex::new(Inner { datapath, registered: BTreeMap::new() }),
+            inner: tokio::sync::Mutex::new(Inner { datapath, registered: BTreeMap::new(), failed: BTreeMap::new() }),
         }
     }
 
@@ -95,158 +158,122 @@ impl Registry {
         self.file.load()
     }
 
-    /// Captures a workload of this node. On error nothing of it remains: not in the kernel,
-    /// not in the state, not in the state file.
+    /// Captures a workload of this node. If it cannot be captured, its cgroup (when it exists)
+    /// is refused instead and the failure is kept for readiness and retries; the error is
+    /// returned either way.
     pub async fn add(&self, w: Workload, source: Source) -> Result<Arc<LocalWorkload>, RegisterError> {
-        w.validate(&self.node)?;
-        let key = w.key();
-        if !w.is_local_to(&self.node) {
-            let node = w.node.clone().unwrap_or_default();
-            return Err(RegisterError::OtherNode { key, node, here: self.node.clone() });
-        }
-        w.check_local_objects()?;
-        let netns_path = w.netns.clone().expect("validated: a local workload names its netns");
-        let cgroup_path = w.cgroup.clone().expect("validated: a local workload names its cgroup");
         let mut inner = self.inner.lock().await;
-        if inner.registered.contains_key(&key) {
-            return Err(RegisterError::Exists(key));
+        self.add_locked(&mut inner, w, source).await
+    }
+
+    async fn add_locked(
+        &self,
+        inner: &mut Inner,
+        w: Workload,
+        source: Source,
+    ) -> Result<Arc<LocalWorkload>, RegisterError> {
+        let key = w.key();
+        match self.capture(inner, w.clone(), source).await {
+            Ok(wl) => {
+                if inner.failed.remove(&key).is_some() {
+                    tracing::info!(workload = %key, "captured after an earlier failure");
+                    self.metrics.set_not_captured(inner.failed.len());
+                }
+                Ok(wl)
+            }
+            Err(e) if e.fails_closed() => {
+                self.fail_closed(inner, w, source, &e);
+                Err(e)
+            }
+            Err(e) => Err(e),
         }
-        let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
-        if let Some(mine) = ino(&netns_path) {
-            if let Some(other) = inner.registered.values().find(|r| ino(r.wl.netns.path()) == Some(mine)) {
-                return Err(RegisterError::SharedNetns { key, netns: netns_path, other: other.wl.key().clone() });
+    }
+
+    /// Refuses the cgroup of a workload that could not be captured.
+    fn fail_closed(&self, inner: &mut Inner, w: Workload, source: Source, e: &RegisterError) {
+        let key = w.key();
+        let id = capture::allocate_id(inner, &key);
+        let cgroup_id = w.cgroup.as_deref().and_then(|p| ebpf::cgroup_id(p).ok());
+        if let Some(cg) = cgroup_id {
+            if let Err(err) = inner.datapath.add_workload_cgroup(cg, id, 0) {
+                tracing::error!(workload = %key, error = %err, "could not refuse the cgroup of a workload that failed to register");
             }
         }
-        let known = KnownWorkload::new(self.state.trust_domain(), w)
-            .map_err(|source| RegisterError::Identity { key: key.clone(), source })?;
-        let cgroup_id = ebpf::cgroup_id(&cgroup_path).map_err(|source| RegisterError::Cgroup {
-            key: key.clone(),
-            path: cgroup_path.clone(),
-            source,
-        })?;
-        let worker = tokio::task::spawn_blocking(move || NetnsWorker::spawn(&netns_path))
-            .await
-            .map_err(|e| RegisterError::Netns { key: key.clone(), source: netns::NetnsError::Thread(e.to_string()) })?
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
-
-        // Listeners first: by the time the kernel redirects anything, someone is listening.
-        let listeners = worker
-            .run(listeners::bind)
-            .await
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
-            .map_err(|(addr, source)| RegisterError::Listen { key: key.clone(), addr, source })?;
-        let netns_cookie =
-            netns::socket_netns_cookie(&listeners.outbound[0]).map_err(|source| RegisterError::Netns {
-                key: key.clone(),
-                source: netns::NetnsError::Enter { path: worker.path().into(), source },
-            })?;
-        let id = allocate_id(&inner.registered, &key);
-        let inbound_keys: Vec<InboundKey> = known.workload.ips.iter().map(|ip| listeners::inbound_key(*ip)).collect();
-        let wl = Arc::new(LocalWorkload {
-            known: Arc::new(known),
-            id,
-            cgroup_id,
-            netns: worker,
-            netns_cookie,
-            inbound_keys,
-            pin_name: format!("{}_{}", key.namespace, key.name),
-            source,
-        });
-
-        let attach = (|| -> Result<bool, ebpf::EbpfError> {
-            let dp = &mut inner.datapath;
-            for k in &wl.inbound_keys {
-                dp.set_inbound_listener(*k, &listeners.inbound)?;
-            }
-            let adopted = dp.attach_sk_lookup(&wl.pin_name, wl.netns.file())?;
-            dp.add_workload_cgroup(cgroup_id, id)?;
-            Ok(adopted)
-        })();
-        let adopted = match attach {
-            Ok(a) => a,
-            Err(source) => {
-                release_kernel_state(&mut inner.datapath, &wl);
-                return Err(RegisterError::Ebpf { key, source: Box::new(source) });
-            }
-        };
-        self.state.update_local(|cur| cur.with(wl.clone()));
-        let tasks = self.spawn_proxies(&wl, listeners);
-        self.identities.acquire(wl.spiffe_id());
-
+        let first = !inner.failed.contains_key(&key);
+        if first {
+            self.metrics.registration_failed(e.label());
+            tracing::error!(workload = %key, reason = e.label(), refused = cgroup_id.is_some(), "cannot capture workload: {e}; its connections are refused until it is captured");
+        }
+        inner.failed.insert(key, Failed { workload: w, source, id, cgroup_id, reason: e.to_string() });
+        self.metrics.set_not_captured(inner.failed.len());
         if source == Source::Api {
-            let mut list: Vec<&Workload> = inner
-                .registered
-                .values()
-                .filter(|r| r.wl.source == Source::Api)
-                .map(|r| &r.wl.known.workload)
-                .collect();
-            list.push(&wl.known.workload);
-            if let Err(e) = self.file.save(&list) {
-                self.undo(&mut inner.datapath, Registered { wl, tasks });
-                return Err(RegisterError::State { path: self.file.path().to_owned(), source: e });
+            if let Err(err) = self.save_state(inner, None) {
+                tracing::error!(error = %err, "cannot write the state file");
             }
         }
-        inner.registered.insert(key.clone(), Registered { wl: wl.clone(), tasks });
-        tracing::info!(workload = %key, cgroup_id, netns_cookie, id, sk_lookup_adopted = adopted, "workload captured");
-        Ok(wl)
     }
 
-    fn spawn_proxies(&self, wl: &Arc<LocalWorkload>, l: listeners::Listeners) -> Vec<JoinHandle<()>> {
-        let tokio_listener =
-            |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l).expect("nonblocking listener");
-        let inputs = &self.inputs;
-        let mut tasks = Vec::new();
-        for l in l.outbound {
-            let serve = crate::proxy::outbound::serve(inputs.clone(), self.pool.clone(), wl.clone(), tokio_listener(l));
-            tasks.push(tokio::spawn(serve));
+    /// Tries again to capture the workloads that failed.
+    pub async fn retry_failed(&self) {
+        let mut inner = self.inner.lock().await;
+        let pending: Vec<(Workload, Source)> = inner.failed.values().map(|f| (f.workload.clone(), f.source)).collect();
+        for (w, source) in pending {
+            let _ = self.add_locked(&mut inner, w, source).await;
         }
-        tasks.push(tokio::spawn(crate::proxy::inbound::serve(inputs.clone(), wl.clone(), tokio_listener(l.inbound))));
-        tasks.push(tokio::spawn(crate::hbone::server::serve(inputs.clone(), wl.clone(), tokio_listener(l.hbone))));
-        tasks
     }
 
-    /// Releases a workload. `from_api`: only workloads the API added may be removed by it.
+    /// The workloads of this node that could not be captured, and why.
+    pub async fn not_captured(&self) -> Vec<(WorkloadKey, String)> {
+        let inner = self.inner.lock().await;
+        inner.failed.iter().map(|(k, f)| (k.clone(), f.reason.clone())).collect()
+    }
+
+    /// Writes the API's workloads (captured or failed, so that a failed one stays refused
+    /// across restarts), leaving out `except`.
+    fn save_state(&self, inner: &Inner, except: Option<&WorkloadKey>) -> std::io::Result<()> {
+        let captured = inner.registered.values().filter(|r| r.wl.source == Source::Api).map(|r| &r.wl.known.workload);
+        let failed = inner.failed.values().filter(|f| f.source == Source::Api).map(|f| &f.workload);
+        let list: Vec<&Workload> = captured.chain(failed).filter(|w| Some(&w.key()) != except).collect();
+        self.file.save(&list)
+    }
+
+    /// Releases a workload (or stops refusing one that failed). `from_api`: only workloads
+    /// the API added may be removed by it.
     pub async fn remove(&self, key: &WorkloadKey, from_api: bool) -> Result<(), RegisterError> {
         let mut inner = self.inner.lock().await;
-        let source = match inner.registered.get(key) {
-            None => return Err(RegisterError::NotFound(key.clone())),
-            Some(r) => r.wl.source,
+        let source = match (inner.registered.get(key), inner.failed.get(key)) {
+            (Some(r), _) => r.wl.source,
+            (None, Some(f)) => f.source,
+            (None, None) => return Err(RegisterError::NotFound(key.clone())),
         };
         if from_api && source != Source::Api {
             return Err(RegisterError::FromFile(key.clone()));
         }
         if source == Source::Api {
-            let list: Vec<&Workload> = inner
-                .registered
-                .values()
-                .filter(|r| r.wl.source == Source::Api && r.wl.key() != key)
-                .map(|r| &r.wl.known.workload)
-                .collect();
-            self.file.save(&list).map_err(|e| RegisterError::State { path: self.file.path().to_owned(), source: e })?;
+            self.save_state(&inner, Some(key))
+                .map_err(|e| RegisterError::State { path: self.file.path().to_owned(), source: e })?;
         }
-        let reg = inner.registered.remove(key).expect("present");
-        self.undo(&mut inner.datapath, reg);
+        if let Some(f) = inner.failed.remove(key) {
+            if let Some(cg) = f.cgroup_id {
+                let _ = inner.datapath.remove_workload_cgroup(cg);
+            }
+            inner.datapath.remove_workload_conns(f.id);
+            self.metrics.set_not_captured(inner.failed.len());
+        }
+        if let Some(reg) = inner.registered.remove(key) {
+            self.undo(&mut inner.datapath, reg);
+        }
         tracing::info!(workload = %key, "workload released");
         Ok(())
-    }
-
-    /// Reverse order of add: stop redirecting, stop steering, close the listeners, forget it.
-    fn undo(&self, dp: &mut Datapath, reg: Registered) {
-        release_kernel_state(dp, &reg.wl);
-        for t in reg.tasks {
-            t.abort();
-        }
-        self.identities.release(reg.wl.spiffe_id());
-        self.state.update_local(|cur| cur.without(reg.wl.key()));
-        self.pool.evict_stale(&self.state.load());
     }
 
     /// After start-up registration: removes what a previous agent left for workloads that no
     /// longer exist (map entries, sk_lookup links).
     pub async fn sweep_stale(&self) {
         let mut inner = self.inner.lock().await;
-        let Inner { datapath: dp, registered } = &mut *inner;
-        let cgroups: Vec<u64> = registered.values().map(|r| r.wl.cgroup_id).collect();
+        let Inner { datapath: dp, registered, failed } = &mut *inner;
+        let refused = failed.values().filter_map(|f| f.cgroup_id);
+        let cgroups: Vec<u64> = registered.values().map(|r| r.wl.cgroup_id).chain(refused).collect();
         let pins: Vec<&str> = registered.values().map(|r| r.wl.pin_name.as_str()).collect();
         let keys: Vec<InboundKey> = registered.values().flat_map(|r| r.wl.inbound_keys.iter().copied()).collect();
         for (cg, _) in dp.workload_cgroups() {
@@ -292,33 +319,4 @@ impl Registry {
             })
             .collect()
     }
-}
-
-fn release_kernel_state(dp: &mut Datapath, wl: &LocalWorkload) {
-    if let Err(e) = dp.remove_workload_cgroup(wl.cgroup_id) {
-        tracing::error!(workload = %wl.key(), error = %e, "could not remove the workload's cgroup entry");
-    }
-    dp.detach_sk_lookup(&wl.pin_name);
-    for k in &wl.inbound_keys {
-        dp.remove_inbound_listener(k);
-    }
-}
-
-/// A stable id per workload name (so a restarted agent gives a workload the id its pinned
-/// entries carry), moved on past ids in use.
-fn allocate_id(registered: &BTreeMap<WorkloadKey, Registered>, key: &WorkloadKey) -> u32 {
-    let mut id = fnv1a(key.to_string().as_bytes()).max(1);
-    while registered.values().any(|r| r.wl.id == id) {
-        id = id.wrapping_add(1).max(1);
-    }
-    id
-}
-
-fn fnv1a(bytes: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c9dc5;
-    for b in bytes {
-        h ^= *b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    h
 }

@@ -37,44 +37,47 @@ pub struct ConfigState {
     pub resources: BTreeMap<ResourceId, String>,
 }
 
+/// A pushed resource this agent cannot use. The controller validated it, so this means the two
+/// disagree (different versions, or a damaged file): the whole update is refused, because
+/// leaving one resource out can change what the rest means (a dropped DENY allows, a dropped
+/// sole ALLOW allows everything, a dropped STRICT means PERMISSIVE).
+#[derive(Debug, thiserror::Error)]
+#[error("{id}: {reason}")]
+pub struct BuildError {
+    pub id: String,
+    pub reason: String,
+}
+
 impl ConfigState {
-    /// Builds the state from a push's resources. A resource that does not decode is logged and
-    /// left out (the controller validated it: a failure here means the versions disagree).
-    pub fn build(resources: BTreeMap<ResourceId, String>, version: u64, root: &str, trust_domain: &str) -> ConfigState {
+    /// Builds the state from a push's resources, all of them or none.
+    pub fn build(
+        resources: BTreeMap<ResourceId, String>,
+        version: u64,
+        root: &str,
+        trust_domain: &str,
+    ) -> Result<ConfigState, BuildError> {
         let mut policies = Vec::new();
         let mut peer_auth = Vec::new();
         let mut workloads = Vec::new();
         let mut rejected = Vec::new();
         for (id, json) in &resources {
             let (ns, name) = (&id.namespace, &id.name);
+            let bad = |reason: String| BuildError { id: id.to_string(), reason };
             match id.kind {
-                Kind::AuthorizationPolicy => match serde_json::from_str(json)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| Compiled::compile(ns, name, &s).map_err(|e| e.to_string()))
-                {
-                    Ok(c) => policies.push(c),
-                    Err(e) => {
-                        tracing::error!(policy = %format!("{ns}/{name}"), error = %e, "pushed policy does not compile; ignored")
-                    }
-                },
-                Kind::PeerAuthentication => match serde_json::from_str::<PeerAuthenticationSpec>(json) {
-                    Ok(spec) => peer_auth.push(PeerAuth { namespace: ns.clone(), name: name.clone(), spec }),
-                    Err(e) => {
-                        tracing::error!(policy = %format!("{ns}/{name}"), error = %e, "pushed PeerAuthentication does not decode; ignored")
-                    }
-                },
-                Kind::Workload => match serde_json::from_str::<Workload>(json) {
-                    Ok(w) => workloads.push(w),
-                    Err(e) => {
-                        tracing::error!(workload = %format!("{ns}/{name}"), error = %e, "pushed workload does not decode; ignored")
-                    }
-                },
-                Kind::Rejected => {
-                    if let Ok(e) = serde_json::from_str::<String>(json) {
-                        rejected.push(e);
-                    }
+                Kind::AuthorizationPolicy => {
+                    let spec = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+                    policies.push(Compiled::compile(ns, name, &spec).map_err(|e| bad(e.to_string()))?);
                 }
-                Kind::Unspecified => {}
+                Kind::PeerAuthentication => {
+                    let spec: PeerAuthenticationSpec = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+                    spec.validate().map_err(bad)?;
+                    peer_auth.push(PeerAuth { namespace: ns.clone(), name: name.clone(), spec });
+                }
+                Kind::Workload => {
+                    workloads.push(serde_json::from_str::<Workload>(json).map_err(|e| bad(e.to_string()))?)
+                }
+                Kind::Rejected => rejected.push(serde_json::from_str::<String>(json).map_err(|e| bad(e.to_string()))?),
+                Kind::Unspecified => return Err(bad("an unspecified kind".into())),
             }
         }
         let mut state = ConfigState::from_workloads(trust_domain, version, workloads);
@@ -82,7 +85,7 @@ impl ConfigState {
         state.peer_auth = peer_auth;
         state.rejected = rejected;
         state.resources = resources;
-        state
+        Ok(state)
     }
 
     /// A state with only workloads (each with its identity computed once).
@@ -227,7 +230,7 @@ mod tests {
         );
         r.insert(ResourceId::new(Kind::PeerAuthentication, "default", "s"), r#"{"mtls":{"mode":"STRICT"}}"#.into());
         r.insert(ResourceId::new(Kind::Rejected, "", "0000"), r#""bad.yaml:3: nope""#.into());
-        let s = ConfigState::build(r, 3, ROOT, "cluster.local");
+        let s = ConfigState::build(r.clone(), 3, ROOT, "cluster.local").unwrap();
         assert_eq!(s.version, 3);
         let b = &s.workloads[&"10.0.0.2".parse().unwrap()];
         assert_eq!(b.spiffe_id.to_string(), "spiffe://cluster.local/ns/default/sa/sa-b");
@@ -235,5 +238,18 @@ mod tests {
         assert_eq!(s.mtls_mode(ROOT, "default", &labels("b"), 80), MtlsMode::Strict);
         assert_eq!(s.rejected, vec!["bad.yaml:3: nope".to_owned()]);
         assert_eq!(s.resources.len(), 4);
+
+        // One resource that does not decode refuses the whole update, whichever it is.
+        for (kind, json) in [
+            (Kind::AuthorizationPolicy, r#"{"action":"DENY","rules":[{"to":[{"operation":{"ports":["http"]}}]}]}"#),
+            (Kind::AuthorizationPolicy, r#"{"action":"MAYBE"}"#),
+            (Kind::PeerAuthentication, r#"{"mtls":{"mode":"SOMETIMES"}}"#),
+            (Kind::Workload, r#"{"name":"x"}"#),
+        ] {
+            let mut bad = r.clone();
+            bad.insert(ResourceId::new(kind, "default", "broken"), json.into());
+            let e = ConfigState::build(bad, 4, ROOT, "cluster.local").err().expect("refused");
+            assert!(e.id.contains("broken"), "{e}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use mesh_common::InboundKey;
 use mesh_identity::SpiffeId;
 use mesh_model::{Workload, WorkloadKey};
 
-pub use config::ConfigState;
+pub use config::{BuildError, ConfigState};
 
 use crate::netns::NetnsWorker;
 
@@ -132,6 +132,8 @@ pub struct StateStore {
     current: ArcSwap<Snapshot>,
     trust_domain: String,
     root_namespace: String,
+    /// Why the last configuration update was refused, while that is the latest news.
+    refused: std::sync::Mutex<Option<String>>,
 }
 
 impl StateStore {
@@ -140,7 +142,17 @@ impl StateStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             trust_domain: trust_domain.to_owned(),
             root_namespace: root_namespace.to_owned(),
+            refused: std::sync::Mutex::new(None),
         }
+    }
+
+    pub fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the last configuration update was refused, if it was.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn load(&self) -> Arc<Snapshot> {

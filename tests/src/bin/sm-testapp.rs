@@ -14,19 +14,26 @@ fn main() {
     let num = |name: &str, default: u64| get(name).map(|v| v.parse::<u64>().expect(name)).unwrap_or(default);
     let to = || -> SocketAddr { get("--to").expect("--to IP:PORT").parse().expect("--to IP:PORT") };
     let timeout = Duration::from_millis(num("--timeout-ms", 3000));
+    let mptcp = args.iter().any(|a| a == "--mptcp");
     match args.first().map(String::as_str) {
         Some("serve") => serve(get("--listen").expect("--listen IP:PORT").parse().expect("--listen")),
         Some("echo") => {
             let pace = (num("--chunk", 64 * 1024) as usize, Duration::from_millis(num("--pace-ms", 0)));
-            let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), timeout, pace);
+            let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), (timeout, mptcp), pace);
             let ok = r["ok"] == true;
             println!("{r}");
             std::process::exit(if ok { 0 } else { 1 });
         }
         Some("probe") => probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), timeout),
         Some("hold") => hold(to(), num("--count", 3), num("--hold-ms", 2000), timeout),
+        Some("churn") => churn(to(), num("--count", 1000), (timeout, mptcp)),
+        Some("reuse") => {
+            let addr = |name: &str| -> SocketAddr { get(name).expect(name).parse().expect(name) };
+            let ready = get("--ready-file").expect("--ready-file PATH");
+            reuse(addr("--first"), addr("--second"), num("--port", 40000) as u16, &ready, timeout)
+        }
         _ => {
-            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] | probe --to IP:PORT | hold --to IP:PORT --count N");
+            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] | probe --to IP:PORT | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
             std::process::exit(2);
         }
     }
@@ -79,8 +86,26 @@ fn fnv(h: &mut u64, data: &[u8]) {
     }
 }
 
-fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, serde_json::Value> {
-    TcpStream::connect_timeout(&to, timeout)
+/// IPPROTO_MPTCP: a multipath TCP socket (the kernel falls back to TCP when the peer does not
+/// speak it).
+const IPPROTO_MPTCP: i32 = 262;
+
+/// Connects a TCP socket, or an MPTCP one with `mptcp`.
+fn connect_socket(to: SocketAddr, timeout: Duration, mptcp: bool) -> std::io::Result<TcpStream> {
+    if !mptcp {
+        return TcpStream::connect_timeout(&to, timeout);
+    }
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::from(IPPROTO_MPTCP)),
+    )?;
+    s.connect_timeout(&to.into(), timeout)?;
+    Ok(s.into())
+}
+
+fn connect(to: SocketAddr, (timeout, mptcp): (Duration, bool)) -> Result<TcpStream, serde_json::Value> {
+    connect_socket(to, timeout, mptcp)
         .map_err(|e| json!({"ok": false, "stage": "connect", "error": e.to_string(), "errno": e.raw_os_error()}))
 }
 
@@ -92,7 +117,7 @@ fn echo(
     bytes: u64,
     seed: u64,
     marker: Option<String>,
-    timeout: Duration,
+    timeout: (Duration, bool),
     pace: (usize, Duration),
 ) -> serde_json::Value {
     let started = Instant::now();
@@ -219,4 +244,64 @@ fn hold(to: SocketAddr, count: u64, hold_ms: u64, timeout: Duration) {
     }
     println!("{}", json!({"results": results}));
     std::thread::sleep(Duration::from_millis(hold_ms));
+}
+
+/// Opens and closes `count` connections one after another (nothing sent): what a client that
+/// churns connections leaves behind.
+fn churn(to: SocketAddr, count: u64, (timeout, mptcp): (Duration, bool)) {
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut first_error = None;
+    for _ in 0..count {
+        match connect_socket(to, timeout, mptcp) {
+            Ok(s) => {
+                ok += 1;
+                drop(s);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    println!("{}", json!({"ok": ok, "failed": failed, "mptcp": mptcp, "first_error": first_error}));
+}
+
+/// Two connections from the same local port, one after the other: the first to `first`,
+/// written to and reset; then the second to `second`, which writes a line and waits for its
+/// echo. `ready` is created once the second has written (the test then lets the agent run).
+fn reuse(first: SocketAddr, second: SocketAddr, port: u16, ready: &str, timeout: Duration) {
+    let bound = |to: SocketAddr| -> std::io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        let any: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], port).into() } else { ([0u16; 8], port).into() };
+        s.bind(&any.into())?;
+        s.connect_timeout(&to.into(), timeout)?;
+        Ok(s)
+    };
+    let first_result = (|| -> std::io::Result<()> {
+        let s = bound(first)?;
+        (&s).write_all(b"first\n")?;
+        // A reset, not a FIN: the connection is gone at once and its port is free again.
+        s.set_linger(Some(Duration::ZERO))?;
+        Ok(())
+    })();
+    let second_result = (|| -> std::io::Result<String> {
+        let s: TcpStream = bound(second)?.into();
+        (&s).write_all(b"second\n")?;
+        std::fs::write(ready, b"")?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut back = String::new();
+        BufReader::new(&s).read_line(&mut back)?;
+        Ok(back)
+    })();
+    println!(
+        "{}",
+        json!({
+            "first": first_result.map(|_| json!({"ok": true})).unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()})),
+            "second": match second_result {
+                Ok(back) => json!({"ok": back == "second\n", "echo": back}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            },
+        })
+    );
 }
