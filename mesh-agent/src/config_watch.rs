@@ -108,6 +108,9 @@ pub fn apply(resources: &mut BTreeMap<ResourceId, String>, u: ConfigUpdate) -> R
     Ok(())
 }
 
+/// A configuration read back: its version and resources.
+pub type Kept = (u64, BTreeMap<ResourceId, String>);
+
 /// The last configuration applied, on disk: `<state-dir>/config.json`, written whole and
 /// renamed into place, with a SHA-256 of its resources that is checked on load.
 pub struct ConfigFile {
@@ -172,7 +175,7 @@ impl ConfigFile {
 
     /// The configuration kept by the last run, if there is one; an error if the file is
     /// there but damaged (it is then not used).
-    pub fn load(&self) -> Result<Option<(u64, BTreeMap<ResourceId, String>)>, ConfigFileError> {
+    pub fn load(&self) -> Result<Option<Kept>, ConfigFileError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

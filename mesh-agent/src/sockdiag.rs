@@ -170,7 +170,7 @@ mod tests {
     fn malformed_messages_are_errors_not_panics() {
         let mut out = HashSet::new();
         assert!(parse(&[0xff; 20], &mut out).is_err());
-        assert_eq!(parse(&[0u8; 3], &mut out).unwrap(), false);
+        assert!(!parse(&[0u8; 3], &mut out).unwrap());
         let mut done = [0u8; 16];
         done[0] = 16;
         done[4] = NLMSG_DONE as u8;

@@ -17,6 +17,8 @@ pub enum AuthError {
     NoNode,
     #[error("credential check unavailable: {0}")]
     Unavailable(String),
+    #[error("too many credentials to check at once; retry in a moment")]
+    RateLimited,
 }
 
 impl AuthError {
@@ -26,6 +28,16 @@ impl AuthError {
             AuthError::Unknown => "unknown_credential",
             AuthError::NoNode => "no_node",
             AuthError::Unavailable(_) => "auth_unavailable",
+            AuthError::RateLimited => "auth_rate_limited",
+        }
+    }
+
+    /// The gRPC status a caller gets: retry later when the check could not be made, else
+    /// unauthenticated.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            AuthError::Unavailable(_) | AuthError::RateLimited => tonic::Status::unavailable(self.to_string()),
+            _ => tonic::Status::unauthenticated(self.to_string()),
         }
     }
 }

@@ -1,12 +1,21 @@
 //! Node authentication on Kubernetes: the agent (a DaemonSet pod) sends its projected
 //! service-account token; the API server's TokenReview says whether it is valid for our
 //! audience, whose it is, and which node the pod is bound to. Only tokens of the agent's own
-//! service account are accepted, and the node comes from the token's binding, never from the
-//! request.
+//! service account are accepted, the answer must name our audience, and the node comes from
+//! the token's binding, never from the request.
+//!
+//! An accepted token is remembered (by its SHA-256) until it expires, so an agent's calls cost
+//! one TokenReview per token; tokens not yet known are checked at a bounded rate, so callers
+//! with made-up tokens cannot turn the controller into a TokenReview flood.
 //!
 //! Exercised against a mock API server (tower-test) with recorded JSON; not yet against a real
 //! cluster.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
@@ -15,20 +24,115 @@ use crate::auth::{AuthError, AuthFuture, NodeAuthenticator};
 /// The extra field a bound service-account token carries its node in.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
+/// Most accepted tokens remembered (one or two per node: a projected token is rotated well
+/// before it expires).
+const CACHE_MAX: usize = 16_384;
+
+/// TokenReviews of tokens not yet known: a burst of this many, refilled at this rate per
+/// second (every agent's first call after a controller restart fits in a few seconds).
+pub const REVIEW_BURST: u32 = 100;
+pub const REVIEWS_PER_SECOND: u32 = 50;
+
+/// A token bucket.
+struct Bucket {
+    tokens: f64,
+    capacity: f64,
+    per_second: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_second).min(self.capacity);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 pub struct TokenReviewAuthenticator {
     client: kube::Client,
     audience: String,
     /// `system:serviceaccount:<namespace>:<name>` of the agent DaemonSet.
     agent_user: String,
+    /// SHA-256 of an accepted token -> (its node, its expiry in seconds since the epoch).
+    accepted: Mutex<HashMap<[u8; 32], (String, u64)>>,
+    reviews: Mutex<Bucket>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// The `exp` claim of a JWT, read without verifying it: the TokenReview verified the token,
+/// this only bounds how long its answer is remembered.
+fn expiry(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["exp"].as_u64()
 }
 
 impl TokenReviewAuthenticator {
     pub fn new(client: kube::Client, audience: &str, agent_namespace: &str, agent_service_account: &str) -> Self {
+        Self::with_rate(client, audience, agent_namespace, agent_service_account, REVIEW_BURST, REVIEWS_PER_SECOND)
+    }
+
+    pub fn with_rate(
+        client: kube::Client,
+        audience: &str,
+        agent_namespace: &str,
+        agent_service_account: &str,
+        burst: u32,
+        per_second: u32,
+    ) -> Self {
         TokenReviewAuthenticator {
             client,
             audience: audience.to_owned(),
             agent_user: format!("system:serviceaccount:{agent_namespace}:{agent_service_account}"),
+            accepted: Mutex::new(HashMap::new()),
+            reviews: Mutex::new(Bucket {
+                tokens: burst as f64,
+                capacity: burst as f64,
+                per_second: per_second as f64,
+                at: Instant::now(),
+            }),
         }
+    }
+
+    async fn check(&self, token: &str) -> Result<String, AuthError> {
+        let key = digest(token);
+        let now = now_secs();
+        if let Some((node, exp)) = self.accepted.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            if *exp > now {
+                return Ok(node.clone());
+            }
+        }
+        if !self.reviews.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(AuthError::RateLimited);
+        }
+        let node = self.review(token).await?;
+        if let Some(exp) = expiry(token).filter(|e| *e > now) {
+            let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+            if accepted.len() >= CACHE_MAX {
+                accepted.retain(|_, (_, e)| *e > now);
+                if accepted.len() >= CACHE_MAX {
+                    accepted.clear();
+                }
+            }
+            accepted.insert(key, (node.clone(), exp));
+        }
+        Ok(node)
     }
 
     async fn review(&self, token: &str) -> Result<String, AuthError> {
@@ -45,10 +149,11 @@ impl TokenReviewAuthenticator {
         if status.authenticated != Some(true) {
             return Err(AuthError::Unknown);
         }
-        if let Some(auds) = &status.audiences {
-            if !auds.iter().any(|a| a == &self.audience) {
-                return Err(AuthError::Unknown);
-            }
+        // The answer must say the token is for us: a token minted for another audience (the
+        // API server's own, say) is not a credential for the CA, and an answer that names no
+        // audience does not say it is.
+        if !status.audiences.as_ref().is_some_and(|auds| auds.iter().any(|a| a == &self.audience)) {
+            return Err(AuthError::Unknown);
         }
         let user = status.user.ok_or(AuthError::Unknown)?;
         if user.username.as_deref() != Some(self.agent_user.as_str()) {
@@ -68,7 +173,7 @@ impl TokenReviewAuthenticator {
 
 impl NodeAuthenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, credential: &'a str) -> AuthFuture<'a> {
-        Box::pin(self.review(credential))
+        Box::pin(self.check(credential))
     }
 }
 
@@ -83,7 +188,17 @@ mod tests {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(svc, "default");
         let auth = TokenReviewAuthenticator::new(client, "sockmesh-ca", "sockmesh-system", "sockmesh-agent");
-        let server = tokio::spawn(async move {
+        let server = tokio::spawn(async move { answer_one(&mut handle, status).await });
+        let r = auth.authenticate(token).await;
+        assert_eq!(server.await.unwrap(), token, "the token is what is reviewed");
+        r
+    }
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    /// Answers the next TokenReview with `status`; returns the token it carried.
+    async fn answer_one(handle: &mut Handle, status: serde_json::Value) -> String {
+        {
             let (req, send) = handle.next_request().await.expect("a request");
             assert_eq!(req.method(), http::Method::POST);
             assert_eq!(req.uri().path(), "/apis/authentication.k8s.io/v1/tokenreviews");
@@ -101,10 +216,13 @@ mod tests {
                 Response::builder().status(201).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
             );
             sent["spec"]["token"].as_str().unwrap().to_owned()
-        });
-        let r = auth.authenticate(token).await;
-        assert_eq!(server.await.unwrap(), token, "the token is what is reviewed");
-        r
+        }
+    }
+
+    /// A JWT-shaped token whose payload claims `exp` (the signature is not ours to check).
+    fn token_expiring_at(exp: u64, n: u32) -> String {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{{\"exp\":{exp},\"n\":{n}}}"));
+        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")
     }
 
     fn agent(extra_node: Option<&str>) -> serde_json::Value {
@@ -137,6 +255,10 @@ mod tests {
         let mut wrong_aud = agent(Some("worker-2"));
         wrong_aud["audiences"] = serde_json::json!(["kubernetes"]);
         assert!(matches!(with_review(wrong_aud, "tok-4").await, Err(AuthError::Unknown)));
+        // An answer that names no audience does not say the token is ours.
+        let mut no_aud = agent(Some("worker-2"));
+        no_aud.as_object_mut().unwrap().remove("audiences");
+        assert!(matches!(with_review(no_aud, "tok-6").await, Err(AuthError::Unknown)));
         assert!(matches!(with_review(agent(None), "tok-5").await, Err(AuthError::NoNode)));
     }
 
@@ -157,5 +279,67 @@ mod tests {
             );
         });
         assert!(matches!(auth.authenticate("tok").await, Err(AuthError::Unavailable(_))));
+    }
+
+    /// An accepted token costs one TokenReview until it expires; then it is reviewed again.
+    #[tokio::test]
+    async fn an_accepted_token_is_remembered_until_it_expires() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let auth = TokenReviewAuthenticator::new(
+            kube::Client::new(svc, "default"),
+            "sockmesh-ca",
+            "sockmesh-system",
+            "sockmesh-agent",
+        );
+        let token = token_expiring_at(now_secs() + 3600, 1);
+        let server = tokio::spawn(async move {
+            answer_one(&mut handle, agent(Some("worker-2"))).await;
+            handle
+        });
+        assert_eq!(auth.authenticate(&token).await.unwrap(), "worker-2");
+        handle = server.await.unwrap();
+        for _ in 0..3 {
+            // No request reaches the API: a second one would wait for an answer for ever.
+            let r = tokio::time::timeout(std::time::Duration::from_secs(2), auth.authenticate(&token)).await;
+            assert_eq!(r.expect("answered from memory").unwrap(), "worker-2");
+        }
+        // A token that has expired (by its claim) is not remembered: each call reviews it.
+        let old = token_expiring_at(now_secs() - 10, 2);
+        for _ in 0..2 {
+            let server = tokio::spawn(async move {
+                answer_one(&mut handle, agent(Some("worker-2"))).await;
+                handle
+            });
+            auth.authenticate(&old).await.unwrap();
+            handle = server.await.unwrap();
+        }
+        drop(handle);
+    }
+
+    /// Tokens not yet known are reviewed at a bounded rate: beyond it a caller is told to retry,
+    /// and no request reaches the API.
+    #[tokio::test]
+    async fn reviews_of_unknown_tokens_are_rate_limited() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let auth =
+            TokenReviewAuthenticator::with_rate(client, "sockmesh-ca", "sockmesh-system", "sockmesh-agent", 2, 0);
+        let denied = serde_json::json!({"authenticated": false, "error": "invalid token"});
+        for n in 0..2 {
+            let server = tokio::spawn({
+                let denied = denied.clone();
+                async move {
+                    answer_one(&mut handle, denied).await;
+                    handle
+                }
+            });
+            assert!(matches!(auth.authenticate(&format!("made-up-{n}")).await, Err(AuthError::Unknown)));
+            handle = server.await.unwrap();
+        }
+        let r = tokio::time::timeout(std::time::Duration::from_secs(2), auth.authenticate("made-up-3")).await;
+        let e = r.expect("refused without a request").unwrap_err();
+        assert!(matches!(e, AuthError::RateLimited), "{e}");
+        assert_eq!(e.status().code(), tonic::Code::Unavailable);
+        drop(handle);
     }
 }

@@ -77,7 +77,7 @@ impl CertificateService for CaService {
             Err(e) => {
                 self.stats.refuse(e.reason());
                 tracing::warn!(reason = e.reason(), "certificate request refused: {e}");
-                return Err(Status::unauthenticated(e.to_string()));
+                return Err(e.status());
             }
         };
         let body = req.into_inner();

@@ -43,7 +43,7 @@ impl ConfigService for ConfigPush {
             .ok_or_else(|| Status::unauthenticated("send `authorization: Bearer <node credential>`"))?;
         let node = self.auth.authenticate(cred).await.map_err(|e| {
             tracing::warn!(reason = e.reason(), "config watch refused: {e}");
-            Status::unauthenticated(e.to_string())
+            e.status()
         })?;
         tracing::info!(node, "agent watching configuration");
         let mut rx = self.model.clone();
