@@ -32,9 +32,17 @@ pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest header list the server accepts (431 beyond).
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// Concurrent streams the server allows on one connection; the client's pool opens another
-/// connection at the peer's limit.
+/// Concurrent streams the client's pool puts on one connection (or the peer's limit, if lower)
+/// before it opens another connection.
 pub const MAX_STREAMS: u32 = 256;
+/// Concurrent streams the server allows on one connection: four times what a client of ours
+/// puts on it. A client counts a stream done when it has seen the stream end; the server, when
+/// its own work on it is done (the dial to the app, the copy), which can be a good while later
+/// under churn. Advertising only what the client uses made the server refuse streams the
+/// client rightly thought had room (REFUSED_STREAM) — and the HTTP/2 library ends a connection
+/// after 1,024 refusals of its own (an abuse guard), resetting every stream on it. The slack
+/// absorbs the lag; a peer that does not hold back is still bounded.
+pub const SERVER_MAX_STREAMS: u32 = 4 * MAX_STREAMS;
 /// The most of a client's first bytes sent behind the CONNECT request: well inside the stream
 /// window a peer starts with (65,535 bytes).
 pub const EARLY_MAX: usize = 16 * 1024;

@@ -16,6 +16,7 @@ use mesh_model::WorkloadKey;
 use tokio::net::TcpStream;
 
 use super::client::{self, EarlyBytes, Started, Tunnel, TunnelError};
+use super::MAX_STREAMS;
 use crate::identity::WorkloadCert;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
@@ -125,7 +126,9 @@ impl Pool {
         // and the full one closes once its streams are done. (Waiting for room instead
         // would stall new connections behind long-lived ones.)
         let reusable = match guard.take() {
-            Some(p) if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams() => {
+            Some(p)
+                if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams().min(MAX_STREAMS as usize) =>
+            {
                 p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
             }
             _ => None,

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::batch::BatchIo;
 use super::{io, parse_connect};
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::identity::WorkloadCert;
 use crate::inputs::ProxyInputs;
 use crate::netns::reset;
@@ -82,7 +82,7 @@ async fn tunnel(
     };
     let h2 = h2::server::Builder::new()
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
