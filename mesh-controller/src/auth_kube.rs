@@ -4,8 +4,10 @@
 //! service account are accepted, the answer must name our audience, and the node comes from
 //! the token's binding, never from the request.
 //!
-//! An accepted token is remembered (by its SHA-256) until it expires, so an agent's calls cost
-//! one TokenReview per token; tokens not yet known are checked at a bounded rate, so callers
+//! An accepted token is remembered (by its SHA-256) until it expires or for five minutes,
+//! whichever is sooner, so an agent's calls cost one TokenReview per token every few minutes
+//! and a token the API server stops accepting (its pod deleted, say) is refused here within
+//! five minutes; tokens not yet known are checked at a bounded rate, so callers
 //! with made-up tokens cannot turn the controller into a TokenReview flood.
 //!
 //! Exercised against a mock API server (tower-test) with recorded JSON; not yet against a real
@@ -27,6 +29,14 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// Most accepted tokens remembered (one or two per node: a projected token is rotated well
 /// before it expires).
 const CACHE_MAX: usize = 16_384;
+
+/// The longest an accepted token is taken without asking the API server again.
+pub const REMEMBER_SECS: u64 = 300;
+
+/// Until when (Unix seconds) an accepted token expiring at `exp` is taken without a review.
+fn remember_until(exp: u64, now: u64) -> u64 {
+    exp.min(now.saturating_add(REMEMBER_SECS))
+}
 
 /// TokenReviews of tokens not yet known: a burst of this many, refilled at this rate per
 /// second (every agent's first call after a controller restart fits in a few seconds).
@@ -130,7 +140,7 @@ impl TokenReviewAuthenticator {
                     accepted.clear();
                 }
             }
-            accepted.insert(key, (node.clone(), exp));
+            accepted.insert(key, (node.clone(), remember_until(exp, now)));
         }
         Ok(node)
     }
@@ -279,6 +289,12 @@ mod tests {
             );
         });
         assert!(matches!(auth.authenticate("tok").await, Err(AuthError::Unavailable(_))));
+    }
+
+    #[test]
+    fn accepted_tokens_are_remembered_five_minutes_at_most() {
+        assert_eq!(remember_until(1_000 + 3_600, 1_000), 1_000 + REMEMBER_SECS);
+        assert_eq!(remember_until(1_000 + 60, 1_000), 1_000 + 60);
     }
 
     /// An accepted token costs one TokenReview until it expires; then it is reviewed again.
