@@ -74,13 +74,17 @@ impl ConfigState {
                     peer_auth.push(PeerAuth { namespace: ns.clone(), name: name.clone(), spec });
                 }
                 Kind::Workload => {
-                    workloads.push(serde_json::from_str::<Workload>(json).map_err(|e| bad(e.to_string()))?)
+                    let w = serde_json::from_str::<Workload>(json).map_err(|e| bad(e.to_string()))?;
+                    // A workload left out would be "not in the mesh" to every client here.
+                    let known = KnownWorkload::new(trust_domain, w)
+                        .map_err(|e| bad(format!("its identity is not a valid SPIFFE ID: {e}")))?;
+                    workloads.push(known)
                 }
                 Kind::Rejected => rejected.push(serde_json::from_str::<String>(json).map_err(|e| bad(e.to_string()))?),
                 Kind::Unspecified => return Err(bad("an unspecified kind".into())),
             }
         }
-        let mut state = ConfigState::from_workloads(trust_domain, version, workloads);
+        let mut state = ConfigState::from_known(version, workloads);
         state.index = PolicyIndex::new(root, policies);
         state.peer_auth = peer_auth;
         state.rejected = rejected;
@@ -88,22 +92,16 @@ impl ConfigState {
         Ok(state)
     }
 
-    /// A state with only workloads (each with its identity computed once).
-    pub fn from_workloads(trust_domain: &str, version: u64, all: Vec<Workload>) -> ConfigState {
+    /// A state with only workloads, each with its identity computed once.
+    fn from_known(version: u64, all: Vec<KnownWorkload>) -> ConfigState {
         let mut workloads = HashMap::new();
         let mut by_key = HashMap::new();
-        for w in all {
-            let key = w.key();
-            match KnownWorkload::new(trust_domain, w) {
-                Ok(k) => {
-                    let k = Arc::new(k);
-                    for ip in &k.workload.ips {
-                        workloads.insert(*ip, k.clone());
-                    }
-                    by_key.insert(key, k);
-                }
-                Err(e) => tracing::warn!(workload = %key, error = %e, "pushed workload has no valid identity; ignored"),
+        for k in all {
+            let k = Arc::new(k);
+            for ip in &k.workload.ips {
+                workloads.insert(*ip, k.clone());
             }
+            by_key.insert(k.workload.key(), k);
         }
         ConfigState { version, workloads, by_key, ..Default::default() }
     }
@@ -245,6 +243,8 @@ mod tests {
             (Kind::AuthorizationPolicy, r#"{"action":"MAYBE"}"#),
             (Kind::PeerAuthentication, r#"{"mtls":{"mode":"SOMETIMES"}}"#),
             (Kind::Workload, r#"{"name":"x"}"#),
+            // Decodes, but names no valid identity: left out, clients would see "not meshed".
+            (Kind::Workload, r#"{"name":"x","serviceAccount":"sa x","ips":["10.0.0.9"]}"#),
         ] {
             let mut bad = r.clone();
             bad.insert(ResourceId::new(kind, "default", "broken"), json.into());

@@ -219,7 +219,9 @@ mod tests {
 
         let mut pushed = w("b-new", "10.0.0.2");
         pushed.service_account = "other".into();
-        let cfg = ConfigState::from_workloads("cluster.local", 7, vec![pushed]);
+        let json = serde_json::to_string(&pushed).unwrap();
+        let id = mesh_api::push::ResourceId::new(mesh_api::push::Kind::Workload, "default", "b-new");
+        let cfg = ConfigState::build([(id, json)].into(), 7, "istio-system", "cluster.local").unwrap();
         store.set_config(cfg);
         let snap = store.load();
         let b = snap.destination("10.0.0.2".parse().unwrap()).unwrap();
