@@ -58,6 +58,7 @@ impl Views {
             hbone: m.hbone_stats(),
             certificates: m.cert_stats(),
             config: m.config_stats(),
+            reclaimed_entries: m.reclaimed(),
         }
     }
 

@@ -12,7 +12,7 @@ use crate::admin::{self, Views};
 use crate::config::Config;
 use crate::config_watch::{ConfigFile, ConfigWatch};
 use crate::connections::Connections;
-use crate::ebpf::maps::{Capacity, Census, LiveSockets, OrigDstTable};
+use crate::ebpf::maps::{Capacity, Census, LiveSockets, Lookup, OrigDstTable};
 use crate::ebpf::{self, Datapath, DatapathConfig};
 use crate::hbone::pool::Pool;
 use crate::identity::{Identities, IdentityConfig};
@@ -63,8 +63,11 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
     }
     let capacity = Capacity { max_connections: cfg.max_connections, max_workloads: cfg.max_workloads };
-    let census = Arc::new(Mutex::new(Census::open(datapath.maps_dir(), capacity)?));
-    let orig_dst = OrigDstTable::open(datapath.maps_dir())?;
+    let census = Arc::new(Mutex::new(Census::open(datapath.maps_dir(), capacity, datapath.live_counts().clone())?));
+    let cgroup2 = crate::config::cgroup2_mount().ok();
+    let lookup = Lookup::for_agent(cgroup2.as_deref(), &cfg.cgroup_root);
+    tracing::info!(?lookup, "where accepted connections' original destinations are found");
+    let orig_dst = OrigDstTable::open(datapath.maps_dir(), lookup)?;
     let bundle = std::fs::read_to_string(&cfg.trust_bundle)
         .map_err(|source| StartError::TrustBundle { path: cfg.trust_bundle.clone(), source })?;
     let identities = Identities::new(
@@ -182,12 +185,12 @@ async fn census_loop(
         } else {
             None
         };
-        let (census, metrics) = (census.clone(), metrics.clone());
+        let (census, m) = (census.clone(), metrics.clone());
         let mut s = std::mem::take(&mut suspects);
         let (collected, removed, s) = tokio::task::spawn_blocking(move || {
             let mut c = census.lock().unwrap_or_else(|e| e.into_inner());
             let removed = live.map(|l| c.reconcile(&l, &mut s)).unwrap_or(0);
-            (c.pass(&metrics), removed, s)
+            (c.pass(&m), removed, s)
         })
         .await
         .unwrap_or_default();
@@ -196,6 +199,7 @@ async fn census_loop(
             tracing::debug!(collected, "collected released original-destination entries");
         }
         if removed > 0 {
+            metrics.reclaimed_entries(removed);
             tracing::info!(removed, "removed original-destination entries whose socket is gone");
         }
     }

@@ -81,6 +81,12 @@ pub struct WorkloadInfo {
     pub cgroup_id: u64,
     pub netns_cookie: u64,
     pub source: Source,
+    /// Its intercepted connections alive now (the kernel's count, what its quota bounds).
+    #[serde(default)]
+    pub live_connections: u64,
+    /// Its quota of live intercepted connections.
+    #[serde(default)]
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +212,11 @@ pub struct Stats {
     pub hbone: HboneStats,
     pub certificates: CertStats,
     pub config: ConfigStats,
+    /// Original-destination entries the agent's census removed because their socket was gone
+    /// and no kernel hook had removed them (a restart's leftovers; otherwise a sign of a kind
+    /// of socket the hooks miss).
+    #[serde(default)]
+    pub reclaimed_entries: u64,
 }
 
 /// `/status`: the agent at a glance.

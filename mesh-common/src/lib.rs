@@ -77,7 +77,9 @@ const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct WorkloadValue {
     /// Agent-assigned id, echoed into [`OrigDst::workload_id`] so that the agent can check that
-    /// the socket it accepted in a pod's netns really came from that pod's cgroup.
+    /// the socket it accepted in a pod's netns really came from that pod's cgroup. It is also
+    /// the workload's slot in [`maps::WORKLOAD_CONNS`] ([`maps::WORKLOAD_SLOT_REFUSED`] for a
+    /// refused cgroup).
     pub id: u32,
     /// The most live intercepted connections this workload may hold ([`maps::WORKLOAD_CONNS`]
     /// counts them); beyond it connect() fails and is counted. 0 refuses every connection:
@@ -96,8 +98,19 @@ pub enum QuotaCheck {
     Exceeded,
 }
 
-/// The quota decision (pure, tested on the host).
-pub const fn quota_check(max_conns: u32, live: u64) -> QuotaCheck {
+/// The quota decision (pure, tested on the host). `live` is the workload's count slot, `None`
+/// when its id names no slot (refused: a count that cannot be kept cannot be bounded).
+///
+/// A count above `i64::MAX` can only be one that went below zero (more subtractions than
+/// additions: a bug, since every entry is counted off once by whoever deletes it); it is read
+/// as zero rather than refusing the workload for good.
+pub const fn quota_check(max_conns: u32, live: Option<u64>) -> QuotaCheck {
+    let live = match live {
+        None if max_conns == 0 => 0,
+        None => return QuotaCheck::Exceeded,
+        Some(n) if n > i64::MAX as u64 => 0,
+        Some(n) => n,
+    };
     if max_conns == 0 {
         QuotaCheck::NotCaptured
     } else if live >= max_conns as u64 {
@@ -305,10 +318,18 @@ mod tests {
 
     #[test]
     fn quota_admits_below_the_limit_and_zero_captures_without_admitting() {
-        assert_eq!(quota_check(2, 0), QuotaCheck::Admit);
-        assert_eq!(quota_check(2, 1), QuotaCheck::Admit);
-        assert_eq!(quota_check(2, 2), QuotaCheck::Exceeded);
-        assert_eq!(quota_check(2, 9), QuotaCheck::Exceeded);
-        assert_eq!(quota_check(0, 0), QuotaCheck::NotCaptured);
+        assert_eq!(quota_check(2, Some(0)), QuotaCheck::Admit);
+        assert_eq!(quota_check(2, Some(1)), QuotaCheck::Admit);
+        assert_eq!(quota_check(2, Some(2)), QuotaCheck::Exceeded);
+        assert_eq!(quota_check(2, Some(9)), QuotaCheck::Exceeded);
+        assert_eq!(quota_check(0, Some(0)), QuotaCheck::NotCaptured);
+        assert_eq!(quota_check(0, None), QuotaCheck::NotCaptured);
+    }
+
+    #[test]
+    fn quota_without_a_slot_refuses_and_a_wrapped_count_reads_as_zero() {
+        assert_eq!(quota_check(2, None), QuotaCheck::Exceeded);
+        assert_eq!(quota_check(2, Some(u64::MAX)), QuotaCheck::Admit);
+        assert_eq!(quota_check(2, Some(i64::MAX as u64)), QuotaCheck::Exceeded);
     }
 }

@@ -32,10 +32,32 @@ pub const fn orig_dst_by_port_size(orig_dst_size: u32) -> u32 {
 /// [`ORIG_DST_BY_PORT`].
 pub const ORIG_DST_BY_CONN: &str = "SM_ORIG_BY_CONN";
 
-/// Workload id (u32) -> live intercepted connections (u64) of that workload: what
-/// [`crate::WorkloadValue::max_conns`] bounds. Incremented when an [`ORIG_DST`] entry is made,
-/// decremented when one is removed. Sized like [`WORKLOADS`].
-pub const WORKLOAD_CONNS: &str = "SM_WL_CONNS";
+/// Array of u64, indexed by workload id: the live intercepted connections of each workload,
+/// what [`crate::WorkloadValue::max_conns`] bounds. The kernel adds one when it makes an
+/// [`ORIG_DST`] entry and subtracts one when it removes one, with atomic adds; the agent
+/// subtracts one, with an atomic saturating update through a shared memory mapping of the
+/// array ([`BPF_F_MMAPABLE`]), for each entry the census removes. Whoever deletes an entry is
+/// the one who subtracts, so each connection is counted off exactly once.
+///
+/// An array, not a hash: its slots always exist, so no count is ever removed and made again
+/// while sockets that will subtract from it live. The agent hands out slot numbers as
+/// workload ids ([`WORKLOAD_SLOT_REFUSED`] aside) and gives a slot to a new workload only when
+/// its count is zero and no cgroup entry names it. Twice as many slots as workloads, plus the
+/// refused slot, so that workloads that went away while their connections drain do not keep
+/// new ones from registering.
+pub const WORKLOAD_CONNS: &str = "SM_WL_LIVE";
+
+/// The number of slots of [`WORKLOAD_CONNS`] for a given [`WORKLOADS`] size.
+pub const fn workload_slots(max_workloads: u32) -> u32 {
+    max_workloads.saturating_mul(2).saturating_add(1)
+}
+
+/// The workload id of a cgroup that is refused (a workload that could not be captured): its
+/// [`crate::WorkloadValue::max_conns`] is 0, so nothing is ever counted in this slot.
+pub const WORKLOAD_SLOT_REFUSED: u32 = 0;
+
+/// `BPF_F_MMAPABLE`: an array map user space can map into its memory.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Default most live intercepted connections per workload: a quarter of the node's default,
 /// so that one pod cannot take the whole node's map.
@@ -43,9 +65,14 @@ pub const WORKLOAD_CONNS_DEFAULT: u32 = ORIG_DST_SIZE / 4;
 
 /// [`crate::InboundKey`] -> the agent's inbound (15006) listening socket in that workload's
 /// netns (a SOCKHASH). Entries vanish when the agent's socket closes, so with the agent down
-/// sk_lookup finds nothing and drops: fail closed.
+/// sk_lookup finds nothing and drops: fail closed. One entry per workload address, so sized
+/// for two addresses (IPv4 and IPv6) per workload.
 pub const INBOUND_LISTENERS: &str = "SM_INBOUND";
-pub const INBOUND_LISTENERS_SIZE: u32 = 4096;
+
+/// The size of [`INBOUND_LISTENERS`] for a given [`WORKLOADS`] size.
+pub const fn inbound_listeners_size(max_workloads: u32) -> u32 {
+    max_workloads.saturating_mul(2)
+}
 
 /// Array of u64 indexed by [`crate::Counter`].
 pub const COUNTERS: &str = "SM_COUNTERS";

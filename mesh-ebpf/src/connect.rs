@@ -79,14 +79,7 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> i32 {
         return ALLOW;
     }
     // One workload may not take the node's map: each has its quota of live connections.
-    let live = match unsafe { WORKLOAD_CONNS.get(&workload.id) } {
-        Some(n) => *n,
-        None => {
-            // The agent makes the count at registration; made here if it is not there (yet).
-            let _ = WORKLOAD_CONNS.insert(&workload.id, &0, BPF_NOEXIST);
-            0
-        }
-    };
+    let live = WORKLOAD_CONNS.get_ptr(workload.id).map(|p| unsafe { core::ptr::read_volatile(p) });
     match quota_check(workload.max_conns, live) {
         QuotaCheck::Admit => {}
         QuotaCheck::Exceeded => {

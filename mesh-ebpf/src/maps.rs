@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadValue};
 
@@ -23,20 +23,22 @@ pub static ORIG_DST_BY_PORT: HashMap<PortKey, OrigDst> =
 pub static ORIG_DST_BY_CONN: HashMap<u64, OrigDst> =
     HashMap::pinned(mesh_common::orig_dst_by_port_size(mesh_common::ORIG_DST_SIZE), 0);
 
-#[map(name = "SM_WL_CONNS")]
-pub static WORKLOAD_CONNS: HashMap<u32, u64> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
+#[map(name = "SM_WL_LIVE")]
+pub static WORKLOAD_CONNS: Array<u64> =
+    Array::pinned(mesh_common::workload_slots(mesh_common::WORKLOADS_SIZE), mesh_common::BPF_F_MMAPABLE);
 
 #[map(name = "SM_INBOUND")]
 pub static INBOUND_LISTENERS: SockHash<InboundKey> =
-    SockHash::pinned(mesh_common::INBOUND_LISTENERS_SIZE, 0);
+    SockHash::pinned(mesh_common::inbound_listeners_size(mesh_common::WORKLOADS_SIZE), 0);
 
 #[map(name = "SM_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(mesh_common::COUNTERS_SIZE, 0);
 
-/// One more live intercepted connection for `workload`.
+/// Adds `delta` to the live intercepted connections of `workload` (a slot that does not exist
+/// counts nothing: connect4/6 refuse a workload without one).
 #[inline(always)]
 pub fn conns_add(workload: u32, delta: u64) {
-    if let Some(p) = WORKLOAD_CONNS.get_ptr_mut(&workload) {
+    if let Some(p) = WORKLOAD_CONNS.get_ptr_mut(workload) {
         // An atomic add whose result is unused: BPF's oldest atomic (XADD), on every kernel.
         // A decrement adds u64::MAX (wrapping -1).
         // (core's AtomicU64 has no read-modify-write methods on this target; the intrinsic

@@ -55,7 +55,14 @@ fn rekey(ctx: &SockOpsContext) {
         count(Counter::PortKeyFull);
     }
     // Told when the socket closes, however it ends (see the module documentation).
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    ask_state_callbacks(ctx);
+}
+
+/// Adds the state callback to whatever callbacks the socket has (another program on the
+/// socket's cgroup path, or the kernel, may have asked for others: setting replaces them).
+#[inline(always)]
+fn ask_state_callbacks(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 /// The peer is on loopback (the agent's accepted socket sees the pod's own client).
@@ -64,7 +71,16 @@ fn from_loopback(ctx: &SockOpsContext) -> bool {
     if ctx.family() == AF_INET as u32 {
         ctx.remote_ip4().to_ne_bytes()[0] == 127
     } else {
-        let r = ctx.remote_ip6();
+        // One 4-byte ctx load per word: the verifier refuses wider or moved accesses.
+        let ops = unsafe { &*ctx.ops };
+        let r = unsafe {
+            [
+                core::ptr::read_volatile(&ops.remote_ip6[0]),
+                core::ptr::read_volatile(&ops.remote_ip6[1]),
+                core::ptr::read_volatile(&ops.remote_ip6[2]),
+                core::ptr::read_volatile(&ops.remote_ip6[3]),
+            ]
+        };
         r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3].to_ne_bytes() == [0, 0, 0, 1]
     }
 }
@@ -85,7 +101,7 @@ fn bind_to_accepted(ctx: &SockOpsContext) {
         let _ = ORIG_DST_BY_PORT.remove(&key);
         count(Counter::MovedToAccepted);
         // If the agent never accepts it (it went away), the entry goes when the socket closes.
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        ask_state_callbacks(ctx);
     }
     // Otherwise (map full) the port-keyed entry stays where the agent also looks.
 }

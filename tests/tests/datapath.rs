@@ -259,6 +259,13 @@ fn a_pod_over_its_quota_and_a_full_map_are_refused_and_counted() {
     // a holds what it can of three connections: two, its quota.
     let held = t.spawn_pod_app(a, &["hold", "--to", &to, "--count", "3", "--hold-ms", "60000"]).unwrap();
     wait_for(Duration::from_secs(10), || Ok(agent1.stats()?.maps["SM_ORIG_DST"].entries == 2)).unwrap();
+    // The kernel's count of a's live connections, as the agent reports it.
+    let live = |name: &str| -> u64 {
+        let list = agent1.api(serde_json::json!({"op": "workloads"})).unwrap();
+        let w = list.as_array().unwrap().iter().find(|w| w["name"] == name).cloned().unwrap();
+        w["liveConnections"].as_u64().unwrap()
+    };
+    assert_eq!(live("a"), 2);
     // a2, on the same node, still connects: one connection fills the node's map (3)...
     let r = t.pod_app(a2, &["hold", "--to", &to, "--count", "2", "--hold-ms", "0"]).unwrap();
     let results = r["results"].as_array().unwrap();
@@ -281,8 +288,11 @@ fn a_pod_over_its_quota_and_a_full_map_are_refused_and_counted() {
     assert_eq!(stats.kernel["refused_workload_quota"], 1, "{stats:?}");
     assert_eq!(stats.kernel["refused_orig_dst_map_full"], 1, "{stats:?}");
     assert_eq!(stats.kernel["redirected"], 3, "{stats:?}");
-    // Closed connections free their entries and their quota: the next one works.
+    // Closed connections free their entries and their quota, each counted off exactly once:
+    // both counts are back to zero (not below: a count that wrapped would refuse for good),
+    // and the next connection works.
     wait_for(Duration::from_secs(10), || Ok(agent1.stats()?.maps["SM_ORIG_DST"].entries == 0)).unwrap();
+    assert_eq!((live("a"), live("a2")), (0, 0));
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
 }

@@ -51,9 +51,17 @@ fn mptcp_connections_are_carried_and_leave_no_map_entries_behind() {
     let r = t.pod_app(a, &["churn", "--to", &to, "--count", "10000", "--mptcp", "--timeout-ms", "10000"]).unwrap();
     assert_eq!(r["ok"].as_u64().unwrap() + r["failed"].as_u64().unwrap(), 10_000, "{r}");
     assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
-    // Back to where it was: every entry went with its socket.
+    // Back to where it was: every entry went with its socket, removed by the kernel's hooks
+    // as the socket closed — not left for the agent's census to find.
     let back = wait_for(Duration::from_secs(60), || Ok(entries()? == 0));
     assert!(back.is_ok(), "{} entries left after 10,000 MPTCP connections: {:?}", entries().unwrap(), agent1.stats());
+    let stats = agent1.stats().unwrap();
+    assert_eq!(stats.reclaimed_entries, 0, "the census had to remove entries the hooks left: {stats:?}");
+    // Every one was carried: none was lost to the tunnel (a peer that refused streams it
+    // still counted open used to end the pooled connection, and every stream on it, after
+    // 1,024 refusals).
+    assert!(stats.outbound.refused.is_empty(), "{stats:?}");
+    assert!(stats.kernel["closed_unreleased"] > 0, "{stats:?}");
     // And the node still carries connections.
     let r = echo(&t, a, &to);
     assert_eq!(r["ok"], true, "{r} {:?}", agent1.stats());
@@ -261,4 +269,46 @@ fn a_reused_client_port_cannot_take_another_connections_destination() {
     // nowhere else.
     assert_eq!(second.accepted().unwrap().len(), 1, "{:?}", second.accepted());
     assert!(first.accepted().unwrap().len() <= 1);
+}
+
+/// A record that names a cgroup another workload holds can neither take that workload's
+/// connections over nor refuse them: it is refused, or — when it cannot be captured at all —
+/// fails closed without touching the cgroup. The first workload's connections keep going
+/// through the mesh either way.
+#[test]
+fn a_record_naming_another_workloads_cgroup_leaves_that_workload_alone() {
+    let mut m = Topology::two_node_mesh("sharedcg").unwrap();
+    let c = m.t.add_pod(m.n1, "c", false).unwrap();
+    let Running { ctl: _ctl, server: _server, agent1, agent2: _agent2 } = m.start(APP_PORT).unwrap();
+    let Mesh { t, a, b, .. } = m;
+    let to = t.addr(b, APP_PORT);
+    let carried = |what: &str| {
+        let before = agent1.access_log().len();
+        let r = echo(&t, a, &to);
+        assert_eq!(r["ok"], true, "{what}: {r}");
+        wait_for(Duration::from_secs(5), || Ok(agent1.access_log().len() > before)).unwrap();
+        let last = agent1.access_log().last().cloned().unwrap();
+        assert_eq!(
+            (last["src_workload"].as_str(), last["connection_security_policy"].as_str()),
+            (Some("default/a"), Some("mutual_tls")),
+            "{what}: {last}"
+        );
+    };
+    carried("before");
+
+    // A record with a's cgroup that cannot be captured at all (its netns does not exist)
+    // fails closed, but a's cgroup stays a's.
+    let mut twin = t.workload_json(c);
+    twin["cgroup"] = json!(t.pod(a).cgroup);
+    let mut broken = twin.clone();
+    broken["name"] = json!("c2");
+    broken["ips"] = json!(["10.20.1.99"]);
+    broken["netns"] = json!("/run/netns/sockmesh-test-does-not-exist");
+    assert!(agent1.api(json!({"op": "add_workload", "workload": broken})).is_err());
+    carried("after a record sharing its cgroup failed to register");
+
+    // c's own netns, but a's cgroup.
+    let err = agent1.api(json!({"op": "add_workload", "workload": twin})).unwrap_err().to_string();
+    assert!(err.contains("already used by workload default/a"), "{err}");
+    carried("after a record sharing its cgroup was refused");
 }

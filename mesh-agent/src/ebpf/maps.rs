@@ -6,10 +6,15 @@
 //! - [`Census`]: everything that walks maps, off the connection path on a blocking thread:
 //!   entries per map (the fill metrics), the kernel programs' counters, the collection of
 //!   released entries the agent never consumed, and of entries whose socket is gone.
+//! - [`LiveCounts`]: each workload's live intercepted connections, shared with the kernel
+//!   through a memory mapping (registration picks free slots; the census counts off what it
+//!   removes; the admin API reports them).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockHash};
 use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
@@ -17,15 +22,54 @@ use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
 use super::{sys, EbpfError};
 use crate::metrics::Metrics;
 
-/// Takes original destinations from `SM_ORIG_BY_CONN` (by the accepted socket's cookie) and,
-/// failing that, `SM_ORIG_BY_PORT`.
+/// Takes original destinations from `SM_ORIG_BY_CONN` (by the accepted socket's cookie) or
+/// `SM_ORIG_BY_PORT`, depending on where sock_ops can see the agent's sockets.
 pub struct OrigDstTable {
     by_conn: OwnedFd,
     by_port: OwnedFd,
+    lookup: Lookup,
+}
+
+/// Where the agent looks for an accepted connection's original destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lookup {
+    /// The agent runs below the cgroup root the programs are attached to, so sock_ops sees its
+    /// accepted sockets and binds each destination to exactly one of them: the agent looks only
+    /// there. A connection whose destination is not there is refused — never looked up by port,
+    /// where another connection reusing the port may have left its own.
+    ByConnection,
+    /// The agent runs outside that cgroup root: sock_ops never sees its accepted sockets, so
+    /// destinations stay keyed by (netns, family, client port).
+    ByPort,
+}
+
+impl Lookup {
+    /// Decides from the agent's own cgroup (`/proc/self/cgroup`, below the cgroup v2 mount
+    /// `cgroup2`) whether it is below `cgroup_root`.
+    pub fn for_agent(cgroup2: Option<&Path>, cgroup_root: &Path) -> Lookup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Lookup::decide(&own, cgroup2, cgroup_root)
+    }
+
+    /// `proc_self_cgroup`: the text of `/proc/self/cgroup`. When it cannot be told, by
+    /// connection: a wrong guess refuses connections (and the metrics say so); it never gives
+    /// a connection another one's destination.
+    pub fn decide(proc_self_cgroup: &str, cgroup2: Option<&Path>, cgroup_root: &Path) -> Lookup {
+        let own = cgroup2.and_then(|mount| {
+            proc_self_cgroup
+                .lines()
+                .find_map(|l| l.strip_prefix("0::").map(|p| mount.join(p.trim().trim_start_matches('/'))))
+        });
+        match (own.and_then(|p| p.canonicalize().ok()), cgroup_root.canonicalize().ok()) {
+            (Some(own), Some(root)) if !own.starts_with(&root) => Lookup::ByPort,
+            _ => Lookup::ByConnection,
+        }
+    }
 }
 
 impl OrigDstTable {
-    pub fn open(maps_dir: &Path) -> Result<OrigDstTable, EbpfError> {
+    pub fn open(maps_dir: &Path, lookup: Lookup) -> Result<OrigDstTable, EbpfError> {
         let open = |name: &str| {
             let path = maps_dir.join(name);
             sys::obj_get(&path).map_err(|source| EbpfError::Adopt { path, source })
@@ -33,16 +77,20 @@ impl OrigDstTable {
         Ok(OrigDstTable {
             by_conn: open(mesh_common::ORIG_DST_BY_CONN)?,
             by_port: open(mesh_common::ORIG_DST_BY_PORT)?,
+            lookup,
         })
     }
 
     /// The original destination of the connection the agent accepted on a workload's outbound
-    /// listener. Consumed. sock_ops has normally bound it to the accepted socket (`accepted`,
-    /// its SO_COOKIE); where it could not, it is still under (netns cookie of the listener,
-    /// client family, client port).
+    /// listener (`accepted`: its SO_COOKIE; `key`: listener's netns cookie, client family,
+    /// client port). Consumed.
     pub fn take(&self, accepted: Option<u64>, key: &PortKey) -> Option<OrigDst> {
-        let by_conn = accepted.and_then(|c| Self::taken(sys::lookup_and_delete(self.by_conn.as_fd(), &c)));
-        by_conn.or_else(|| Self::taken(sys::lookup_and_delete(self.by_port.as_fd(), key)))
+        match self.lookup {
+            Lookup::ByConnection => {
+                accepted.and_then(|c| Self::taken(sys::lookup_and_delete(self.by_conn.as_fd(), &c)))
+            }
+            Lookup::ByPort => Self::taken(sys::lookup_and_delete(self.by_port.as_fd(), key)),
+        }
     }
 
     fn taken(r: std::io::Result<Option<OrigDst>>) -> Option<OrigDst> {
@@ -53,12 +101,50 @@ impl OrigDstTable {
     }
 }
 
+/// Each workload's live intercepted connections: the kernel's count array
+/// ([`mesh_common::WORKLOAD_CONNS`]) mapped into the agent.
+pub struct LiveCounts {
+    slots: sys::MappedU64Array,
+}
+
+impl LiveCounts {
+    pub fn open(maps_dir: &Path) -> Result<Arc<LiveCounts>, EbpfError> {
+        const NAME: &str = mesh_common::WORKLOAD_CONNS;
+        let data = open(maps_dir, NAME)?;
+        let info = data.info().map_err(|source| EbpfError::Map { name: NAME, source })?;
+        if info.map_flags() & mesh_common::BPF_F_MMAPABLE == 0 || info.value_size() != 8 {
+            return Err(EbpfError::Incompatible { name: NAME });
+        }
+        let slots = sys::MappedU64Array::map(data.fd().as_fd(), info.max_entries())
+            .map_err(|source| EbpfError::Adopt { path: maps_dir.join(NAME), source })?;
+        Ok(Arc::new(LiveCounts { slots }))
+    }
+
+    /// How many slots there are (workload ids are below this).
+    pub fn slots(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// The live connections counted in slot `id`.
+    pub fn get(&self, id: u32) -> Option<u64> {
+        self.slots.get(id as usize).map(|n| n.load(Ordering::Relaxed))
+    }
+
+    /// Counts off one connection of slot `id` whose entry the agent removed. Never below zero:
+    /// the kernel reads a count that wrapped as zero, but it should never see one.
+    pub fn count_off(&self, id: u32) {
+        if let Some(n) = self.slots.get(id as usize) {
+            let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        }
+    }
+}
+
 /// Walks the maps: fill, counters, and collection of released entries.
 pub struct Census {
     orig_dst: BpfHashMap<MapData, u64, OrigDst>,
     orig_by_port: BpfHashMap<MapData, PortKey, OrigDst>,
     orig_by_conn: BpfHashMap<MapData, u64, OrigDst>,
-    workload_conns: BpfHashMap<MapData, u32, u64>,
+    live: Arc<LiveCounts>,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     inbound: SockHash<MapData, InboundKey>,
     counters: PerCpuArray<MapData, u64>,
@@ -79,6 +165,7 @@ impl Capacity {
             mesh_common::ORIG_DST_BY_PORT | mesh_common::ORIG_DST_BY_CONN => {
                 mesh_common::orig_dst_by_port_size(self.max_connections)
             }
+            mesh_common::INBOUND_LISTENERS => mesh_common::inbound_listeners_size(self.max_workloads),
             _ => self.max_workloads,
         }
     }
@@ -102,15 +189,13 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, m: Ma
 }
 
 impl Census {
-    pub fn open(maps_dir: &Path, capacity: Capacity) -> Result<Census, EbpfError> {
-        use mesh_common::{
-            COUNTERS, INBOUND_LISTENERS, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, WORKLOADS, WORKLOAD_CONNS,
-        };
+    pub fn open(maps_dir: &Path, capacity: Capacity, live: Arc<LiveCounts>) -> Result<Census, EbpfError> {
+        use mesh_common::{COUNTERS, INBOUND_LISTENERS, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, WORKLOADS};
         Ok(Census {
             orig_dst: typed(ORIG_DST, Map::HashMap(open(maps_dir, ORIG_DST)?))?,
             orig_by_port: typed(ORIG_DST_BY_PORT, Map::HashMap(open(maps_dir, ORIG_DST_BY_PORT)?))?,
             orig_by_conn: typed(ORIG_DST_BY_CONN, Map::HashMap(open(maps_dir, ORIG_DST_BY_CONN)?))?,
-            workload_conns: typed(WORKLOAD_CONNS, Map::HashMap(open(maps_dir, WORKLOAD_CONNS)?))?,
+            live,
             workloads: typed(WORKLOADS, Map::HashMap(open(maps_dir, WORKLOADS)?))?,
             inbound: typed(INBOUND_LISTENERS, Map::SockHash(open(maps_dir, INBOUND_LISTENERS)?))?,
             counters: typed(COUNTERS, Map::PerCpuArray(open(maps_dir, COUNTERS)?))?,
@@ -190,29 +275,37 @@ impl Census {
             }
         }
         *suspects = still_suspect;
-        // Counts of workloads no longer registered, once nothing is left to count.
-        let idle: Vec<u32> = self
-            .workload_conns
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(id, n)| *n == 0 && !live.contains_key(id))
-            .map(|(id, _)| id)
-            .collect();
-        for id in idle {
-            let _ = self.workload_conns.remove(&id);
-        }
         let mut removed = 0;
         for (cookie, workload) in gone {
+            // Deleting the entry is what entitles us to count it off: the kernel's hooks count
+            // off only the entries they delete themselves.
             if self.orig_dst.remove(&cookie).is_ok() {
                 removed += 1;
-                // The kernel counts with atomic adds; from here only a read and a write: a
-                // connect racing this can be undercounted by one (a rare path: it runs only
-                // for entries nothing else removed).
-                if let Ok(n) = self.workload_conns.get(&workload, 0) {
-                    let _ = self.workload_conns.insert(workload, n.saturating_sub(1), 0);
-                }
+                self.live.count_off(workload);
             }
         }
         removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lookup;
+
+    #[test]
+    fn lookup_is_by_port_only_when_the_agent_is_known_to_be_outside_the_root() {
+        let mount = tempfile::tempdir().unwrap();
+        let m = mount.path();
+        for d in ["pods/a", "system/agent"] {
+            std::fs::create_dir_all(m.join(d)).unwrap();
+        }
+        let root = m.join("pods");
+        assert_eq!(Lookup::decide("0::/pods/a\n", Some(m), &root), Lookup::ByConnection);
+        assert_eq!(Lookup::decide("0::/system/agent\n", Some(m), &root), Lookup::ByPort);
+        assert_eq!(Lookup::decide("0::/system/agent\n", Some(m), m), Lookup::ByConnection);
+        // Cannot tell: no cgroup v2 line, no mount, a path that does not exist here.
+        assert_eq!(Lookup::decide("1:cpu:/x\n", Some(m), &root), Lookup::ByConnection);
+        assert_eq!(Lookup::decide("0::/system/agent\n", None, &root), Lookup::ByConnection);
+        assert_eq!(Lookup::decide("0::/elsewhere\n", Some(m), &root), Lookup::ByConnection);
     }
 }

@@ -16,6 +16,7 @@ pub mod sys;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps};
@@ -49,6 +50,10 @@ pub enum EbpfError {
     Pin { path: PathBuf, reason: String },
     #[error("taking over pinned link {path}: {source}")]
     Adopt { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the pinned map {name} was made by an incompatible agent version; remove the node's pins (`mesh-agent uninstall`) and start again"
+    )]
+    Incompatible { name: &'static str },
     #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build`")]
     Missing(&'static str),
 }
@@ -68,7 +73,7 @@ pub struct Datapath {
     maps_dir: PathBuf,
     links_dir: PathBuf,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
-    workload_conns: BpfHashMap<MapData, u32, u64>,
+    live: Arc<maps::LiveCounts>,
     inbound: SockHash<MapData, InboundKey>,
 }
 
@@ -112,8 +117,8 @@ impl Datapath {
             .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
             .map_max_entries(mesh_common::ORIG_DST_BY_CONN, by_port_size)
             .map_max_entries(mesh_common::WORKLOADS, cfg.max_workloads)
-            .map_max_entries(mesh_common::WORKLOAD_CONNS, cfg.max_workloads)
-            .map_max_entries(mesh_common::INBOUND_LISTENERS, cfg.max_workloads)
+            .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(cfg.max_workloads))
+            .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(cfg.max_workloads))
             .load(EBPF_OBJECT)?;
 
         let mut reports = Vec::new();
@@ -136,9 +141,9 @@ impl Datapath {
         sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
 
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
-        let workload_conns = take_map(&mut ebpf, mesh_common::WORKLOAD_CONNS)?;
+        let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
-        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, workload_conns, inbound }, reports))
+        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, live, inbound }, reports))
     }
 
     /// Where the maps are pinned (for [`maps::OrigDstTable`] and [`maps::Census`]).
@@ -146,33 +151,38 @@ impl Datapath {
         &self.maps_dir
     }
 
-    /// Marks a cgroup as a meshed workload: from now on its connects are redirected, up to
-    /// `max_conns` live ones (0: every connect refused, for a workload that could not be
-    /// captured). Its connection count is created first (kept if a previous agent left one:
-    /// it counts connections that still live).
-    pub fn add_workload_cgroup(&mut self, cgroup_id: u64, id: u32, max_conns: u32) -> Result<(), EbpfError> {
-        const NOEXIST: u64 = 1;
-        match self.workload_conns.insert(id, 0, NOEXIST) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => return Err(EbpfError::Map { name: mesh_common::WORKLOAD_CONNS, source }),
-        }
+    /// Each workload's live connections (shared with the census and the admin API).
+    pub fn live_counts(&self) -> &Arc<maps::LiveCounts> {
+        &self.live
+    }
+
+    /// Marks a cgroup as a meshed workload (or changes its entry in place): from now on its
+    /// connects are redirected and counted in slot `id`, up to `max_conns` live ones (0:
+    /// every connect refused, for a workload that could not be captured).
+    pub fn set_workload_cgroup(&mut self, cgroup_id: u64, id: u32, max_conns: u32) -> Result<(), EbpfError> {
         self.workloads
             .insert(cgroup_id, WorkloadValue { id, max_conns }, 0)
             .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOADS, source })
     }
 
-    /// Forgets a workload's connection count once it is zero. While its sockets live, their
-    /// closing decrements it; removing it then and creating it again (the workload coming back
-    /// under the same id) would let those decrements wrap the new count. The census removes
-    /// counts that reach zero later.
-    pub fn remove_workload_conns(&mut self, id: u32) {
-        if self.workload_conns.get(&id, 0).is_ok_and(|n| n == 0) {
-            let _ = self.workload_conns.remove(&id);
-        }
+    /// The entry of a cgroup, if it is marked.
+    pub fn workload_cgroup(&self, cgroup_id: u64) -> Option<WorkloadValue> {
+        self.workloads.get(&cgroup_id, 0).ok()
     }
 
-    pub fn remove_workload_cgroup(&mut self, cgroup_id: u64) -> Result<(), EbpfError> {
+    /// Unmarks a cgroup, if its entry is still the one workload `id` made (another workload
+    /// may have been given that cgroup since).
+    pub fn remove_workload_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<(), EbpfError> {
+        match self.workloads.get(&cgroup_id, 0) {
+            Ok(v) if v.id == id => {}
+            _ => return Ok(()),
+        }
+        self.remove_stale_cgroup(cgroup_id)
+    }
+
+    /// Unmarks a cgroup whatever its entry (what a previous agent left for a workload that
+    /// no longer exists).
+    pub fn remove_stale_cgroup(&mut self, cgroup_id: u64) -> Result<(), EbpfError> {
         match self.workloads.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),

@@ -118,3 +118,62 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// An array map of u64 mapped into this process (the map was made with `BPF_F_MMAPABLE`):
+/// its elements are shared with the kernel programs, which update them with atomic adds, so
+/// the agent may update them atomically too.
+pub struct MappedU64Array {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is only reached through `&AtomicU64`s, which are Sync; it lives until
+// drop, which unmaps it.
+unsafe impl Send for MappedU64Array {}
+// SAFETY: as above.
+unsafe impl Sync for MappedU64Array {}
+
+impl MappedU64Array {
+    /// Maps `entries` u64 elements of the array map `map`.
+    pub fn map(map: BorrowedFd<'_>, entries: u32) -> std::io::Result<MappedU64Array> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = entries as usize;
+        let bytes = (len * 8).div_ceil(page).max(1) * page;
+        // SAFETY: a fresh shared mapping of the map's descriptor; the kernel checks the length
+        // against the map's size and that it may be mapped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(MappedU64Array { ptr, len, bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn get(&self, i: usize) -> Option<&std::sync::atomic::AtomicU64> {
+        // SAFETY: in bounds of the mapping, 8-byte aligned (a page-aligned array of u64), and
+        // only ever accessed atomically from this side.
+        (i < self.len).then(|| unsafe { &*self.ptr.as_ptr().add(i) })
+    }
+}
+
+impl Drop for MappedU64Array {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, no references outlive self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}

@@ -43,6 +43,7 @@ pub struct Metrics {
     config_refused: Counter,
     registration_failures: Family<FailureLabels, Counter>,
     not_captured: Gauge,
+    reclaimed: Counter,
     /// Which reason labels have been counted, to list them in `/stats` (the values stay in the
     /// registry; this only remembers which keys exist, a bounded set).
     seen_reasons: Mutex<BTreeMap<(&'static str, &'static str), Kind>>,
@@ -90,6 +91,7 @@ impl Metrics {
             config_refused: Counter::default(),
             registration_failures: Family::default(),
             not_captured: Gauge::default(),
+            reclaimed: Counter::default(),
             seen_reasons: Mutex::new(BTreeMap::new()),
             kernel_seen: Mutex::new(BTreeMap::new()),
         };
@@ -168,6 +170,11 @@ impl Metrics {
             "workloads_not_captured",
             "Workloads of this node that could not be captured now (their connections are refused)",
             m.not_captured.clone(),
+        );
+        sm.register(
+            "orig_dst_reclaimed",
+            "Original-destination entries removed by the agent because their socket was gone and no kernel hook removed them",
+            m.reclaimed.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -263,6 +270,14 @@ impl Metrics {
 
     pub fn set_not_captured(&self, n: usize) {
         self.not_captured.set(n as i64);
+    }
+
+    pub fn reclaimed_entries(&self, n: usize) {
+        self.reclaimed.inc_by(n as u64);
+    }
+
+    pub fn reclaimed(&self) -> u64 {
+        self.reclaimed.get()
     }
 
     pub fn set_config(&self, lag_ms: u64, version: u64) {

@@ -1,5 +1,6 @@
 //! The mechanics of capturing a workload and of letting it go.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use mesh_api::admin::Source;
@@ -47,6 +48,10 @@ impl Registry {
             path: cgroup_path.clone(),
             source,
         })?;
+        if let Some(other) = cgroup_owner(inner, cgroup_id).filter(|o| **o != key) {
+            return Err(RegisterError::SharedCgroup { key, cgroup: cgroup_path, other: other.clone() });
+        }
+        let id = allocate_slot(inner, cgroup_id).ok_or_else(|| RegisterError::NoSlot { key: key.clone() })?;
         let worker = tokio::task::spawn_blocking(move || NetnsWorker::spawn(&netns_path))
             .await
             .map_err(|e| RegisterError::Netns { key: key.clone(), source: netns::NetnsError::Thread(e.to_string()) })?
@@ -63,7 +68,6 @@ impl Registry {
                 key: key.clone(),
                 source: netns::NetnsError::Enter { path: worker.path().into(), source },
             })?;
-        let id = allocate_id(inner, &key);
         let inbound_keys: Vec<InboundKey> = known.workload.ips.iter().map(|ip| listeners::inbound_key(*ip)).collect();
         let wl = Arc::new(LocalWorkload {
             known: Arc::new(known),
@@ -82,13 +86,13 @@ impl Registry {
                 dp.set_inbound_listener(*k, &listeners.inbound)?;
             }
             let adopted = dp.attach_sk_lookup(&wl.pin_name, wl.netns.file())?;
-            dp.add_workload_cgroup(cgroup_id, id, self.max_conns)?;
+            dp.set_workload_cgroup(cgroup_id, id, self.max_conns)?;
             Ok(adopted)
         })();
         let adopted = match attach {
             Ok(a) => a,
             Err(source) => {
-                release_kernel_state(&mut inner.datapath, &wl);
+                release_kernel_state(&mut inner.datapath, &wl, Release::Refuse);
                 return Err(RegisterError::Ebpf { key, source: Box::new(source) });
             }
         };
@@ -100,7 +104,7 @@ impl Registry {
         if source == Source::Api {
             if let Err(e) = self.save_state(inner, None) {
                 let reg = inner.registered.remove(&key).expect("just inserted");
-                self.undo(&mut inner.datapath, reg);
+                self.undo(&mut inner.datapath, reg, Release::Refuse);
                 return Err(RegisterError::State { path: self.file.path().to_owned(), source: e });
             }
         }
@@ -122,9 +126,10 @@ impl Registry {
         tasks
     }
 
-    /// Reverse order of add: stop redirecting, stop steering, close the listeners, forget it.
-    pub(super) fn undo(&self, dp: &mut Datapath, reg: Registered) {
-        release_kernel_state(dp, &reg.wl);
+    /// Reverse order of add: stop redirecting (or refuse), stop steering, close the
+    /// listeners, forget it.
+    pub(super) fn undo(&self, dp: &mut Datapath, reg: Registered, how: Release) {
+        release_kernel_state(dp, &reg.wl, how);
         for t in reg.tasks {
             t.abort();
         }
@@ -134,9 +139,23 @@ impl Registry {
     }
 }
 
-pub(super) fn release_kernel_state(dp: &mut Datapath, wl: &LocalWorkload) {
-    if let Err(e) = dp.remove_workload_cgroup(wl.cgroup_id) {
-        tracing::error!(workload = %wl.key(), error = %e, "could not remove the workload's cgroup entry");
+/// What becomes of a released workload's cgroup.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// The workload left the mesh: its connections are no longer redirected.
+    Forget,
+    /// Capturing it failed: its cgroup entry is changed in place to refuse every connection,
+    /// never removed first (between the two its connections would go out unredirected).
+    Refuse,
+}
+
+pub(super) fn release_kernel_state(dp: &mut Datapath, wl: &LocalWorkload, how: Release) {
+    let r = match how {
+        Release::Forget => dp.remove_workload_cgroup(wl.cgroup_id, wl.id),
+        Release::Refuse => dp.set_workload_cgroup(wl.cgroup_id, mesh_common::WORKLOAD_SLOT_REFUSED, 0),
+    };
+    if let Err(e) = r {
+        tracing::error!(workload = %wl.key(), error = %e, "could not change the workload's cgroup entry");
     }
     dp.detach_sk_lookup(&wl.pin_name);
     for k in &wl.inbound_keys {
@@ -144,24 +163,53 @@ pub(super) fn release_kernel_state(dp: &mut Datapath, wl: &LocalWorkload) {
     }
 }
 
-/// A stable id per workload name (so a restarted agent gives a workload the id its pinned
-/// entries carry), moved on past ids in use.
-pub(super) fn allocate_id(inner: &Inner, key: &WorkloadKey) -> u32 {
-    let mut id = fnv1a(key.to_string().as_bytes()).max(1);
-    let taken = |id: u32| {
-        inner.registered.values().any(|r| r.wl.id == id) || inner.failed.iter().any(|(k, f)| k != key && f.id == id)
-    };
-    while taken(id) {
-        id = id.wrapping_add(1).max(1);
-    }
-    id
+/// The workload (captured or refused) that holds a cgroup.
+pub(super) fn cgroup_owner(inner: &Inner, cgroup_id: u64) -> Option<&WorkloadKey> {
+    let captured = inner.registered.iter().find(|(_, r)| r.wl.cgroup_id == cgroup_id).map(|(k, _)| k);
+    captured.or_else(|| inner.failed.iter().find(|(_, f)| f.cgroup_id == Some(cgroup_id)).map(|(k, _)| k))
 }
 
-fn fnv1a(bytes: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c9dc5;
-    for b in bytes {
-        h ^= *b as u32;
-        h = h.wrapping_mul(0x01000193);
+/// The workload's id, which is also its slot in the kernel's connection counts: the one its
+/// cgroup entry already has (a previous agent's: the connections counted there are this
+/// workload's), else the next slot after the last one given out whose count is zero and that
+/// no captured workload and no cgroup entry uses. `None` when every slot is taken.
+pub(super) fn allocate_slot(inner: &mut Inner, cgroup_id: u64) -> Option<u32> {
+    let live = inner.datapath.live_counts().clone();
+    let slots = live.slots();
+    let mut used: HashSet<u32> = inner.registered.values().map(|r| r.wl.id).collect();
+    if let Some(v) = inner.datapath.workload_cgroup(cgroup_id) {
+        if v.id != mesh_common::WORKLOAD_SLOT_REFUSED && v.id < slots && !used.contains(&v.id) {
+            return Some(v.id);
+        }
     }
-    h
+    used.extend(inner.datapath.workload_cgroups().into_iter().filter(|(cg, _)| *cg != cgroup_id).map(|(_, id)| id));
+    let free = pick_slot(slots, inner.next_slot, &used, |s| live.get(s))?;
+    inner.next_slot = free;
+    Some(free)
+}
+
+/// The first of slots `1..slots`, starting after `last`, that is not `used` and whose count is
+/// zero. Starting after the last one given out, a slot just freed is not given again at once.
+fn pick_slot(slots: u32, last: u32, used: &HashSet<u32>, count: impl Fn(u32) -> Option<u64>) -> Option<u32> {
+    let n = slots.checked_sub(1).filter(|n| *n > 0)?;
+    (0..n).map(|i| 1 + (last + i) % n).find(|s| !used.contains(s) && count(*s) == Some(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_given_round_robin_skipping_used_and_busy_ones_and_never_zero() {
+        let counts = [0u64, 0, 3, 0, 0];
+        let count = |s: u32| counts.get(s as usize).copied();
+        let none = HashSet::new();
+        assert_eq!(pick_slot(5, 0, &none, count), Some(1));
+        assert_eq!(pick_slot(5, 1, &none, count), Some(3), "slot 2 still counts 3 connections");
+        assert_eq!(pick_slot(5, 3, &none, count), Some(4));
+        assert_eq!(pick_slot(5, 4, &none, count), Some(1), "wraps around, past slot 0");
+        assert_eq!(pick_slot(5, 4, &HashSet::from([1, 3, 4]), count), None);
+        assert_eq!(pick_slot(1, 0, &none, count), None);
+        assert_eq!(pick_slot(0, 0, &none, count), None);
+    }
 }

@@ -24,6 +24,7 @@ use mesh_common::InboundKey;
 use mesh_model::{Workload, WorkloadError, WorkloadKey};
 use tokio::task::JoinHandle;
 
+use crate::ebpf::maps::LiveCounts;
 use crate::ebpf::{self, Datapath};
 use crate::hbone::pool::Pool;
 use crate::identity::Identities;
@@ -47,6 +48,12 @@ pub enum RegisterError {
         "workload {key}: its netns {netns} is already used by workload {other}; one workload per network namespace"
     )]
     SharedNetns { key: WorkloadKey, netns: PathBuf, other: WorkloadKey },
+    #[error("workload {key}: its cgroup {cgroup} is already used by workload {other}; one workload per cgroup")]
+    SharedCgroup { key: WorkloadKey, cgroup: PathBuf, other: WorkloadKey },
+    #[error(
+        "workload {key}: every connection-count slot is in use (by workloads and by connections of removed ones still closing); raise --max-workloads or wait for them to drain"
+    )]
+    NoSlot { key: WorkloadKey },
     #[error("workload {key}: cgroup {path}: {source}")]
     Cgroup { key: WorkloadKey, path: PathBuf, source: std::io::Error },
     #[error("workload {key}: {source}")]
@@ -72,6 +79,8 @@ impl RegisterError {
             RegisterError::Exists(_) => "exists",
             RegisterError::NotFound(_) => "not_found",
             RegisterError::SharedNetns { .. } => "shared_netns",
+            RegisterError::SharedCgroup { .. } => "shared_cgroup",
+            RegisterError::NoSlot { .. } => "no_slot",
             RegisterError::Cgroup { .. } => "cgroup",
             RegisterError::Netns { .. } => "netns",
             RegisterError::Listen { .. } => "listen",
@@ -84,7 +93,8 @@ impl RegisterError {
 
     /// Whether the workload's cgroup is refused after this error: every failure to capture a
     /// workload of this node, but not a request that was wrong about the workload's state
-    /// (already registered, not found, another node's, not the API's to remove).
+    /// (already registered, not found, another node's, not the API's to remove) or named a
+    /// cgroup another workload holds (that cgroup is the other workload's to capture).
     fn fails_closed(&self) -> bool {
         !matches!(
             self,
@@ -92,6 +102,7 @@ impl RegisterError {
                 | RegisterError::NotFound(_)
                 | RegisterError::OtherNode { .. }
                 | RegisterError::FromFile(_)
+                | RegisterError::SharedCgroup { .. }
         )
     }
 }
@@ -105,9 +116,7 @@ struct Registered {
 struct Failed {
     workload: Workload,
     source: Source,
-    /// The id its refused cgroup entry carries (stable, as for a captured one).
-    id: u32,
-    /// The refused cgroup, when it exists.
+    /// The refused cgroup, when it exists and no other workload holds it.
     cgroup_id: Option<u64>,
     reason: String,
 }
@@ -116,6 +125,8 @@ pub(crate) struct Inner {
     datapath: Datapath,
     registered: BTreeMap<WorkloadKey, Registered>,
     failed: BTreeMap<WorkloadKey, Failed>,
+    /// The last connection-count slot given out (see `capture::allocate_slot`).
+    next_slot: u32,
 }
 
 pub struct Registry {
@@ -128,6 +139,7 @@ pub struct Registry {
     inputs: Arc<ProxyInputs>,
     pool: Arc<Pool>,
     file: StateFile,
+    live: Arc<LiveCounts>,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -149,7 +161,13 @@ impl Registry {
             inputs,
             pool,
             file,
-            inner: tokio::sync::Mutex::new(Inner { datapath, registered: BTreeMap::new(), failed: BTreeMap::new() }),
+            live: datapath.live_counts().clone(),
+            inner: tokio::sync::Mutex::new(Inner {
+                datapath,
+                registered: BTreeMap::new(),
+                failed: BTreeMap::new(),
+                next_slot: 0,
+            }),
         }
     }
 
@@ -192,10 +210,11 @@ impl Registry {
     /// Refuses the cgroup of a workload that could not be captured.
     fn fail_closed(&self, inner: &mut Inner, w: Workload, source: Source, e: &RegisterError) {
         let key = w.key();
-        let id = capture::allocate_id(inner, &key);
         let cgroup_id = w.cgroup.as_deref().and_then(|p| ebpf::cgroup_id(p).ok());
+        // A cgroup another workload holds stays as that workload made it.
+        let cgroup_id = cgroup_id.filter(|cg| capture::cgroup_owner(inner, *cg).is_none_or(|o| *o == key));
         if let Some(cg) = cgroup_id {
-            if let Err(err) = inner.datapath.add_workload_cgroup(cg, id, 0) {
+            if let Err(err) = inner.datapath.set_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED, 0) {
                 tracing::error!(workload = %key, error = %err, "could not refuse the cgroup of a workload that failed to register");
             }
         }
@@ -204,7 +223,7 @@ impl Registry {
             self.metrics.registration_failed(e.label());
             tracing::error!(workload = %key, reason = e.label(), refused = cgroup_id.is_some(), "cannot capture workload: {e}; its connections are refused until it is captured");
         }
-        inner.failed.insert(key, Failed { workload: w, source, id, cgroup_id, reason: e.to_string() });
+        inner.failed.insert(key, Failed { workload: w, source, cgroup_id, reason: e.to_string() });
         self.metrics.set_not_captured(inner.failed.len());
         if source == Source::Api {
             if let Err(err) = self.save_state(inner, None) {
@@ -255,13 +274,12 @@ impl Registry {
         }
         if let Some(f) = inner.failed.remove(key) {
             if let Some(cg) = f.cgroup_id {
-                let _ = inner.datapath.remove_workload_cgroup(cg);
+                let _ = inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED);
             }
-            inner.datapath.remove_workload_conns(f.id);
             self.metrics.set_not_captured(inner.failed.len());
         }
         if let Some(reg) = inner.registered.remove(key) {
-            self.undo(&mut inner.datapath, reg);
+            self.undo(&mut inner.datapath, reg, capture::Release::Forget);
         }
         tracing::info!(workload = %key, "workload released");
         Ok(())
@@ -271,7 +289,7 @@ impl Registry {
     /// longer exist (map entries, sk_lookup links).
     pub async fn sweep_stale(&self) {
         let mut inner = self.inner.lock().await;
-        let Inner { datapath: dp, registered, failed } = &mut *inner;
+        let Inner { datapath: dp, registered, failed, .. } = &mut *inner;
         let refused = failed.values().filter_map(|f| f.cgroup_id);
         let cgroups: Vec<u64> = registered.values().map(|r| r.wl.cgroup_id).chain(refused).collect();
         let pins: Vec<&str> = registered.values().map(|r| r.wl.pin_name.as_str()).collect();
@@ -279,7 +297,7 @@ impl Registry {
         for (cg, _) in dp.workload_cgroups() {
             if !cgroups.contains(&cg) {
                 tracing::info!(cgroup_id = cg, "removing stale workload entry");
-                let _ = dp.remove_workload_cgroup(cg);
+                let _ = dp.remove_stale_cgroup(cg);
             }
         }
         for pin in dp.sk_lookup_pins() {
@@ -315,6 +333,8 @@ impl Registry {
                     cgroup_id: wl.cgroup_id,
                     netns_cookie: wl.netns_cookie,
                     source: wl.source,
+                    live_connections: self.live.get(wl.id).unwrap_or(0),
+                    max_connections: self.max_conns,
                 }
             })
             .collect()
