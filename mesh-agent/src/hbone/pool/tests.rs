@@ -1,0 +1,169 @@
+//! The pool against a real TLS + HTTP/2 server on loopback (no root needed).
+
+use super::*;
+use crate::hbone::{CONNECTION_WINDOW, STREAM_WINDOW};
+use mesh_identity::ca::{workload_csr, Ca};
+use mesh_identity::verify::{pem_to_ders, TrustBundle};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+
+const TD: &str = "cluster.local";
+
+/// A CA, and certificates for two identities from it.
+fn certs() -> (WorkloadCert, WorkloadCert, SpiffeId) {
+    let root = Ca::generate_root(TD).unwrap();
+    let day = Duration::from_secs(86_400);
+    let ca = Ca::from_pem(TD, &root.cert_pem, &root.key_pem, "", day, day).unwrap();
+    let bundle = Arc::new(TrustBundle::from_pems(TD, std::slice::from_ref(&root.cert_pem)).unwrap());
+    let cert = |sa: &str| {
+        let id = SpiffeId::workload(TD, "default", sa).unwrap();
+        let (key, csr) = workload_csr(&id).unwrap();
+        let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
+        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
+        (WorkloadCert::new(pem_to_ders(&chain.concat()), key, bundle.clone(), 0).unwrap(), id)
+    };
+    let (a, _) = cert("sa-a");
+    let (b, b_id) = cert("sa-b");
+    (a, b, b_id)
+}
+
+/// A minimal HBONE server presenting `cert`: answers every CONNECT with 200 and counts the
+/// TLS sessions it accepted.
+async fn server(cert: WorkloadCert) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, sessions, _) = server_refusing(cert, 0).await;
+    (addr, sessions)
+}
+
+/// The same, refusing its first `refuse` streams unprocessed (REFUSED_STREAM), and
+/// reporting the first bytes of every stream it answered.
+async fn server_refusing(
+    cert: WorkloadCert,
+    refuse: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let counted = sessions.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counted, refused, tx) = (acceptor.clone(), counted.clone(), refused.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .initial_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if refused.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    let _ = respond.send_response(resp, false);
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        if let Some(Ok(first)) = body.data().await {
+                            let _ = tx.send(first);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, sessions, rx)
+}
+
+/// A connected pair standing in for the pod's socket, whose peer (the pod) has written
+/// `first`.
+async fn client_socket(first: &[u8]) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut pod = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (c, _) = l.accept().await.unwrap();
+    pod.write_all(first).await.unwrap();
+    // Kept open: a closed peer would end the stream.
+    std::mem::forget(pod);
+    c.readable().await.unwrap();
+    c
+}
+
+async fn open(pool: &Pool, cert: &WorkloadCert, dst: &SpiffeId, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
+    let key = WorkloadKey { namespace: "default".into(), name: "a".into() };
+    let client = client_socket(b"hello").await;
+    let src = Source { key: &key, cert, client: &client };
+    let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap() };
+    pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr)).await
+}
+
+#[tokio::test]
+async fn streams_share_a_connection_until_its_slot_is_evicted() {
+    let (a, b, b_id) = certs();
+    let (addr, sessions) = server(b).await;
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(true, metrics.clone());
+    let t1 = open(&pool, &a, &b_id, addr).await.unwrap();
+    let t2 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 1, "the second stream reused the connection");
+    assert_eq!((metrics.hbone_stats().tls_sessions, metrics.hbone_stats().streams), (1, 2));
+    assert_eq!(pool.len(), 1);
+
+    // The destination went away: its slot goes, and the next tunnel is a new connection.
+    assert_eq!(pool.retain(|k| k.dst != b_id), 1);
+    assert_eq!(pool.len(), 0);
+    let _t3 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 2);
+    // Streams opened before the eviction are untouched by it.
+    drop((t1, t2));
+}
+
+/// A stream refused unprocessed is sent again, with the client's first bytes, on a new
+/// connection; refused too often, the refusal is the answer.
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_with_its_first_bytes() {
+    let (a, b, b_id) = certs();
+    let (addr, sessions, mut firsts) = server_refusing(b, 2).await;
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(true, metrics.clone());
+    let t = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(t.early, 5);
+    assert_eq!(firsts.recv().await.unwrap(), Bytes::from_static(b"hello"), "the first bytes were lost");
+    // Each refusal retires the connection the peer counted full: one new session per try.
+    assert_eq!(sessions.load(Ordering::SeqCst), 3);
+    assert_eq!(metrics.hbone_stats().streams, 1, "one tunnel, however often its stream was sent");
+    assert!(metrics.encode().contains("sockmesh_hbone_streams_retried_total 2"));
+
+    let (a, b, b_id) = certs();
+    let (addr, _, _) = server_refusing(b, 10).await;
+    let e = open(&Pool::new(true, Arc::new(Metrics::new())), &a, &b_id, addr).await.err().expect("refused");
+    assert!(e.is_refused_stream(), "{e}");
+}
+
+#[tokio::test]
+async fn without_pooling_every_tunnel_is_its_own_session() {
+    let (a, b, b_id) = certs();
+    let (addr, sessions) = server(b).await;
+    let pool = Pool::new(false, Arc::new(Metrics::new()));
+    for _ in 0..3 {
+        open(&pool, &a, &b_id, addr).await.unwrap();
+    }
+    assert_eq!(sessions.load(Ordering::SeqCst), 3);
+    assert_eq!(pool.len(), 0);
+}
+
+#[tokio::test]
+async fn a_peer_with_another_identity_is_refused_at_the_handshake() {
+    let (a, b, _) = certs();
+    let (addr, _) = server(b).await;
+    let pool = Pool::new(true, Arc::new(Metrics::new()));
+    let someone_else = SpiffeId::workload(TD, "default", "sa-c").unwrap();
+    let e = open(&pool, &a, &someone_else, addr).await.err().expect("refused");
+    assert_eq!(e.failure().label(), "unexpected_identity", "{e}");
+}
