@@ -12,7 +12,7 @@ use crate::admin::{self, Views};
 use crate::config::Config;
 use crate::config_watch::{ConfigFile, ConfigWatch};
 use crate::connections::Connections;
-use crate::ebpf::maps::{Capacity, Census, LiveSockets, Lookup, OrigDstTable};
+use crate::ebpf::maps::{Census, LiveSockets, Lookup, OrigDstTable};
 use crate::ebpf::{self, Datapath, DatapathConfig};
 use crate::hbone::pool::Pool;
 use crate::identity::{Identities, IdentityConfig};
@@ -62,8 +62,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     for l in &links {
         tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
     }
-    let capacity = Capacity { max_connections: cfg.max_connections, max_workloads: cfg.max_workloads };
-    let census = Arc::new(Mutex::new(Census::open(datapath.maps_dir(), capacity, datapath.live_counts().clone())?));
+    let census = Arc::new(Mutex::new(Census::open(datapath.maps_dir(), datapath.live_counts().clone())?));
     let cgroup2 = crate::config::cgroup2_mount().ok();
     let lookup = Lookup::for_agent(cgroup2.as_deref(), &cfg.cgroup_root);
     tracing::info!(?lookup, "where accepted connections' original destinations are found");

@@ -148,27 +148,9 @@ pub struct Census {
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     inbound: SockHash<MapData, InboundKey>,
     counters: PerCpuArray<MapData, u64>,
-    capacity: Capacity,
-}
-
-/// The maps' sizes as loaded.
-#[derive(Debug, Clone, Copy)]
-pub struct Capacity {
-    pub max_connections: u32,
-    pub max_workloads: u32,
-}
-
-impl Capacity {
-    fn of(&self, map: &str) -> u32 {
-        match map {
-            mesh_common::ORIG_DST => self.max_connections,
-            mesh_common::ORIG_DST_BY_PORT | mesh_common::ORIG_DST_BY_CONN => {
-                mesh_common::orig_dst_by_port_size(self.max_connections)
-            }
-            mesh_common::INBOUND_LISTENERS => mesh_common::inbound_listeners_size(self.max_workloads),
-            _ => self.max_workloads,
-        }
-    }
+    /// Each bounded map's size as the kernel has it (a map a previous agent pinned keeps the
+    /// size it was made with, whatever this agent's flags say).
+    capacity: HashMap<&'static str, u32>,
 }
 
 /// The maps whose fill is reported.
@@ -189,8 +171,13 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, m: Ma
 }
 
 impl Census {
-    pub fn open(maps_dir: &Path, capacity: Capacity, live: Arc<LiveCounts>) -> Result<Census, EbpfError> {
+    pub fn open(maps_dir: &Path, live: Arc<LiveCounts>) -> Result<Census, EbpfError> {
         use mesh_common::{COUNTERS, INBOUND_LISTENERS, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, WORKLOADS};
+        let mut capacity = HashMap::new();
+        for name in BOUNDED_MAPS {
+            let info = open(maps_dir, name)?.info().map_err(|source| EbpfError::Map { name, source })?;
+            capacity.insert(name, info.max_entries());
+        }
         Ok(Census {
             orig_dst: typed(ORIG_DST, Map::HashMap(open(maps_dir, ORIG_DST)?))?,
             orig_by_port: typed(ORIG_DST_BY_PORT, Map::HashMap(open(maps_dir, ORIG_DST_BY_PORT)?))?,
@@ -237,7 +224,7 @@ impl Census {
             (mesh_common::INBOUND_LISTENERS, self.inbound.keys().count()),
         ];
         for (map, n) in fills {
-            metrics.set_map(map, n, self.capacity.of(map));
+            metrics.set_map(map, n, self.capacity.get(map).copied().unwrap_or(0));
         }
         stale.len()
     }
