@@ -7,7 +7,9 @@
 //! An accepted token is remembered (by its SHA-256) until it expires or for five minutes,
 //! whichever is sooner, so an agent's calls cost one TokenReview per token every few minutes
 //! and a token the API server stops accepting (its pod deleted, say) is refused here within
-//! five minutes; tokens not yet known are checked at a bounded rate, so callers
+//! five minutes — unless reviews are being spent by a flood of unknown tokens, when a token
+//! accepted before stays accepted until it expires rather than shutting its agent out; tokens
+//! not yet known are checked at a bounded rate, so callers
 //! with made-up tokens cannot turn the controller into a TokenReview flood.
 //!
 //! Exercised against a mock API server (tower-test) with recorded JSON; not yet against a real
@@ -71,7 +73,8 @@ pub struct TokenReviewAuthenticator {
     /// `system:serviceaccount:<namespace>:<name>` of the agent DaemonSet.
     agent_user: String,
     /// SHA-256 of an accepted token -> (its node, its expiry in seconds since the epoch).
-    accepted: Mutex<HashMap<[u8; 32], (String, u64)>>,
+    /// Token digest -> (node, review again after, expiry), Unix seconds.
+    accepted: Mutex<HashMap<[u8; 32], (String, u64, u64)>>,
     reviews: Mutex<Bucket>,
 }
 
@@ -123,24 +126,37 @@ impl TokenReviewAuthenticator {
     async fn check(&self, token: &str) -> Result<String, AuthError> {
         let key = digest(token);
         let now = now_secs();
-        if let Some((node, exp)) = self.accepted.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            if *exp > now {
+        let known = self.accepted.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let known = known.filter(|(_, _, exp)| *exp > now);
+        if let Some((node, review_after, _)) = &known {
+            if *review_after > now {
                 return Ok(node.clone());
             }
         }
         if !self.reviews.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            return Err(AuthError::RateLimited);
+            // Reviews are scarce (callers with made-up tokens spend them): a token accepted
+            // before, not yet expired, stays accepted rather than shutting its agent out.
+            return match known {
+                Some((node, _, _)) => Ok(node),
+                None => Err(AuthError::RateLimited),
+            };
         }
-        let node = self.review(token).await?;
+        let node = match self.review(token).await {
+            Ok(node) => node,
+            Err(e) => {
+                self.accepted.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                return Err(e);
+            }
+        };
         if let Some(exp) = expiry(token).filter(|e| *e > now) {
             let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
             if accepted.len() >= CACHE_MAX {
-                accepted.retain(|_, (_, e)| *e > now);
+                accepted.retain(|_, (_, _, e)| *e > now);
                 if accepted.len() >= CACHE_MAX {
                     accepted.clear();
                 }
             }
-            accepted.insert(key, (node.clone(), remember_until(exp, now)));
+            accepted.insert(key, (node.clone(), remember_until(exp, now), exp));
         }
         Ok(node)
     }
@@ -357,5 +373,49 @@ mod tests {
         assert!(matches!(e, AuthError::RateLimited), "{e}");
         assert_eq!(e.status().code(), tonic::Code::Unavailable);
         drop(handle);
+    }
+
+    /// A token accepted before and not yet expired stays accepted when the reviews are spent
+    /// (a flood of made-up tokens cannot shut a real agent out); with a review to spend it is
+    /// reviewed again, and refused and forgotten if the API server no longer accepts it.
+    #[tokio::test]
+    async fn a_known_token_outlives_a_review_flood_but_not_a_refusal() {
+        let token = token_expiring_at(now_secs() + 3600, 7);
+        let known = |auth: &TokenReviewAuthenticator| {
+            let due = (String::from("worker-2"), now_secs() - 1, now_secs() + 3600);
+            auth.accepted.lock().unwrap().insert(digest(&token), due);
+        };
+        let denied = serde_json::json!({"authenticated": false, "error": "invalid token"});
+
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let auth =
+            TokenReviewAuthenticator::with_rate(client, "sockmesh-ca", "sockmesh-system", "sockmesh-agent", 1, 0);
+        known(&auth);
+        let server = tokio::spawn({
+            let denied = denied.clone();
+            async move {
+                answer_one(&mut handle, denied).await;
+                handle
+            }
+        });
+        assert!(matches!(auth.authenticate("made-up").await, Err(AuthError::Unknown)));
+        let handle = server.await.unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(2), auth.authenticate(&token)).await;
+        assert_eq!(r.expect("answered without a request").unwrap(), "worker-2");
+        drop(handle);
+
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let auth =
+            TokenReviewAuthenticator::with_rate(client, "sockmesh-ca", "sockmesh-system", "sockmesh-agent", 1, 0);
+        known(&auth);
+        let server = tokio::spawn(async move {
+            answer_one(&mut handle, denied).await;
+            handle
+        });
+        assert!(matches!(auth.authenticate(&token).await, Err(AuthError::Unknown)));
+        drop(server.await.unwrap());
+        assert!(auth.accepted.lock().unwrap().is_empty(), "a refused token is forgotten");
     }
 }
