@@ -51,7 +51,7 @@ pub enum RegisterError {
     #[error("workload {key}: its cgroup {cgroup} is already used by workload {other}; one workload per cgroup")]
     SharedCgroup { key: WorkloadKey, cgroup: PathBuf, other: WorkloadKey },
     #[error(
-        "workload {key}: every connection-count slot is in use (by workloads and by connections of removed ones still closing); raise --max-workloads or wait for them to drain"
+        "workload {key}: every connection-count slot is in use (by workloads, or counting connections of removed ones until the census counts them off); raise --max-workloads, or wait a few seconds and it is retried"
     )]
     NoSlot { key: WorkloadKey },
     #[error("workload {key}: cgroup {path}: {source}")]
@@ -91,10 +91,10 @@ impl RegisterError {
         }
     }
 
-    /// Whether the workload's cgroup is refused after this error: every failure to capture a
-    /// workload of this node, but not a request that was wrong about the workload's state
-    /// (already registered, not found, another node's, not the API's to remove) or named a
-    /// cgroup another workload holds (that cgroup is the other workload's to capture).
+    /// Whether the workload fails closed after this error (its cgroup refused, unless another
+    /// workload holds it; reported, counted and retried): every failure to capture a workload of
+    /// this node, but not a request that was wrong about the workload's state (already
+    /// registered, not found, another node's, not the API's to remove).
     fn fails_closed(&self) -> bool {
         !matches!(
             self,
@@ -102,7 +102,6 @@ impl RegisterError {
                 | RegisterError::NotFound(_)
                 | RegisterError::OtherNode { .. }
                 | RegisterError::FromFile(_)
-                | RegisterError::SharedCgroup { .. }
         )
     }
 }
@@ -116,7 +115,10 @@ struct Registered {
 struct Failed {
     workload: Workload,
     source: Source,
-    /// The refused cgroup, when it exists and no other workload holds it.
+    /// The cgroup its record names, when it exists.
+    wants: Option<u64>,
+    /// The cgroup it holds, refused: the one it wants, unless another workload held that one
+    /// when it failed (it inherits it, refused, when that workload lets go).
     cgroup_id: Option<u64>,
     reason: String,
 }
@@ -141,6 +143,35 @@ pub struct Registry {
     file: StateFile,
     live: Arc<LiveCounts>,
     inner: tokio::sync::Mutex<Inner>,
+}
+
+/// A failed workload (other than `holder`) whose record names cgroup `cg` and that holds none.
+fn heir(inner: &Inner, cg: u64, holder: &WorkloadKey) -> Option<WorkloadKey> {
+    inner
+        .failed
+        .iter()
+        .find(|(k, f)| *k != holder && f.wants == Some(cg) && f.cgroup_id.is_none())
+        .map(|(k, _)| k.clone())
+}
+
+/// `holder` no longer holds cgroup `cg` (its entry made with workload id `id`): a failed
+/// workload whose record names it inherits it, refused in place; otherwise the entry goes.
+fn let_go(inner: &mut Inner, cg: u64, holder: &WorkloadKey, id: u32) {
+    match heir(inner, cg, holder) {
+        Some(h) => {
+            if let Err(e) = inner.datapath.set_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED, 0) {
+                tracing::error!(workload = %h, error = %e, "could not refuse the cgroup of a workload that failed to register");
+            }
+            if let Some(f) = inner.failed.get_mut(&h) {
+                f.cgroup_id = Some(cg);
+            }
+        }
+        None => {
+            if let Err(e) = inner.datapath.remove_workload_cgroup(cg, id) {
+                tracing::error!(workload = %holder, error = %e, "could not remove a cgroup entry");
+            }
+        }
+    }
 }
 
 impl Registry {
@@ -193,7 +224,10 @@ impl Registry {
         let key = w.key();
         match self.capture(inner, w.clone(), source).await {
             Ok(wl) => {
-                if inner.failed.remove(&key).is_some() {
+                if let Some(f) = inner.failed.remove(&key) {
+                    if let Some(old) = f.cgroup_id.filter(|cg| *cg != wl.cgroup_id) {
+                        let_go(inner, old, &key, mesh_common::WORKLOAD_SLOT_REFUSED);
+                    }
                     tracing::info!(workload = %key, "captured after an earlier failure");
                     self.metrics.set_not_captured(inner.failed.len());
                 }
@@ -210,20 +244,24 @@ impl Registry {
     /// Refuses the cgroup of a workload that could not be captured.
     fn fail_closed(&self, inner: &mut Inner, w: Workload, source: Source, e: &RegisterError) {
         let key = w.key();
-        let cgroup_id = w.cgroup.as_deref().and_then(|p| ebpf::cgroup_id(p).ok());
+        let wants = w.cgroup.as_deref().and_then(|p| ebpf::cgroup_id(p).ok());
         // A cgroup another workload holds stays as that workload made it.
-        let cgroup_id = cgroup_id.filter(|cg| capture::cgroup_owner(inner, *cg).is_none_or(|o| *o == key));
+        let cgroup_id = wants.filter(|cg| capture::cgroup_owner(inner, *cg).is_none_or(|o| *o == key));
         if let Some(cg) = cgroup_id {
             if let Err(err) = inner.datapath.set_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED, 0) {
                 tracing::error!(workload = %key, error = %err, "could not refuse the cgroup of a workload that failed to register");
             }
+        }
+        // Its record named another cgroup before: that one is let go.
+        if let Some(old) = inner.failed.get(&key).and_then(|f| f.cgroup_id).filter(|old| Some(*old) != cgroup_id) {
+            let_go(inner, old, &key, mesh_common::WORKLOAD_SLOT_REFUSED);
         }
         let first = !inner.failed.contains_key(&key);
         if first {
             self.metrics.registration_failed(e.label());
             tracing::error!(workload = %key, reason = e.label(), refused = cgroup_id.is_some(), "cannot capture workload: {e}; its connections are refused until it is captured");
         }
-        inner.failed.insert(key, Failed { workload: w, source, cgroup_id, reason: e.to_string() });
+        inner.failed.insert(key, Failed { workload: w, source, wants, cgroup_id, reason: e.to_string() });
         self.metrics.set_not_captured(inner.failed.len());
         if source == Source::Api {
             if let Err(err) = self.save_state(inner, None) {
@@ -274,12 +312,20 @@ impl Registry {
         }
         if let Some(f) = inner.failed.remove(key) {
             if let Some(cg) = f.cgroup_id {
-                let _ = inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED);
+                let_go(&mut inner, cg, key, mesh_common::WORKLOAD_SLOT_REFUSED);
             }
             self.metrics.set_not_captured(inner.failed.len());
         }
         if let Some(reg) = inner.registered.remove(key) {
-            self.undo(&mut inner.datapath, reg, capture::Release::Forget);
+            // A workload that failed because this one held its cgroup inherits it, refused in
+            // place: the cgroup is never left unredirected in between.
+            let cg = reg.wl.cgroup_id;
+            let heir = heir(&inner, cg, key);
+            let how = if heir.is_some() { capture::Release::Refuse } else { capture::Release::Forget };
+            self.undo(&mut inner.datapath, reg, how);
+            if let Some(f) = heir.and_then(|h| inner.failed.get_mut(&h)) {
+                f.cgroup_id = Some(cg);
+            }
         }
         tracing::info!(workload = %key, "workload released");
         Ok(())
