@@ -16,6 +16,7 @@ use mesh_model::policy::MtlsMode;
 
 use crate::config::Config;
 use crate::connections::Connections;
+use crate::ebpf::maps::Lookup;
 use crate::ebpf::maps::{Census, BOUNDED_MAPS};
 use crate::ebpf::LinkReport;
 use crate::identity::Identities;
@@ -34,6 +35,7 @@ pub struct Views {
     pub state: Arc<StateStore>,
     pub census: Arc<Mutex<Census>>,
     pub links: Vec<LinkReport>,
+    pub lookup: Lookup,
 }
 
 impl Views {
@@ -170,6 +172,7 @@ impl Views {
             ready: ready.ready,
             not_ready: ready.missing,
             links: self.links(),
+            orig_dst_lookup: self.lookup.as_str().to_owned(),
             workloads: self.state.load().local.by_key.len(),
             connections: self.conns.count(),
             controller: self.config.controller.clone(),

@@ -63,8 +63,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
     }
     let census = Arc::new(Mutex::new(Census::open(datapath.maps_dir(), datapath.live_counts().clone())?));
-    let cgroup2 = crate::config::cgroup2_mount().ok();
-    let lookup = Lookup::for_agent(cgroup2.as_deref(), &cfg.cgroup_root);
+    let lookup = Lookup::probe(datapath.maps_dir())?;
     tracing::info!(?lookup, "where accepted connections' original destinations are found");
     let orig_dst = OrigDstTable::open(datapath.maps_dir(), lookup)?;
     let bundle = std::fs::read_to_string(&cfg.trust_bundle)
@@ -152,6 +151,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         state: state.clone(),
         census: census.clone(),
         links,
+        lookup,
     });
     tokio::spawn(crate::api::serve(views.clone(), api_l));
     tokio::spawn(ConfigWatch { state, identities, metrics: metrics.clone(), pool, file: config_file }.run());

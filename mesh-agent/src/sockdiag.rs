@@ -135,20 +135,34 @@ fn parse(mut data: &[u8], out: &mut HashSet<u64>) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// SO_COOKIE of a socket: the same cookie `bpf_get_socket_cookie` returns for it.
+pub fn socket_cookie(fd: &impl std::os::fd::AsFd) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut c: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a live descriptor and an out-pointer sized for u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut c as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(c)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// SO_COOKIE of a socket: the same cookie bpf_get_socket_cookie returns.
-    fn cookie(fd: &impl AsRawFd) -> u64 {
-        let mut c: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: a live socket and an out-pointer sized for u64.
-        let rc = unsafe {
-            libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&mut c as *mut u64).cast(), &mut len)
-        };
-        assert_eq!(rc, 0);
-        c
+    fn cookie(fd: &impl std::os::fd::AsFd) -> u64 {
+        socket_cookie(fd).unwrap()
     }
 
     /// The dump lists the sockets that exist and not the ones closed (this namespace, no root

@@ -212,9 +212,9 @@ pub struct Stats {
     pub hbone: HboneStats,
     pub certificates: CertStats,
     pub config: ConfigStats,
-    /// Original-destination entries the agent's census removed because their socket was gone
-    /// and no kernel hook had removed them (a restart's leftovers; otherwise a sign of a kind
-    /// of socket the hooks miss).
+    /// Original-destination entries the agent's census removed: their socket was gone and no
+    /// kernel hook had removed them (a restart's leftovers, or a kind of socket the hooks
+    /// miss), or they belonged to a workload no longer registered.
     #[serde(default)]
     pub reclaimed_entries: u64,
 }
@@ -227,6 +227,11 @@ pub struct Status {
     pub ready: bool,
     pub not_ready: Vec<String>,
     pub links: Vec<LinkInfo>,
+    /// Where the agent finds an accepted connection's original destination: `by_connection`
+    /// (it runs below the programs' cgroup root, so the kernel binds each destination to the
+    /// socket the agent accepts) or `by_port` (it runs outside it).
+    #[serde(default)]
+    pub orig_dst_lookup: String,
     pub workloads: usize,
     pub connections: usize,
     pub controller: String,

@@ -74,6 +74,16 @@ pub const fn inbound_listeners_size(max_workloads: u32) -> u32 {
     max_workloads.saturating_mul(2)
 }
 
+/// Array of two u64: the agent's probe of whether sock_ops sees the sockets it accepts (that
+/// is, whether the agent runs below the cgroup root the programs are attached to). The agent
+/// writes a port of its own in [`PROBE_PORT`], makes a loopback connection to it and accepts
+/// it; sock_ops, on the accepted socket's establishment, writes that socket's cookie in
+/// [`PROBE_SEEN`]. A fact from the kernel, not a guess from cgroup paths (which a cgroup
+/// namespace hides).
+pub const PROBE: &str = "SM_PROBE";
+pub const PROBE_PORT: u32 = 0;
+pub const PROBE_SEEN: u32 = 1;
+
 /// Array of u64 indexed by [`crate::Counter`].
 pub const COUNTERS: &str = "SM_COUNTERS";
 pub const COUNTERS_SIZE: u32 = 16;

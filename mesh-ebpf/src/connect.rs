@@ -15,14 +15,13 @@ use mesh_common::{
     QuotaCheck, SockAddr, WorkloadValue, AF_INET, AF_INET6, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
 };
 
-use crate::maps::{conns_add, count, ORIG_DST, WORKLOADS, WORKLOAD_CONNS};
+use crate::maps::{conns_add, count, forget_orig_dst, ORIG_DST, WORKLOADS, WORKLOAD_CONNS};
 
 const ALLOW: i32 = 1;
 /// connect() fails with EPERM.
 const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sm_connect4(ctx: SockAddrContext) -> i32 {
@@ -93,12 +92,16 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> i32 {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst { dst, workload_id: workload.id, src_port: 0, _pad: 0, released_ns: 0 };
-    if ORIG_DST.insert(&cookie, &orig, BPF_NOEXIST).is_ok() {
-        conns_add(workload.id, 1);
-    } else if ORIG_DST.insert(&cookie, &orig, BPF_EXIST).is_err() {
-        // The first insert failed and no entry exists to replace (a socket connecting again
-        // after a failed attempt replaces its own, counted once): the map is full. P5: a full
-        // map refuses the connection; it never goes out unproxied.
+    // A socket connecting again after a failed attempt has an entry, counted in the slot of
+    // the workload it was made for: counted off there first.
+    if let Some(old) = unsafe { ORIG_DST.get(&cookie) }.copied() {
+        forget_orig_dst(cookie, old.workload_id);
+    }
+    // Counted before the entry exists, so whoever later deletes it always has one to count off.
+    conns_add(workload.id, 1);
+    if ORIG_DST.insert(&cookie, &orig, BPF_NOEXIST).is_err() {
+        conns_add(workload.id, u64::MAX);
+        // P5: a full map refuses the connection; it never goes out unproxied.
         count(Counter::RefusedOrigDstFull);
         return REFUSE;
     }

@@ -31,6 +31,9 @@ pub static WORKLOAD_CONNS: Array<u64> =
 pub static INBOUND_LISTENERS: SockHash<InboundKey> =
     SockHash::pinned(mesh_common::inbound_listeners_size(mesh_common::WORKLOADS_SIZE), 0);
 
+#[map(name = "SM_PROBE")]
+pub static PROBE: Array<u64> = Array::pinned(2, 0);
+
 #[map(name = "SM_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(mesh_common::COUNTERS_SIZE, 0);
 

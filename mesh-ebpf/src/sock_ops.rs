@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use mesh_common::{Counter, PortKey, AF_INET, OUTBOUND_PORT};
 
-use crate::maps::{count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT};
+use crate::maps::{count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, PROBE};
 
 #[sock_ops]
 pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -87,7 +87,11 @@ fn from_loopback(ctx: &SockOpsContext) -> bool {
 
 #[inline(always)]
 fn bind_to_accepted(ctx: &SockOpsContext) {
-    if ctx.local_port() != OUTBOUND_PORT as u32 || !from_loopback(ctx) {
+    if ctx.local_port() != OUTBOUND_PORT as u32 {
+        answer_probe(ctx);
+        return;
+    }
+    if !from_loopback(ctx) {
         return;
     }
     // remote_port holds the port in network order in its upper half.
@@ -103,7 +107,21 @@ fn bind_to_accepted(ctx: &SockOpsContext) {
         // If the agent never accepts it (it went away), the entry goes when the socket closes.
         ask_state_callbacks(ctx);
     }
-    // Otherwise (map full) the port-keyed entry stays where the agent also looks.
+    // Otherwise (map full) the agent finds nothing for this connection and refuses it.
+}
+
+/// The agent's probe (see `mesh_common::PROBE`): this accepted socket is on the port the agent
+/// is probing with, so the agent's sockets are seen here.
+#[inline(always)]
+fn answer_probe(ctx: &SockOpsContext) {
+    let Some(port) = PROBE.get(mesh_common::PROBE_PORT).copied() else {
+        return;
+    };
+    if port != 0 && port == ctx.local_port() as u64 {
+        if let Some(seen) = PROBE.get_ptr_mut(mesh_common::PROBE_SEEN) {
+            unsafe { *seen = bpf_get_socket_cookie(ctx.as_ptr()) };
+        }
+    }
 }
 
 #[inline(always)]

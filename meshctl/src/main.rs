@@ -205,6 +205,7 @@ fn print_status(s: &Status) {
     let links: Vec<String> =
         s.links.iter().map(|l| format!("{}={}", l.name, if l.attached { "attached" } else { "DETACHED" })).collect();
     println!("programs:    {}", links.join(" "));
+    println!("orig dst:    {}", s.orig_dst_lookup);
     let kv = |m: &std::collections::BTreeMap<String, u64>| {
         if m.is_empty() {
             "-".to_owned()

@@ -251,12 +251,20 @@ impl Topology {
             .with_context(|| format!("agent on {} not ready", self.node(n).name))
     }
 
-    /// Starts the node's agent with the node's workloads file, JSON logs and `extra` flags.
+    /// Starts the node's agent with the node's workloads file, JSON logs and `extra` flags, in
+    /// a cgroup below the node's cgroup root (where a DaemonSet's agent is).
     pub fn start_agent(&self, n: NodeId, extra: &[&str]) -> Result<Agent> {
+        self.start_agent_in(n, &self.node(n).cgroup.join("agent"), extra)
+    }
+
+    /// The same, the agent's process in `cgroup` (created if missing; it must be below the
+    /// topology's cgroup root, which the topology cleans up).
+    pub fn start_agent_in(&self, n: NodeId, cgroup: &Path, extra: &[&str]) -> Result<Agent> {
+        std::fs::create_dir_all(cgroup)?;
         let node = self.node(n);
         let log = node.state_dir.join(format!("agent-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let api = node.state_dir.join("agent.sock");
-        let mut cmd = command_in(&node.netns, &node.cgroup.join("agent"), bin("mesh-agent"))?;
+        let mut cmd = command_in(&node.netns, cgroup, bin("mesh-agent"))?;
         cmd.arg("run")
             .args(["--node", &node.name])
             .arg("--cgroup-root")

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockHash};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, PerCpuArray, SockHash};
 use mesh_common::{Counter, InboundKey, OrigDst, PortKey, WorkloadValue};
 
 use super::{sys, EbpfError};
@@ -45,26 +45,44 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    /// Decides from the agent's own cgroup (`/proc/self/cgroup`, below the cgroup v2 mount
-    /// `cgroup2`) whether it is below `cgroup_root`.
-    pub fn for_agent(cgroup2: Option<&Path>, cgroup_root: &Path) -> Lookup {
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        Lookup::decide(&own, cgroup2, cgroup_root)
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::ByConnection => "by_connection",
+            Lookup::ByPort => "by_port",
+        }
     }
 
-    /// `proc_self_cgroup`: the text of `/proc/self/cgroup`. When it cannot be told, by
-    /// connection: a wrong guess refuses connections (and the metrics say so); it never gives
-    /// a connection another one's destination.
-    pub fn decide(proc_self_cgroup: &str, cgroup2: Option<&Path>, cgroup_root: &Path) -> Lookup {
-        let own = cgroup2.and_then(|mount| {
-            proc_self_cgroup
-                .lines()
-                .find_map(|l| l.strip_prefix("0::").map(|p| mount.join(p.trim().trim_start_matches('/'))))
-        });
-        match (own.and_then(|p| p.canonicalize().ok()), cgroup_root.canonicalize().ok()) {
-            (Some(own), Some(root)) if !own.starts_with(&root) => Lookup::ByPort,
-            _ => Lookup::ByConnection,
+    /// Asks the kernel whether sock_ops sees the sockets this agent accepts: a loopback
+    /// connection to a port of the agent's own, which sock_ops answers in
+    /// [`mesh_common::PROBE`] when it runs for the accepted socket. No guess from cgroup paths
+    /// (a cgroup namespace hides where the agent really is).
+    pub fn probe(maps_dir: &Path) -> Result<Lookup, EbpfError> {
+        const NAME: &str = mesh_common::PROBE;
+        let mut probe: aya::maps::Array<MapData, u64> = typed(NAME, Map::Array(open(maps_dir, NAME)?))?;
+        let map_err = |source| EbpfError::Map { name: NAME, source };
+        let io_err = |source| EbpfError::Probe { source };
+        // Another agent of this node probing at the same moment (an upgrade's overlap) can
+        // overwrite the answer: try again then.
+        let mut answer = Lookup::ByConnection;
+        for _ in 0..5 {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err)?;
+            let port = listener.local_addr().map_err(io_err)?.port();
+            probe.set(mesh_common::PROBE_SEEN, 0, 0).map_err(map_err)?;
+            probe.set(mesh_common::PROBE_PORT, port as u64, 0).map_err(map_err)?;
+            let _client = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(io_err)?;
+            // accept() returns an established socket: sock_ops has run for it by then.
+            let (accepted, _) = listener.accept().map_err(io_err)?;
+            let cookie = crate::sockdiag::socket_cookie(&accepted).map_err(io_err)?;
+            let seen = probe.get(&mesh_common::PROBE_SEEN, 0).map_err(map_err)?;
+            probe.set(mesh_common::PROBE_PORT, 0, 0).map_err(map_err)?;
+            answer = match seen {
+                0 => Lookup::ByPort,
+                s if s == cookie => return Ok(Lookup::ByConnection),
+                _ => continue,
+            };
+            break;
         }
+        Ok(answer)
     }
 }
 
@@ -256,43 +274,22 @@ impl Census {
                 continue;
             }
             if suspects.contains(&cookie) {
-                gone.push((cookie, orig.workload_id));
+                gone.push(cookie);
             } else {
                 still_suspect.insert(cookie);
             }
         }
         *suspects = still_suspect;
         let mut removed = 0;
-        for (cookie, workload) in gone {
-            // Deleting the entry is what entitles us to count it off: the kernel's hooks count
-            // off only the entries they delete themselves.
-            if self.orig_dst.remove(&cookie).is_ok() {
+        let fd = self.orig_dst.map().fd().as_fd();
+        for cookie in gone {
+            // Deleting the entry is what entitles us to count it off (the kernel's hooks count
+            // off only the entries they delete themselves), in the slot of the entry deleted.
+            if let Ok(Some(orig)) = sys::lookup_and_delete::<u64, OrigDst>(fd, &cookie) {
                 removed += 1;
-                self.live.count_off(workload);
+                self.live.count_off(orig.workload_id);
             }
         }
         removed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Lookup;
-
-    #[test]
-    fn lookup_is_by_port_only_when_the_agent_is_known_to_be_outside_the_root() {
-        let mount = tempfile::tempdir().unwrap();
-        let m = mount.path();
-        for d in ["pods/a", "system/agent"] {
-            std::fs::create_dir_all(m.join(d)).unwrap();
-        }
-        let root = m.join("pods");
-        assert_eq!(Lookup::decide("0::/pods/a\n", Some(m), &root), Lookup::ByConnection);
-        assert_eq!(Lookup::decide("0::/system/agent\n", Some(m), &root), Lookup::ByPort);
-        assert_eq!(Lookup::decide("0::/system/agent\n", Some(m), m), Lookup::ByConnection);
-        // Cannot tell: no cgroup v2 line, no mount, a path that does not exist here.
-        assert_eq!(Lookup::decide("1:cpu:/x\n", Some(m), &root), Lookup::ByConnection);
-        assert_eq!(Lookup::decide("0::/system/agent\n", None, &root), Lookup::ByConnection);
-        assert_eq!(Lookup::decide("0::/elsewhere\n", Some(m), &root), Lookup::ByConnection);
     }
 }

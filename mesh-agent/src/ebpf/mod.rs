@@ -54,6 +54,8 @@ pub enum EbpfError {
         "the pinned map {name} was made by an incompatible agent version; remove the node's pins (`mesh-agent uninstall`) and start again"
     )]
     Incompatible { name: &'static str },
+    #[error("probing whether the kernel programs see the agent's own sockets: {source}")]
+    Probe { source: std::io::Error },
     #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build`")]
     Missing(&'static str),
 }

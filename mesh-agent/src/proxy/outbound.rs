@@ -34,23 +34,6 @@ pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, o.dst.port))
 }
 
-/// The accepted socket's cookie (SO_COOKIE), under which sock_ops filed its destination.
-fn socket_cookie(s: &TcpStream) -> Option<u64> {
-    let mut c: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a live socket and an out-pointer sized for u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut c as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(c)
-}
-
 /// Where the agent finds an accepted socket's original destination.
 pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
     PortKey { netns_cookie, port: peer.port(), family: if peer.is_ipv4() { AF_INET } else { AF_INET6 }, _pad: 0 }
@@ -66,7 +49,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkl
                 continue;
             }
         };
-        let orig = inputs.orig_dst.take(socket_cookie(&stream), &port_key(wl.netns_cookie, peer));
+        let orig = inputs.orig_dst.take(crate::sockdiag::socket_cookie(&stream).ok(), &port_key(wl.netns_cookie, peer));
         // The task lives as long as the connection: the one-off steps (certificate, tunnel
         // set-up, dial) are boxed inside it so their state is freed once done instead of sizing
         // every connection's task.
