@@ -289,8 +289,8 @@ fn a_pod_over_its_quota_and_a_full_map_are_refused_and_counted() {
     assert_eq!(stats.kernel["refused_orig_dst_map_full"], 1, "{stats:?}");
     assert_eq!(stats.kernel["redirected"], 3, "{stats:?}");
     // Closed connections free their entries and their quota, each counted off exactly once:
-    // both counts are back to zero (not below: a count that wrapped would refuse for good),
-    // and the next connection works.
+    // both counts are back to zero (exactly: a count that wrapped below zero would show as
+    // about 1.8e19), and the next connection works.
     wait_for(Duration::from_secs(10), || Ok(agent1.stats()?.maps["SM_ORIG_DST"].entries == 0)).unwrap();
     assert_eq!((live("a"), live("a2")), (0, 0));
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
