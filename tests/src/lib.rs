@@ -27,7 +27,8 @@ pub use http::http_get;
 pub use kernel::{cgroup2_mount, cgroup_programs, is_bpffs, listening_ports, pinned_link_ids};
 pub use metrics::metric;
 pub use process::{
-    bin, command_in, run, wait_for, Agent, BackgroundApp, Controller, Server, CONTROLLER_IP, CONTROLLER_PORT,
+    bin, command_in, run, time_until, wait_for, Agent, BackgroundApp, Controller, Server, CONTROLLER_IP,
+    CONTROLLER_PORT,
 };
 pub use topology::{Mesh, Node, NodeId, Pod, PodId, Running, Topology, PREFIX};
 

@@ -341,6 +341,19 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<
     }
 }
 
+/// How long until `f` holds, polling (`None` if not within `limit`). For liveness: a test
+/// reports the time, it does not judge it.
+pub fn time_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 pub struct Server {
     pub log: PathBuf,
     pub pid: u32,

@@ -2,7 +2,7 @@
 //! in plaintext, or knock the node over, reproduced on a live mesh.
 #![cfg(feature = "privileged")]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::*;
@@ -15,18 +15,6 @@ fn scrape(t: &Topology, n: NodeId) -> String {
 
 fn echo(t: &Topology, p: PodId, to: &str) -> Value {
     t.pod_app(p, &["echo", "--to", to, "--bytes", "2000", "--timeout-ms", "2000"]).unwrap()
-}
-
-/// How long until `f` holds, polling (None if not within `limit`).
-fn time_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 /// MPTCP sockets are captured and carried through the mesh (the agent's listener speaks TCP,
