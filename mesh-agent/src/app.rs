@@ -12,7 +12,7 @@ use crate::admin::{self, Views};
 use crate::config::Config;
 use crate::config_watch::{ConfigFile, ConfigWatch};
 use crate::connections::Connections;
-use crate::ebpf::maps::{Census, LiveSockets, Lookup, OrigDstTable};
+use crate::ebpf::maps::{Census, Lookup, OrigDstTable};
 use crate::ebpf::{self, Datapath, DatapathConfig};
 use crate::hbone::pool::Pool;
 use crate::identity::{Identities, IdentityConfig};
@@ -157,69 +157,8 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     tokio::spawn(ConfigWatch { state, identities, metrics: metrics.clone(), pool, file: config_file }.run());
     tokio::spawn(admin::serve_admin(views.clone(), admin_l));
     tokio::spawn(admin::serve_metrics(views.clone(), metrics_l));
-    tokio::spawn(census_loop(census, metrics, views.state.clone(), views.registry.clone()));
+    tokio::spawn(crate::census::run(census, metrics, views.state.clone(), views.registry.clone()));
     tokio::spawn(admin::serve_readiness(views, ready_l));
     tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
     Ok(Agent { admin_addr, metrics_addr, readiness_addr, api_socket: cfg.api_socket, failed })
-}
-
-/// Every two seconds, on a blocking thread (a walk of a full map never runs on the connection
-/// path's threads or under its locks): counts the maps and collects released entries. Every
-/// fifth pass, and the first two, also removes entries whose socket is gone (comparing with
-/// each workload netns' sockets) and retries capturing the workloads that failed.
-async fn census_loop(
-    census: Arc<Mutex<Census>>,
-    metrics: Arc<Metrics>,
-    state: Arc<StateStore>,
-    registry: Arc<Registry>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut suspects = std::collections::HashSet::new();
-    for pass in 0u64.. {
-        tick.tick().await;
-        let reconcile = pass < 2 || pass % 5 == 0;
-        let live = if reconcile {
-            registry.retry_failed().await;
-            Some(live_sockets(&state).await)
-        } else {
-            None
-        };
-        let (census, m) = (census.clone(), metrics.clone());
-        let mut s = std::mem::take(&mut suspects);
-        let (collected, removed, s) = tokio::task::spawn_blocking(move || {
-            let mut c = census.lock().unwrap_or_else(|e| e.into_inner());
-            let removed = live.map(|l| c.reconcile(&l, &mut s)).unwrap_or(0);
-            (c.pass(&m), removed, s)
-        })
-        .await
-        .unwrap_or_default();
-        suspects = s;
-        if collected > 0 {
-            tracing::debug!(collected, "collected released original-destination entries");
-        }
-        if removed > 0 {
-            metrics.reclaimed_entries(removed);
-            tracing::info!(removed, "removed original-destination entries whose socket is gone");
-        }
-    }
-}
-
-/// The TCP sockets alive in each captured workload's netns, by workload id.
-async fn live_sockets(state: &StateStore) -> LiveSockets {
-    let mut live = LiveSockets::new();
-    for wl in state.load().local.by_key.values() {
-        let cookies = match wl.netns.run(crate::sockdiag::tcp_cookies).await {
-            Ok(Ok(cookies)) => Some(cookies),
-            Ok(Err(e)) => {
-                tracing::warn!(workload = %wl.key(), error = %e, "listing the workload's sockets failed");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(workload = %wl.key(), error = %e, "listing the workload's sockets failed");
-                None
-            }
-        };
-        live.insert(wl.id, cookies);
-    }
-    live
 }

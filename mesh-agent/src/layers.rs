@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "hbone",
     "proxy",
     "registration",
+    "census",
     "config_watch",
     "admin",
     "api",
