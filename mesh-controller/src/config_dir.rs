@@ -19,8 +19,17 @@ use crate::model::Model;
 #[derive(Debug, Clone, Default)]
 struct FileContents {
     workloads: Vec<Workload>,
-    authz: Vec<(String, String, AuthorizationPolicySpec)>,
-    peer: Vec<(String, String, PeerAuthenticationSpec)>,
+    authz: Vec<Sourced<AuthorizationPolicySpec>>,
+    peer: Vec<Sourced<PeerAuthenticationSpec>>,
+}
+
+/// A policy and the line of its file where its document starts.
+#[derive(Debug, Clone)]
+struct Sourced<S> {
+    line: usize,
+    namespace: String,
+    name: String,
+    spec: S,
 }
 
 #[derive(Deserialize)]
@@ -47,34 +56,18 @@ struct PolicyDoc<S> {
 
 /// Parses one file. Errors name the file, the line and the reason.
 fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
+    use mesh_model::workload::documents;
     let mut out = FileContents::default();
-    // Where each document starts, to turn a document-relative error into a file line.
-    let mut starts = vec![1usize];
-    for (i, l) in text.lines().enumerate() {
-        if l.trim_end() == "---" && i > 0 {
-            starts.push(i + 2);
-        }
-    }
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let start = starts.get(i).copied().unwrap_or(1);
+    for doc in documents(path, text).map_err(|e| e.to_string())? {
+        let start = doc.line;
         let at =
             |line: Option<usize>, reason: String| format!("{}:{}: {reason}", path.display(), line.unwrap_or(start));
-        let v = serde_yaml::Value::deserialize(doc).map_err(|e| at(e.location().map(|l| l.line()), e.to_string()))?;
-        if v.is_null() {
-            continue;
-        }
-        let kind = v.get("kind").and_then(|k| k.as_str()).ok_or_else(|| {
-            at(None, "document has no `kind` (Workload, AuthorizationPolicy or PeerAuthentication)".into())
-        })?;
+        let kind = doc.kind(path, "Workload, AuthorizationPolicy or PeerAuthentication").map_err(|e| e.to_string())?;
         let doc_line = |e: &serde_yaml::Error| e.location().map(|l| start + l.line() - 1);
+        let v = doc.value.clone();
         match kind {
             "Workload" => {
-                let mut v = v.clone();
-                if let Some(m) = v.as_mapping_mut() {
-                    m.remove("kind");
-                    m.remove("apiVersion");
-                }
-                let w: Workload = serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("Workload: {e}")))?;
+                let w = doc.workload(path).map_err(|e| e.to_string())?;
                 w.validate("").map_err(|e| at(None, e.to_string()))?;
                 if w.node.is_none() {
                     return Err(at(None, format!("Workload {}: no node; every workload is placed on a node", w.key())));
@@ -85,13 +78,23 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
                 let d: PolicyDoc<AuthorizationPolicySpec> =
                     serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("AuthorizationPolicy: {e}")))?;
                 check_api(&d.api_version).map_err(|r| at(None, r))?;
-                out.authz.push((d.metadata.namespace, d.metadata.name, d.spec));
+                out.authz.push(Sourced {
+                    line: start,
+                    namespace: d.metadata.namespace,
+                    name: d.metadata.name,
+                    spec: d.spec,
+                });
             }
             "PeerAuthentication" => {
                 let d: PolicyDoc<PeerAuthenticationSpec> =
                     serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("PeerAuthentication: {e}")))?;
                 check_api(&d.api_version).map_err(|r| at(None, r))?;
-                out.peer.push((d.metadata.namespace, d.metadata.name, d.spec));
+                out.peer.push(Sourced {
+                    line: start,
+                    namespace: d.metadata.namespace,
+                    name: d.metadata.name,
+                    spec: d.spec,
+                });
             }
             other => {
                 return Err(at(
@@ -125,20 +128,29 @@ fn assemble(
         m.workloads.insert(w.key(), w.clone());
     }
     for (path, f) in files {
-        for (ns, n, spec) in &f.authz {
-            match Compiled::compile(ns, n, spec) {
+        for p in &f.authz {
+            match Compiled::compile(&p.namespace, &p.name, &p.spec) {
                 Ok(_) => {
-                    m.authz.insert((ns.clone(), n.clone()), spec.clone());
+                    m.authz.insert((p.namespace.clone(), p.name.clone()), p.spec.clone());
                 }
-                Err(e) => errors.push(format!("{}: AuthorizationPolicy rejected whole: {e}", path.display())),
+                Err(e) => {
+                    let e = format!("{}:{}: AuthorizationPolicy rejected whole: {e}", path.display(), p.line);
+                    tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
+                    errors.push(e)
+                }
             }
         }
-        for (ns, n, spec) in &f.peer {
-            match spec.validate() {
+        for p in &f.peer {
+            let (ns, n) = (&p.namespace, &p.name);
+            match p.spec.validate() {
                 Ok(()) => {
-                    m.peer_auth.insert((ns.clone(), n.clone()), spec.clone());
+                    m.peer_auth.insert((ns.clone(), n.clone()), p.spec.clone());
                 }
-                Err(e) => errors.push(format!("{}: PeerAuthentication {ns}/{n} rejected whole: {e}", path.display())),
+                Err(e) => {
+                    let e = format!("{}:{}: PeerAuthentication {ns}/{n} rejected whole: {e}", path.display(), p.line);
+                    tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
+                    errors.push(e)
+                }
             }
         }
     }
@@ -179,7 +191,7 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
         good.retain(|p, _| now.contains_key(p));
         for p in now.keys() {
             let parsed = if Some(p) == workloads_file.as_ref() {
-                // The --workloads file: a plain `workloads: [...]` list (placement only).
+                // The --workloads file: `kind: Workload` documents only.
                 mesh_model::workload::parse_file(p).map_err(|e| e.to_string()).and_then(|ws| {
                     match ws.iter().find(|w| w.node.is_none()) {
                         Some(w) => Err(format!(
@@ -249,7 +261,16 @@ mod tests {
         let files = BTreeMap::from([(PathBuf::from("p.yaml"), c)]);
         let m = assemble(&files, vec![], &[], 1);
         assert!(m.authz.is_empty());
-        assert!(m.errors[0].contains("default/bad") && m.errors[0].contains("ports"), "{:?}", m.errors);
+        assert!(
+            m.errors[0].starts_with("p.yaml:1: AuthorizationPolicy rejected whole")
+                && m.errors[0].contains("default/bad")
+                && m.errors[0].contains("ports"),
+            "{:?}",
+            m.errors
+        );
+        // The old workload list is answered with the documents to write.
+        let e = parse_file(Path::new("w.yaml"), "workloads:\n- {name: a, ips: [10.0.0.1], node: n1}\n").unwrap_err();
+        assert!(e.starts_with("w.yaml:1:") && e.contains("kind: Workload"), "{e}");
 
         // A PeerAuthentication whose port key would silently never match is refused, not ignored.
         for (spec, want) in [
@@ -261,7 +282,7 @@ mod tests {
             let m = assemble(&BTreeMap::from([(PathBuf::from("pa.yaml"), c)]), vec![], &[], 1);
             assert!(m.peer_auth.is_empty(), "{spec}");
             assert!(
-                m.errors[0].starts_with("pa.yaml: PeerAuthentication default/pa") && m.errors[0].contains(want),
+                m.errors[0].starts_with("pa.yaml:1: PeerAuthentication default/pa") && m.errors[0].contains(want),
                 "{:?}",
                 m.errors
             );

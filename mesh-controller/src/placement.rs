@@ -52,7 +52,7 @@ mod tests {
     fn a_node_may_have_only_identities_of_its_own_workloads() {
         let ws = mesh_model::workload::parse_str(
             std::path::Path::new("w"),
-            "workloads:\n- {name: a, serviceAccount: sa-a, ips: [10.0.0.1], node: n1}\n- {name: b, serviceAccount: sa-b, ips: [10.0.0.2], node: n2}\n",
+            "kind: Workload\nname: a\nserviceAccount: sa-a\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: b\nserviceAccount: sa-b\nips: [10.0.0.2]\nnode: n2\n",
         )
         .unwrap();
         let p = Placement::from_workloads(&ws);

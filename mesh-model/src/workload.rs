@@ -1,7 +1,8 @@
 //! Local workloads: what a node agent must capture, and where their kernel objects are.
 //!
-//! In local mode the records come from a YAML file (`--workloads`) and from the root-only
-//! Unix-socket API at run time. Identity is a name, a namespace and a service account; the
+//! In local mode the records come from YAML files of `kind: Workload` documents — the same
+//! documents in the controller's configuration and in an agent's `--workloads` file — and from
+//! the agent's root-only Unix-socket API at run time. Identity is a name, a namespace and a service account; the
 //! kernel facts that tie it to traffic are the cgroup (which sockets are the workload's) and the
 //! netns (where the agent's listeners live). IPs are only used to steer inbound packets.
 
@@ -53,21 +54,104 @@ impl std::fmt::Display for WorkloadKey {
     }
 }
 
+/// How one workload document looks; every "expected" hint shows it.
+pub const WORKLOAD_EXAMPLE: &str = "kind: Workload\nname: web\nnamespace: default\nserviceAccount: web\nlabels: {app: web}\nips: [10.20.1.10]\nnode: n1\nnetns: /run/netns/web\ncgroup: /sys/fs/cgroup/mesh/web\n---\nkind: Workload\n...";
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     #[error("cannot read workload file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("workload file {path} is not valid YAML for a workload list (line {line}): {reason}; expected `workloads: [{{name, namespace, serviceAccount, labels, ips, node, netns, cgroup}}]`")]
+    #[error("{}:{line}: {reason}", path.display())]
     Parse { path: PathBuf, line: usize, reason: String },
+    #[error("{}:{line}: a `workloads: [...]` list is not read any more; write one `kind: Workload` document per workload, separated by `---`, e.g.\n{WORKLOAD_EXAMPLE}", path.display())]
+    OldShape { path: PathBuf, line: usize },
     #[error("workload {key}: {reason}")]
     Invalid { key: String, reason: String },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WorkloadFile {
-    #[serde(default)]
-    workloads: Vec<Workload>,
+/// One YAML document of a file and the file line it starts on.
+pub struct Document {
+    pub line: usize,
+    pub value: serde_yaml::Value,
+    /// The document's own lines (for errors that name the line of a field).
+    text: String,
+}
+
+/// Splits a multi-document YAML file, keeping where each document starts so that an error in
+/// it can name a line of the file. Empty documents are dropped.
+pub fn documents(path: &Path, text: &str) -> Result<Vec<Document>, WorkloadError> {
+    let mut starts = vec![1usize];
+    for (i, l) in text.lines().enumerate() {
+        if l.trim_end() == "---" && i > 0 {
+            starts.push(i + 2);
+        }
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let start = starts.get(i).copied().unwrap_or(1);
+        let end = starts.get(i + 1).map(|next| next - 2).unwrap_or(lines.len());
+        let own = lines.get(start - 1..end.max(start - 1)).unwrap_or_default().join("\n");
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| WorkloadError::Parse {
+            path: path.to_owned(),
+            line: e.location().map(|l| l.line()).unwrap_or(start),
+            reason: e.to_string(),
+        })?;
+        if !value.is_null() {
+            out.push(Document { line: start, value, text: own });
+        }
+    }
+    Ok(out)
+}
+
+impl Document {
+    /// The document's `kind`, or the error a user needs: the old workload list is recognised
+    /// and answered with the shape to write instead.
+    pub fn kind(&self, path: &Path, expected: &str) -> Result<&str, WorkloadError> {
+        if let Some(k) = self.value.get("kind").and_then(|k| k.as_str()) {
+            return Ok(k);
+        }
+        if self.value.get("workloads").is_some() {
+            return Err(WorkloadError::OldShape { path: path.to_owned(), line: self.line });
+        }
+        Err(WorkloadError::Parse {
+            path: path.to_owned(),
+            line: self.line,
+            reason: format!("document has no `kind` ({expected})"),
+        })
+    }
+
+    /// Reads a `kind: Workload` document (an `apiVersion` is allowed and ignored).
+    pub fn workload(&self, path: &Path) -> Result<Workload, WorkloadError> {
+        let mut v = self.value.clone();
+        if let Some(m) = v.as_mapping_mut() {
+            m.remove("kind");
+            m.remove("apiVersion");
+        }
+        serde_yaml::from_value(v).map_err(|e| WorkloadError::Parse {
+            path: path.to_owned(),
+            line: self.line_of(&e),
+            reason: format!("Workload: {e}"),
+        })
+    }
+
+    /// The file line an error is about. Reading a value loses positions, so the document's
+    /// text is read again, with its `kind` and `apiVersion` lines blanked, for the position.
+    fn line_of(&self, e: &serde_yaml::Error) -> usize {
+        let blanked: String = self
+            .text
+            .lines()
+            .map(|l| if l.starts_with("kind:") || l.starts_with("apiVersion:") { "#" } else { l })
+            .collect::<Vec<_>>()
+            .join("\n");
+        match serde_yaml::from_str::<Workload>(&blanked) {
+            // The same content (but for blank lines) fails the same way, now with a position.
+            Err(again) if again.location().is_some() => {
+                again.location().map(|l| self.line + l.line() - 1).unwrap_or(self.line)
+            }
+            _ => e.location().map(|l| self.line + l.line() - 1).unwrap_or(self.line),
+        }
+    }
 }
 
 impl Workload {
@@ -153,25 +237,34 @@ pub fn parse_file(path: &Path) -> Result<Vec<Workload>, WorkloadError> {
     parse_str(path, &text)
 }
 
+/// Reads a workload file: `kind: Workload` documents only (policies belong to the
+/// controller's configuration directory). A workload named twice is refused.
 pub fn parse_str(path: &Path, text: &str) -> Result<Vec<Workload>, WorkloadError> {
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let file: WorkloadFile = serde_yaml::from_str(text).map_err(|e| WorkloadError::Parse {
-        path: path.to_owned(),
-        line: e.location().map(|l| l.line()).unwrap_or(0),
-        reason: e.to_string(),
-    })?;
+    let mut out: Vec<Workload> = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
-    for w in &file.workloads {
+    for doc in documents(path, text)? {
+        match doc.kind(path, "a workload file holds `kind: Workload` documents")? {
+            "Workload" => {}
+            other => {
+                return Err(WorkloadError::Parse {
+                    path: path.to_owned(),
+                    line: doc.line,
+                    reason: format!(
+                        "kind {other:?}: a workload file holds only `kind: Workload` documents (policies go in the controller's --config-dir)"
+                    ),
+                })
+            }
+        }
+        let w = doc.workload(path)?;
         if !seen.insert(w.key()) {
             return Err(WorkloadError::Invalid {
                 key: w.key().to_string(),
                 reason: format!("listed twice in {}", path.display()),
             });
         }
+        out.push(w);
     }
-    Ok(file.workloads)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -182,7 +275,7 @@ mod tests {
     fn parses_a_workload_list_with_defaults() {
         let ws = parse_str(
             Path::new("w.yaml"),
-            "workloads:\n- name: a\n  ips: [10.0.0.1]\n  node: n1\n  labels: {app: a}\n",
+            "kind: Workload\nname: a\nips: [10.0.0.1]\nnode: n1\nlabels: {app: a}\n---\n",
         )
         .unwrap();
         assert_eq!(ws.len(), 1);
@@ -195,19 +288,28 @@ mod tests {
 
     #[test]
     fn bad_yaml_names_the_line_and_unknown_fields_are_rejected() {
-        let err = parse_str(Path::new("w.yaml"), "workloads:\n- name: a\n  ips: [10.0.0.1]\n  serviceAcount: x\n")
-            .unwrap_err();
+        let err = parse_str(
+            Path::new("w.yaml"),
+            "kind: Workload\nname: b\nips: [10.0.0.2]\n---\nkind: Workload\nname: a\nips: [10.0.0.1]\nserviceAcount: x\n",
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("w.yaml") && msg.contains("line 4") && msg.contains("serviceAcount"), "{msg}");
-        let err = parse_str(Path::new("w.yaml"), "workloads:\n- name: a\n  ips: [not-an-ip]\n").unwrap_err();
-        assert!(err.to_string().contains("line"), "{err}");
+        assert!(msg.starts_with("w.yaml:8:") && msg.contains("serviceAcount"), "{msg}");
+        let err = parse_str(Path::new("w.yaml"), "kind: Workload\nname: a\nips: [not-an-ip]\n").unwrap_err();
+        assert!(err.to_string().starts_with("w.yaml:3:"), "{err}");
+        let err = parse_str(Path::new("w.yaml"), "kind: AuthorizationPolicy\n").unwrap_err();
+        assert!(err.to_string().contains("--config-dir"), "{err}");
+        let err = parse_str(Path::new("w.yaml"), "name: a\nips: [10.0.0.1]\n").unwrap_err();
+        assert!(err.to_string().contains("no `kind`"), "{err}");
     }
 
     #[test]
     fn duplicates_and_bad_names_are_refused() {
-        let err =
-            parse_str(Path::new("w.yaml"), "workloads:\n- {name: a, ips: [10.0.0.1]}\n- {name: a, ips: [10.0.0.2]}\n")
-                .unwrap_err();
+        let err = parse_str(
+            Path::new("w.yaml"),
+            "kind: Workload\nname: a\nips: [10.0.0.1]\n---\nkind: Workload\nname: a\nips: [10.0.0.2]\n",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("listed twice"), "{err}");
         let w = Workload {
             name: "A_B".into(),
@@ -225,6 +327,17 @@ mod tests {
         ok.validate("n1").unwrap();
         ok.node = Some("n1".into());
         assert!(ok.validate("n1").unwrap_err().to_string().contains("no netns"));
+    }
+
+    #[test]
+    fn the_old_list_gets_an_error_that_shows_the_documents_to_write() {
+        let err = parse_str(Path::new("w.yaml"), "workloads:\n- {name: a, ips: [10.0.0.1]}\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("w.yaml:1: a `workloads: [...]` list is not read"), "{msg}");
+        assert!(msg.contains("kind: Workload\nname: web"), "{msg}");
+        // The example in the message is itself a valid file.
+        let example = WORKLOAD_EXAMPLE.trim_end_matches("---\nkind: Workload\n...");
+        assert_eq!(parse_str(Path::new("x"), example).unwrap()[0].name, "web");
     }
 
     #[test]

@@ -287,10 +287,9 @@ impl Topology {
         let mut all: Vec<Value> =
             (0..self.pods.len()).filter(|i| self.pods[*i].meshed).map(|i| self.workload_json(PodId(i))).collect();
         all.extend(extra.iter().map(|p| self.workload_json(*p)));
-        let doc = serde_json::json!({ "workloads": all });
         let path = self.controller_dir().join("workloads.yaml");
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
+        std::fs::write(&tmp, workload_documents(&all)?)?;
         std::fs::rename(&tmp, &path)?;
         Ok(())
     }
@@ -322,9 +321,9 @@ impl Topology {
     pub fn write_workloads(&self) -> Result<()> {
         let all: Vec<Value> =
             (0..self.pods.len()).filter(|i| self.pods[*i].meshed).map(|i| self.workload_json(PodId(i))).collect();
-        let doc = serde_json::json!({ "workloads": all });
+        let text = workload_documents(&all)?;
         for n in &self.nodes {
-            std::fs::write(&n.workloads_file, serde_yaml::to_string(&doc)?)?;
+            std::fs::write(&n.workloads_file, &text)?;
         }
         self.write_controller_workloads(&[])
     }
@@ -336,8 +335,7 @@ impl Topology {
             .filter(|i| self.pods[*i].meshed && self.pods[*i].node == n)
             .map(|i| self.workload_json(PodId(i)))
             .collect();
-        let doc = serde_json::json!({ "workloads": mine });
-        std::fs::write(&self.node(n).workloads_file, serde_yaml::to_string(&doc)?)?;
+        std::fs::write(&self.node(n).workloads_file, workload_documents(&mine)?)?;
         Ok(())
     }
 
@@ -408,4 +406,16 @@ fn remove_cgroup_tree(dir: &Path) {
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// A workload file: one `kind: Workload` document per record.
+fn workload_documents(records: &[Value]) -> Result<String> {
+    let mut out = String::new();
+    for r in records {
+        let mut r = r.clone();
+        r["kind"] = "Workload".into();
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&r)?);
+    }
+    Ok(out)
 }
