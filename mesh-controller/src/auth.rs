@@ -51,7 +51,7 @@ pub trait NodeAuthenticator: Send + Sync + 'static {
 
 /// Local mode: `nodes: [{name, credential}]` from a file only root may read.
 pub struct StaticCredentials {
-    by_node: BTreeMap<String, String>,
+    by_node: std::sync::RwLock<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +117,40 @@ impl StaticCredentials {
             }
             by_node.insert(e.name, e.credential);
         }
-        Ok(StaticCredentials { by_node })
+        Ok(StaticCredentials { by_node: std::sync::RwLock::new(by_node) })
+    }
+
+    /// Node name → credential.
+    pub fn into_entries(self) -> BTreeMap<String, String> {
+        self.by_node.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-reads `path` when it changes (checked every second), so that a node added with
+    /// `mesh-controller node add` is accepted without a restart. A file that no longer loads
+    /// is reported and the last good list stays in force.
+    pub fn watch(self: std::sync::Arc<Self>, path: std::path::PathBuf) {
+        tokio::spawn(async move {
+            let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen = stamp(&path);
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match StaticCredentials::load(&path) {
+                    Ok(fresh) => {
+                        let nodes = fresh.into_entries();
+                        tracing::info!(path = %path.display(), nodes = nodes.len(), "node credentials reloaded");
+                        *self.by_node.write().unwrap_or_else(|e| e.into_inner()) = nodes;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "node credentials not reloaded; the last good list stays in force")
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -133,7 +166,8 @@ impl NodeAuthenticator for StaticCredentials {
     fn authenticate<'a>(&'a self, credential: &'a str) -> AuthFuture<'a> {
         Box::pin(async move {
             let mut found = None;
-            for (node, c) in &self.by_node {
+            let by_node = self.by_node.read().unwrap_or_else(|e| e.into_inner());
+            for (node, c) in by_node.iter() {
                 if constant_time_eq(c.as_bytes(), credential.as_bytes()) {
                     found = Some(node.clone());
                 }

@@ -8,6 +8,7 @@ mod ca_service;
 mod config_dir;
 mod kube_source;
 mod model;
+mod nodes;
 mod placement;
 mod push;
 
@@ -22,26 +23,69 @@ use mesh_identity::ca::Ca;
 use mesh_identity::proto::certificate_service_server::CertificateServiceServer;
 
 #[derive(Parser, Debug)]
-#[command(name = "mesh-controller", version, about = "sockmesh control plane (CA)")]
+#[command(
+    name = "mesh-controller",
+    version,
+    about = "sockmesh control plane: the CA, node authorization and the configuration push",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Nodes' credentials for static node authentication.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum NodeCmd {
+    /// Create a credential for a node: adds it to the controller's list (created if absent)
+    /// and writes the node's credential file; both mode 0600. A running controller picks the
+    /// new node up within a second.
+    Add {
+        /// The node's name, as its agent's --node.
+        name: String,
+        /// The controller's list (its --node-credentials).
+        #[arg(long)]
+        node_credentials: PathBuf,
+        /// Where to write the node's credential (its agent's --node-credential-file); must not
+        /// exist. Default: <name>.credential.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// gRPC (TLS) listen address.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// The SPIFFE trust domain of every identity the CA signs (spiffe://<domain>/ns/..).
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Where a generated root CA is kept (root.pem, root-key.pem) across restarts.
-    #[arg(long)]
-    state_dir: PathBuf,
+    /// The controller's own directory: a generated root CA (root.pem, root-key.pem) kept across
+    /// restarts, and trust-bundle.pem for agents.
+    #[arg(long, required = true)]
+    state_dir: Option<PathBuf>,
     /// Operator-provided signing certificate (root or intermediate) and key, instead of a
     /// generated root.
     #[arg(long, requires = "ca_key")]
     ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM, mode 0600).
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// Certificates above --ca-cert, up to and including the root (for an intermediate).
     #[arg(long, requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
-    /// Workloads and the nodes they run on (`workloads: [...]`), reloaded on change.
+    /// A YAML file of `kind: Workload` documents (which workload runs on which node), reloaded
+    /// on change. The same documents may also sit in --config-dir.
     #[arg(long)]
     workloads: Option<PathBuf>,
     /// A directory of YAML files: workloads and policies (AuthorizationPolicy,
@@ -78,6 +122,7 @@ struct Args {
     /// Addresses in the controller's serving certificate.
     #[arg(long)]
     server_ip: Vec<IpAddr>,
+    /// Log lines as text or as one JSON object each.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Prometheus metrics (/metrics): certificates signed, refusals by reason. Counts only:
@@ -129,9 +174,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Cmd::Node(NodeCmd::Add { name, node_credentials, out })) = cli.cmd {
+        let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential")));
+        nodes::add(&node_credentials, &name, &out)?;
+        println!("node {name} added to {}", node_credentials.display());
+        println!("its credential is in {} (mode 0600): copy it to node {name} and give it to", out.display());
+        println!("its agent as --node-credential-file; a running controller accepts it within a second");
+        return Ok(());
+    }
+    let args = cli.run;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG").unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or journal gets plain text that grep can read.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match args.log_format {
         LogFormat::Json => b.json().flatten_event(true).init(),
         LogFormat::Text => b.init(),
@@ -153,9 +209,10 @@ fn load_ca(args: &Args) -> anyhow::Result<Ca> {
             args.max_cert_ttl,
         )?);
     }
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let cert_path = args.state_dir.join("root.pem");
-    let key_path = args.state_dir.join("root-key.pem");
+    let state_dir = state_dir(args);
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let cert_path = state_dir.join("root.pem");
+    let key_path = state_dir.join("root-key.pem");
     if !cert_path.exists() {
         let root = Ca::generate_root(&args.trust_domain)?;
         use std::os::unix::fs::OpenOptionsExt;
@@ -167,6 +224,10 @@ fn load_ca(args: &Args) -> anyhow::Result<Ca> {
     Ok(Ca::from_pem(&args.trust_domain, &read(&cert_path)?, &read(&key_path)?, "", args.cert_ttl, args.max_cert_ttl)?)
 }
 
+fn state_dir(args: &Args) -> &std::path::Path {
+    args.state_dir.as_deref().expect("clap requires --state-dir")
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if mesh_identity::SpiffeId::parse(&format!("spiffe://{}", args.trust_domain)).is_err() {
         bail!(
@@ -176,12 +237,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let ca = Arc::new(load_ca(&args)?);
     // Agents trust the roots; they find them here (or ask GetTrustBundle once trusted).
-    std::fs::create_dir_all(&args.state_dir)?;
-    std::fs::write(args.state_dir.join("trust-bundle.pem"), ca.roots_pem().concat())?;
+    std::fs::create_dir_all(state_dir(&args))?;
+    std::fs::write(state_dir(&args).join("trust-bundle.pem"), ca.roots_pem().concat())?;
     let auth: Arc<dyn auth::NodeAuthenticator> = match args.node_auth {
         NodeAuth::Static => {
-            let path = args.node_credentials.as_ref().context("--node-auth static needs --node-credentials FILE")?;
-            Arc::new(auth::StaticCredentials::load(path)?)
+            let path = args.node_credentials.as_ref().context(
+                "--node-auth static needs --node-credentials FILE (create it with `mesh-controller node add <node> --node-credentials FILE`)",
+            )?;
+            let creds = Arc::new(auth::StaticCredentials::load(path)?);
+            creds.clone().watch(path.clone());
+            creds
         }
         NodeAuth::Kubernetes => {
             let (ns, sa) = args
@@ -310,6 +375,49 @@ async fn serve_admin(model: tokio::sync::watch::Receiver<Arc<model::Model>>, lis
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// Every flag and subcommand says what it is for in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(c: &clap::Command, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                if a.get_help().is_none() && !matches!(a.get_id().as_str(), "help" | "version") {
+                    missing.push(format!("{} --{}", c.get_name(), a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                if s.get_about().is_none() && s.get_name() != "help" {
+                    missing.push(format!("{} {}", c.get_name(), s.get_name()));
+                }
+                walk(s, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    /// The shipped systemd unit starts the controller with flags it takes.
+    #[test]
+    fn the_systemd_units_command_line_parses() {
+        let unit = include_str!("../../deploy/systemd/sockmesh-controller.service");
+        let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("an ExecStart line");
+        let argv: Vec<&str> = line.split_whitespace().filter(|w| !w.starts_with('$')).collect();
+        assert!(argv[0].ends_with("/mesh-controller"), "{line}");
+        let cli = super::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(cli.cmd.is_none() && cli.run.config_dir.is_some() && cli.run.node_credentials.is_some());
+    }
+
+    #[test]
+    fn node_add_needs_no_server_flags_and_the_server_needs_its_state_dir() {
+        let cli =
+            super::Cli::try_parse_from(["mesh-controller", "node", "add", "n1", "--node-credentials", "x"]).unwrap();
+        assert!(matches!(cli.cmd, Some(super::Cmd::Node(super::NodeCmd::Add { .. }))));
+        let e = super::Cli::try_parse_from(["mesh-controller", "--config-dir", "d"]).unwrap_err().to_string();
+        assert!(e.contains("--state-dir"), "{e}");
+    }
+
     #[test]
     fn durations_parse_with_units_and_reject_nonsense() {
         assert_eq!(super::parse_duration("24h").unwrap().as_secs(), 86400);
