@@ -135,9 +135,10 @@ impl Views {
             out.insert("~refused".into(), info);
         }
         for (i, e) in snap.config.rejected.iter().enumerate() {
+            // The controller's message names the file, line, kind and policy; it is the reason.
             let info = PolicyInfo {
                 namespace: "-".into(),
-                name: e.clone(),
+                name: "-".into(),
                 kind: PolicyKind::Rejected,
                 action: "INVALID".into(),
                 workloads: Vec::new(),

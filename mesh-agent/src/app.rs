@@ -91,7 +91,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
                 Ok(c) => {
                     tracing::info!(version, "configuration from the last run in force until the controller pushes");
                     state.set_config(c);
-                    metrics.set_config(0, version);
+                    metrics.set_config(None, version);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the configuration kept by the last run is not usable; waiting for the controller")

@@ -24,7 +24,9 @@ pub struct RunArgs {
     /// bpffs directory for this node's pins. Default: /sys/fs/bpf/sockmesh/<node>.
     #[arg(long)]
     pub bpffs_dir: Option<PathBuf>,
-    /// YAML file of workloads (`workloads: [...]`).
+    /// YAML file of `kind: Workload` documents, the same as in the controller's config: this
+    /// node's records (with netns and cgroup) are captured, the others are known as
+    /// destinations until the controller's push, which is authoritative for identities.
     #[arg(long)]
     pub workloads: Option<PathBuf>,
     /// Directory for run-time state (workloads added through the API). Default:
@@ -54,9 +56,10 @@ pub struct RunArgs {
     /// How long the agent waits for an upstream connect before refusing the client.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
+    /// Log lines as text or as one JSON object each.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// The controller's gRPC URL, e.g. https://10.99.0.254:15012.
+    /// The controller's gRPC URL, e.g. https://10.0.0.1:15012.
     #[arg(long)]
     pub controller: String,
     /// The name the controller's serving certificate must carry.
@@ -68,6 +71,7 @@ pub struct RunArgs {
     /// File holding this node's credential for the controller (mode 0600).
     #[arg(long)]
     pub node_credential_file: PathBuf,
+    /// The SPIFFE trust domain of this mesh's identities (the controller's --trust-domain).
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Workload certificate lifetime to ask for; 0 = the CA's default.
@@ -139,10 +143,13 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--{setting} {value:?}: {reason}")]
+    /// `value` is already quoted where quoting helps (it is the value's `Debug` form).
+    #[error("--{setting} {value}: {reason}")]
     Invalid { setting: &'static str, value: String, reason: String },
     #[error("no cgroup v2 mount found in /proc/self/mountinfo; mount one or pass --cgroup-root")]
     NoCgroup2,
+    #[error("{USE_NSENTER} (the agent looked for {what})", USE_NSENTER = mesh_api::host::USE_NSENTER)]
+    SysRemounted { what: String },
 }
 
 impl Config {
@@ -157,11 +164,16 @@ impl Config {
         {
             return Err(invalid("node", &a.node, "must be non-empty and use only letters, digits, '-', '.', '_'"));
         }
+        let remounted = |what: String| ConfigError::SysRemounted { what };
         let cgroup_root = match a.cgroup_root {
             Some(p) => p,
+            None if mesh_api::host::sys_remounted() => return Err(remounted("a cgroup v2 mount".into())),
             None => cgroup2_mount()?,
         };
         if !cgroup_root.join("cgroup.procs").exists() {
+            if mesh_api::host::sys_remounted() {
+                return Err(remounted(format!("--cgroup-root {}", cgroup_root.display())));
+            }
             return Err(invalid("cgroup-root", &cgroup_root, "is not a cgroup v2 directory (no cgroup.procs)"));
         }
         if a.max_connections < 1 {
@@ -258,34 +270,14 @@ impl Config {
     }
 }
 
-/// The cgroup v2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on unified
-/// hosts and /sys/fs/cgroup/unified on hybrid ones: never hard-coded).
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<PathBuf, ConfigError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| ConfigError::NoCgroup2)?;
-    parse_cgroup2_mount(&text).ok_or(ConfigError::NoCgroup2)
-}
-
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(left.split_whitespace().nth(4)?))
-    })
+    mesh_api::host::cgroup2_mount().ok_or(ConfigError::NoCgroup2)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_cgroup2_in_a_hybrid_mountinfo() {
-        let text = "35 25 0:30 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw\n\
-                    36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("35 25 0:30 / /x rw - tmpfs tmpfs rw\n"), None);
-    }
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -308,9 +300,10 @@ mod tests {
         };
         let e = Config::from_args(args(&["--worker-threads", "0"])).unwrap_err().to_string();
         assert!(e.contains("--worker-threads") && e.contains("between 1 and 64"), "{e}");
-        // Valid worker counts get past that check (and fail later, on the missing files).
+        // Valid worker counts get past that check (and fail later, on the missing files),
+        // and the path is quoted once.
         let e = Config::from_args(args(&["--worker-threads", "3"])).unwrap_err().to_string();
-        assert!(e.contains("--trust-bundle"), "{e}");
+        assert_eq!(e, "--trust-bundle \"/nonexistent\": no such file");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

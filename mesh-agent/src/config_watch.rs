@@ -78,8 +78,16 @@ impl ConfigWatch {
             let state = ConfigState::build(next.clone(), version, root, td)
                 .map_err(|source| WatchError::Refused { version, source })?;
             resources = next;
-            let lag_ms = (now_secs() * 1000 - accepted_at_ms).max(0) as u64;
-            tracing::info!(version, snapshot, resources = resources.len(), lag_ms, "configuration applied");
+            // A delta's lag is how long the change took to reach this agent. A snapshot (the
+            // first message of every stream) carries the state as it was accepted, perhaps long
+            // ago: its age is not a lag and is not reported as one.
+            let lag_ms = (!snapshot).then(|| (now_secs() * 1000 - accepted_at_ms).max(0) as u64);
+            match lag_ms {
+                Some(lag_ms) => {
+                    tracing::info!(version, resources = resources.len(), lag_ms, "configuration change applied")
+                }
+                None => tracing::info!(version, resources = resources.len(), "configuration snapshot applied"),
+            }
             self.state.set_config(state);
             self.state.set_refused(None);
             self.metrics.set_config(lag_ms, version);

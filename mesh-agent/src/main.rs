@@ -40,6 +40,7 @@ enum Cmd {
     /// Detach everything this node's agents pinned and free the maps. Meshed pods lose
     /// capture: their connections go direct from then on.
     Uninstall {
+        /// The node's bpffs directory (the agent's --bpffs-dir).
         #[arg(long)]
         bpffs_dir: PathBuf,
     },
@@ -87,7 +88,7 @@ fn raise_nofile(want: u64) {
         tracing::warn!(
             limit = l.rlim_max,
             wanted = want,
-            "open-file limit is below what --max-connections needs; raise the hard limit (LimitNOFILE=) or lower --max-connections"
+            "open-file limit is below what --max-connections needs; raise the hard limit (`ulimit -Hn` in a shell, LimitNOFILE= in a systemd unit) or lower --max-connections"
         );
     }
 }
@@ -107,7 +108,9 @@ fn limit_malloc_arenas() {
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or journal gets plain text that grep can read.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         config::LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
         config::LogFormat::Text => b.init(),
@@ -134,4 +137,47 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&api_socket);
     tracing::info!("agent stopping; kernel programs stay attached");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// The shipped systemd unit starts the agent with flags it takes.
+    #[test]
+    fn the_systemd_units_command_line_parses() {
+        let unit = include_str!("../../deploy/systemd/sockmesh-agent.service");
+        let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("an ExecStart line");
+        let argv: Vec<String> = line
+            .split_whitespace()
+            .filter(|w| !w.starts_with("$SOCKMESH"))
+            .map(|w| w.replace("%H", "n1").replace("${SOCKMESH_CONTROLLER}", "https://10.0.0.1:15012"))
+            .collect();
+        assert!(argv[0].ends_with("/mesh-agent"), "{line}");
+        match super::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{line}: {e}")).cmd {
+            super::Cmd::Run(a) => assert_eq!(a.node, "n1"),
+            _ => panic!("{line}: not `run`"),
+        }
+    }
+
+    /// Every flag and subcommand says what it is for in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(c: &clap::Command, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                if a.get_help().is_none() && !matches!(a.get_id().as_str(), "help" | "version") {
+                    missing.push(format!("{} --{}", c.get_name(), a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                if s.get_about().is_none() && s.get_name() != "help" {
+                    missing.push(format!("{} {}", c.get_name(), s.get_name()));
+                }
+                walk(s, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

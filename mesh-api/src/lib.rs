@@ -4,7 +4,9 @@
 //!   `proto/config.proto`), with the resource kinds as an enum on both sides.
 //! - [`admin`]: what the agent's admin API answers (JSON), which `meshctl` reads with the same
 //!   types, so the CLI cannot drift from the API.
+//! - [`host`]: facts about the host's mounts that the agent and `meshctl check` both need.
 
 pub mod admin;
+pub mod host;
 #[cfg(feature = "push")]
 pub mod push;

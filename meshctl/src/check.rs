@@ -2,7 +2,7 @@
 //! certificates, the controller — each with a hint when it fails.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -41,15 +41,34 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
         "sockmesh needs Linux 5.15 or newer (sk_lookup links, sock_release, SO_NETNS_COOKIE)",
     );
 
-    let cg2 = cgroup2_mount();
+    // Under `ip netns exec` the host's cgroup v2 and bpffs mounts are hidden, not missing:
+    // advising to mount them would be wrong, so the hint says how to run meshctl instead.
+    let remounted = mesh_api::host::sys_remounted();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cg2 = mesh_api::host::cgroup2_mount_in(&mountinfo);
     add(
         "cgroup v2",
         cg2.is_some(),
         cg2.as_ref().map(|p| format!("mounted at {}", p.display())).unwrap_or_else(|| "not mounted".into()),
-        "mount cgroup v2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
+        if remounted {
+            mesh_api::host::USE_NSENTER
+        } else {
+            "no cgroup v2 hierarchy is mounted anywhere: mount one on an empty directory (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified` on a hybrid host)"
+        },
     );
 
     let bpf_ok = is_bpffs(bpffs);
+    let other = mesh_api::host::mounted_at(&mountinfo, bpffs);
+    let hint = match (&other, remounted) {
+        (_, true) => mesh_api::host::USE_NSENTER.to_owned(),
+        (Some(t), false) => format!(
+            "{} holds a {t} mount, not bpffs: pass --bpffs with the directory where bpffs is mounted (see `findmnt -t bpf`)",
+            bpffs.display()
+        ),
+        (None, false) => {
+            format!("mount it: `mount -t bpf bpf {}`; without it the agent cannot pin its programs", bpffs.display())
+        }
+    };
     add(
         "bpffs",
         bpf_ok,
@@ -58,7 +77,7 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
         } else {
             format!("{} is not a bpffs mount", bpffs.display())
         },
-        &format!("mount it: `mount -t bpf bpf {}`; without it the agent cannot pin its programs", bpffs.display()),
+        &hint,
     );
 
     let status: anyhow::Result<Status> = get(admin, paths::STATUS);
@@ -71,7 +90,7 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
             "agent",
             false,
             format!("no answer on {admin}: {e}"),
-            "start mesh-agent on this node (run meshctl inside the node's network namespace, or pass --admin)",
+            "start mesh-agent on this node; run meshctl in the agent's network namespace (`nsenter --net=/run/netns/NODE meshctl ...`, not `ip netns exec`), or pass --admin",
         ),
     }
     match &status {
@@ -140,17 +159,6 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
 fn kernel_version(release: &str) -> (u32, u32) {
     let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(left.split_whitespace().nth(4)?))
-    })
 }
 
 fn is_bpffs(p: &Path) -> bool {

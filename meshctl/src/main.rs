@@ -55,6 +55,7 @@ enum Cmd {
     Connections,
     /// Run a command as part of a workload (in its network namespace and its cgroup), so that
     /// its connections go through the mesh: `meshctl exec default/web -- curl http://...`.
+    /// meshctl becomes the command (exec): its PID is the command's.
     Exec {
         /// The workload, as <namespace>/<name>.
         workload: String,
@@ -118,8 +119,13 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Cmd::Policies => {
             let all: Vec<PolicyInfo> = client::get(cli.admin, path).with_context(|| ask(path))?;
             table(
-                &["NAMESPACE", "NAME", "ACTION"],
-                all.iter().map(|p| vec![p.namespace.clone(), p.name.clone(), p.action.clone()]).collect(),
+                &["NAMESPACE", "NAME", "ACTION", "REASON"],
+                all.iter()
+                    .map(|p| {
+                        let reason = p.reason.clone().unwrap_or_else(|| "-".into());
+                        vec![p.namespace.clone(), p.name.clone(), p.action.clone(), reason]
+                    })
+                    .collect(),
             )
         }
         Cmd::Certs => {

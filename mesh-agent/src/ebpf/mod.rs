@@ -326,7 +326,35 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
 /// Removes everything this node's agents pinned: detaches all programs and frees the maps.
 pub fn uninstall(bpffs_dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(bpffs_dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        r => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        r => r?,
+    }
+    // The default layout is <bpffs>/sockmesh/<node>: the last node out removes the
+    // `sockmesh` directory too (only if empty; another node's pins stay).
+    if let Some(parent) = bpffs_dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "sockmesh")) {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod uninstall_tests {
+    /// The last node out removes the default layout's `sockmesh` directory; another node's
+    /// pins keep it.
+    #[test]
+    fn uninstall_leaves_no_empty_directory_and_no_other_nodes_pins_gone() {
+        let base = std::env::temp_dir().join(format!("sockmesh-uninstall-{}", std::process::id()));
+        let dir = base.join("sockmesh");
+        for n in ["n1", "n2"] {
+            std::fs::create_dir_all(dir.join(n).join("maps")).unwrap();
+            std::fs::write(dir.join(n).join("maps/pin"), "").unwrap();
+        }
+        super::uninstall(&dir.join("n1")).unwrap();
+        assert!(!dir.join("n1").exists() && dir.join("n2/maps/pin").exists());
+        super::uninstall(&dir.join("n2")).unwrap();
+        assert!(!dir.exists(), "an empty sockmesh directory was left");
+        assert!(base.exists(), "only the directory the layout made is removed");
+        super::uninstall(&dir.join("n2")).unwrap();
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

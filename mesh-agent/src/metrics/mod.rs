@@ -152,7 +152,7 @@ impl Metrics {
         );
         sm.register(
             "config_push_lag_milliseconds",
-            "From the controller accepting a change to this agent applying it (last push)",
+            "From the controller accepting a change to this agent applying it (last change pushed; snapshots are not counted)",
             m.push_lag.clone(),
         );
         sm.register("config_version", "Version of the configuration applied", m.config_version.clone());
@@ -280,8 +280,11 @@ impl Metrics {
         self.reclaimed.get()
     }
 
-    pub fn set_config(&self, lag_ms: u64, version: u64) {
-        self.push_lag.set(lag_ms as i64);
+    /// `lag_ms` is that of a change (a delta); a snapshot has none and leaves the gauge alone.
+    pub fn set_config(&self, lag_ms: Option<u64>, version: u64) {
+        if let Some(lag_ms) = lag_ms {
+            self.push_lag.set(lag_ms as i64);
+        }
         self.config_version.set(version as i64);
     }
 
