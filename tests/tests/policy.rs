@@ -182,7 +182,7 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
     let c = t.add_pod(n1, "c", true).unwrap();
     let b = t.add_pod(n2, "b", true).unwrap();
     t.write_workloads().unwrap();
-    let _ctl = t.start_controller(&[]).unwrap();
+    let ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
@@ -195,9 +195,20 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
     let shown = time_until(Duration::from_secs(30), || {
         let out = t.node_command(n2, bin("meshctl")).unwrap().args(["policies"]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains("INVALID") && text.contains("bad.yaml") && text.contains("\"http\" is not a port")
+        // The row names the file and the line where the policy starts, and why.
+        text.lines().any(|l| {
+            l.contains("INVALID")
+                && l.contains("bad.yaml:1: AuthorizationPolicy")
+                && l.contains("\"http\" is not a port")
+        })
     });
     assert!(shown.is_some(), "meshctl policies does not report the rejected policy");
+    // The controller's own log says which file, line and why.
+    let logged = ctl.log_lines().into_iter().any(|l| {
+        let e = l["error"].as_str().unwrap_or_default();
+        e.contains("bad.yaml:1: AuthorizationPolicy rejected whole") && e.contains("\"http\" is not a port")
+    });
+    assert!(logged, "the controller did not log the rejected policy with its file and line");
     assert!(echo_ok(&t, c, &to), "the invalid policy was half-applied");
     assert!(echo_ok(&t, a, &to));
     let (_, m) = http_get(&t.node(n1).netns, "127.0.0.1:15020", "/metrics").unwrap();

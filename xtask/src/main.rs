@@ -69,6 +69,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The benchmark: its chart's text, and the profiler the report's notes cite.
     ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
     ("perf", "linux-perf"),
+    // The test that checks the systemd units in deploy/systemd/ (`systemd-analyze verify`).
+    ("systemd-analyze", "systemd"),
+    // The by-hand example (examples/local/): nsenter to enter a host's network namespace, a
+    // web server and a client that a user would have.
+    ("nsenter", "util-linux"),
+    ("findmnt", "util-linux"),
+    ("curl", "curl"),
+    ("/usr/bin/python3", "python3"),
 ];
 
 fn main() {
