@@ -32,9 +32,20 @@ pub fn mounted_at(mountinfo: &str, path: &Path) -> Option<String> {
     mounts(mountinfo).filter(|(p, _)| p == path).last().map(|(_, t)| t.to_owned())
 }
 
-/// Whether `own` lacks a cgroup v2 or bpffs mount that `init` (PID 1's view) has: the sign of
-/// a /sys remounted in a private mount namespace.
+/// Whether `own` has a /sys of its own (another sysfs instance than `init`'s, as
+/// `ip netns exec` mounts) that lacks a cgroup v2 or bpffs mount `init` (PID 1's view) has.
+/// A private mount namespace that merely unmounted bpffs is not this case: there, mounting it
+/// is the right advice.
 pub fn hides_host_mounts(own: &str, init: &str) -> bool {
+    let sys_dev = |mi: &str| -> Option<String> {
+        mi.lines().filter_map(|l| l.split_once(" - ")).find_map(|(left, _)| {
+            let f: Vec<&str> = left.split_whitespace().collect();
+            (f.get(4) == Some(&"/sys")).then(|| f.get(2).map(|d| d.to_string())).flatten()
+        })
+    };
+    if sys_dev(own) == sys_dev(init) {
+        return false;
+    }
     let has = |mi: &str, ty: &str| mounts(mi).any(|(_, t)| t == ty);
     ["cgroup2", "bpf"].iter().any(|ty| has(init, ty) && !has(own, ty))
 }
@@ -55,7 +66,8 @@ pub fn sys_remounted() -> bool {
 mod tests {
     use super::*;
 
-    const HOST: &str = "35 25 0:30 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw\n\
+    const HOST: &str = "22 1 0:21 / /sys rw shared:7 - sysfs sysfs rw\n\
+                        35 25 0:30 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw\n\
                         36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
                         40 25 0:40 / /sys/fs/bpf rw shared:12 - bpf bpf rw\n";
     const NETNS_EXEC: &str = "300 200 0:60 / /sys rw - sysfs sysfs rw\n";
@@ -75,5 +87,8 @@ mod tests {
         assert!(!hides_host_mounts(HOST, HOST));
         // A host without bpffs mounted anywhere is not a hidden mount.
         assert!(!hides_host_mounts(NETNS_EXEC, NETNS_EXEC));
+        // Nor is a private mount namespace that unmounted bpffs under the same /sys.
+        let unmounted: String = HOST.lines().filter(|l| !l.contains(" - bpf ")).map(|l| format!("{l}\n")).collect();
+        assert!(!hides_host_mounts(&unmounted, HOST));
     }
 }
