@@ -184,10 +184,15 @@ fn an_invalid_policy_is_reported_on_every_node_and_never_half_applied() {
     t.write_workloads().unwrap();
     let ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
+    // The agents connect well after the controller accepted its configuration: the snapshot
+    // they get first is that old, and its age is not a push lag.
+    std::thread::sleep(Duration::from_secs(1));
     let _agent1 = t.start_agent(n1, &[]).unwrap();
     let _agent2 = t.start_agent(n2, &[]).unwrap();
     t.wait_ready(n1).unwrap();
     t.wait_ready(n2).unwrap();
+    let (_, m) = http_get(&t.node(n1).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    assert_eq!(metric(&m, "sockmesh_config_push_lag_milliseconds", &[]), Some(0.0), "a snapshot counted as lag: {m}");
     let to = format!("{}:{APP_PORT}", t.pod(b).ip);
     // Its first rule alone would allow only a; its second rule is invalid. Applied half, c would
     // be denied.
