@@ -116,40 +116,62 @@ fn check_api(v: &str) -> Result<(), String> {
     }
 }
 
-/// Builds the model from the last good contents of every file.
+/// Builds the model from the last good contents of every file. A policy that is invalid is
+/// rejected whole; if `previous` (the model in force) has a valid version of it, that version
+/// stays in force (an edit that breaks a DENY must not lift it), else it is not applied.
 fn assemble(
     files: &BTreeMap<PathBuf, FileContents>,
     mut errors: Vec<String>,
     extra_workloads: &[Workload],
     version: u64,
+    previous: &Model,
 ) -> Model {
     let mut m = Model { version, ..Default::default() };
     for w in extra_workloads.iter().chain(files.values().flat_map(|f| f.workloads.iter())) {
         m.workloads.insert(w.key(), w.clone());
     }
+    let mut reject = |what: String, e: String, kept: bool| {
+        let e = if kept {
+            format!("{what} rejected whole: {e}; its previous version stays in force")
+        } else {
+            format!("{what} rejected whole: {e}; not applied")
+        };
+        tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
+        errors.push(e)
+    };
     for (path, f) in files {
         for p in &f.authz {
+            let key = (p.namespace.clone(), p.name.clone());
             match Compiled::compile(&p.namespace, &p.name, &p.spec) {
                 Ok(_) => {
-                    m.authz.insert((p.namespace.clone(), p.name.clone()), p.spec.clone());
+                    m.authz.insert(key, p.spec.clone());
                 }
                 Err(e) => {
-                    let e = format!("{}:{}: AuthorizationPolicy rejected whole: {e}", path.display(), p.line);
-                    tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
-                    errors.push(e)
+                    let kept = previous.authz.get(&key).cloned();
+                    reject(
+                        format!("{}:{}: AuthorizationPolicy", path.display(), p.line),
+                        e.to_string(),
+                        kept.is_some(),
+                    );
+                    if let Some(spec) = kept {
+                        m.authz.insert(key, spec);
+                    }
                 }
             }
         }
         for p in &f.peer {
-            let (ns, n) = (&p.namespace, &p.name);
+            let key = (p.namespace.clone(), p.name.clone());
             match p.spec.validate() {
                 Ok(()) => {
-                    m.peer_auth.insert((ns.clone(), n.clone()), p.spec.clone());
+                    m.peer_auth.insert(key, p.spec.clone());
                 }
                 Err(e) => {
-                    let e = format!("{}:{}: PeerAuthentication {ns}/{n} rejected whole: {e}", path.display(), p.line);
-                    tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
-                    errors.push(e)
+                    let kept = previous.peer_auth.get(&key).cloned();
+                    let what = format!("{}:{}: PeerAuthentication {}/{}", path.display(), p.line, key.0, key.1);
+                    reject(what, e.to_string(), kept.is_some());
+                    if let Some(spec) = kept {
+                        m.peer_auth.insert(key, spec);
+                    }
                 }
             }
         }
@@ -216,7 +238,8 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
             }
         }
         version += 1;
-        let m = assemble(&good, errors, &[], version);
+        let previous = tx.borrow().clone();
+        let m = assemble(&good, errors, &[], version, &previous);
         tracing::info!(
             version,
             workloads = m.workloads.len(),
@@ -259,7 +282,7 @@ mod tests {
         let text = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad}\nspec:\n  rules:\n  - to:\n    - operation: {ports: [\"http\"]}\n";
         let c = parse_file(Path::new("p.yaml"), text).unwrap();
         let files = BTreeMap::from([(PathBuf::from("p.yaml"), c)]);
-        let m = assemble(&files, vec![], &[], 1);
+        let m = assemble(&files, vec![], &[], 1, &Model::default());
         assert!(m.authz.is_empty());
         assert!(
             m.errors[0].starts_with("p.yaml:1: AuthorizationPolicy rejected whole")
@@ -279,7 +302,7 @@ mod tests {
         ] {
             let text = format!("apiVersion: security.sockmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: pa}}\nspec:\n  {spec}\n");
             let c = parse_file(Path::new("pa.yaml"), &text).unwrap();
-            let m = assemble(&BTreeMap::from([(PathBuf::from("pa.yaml"), c)]), vec![], &[], 1);
+            let m = assemble(&BTreeMap::from([(PathBuf::from("pa.yaml"), c)]), vec![], &[], 1, &Model::default());
             assert!(m.peer_auth.is_empty(), "{spec}");
             assert!(
                 m.errors[0].starts_with("pa.yaml:1: PeerAuthentication default/pa") && m.errors[0].contains(want),
@@ -293,7 +316,34 @@ mod tests {
             vec![],
             &[],
             1,
+            &Model::default(),
         );
         assert_eq!((m.peer_auth.len(), m.errors.len()), (1, 0), "{:?}", m.errors);
+    }
+
+    /// An edit that breaks a DENY must not lift it: the version in force stays, and says so.
+    /// A policy that was never valid is not applied. Deleting the file removes the policy.
+    #[test]
+    fn a_broken_edit_keeps_the_previous_version_of_a_policy_in_force() {
+        let deny = |ports: &str| {
+            format!("apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-x}}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {{principals: [\"cluster.local/ns/default/sa/x\"]}}\n    to:\n    - operation: {{ports: [{ports}]}}\n")
+        };
+        let files =
+            |text: &str| BTreeMap::from([(PathBuf::from("d.yaml"), parse_file(Path::new("d.yaml"), text).unwrap())]);
+        let good = assemble(&files(&deny("\"8080\"")), vec![], &[], 1, &Model::default());
+        assert_eq!(good.authz.len(), 1, "{:?}", good.errors);
+        let key = ("default".to_owned(), "deny-x".to_owned());
+
+        let broken = assemble(&files(&deny("\"http\"")), vec![], &[], 2, &good);
+        assert_eq!(broken.authz.get(&key), good.authz.get(&key), "the DENY in force was lifted");
+        assert!(broken.errors[0].contains("previous version stays in force"), "{:?}", broken.errors);
+        // Still broken at the next reload: still the last good version.
+        let again = assemble(&files(&deny("\"http\"")), vec![], &[], 3, &broken);
+        assert_eq!(again.authz.get(&key), good.authz.get(&key));
+
+        let never = assemble(&files(&deny("\"http\"")), vec![], &[], 1, &Model::default());
+        assert!(never.authz.is_empty() && never.errors[0].contains("not applied"), "{:?}", never.errors);
+        let deleted = assemble(&BTreeMap::new(), vec![], &[], 4, &again);
+        assert!(deleted.authz.is_empty());
     }
 }

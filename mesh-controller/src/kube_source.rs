@@ -64,12 +64,15 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
     })
 }
 
-/// The model from the current contents of the stores. Pure.
+/// The model from the current contents of the stores. Pure. An invalid policy is rejected
+/// whole; the valid version of it in `previous` (the model in force), if any, stays in force:
+/// an edit that breaks a DENY must not lift it.
 pub fn model_from(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
     aps: &[Arc<AuthorizationPolicy>],
     pas: &[Arc<PeerAuthentication>],
+    previous: &Model,
 ) -> Model {
     let meshed: std::collections::BTreeSet<String> = namespaces
         .iter()
@@ -88,7 +91,13 @@ pub fn model_from(
             Ok(_) => {
                 m.authz.insert((ns, name), ap.spec.clone());
             }
-            Err(e) => m.errors.push(format!("AuthorizationPolicy rejected: {e}")),
+            Err(e) => match previous.authz.get(&(ns.clone(), name.clone())) {
+                Some(kept) => {
+                    m.errors.push(format!("AuthorizationPolicy rejected: {e}; its previous version stays in force"));
+                    m.authz.insert((ns, name), kept.clone());
+                }
+                None => m.errors.push(format!("AuthorizationPolicy rejected: {e}; not applied")),
+            },
         }
     }
     for pa in pas {
@@ -97,7 +106,15 @@ pub fn model_from(
             Ok(()) => {
                 m.peer_auth.insert((ns, name), pa.spec.clone());
             }
-            Err(e) => m.errors.push(format!("PeerAuthentication {ns}/{name} rejected: {e}")),
+            Err(e) => match previous.peer_auth.get(&(ns.clone(), name.clone())) {
+                Some(kept) => {
+                    m.errors.push(format!(
+                        "PeerAuthentication {ns}/{name} rejected: {e}; its previous version stays in force"
+                    ));
+                    m.peer_auth.insert((ns, name), kept.clone());
+                }
+                None => m.errors.push(format!("PeerAuthentication {ns}/{name} rejected: {e}; not applied")),
+            },
         }
     }
     m
@@ -125,7 +142,8 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
     let mut version = 0u64;
     while all.next().await.is_some() {
         changed.notify_one();
-        let mut m = model_from(&pods.state(), &nss.state(), &aps.state(), &pas.state());
+        let previous = tx.borrow().clone();
+        let mut m = model_from(&pods.state(), &nss.state(), &aps.state(), &pas.state(), &previous);
         version += 1;
         m.version = version;
         m.accepted_at_ms = std::time::SystemTime::now()
