@@ -80,17 +80,35 @@ pub struct Document {
 /// Splits a multi-document YAML file, keeping where each document starts so that an error in
 /// it can name a line of the file. Empty documents are dropped.
 pub fn documents(path: &Path, text: &str) -> Result<Vec<Document>, WorkloadError> {
-    let mut starts = vec![1usize];
-    for (i, l) in text.lines().enumerate() {
-        if l.trim_end() == "---" && i > 0 {
-            starts.push(i + 2);
-        }
-    }
+    // Where YAML would see the documents: a `---` line (perhaps followed by a comment or by
+    // the document's first content) starts one; comments, blank lines and directives before
+    // the first `---` are no document of their own.
     let lines: Vec<&str> = text.lines().collect();
+    let seps: Vec<usize> = (0..lines.len())
+        .filter(|&i| {
+            let l = lines[i].trim_end();
+            l == "---" || l.starts_with("--- ") || l.starts_with("---\t")
+        })
+        .collect();
+    let trivial = |l: &&str| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t.starts_with('%')
+    };
+    // Each document's first line (1-based) and the index of the line after its last.
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    let first_sep = seps.first().copied().unwrap_or(lines.len());
+    if seps.is_empty() || !lines[..first_sep].iter().all(trivial) {
+        spans.push((1, first_sep));
+    }
+    for (k, &i) in seps.iter().enumerate() {
+        let end = seps.get(k + 1).copied().unwrap_or(lines.len());
+        let rest = lines[i].trim_end()[3..].trim();
+        let start = if rest.is_empty() || rest.starts_with('#') { i + 2 } else { i + 1 };
+        spans.push((start, end));
+    }
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let start = starts.get(i).copied().unwrap_or(1);
-        let end = starts.get(i + 1).map(|next| next - 2).unwrap_or(lines.len());
+        let (start, end) = spans.get(i).copied().unwrap_or((1, lines.len()));
         let own = lines.get(start - 1..end.max(start - 1)).unwrap_or_default().join("\n");
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| WorkloadError::Parse {
             path: path.to_owned(),
@@ -297,6 +315,16 @@ mod tests {
         assert!(msg.starts_with("w.yaml:8:") && msg.contains("serviceAcount"), "{msg}");
         let err = parse_str(Path::new("w.yaml"), "kind: Workload\nname: a\nips: [not-an-ip]\n").unwrap_err();
         assert!(err.to_string().starts_with("w.yaml:3:"), "{err}");
+        // Comments before the first `---`, and a comment after one, are no documents.
+        let err = parse_str(
+            Path::new("w.yaml"),
+            "# n1\n---\nkind: Workload\nname: a\nips: [10.0.0.1]\n--- # b\nkind: Workload\nname: b\nips: [10.0.0.2]\nserviceAcount: x\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("w.yaml:10:"), "{err}");
+        let ok =
+            parse_str(Path::new("w.yaml"), "---\r\nkind: Workload\r\nname: a\r\nips: [10.0.0.1]\r\n---\r\n---\r\n");
+        assert_eq!(ok.unwrap().len(), 1);
         let err = parse_str(Path::new("w.yaml"), "kind: AuthorizationPolicy\n").unwrap_err();
         assert!(err.to_string().contains("--config-dir"), "{err}");
         let err = parse_str(Path::new("w.yaml"), "name: a\nips: [10.0.0.1]\n").unwrap_err();
