@@ -66,16 +66,35 @@ pub enum CredentialsFileError {
     Invalid { path: String, reason: String },
 }
 
-#[derive(serde::Deserialize)]
+/// The list's format, both ways (`mesh-controller node add` writes it).
+#[derive(serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct File {
-    nodes: Vec<Entry>,
+pub(crate) struct File {
+    pub nodes: Vec<Entry>,
 }
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
-    name: String,
-    credential: String,
+pub(crate) struct Entry {
+    pub name: String,
+    pub credential: String,
+}
+
+/// What tells one version of a file from the next: modification time, inode (a rename
+/// replaces it) and size. Taken before the file is read, so a change made while it is read is
+/// seen at the next check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    ino: u64,
+    len: u64,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp { modified: m.modified().ok(), ino: m.ino(), len: m.len() })
+    }
 }
 
 /// Shortest credential accepted: anything shorter is guessable.
@@ -128,13 +147,12 @@ impl StaticCredentials {
     /// Re-reads `path` when it changes (checked every second), so that a node added with
     /// `mesh-controller node add` is accepted without a restart. A file that no longer loads
     /// is reported and the last good list stays in force.
-    pub fn watch(self: std::sync::Arc<Self>, path: std::path::PathBuf) {
+    pub fn watch(self: std::sync::Arc<Self>, path: std::path::PathBuf, loaded: Option<FileStamp>) {
         tokio::spawn(async move {
-            let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let mut seen = stamp(&path);
+            let mut seen = loaded;
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                let now = stamp(&path);
+                let now = FileStamp::of(&path);
                 if now == seen {
                     continue;
                 }

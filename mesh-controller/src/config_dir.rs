@@ -68,10 +68,10 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
         match kind {
             "Workload" => {
                 let w = doc.workload(path).map_err(|e| e.to_string())?;
-                w.validate("").map_err(|e| at(None, e.to_string()))?;
                 if w.node.is_none() {
                     return Err(at(None, format!("Workload {}: no node; every workload is placed on a node", w.key())));
                 }
+                w.validate("").map_err(|e| at(None, e.to_string()))?;
                 out.workloads.push(w);
             }
             "AuthorizationPolicy" => {

@@ -237,15 +237,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let ca = Arc::new(load_ca(&args)?);
     // Agents trust the roots; they find them here (or ask GetTrustBundle once trusted).
+    // Written whole and renamed: an agent started meanwhile never reads half of it.
     std::fs::create_dir_all(state_dir(&args))?;
-    std::fs::write(state_dir(&args).join("trust-bundle.pem"), ca.roots_pem().concat())?;
+    let bundle = state_dir(&args).join("trust-bundle.pem");
+    let tmp = bundle.with_extension("pem.tmp");
+    std::fs::write(&tmp, ca.roots_pem().concat())?;
+    std::fs::rename(&tmp, &bundle).with_context(|| format!("writing {}", bundle.display()))?;
     let auth: Arc<dyn auth::NodeAuthenticator> = match args.node_auth {
         NodeAuth::Static => {
             let path = args.node_credentials.as_ref().context(
                 "--node-auth static needs --node-credentials FILE (create it with `mesh-controller node add <node> --node-credentials FILE`)",
             )?;
+            let stamp = auth::FileStamp::of(path);
             let creds = Arc::new(auth::StaticCredentials::load(path)?);
-            creds.clone().watch(path.clone());
+            creds.clone().watch(path.clone(), stamp);
             creds
         }
         NodeAuth::Kubernetes => {

@@ -29,9 +29,16 @@ pub fn check_node_name(name: &str) -> anyhow::Result<()> {
 
 /// Adds `name` to the list at `list` (created if absent) and writes its credential to `out`.
 /// Refuses a node already listed and an `out` that exists: a credential is never replaced by
-/// accident.
+/// accident. The list is rewritten whole (comments in it are not kept), under a lock on its
+/// directory so that two runs at once cannot lose an entry.
 pub fn add(list: &Path, name: &str, out: &Path) -> anyhow::Result<()> {
     check_node_name(name)?;
+    let dir = match list.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let lock = std::fs::File::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+    lock.lock().with_context(|| format!("locking {}", dir.display()))?;
     let mut nodes = match std::fs::metadata(list) {
         // The same checks the controller makes when it loads the list.
         Ok(_) => crate::auth::StaticCredentials::load(list)?.into_entries(),
@@ -43,14 +50,18 @@ pub fn add(list: &Path, name: &str, out: &Path) -> anyhow::Result<()> {
     }
     nodes.insert(name.to_owned(), new_credential()?);
     let credential = nodes[name].clone();
-    let mut text = String::from(
-        "# Node credentials for mesh-controller --node-credentials (written by `mesh-controller node add`).\nnodes:\n",
+    let file = crate::auth::File {
+        nodes: nodes.iter().map(|(n, c)| crate::auth::Entry { name: n.clone(), credential: c.clone() }).collect(),
+    };
+    let text = format!(
+        "# Node credentials for mesh-controller --node-credentials (rewritten by `mesh-controller node add`).\n{}",
+        serde_yaml::to_string(&file)?
     );
-    for (n, c) in &nodes {
-        text.push_str(&format!("- {{name: {n}, credential: {c}}}\n"));
+    // The result must load and say exactly what was meant, or nothing is written.
+    let reread = crate::auth::StaticCredentials::parse(&list.display().to_string(), &text)?.into_entries();
+    if reread != nodes {
+        bail!("{} would not read back as written; nothing changed", list.display());
     }
-    // The result must load, or nothing is written.
-    crate::auth::StaticCredentials::parse(&list.display().to_string(), &text)?;
 
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -61,8 +72,7 @@ pub fn add(list: &Path, name: &str, out: &Path) -> anyhow::Result<()> {
     f.write_all(format!("{credential}\n").as_bytes())?;
     f.sync_all()?;
 
-    let tmp: PathBuf = list.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    let tmp: PathBuf = list.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
@@ -106,6 +116,19 @@ mod tests {
             "nothing half-written"
         );
         assert!(add(&list, "n 4", &dir.join("n4")).is_err());
+
+        // Entries written by hand, with characters YAML cares about, keep their values.
+        use std::os::unix::fs::OpenOptionsExt;
+        let odd = "'quoted: #hash, {brace}& *x !y  ";
+        let _ = std::fs::remove_file(&list);
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&list).unwrap();
+        f.write_all(format!("# mine\nnodes:\n- name: n9\n  credential: \"{}\"\n", odd.replace('"', "\\\"")).as_bytes())
+            .unwrap();
+        drop(f);
+        add(&list, "n5", &dir.join("n5.credential")).unwrap();
+        let creds = crate::auth::StaticCredentials::load(&list).unwrap();
+        assert_eq!(creds.authenticate(odd).await.unwrap(), "n9");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
