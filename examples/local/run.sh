@@ -16,8 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${SOCKMESH_BIN:-$HERE/../../target/release}
 export PATH="$BIN:$PATH"
 P=${SOCKMESH_EXAMPLE_PREFIX:-smx-}          # names of everything this script creates
-WORK=$(mktemp -d /tmp/sockmesh-example.XXXXXX)
-CG=$(findmnt -n -o TARGET -t cgroup2 | head -n1)
+CG=$(findmnt -n -o TARGET -t cgroup2 | head -n1 || true)
 PIDS=()
 FAILED=0
 
@@ -46,12 +45,20 @@ cleanup() {
   for d in n1/client n1/intruder n2/web n1 n2; do rmdir "$CG/$P$d" 2>/dev/null; done
   rm -rf "$WORK"
 }
-trap cleanup EXIT
 [ "$(id -u)" = 0 ] || { echo "run as root: the agent loads eBPF programs"; exit 1; }
 for b in mesh-controller mesh-agent meshctl; do
   command -v $b >/dev/null || { echo "$b not found in $BIN: run \`cargo xtask build\` or set SOCKMESH_BIN"; exit 1; }
 done
 [ -n "$CG" ] || { echo "no cgroup v2 mount found: mount one first"; exit 1; }
+# The cleanup removes what carries the prefix: never start over another run's mesh.
+for f in /run/netns/${P}{n1,n2,client,intruder,web} "$CG/${P}n1" "$CG/${P}n2" /sys/fs/bpf/${P}{n1,n2}; do
+  if [ -e "$f" ]; then
+    echo "$f exists (another run of this example?): stop that run first, or set SOCKMESH_EXAMPLE_PREFIX"
+    exit 1
+  fi
+done
+WORK=$(mktemp -d /tmp/sockmesh-example.XXXXXX)
+trap cleanup EXIT
 
 step "1. Two hosts, n1 (10.99.0.1) and n2 (10.99.0.2), on one link"
 for n in n1 n2; do run ip netns add "$P$n"; run ip -n "$P$n" link set lo up; done

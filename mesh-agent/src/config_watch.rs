@@ -17,7 +17,7 @@ use mesh_api::push::{ConfigUpdate, Resource, ResourceId, WatchRequest};
 use serde::{Deserialize, Serialize};
 
 use crate::hbone::pool::Pool;
-use crate::identity::{now_secs, FetchError, Identities};
+use crate::identity::{FetchError, Identities};
 use crate::metrics::Metrics;
 use crate::state::{BuildError, ConfigState, StateStore};
 
@@ -81,7 +81,11 @@ impl ConfigWatch {
             // A delta's lag is how long the change took to reach this agent. A snapshot (the
             // first message of every stream) carries the state as it was accepted, perhaps long
             // ago: its age is not a lag and is not reported as one.
-            let lag_ms = (!snapshot).then(|| (now_secs() * 1000 - accepted_at_ms).max(0) as u64);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let lag_ms = (!snapshot).then(|| (now_ms - accepted_at_ms).max(0) as u64);
             match lag_ms {
                 Some(lag_ms) => {
                     tracing::info!(version, resources = resources.len(), lag_ms, "configuration change applied")
