@@ -108,38 +108,23 @@ step "4. One agent per host (each its own bpffs directory and cgroup root)"
 # Each agent's --workloads file: the controller's documents for the workloads of its host, plus
 # where their kernel objects are. The controller decides identity and placement; the agent only
 # captures, and a workload the controller does not place on its host gets no certificate.
-cat >"$WORK/n1/workloads.yaml" <<EOF
+# local_workload NAME HOST ADDRESS: the document config/workloads.yaml has for NAME (its
+# service account and app label are its name), plus its netns and cgroup on HOST.
+local_workload() {
+  cat <<EOF
 kind: Workload
-name: client
+name: $1
 namespace: default
-serviceAccount: client
-labels: {app: client}
-ips: [10.20.1.10]
-node: n1
-netns: /run/netns/${P}client
-cgroup: $CG/${P}n1/client
----
-kind: Workload
-name: intruder
-namespace: default
-serviceAccount: intruder
-labels: {app: intruder}
-ips: [10.20.1.11]
-node: n1
-netns: /run/netns/${P}intruder
-cgroup: $CG/${P}n1/intruder
+serviceAccount: $1
+labels: {app: $1}
+ips: [$3]
+node: $2
+netns: /run/netns/$P$1
+cgroup: $CG/$P$2/$1
 EOF
-cat >"$WORK/n2/workloads.yaml" <<EOF
-kind: Workload
-name: web
-namespace: default
-serviceAccount: web
-labels: {app: web}
-ips: [10.20.2.10]
-node: n2
-netns: /run/netns/${P}web
-cgroup: $CG/${P}n2/web
-EOF
+}
+{ local_workload client n1 10.20.1.10; echo ---; local_workload intruder n1 10.20.1.11; } >"$WORK/n1/workloads.yaml"
+local_workload web n2 10.20.2.10 >"$WORK/n2/workloads.yaml"
 for n in n1 n2; do
   echo "  $WORK/$n/workloads.yaml:"; sed 's/^/    /' "$WORK/$n/workloads.yaml"
   start $n "$WORK/$n/agent.log" \

@@ -159,9 +159,7 @@ impl Config {
             value: format!("{value:?}"),
             reason: reason.to_owned(),
         };
-        if a.node.is_empty()
-            || !a.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        {
+        if !mesh_model::workload::is_node_name(&a.node) {
             return Err(invalid("node", &a.node, "must be non-empty and use only letters, digits, '-', '.', '_'"));
         }
         let remounted = |what: String| ConfigError::SysRemounted { what };

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use mesh_model::authz::Compiled;
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use mesh_model::Workload;
 use serde::Deserialize;
@@ -116,12 +115,11 @@ fn check_api(v: &str) -> Result<(), String> {
     }
 }
 
-/// Builds the model from the last good contents of every file. A policy that is invalid is
-/// rejected whole; if `previous` (the model in force) has a valid version of it, that version
-/// stays in force (an edit that breaks a DENY must not lift it), else it is not applied.
+/// Builds the model from the last good contents of every file; an invalid policy is handled
+/// as [`Model::admit_authz`] says.
 fn assemble(
     files: &BTreeMap<PathBuf, FileContents>,
-    mut errors: Vec<String>,
+    errors: Vec<String>,
     extra_workloads: &[Workload],
     version: u64,
     previous: &Model,
@@ -130,53 +128,17 @@ fn assemble(
     for w in extra_workloads.iter().chain(files.values().flat_map(|f| f.workloads.iter())) {
         m.workloads.insert(w.key(), w.clone());
     }
-    let mut reject = |what: String, e: String, kept: bool| {
-        let e = if kept {
-            format!("{what} rejected whole: {e}; its previous version stays in force")
-        } else {
-            format!("{what} rejected whole: {e}; not applied")
-        };
-        tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
-        errors.push(e)
-    };
+    m.errors = errors;
     for (path, f) in files {
         for p in &f.authz {
-            let key = (p.namespace.clone(), p.name.clone());
-            match Compiled::compile(&p.namespace, &p.name, &p.spec) {
-                Ok(_) => {
-                    m.authz.insert(key, p.spec.clone());
-                }
-                Err(e) => {
-                    let kept = previous.authz.get(&key).cloned();
-                    reject(
-                        format!("{}:{}: AuthorizationPolicy", path.display(), p.line),
-                        e.to_string(),
-                        kept.is_some(),
-                    );
-                    if let Some(spec) = kept {
-                        m.authz.insert(key, spec);
-                    }
-                }
-            }
+            let what = format!("{}:{}: AuthorizationPolicy", path.display(), p.line);
+            m.admit_authz(previous, (p.namespace.clone(), p.name.clone()), &p.spec, what);
         }
         for p in &f.peer {
-            let key = (p.namespace.clone(), p.name.clone());
-            match p.spec.validate() {
-                Ok(()) => {
-                    m.peer_auth.insert(key, p.spec.clone());
-                }
-                Err(e) => {
-                    let kept = previous.peer_auth.get(&key).cloned();
-                    let what = format!("{}:{}: PeerAuthentication {}/{}", path.display(), p.line, key.0, key.1);
-                    reject(what, e.to_string(), kept.is_some());
-                    if let Some(spec) = kept {
-                        m.peer_auth.insert(key, spec);
-                    }
-                }
-            }
+            let what = format!("{}:{}: PeerAuthentication {}/{}", path.display(), p.line, p.namespace, p.name);
+            m.admit_peer_auth(previous, (p.namespace.clone(), p.name.clone()), &p.spec, what);
         }
     }
-    m.errors = errors;
     m.accepted_at_ms =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     m

@@ -13,7 +13,6 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
-use mesh_model::authz::Compiled;
 use mesh_model::policy::{AuthorizationPolicy, PeerAuthentication};
 use mesh_model::Workload;
 
@@ -64,9 +63,8 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
     })
 }
 
-/// The model from the current contents of the stores. Pure. An invalid policy is rejected
-/// whole; the valid version of it in `previous` (the model in force), if any, stays in force:
-/// an edit that breaks a DENY must not lift it.
+/// The model from the current contents of the stores. Pure, but for the log line of a
+/// rejected policy, handled as [`Model::admit_authz`] says.
 pub fn model_from(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
@@ -86,36 +84,13 @@ pub fn model_from(
         }
     }
     for ap in aps {
-        let (ns, name) = (ap.namespace().unwrap_or_default(), ap.name_any());
-        match Compiled::compile(&ns, &name, &ap.spec) {
-            Ok(_) => {
-                m.authz.insert((ns, name), ap.spec.clone());
-            }
-            Err(e) => match previous.authz.get(&(ns.clone(), name.clone())) {
-                Some(kept) => {
-                    m.errors.push(format!("AuthorizationPolicy rejected: {e}; its previous version stays in force"));
-                    m.authz.insert((ns, name), kept.clone());
-                }
-                None => m.errors.push(format!("AuthorizationPolicy rejected: {e}; not applied")),
-            },
-        }
+        let key = (ap.namespace().unwrap_or_default(), ap.name_any());
+        m.admit_authz(previous, key, &ap.spec, "AuthorizationPolicy".into());
     }
     for pa in pas {
-        let (ns, name) = (pa.namespace().unwrap_or_default(), pa.name_any());
-        match pa.spec.validate() {
-            Ok(()) => {
-                m.peer_auth.insert((ns, name), pa.spec.clone());
-            }
-            Err(e) => match previous.peer_auth.get(&(ns.clone(), name.clone())) {
-                Some(kept) => {
-                    m.errors.push(format!(
-                        "PeerAuthentication {ns}/{name} rejected: {e}; its previous version stays in force"
-                    ));
-                    m.peer_auth.insert((ns, name), kept.clone());
-                }
-                None => m.errors.push(format!("PeerAuthentication {ns}/{name} rejected: {e}; not applied")),
-            },
-        }
+        let key = (pa.namespace().unwrap_or_default(), pa.name_any());
+        let what = format!("PeerAuthentication {}/{}", key.0, key.1);
+        m.admit_peer_auth(previous, key, &pa.spec, what);
     }
     m
 }

@@ -385,21 +385,7 @@ mod tests {
     /// Every flag and subcommand says what it is for in `--help`.
     #[test]
     fn every_flag_has_help_text() {
-        fn walk(c: &clap::Command, missing: &mut Vec<String>) {
-            for a in c.get_arguments() {
-                if a.get_help().is_none() && !matches!(a.get_id().as_str(), "help" | "version") {
-                    missing.push(format!("{} --{}", c.get_name(), a.get_id()));
-                }
-            }
-            for s in c.get_subcommands() {
-                if s.get_about().is_none() && s.get_name() != "help" {
-                    missing.push(format!("{} {}", c.get_name(), s.get_name()));
-                }
-                walk(s, missing);
-            }
-        }
-        let mut missing = Vec::new();
-        walk(&super::Cli::command(), &mut missing);
+        let missing = mesh_api::cli::missing_help(&super::Cli::command());
         assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 

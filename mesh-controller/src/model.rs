@@ -26,6 +26,21 @@ pub struct Model {
 pub type Resources = BTreeMap<ResourceId, String>;
 
 impl Model {
+    /// Admits an AuthorizationPolicy if it compiles. If not, it is rejected whole: the version
+    /// `previous` (the model in force) has of it stays in force — an edit that breaks a DENY
+    /// must not lift it — and a policy never valid is not applied. `what` names it for the
+    /// error (file and line, or the object).
+    pub fn admit_authz(&mut self, previous: &Model, key: Key, spec: &AuthorizationPolicySpec, what: String) {
+        let checked = Compiled::compile(&key.0, &key.1, spec).map(drop).map_err(|e| e.to_string());
+        admit(&mut self.authz, &previous.authz, key, spec, checked, what, &mut self.errors);
+    }
+
+    /// [`Model::admit_authz`] for a PeerAuthentication.
+    pub fn admit_peer_auth(&mut self, previous: &Model, key: Key, spec: &PeerAuthenticationSpec, what: String) {
+        let checked = spec.validate().map_err(|e| e.to_string());
+        admit(&mut self.peer_auth, &previous.peer_auth, key, spec, checked, what, &mut self.errors);
+    }
+
     pub fn placement(&self) -> crate::placement::Placement {
         crate::placement::Placement::from_workloads(&self.workloads.values().cloned().collect::<Vec<_>>())
     }
@@ -83,4 +98,28 @@ pub fn diff(old: &Resources, new: &Resources) -> Delta {
     let upserts = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
     let removals = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
     (upserts, removals)
+}
+
+fn admit<S: Clone>(
+    into: &mut BTreeMap<Key, S>,
+    previous: &BTreeMap<Key, S>,
+    key: Key,
+    spec: &S,
+    checked: Result<(), String>,
+    what: String,
+    errors: &mut Vec<String>,
+) {
+    let Err(e) = checked else {
+        into.insert(key, spec.clone());
+        return;
+    };
+    let e = match previous.get(&key) {
+        Some(kept) => {
+            into.insert(key, kept.clone());
+            format!("{what} rejected whole: {e}; its previous version stays in force")
+        }
+        None => format!("{what} rejected whole: {e}; not applied"),
+    };
+    tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
+    errors.push(e);
 }

@@ -19,20 +19,14 @@ fn new_credential() -> anyhow::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// A node name as the agent's `--node` takes it.
-pub fn check_node_name(name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
-        bail!("node name {name:?}: use only letters, digits, '-', '.' and '_' (the agent's --node)");
-    }
-    Ok(())
-}
-
 /// Adds `name` to the list at `list` (created if absent) and writes its credential to `out`.
 /// Refuses a node already listed and an `out` that exists: a credential is never replaced by
 /// accident. The list is rewritten whole (comments in it are not kept), under a lock on its
 /// directory so that two runs at once cannot lose an entry.
 pub fn add(list: &Path, name: &str, out: &Path) -> anyhow::Result<()> {
-    check_node_name(name)?;
+    if !mesh_model::workload::is_node_name(name) {
+        bail!("node name {name:?}: use only letters, digits, '-', '.' and '_' (the agent's --node)");
+    }
     let dir = match list.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),

@@ -235,6 +235,12 @@ impl Workload {
     }
 }
 
+/// A node name as the agent's `--node` and the controller's node list take it: letters,
+/// digits, '-', '.' and '_'.
+pub fn is_node_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
 /// A DNS-1123 label (RFC 1123, as Kubernetes applies it): 1-63 lowercase letters, digits and
 /// '-', starting and ending with a letter or digit.
 fn is_dns_label(s: &str) -> bool {

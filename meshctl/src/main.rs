@@ -246,17 +246,7 @@ mod tests {
     #[test]
     fn every_flag_and_subcommand_has_help_text() {
         use clap::CommandFactory;
-        let cmd = Cli::command();
-        let mut missing: Vec<String> = Vec::new();
-        for c in std::iter::once(&cmd).chain(cmd.get_subcommands()) {
-            let args = c
-                .get_arguments()
-                .filter(|a| a.get_help().is_none() && !["help", "version"].contains(&a.get_id().as_str()));
-            missing.extend(args.map(|a| format!("{} --{}", c.get_name(), a.get_id())));
-            if c.get_about().is_none() && c.get_name() != "help" {
-                missing.push(c.get_name().to_owned());
-            }
-        }
+        let missing = mesh_api::cli::missing_help(&Cli::command());
         assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 

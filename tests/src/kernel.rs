@@ -4,23 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::Value;
 
 use crate::process::run;
 
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    for line in text.lines() {
-        if let Some((left, right)) = line.split_once(" - ") {
-            if right.split_whitespace().next() == Some("cgroup2") {
-                if let Some(p) = left.split_whitespace().nth(4) {
-                    return Ok(PathBuf::from(p));
-                }
-            }
-        }
-    }
-    bail!("no cgroup v2 mount in /proc/self/mountinfo")
+    mesh_api::host::cgroup2_mount().ok_or_else(|| anyhow::anyhow!("no cgroup v2 mount in /proc/self/mountinfo"))
 }
 
 pub fn is_bpffs(p: &Path) -> bool {
