@@ -44,6 +44,19 @@ enum Cmd {
         #[arg(long)]
         bpffs_dir: PathBuf,
     },
+    /// Check that this kernel has every feature the datapath needs and accepts the agent's
+    /// programs, without attaching anything; exit 1 naming what is missing. For an init
+    /// container, an install script, or before a kernel upgrade.
+    Preflight {
+        /// cgroup v2 directory the agent would attach to (a short-lived empty cgroup is made
+        /// below it to probe links). Default: the cgroup v2 mount point.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// A directory on bpffs where the programs' maps may live for the check (a scratch
+        /// directory below it is removed afterwards).
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,12 +71,39 @@ fn main() -> anyhow::Result<()> {
                 tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.worker_threads).enable_all().build()?;
             rt.block_on(run(cfg))
         }
+        Cmd::Preflight { cgroup_root, bpffs } => preflight(cgroup_root, &bpffs),
         Cmd::Uninstall { bpffs_dir } => {
             ebpf::uninstall(&bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
             eprintln!("removed {}: programs detached, maps freed", bpffs_dir.display());
             Ok(())
         }
     }
+}
+
+/// Prints one line per kernel feature, then whether the programs load; fails if anything is
+/// missing.
+fn preflight(cgroup_root: Option<PathBuf>, bpffs: &std::path::Path) -> anyhow::Result<()> {
+    let cgroup_root = match cgroup_root {
+        Some(p) => p,
+        None => config::cgroup2_mount()?,
+    };
+    let release = mesh_api::kernel::release();
+    println!("kernel: Linux {release}");
+    let missing = mesh_api::kernel::missing(&cgroup_root);
+    for f in mesh_api::kernel::FEATURES {
+        let m = missing.iter().find(|m| m.feature.name == f.name);
+        match m {
+            None => println!("ok       {} (Linux {})", f.name, f.since),
+            Some(m) => println!("MISSING  {} (Linux {}): {}", f.name, f.since, m.error),
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("{}", mesh_api::kernel::refusal(&release, &missing));
+    }
+    ebpf::verify_object(bpffs).context("the kernel programs do not load on this kernel")?;
+    println!("ok       the agent's programs pass this kernel's verifier");
+    println!("preflight: this kernel runs the sockmesh datapath");
+    Ok(())
 }
 
 /// Every proxied connection holds up to six descriptors (the pod's socket, the upstream one,

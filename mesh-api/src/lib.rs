@@ -6,10 +6,13 @@
 //!   types, so the CLI cannot drift from the API.
 //! - `cli` (feature `cli`, for tests): the conventions every binary's command line keeps.
 //! - [`host`]: facts about the host's mounts that the agent and `meshctl check` both need.
+//! - `kernel` (feature `kernel`): the kernel features the datapath needs, each probed.
 
 pub mod admin;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod host;
+#[cfg(feature = "kernel")]
+pub mod kernel;
 #[cfg(feature = "push")]
 pub mod push;

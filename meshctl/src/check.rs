@@ -31,14 +31,29 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
         out.push(Check { name, ok, detail, hint: if ok { String::new() } else { hint.to_owned() } })
     };
 
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let (maj, min) = kernel_version(release.trim());
+    // Each feature probed, not the version compared: distribution kernels backport them.
+    let release = mesh_api::kernel::release();
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let probe_cgroup = mesh_api::host::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into());
+    let missing = mesh_api::kernel::missing(&probe_cgroup);
+    let needs: Vec<String> =
+        missing.iter().map(|m| format!("{} (Linux {}): {}", m.feature.name, m.feature.since, m.error)).collect();
     add(
         "kernel",
-        (maj, min) >= (5, 15),
-        format!("Linux {} (BTF {})", release.trim(), if btf { "present" } else { "absent" }),
-        "sockmesh needs Linux 5.15 or newer (sk_lookup links, sock_release, SO_NETNS_COOKIE)",
+        missing.is_empty(),
+        if missing.is_empty() {
+            format!(
+                "Linux {release}: all {} datapath features present (BTF {})",
+                mesh_api::kernel::FEATURES.len(),
+                if btf { "present" } else { "absent" }
+            )
+        } else {
+            format!("Linux {release} lacks {}", needs.join("; "))
+        },
+        &format!(
+            "the agent will not start on this kernel; run mainline Linux {} or newer, or a distribution kernel that backports these features (docs/kernels.md lists the kernels tested)",
+            mesh_api::kernel::MINIMUM
+        ),
     );
 
     // Under `ip netns exec` the host's cgroup v2 and bpffs mounts are hidden, not missing:
@@ -156,25 +171,10 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
     }
 }
 
-fn kernel_version(release: &str) -> (u32, u32) {
-    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
 fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
     // SAFETY: statfs is plain old data.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid path and out-pointer.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0xcafe4a11 }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn kernel_versions_parse() {
-        assert_eq!(super::kernel_version("6.18.0-1-amd64"), (6, 18));
-        assert_eq!(super::kernel_version("5.15.120"), (5, 15));
-        assert_eq!(super::kernel_version("garbage"), (0, 0));
-    }
 }

@@ -58,6 +58,8 @@ pub enum EbpfError {
     Probe { source: std::io::Error },
     #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build`")]
     Missing(&'static str),
+    #[error("{0}")]
+    Kernel(String),
 }
 
 /// Why a link exists: the pin names of the node-wide cgroup links.
@@ -99,6 +101,12 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
+        // Before anything is made or attached: on a kernel that lacks a feature the agent
+        // refuses whole rather than run half-attached.
+        let missing = mesh_api::kernel::missing(cfg.cgroup_root);
+        if !missing.is_empty() {
+            return Err(EbpfError::Kernel(mesh_api::kernel::refusal(&mesh_api::kernel::release(), &missing)));
+        }
         let maps_dir = cfg.bpffs_dir.join("maps");
         let links_dir = cfg.bpffs_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
@@ -112,17 +120,10 @@ impl Datapath {
         let cgroup = File::open(cfg.cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
 
-        let by_port_size = mesh_common::orig_dst_by_port_size(cfg.max_connections);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .map_max_entries(mesh_common::ORIG_DST, cfg.max_connections)
-            .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
-            .map_max_entries(mesh_common::ORIG_DST_BY_CONN, by_port_size)
-            .map_max_entries(mesh_common::WORKLOADS, cfg.max_workloads)
-            .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(cfg.max_workloads))
-            .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(cfg.max_workloads))
-            .load(EBPF_OBJECT)?;
-
+        let mut ebpf = load_object(&maps_dir, cfg.max_connections, cfg.max_workloads)?;
+        // Every program through the verifier before the first is attached: a refusal leaves
+        // the hooks as they were.
+        load_programs(&mut ebpf)?;
         let mut reports = Vec::new();
         for (prog, pin) in CGROUP_LINKS {
             let pin_path = links_dir.join(pin);
@@ -135,12 +136,6 @@ impl Datapath {
             };
             reports.push(LinkReport { name: pin, adopted });
         }
-        let sk_lookup: &mut SkLookup = ebpf
-            .program_mut(mesh_common::PROG_SK_LOOKUP)
-            .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
-            .try_into()
-            .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
-        sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
 
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
@@ -250,6 +245,59 @@ impl Datapath {
     }
 }
 
+/// Loads the object (maps created or reused under `maps_dir`, sized for this node).
+fn load_object(maps_dir: &Path, max_connections: u32, max_workloads: u32) -> Result<Ebpf, EbpfError> {
+    let by_port_size = mesh_common::orig_dst_by_port_size(max_connections);
+    Ok(EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .map_max_entries(mesh_common::ORIG_DST, max_connections)
+        .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
+        .map_max_entries(mesh_common::ORIG_DST_BY_CONN, by_port_size)
+        .map_max_entries(mesh_common::WORKLOADS, max_workloads)
+        .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(max_workloads))
+        .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(max_workloads))
+        .load(EBPF_OBJECT)?)
+}
+
+/// Puts every program through the verifier (loads it into the kernel, attaches nothing).
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    for (prog, _) in CGROUP_LINKS {
+        let program = ebpf.program_mut(prog).ok_or(EbpfError::Missing(prog))?;
+        let r = match program {
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            aya::programs::Program::SockOps(p) => p.load(),
+            aya::programs::Program::CgroupSock(p) => p.load(),
+            _ => return Err(EbpfError::Missing(prog)),
+        };
+        r.map_err(|source| EbpfError::Program { name: prog, source })?;
+    }
+    let sk_lookup: &mut SkLookup = ebpf
+        .program_mut(mesh_common::PROG_SK_LOOKUP)
+        .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
+    sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })
+}
+
+/// What `mesh-agent preflight` checks of the kernel programs themselves: the object loads and
+/// every program passes this kernel's verifier. Its maps live in a scratch directory under
+/// `bpffs` that is removed afterwards; nothing is attached.
+pub fn verify_object(bpffs: &Path) -> Result<(), EbpfError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(EbpfError::NotBuilt);
+    }
+    match sys::is_bpffs(bpffs) {
+        Ok(true) => {}
+        Ok(false) => return Err(EbpfError::NotBpffs { path: bpffs.to_owned() }),
+        Err(source) => return Err(EbpfError::Bpffs { path: bpffs.to_owned(), source }),
+    }
+    let scratch = bpffs.join(format!("sockmesh-preflight-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|source| EbpfError::Bpffs { path: scratch.clone(), source })?;
+    let r = load_object(&scratch, 64, 4).and_then(|mut ebpf| load_programs(&mut ebpf));
+    let _ = std::fs::remove_dir_all(&scratch);
+    r
+}
+
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -260,7 +308,6 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 /// The cgroup-attached program kinds share this shape.
 trait CgroupProgram {
-    fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError>;
     fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, aya::programs::ProgramError>;
     fn attach_pinned(&mut self, cgroup: &File, pin: &Path) -> Result<(), EbpfError>;
 }
@@ -268,9 +315,6 @@ trait CgroupProgram {
 macro_rules! cgroup_program {
     ($ty:ty, $name:literal) => {
         impl CgroupProgram for $ty {
-            fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError> {
-                self.load()
-            }
             fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, aya::programs::ProgramError> {
                 Ok(self.fd()?.as_fd())
             }
@@ -301,7 +345,6 @@ fn attach_or_adopt(
     cgroup: &File,
     pin: &Path,
 ) -> Result<bool, EbpfError> {
-    p.load_prog().map_err(|source| EbpfError::Program { name, source })?;
     if pin.exists() {
         adopt(pin, p.prog_fd().map_err(|source| EbpfError::Program { name, source })?)?;
         Ok(true)

@@ -1,0 +1,398 @@
+//! What sockmesh needs from the kernel, each need probed directly (feature `kernel`).
+//!
+//! Versions are not trusted: distribution kernels backport BPF features (RHEL's 5.14 carries
+//! many from 6.x), so a version number says little. Each [`Feature`] is checked by asking the
+//! kernel for exactly what the agent does: loading a tiny program of the right type that uses
+//! the helper or context field in question, creating the same kind of link, calling the same
+//! socket option. The version in each entry is the mainline release that added it, for the
+//! message a user reads when it is missing.
+//!
+//! The agent runs these before it touches anything (`mesh-agent run` refuses to start, and
+//! `mesh-agent preflight` reports, when one fails), and `meshctl check` runs them too. Probes
+//! need root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN), as the agent has.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// One kernel capability the datapath depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Feature {
+    /// What the kernel must have, as a user can search for it.
+    pub name: &'static str,
+    /// The mainline release that added it.
+    pub since: &'static str,
+    /// What sockmesh does with it.
+    pub used_for: &'static str,
+    probe: Probe,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    /// A program of this type (and expected attach type) that calls this helper loads.
+    Helper { prog: ProgType, helper: u32 },
+    /// An sk_lookup program that reads `bpf_sk_lookup.ingress_ifindex` loads.
+    SkLookupIngressIfindex,
+    /// A cgroup link is created and its program swapped in place (BPF_LINK_UPDATE).
+    CgroupLink,
+    /// An sk_lookup link is created on a network namespace.
+    NetnsLink,
+    /// getsockopt(SO_NETNS_COOKIE) answers.
+    SoNetnsCookie,
+}
+
+/// The program types (with their expected attach types) the agent loads.
+#[derive(Debug, Clone, Copy)]
+enum ProgType {
+    Connect4,
+    SockOps,
+    SockRelease,
+    SkLookup,
+}
+
+impl ProgType {
+    /// (BPF_PROG_TYPE_*, BPF_* attach type), from the kernel's uapi bpf.h.
+    fn ids(self) -> (u32, u32) {
+        match self {
+            ProgType::Connect4 => (18, 10),   // CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT
+            ProgType::SockOps => (13, 0),     // SOCK_OPS
+            ProgType::SockRelease => (9, 34), // CGROUP_SOCK, CGROUP_INET_SOCK_RELEASE
+            ProgType::SkLookup => (30, 36),   // SK_LOOKUP, SK_LOOKUP
+        }
+    }
+}
+
+// Helper ids from uapi bpf.h.
+const KTIME_GET_NS: u32 = 5;
+const GET_SOCKET_COOKIE: u32 = 46;
+const GET_CURRENT_CGROUP_ID: u32 = 80;
+const GET_NETNS_COOKIE: u32 = 122;
+const GET_CURRENT_ANCESTOR_CGROUP_ID: u32 = 123;
+
+/// Everything the kernel programs and the agent use, oldest first.
+pub const FEATURES: &[Feature] = &[
+    Feature {
+        name: "cgroup and socket cookies in connect programs (bpf_get_current_cgroup_id, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie)",
+        since: "5.7",
+        used_for: "recognising a meshed pod's connect by its cgroup and remembering its original destination",
+        probe: Probe::Helper { prog: ProgType::Connect4, helper: GET_CURRENT_ANCESTOR_CGROUP_ID },
+    },
+    Feature {
+        name: "BPF links on cgroups, replaced in place (BPF_LINK_CREATE, BPF_LINK_UPDATE)",
+        since: "5.7",
+        used_for: "attaching the node's programs so that a restarted agent takes them over without a gap",
+        probe: Probe::CgroupLink,
+    },
+    Feature {
+        name: "sk_lookup programs and their network-namespace links",
+        since: "5.9",
+        used_for: "steering connections that arrive at a pod to the agent instead of the app",
+        probe: Probe::NetnsLink,
+    },
+    Feature {
+        name: "the cgroup sock_release hook, with bpf_get_socket_cookie and bpf_get_netns_cookie",
+        since: "5.9",
+        used_for: "freeing a closed connection's map entries and its pod's connection quota",
+        probe: Probe::Helper { prog: ProgType::SockRelease, helper: GET_NETNS_COOKIE },
+    },
+    Feature {
+        name: "the SO_NETNS_COOKIE socket option",
+        since: "5.14",
+        used_for: "knowing which pod's network namespace an agent listener serves",
+        probe: Probe::SoNetnsCookie,
+    },
+    Feature {
+        name: "bpf_get_netns_cookie in sock_ops programs",
+        since: "5.15",
+        used_for: "keying a connection's original destination by its pod's network namespace",
+        probe: Probe::Helper { prog: ProgType::SockOps, helper: GET_NETNS_COOKIE },
+    },
+    Feature {
+        name: "ingress_ifindex in sk_lookup programs",
+        since: "5.17",
+        used_for: "telling a pod's own loopback connections from connections arriving from outside it",
+        probe: Probe::SkLookupIngressIfindex,
+    },
+];
+
+/// The oldest mainline kernel that has every [`FEATURES`] entry.
+pub const MINIMUM: &str = "5.17";
+
+/// A feature the kernel refused, with what it said.
+#[derive(Debug, Clone)]
+pub struct Missing {
+    pub feature: Feature,
+    pub error: String,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (Linux {}, used for {}): {}",
+            self.feature.name, self.feature.since, self.feature.used_for, self.error
+        )
+    }
+}
+
+/// Probes every feature; `cgroup_root` is a cgroup v2 directory under which a short-lived
+/// empty cgroup is made for the link probe.
+pub fn missing(cgroup_root: &Path) -> Vec<Missing> {
+    FEATURES
+        .iter()
+        .filter_map(|f| probe(f.probe, cgroup_root).err().map(|error| Missing { feature: *f, error }))
+        .collect()
+}
+
+/// One paragraph naming every missing feature and what to do, for the agent's refusal.
+pub fn refusal(release: &str, missing: &[Missing]) -> String {
+    let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
+    format!(
+        "this kernel (Linux {release}) lacks what the sockmesh datapath needs:\n{}\nThe agent attached nothing: meshed pods are not captured on this node. Run a kernel that has these (mainline Linux {MINIMUM} or newer, or a distribution kernel that backports them; docs/kernels.md lists the kernels tested).",
+        list.join("\n")
+    )
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+fn probe(p: Probe, cgroup_root: &Path) -> Result<(), String> {
+    match p {
+        Probe::Helper { prog, helper } => {
+            let mut insns = vec![];
+            if matches!(helper, GET_CURRENT_ANCESTOR_CGROUP_ID) {
+                // The connect probe calls all three of its helpers.
+                insns.push(call(GET_CURRENT_CGROUP_ID));
+                insns.push(mov_imm(1, 1));
+                insns.push(call(GET_CURRENT_ANCESTOR_CGROUP_ID));
+                insns.push(mov_reg(1, 6));
+                insns.push(call(GET_SOCKET_COOKIE));
+            } else if matches!(prog, ProgType::SockRelease) {
+                insns.push(call(GET_SOCKET_COOKIE));
+                insns.push(mov_reg(1, 6));
+                insns.push(call(helper));
+                insns.push(call(KTIME_GET_NS));
+            } else {
+                insns.push(call(helper));
+            }
+            // r6 keeps the context for the calls after the first (which clobber r1-r5).
+            insns.insert(0, mov_reg(6, 1));
+            insns.extend([mov_imm(0, 1), exit()]);
+            load(prog, &insns).map(drop)
+        }
+        Probe::SkLookupIngressIfindex => {
+            // r2 = *(u32 *)(ctx + offsetof(struct bpf_sk_lookup, ingress_ifindex))
+            let ldx = Insn { code: 0x61, regs: 2 | (1 << 4), off: 64, imm: 0 };
+            load(ProgType::SkLookup, &[ldx, mov_imm(0, 1), exit()]).map(drop)
+        }
+        Probe::CgroupLink => {
+            let prog = load(ProgType::Connect4, &[mov_imm(0, 1), exit()])?;
+            let dir = cgroup_root.join(format!("sockmesh-probe-{}", std::process::id()));
+            std::fs::create_dir(&dir)
+                .map_err(|e| format!("making a cgroup to probe with at {}: {e}", dir.display()))?;
+            let r = (|| {
+                let cg = std::fs::File::open(&dir).map_err(|e| e.to_string())?;
+                let link = link_create(&prog, cg.as_raw_fd(), ProgType::Connect4.ids().1)?;
+                link_update(&link, &prog)
+            })();
+            let _ = std::fs::remove_dir(&dir);
+            r
+        }
+        Probe::NetnsLink => {
+            let prog = load(ProgType::SkLookup, &[mov_imm(0, 1), exit()])?;
+            // A network namespace of its own, in a thread of its own, so that the probe cannot
+            // touch any real traffic.
+            std::thread::spawn(move || -> Result<(), String> {
+                // SAFETY: unshare changes only this thread's network namespace.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(format!("a network namespace to probe in: {}", std::io::Error::last_os_error()));
+                }
+                let ns = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
+                link_create(&prog, ns.as_raw_fd(), ProgType::SkLookup.ids().1).map(drop)
+            })
+            .join()
+            .map_err(|_| "the probe thread panicked".to_owned())?
+        }
+        Probe::SoNetnsCookie => {
+            const SO_NETNS_COOKIE: libc::c_int = 71;
+            // SAFETY: a plain socket, owned at once.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            // SAFETY: fd is a new descriptor nobody else owns.
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let mut cookie = 0u64;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: valid out-pointers of the stated length.
+            let rc = unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_NETNS_COOKIE,
+                    &mut cookie as *mut u64 as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    /// dst_reg in the low nibble, src_reg in the high one (little-endian bitfields).
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+fn mov_imm(dst: u8, imm: i32) -> Insn {
+    Insn { code: 0xb7, regs: dst, off: 0, imm }
+}
+fn mov_reg(dst: u8, src: u8) -> Insn {
+    Insn { code: 0xbf, regs: dst | (src << 4), off: 0, imm: 0 }
+}
+fn call(helper: u32) -> Insn {
+    Insn { code: 0x85, regs: 0, off: 0, imm: helper as i32 }
+}
+fn exit() -> Insn {
+    Insn { code: 0x95, regs: 0, off: 0, imm: 0 }
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: every caller passes a #[repr(C)] prefix of union bpf_attr for `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// BPF_PROG_LOAD; on refusal, the verifier's last words.
+fn load(prog: ProgType, insns: &[Insn]) -> Result<OwnedFd, String> {
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let (prog_type, attach) = prog.ids();
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let attr = ProgLoad {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"sockmesh_probe\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: attach,
+    };
+    match bpf(5, &attr) {
+        // SAFETY: the kernel returned a new descriptor that nobody else owns.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Err(e) => {
+            let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(log.len())])
+                .trim()
+                .to_owned();
+            let verifier = text.lines().rev().find(|l| !l.trim().is_empty() && !l.starts_with("processed"));
+            Err(match verifier {
+                Some(v) => format!("the verifier said \"{}\" ({e})", v.trim()),
+                None => format!("the kernel refused the program ({e})"),
+            })
+        }
+    }
+}
+
+fn link_create(prog: &OwnedFd, target: i32, attach_type: u32) -> Result<OwnedFd, String> {
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let attr = LinkCreate { prog_fd: prog.as_raw_fd() as u32, target_fd: target as u32, attach_type, flags: 0 };
+    bpf(28, &attr)
+        // SAFETY: the kernel returned a new descriptor that nobody else owns.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        .map_err(|e| format!("creating the link: {e}"))
+}
+
+fn link_update(link: &OwnedFd, prog: &OwnedFd) -> Result<(), String> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr =
+        LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    bpf(29, &attr).map(drop).map_err(|e| format!("replacing the link's program: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table is ordered by version and its minimum is its newest entry: the README's and
+    /// the refusal's minimum cannot disagree with what is probed.
+    #[test]
+    fn the_minimum_is_the_newest_feature() {
+        let v = |s: &str| -> (u32, u32) {
+            let (a, b) = s.split_once('.').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        };
+        let newest = FEATURES.iter().map(|f| v(f.since)).max().unwrap();
+        assert_eq!(newest, v(MINIMUM));
+        assert!(FEATURES.windows(2).all(|w| v(w[0].since) <= v(w[1].since)));
+    }
+
+    /// docs/kernels.md and the README say what the probes check and the minimum they imply.
+    #[test]
+    fn the_docs_list_every_feature_and_the_minimum() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let doc = std::fs::read_to_string(root.join("docs/kernels.md")).unwrap();
+        for f in FEATURES {
+            let row = format!("| {} | {} | {} |", f.name, f.since, f.used_for);
+            assert!(doc.contains(&row), "docs/kernels.md lacks the row {row}");
+        }
+        let minimum = format!("Linux {MINIMUM} or newer");
+        assert!(doc.contains(&format!("**mainline {minimum}**")), "docs/kernels.md does not state {minimum}");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        assert!(readme.contains(&minimum) && readme.contains("docs/kernels.md"), "README does not state {minimum}");
+    }
+
+    #[test]
+    fn the_refusal_names_each_missing_feature_and_the_minimum() {
+        let m = [Missing { feature: FEATURES[6], error: "the verifier said \"invalid bpf_context access\"".into() }];
+        let text = refusal("5.10.0-46-amd64", &m);
+        assert!(text.contains("Linux 5.10.0-46-amd64"), "{text}");
+        assert!(text.contains("ingress_ifindex in sk_lookup programs (Linux 5.17"), "{text}");
+        assert!(text.contains("invalid bpf_context access"), "{text}");
+        assert!(text.contains("attached nothing"), "{text}");
+    }
+}
