@@ -27,6 +27,9 @@ pub enum StartError {
     Workloads(#[from] mesh_model::WorkloadError),
     #[error(transparent)]
     Datapath(#[from] ebpf::EbpfError),
+    /// The kernel cannot run the datapath; the message says what was guarded.
+    #[error("{0}")]
+    Kernel(String),
     #[error("reading the trust bundle {path}: {source}")]
     TrustBundle { path: PathBuf, source: std::io::Error },
     #[error("identity: {0}")]
@@ -47,18 +50,55 @@ pub struct Agent {
     pub failed: usize,
 }
 
+/// On a kernel that cannot run the datapath, the meshed workloads this agent knows of on its
+/// node (its file's and those added through its API) fail closed anyway (P4): each cgroup gets
+/// the guard that refuses TCP connects beyond loopback. Returns the refusal, extended with
+/// what was guarded.
+fn guard_workloads<'a>(cfg: &Config, workloads: impl Iterator<Item = &'a mesh_model::Workload>, why: String) -> String {
+    let pin_dir = cfg.bpffs_dir.join("guard");
+    let (mut guarded, mut failed) = (Vec::new(), Vec::new());
+    for w in workloads.filter(|w| w.is_local_to(&cfg.node)) {
+        let Some(cgroup) = &w.cgroup else { continue };
+        let key = w.key();
+        match mesh_api::kernel::guard(cgroup, &pin_dir, &format!("{}_{}", key.namespace, key.name)) {
+            Ok(()) => guarded.push(key.to_string()),
+            Err(e) => failed.push(format!("{key}: {e}")),
+        }
+    }
+    let mut msg = why;
+    if !guarded.is_empty() {
+        msg += &format!(
+            "\nFail closed: the TCP connections of {} ({}) beyond loopback are refused until an agent runs on this node; `mesh-agent uninstall --bpffs-dir {}` lifts this.",
+            if guarded.len() == 1 { "this node's meshed workload".to_owned() } else { format!("this node's {} meshed workloads", guarded.len()) },
+            guarded.join(", "),
+            cfg.bpffs_dir.display()
+        );
+    }
+    if !failed.is_empty() {
+        msg += &format!("\nCould NOT guard, so these workloads' connections go out unmeshed: {}", failed.join("; "));
+    }
+    msg
+}
+
 pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     let file_workloads = match &cfg.workloads_file {
         Some(p) => mesh_model::workload::parse_file(p)?,
         None => Vec::new(),
     };
     let metrics = Arc::new(Metrics::new());
-    let (datapath, links) = Datapath::load(&DatapathConfig {
+    let loaded = Datapath::load(&DatapathConfig {
         bpffs_dir: &cfg.bpffs_dir,
         cgroup_root: &cfg.cgroup_root,
         max_connections: cfg.max_connections,
         max_workloads: cfg.max_workloads,
-    })?;
+    });
+    let (datapath, links) = match loaded {
+        Err(ebpf::EbpfError::Kernel(why)) => {
+            let persisted = StateFile::new(&cfg.state_dir).load();
+            return Err(StartError::Kernel(guard_workloads(&cfg, file_workloads.iter().chain(&persisted), why)));
+        }
+        r => r?,
+    };
     for l in &links {
         tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
     }

@@ -44,6 +44,7 @@ enum Probe {
 #[derive(Debug, Clone, Copy)]
 enum ProgType {
     Connect4,
+    Connect6,
     SockOps,
     SockRelease,
     SkLookup,
@@ -54,6 +55,7 @@ impl ProgType {
     fn ids(self) -> (u32, u32) {
         match self {
             ProgType::Connect4 => (18, 10),   // CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT
+            ProgType::Connect6 => (18, 11),   // CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT
             ProgType::SockOps => (13, 0),     // SOCK_OPS
             ProgType::SockRelease => (9, 34), // CGROUP_SOCK, CGROUP_INET_SOCK_RELEASE
             ProgType::SkLookup => (30, 36),   // SK_LOOKUP, SK_LOOKUP
@@ -147,7 +149,7 @@ pub fn missing(cgroup_root: &Path) -> Vec<Missing> {
 pub fn refusal(release: &str, missing: &[Missing]) -> String {
     let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
     format!(
-        "this kernel (Linux {release}) lacks what the sockmesh datapath needs:\n{}\nThe agent attached nothing: meshed pods are not captured on this node. Run a kernel that has these (mainline Linux {MINIMUM} or newer, or a distribution kernel that backports them; docs/kernels.md lists the kernels tested).",
+        "this kernel (Linux {release}) lacks what the sockmesh datapath needs:\n{}\nThe datapath was not attached (none of it: never half). Run a kernel that has these (mainline Linux {MINIMUM} or newer, or a distribution kernel that backports them; docs/kernels.md lists the kernels tested).",
         list.join("\n")
     )
 }
@@ -243,6 +245,72 @@ fn probe(p: Probe, cgroup_root: &Path) -> Result<(), String> {
     }
 }
 
+/// The fail-closed guard for a meshed workload on a node whose kernel cannot run the
+/// datapath: `connect()` of a TCP socket in `cgroup` (or below it) to anything but loopback
+/// is refused with EPERM, as P4 wants of a meshed pod whose agent is not there. Other
+/// protocols, which the mesh does not capture anyway, pass. The two links are pinned as
+/// `<pin_dir>/<name>-connect4` and `-connect6`, so the guard outlives the agent's process;
+/// removing the pins (`mesh-agent uninstall`) lifts it. Needs only cgroup links (Linux 5.7).
+pub fn guard(cgroup: &Path, pin_dir: &Path, name: &str) -> Result<(), String> {
+    const NAME: [u8; 16] = *b"sockmesh_guard\0\0";
+    let ldx = |off: i16| Insn { code: 0x61, regs: 2 | (1 << 4), off, imm: 0 };
+    let jne = |imm: i32, off: i16| Insn { code: 0x55, regs: 2, off, imm };
+    // bpf_sock_addr: user_ip4 at 4, user_ip6[4] at 8..24, protocol at 36.
+    let v4 = [
+        ldx(36),
+        jne(6, 5), // not TCP: allow
+        ldx(4),
+        Insn { code: 0x57, regs: 2, off: 0, imm: 0xff }, // r2 &= 0xff: the first octet
+        Insn { code: 0x15, regs: 2, off: 2, imm: 127 },  // 127/8: allow
+        mov_imm(0, 0),
+        exit(),
+        mov_imm(0, 1),
+        exit(),
+    ];
+    let v6 = [
+        ldx(36),
+        jne(6, 8), // not TCP: allow
+        ldx(8),
+        jne(0, 8),
+        ldx(12),
+        jne(0, 6),
+        ldx(16),
+        jne(0, 4),
+        ldx(20),
+        jne(0x0100_0000, 2), // ::1, the last word as a little-endian load sees it
+        mov_imm(0, 1),
+        exit(),
+        mov_imm(0, 0),
+        exit(),
+    ];
+    std::fs::create_dir_all(pin_dir).map_err(|e| format!("{}: {e}", pin_dir.display()))?;
+    let cg = std::fs::File::open(cgroup).map_err(|e| format!("opening cgroup {}: {e}", cgroup.display()))?;
+    for (prog, insns, suffix) in [(ProgType::Connect4, &v4[..], "connect4"), (ProgType::Connect6, &v6[..], "connect6")]
+    {
+        let pin = pin_dir.join(format!("{name}-{suffix}"));
+        if pin.exists() {
+            continue; // a previous refusal's guard, still attached
+        }
+        let fd = load_named(prog, insns, NAME)?;
+        let link = link_create(&fd, cg.as_raw_fd(), prog.ids().1)?;
+        obj_pin(&link, &pin)?;
+    }
+    Ok(())
+}
+
+fn obj_pin(fd: &OwnedFd, path: &Path) -> Result<(), String> {
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let attr = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0 };
+    bpf(6, &attr).map(drop).map_err(|e| format!("pinning {}: {e}", path.display()))
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Insn {
@@ -278,6 +346,10 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
 
 /// BPF_PROG_LOAD; on refusal, the verifier's last words.
 fn load(prog: ProgType, insns: &[Insn]) -> Result<OwnedFd, String> {
+    load_named(prog, insns, *b"sockmesh_probe\0\0")
+}
+
+fn load_named(prog: ProgType, insns: &[Insn], prog_name: [u8; 16]) -> Result<OwnedFd, String> {
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -306,7 +378,7 @@ fn load(prog: ProgType, insns: &[Insn]) -> Result<OwnedFd, String> {
         log_buf: log.as_mut_ptr() as u64,
         kern_version: 0,
         prog_flags: 0,
-        prog_name: *b"sockmesh_probe\0\0",
+        prog_name,
         prog_ifindex: 0,
         expected_attach_type: attach,
     };
@@ -393,6 +465,6 @@ mod tests {
         assert!(text.contains("Linux 5.10.0-46-amd64"), "{text}");
         assert!(text.contains("ingress_ifindex in sk_lookup programs (Linux 5.17"), "{text}");
         assert!(text.contains("invalid bpf_context access"), "{text}");
-        assert!(text.contains("attached nothing"), "{text}");
+        assert!(text.contains("not attached (none of it"), "{text}");
     }
 }

@@ -439,7 +439,7 @@ fn the_agent_runs_only_where_the_kernel_has_every_feature_it_needs() {
     } else {
         assert!(!missing.is_empty(), "preflight failed without naming a missing feature: {text}");
         let _ctl = t.start_controller(&[]).unwrap();
-        let _server = t.start_server(b, APP_PORT).unwrap();
+        let server = t.start_server(b, APP_PORT).unwrap();
         let refused = match t.start_agent(n1, &[]) {
             Ok(_) => panic!("the agent started on a kernel that lacks: {missing:?}"),
             Err(e) => format!("{e:#}"),
@@ -448,14 +448,31 @@ fn the_agent_runs_only_where_the_kernel_has_every_feature_it_needs() {
             let name = m.trim_start_matches("MISSING").trim().split(" (Linux").next().unwrap();
             assert!(refused.contains(name), "the refusal does not name {name:?}: {refused}");
         }
-        assert!(refused.contains("attached nothing"), "{refused}");
+        println!("the agent's refusal: {refused}");
+        assert!(refused.contains("not attached (none of it"), "{refused}");
         let node = t.node(n1);
         let progs = cgroup_programs(&node.cgroup).unwrap();
         assert!(!progs.iter().any(|p| p.starts_with("sm_")), "half-attached after the refusal: {progs:?}");
-        let pins: Vec<_> = walk(&node.bpffs);
-        assert!(pins.is_empty(), "pinned after the refusal: {pins:?}");
-        // Nothing redirects a's connections to a missing agent: it reaches b as it would
-        // without sockmesh (the node is not meshed; the refusal above is what says so).
+        // What is pinned is the guard alone: a's two connect links.
+        let mut pins: Vec<String> =
+            walk(&node.bpffs).iter().map(|p| p.strip_prefix(&node.bpffs).unwrap().display().to_string()).collect();
+        pins.sort();
+        assert_eq!(pins, ["guard/default_a-connect4", "guard/default_a-connect6"], "{refused}");
+        assert!(refused.contains("Fail closed") && refused.contains("default/a"), "{refused}");
+        // a is meshed and its agent cannot run: its connections fail, none reaches b (P4).
+        let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000", "--timeout-ms", "2000"]).unwrap();
+        assert_eq!((r["ok"].as_bool(), r["errno"].as_i64()), (Some(false), Some(libc::EPERM as i64)), "{r}");
+        assert!(server.accepted().unwrap().is_empty(), "a meshed pod's connection left in plaintext");
+        // A second refusal keeps the guard as it is.
+        assert!(t.start_agent(n1, &[]).is_err());
+        assert_eq!(walk(&node.bpffs).len(), 2);
+        // Uninstalling lifts it: the operator's explicit choice to leave the node unmeshed.
+        let out = std::process::Command::new(tests::process::bin("mesh-agent"))
+            .args(["uninstall", "--bpffs-dir"])
+            .arg(&node.bpffs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
         let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000"]).unwrap();
         assert_eq!(r["ok"], true, "{r}");
         assert_ne!(r["peer"], "127.0.0.1:15001", "{r}");
@@ -474,4 +491,29 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The guard a refusing agent leaves on a meshed workload's cgroup (tested here on this
+/// kernel; the refusal that installs it runs on Linux 5.10 in the kernel matrix): TCP beyond
+/// loopback is refused with EPERM, loopback is not, and removing the pins lifts it.
+#[test]
+fn the_fail_closed_guard_refuses_tcp_beyond_loopback_until_its_pins_are_removed() {
+    let Mesh { mut t, n1, a, b, .. } = Topology::two_node_mesh("guard").unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let pins = t.node(n1).bpffs.join("guard");
+    mesh_api::kernel::guard(&t.pod(a).cgroup, &pins, "default_a").unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000", "--timeout-ms", "2000"]).unwrap();
+    assert_eq!((r["ok"].as_bool(), r["errno"].as_i64()), (Some(false), Some(libc::EPERM as i64)), "{r}");
+    assert!(server.accepted().unwrap().is_empty());
+    // Loopback is the pod's own business: nothing listens there, so the kernel refuses it
+    // (ECONNREFUSED), not the guard (EPERM).
+    for lo in ["127.0.0.1:9", "[::1]:9"] {
+        let r = t.pod_app(a, &["echo", "--to", lo, "--bytes", "10", "--timeout-ms", "2000"]).unwrap();
+        assert_eq!(r["errno"].as_i64(), Some(libc::ECONNREFUSED as i64), "{lo}: {r}");
+    }
+    // Installing it again over its own pins changes nothing.
+    mesh_api::kernel::guard(&t.pod(a).cgroup, &pins, "default_a").unwrap();
+    std::fs::remove_dir_all(&pins).unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000"]).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
 }

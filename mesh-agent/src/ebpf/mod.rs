@@ -137,6 +137,8 @@ impl Datapath {
             reports.push(LinkReport { name: pin, adopted });
         }
 
+        // A guard a refusing agent left (on a kernel since upgraded) gives way to the datapath.
+        let _ = std::fs::remove_dir_all(cfg.bpffs_dir.join("guard"));
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
