@@ -77,6 +77,9 @@ fn guard_workloads<'a>(cfg: &Config, workloads: impl Iterator<Item = &'a mesh_mo
     if !failed.is_empty() {
         msg += &format!("\nCould NOT guard, so these workloads' connections go out unmeshed: {}", failed.join("; "));
     }
+    if guarded.is_empty() && failed.is_empty() {
+        msg += "\nNo meshed workload with a cgroup is known on this node (none in --workloads, none added through the API), so none was guarded.";
+    }
     msg
 }
 
@@ -93,8 +96,11 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         max_workloads: cfg.max_workloads,
     });
     let (datapath, links) = match loaded {
-        Err(ebpf::EbpfError::Kernel(why)) => {
+        // The kernel cannot run the datapath: named by the probes, or refused by the verifier
+        // in a way they did not foresee. Either way nothing of it is attached.
+        Err(e @ (ebpf::EbpfError::Kernel(_) | ebpf::EbpfError::Program { .. })) => {
             let persisted = StateFile::new(&cfg.state_dir).load();
+            let why = e.to_string();
             return Err(StartError::Kernel(guard_workloads(&cfg, file_workloads.iter().chain(&persisted), why)));
         }
         r => r?,
@@ -181,7 +187,9 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         }
     }
     registry.sweep_stale().await;
-
+    // Every workload of this node is captured or refused in place by now: a guard a refusing
+    // agent left (on a kernel since replaced) can go.
+    ebpf::remove_guard(&cfg.bpffs_dir);
     let views = Arc::new(Views {
         config: cfg.clone(),
         registry,

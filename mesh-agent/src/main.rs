@@ -89,7 +89,7 @@ fn preflight(cgroup_root: Option<PathBuf>, bpffs: &std::path::Path) -> anyhow::R
     };
     let release = mesh_api::kernel::release();
     println!("kernel: Linux {release}");
-    let missing = mesh_api::kernel::missing(&cgroup_root);
+    let missing = mesh_api::kernel::check(&cgroup_root).map_err(|e| anyhow::anyhow!("{e}"))?;
     for f in mesh_api::kernel::FEATURES {
         let m = missing.iter().find(|m| m.feature.name == f.name);
         match m {

@@ -137,12 +137,52 @@ impl std::fmt::Display for Missing {
 }
 
 /// Probes every feature; `cgroup_root` is a cgroup v2 directory under which a short-lived
-/// empty cgroup is made for the link probe.
-pub fn missing(cgroup_root: &Path) -> Vec<Missing> {
-    FEATURES
-        .iter()
-        .filter_map(|f| probe(f.probe, cgroup_root).err().map(|error| Missing { feature: *f, error }))
-        .collect()
+/// empty cgroup is made for the link probe. The features the kernel refused, or `Err` when a
+/// probe could not be run at all (not root, a bad cgroup directory): that says nothing about
+/// the kernel, so it must not be reported as a missing feature.
+pub fn check(cgroup_root: &Path) -> Result<Vec<Missing>, String> {
+    let mut missing = Vec::new();
+    for f in FEATURES {
+        match probe(f.probe, cgroup_root) {
+            Ok(()) => {}
+            Err(ProbeError { missing: true, text }) => missing.push(Missing { feature: *f, error: text }),
+            Err(ProbeError { missing: false, text }) => {
+                return Err(format!("could not probe for {}: {text}", f.name));
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// Why a probe failed: the kernel refused what it was asked (`missing`), or the probe could
+/// not ask (permissions, the host's set-up).
+#[derive(Debug)]
+struct ProbeError {
+    missing: bool,
+    text: String,
+}
+
+fn could_not(text: impl Into<String>) -> ProbeError {
+    ProbeError { missing: false, text: text.into() }
+}
+
+/// The kernel's answer to a request it does not know (an unknown helper, context field,
+/// program, attach or link type, socket option) is one of these.
+fn refused(e: &std::io::Error) -> bool {
+    const ENOTSUPP: i32 = 524; // the kernel-internal "not supported" some BPF paths return
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EACCES | libc::E2BIG | libc::EOPNOTSUPP | libc::ENOPROTOOPT | ENOTSUPP)
+    )
+}
+
+fn io_error(what: &str, e: std::io::Error) -> ProbeError {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        return could_not(format!(
+            "{what}: {e}; run as root (the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        ));
+    }
+    ProbeError { missing: refused(&e), text: format!("{what}: {e}") }
 }
 
 /// One paragraph naming every missing feature and what to do, for the agent's refusal.
@@ -159,7 +199,7 @@ pub fn release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-fn probe(p: Probe, cgroup_root: &Path) -> Result<(), String> {
+fn probe(p: Probe, cgroup_root: &Path) -> Result<(), ProbeError> {
     match p {
         Probe::Helper { prog, helper } => {
             let mut insns = vec![];
@@ -190,11 +230,16 @@ fn probe(p: Probe, cgroup_root: &Path) -> Result<(), String> {
         }
         Probe::CgroupLink => {
             let prog = load(ProgType::Connect4, &[mov_imm(0, 1), exit()])?;
-            let dir = cgroup_root.join(format!("sockmesh-probe-{}", std::process::id()));
+            // Unique even across restarts of a process that is always PID 1 (a container).
+            static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = cgroup_root.join(format!("sockmesh-probe-{}-{nanos}-{seq}", std::process::id()));
             std::fs::create_dir(&dir)
-                .map_err(|e| format!("making a cgroup to probe with at {}: {e}", dir.display()))?;
+                .map_err(|e| could_not(format!("making a cgroup to probe with at {}: {e}", dir.display())))?;
             let r = (|| {
-                let cg = std::fs::File::open(&dir).map_err(|e| e.to_string())?;
+                let cg = std::fs::File::open(&dir).map_err(|e| could_not(format!("{}: {e}", dir.display())))?;
                 let link = link_create(&prog, cg.as_raw_fd(), ProgType::Connect4.ids().1)?;
                 link_update(&link, &prog)
             })();
@@ -205,23 +250,27 @@ fn probe(p: Probe, cgroup_root: &Path) -> Result<(), String> {
             let prog = load(ProgType::SkLookup, &[mov_imm(0, 1), exit()])?;
             // A network namespace of its own, in a thread of its own, so that the probe cannot
             // touch any real traffic.
-            std::thread::spawn(move || -> Result<(), String> {
+            std::thread::spawn(move || -> Result<(), ProbeError> {
                 // SAFETY: unshare changes only this thread's network namespace.
                 if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                    return Err(format!("a network namespace to probe in: {}", std::io::Error::last_os_error()));
+                    return Err(could_not(format!(
+                        "a network namespace to probe in: {}",
+                        std::io::Error::last_os_error()
+                    )));
                 }
-                let ns = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
+                let ns = std::fs::File::open("/proc/thread-self/ns/net")
+                    .map_err(|e| could_not(format!("/proc/thread-self/ns/net: {e}")))?;
                 link_create(&prog, ns.as_raw_fd(), ProgType::SkLookup.ids().1).map(drop)
             })
             .join()
-            .map_err(|_| "the probe thread panicked".to_owned())?
+            .map_err(|_| could_not("the probe thread panicked"))?
         }
         Probe::SoNetnsCookie => {
             const SO_NETNS_COOKIE: libc::c_int = 71;
             // SAFETY: a plain socket, owned at once.
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
             if fd < 0 {
-                return Err(std::io::Error::last_os_error().to_string());
+                return Err(could_not(format!("a socket to probe with: {}", std::io::Error::last_os_error())));
             }
             // SAFETY: fd is a new descriptor nobody else owns.
             let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -238,7 +287,7 @@ fn probe(p: Probe, cgroup_root: &Path) -> Result<(), String> {
                 )
             };
             if rc != 0 {
-                return Err(std::io::Error::last_os_error().to_string());
+                return Err(io_error("getsockopt(SO_NETNS_COOKIE)", std::io::Error::last_os_error()));
             }
             Ok(())
         }
@@ -260,8 +309,8 @@ pub fn guard(cgroup: &Path, pin_dir: &Path, name: &str) -> Result<(), String> {
         ldx(36),
         jne(6, 5), // not TCP: allow
         ldx(4),
-        Insn { code: 0x57, regs: 2, off: 0, imm: 0xff }, // r2 &= 0xff: the first octet
-        Insn { code: 0x15, regs: 2, off: 2, imm: 127 },  // 127/8: allow
+        Insn { code: 0x57, regs: 2, off: 0, imm: u32::from_ne_bytes([0xff, 0, 0, 0]) as i32 }, // r2: the first octet alone
+        Insn { code: 0x15, regs: 2, off: 2, imm: u32::from_ne_bytes([127, 0, 0, 0]) as i32 },  // 127/8: allow
         mov_imm(0, 0),
         exit(),
         mov_imm(0, 1),
@@ -277,7 +326,7 @@ pub fn guard(cgroup: &Path, pin_dir: &Path, name: &str) -> Result<(), String> {
         ldx(16),
         jne(0, 4),
         ldx(20),
-        jne(0x0100_0000, 2), // ::1, the last word as a little-endian load sees it
+        jne(u32::from_ne_bytes([0, 0, 0, 1]) as i32, 2), // ::1: the last word as a native-order load sees it
         mov_imm(0, 1),
         exit(),
         mov_imm(0, 0),
@@ -288,11 +337,14 @@ pub fn guard(cgroup: &Path, pin_dir: &Path, name: &str) -> Result<(), String> {
     for (prog, insns, suffix) in [(ProgType::Connect4, &v4[..], "connect4"), (ProgType::Connect6, &v6[..], "connect6")]
     {
         let pin = pin_dir.join(format!("{name}-{suffix}"));
-        if pin.exists() {
-            continue; // a previous refusal's guard, still attached
+        let fd = load_named(prog, insns, NAME).map_err(|e| e.text)?;
+        let link = link_create(&fd, cg.as_raw_fd(), prog.ids().1).map_err(|e| e.text)?;
+        // A previous refusal's pin may hold a link to an older cgroup of the same name: the
+        // new link is attached before the old one goes, so the workload is never unguarded.
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", pin.display())),
+            _ => {}
         }
-        let fd = load_named(prog, insns, NAME)?;
-        let link = link_create(&fd, cg.as_raw_fd(), prog.ids().1)?;
         obj_pin(&link, &pin)?;
     }
     Ok(())
@@ -345,11 +397,11 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
 }
 
 /// BPF_PROG_LOAD; on refusal, the verifier's last words.
-fn load(prog: ProgType, insns: &[Insn]) -> Result<OwnedFd, String> {
+fn load(prog: ProgType, insns: &[Insn]) -> Result<OwnedFd, ProbeError> {
     load_named(prog, insns, *b"sockmesh_probe\0\0")
 }
 
-fn load_named(prog: ProgType, insns: &[Insn], prog_name: [u8; 16]) -> Result<OwnedFd, String> {
+fn load_named(prog: ProgType, insns: &[Insn], prog_name: [u8; 16]) -> Result<OwnedFd, ProbeError> {
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -390,15 +442,17 @@ fn load_named(prog: ProgType, insns: &[Insn], prog_name: [u8; 16]) -> Result<Own
                 .trim()
                 .to_owned();
             let verifier = text.lines().rev().find(|l| !l.trim().is_empty() && !l.starts_with("processed"));
-            Err(match verifier {
-                Some(v) => format!("the verifier said \"{}\" ({e})", v.trim()),
-                None => format!("the kernel refused the program ({e})"),
-            })
+            match verifier {
+                Some(v) if e.raw_os_error() != Some(libc::EPERM) => {
+                    Err(ProbeError { missing: true, text: format!("the verifier said \"{}\" ({e})", v.trim()) })
+                }
+                _ => Err(io_error("loading a program", e)),
+            }
         }
     }
 }
 
-fn link_create(prog: &OwnedFd, target: i32, attach_type: u32) -> Result<OwnedFd, String> {
+fn link_create(prog: &OwnedFd, target: i32, attach_type: u32) -> Result<OwnedFd, ProbeError> {
     #[repr(C)]
     struct LinkCreate {
         prog_fd: u32,
@@ -410,10 +464,10 @@ fn link_create(prog: &OwnedFd, target: i32, attach_type: u32) -> Result<OwnedFd,
     bpf(28, &attr)
         // SAFETY: the kernel returned a new descriptor that nobody else owns.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
-        .map_err(|e| format!("creating the link: {e}"))
+        .map_err(|e| io_error("creating the link", e))
 }
 
-fn link_update(link: &OwnedFd, prog: &OwnedFd) -> Result<(), String> {
+fn link_update(link: &OwnedFd, prog: &OwnedFd) -> Result<(), ProbeError> {
     #[repr(C)]
     struct LinkUpdate {
         link_fd: u32,
@@ -423,7 +477,7 @@ fn link_update(link: &OwnedFd, prog: &OwnedFd) -> Result<(), String> {
     }
     let attr =
         LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
-    bpf(29, &attr).map(drop).map_err(|e| format!("replacing the link's program: {e}"))
+    bpf(29, &attr).map(drop).map_err(|e| io_error("replacing the link's program", e))
 }
 
 #[cfg(test)]

@@ -35,13 +35,16 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
     let release = mesh_api::kernel::release();
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     let probe_cgroup = mesh_api::host::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into());
-    let missing = mesh_api::kernel::missing(&probe_cgroup);
+    let checked = mesh_api::kernel::check(&probe_cgroup);
+    let missing = checked.as_ref().map(Vec::as_slice).unwrap_or_default();
     let needs: Vec<String> =
         missing.iter().map(|m| format!("{} (Linux {}): {}", m.feature.name, m.feature.since, m.error)).collect();
     add(
         "kernel",
-        missing.is_empty(),
-        if missing.is_empty() {
+        checked.as_ref().is_ok_and(|m| m.is_empty()),
+        if let Err(e) = &checked {
+            format!("Linux {release}: {e}")
+        } else if missing.is_empty() {
             format!(
                 "Linux {release}: all {} datapath features present (BTF {})",
                 mesh_api::kernel::FEATURES.len(),

@@ -60,6 +60,8 @@ pub enum EbpfError {
     Missing(&'static str),
     #[error("{0}")]
     Kernel(String),
+    #[error("{0}; the agent cannot tell whether this kernel runs the datapath, so it does not start")]
+    KernelProbe(String),
 }
 
 /// Why a link exists: the pin names of the node-wide cgroup links.
@@ -103,7 +105,7 @@ impl Datapath {
         }
         // Before anything is made or attached: on a kernel that lacks a feature the agent
         // refuses whole rather than run half-attached.
-        let missing = mesh_api::kernel::missing(cfg.cgroup_root);
+        let missing = mesh_api::kernel::check(cfg.cgroup_root).map_err(EbpfError::KernelProbe)?;
         if !missing.is_empty() {
             return Err(EbpfError::Kernel(mesh_api::kernel::refusal(&mesh_api::kernel::release(), &missing)));
         }
@@ -136,9 +138,6 @@ impl Datapath {
             };
             reports.push(LinkReport { name: pin, adopted });
         }
-
-        // A guard a refusing agent left (on a kernel since upgraded) gives way to the datapath.
-        let _ = std::fs::remove_dir_all(cfg.bpffs_dir.join("guard"));
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
@@ -354,6 +353,12 @@ fn attach_or_adopt(
         p.attach_pinned(cgroup, pin)?;
         Ok(false)
     }
+}
+
+/// Lifts the fail-closed guard a refusing agent left (see [`mesh_api::kernel::guard`]): once
+/// the datapath captures the node's workloads it is no longer needed.
+pub fn remove_guard(bpffs_dir: &Path) {
+    let _ = std::fs::remove_dir_all(bpffs_dir.join("guard"));
 }
 
 /// Takes over a pinned link: swaps the freshly loaded program in atomically.

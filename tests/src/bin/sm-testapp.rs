@@ -24,7 +24,10 @@ fn main() {
             println!("{r}");
             std::process::exit(if ok { 0 } else { 1 });
         }
-        Some("probe") => probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), timeout),
+        Some("probe") => {
+            let until = get("--until-file").map(std::path::PathBuf::from);
+            probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), until, timeout)
+        }
         Some("hold") => hold(to(), num("--count", 3), num("--hold-ms", 2000), timeout),
         Some("churn") => churn(to(), num("--count", 1000), (timeout, mptcp)),
         Some("reuse") => {
@@ -33,7 +36,7 @@ fn main() {
             reuse(addr("--first"), addr("--second"), num("--port", 40000) as u16, &ready, timeout)
         }
         _ => {
-            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] | probe --to IP:PORT | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
+            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] | probe --to IP:PORT [--duration-ms N] [--until-file PATH] | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
             std::process::exit(2);
         }
     }
@@ -186,12 +189,14 @@ fn echo(
 
 /// Connects repeatedly for `duration_ms`; each probe sends a line and waits for its echo. Prints
 /// one JSON line per probe and a summary.
-fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, timeout: Duration) {
+/// Probes until `duration_ms` has passed or, sooner, `until` exists (so that a test can end
+/// it at an event rather than a time).
+fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::path::PathBuf>, timeout: Duration) {
     let end = Instant::now() + Duration::from_millis(duration_ms);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut peers = std::collections::BTreeMap::<String, u64>::new();
     let mut n = 0u64;
-    while Instant::now() < end {
+    while Instant::now() < end && !until.as_ref().is_some_and(|p| p.exists()) {
         n += 1;
         let line = format!("probe {n}\n");
         let result = (|| -> Result<String, String> {
