@@ -11,7 +11,7 @@
 //! `mesh-agent preflight` reports, when one fails), and `meshctl check` runs them too. Probes
 //! need root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN), as the agent has.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 /// One kernel capability the datapath depends on.
@@ -241,7 +241,7 @@ fn probe(p: Probe, cgroup_root: &Path) -> Result<(), ProbeError> {
             let r = (|| {
                 let cg = std::fs::File::open(&dir).map_err(|e| could_not(format!("{}: {e}", dir.display())))?;
                 let link = link_create(&prog, cg.as_raw_fd(), ProgType::Connect4.ids().1)?;
-                link_update(&link, &prog)
+                link_update(link.as_fd(), prog.as_fd()).map_err(|e| io_error("replacing the link's program", e))
             })();
             let _ = std::fs::remove_dir(&dir);
             r
@@ -386,8 +386,11 @@ fn exit() -> Insn {
     Insn { code: 0x95, regs: 0, off: 0, imm: 0 }
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: every caller passes a #[repr(C)] prefix of union bpf_attr for `cmd`.
+/// The bpf(2) system call with a `#[repr(C)]` prefix of `union bpf_attr` for `cmd` (the
+/// kernel zero-checks the rest). The one wrapper: the agent's map and link commands use it too.
+pub fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: every caller passes a #[repr(C)] prefix of union bpf_attr for `cmd`; the kernel
+    // reads (and for lookups writes through the pointers in) exactly that many bytes.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
@@ -467,7 +470,8 @@ fn link_create(prog: &OwnedFd, target: i32, attach_type: u32) -> Result<OwnedFd,
         .map_err(|e| io_error("creating the link", e))
 }
 
-fn link_update(link: &OwnedFd, prog: &OwnedFd) -> Result<(), ProbeError> {
+/// BPF_LINK_UPDATE: swaps a link's program atomically (the hook is never empty).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
     #[repr(C)]
     struct LinkUpdate {
         link_fd: u32,
@@ -477,7 +481,7 @@ fn link_update(link: &OwnedFd, prog: &OwnedFd) -> Result<(), ProbeError> {
     }
     let attr =
         LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
-    bpf(29, &attr).map(drop).map_err(|e| io_error("replacing the link's program", e))
+    bpf(29, &attr).map(drop)
 }
 
 #[cfg(test)]

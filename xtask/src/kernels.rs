@@ -247,16 +247,7 @@ fn test_binaries(root: &Path) -> Result<std::collections::BTreeMap<String, PathB
 
 /// Boots each kernel and runs its cases. Everything is reported; the caller decides.
 pub fn run(root: &Path, kernels: &[&'static Kernel]) -> Result<Vec<KernelResult>> {
-    for (cmd, pkg) in APT_PACKAGES {
-        if !crate::have(cmd) {
-            crate::step(&format!("installing {pkg} (the kernel matrix's VMs)"));
-            crate::sh(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-q", "--no-install-recommends", pkg])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
-        }
-    }
+    crate::install_packages(APT_PACKAGES)?;
     let vng = vng()?;
     let bins = test_binaries(root)?;
     let cache = root.join("target/kernels");

@@ -202,16 +202,7 @@ fn setup() -> Result<()> {
         bail!("cargo xtask must run as root: it loads eBPF programs and creates network namespaces");
     }
     // 1. Debian packages.
-    let mut missing: Vec<&str> = APT_PACKAGES.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
-    missing.dedup();
-    if !missing.is_empty() {
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
-        sh(Command::new("apt-get").args(["update", "-q"]))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    install_packages(APT_PACKAGES)?;
     // 2. The nightly toolchain's rust-src (for -Z build-std=core).
     let comps = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]).output()?;
     if !comps.status.success() {
@@ -229,6 +220,21 @@ fn setup() -> Result<()> {
     // 4. bpffs.
     mount_bpffs()?;
     eprintln!("setup: ok ({:.1}s)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Installs the Debian packages of `list` whose command is missing: (command, package).
+fn install_packages(list: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = list.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
     Ok(())
 }
 

@@ -114,11 +114,7 @@ impl Datapath {
         for dir in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs { path: dir.clone(), source })?;
         }
-        match sys::is_bpffs(cfg.bpffs_dir) {
-            Ok(true) => {}
-            Ok(false) => return Err(EbpfError::NotBpffs { path: cfg.bpffs_dir.to_owned() }),
-            Err(source) => return Err(EbpfError::Bpffs { path: cfg.bpffs_dir.to_owned(), source }),
-        }
+        require_bpffs(cfg.bpffs_dir)?;
         let cgroup = File::open(cfg.cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
 
@@ -287,16 +283,20 @@ pub fn verify_object(bpffs: &Path) -> Result<(), EbpfError> {
     if EBPF_OBJECT.is_empty() {
         return Err(EbpfError::NotBuilt);
     }
-    match sys::is_bpffs(bpffs) {
-        Ok(true) => {}
-        Ok(false) => return Err(EbpfError::NotBpffs { path: bpffs.to_owned() }),
-        Err(source) => return Err(EbpfError::Bpffs { path: bpffs.to_owned(), source }),
-    }
+    require_bpffs(bpffs)?;
     let scratch = bpffs.join(format!("sockmesh-preflight-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|source| EbpfError::Bpffs { path: scratch.clone(), source })?;
     let r = load_object(&scratch, 64, 4).and_then(|mut ebpf| load_programs(&mut ebpf));
     let _ = std::fs::remove_dir_all(&scratch);
     r
+}
+
+fn require_bpffs(path: &Path) -> Result<(), EbpfError> {
+    match sys::is_bpffs(path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(EbpfError::NotBpffs { path: path.to_owned() }),
+        Err(source) => Err(EbpfError::Bpffs { path: path.to_owned(), source }),
+    }
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -364,7 +364,8 @@ pub fn remove_guard(bpffs_dir: &Path) {
 /// Takes over a pinned link: swaps the freshly loaded program in atomically.
 fn adopt(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<(), EbpfError> {
     let link = sys::obj_get(pin).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })?;
-    sys::link_update(&link, prog).map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })
+    mesh_api::kernel::link_update(link.as_fd(), prog)
+        .map_err(|source| EbpfError::Adopt { path: pin.to_owned(), source })
 }
 
 /// A cgroup v2 directory's id, as bpf_get_current_cgroup_id() reports it: its inode number.

@@ -1,28 +1,18 @@
 //! The few bpf(2) commands aya 0.14 does not offer (or offers only behind `&mut`), as thin
-//! wrappers: getting a pinned object, swapping a link's program, and looking up and deleting a
-//! map entry in one call.
+//! wrappers: getting a pinned object, and looking up and deleting a map entry in one call. The
+//! syscall wrapper and the link swap are `mesh_api::kernel`'s, shared with its probes.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use mesh_api::kernel::bpf;
+
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: every caller passes a #[repr(C)] prefix of union bpf_attr for `cmd`; the kernel
-    // reads (and for lookups writes through the pointers in) exactly that many bytes.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
 
 /// Opens a pinned bpffs object (map, program or link).
 pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
@@ -39,20 +29,6 @@ pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &attr)?;
     // SAFETY: the kernel returned a new descriptor that nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Swaps the program of a link atomically: the hook is never empty.
-pub fn link_update(link: &OwnedFd, prog: BorrowedFd<'_>) -> std::io::Result<()> {
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let attr =
-        LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
-    bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
 }
 
 #[repr(C)]
