@@ -56,6 +56,8 @@ pub enum Kind {
     PeerAuthentication = 3,
     /// Configuration the controller rejected: a JSON string naming the file or object and why.
     Rejected = 4,
+    /// A Service with its endpoints listed (mesh_model::Service; selectors already resolved).
+    Service = 5,
 }
 impl Kind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -69,6 +71,7 @@ impl Kind {
             Self::AuthorizationPolicy => "KIND_AUTHORIZATION_POLICY",
             Self::PeerAuthentication => "KIND_PEER_AUTHENTICATION",
             Self::Rejected => "KIND_REJECTED",
+            Self::Service => "KIND_SERVICE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -79,6 +82,7 @@ impl Kind {
             "KIND_AUTHORIZATION_POLICY" => Some(Self::AuthorizationPolicy),
             "KIND_PEER_AUTHENTICATION" => Some(Self::PeerAuthentication),
             "KIND_REJECTED" => Some(Self::Rejected),
+            "KIND_SERVICE" => Some(Self::Service),
             _ => None,
         }
     }

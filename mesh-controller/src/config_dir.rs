@@ -1,6 +1,7 @@
-//! The local configuration source: a directory of YAML files holding workloads and policies,
-//! in the same shapes as on Kubernetes (multi-document YAML; `kind: AuthorizationPolicy` /
-//! `PeerAuthentication` with metadata and spec; `kind: Workload` with the workload record).
+//! The local configuration source: a directory of YAML files holding workloads, Services and
+//! policies, in the same shapes as on Kubernetes (multi-document YAML; `kind:
+//! AuthorizationPolicy` / `PeerAuthentication` with metadata and spec; `kind: Workload` and
+//! `kind: Service` with the record itself).
 //! Reloaded when a file changes. A bad file is reported (path, line, reason) and its last good
 //! contents are kept; an invalid policy is reported and left out whole, never half-applied.
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use mesh_model::Workload;
+use mesh_model::{Service, Workload};
 use serde::Deserialize;
 
 use crate::model::Model;
@@ -20,6 +21,8 @@ struct FileContents {
     workloads: Vec<Workload>,
     authz: Vec<Sourced<AuthorizationPolicySpec>>,
     peer: Vec<Sourced<PeerAuthenticationSpec>>,
+    /// Services and the line each starts on.
+    services: Vec<(usize, Service)>,
 }
 
 /// A policy and the line of its file where its document starts.
@@ -61,7 +64,9 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
         let start = doc.line;
         let at =
             |line: Option<usize>, reason: String| format!("{}:{}: {reason}", path.display(), line.unwrap_or(start));
-        let kind = doc.kind(path, "Workload, AuthorizationPolicy or PeerAuthentication").map_err(|e| e.to_string())?;
+        let kind = doc
+            .kind(path, "Workload, Service, AuthorizationPolicy or PeerAuthentication")
+            .map_err(|e| e.to_string())?;
         let doc_line = |e: &serde_yaml::Error| e.location().map(|l| start + l.line() - 1);
         let v = doc.value.clone();
         match kind {
@@ -72,6 +77,21 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
                 }
                 w.validate("").map_err(|e| at(None, e.to_string()))?;
                 out.workloads.push(w);
+            }
+            "Service" => {
+                let svc: Service = doc.record(path, "Service").map_err(|e| e.to_string())?;
+                svc.validate_source().map_err(|e| {
+                    at(
+                        None,
+                        format!(
+                            "Service {}/{}: {e}; a Service looks like\n{}",
+                            svc.namespace,
+                            svc.name,
+                            mesh_model::service::SERVICE_EXAMPLE
+                        ),
+                    )
+                })?;
+                out.services.push((start, svc));
             }
             "AuthorizationPolicy" => {
                 let d: PolicyDoc<AuthorizationPolicySpec> =
@@ -98,7 +118,9 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
             other => {
                 return Err(at(
                     None,
-                    format!("unknown kind {other:?}: expected Workload, AuthorizationPolicy or PeerAuthentication"),
+                    format!(
+                        "unknown kind {other:?}: expected Workload, Service, AuthorizationPolicy or PeerAuthentication"
+                    ),
                 ))
             }
         }
@@ -129,6 +151,13 @@ fn assemble(
         m.workloads.insert(w.key(), w.clone());
     }
     m.errors = errors;
+    let services = files
+        .iter()
+        .flat_map(|(path, f)| {
+            f.services.iter().map(move |(line, s)| (s.clone(), format!("{}:{line}: Service", path.display())))
+        })
+        .collect();
+    m.admit_services(services);
     for (path, f) in files {
         for p in &f.authz {
             let what = format!("{}:{}: AuthorizationPolicy", path.display(), p.line);
@@ -205,6 +234,7 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
         tracing::info!(
             version,
             workloads = m.workloads.len(),
+            services = m.services.len(),
             policies = m.authz.len(),
             peer_authentications = m.peer_auth.len(),
             errors = m.errors.len(),
@@ -281,6 +311,46 @@ mod tests {
             &Model::default(),
         );
         assert_eq!((m.peer_auth.len(), m.errors.len()), (1, 0), "{:?}", m.errors);
+    }
+
+    /// `kind: Service` documents: a selector is resolved against the workloads (and again
+    /// when they change); a bad Service names its file and line; an address already taken
+    /// leaves that Service out, reported, and the rest in force.
+    #[test]
+    fn services_resolve_their_selectors_and_bad_ones_are_reported_with_their_line() {
+        let text = "kind: Workload\nname: w1\nlabels: {app: web}\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: w2\nlabels: {app: web}\nips: [10.0.0.2]\nnode: n2\n---\nkind: Service\nname: web\naddresses: [10.96.0.10]\nports: [{port: 80, targetPort: 8080}]\nselector: {app: web}\n---\nkind: Service\nname: clash\naddresses: [10.0.0.2]\nports: [{port: 80}]\nendpoints: [{address: 192.0.2.1}]\n";
+        let files = BTreeMap::from([(PathBuf::from("s.yaml"), parse_file(Path::new("s.yaml"), text).unwrap())]);
+        let m = assemble(&files, vec![], &[], 1, &Model::default());
+        let web = &m.services[&("default".to_owned(), "web".to_owned())];
+        let eps: Vec<String> =
+            web.endpoints.iter().map(|e| format!("{}={}", e.workload.as_deref().unwrap_or("-"), e.address)).collect();
+        assert_eq!(eps, ["w1=10.0.0.1", "w2=10.0.0.2"]);
+        assert!(!m.services.contains_key(&("default".to_owned(), "clash".to_owned())));
+        assert!(
+            m.errors.iter().any(
+                |e| e.starts_with("s.yaml:19: Service default/clash rejected") && e.contains("workload default/w2")
+            ),
+            "{:?}",
+            m.errors
+        );
+        // Pushed to every node, with the endpoints listed.
+        let r = m.resources_for("n1", "sockmesh-system");
+        let pushed = r.iter().find(|(id, _)| id.kind == mesh_api::push::Kind::Service).expect("the Service is pushed");
+        assert!(pushed.1.contains("10.0.0.2") && pushed.1.contains("\"targetPort\":8080"), "{}", pushed.1);
+
+        let e = parse_file(Path::new("b.yaml"), "kind: Workload\nname: w1\nips: [10.0.0.1]\nnode: n1\n---\nkind: Service\nname: web\nports: [{port: 80, targetPrt: 8080}]\n").unwrap_err();
+        assert!(e.starts_with("b.yaml:8:") && e.contains("targetPrt"), "{e}");
+        let e = parse_file(
+            Path::new("b.yaml"),
+            "kind: Service\nname: web\nports: [{port: 80}]\nselector: {app: a}\nendpoints: [{address: 10.0.0.9}]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("b.yaml:1:")
+                && e.contains("both a selector and explicit endpoints")
+                && e.contains("kind: Service\nname: web"),
+            "{e}"
+        );
     }
 
     /// An edit that breaks a DENY must not lift it: the version in force stays, and says so.

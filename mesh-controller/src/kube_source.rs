@@ -1,26 +1,39 @@
-//! The Kubernetes configuration source: reflectors over Pods, Namespaces and the policy CRDs
-//! feed the same model the local directory does. Reconciling is a pure function of the stores
-//! (`model_from`), tested on recorded objects; the watch plumbing is kube-runtime's.
+//! The Kubernetes configuration source: reflectors over Pods, Namespaces, Services,
+//! EndpointSlices and the policy CRDs feed the same model the local directory does. Reconciling
+//! is a pure function of the stores (`model_from`), tested on recorded objects; the watch
+//! plumbing is kube-runtime's.
+//!
+//! Services are read in every namespace (a meshed client may call a Service whose endpoints are
+//! outside the mesh; its agent then passes the connection through plainly). Their endpoints and
+//! target ports come from their EndpointSlices (`service_of`), as kube-proxy reads them; the
+//! selector is carried along but not resolved again.
 //!
 //! Policies get an `Accepted` status condition for the generation read (`status`).
 //!
 //! Exercised against a mock API server (tower-test) with recorded JSON, including watch events,
 //! a 410 Gone resync and status writes; not yet against a real cluster.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use mesh_model::policy::{AuthorizationPolicy, PeerAuthentication};
-use mesh_model::Workload;
+use mesh_model::{Endpoint, Service, ServicePort, Workload};
 
 use crate::model::Model;
 
 /// A namespace joins the mesh with this label (like Istio's dataplane-mode label).
 pub const MESH_LABEL: &str = "sockmesh.io/mesh";
 pub const MESH_ENABLED: &str = "enabled";
+
+/// The label by which an EndpointSlice names its Service (of the slice's namespace).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The workload record of a meshed pod, or None if it is not (yet) one: not in a meshed
 /// namespace, host network, not scheduled, no address, or finished.
@@ -63,11 +76,111 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
     })
 }
 
+/// The Service record of a Kubernetes Service and its EndpointSlices (`slices`: those of its
+/// namespace labelled [`SERVICE_NAME_LABEL`] with its name; any other is ignored, and so are
+/// FQDN slices, whose endpoints are names). Pure.
+///
+/// None for an `ExternalName` Service, and for one left without a port (it has no endpoints
+/// to reach yet; not an error). Otherwise:
+/// - addresses: `spec.clusterIPs` (else `spec.clusterIP`); "None" (headless), "" and
+///   unparsable ones are skipped, so a headless Service has none.
+/// - selector: `spec.selector` if not empty, for information: the endpoints are the slices'.
+/// - ports: TCP ones only. The target port is the number of the slices' port with the Service
+///   port's name (none or "" for a single unnamed port), which resolves a named `targetPort`
+///   as kube-proxy does; failing that an integer `targetPort`; failing that (a named
+///   `targetPort` no slice resolves) the port is dropped. Slices that give one name different
+///   numbers (pods disagreeing on a named port) cannot be represented: the first slice by name
+///   wins.
+/// - endpoints: every address of every endpoint of the (IPv4 and IPv6) slices, ready unless
+///   `conditions.ready` is false, naming the pod of a `targetRef` to a Pod; sorted, duplicates
+///   removed.
+pub fn service_of(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Service> {
+    let namespace = svc.namespace()?;
+    let name = svc.name_any();
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let mut slices: Vec<&EndpointSlice> = slices
+        .iter()
+        .copied()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(namespace.as_str())
+                && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
+                && matches!(s.address_type.as_str(), "IPv4" | "IPv6")
+        })
+        .collect();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+
+    let cluster_ips: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for ip in cluster_ips.into_iter().filter_map(|ip| ip.parse().ok()) {
+        if !addresses.contains(&ip) {
+            addresses.push(ip);
+        }
+    }
+
+    let tcp = |protocol: Option<&str>| matches!(protocol, None | Some("TCP"));
+    let unnamed_is_none = |n: &Option<String>| n.clone().filter(|n| !n.is_empty());
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten().filter(|p| tcp(p.protocol.as_deref())) {
+        let Ok(port) = u16::try_from(p.port) else { continue };
+        let port_name = unnamed_is_none(&p.name);
+        let from_slices = slices
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter(|sp| tcp(sp.protocol.as_deref()) && unnamed_is_none(&sp.name) == port_name)
+            .find_map(|sp| sp.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0));
+        let target_port = match (from_slices, &p.target_port) {
+            (Some(n), _) => Some(n),
+            (None, Some(IntOrString::Int(n))) => match u16::try_from(*n) {
+                Ok(n) if n != 0 => Some(n),
+                _ => continue,
+            },
+            (None, Some(IntOrString::String(_))) => continue,
+            (None, None) => None,
+        };
+        ports.push(ServicePort { name: port_name, port, target_port });
+    }
+    if ports.is_empty() {
+        return None;
+    }
+
+    let mut endpoints = Vec::new();
+    for s in &slices {
+        for e in &s.endpoints {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let workload =
+                e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone());
+            for address in e.addresses.iter().filter_map(|a| a.parse().ok()) {
+                endpoints.push(Endpoint { address, workload: workload.clone(), ready });
+            }
+        }
+    }
+    endpoints.sort();
+    endpoints.dedup();
+
+    Some(Service {
+        name,
+        namespace,
+        addresses,
+        ports,
+        selector: spec.selector.clone().filter(|s| !s.is_empty()),
+        endpoints,
+    })
+}
+
 /// The model from the current contents of the stores. Pure, but for the log line of a
-/// rejected policy, handled as [`Model::admit_authz`] says.
+/// rejected policy, handled as [`Model::admit_authz`] says, or of a rejected Service
+/// ([`Model::admit_listed_services`]).
 pub fn model_from(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
+    services: &[Arc<KubeService>],
+    slices: &[Arc<EndpointSlice>],
     aps: &[Arc<AuthorizationPolicy>],
     pas: &[Arc<PeerAuthentication>],
     previous: &Model,
@@ -83,6 +196,23 @@ pub fn model_from(
             m.workloads.insert(w.key(), w);
         }
     }
+    let mut slices_of: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let (Some(ns), Some(svc)) = (s.namespace(), s.labels().get(SERVICE_NAME_LABEL)) {
+            slices_of.entry((ns, svc.clone())).or_default().push(s);
+        }
+    }
+    let mut records: Vec<Service> = services
+        .iter()
+        .filter_map(|s| {
+            let key = (s.namespace().unwrap_or_default(), s.name_any());
+            service_of(s, slices_of.get(&key).map(Vec::as_slice).unwrap_or_default())
+        })
+        .collect();
+    // The stores' order is arbitrary; the address check keeps the first of two claimants.
+    records.sort_by_key(Service::key);
+    // The error names the object: "Service ns/name rejected: ...".
+    m.admit_listed_services(records.into_iter().map(|s| (s, "Service".to_owned())).collect());
     for ap in aps {
         let key = (ap.namespace().unwrap_or_default(), ap.name_any());
         m.admit_authz(previous, key, &ap.spec, "AuthorizationPolicy".into());
@@ -101,6 +231,8 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
     let (nss, nss_w) = reflector::store::<Namespace>();
     let (aps, aps_w) = reflector::store::<AuthorizationPolicy>();
     let (pas, pas_w) = reflector::store::<PeerAuthentication>();
+    let (svcs, svcs_w) = reflector::store::<KubeService>();
+    let (eps, eps_w) = reflector::store::<EndpointSlice>();
     let cfg = watcher::Config::default();
     // Every watcher event (including the end of a re-list, when the store is swapped) triggers a
     // rebuild; errors back off instead of spinning.
@@ -109,16 +241,21 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
         reflector(nss_w, watcher(Api::<Namespace>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
     let s3 = reflector(aps_w, watcher(Api::<AuthorizationPolicy>::all(client.clone()), cfg.clone()).default_backoff())
         .map(|_| ());
-    let s4 =
-        reflector(pas_w, watcher(Api::<PeerAuthentication>::all(client.clone()), cfg).default_backoff()).map(|_| ());
-    let mut all = futures::stream::select_all(vec![s1.boxed(), s2.boxed(), s3.boxed(), s4.boxed()]);
+    let s4 = reflector(pas_w, watcher(Api::<PeerAuthentication>::all(client.clone()), cfg.clone()).default_backoff())
+        .map(|_| ());
+    let s5 =
+        reflector(svcs_w, watcher(Api::<KubeService>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
+    let s6 = reflector(eps_w, watcher(Api::<EndpointSlice>::all(client.clone()), cfg).default_backoff()).map(|_| ());
+    let mut all =
+        futures::stream::select_all(vec![s1.boxed(), s2.boxed(), s3.boxed(), s4.boxed(), s5.boxed(), s6.boxed()]);
     let changed = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(status::run(client.clone(), aps.clone(), pas.clone(), changed.clone()));
     let mut version = 0u64;
     while all.next().await.is_some() {
         changed.notify_one();
         let previous = tx.borrow().clone();
-        let mut m = model_from(&pods.state(), &nss.state(), &aps.state(), &pas.state(), &previous);
+        let mut m =
+            model_from(&pods.state(), &nss.state(), &svcs.state(), &eps.state(), &aps.state(), &pas.state(), &previous);
         version += 1;
         m.version = version;
         m.accepted_at_ms = std::time::SystemTime::now()
@@ -128,6 +265,7 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
         let changed = {
             let cur = tx.borrow();
             cur.workloads != m.workloads
+                || cur.services != m.services
                 || cur.authz != m.authz
                 || cur.peer_auth != m.peer_auth
                 || cur.errors != m.errors
@@ -136,6 +274,7 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
             tracing::info!(
                 version,
                 workloads = m.workloads.len(),
+                services = m.services.len(),
                 policies = m.authz.len(),
                 "configuration from the Kubernetes API"
             );

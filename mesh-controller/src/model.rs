@@ -1,5 +1,5 @@
 //! The controller's one model of the mesh: workloads (who runs where, with which identity and
-//! addresses) and policies. Sources (a local directory today; the Kubernetes API next) produce
+//! addresses), Services and policies. Sources (a local directory today; the Kubernetes API next) produce
 //! it; the CA's node authorization and the push to agents read it.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::Compiled;
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use mesh_model::{Workload, WorkloadKey};
+use mesh_model::{Service, Workload, WorkloadKey};
 
 pub type Key = (String, String);
 
@@ -16,6 +16,9 @@ pub struct Model {
     pub workloads: BTreeMap<WorkloadKey, Workload>,
     pub authz: BTreeMap<Key, AuthorizationPolicySpec>,
     pub peer_auth: BTreeMap<Key, PeerAuthenticationSpec>,
+    /// Services with their endpoints resolved (selectors against `workloads`), or as the source
+    /// listed them (Kubernetes EndpointSlices).
+    pub services: BTreeMap<Key, Service>,
     /// What was rejected and why (path, line, reason), for the operator.
     pub errors: Vec<String>,
     pub version: u64,
@@ -41,12 +44,63 @@ impl Model {
         admit(&mut self.peer_auth, &previous.peer_auth, key, spec, checked, what, &mut self.errors);
     }
 
+    /// Admits Services read from a source (each with what names it for an error: file and
+    /// line, or the object). Call after the workloads are in: selectors are resolved against
+    /// them. A Service that is invalid, or whose address is a workload's or an earlier
+    /// Service's, is left out whole and reported; the others stand.
+    pub fn admit_services(&mut self, services: Vec<(Service, String)>) {
+        let mut valid = Vec::new();
+        for (s, what) in services {
+            match s.validate_source() {
+                Ok(()) => valid.push((s, what)),
+                Err(e) => self.reject_service(&what, &s, &e),
+            }
+        }
+        let (ok, refused) = mesh_model::service::check_addresses(valid.iter().map(|(s, _)| s), self.workloads.values());
+        let ok: Vec<Service> = ok.into_iter().map(|s| s.resolved(self.workloads.values())).collect();
+        let refused: Vec<(Service, String)> = refused.into_iter().map(|(s, e)| (s.clone(), e)).collect();
+        for (s, e) in refused {
+            let what = valid.iter().find(|(v, _)| v.key() == s.key()).map(|(_, w)| w.clone()).unwrap_or_default();
+            self.reject_service(&what, &s, &e);
+        }
+        for s in ok {
+            self.services.insert(s.key(), s);
+        }
+    }
+
+    /// [`Model::admit_services`] for Services whose source already listed the endpoints (the
+    /// Kubernetes source, from EndpointSlices). A selector on them is carried along for
+    /// information but not resolved again: the listed endpoints stand (sorted, deduplicated),
+    /// and a selector with listed endpoints is not the conflict it is in a document.
+    pub fn admit_listed_services(&mut self, services: Vec<(Service, String)>) {
+        let mut selectors = BTreeMap::new();
+        let bare = services
+            .into_iter()
+            .map(|(mut s, what)| {
+                selectors.insert(s.key(), s.selector.take());
+                (s, what)
+            })
+            .collect();
+        self.admit_services(bare);
+        for (key, selector) in selectors {
+            if let Some(s) = self.services.get_mut(&key) {
+                s.selector = selector;
+            }
+        }
+    }
+
+    fn reject_service(&mut self, what: &str, s: &Service, e: &str) {
+        let e = format!("{what} {}/{} rejected: {e}", s.namespace, s.name);
+        tracing::error!(error = %e, "Service rejected; the rest of the configuration stays in force");
+        self.errors.push(e);
+    }
+
     pub fn placement(&self) -> crate::placement::Placement {
         crate::placement::Placement::from_workloads(&self.workloads.values().cloned().collect::<Vec<_>>())
     }
 
-    /// What `node` needs: every workload (to resolve destinations and their identities), and
-    /// the policies that select its own workloads.
+    /// What `node` needs: every workload and Service (to resolve destinations and their
+    /// identities), and the policies that select its own workloads.
     pub fn resources_for(&self, node: &str, root_namespace: &str) -> Resources {
         let mut out = Resources::new();
         for (k, w) in &self.workloads {
@@ -54,6 +108,9 @@ impl Model {
                 ResourceId::new(Kind::Workload, &k.namespace, &k.name),
                 serde_json::to_string(w).expect("serialisable"),
             );
+        }
+        for ((ns, n), s) in &self.services {
+            out.insert(ResourceId::new(Kind::Service, ns, n), serde_json::to_string(s).expect("serialisable"));
         }
         let compiled = self.authz.iter().filter_map(|((ns, n), s)| Compiled::compile(ns, n, s).ok());
         let index = mesh_model::authz::PolicyIndex::new(root_namespace, compiled);

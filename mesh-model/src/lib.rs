@@ -1,9 +1,12 @@
 //! The records the control plane and the agents agree on: workloads (who runs where, with
-//! which identity and addresses). One model, whatever source it is read from.
+//! which identity and addresses), Services (virtual addresses in front of endpoints) and
+//! policies. One model, whatever source it is read from.
 
 pub mod authz;
 pub mod policy;
+pub mod service;
 pub mod workload;
 
 pub use authz::Cidr;
+pub use service::{Endpoint, Service, ServicePort};
 pub use workload::{Workload, WorkloadError, WorkloadKey};

@@ -141,6 +141,12 @@ impl Document {
 
     /// Reads a `kind: Workload` document (an `apiVersion` is allowed and ignored).
     pub fn workload(&self, path: &Path) -> Result<Workload, WorkloadError> {
+        self.record(path, "Workload")
+    }
+
+    /// Reads a flat document of `kind: <what>` (an `apiVersion` is allowed and ignored) into
+    /// its record; an error names the file line of the field it is about.
+    pub fn record<T: serde::de::DeserializeOwned>(&self, path: &Path, what: &str) -> Result<T, WorkloadError> {
         let mut v = self.value.clone();
         if let Some(m) = v.as_mapping_mut() {
             m.remove("kind");
@@ -148,21 +154,21 @@ impl Document {
         }
         serde_yaml::from_value(v).map_err(|e| WorkloadError::Parse {
             path: path.to_owned(),
-            line: self.line_of(&e),
-            reason: format!("Workload: {e}"),
+            line: self.line_of::<T>(&e),
+            reason: format!("{what}: {e}"),
         })
     }
 
     /// The file line an error is about. Reading a value loses positions, so the document's
     /// text is read again, with its `kind` and `apiVersion` lines blanked, for the position.
-    fn line_of(&self, e: &serde_yaml::Error) -> usize {
+    fn line_of<T: serde::de::DeserializeOwned>(&self, e: &serde_yaml::Error) -> usize {
         let blanked: String = self
             .text
             .lines()
             .map(|l| if l.starts_with("kind:") || l.starts_with("apiVersion:") { "#" } else { l })
             .collect::<Vec<_>>()
             .join("\n");
-        match serde_yaml::from_str::<Workload>(&blanked) {
+        match serde_yaml::from_str::<T>(&blanked) {
             // The same content (but for blank lines) fails the same way, now with a position.
             Err(again) if again.location().is_some() => {
                 again.location().map(|l| self.line + l.line() - 1).unwrap_or(self.line)
@@ -243,7 +249,7 @@ pub fn is_node_name(s: &str) -> bool {
 
 /// A DNS-1123 label (RFC 1123, as Kubernetes applies it): 1-63 lowercase letters, digits and
 /// '-', starting and ending with a letter or digit.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')

@@ -1,6 +1,6 @@
 //! The Kubernetes source against a mock API server answering with recorded JSON: list, watch
-//! events (added, modified, deleted), a 410 Gone that forces a re-list, and equivalence with
-//! the local directory source.
+//! events (added, modified, deleted), a 410 Gone that forces a re-list, Services from their
+//! EndpointSlices, and equivalence with the local directory source.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,32 @@ fn pod(name: &str, node: &str, sa: &str, ip: &str, app: &str, rv: u32) -> Value 
         "metadata": {"name": name, "namespace": "default", "resourceVersion": rv.to_string(), "labels": {"app": app}, "uid": format!("uid-{name}")},
         "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app", "image": "app:1"}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn service(ns: &str, name: &str, cluster_ip: &str, ports: Value, selector: Value, rv: u32) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string(), "uid": format!("uid-{name}")},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": ports, "selector": selector}
+    })
+}
+
+/// An endpoint of a slice: a pod's address, with `ready` as the EndpointSlice controller
+/// writes it (absent: unknown, which counts as ready).
+fn endpoint(ip: &str, pod: &str, ready: Option<bool>) -> Value {
+    let mut e = json!({"addresses": [ip], "targetRef": {"kind": "Pod", "name": pod}, "conditions": {}});
+    if let Some(r) = ready {
+        e["conditions"]["ready"] = r.into();
+    }
+    e
+}
+
+fn endpoint_slice(ns: &str, name: &str, svc: &str, ports: Value, endpoints: Vec<Value>, rv: u32) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string(), "labels": {SERVICE_NAME_LABEL: svc}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints
     })
 }
 
@@ -120,6 +146,55 @@ async fn api_server(
                 serde_json::to_vec(&list("PeerAuthenticationList", "security.sockmesh.io/v1alpha1", 30, vec![]))
                     .unwrap(),
             )),
+            // web: a named targetPort its slice resolves; db: headless, one unnamed port.
+            ("/api/v1/services", false) => send.send_response(ok(serde_json::to_vec(&list(
+                "ServiceList",
+                "v1",
+                40,
+                vec![
+                    service(
+                        "default",
+                        "web",
+                        "10.96.0.10",
+                        json!([{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]),
+                        json!({"app": "b"}),
+                        31,
+                    ),
+                    service(
+                        "default",
+                        "db",
+                        "None",
+                        json!([{"port": 9000, "targetPort": 9000}]),
+                        json!({"app": "d"}),
+                        32,
+                    ),
+                ],
+            ))
+            .unwrap())),
+            ("/apis/discovery.k8s.io/v1/endpointslices", false) => send.send_response(ok(serde_json::to_vec(&list(
+                "EndpointSliceList",
+                "discovery.k8s.io/v1",
+                50,
+                vec![
+                    endpoint_slice(
+                        "default",
+                        "web-x1",
+                        "web",
+                        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+                        vec![endpoint("10.0.0.2", "b", Some(true))],
+                        41,
+                    ),
+                    endpoint_slice(
+                        "default",
+                        "db-x2",
+                        "db",
+                        json!([{"name": "", "port": 9000, "protocol": "TCP"}]),
+                        vec![endpoint("10.0.0.4", "d", None)],
+                        42,
+                    ),
+                ],
+            ))
+            .unwrap())),
             (_, true) => held.push(send),
             (p, _) => panic!("unexpected request {p}"),
         }
@@ -139,24 +214,35 @@ async fn patched(req: Request<Body>, objects: &[Value]) -> ((String, Value), Val
     ((path, patch["status"].clone()), obj)
 }
 
+/// Waits (10 s at most) until the model published is one that `done` accepts.
+async fn until(
+    rx: &mut tokio::sync::watch::Receiver<Arc<Model>>,
+    done: impl Fn(&Model) -> bool,
+) -> Result<Arc<Model>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            {
+                let m = rx.borrow_and_update().clone();
+                if done(&m) {
+                    return m;
+                }
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+}
+
 /// Waits until the model has exactly `want` workloads and pod a's app label is `app_a`.
 async fn reach(
     rx: &mut tokio::sync::watch::Receiver<Arc<Model>>,
     want: &[&str],
     app_a: &str,
 ) -> Result<Arc<Model>, tokio::time::error::Elapsed> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            {
-                let m = rx.borrow_and_update().clone();
-                let names: Vec<&str> = m.workloads.keys().map(|k| k.name.as_str()).collect();
-                let label = m.workloads.values().find(|w| w.name == "a").map(|w| w.labels["app"].clone());
-                if names == want && label.as_deref() == Some(app_a) {
-                    return m;
-                }
-            }
-            rx.changed().await.unwrap();
-        }
+    until(rx, |m| {
+        let names: Vec<&str> = m.workloads.keys().map(|k| k.name.as_str()).collect();
+        let label = m.workloads.values().find(|w| w.name == "a").map(|w| w.labels["app"].clone());
+        names == want && label.as_deref() == Some(app_a)
     })
     .await
 }
@@ -176,8 +262,10 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
     assert_eq!(*pod_lists.lock().unwrap(), 1);
     // 410 Gone: the watcher re-lists and finds d, which appeared meanwhile.
     go_410.notify_one();
-    let m = reach(&mut rx, &["a", "b", "d"], "a2").await.expect("the model never reached the re-listed state");
+    reach(&mut rx, &["a", "b", "d"], "a2").await.expect("the model never reached the re-listed state");
     assert_eq!(*pod_lists.lock().unwrap(), 2, "the 410 did not cause a re-list");
+    // The Services' reflectors are independent of the pods': wait for them too.
+    let m = until(&mut rx, |m| m.workloads.len() == 3 && m.services.len() == 2).await.expect("no Services");
     assert_eq!(m.authz.len(), 1);
 
     // The same state written as a local directory gives the same model.
@@ -190,6 +278,10 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
     ] {
         yaml.push_str(&format!("kind: Workload\nname: {name}\nnamespace: default\nserviceAccount: {sa}\nlabels: {{app: {app}}}\nips: [{ip}]\nnode: {node}\n---\n"));
     }
+    // The Services with selectors: the controller resolves them against the workloads to the
+    // endpoints the slices list (the named target port written as the number it resolves to).
+    yaml.push_str("kind: Service\nname: web\nnamespace: default\naddresses: [10.96.0.10]\nports: [{name: http, port: 80, targetPort: 8080}]\nselector: {app: b}\n---\n");
+    yaml.push_str("kind: Service\nname: db\nnamespace: default\nports: [{port: 9000, targetPort: 9000}]\nselector: {app: d}\n---\n");
     yaml.push_str(&format!("apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-a, namespace: default}}\nspec: {DENY}\n"));
     std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
     let (ltx, mut lrx) = tokio::sync::watch::channel(Arc::new(Model::default()));
@@ -198,6 +290,8 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
     let local = lrx.borrow().clone();
     assert!(local.errors.is_empty(), "{:?}", local.errors);
     assert_eq!(local.workloads, m.workloads);
+    assert_eq!(local.services, m.services);
+    assert_eq!(m.services[&("default".to_owned(), "web".to_owned())].endpoints.len(), 1);
     assert_eq!(local.authz, m.authz);
     assert_eq!(local.peer_auth, m.peer_auth);
     let _ = BTreeMap::<u8, u8>::new();
@@ -272,6 +366,13 @@ async fn policies_get_an_accepted_condition_for_the_generation_read() {
                 ("/api/v1/pods", false) => {
                     send.send_response(ok(serde_json::to_vec(&list("PodList", "v1", 1, vec![])).unwrap()))
                 }
+                ("/api/v1/services", false) => {
+                    send.send_response(ok(serde_json::to_vec(&list("ServiceList", "v1", 1, vec![])).unwrap()))
+                }
+                ("/apis/discovery.k8s.io/v1/endpointslices", false) => send.send_response(ok(serde_json::to_vec(
+                    &list("EndpointSliceList", "discovery.k8s.io/v1", 1, vec![]),
+                )
+                .unwrap())),
                 ("/apis/security.sockmesh.io/v1alpha1/authorizationpolicies", false) => {
                     send.send_response(ok(serde_json::to_vec(&list(
                         "AuthorizationPolicyList",
@@ -337,5 +438,206 @@ async fn policies_get_an_accepted_condition_for_the_generation_read() {
     assert!(
         tokio::time::timeout(Duration::from_millis(500), patches.recv()).await.is_err(),
         "an unchanged policy was written again"
+    );
+}
+
+/// A Service of a namespace outside the mesh, from its EndpointSlice: cluster IP, the named
+/// target port resolved by the slice, an integer one no slice names, a UDP port left out,
+/// readiness and pod names; then the slice's watch events: an endpoint turning not ready, and
+/// the slice deleted (the Service stays, without endpoints, and without the port only a slice
+/// could resolve).
+#[tokio::test]
+async fn services_take_their_endpoints_and_target_ports_from_endpoint_slices() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let web = service(
+        "shop",
+        "web",
+        "10.96.0.10",
+        json!([
+            {"name": "web", "port": 80, "targetPort": "http", "protocol": "TCP"},
+            {"name": "metrics", "port": 9090, "targetPort": 9091},
+            {"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"}
+        ]),
+        json!({"app": "web"}),
+        10,
+    );
+    let slice = |eps: Vec<Value>, rv: u32| {
+        endpoint_slice("shop", "web-abc12", "web", json!([{"name": "web", "port": 8080, "protocol": "TCP"}]), eps, rv)
+    };
+    let listed = slice(
+        vec![
+            endpoint("10.1.0.1", "web-1", Some(true)),
+            endpoint("10.1.0.2", "web-2", None),
+            endpoint("10.1.0.3", "web-3", Some(false)),
+        ],
+        20,
+    );
+    let modified = slice(
+        vec![
+            endpoint("10.1.0.1", "web-1", Some(true)),
+            endpoint("10.1.0.2", "web-2", Some(false)),
+            endpoint("10.1.0.3", "web-3", Some(false)),
+        ],
+        21,
+    );
+    let (step1, step2) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let (s1, s2) = (step1.clone(), step2.clone());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut slice_watches = 0;
+        while let Some((req, send)) = handle.next_request().await {
+            let watch = req.uri().query().unwrap_or("").contains("watch=true");
+            let path = req.uri().path().to_owned();
+            let empty =
+                |kind: &str, api_version: &str| ok(serde_json::to_vec(&list(kind, api_version, 1, vec![])).unwrap());
+            match (path.as_str(), watch) {
+                ("/api/v1/namespaces", false) => send.send_response(empty("NamespaceList", "v1")),
+                ("/api/v1/pods", false) => send.send_response(empty("PodList", "v1")),
+                ("/apis/security.sockmesh.io/v1alpha1/authorizationpolicies", false) => {
+                    send.send_response(empty("AuthorizationPolicyList", "security.sockmesh.io/v1alpha1"))
+                }
+                ("/apis/security.sockmesh.io/v1alpha1/peerauthentications", false) => {
+                    send.send_response(empty("PeerAuthenticationList", "security.sockmesh.io/v1alpha1"))
+                }
+                ("/api/v1/services", false) => {
+                    send.send_response(ok(
+                        serde_json::to_vec(&list("ServiceList", "v1", 10, vec![web.clone()])).unwrap()
+                    ))
+                }
+                ("/apis/discovery.k8s.io/v1/endpointslices", false) => send.send_response(ok(serde_json::to_vec(
+                    &list("EndpointSliceList", "discovery.k8s.io/v1", 20, vec![listed.clone()]),
+                )
+                .unwrap())),
+                ("/apis/discovery.k8s.io/v1/endpointslices", true) if slice_watches < 2 => {
+                    slice_watches += 1;
+                    // Each answer waits for the test to have seen the state before it.
+                    let (step, ev) = if slice_watches == 1 {
+                        (s1.clone(), events(&[("MODIFIED", modified.clone())]))
+                    } else {
+                        (s2.clone(), events(&[("DELETED", modified.clone())]))
+                    };
+                    tokio::spawn(async move {
+                        step.notified().await;
+                        send.send_response(ok(ev));
+                    });
+                }
+                (_, true) => held.push(send),
+                (p, _) => panic!("unexpected request {p}"),
+            }
+        }
+    });
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
+    tokio::spawn(run(client, tx));
+    let key = ("shop".to_owned(), "web".to_owned());
+    let eps = |m: &Model| -> Vec<(String, Option<String>, bool)> {
+        m.services.get(&key).map_or(vec![], |s| {
+            s.endpoints.iter().map(|e| (e.address.to_string(), e.workload.clone(), e.ready)).collect()
+        })
+    };
+    let ep = |ip: &str, pod: &str, ready: bool| (ip.to_owned(), Some(pod.to_owned()), ready);
+
+    let m = until(&mut rx, |m| eps(m).len() == 3).await.expect("the listed Service never came");
+    let s = &m.services[&key];
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    assert_eq!(s.addresses, ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(s.selector, Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])));
+    let ports: Vec<(Option<&str>, u16, u16)> =
+        s.ports.iter().map(|p| (p.name.as_deref(), p.port, p.target())).collect();
+    assert_eq!(ports, [(Some("web"), 80, 8080), (Some("metrics"), 9090, 9091)]);
+    assert_eq!(eps(&m), [ep("10.1.0.1", "web-1", true), ep("10.1.0.2", "web-2", true), ep("10.1.0.3", "web-3", false)]);
+    // No workload is in the mesh (shop is not meshed), and the listed endpoints stand.
+    assert!(m.workloads.is_empty());
+
+    step1.notify_one();
+    let m = until(&mut rx, |m| eps(m).get(1).is_some_and(|e| !e.2)).await.expect("the MODIFIED slice was not applied");
+    assert_eq!(
+        eps(&m),
+        [ep("10.1.0.1", "web-1", true), ep("10.1.0.2", "web-2", false), ep("10.1.0.3", "web-3", false)]
+    );
+
+    step2.notify_one();
+    let m = until(&mut rx, |m| m.services.get(&key).is_some_and(|s| s.endpoints.is_empty()))
+        .await
+        .expect("the DELETED slice was not applied");
+    let s = &m.services[&key];
+    assert_eq!(s.ports.iter().map(|p| (p.port, p.target())).collect::<Vec<_>>(), [(9090, 9091)]);
+    assert_eq!(s.addresses.len(), 1);
+}
+
+/// The conversion on its own: ExternalName Services are skipped, headless ones kept without
+/// addresses, dual-stack addresses kept, a named target port no slice resolves drops its port
+/// (and a Service left without ports is omitted), FQDN slices and other Services' slices are
+/// ignored.
+#[test]
+fn service_of_skips_external_names_keeps_headless_services_and_drops_unresolved_ports() {
+    let k = |v: Value| serde_json::from_value::<KubeService>(v).unwrap();
+    let es = |v: Value| serde_json::from_value::<EndpointSlice>(v).unwrap();
+    let ports =
+        json!([{"name": "http", "port": 80, "targetPort": "http"}, {"name": "grpc", "port": 81, "targetPort": 9001}]);
+
+    let mut ext = service("default", "ext", "", json!([{"port": 443}]), json!({}), 1);
+    ext["spec"] = json!({"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 443}]});
+    assert_eq!(service_of(&k(ext), &[]), None);
+
+    // Headless, no slice yet: http's named target port is unresolved, so only grpc is left.
+    let headless = k(service("default", "h", "None", ports.clone(), json!({"app": "h"}), 1));
+    let s = service_of(&headless, &[]).unwrap();
+    assert!(s.addresses.is_empty() && s.endpoints.is_empty());
+    assert_eq!(s.ports, [ServicePort { name: Some("grpc".into()), port: 81, target_port: Some(9001) }]);
+    assert_eq!(s.selector, Some(BTreeMap::from([("app".to_owned(), "h".to_owned())])));
+
+    // Only named target ports, none resolved: no ports, so no Service (yet), and no error.
+    let named = k(service(
+        "default",
+        "n",
+        "10.96.0.3",
+        json!([{"name": "http", "port": 80, "targetPort": "http"}]),
+        json!({}),
+        1,
+    ));
+    assert_eq!(service_of(&named, &[]), None);
+
+    // Dual stack; the slices: its own IPv4 one (http resolved, a non-pod endpoint, two addresses
+    // of one endpoint), an FQDN one, and another Service's.
+    let mut dual = service("default", "d", "10.96.0.4", ports, Value::Null, 1);
+    dual["spec"]["clusterIPs"] = json!(["10.96.0.4", "fd00::4"]);
+    let own = es(endpoint_slice(
+        "default",
+        "d-1",
+        "d",
+        json!([{"name": "http", "port": 8080}, {"name": "grpc", "port": 9002, "protocol": "UDP"}]),
+        vec![
+            json!({"addresses": ["192.0.2.7"], "targetRef": {"kind": "Node", "name": "n1"}}),
+            json!({"addresses": ["10.0.0.9", "10.0.0.8"], "targetRef": {"kind": "Pod", "name": "p"}, "conditions": {"ready": false}}),
+        ],
+        2,
+    ));
+    let mut fqdn_v = endpoint_slice("default", "d-2", "d", json!([{"name": "http", "port": 8081}]), vec![], 3);
+    fqdn_v["addressType"] = "FQDN".into();
+    fqdn_v["endpoints"] = json!([{"addresses": ["db.example.com"]}]);
+    let fqdn = es(fqdn_v);
+    let other = es(endpoint_slice(
+        "default",
+        "e-1",
+        "e",
+        json!([{"name": "http", "port": 7070}]),
+        vec![endpoint("10.0.0.5", "q", None)],
+        4,
+    ));
+    let s = service_of(&k(dual), &[&other, &fqdn, &own]).unwrap();
+    assert_eq!(s.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["10.96.0.4", "fd00::4"]);
+    assert_eq!(s.selector, None);
+    // http from the IPv4 slice (not the FQDN one's 8081); grpc's slice port is UDP: its integer target.
+    assert_eq!(s.ports.iter().map(|p| (p.port, p.target())).collect::<Vec<_>>(), [(80, 8080), (81, 9001)]);
+    let eps: Vec<(String, Option<&str>, bool)> =
+        s.endpoints.iter().map(|e| (e.address.to_string(), e.workload.as_deref(), e.ready)).collect();
+    assert_eq!(
+        eps,
+        [
+            ("10.0.0.8".to_owned(), Some("p"), false),
+            ("10.0.0.9".to_owned(), Some("p"), false),
+            ("192.0.2.7".to_owned(), None, true)
+        ]
     );
 }
