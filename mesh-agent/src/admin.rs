@@ -1,5 +1,5 @@
 //! The agent's HTTP endpoints: the admin API (localhost only; config dump, workloads, policies,
-//! certificates, connections, stats, status), Prometheus metrics, and readiness. Every answer
+//! certificates, connections, Services, stats, status), Prometheus metrics, and readiness. Every answer
 //! is a typed record of `mesh_api::admin`, the same types `meshctl` reads.
 
 use std::collections::BTreeMap;
@@ -36,6 +36,7 @@ pub struct Views {
     pub census: Arc<Mutex<Census>>,
     pub links: Vec<LinkReport>,
     pub lookup: Lookup,
+    pub loads: Arc<crate::balance::Loads>,
 }
 
 impl Views {
@@ -166,6 +167,39 @@ impl Views {
         out.into_values().collect()
     }
 
+    /// The Services this agent resolves, each endpoint with the workload and identity a
+    /// connection to it requires, its readiness and the connections carried to it now.
+    pub fn services(&self) -> Vec<admin::ServiceInfo> {
+        let snap = self.state.load();
+        snap.config
+            .service_list
+            .iter()
+            .map(|e| {
+                let s = &e.service;
+                admin::ServiceInfo {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    addresses: s.addresses.clone(),
+                    ports: s.ports.iter().map(|p| (p.port, p.target())).collect(),
+                    endpoints: s
+                        .endpoints
+                        .iter()
+                        .map(|ep| {
+                            let wl = snap.destination(ep.address);
+                            admin::EndpointInfo {
+                                address: ep.address,
+                                workload: wl.map(|w| w.key.to_string()),
+                                identity: wl.map(|w| w.spiffe_id.to_string()),
+                                ready: ep.ready,
+                                in_flight: self.loads.get(&ep.address),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
     pub async fn status(&self) -> Status {
         let ready = self.readiness().await;
         Status {
@@ -209,6 +243,7 @@ pub async fn serve_admin(views: Arc<Views>, listener: tokio::net::TcpListener) {
         .route(paths::POLICIES, get(|State(v): S| async move { Json(v.policies()) }))
         .route(paths::CERTIFICATES, get(|State(v): S| async move { Json(v.identities.certs()) }))
         .route(paths::CONNECTIONS, get(|State(v): S| async move { Json(v.conns.list()) }))
+        .route(paths::SERVICES, get(|State(v): S| async move { Json(v.services()) }))
         .route(paths::STATS, get(|State(v): S| async move { Json(v.stats().await) }))
         .route(paths::STATUS, get(|State(v): S| async move { Json(v.status().await) }))
         .with_state(views);

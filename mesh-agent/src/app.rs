@@ -148,6 +148,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         Err(e) => tracing::error!(error = %e, "waiting for the controller"),
     }
     let conns = Arc::new(Connections::new(metrics.clone()));
+    let loads = Arc::new(crate::balance::Loads::default());
     let inputs = Arc::new(ProxyInputs {
         settings: ProxySettings::from_config(&cfg),
         state: state.clone(),
@@ -155,6 +156,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         metrics: metrics.clone(),
         conns: conns.clone(),
         orig_dst,
+        loads: loads.clone(),
     });
     let pool = Arc::new(Pool::new(cfg.hbone_pooling, metrics.clone()));
     let state_file = StateFile::new(&cfg.state_dir);
@@ -200,9 +202,13 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         census: census.clone(),
         links,
         lookup,
+        loads: loads.clone(),
     });
     tokio::spawn(crate::api::serve(views.clone(), api_l));
-    tokio::spawn(ConfigWatch { state, identities, metrics: metrics.clone(), pool, file: config_file }.run());
+    tokio::spawn(
+        ConfigWatch { state, identities, metrics: metrics.clone(), pool, loads: loads.clone(), file: config_file }
+            .run(),
+    );
     tokio::spawn(admin::serve_admin(views.clone(), admin_l));
     tokio::spawn(admin::serve_metrics(views.clone(), metrics_l));
     tokio::spawn(crate::census::run(census, metrics, views.state.clone(), views.registry.clone()));

@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// How long the agent waits for an upstream connect before refusing the client.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
+    /// How many endpoints of a Service one connection tries (each unreachable one is skipped)
+    /// before the client is refused.
+    #[arg(long, default_value_t = 3)]
+    pub service_attempts: usize,
     /// Log lines as text or as one JSON object each.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -123,6 +127,7 @@ pub struct Config {
     pub max_workloads: u32,
     pub mesh_cidrs: Vec<mesh_model::Cidr>,
     pub connect_timeout_ms: u64,
+    pub service_attempts: usize,
     pub log_format: LogFormat,
     pub controller: String,
     pub controller_name: String,
@@ -196,6 +201,9 @@ impl Config {
             }
             Some(n) => n,
         };
+        if !(1..=16).contains(&a.service_attempts) {
+            return Err(invalid("service-attempts", &a.service_attempts, "must be between 1 and 16"));
+        }
         if a.max_workloads < 1 {
             return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));
         }
@@ -249,6 +257,7 @@ impl Config {
             max_workloads: a.max_workloads,
             mesh_cidrs: a.mesh_cidrs,
             connect_timeout_ms: a.connect_timeout_ms,
+            service_attempts: a.service_attempts,
             log_format: a.log_format,
             controller: a.controller,
             controller_name: a.controller_name,

@@ -38,6 +38,9 @@ pub struct ConfigWatch {
     pub identities: Arc<Identities>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
+    /// Service endpoints' in-flight counts: those of endpoints gone from every Service are
+    /// forgotten once idle.
+    pub loads: Arc<crate::balance::Loads>,
     pub file: ConfigFile,
 }
 
@@ -95,7 +98,11 @@ impl ConfigWatch {
             self.state.set_config(state);
             self.state.set_refused(None);
             self.metrics.set_config(lag_ms, version);
-            self.pool.evict_stale(&self.state.load());
+            let snap = self.state.load();
+            self.pool.evict_stale(&snap);
+            let endpoints: std::collections::HashSet<std::net::IpAddr> =
+                snap.config.service_list.iter().flat_map(|s| s.service.endpoints.iter().map(|e| e.address)).collect();
+            self.loads.retain(|ip| endpoints.contains(ip));
             if let Err(e) = self.file.save(version, &resources) {
                 tracing::error!(path = %self.file.path.display(), error = %e, "cannot keep the configuration on disk; a restart without the controller would start without it");
             }

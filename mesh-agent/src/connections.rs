@@ -85,6 +85,7 @@ impl Connections {
             dst_principal = principal(&rec.dst).as_deref().unwrap_or("-"),
             connection_security_policy = rec.security.as_str(),
             orig_dst = %rec.orig_dst,
+            dst_service = rec.service.as_ref().map(|s| s.host.as_str()).unwrap_or("-"),
             bytes_sent = bytes.sent,
             bytes_received = bytes.received,
             duration_ms = started.elapsed().as_millis() as u64,
@@ -116,6 +117,7 @@ impl Connections {
                 dst_workload: r.dst.workload.as_ref().map(|w| w.key.to_string()),
                 dst_principal: r.dst.principal.as_ref().map(|p| p.to_string()),
                 orig_dst: r.orig_dst.to_string(),
+                dst_service: r.service.as_ref().map(|s| s.host.clone()),
                 security: r.security,
                 age_ms: now.duration_since(since).map(|d| d.as_millis() as u64).unwrap_or(0),
             })
@@ -138,6 +140,7 @@ mod tests {
             src: Peer::default(),
             dst: Peer::default(),
             orig_dst: Target::Addr("10.0.0.1:80".parse().unwrap()),
+            service: None,
         });
         let live: Vec<_> = (0..40).map(|_| conns.opened(&rec)).collect();
         assert_eq!(conns.count(), 40);

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::balance::Loads;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::ebpf::maps::OrigDstTable;
@@ -20,6 +21,8 @@ pub struct ProxySettings {
     pub same_node_tls: bool,
     /// The mesh's pod ranges: an unknown destination inside them is refused.
     pub mesh_cidrs: Vec<mesh_model::Cidr>,
+    /// Endpoints of a Service one connection may try.
+    pub service_attempts: usize,
 }
 
 impl ProxySettings {
@@ -28,6 +31,7 @@ impl ProxySettings {
             connect_timeout: Duration::from_millis(c.connect_timeout_ms),
             same_node_tls: c.same_node_tls,
             mesh_cidrs: c.mesh_cidrs.clone(),
+            service_attempts: c.service_attempts,
         }
     }
 
@@ -44,4 +48,6 @@ pub struct ProxyInputs {
     pub conns: Arc<Connections>,
     /// Where outbound connections find their original destination.
     pub orig_dst: OrigDstTable,
+    /// Connections carried to each Service endpoint now (the balancer's input).
+    pub loads: Arc<Loads>,
 }

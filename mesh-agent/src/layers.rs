@@ -8,6 +8,7 @@ const LAYERS: &[&str] = &[
     "netns",
     "sockdiag",
     "state",
+    "balance",
     "outcome",
     "metrics",
     "ebpf",

@@ -3,6 +3,7 @@
 mod admin;
 mod api;
 mod app;
+mod balance;
 mod census;
 mod config;
 mod config_watch;

@@ -11,7 +11,7 @@ use mesh_identity::verify::VerifyError;
 use mesh_identity::SpiffeId;
 use mesh_model::authz::DenyReason;
 
-use crate::state::KnownWorkload;
+use crate::state::{KnownWorkload, ServiceEntry};
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +55,10 @@ pub enum Reason {
     NoConfig,
     /// The destination is inside the mesh's pod ranges but is no known workload.
     UnknownMeshDestination,
+    /// The destination is a Service address, and the Service has no ready endpoint.
+    NoEndpoint,
+    /// The destination is a Service address, on a port the Service does not have.
+    UnknownServicePort,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +191,8 @@ impl Reason {
             Reason::UpstreamUnreachable => "upstream_unreachable",
             Reason::NoConfig => "no_config",
             Reason::UnknownMeshDestination => "unknown_mesh_destination",
+            Reason::NoEndpoint => "no_endpoint",
+            Reason::UnknownServicePort => "unknown_service_port",
         }
     }
 }
@@ -211,6 +217,8 @@ impl fmt::Display for Reason {
             Reason::UnknownMeshDestination => {
                 f.write_str("the destination is in the mesh's pod ranges but is no known workload")
             }
+            Reason::NoEndpoint => f.write_str("the Service has no ready endpoint"),
+            Reason::UnknownServicePort => f.write_str("the Service has no such port"),
         }
     }
 }
@@ -259,6 +267,8 @@ pub struct ConnRecord {
     pub src: Peer,
     pub dst: Peer,
     pub orig_dst: Target,
+    /// The Service the client connected to (its address was the original destination).
+    pub service: Option<Arc<ServiceEntry>>,
 }
 
 /// Bytes moved, as the source would count them: toward the destination, and back.
@@ -311,6 +321,8 @@ mod tests {
             (Reason::UpstreamUnreachable, "upstream_unreachable"),
             (Reason::NoConfig, "no_config"),
             (Reason::UnknownMeshDestination, "unknown_mesh_destination"),
+            (Reason::NoEndpoint, "no_endpoint"),
+            (Reason::UnknownServicePort, "unknown_service_port"),
         ];
         for (reason, label) in &cases {
             assert_eq!(reason.label(), *label, "{reason:?}");

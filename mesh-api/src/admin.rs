@@ -137,8 +137,37 @@ pub struct ConnectionInfo {
     pub dst_workload: Option<String>,
     pub dst_principal: Option<String>,
     pub orig_dst: String,
+    /// The Service the client connected to (`name.namespace.svc.cluster.local`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
     pub security: Security,
     pub age_ms: u64,
+}
+
+/// A Service as this agent resolves it, with each endpoint's health as seen from here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for a headless Service.
+    pub addresses: Vec<IpAddr>,
+    /// (port, target port)
+    pub ports: Vec<(u16, u16)>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointInfo {
+    pub address: IpAddr,
+    /// `namespace/name` of the mesh workload at the address; None when it is not in the mesh.
+    pub workload: Option<String>,
+    /// The identity a connection to it must prove; None when it is not in the mesh.
+    pub identity: Option<String>,
+    pub ready: bool,
+    /// Connections this agent is carrying to it now (what the balancer compares).
+    pub in_flight: u32,
 }
 
 /// A node-wide kernel link: whether this agent took it over, and whether it is still pinned.
@@ -267,9 +296,10 @@ pub mod paths {
     pub const POLICIES: &str = "/policies";
     pub const CERTIFICATES: &str = "/certificates";
     pub const CONNECTIONS: &str = "/connections";
+    pub const SERVICES: &str = "/services";
     pub const STATS: &str = "/stats";
     pub const READY: &str = "/healthz/ready";
-    pub const ALL: [&str; 7] = [STATUS, CONFIG_DUMP, WORKLOADS, POLICIES, CERTIFICATES, CONNECTIONS, STATS];
+    pub const ALL: [&str; 8] = [STATUS, CONFIG_DUMP, WORKLOADS, POLICIES, CERTIFICATES, CONNECTIONS, SERVICES, STATS];
 }
 
 #[cfg(test)]

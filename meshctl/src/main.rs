@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_api::admin::{paths, CertInfo, ConnectionInfo, PolicyInfo, Status, WorkloadInfo};
+use mesh_api::admin::{paths, CertInfo, ConnectionInfo, PolicyInfo, ServiceInfo, Status, WorkloadInfo};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Inspect and diagnose a sockmesh node")]
@@ -53,6 +53,9 @@ enum Cmd {
     Certs,
     /// The connections being relayed now.
     Connections,
+    /// The Services this node's agent resolves: addresses, ports, and each endpoint with the
+    /// identity a connection to it must prove, its readiness and the connections carried to it.
+    Services,
     /// Run a command as part of a workload (in its network namespace and its cgroup), so that
     /// its connections go through the mesh: `meshctl exec default/web -- curl http://...`.
     /// meshctl becomes the command (exec): its PID is the command's.
@@ -87,6 +90,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Cmd::Policies => paths::POLICIES,
         Cmd::Certs => paths::CERTIFICATES,
         Cmd::Connections => paths::CONNECTIONS,
+        Cmd::Services => paths::SERVICES,
     };
     if json {
         let raw = client::get_raw(cli.admin, path).with_context(|| ask(path))?;
@@ -158,6 +162,33 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     })
                     .collect(),
             )
+        }
+        Cmd::Services => {
+            let all: Vec<ServiceInfo> = client::get(cli.admin, path).with_context(|| ask(path))?;
+            let mut rows = Vec::new();
+            for s in &all {
+                let addrs = s.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+                let ports = s.ports.iter().map(|(p, t)| format!("{p}->{t}")).collect::<Vec<_>>().join(",");
+                let name = format!("{}/{}", s.namespace, s.name);
+                let addrs = if addrs.is_empty() { "(headless)".to_owned() } else { addrs };
+                if s.endpoints.is_empty() {
+                    rows.push(vec![name, addrs, ports, "(none)".into(), "-".into(), "-".into(), "-".into()]);
+                    continue;
+                }
+                for (i, e) in s.endpoints.iter().enumerate() {
+                    let first = i == 0;
+                    rows.push(vec![
+                        if first { name.clone() } else { String::new() },
+                        if first { addrs.clone() } else { String::new() },
+                        if first { ports.clone() } else { String::new() },
+                        e.address.to_string(),
+                        e.identity.clone().unwrap_or_else(|| "(not in the mesh: plain TCP)".into()),
+                        if e.ready { "ready" } else { "not-ready" }.to_owned(),
+                        e.in_flight.to_string(),
+                    ]);
+                }
+            }
+            table(&["SERVICE", "ADDRESSES", "PORTS", "ENDPOINT", "IDENTITY", "HEALTH", "IN-FLIGHT"], rows)
         }
         Cmd::Check { .. } | Cmd::Exec { .. } => unreachable!("handled above"),
     }

@@ -128,6 +128,12 @@ impl EarlyBytes {
         self.0.as_ref().is_some_and(|b| !b.is_empty())
     }
 
+    /// What was read from the client for a stream that was then not opened: a connection
+    /// carried some other way must send it first.
+    pub fn read(&self) -> Bytes {
+        self.0.clone().unwrap_or_default()
+    }
+
     /// The client's first bytes, read now if they have not been (at most [`EARLY_MAX`]).
     fn get(&mut self, client: &TcpStream) -> Bytes {
         self.0

@@ -146,6 +146,7 @@ async fn stream(
         src: Peer { workload: src_workload, principal: Some(peer_id.clone()), addr: Some(peer) },
         dst: Peer::workload(&wl.known),
         orig_dst: Target::Requested(req.uri().to_string()),
+        service: None,
     };
     let dst = match parse_connect(req.method(), req.uri(), wl.ips()) {
         Ok(d) => d,

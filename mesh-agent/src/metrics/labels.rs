@@ -14,6 +14,11 @@ pub struct TcpLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    /// Istio's Service labels: the Service the client connected to (its host name, name and
+    /// namespace), "unknown" for a connection made to a workload's own address.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub connection_security_policy: &'static str,
     pub response_flags: &'static str,
     pub request_protocol: &'static str,
@@ -33,6 +38,10 @@ impl TcpLabels {
         }
         let (source_workload, source_workload_namespace) = workload(&rec.src);
         let (destination_workload, destination_workload_namespace) = workload(&rec.dst);
+        let (destination_service, destination_service_name, destination_service_namespace) = match &rec.service {
+            Some(s) => (s.host.clone(), s.service.name.clone(), s.service.namespace.clone()),
+            None => ("unknown".into(), "unknown".into(), "unknown".into()),
+        };
         TcpLabels {
             reporter: rec.direction.reporter(),
             source_workload,
@@ -41,6 +50,9 @@ impl TcpLabels {
             destination_workload,
             destination_workload_namespace,
             destination_principal: principal(&rec.dst),
+            destination_service,
+            destination_service_name,
+            destination_service_namespace,
             connection_security_policy: rec.security.as_str(),
             response_flags: match outcome {
                 Outcome::Ok => "-",

@@ -44,6 +44,7 @@ pub struct Metrics {
     registration_failures: Family<FailureLabels, Counter>,
     not_captured: Gauge,
     reclaimed: Counter,
+    endpoint_failures: Family<FailureLabels, Counter>,
     /// Which reason labels have been counted, to list them in `/stats` (the values stay in the
     /// registry; this only remembers which keys exist, a bounded set).
     seen_reasons: Mutex<BTreeMap<(&'static str, &'static str), Kind>>,
@@ -92,6 +93,7 @@ impl Metrics {
             registration_failures: Family::default(),
             not_captured: Gauge::default(),
             reclaimed: Counter::default(),
+            endpoint_failures: Family::default(),
             seen_reasons: Mutex::new(BTreeMap::new()),
             kernel_seen: Mutex::new(BTreeMap::new()),
         };
@@ -176,6 +178,11 @@ impl Metrics {
             "Original-destination entries removed by the agent because their socket was gone and no kernel hook removed them",
             m.reclaimed.clone(),
         );
+        sm.register(
+            "service_endpoint_failures",
+            "Service endpoints that could not be used for a connection (another endpoint was then tried), by reason",
+            m.endpoint_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -222,6 +229,11 @@ impl Metrics {
         if early {
             self.early_streams.inc();
         }
+    }
+
+    /// A Service endpoint could not be used for a connection; another is tried.
+    pub fn service_endpoint_failed(&self, reason: &'static str) {
+        self.endpoint_failures.get_or_create(&FailureLabels { reason }).inc();
     }
 
     pub fn stream_refused_retried(&self) {
@@ -312,6 +324,7 @@ mod tests {
             src: Peer::default(),
             dst: Peer::default(),
             orig_dst: Target::Unknown,
+            service: None,
         }
     }
 

@@ -45,6 +45,7 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
         src: Peer { addr: Some(peer), ..Peer::default() },
         dst: Peer::workload(&wl.known),
         orig_dst: Target::Addr(dst),
+        service: None,
     };
     let refuse = |reason: Reason, client: TcpStream| {
         inputs.conns.refused(&rec, reason.clone(), started, &reason);
@@ -78,5 +79,5 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
             return reset(client);
         }
     };
-    super::relay(&inputs.conns, client, upstream, Arc::new(rec), started).await;
+    super::relay(&inputs.conns, client, upstream, Arc::new(rec), bytes::Bytes::new(), started).await;
 }

@@ -14,59 +14,70 @@ use std::time::Instant;
 use mesh_model::authz::{Decision, Facts};
 use tokio::net::TcpStream;
 
+use super::outbound::{Failure, Upstream};
 use crate::inputs::ProxyInputs;
-use crate::netns::reset;
 use crate::outcome::{ConnRecord, Direction, Peer, Reason, Security, Target};
 use crate::state::LocalWorkload;
 
-pub async fn handle(
-    inputs: Arc<ProxyInputs>,
-    src: Arc<LocalWorkload>,
+/// The destination's side of a same-node connection: its policy, then a dial into its netns.
+/// A refusal is logged for the destination here (as its agent would across nodes); the
+/// caller logs the source's side.
+pub async fn open(
+    inputs: &Arc<ProxyInputs>,
+    src: &Arc<LocalWorkload>,
     dst_wl: Arc<LocalWorkload>,
-    client: TcpStream,
-    mut out: ConnRecord,
+    out: &mut ConnRecord,
     dst: SocketAddr,
-    started: Instant,
-) {
+) -> Result<Upstream, Failure> {
+    let started = Instant::now();
     out.security = Security::NodeLocal;
-    out.dst = Peer::workload(&dst_wl.known);
+    out.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl.known) };
     let source_ip = src.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied().unwrap_or(dst.ip());
-    let inb = ConnRecord {
+    let inbound = ConnRecord {
         direction: Direction::Inbound,
         security: Security::NodeLocal,
         src: out.src.clone(),
         dst: out.dst.clone(),
         orig_dst: Target::Addr(dst),
+        service: out.service.clone(),
     };
-    let refuse = |reason: Reason, detail: &dyn std::fmt::Display, client: TcpStream| {
-        inputs.conns.refused(&inb, reason.clone(), started, detail);
-        inputs.conns.refused(&out, reason, started, detail);
-        reset(client);
+    let refuse = |reason: Reason, detail: &dyn std::fmt::Display, retry: bool| {
+        inputs.conns.refused(&inbound, reason.clone(), started, detail);
+        Err(Failure { reason, detail: detail.to_string(), retry })
     };
-    if mesh_common::is_mesh_port(dst.port()) {
-        return refuse(Reason::MeshPort, &Reason::MeshPort, client);
-    }
     let snap = inputs.state.load();
     if snap.config.version == 0 {
         // The destination's policy is not known yet: nothing is admitted on a guess.
-        return refuse(Reason::NoConfig, &Reason::NoConfig, client);
+        return refuse(Reason::NoConfig, &Reason::NoConfig, false);
     }
     let principal = src.spiffe_id().to_string();
     let facts = Facts { principal: Some(&principal), source_ip, dst_port: dst.port() };
     if let Decision::Deny(d) = snap.authorize(&dst_wl, &facts).decision {
         let reason = Reason::Denied(d);
-        return refuse(reason.clone(), &reason, client);
+        return refuse(reason.clone(), &reason, false);
     }
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
     // From inside the destination's netns, from its own address: sk_lookup leaves that alone.
-    let upstream = match Box::pin(dst_wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
-        Ok(s) => s,
-        Err(e) => return refuse(Reason::UpstreamUnreachable, &e, client),
-    };
-    let inb = Arc::new(inb);
-    let live_in = inputs.conns.opened(&inb);
-    let (bytes, error) = super::relay(&inputs.conns, client, upstream, Arc::new(out), started).await;
+    match Box::pin(dst_wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
+        Ok(upstream) => Ok(Upstream::Local { upstream, inbound }),
+        Err(e) => refuse(Reason::UpstreamUnreachable, &e, true),
+    }
+}
+
+/// Relays an opened same-node connection, recording both sides.
+pub async fn carry(
+    inputs: &Arc<ProxyInputs>,
+    client: TcpStream,
+    upstream: TcpStream,
+    out: Arc<ConnRecord>,
+    inbound: ConnRecord,
+    first: bytes::Bytes,
+    started: Instant,
+) {
+    let inbound = Arc::new(inbound);
+    let live_in = inputs.conns.opened(&inbound);
+    let (bytes, error) = super::relay(&inputs.conns, client, upstream, out, first, started).await;
     drop(live_in);
-    inputs.conns.closed(&inb, bytes, started, error.as_ref());
+    inputs.conns.closed(&inbound, bytes, started, error.as_ref());
 }

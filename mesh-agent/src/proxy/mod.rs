@@ -6,6 +6,7 @@
 pub mod inbound;
 pub mod local;
 pub mod outbound;
+pub mod service;
 pub mod splice;
 
 use std::sync::Arc;
@@ -17,21 +18,42 @@ use crate::connections::Connections;
 use crate::outcome::{Bytes, ConnRecord};
 
 /// Moves bytes both ways in the kernel until both sides are done, then records the close.
-/// Returns the bytes moved and the first error.
+/// `first` is what was already read from the client (for a tunnel that was then not used):
+/// it goes to the upstream before anything else. Returns the bytes moved and the first error.
 pub async fn relay(
     conns: &Arc<Connections>,
     client: TcpStream,
     upstream: TcpStream,
     rec: Arc<ConnRecord>,
+    first: bytes::Bytes,
     started: Instant,
 ) -> (Bytes, Option<std::io::Error>) {
     let live = conns.opened(&rec);
-    let res = tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client));
+    let res = async {
+        if !first.is_empty() {
+            write_all(&upstream, &first).await?;
+        }
+        tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client))
+    }
+    .await;
     drop(live);
     let (bytes, error) = match res {
-        Ok((sent, received)) => (Bytes { sent, received }, None),
+        Ok((sent, received)) => (Bytes { sent: sent + first.len() as u64, received }, None),
         Err(e) => (Bytes::default(), Some(e)),
     };
     conns.closed(&rec, bytes, started, error.as_ref());
     (bytes, error)
+}
+
+/// Writes all of `b` to a socket that is shared (the relay's halves borrow it).
+async fn write_all(s: &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        s.writable().await?;
+        match s.try_write(b) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

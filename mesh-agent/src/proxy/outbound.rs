@@ -1,7 +1,8 @@
 //! The 15001 listeners: a meshed workload's redirected connections. The source is the workload
 //! whose netns the accepting listener lives in — a kernel fact, never an address — cross-checked
 //! against the cgroup the kernel recorded for the socket. The original destination comes from
-//! the map sock_ops filled; without it the connection is refused (fail closed).
+//! the map sock_ops filled; without it the connection is refused (fail closed). A destination
+//! that is a Service address goes to one of its endpoints (`service`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -10,10 +11,12 @@ use std::time::Instant;
 use mesh_common::{OrigDst, PortKey, AF_INET, AF_INET6};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::hbone::client::{EarlyBytes, Tunnel};
 use crate::hbone::pool::{Destination, Pool, Source};
+use crate::identity::WorkloadCert;
 use crate::inputs::ProxyInputs;
 use crate::netns::reset;
-use crate::outcome::{ConnRecord, Direction, KernelRefusal, Peer, Reason, Security, Target};
+use crate::outcome::{ConnRecord, Direction, KernelRefusal, Peer, Reason, Security, Target, TunnelFailure};
 use crate::state::LocalWorkload;
 
 /// The socket address an [`OrigDst`] names.
@@ -73,6 +76,7 @@ async fn handle(
         src: Peer { addr: Some(peer), ..Peer::workload(&wl.known) },
         dst: Peer::default(),
         orig_dst: Target::Unknown,
+        service: None,
     };
     let refuse = |rec: &ConnRecord, client: TcpStream, reason: Reason, detail: &dyn std::fmt::Display| {
         inputs.conns.refused(rec, reason, started, detail);
@@ -103,11 +107,69 @@ async fn handle(
         Err(e) => return refuse(&rec, client, Reason::NoCertificate, &e),
     };
     inputs.metrics.accepted(Direction::Outbound);
+    let svc = inputs.state.load().config.services.get(&dst.ip()).cloned();
+    if let Some(svc) = svc {
+        return Box::pin(super::service::handle(inputs, pool, wl, client, rec, svc, dst, cert, started)).await;
+    }
+    let mut early = EarlyBytes::default();
+    match Box::pin(open(&inputs, &pool, &wl, &client, &mut rec, dst, &cert, &mut early)).await {
+        Ok(upstream) => {
+            // Held for the connection's life otherwise: this workload's certificate (the record
+            // keeps its own references to both identities).
+            drop(cert);
+            Box::pin(carry(&inputs, client, rec, upstream, &early, started, ())).await
+        }
+        Err(f) => refuse(&rec, client, f.reason, &f.detail),
+    }
+}
+
+/// Where a connection goes once the destination agreed: a relay to a pod of this node, a
+/// tunnel stream to another node's agent, or a plain TCP connection outside the mesh.
+pub enum Upstream {
+    Local { upstream: TcpStream, inbound: ConnRecord },
+    Tunnel(Tunnel),
+    Plain(TcpStream),
+}
+
+/// Why a destination could not be used; `retry` when another endpoint of a Service may be
+/// tried instead (nothing of the connection reached an app, and the refusal was not a policy's).
+pub struct Failure {
+    pub reason: Reason,
+    pub detail: String,
+    pub retry: bool,
+}
+
+impl Failure {
+    fn new(reason: Reason, detail: &dyn std::fmt::Display, retry: bool) -> Failure {
+        Failure { reason, detail: detail.to_string(), retry }
+    }
+}
+
+/// Opens the way to `dst` for `wl`'s connection, filling in the record's destination: the
+/// node-local relay when a workload of this node has the address, mutual TLS requiring the
+/// destination's identity when a mesh workload has it, plain TCP when nothing in the mesh
+/// does and it is outside the mesh's ranges. `early` keeps what the client wrote before, if a
+/// tunnel attempt read it.
+#[allow(clippy::too_many_arguments)]
+pub async fn open(
+    inputs: &Arc<ProxyInputs>,
+    pool: &Pool,
+    wl: &Arc<LocalWorkload>,
+    client: &TcpStream,
+    rec: &mut ConnRecord,
+    dst: SocketAddr,
+    cert: &WorkloadCert,
+    early: &mut EarlyBytes,
+) -> Result<Upstream, Failure> {
+    // The mesh's own ports are not for workloads (a Service's target port included).
+    if mesh_common::is_mesh_port(dst.port()) {
+        return Err(Failure::new(Reason::MeshPort, &Reason::MeshPort, false));
+    }
     let snap = inputs.state.load();
     if !inputs.settings.same_node_tls {
         if let Some(local) = snap.local_at(dst.ip()).cloned() {
-            drop((snap, cert));
-            return Box::pin(super::local::handle(inputs, wl, local, client, rec, dst, started)).await;
+            drop(snap);
+            return super::local::open(inputs, wl, local, rec, dst).await;
         }
     }
     let Some(dst_wl) = snap.destination(dst.ip()).cloned() else {
@@ -115,52 +177,72 @@ async fn handle(
         // workloads may simply not be here yet); inside the mesh's pod ranges it is a workload
         // the agent does not know. Neither leaves in plaintext.
         let no_config = snap.config.version == 0;
-        drop((snap, cert));
+        drop(snap);
         if no_config {
-            return refuse(&rec, client, Reason::NoConfig, &Reason::NoConfig);
+            return Err(Failure::new(Reason::NoConfig, &Reason::NoConfig, false));
         }
         if inputs.settings.in_mesh_ranges(dst.ip()) {
             let r = Reason::UnknownMeshDestination;
-            return refuse(&rec, client, r.clone(), &r);
+            return Err(Failure::new(r.clone(), &r, true));
         }
         // Not a mesh workload: there is no identity to require. Passed through as TCP, and
         // logged as connection_security_policy=none.
-        let upstream = match Box::pin(wl.netns.dial(dst, None, inputs.settings.connect_timeout)).await {
-            Ok(s) => s,
-            Err(e) => return refuse(&rec, client, Reason::UpstreamUnreachable, &e),
+        rec.dst.addr = Some(dst);
+        return match Box::pin(wl.netns.dial(dst, None, inputs.settings.connect_timeout)).await {
+            Ok(s) => Ok(Upstream::Plain(s)),
+            Err(e) => Err(Failure::new(Reason::UpstreamUnreachable, &e, true)),
         };
-        // Boxed: only passed-through connections carry a plain relay's state. Inline, it
-        // sized every connection's task, HBONE ones included.
-        Box::pin(super::relay(&inputs.conns, client, upstream, Arc::new(rec), started)).await;
-        return;
     };
     drop(snap);
     // A meshed destination: mutual TLS to its HBONE port, expecting its identity.
     rec.security = Security::MutualTls;
-    rec.dst = Peer::workload(&dst_wl);
+    rec.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl) };
     let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
     let to = Destination { id: &dst_wl.spiffe_id, hbone_addr: hbone, target: dst };
-    let src = Source { key: wl.key(), cert: &cert, client: &client };
+    let src = Source { key: wl.key(), cert, client };
     let timeout = inputs.settings.connect_timeout;
-    let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout))).await;
-    let tunnel = match opened {
-        Ok(t) => t,
-        Err(e) => {
-            if let Some(h) = e.handshake() {
-                inputs.metrics.handshake_failed(Direction::Outbound, &h);
-            }
-            return refuse(&rec, client, Reason::Tunnel(e.failure()), &e);
+    let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout), early)).await;
+    opened.map(Upstream::Tunnel).map_err(|e| {
+        if let Some(h) = e.handshake() {
+            inputs.metrics.handshake_failed(Direction::Outbound, &h);
         }
-    };
-    // Held for the connection's life otherwise: the destination's record and this workload's
-    // certificate (the record keeps its own references to both identities).
-    drop((dst_wl, cert));
+        // The destination's policy refused (or the request was bad): another endpoint is not
+        // asked to overrule it.
+        let retry = !matches!(e.failure(), TunnelFailure::Denied | TunnelFailure::Refused(_));
+        Failure::new(Reason::Tunnel(e.failure()), &e, retry)
+    })
+}
+
+/// Carries an opened connection until both sides are done, then records it. `guard` is held
+/// as long (a Service endpoint's in-flight count).
+pub async fn carry<G>(
+    inputs: &Arc<ProxyInputs>,
+    client: TcpStream,
+    rec: ConnRecord,
+    upstream: Upstream,
+    early: &EarlyBytes,
+    started: Instant,
+    guard: G,
+) {
     let rec = Arc::new(rec);
-    let live = inputs.conns.opened(&rec);
-    let (sent, received, err) = crate::hbone::io::relay(client, tunnel.send, tunnel.recv).await;
-    drop((live, tunnel.lease));
-    let bytes = crate::outcome::Bytes { sent: sent + tunnel.early, received };
-    inputs.conns.closed(&rec, bytes, started, err.as_ref());
+    match upstream {
+        Upstream::Tunnel(tunnel) => {
+            let live = inputs.conns.opened(&rec);
+            let (sent, received, err) = crate::hbone::io::relay(client, tunnel.send, tunnel.recv).await;
+            drop((live, tunnel.lease));
+            let bytes = crate::outcome::Bytes { sent: sent + tunnel.early, received };
+            inputs.conns.closed(&rec, bytes, started, err.as_ref());
+        }
+        Upstream::Plain(upstream) => {
+            // Boxed: only passed-through connections carry a plain relay's state. Inline, it
+            // sized every connection's task, HBONE ones included.
+            Box::pin(super::relay(&inputs.conns, client, upstream, rec, early.read(), started)).await;
+        }
+        Upstream::Local { upstream, inbound } => {
+            Box::pin(super::local::carry(inputs, client, upstream, rec, inbound, early.read(), started)).await;
+        }
+    }
+    drop(guard);
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The configuration half of the snapshot: what the controller's last accepted push says, and
-//! the decisions taken from it (authorization by mesh-model's engine, and which workloads
-//! accept plaintext under PeerAuthentication).
+//! the decisions taken from it (authorization by mesh-model's engine, which workloads accept
+//! plaintext under PeerAuthentication, and which addresses are Services).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::{Compiled, Facts, PolicyIndex, Verdict};
 use mesh_model::policy::{MtlsMode, PeerAuthenticationSpec};
-use mesh_model::{Workload, WorkloadKey};
+use mesh_model::{Service, Workload, WorkloadKey};
 
 use super::{KnownWorkload, LocalWorkload, Snapshot};
 
@@ -31,10 +31,22 @@ pub struct ConfigState {
     pub workloads: HashMap<IpAddr, Arc<KnownWorkload>>,
     /// The same by namespace/name: the controller's labels are what policies select on.
     pub by_key: HashMap<WorkloadKey, Arc<KnownWorkload>>,
+    /// Services by virtual address: a connection to one goes to one of its endpoints.
+    pub services: HashMap<IpAddr, Arc<ServiceEntry>>,
+    /// Every Service (headless ones too), by namespace/name, for the admin API.
+    pub service_list: Vec<Arc<ServiceEntry>>,
     /// Configuration the controller rejected (file, line, reason), as it reported it.
     pub rejected: Vec<String>,
     /// The pushed resources themselves, to which the next delta applies.
     pub resources: BTreeMap<ResourceId, String>,
+}
+
+/// A Service as pushed (endpoints listed), with the names its metrics carry.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub service: Service,
+    /// Istio's `destination_service`: `name.namespace.svc.cluster.local`.
+    pub host: String,
 }
 
 /// A pushed resource this agent cannot use. The controller validated it, so this means the two
@@ -60,6 +72,7 @@ impl ConfigState {
         let mut peer_auth = Vec::new();
         let mut workloads = Vec::new();
         let mut rejected = Vec::new();
+        let mut services = Vec::new();
         for (id, json) in &resources {
             let (ns, name) = (&id.namespace, &id.name);
             let bad = |reason: String| BuildError { id: id.to_string(), reason };
@@ -80,6 +93,11 @@ impl ConfigState {
                         .map_err(|e| bad(format!("its identity is not a valid SPIFFE ID: {e}")))?;
                     workloads.push(known)
                 }
+                Kind::Service => {
+                    let svc: Service = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+                    svc.validate().map_err(bad)?;
+                    services.push(Arc::new(ServiceEntry { host: svc.host(), service: svc }));
+                }
                 Kind::Rejected => rejected.push(serde_json::from_str::<String>(json).map_err(|e| bad(e.to_string()))?),
                 Kind::Unspecified => return Err(bad("an unspecified kind".into())),
             }
@@ -88,6 +106,17 @@ impl ConfigState {
         state.index = PolicyIndex::new(root, policies);
         state.peer_auth = peer_auth;
         state.rejected = rejected;
+        for svc in &services {
+            for ip in &svc.service.addresses {
+                // The controller gives each address to one Service or workload; a push that
+                // does not is two versions disagreeing, refused whole like any other.
+                if state.services.insert(*ip, svc.clone()).is_some() || state.workloads.contains_key(ip) {
+                    let id = ResourceId::new(Kind::Service, &svc.service.namespace, &svc.service.name);
+                    return Err(BuildError { id: id.to_string(), reason: format!("address {ip} is taken twice") });
+                }
+            }
+        }
+        state.service_list = services;
         state.resources = resources;
         Ok(state)
     }
@@ -237,6 +266,27 @@ mod tests {
         assert_eq!(s.rejected, vec!["bad.yaml:3: nope".to_owned()]);
         assert_eq!(s.resources.len(), 4);
 
+        // A Service: found by its address, with its endpoints as pushed.
+        let mut with_svc = r.clone();
+        with_svc.insert(
+            ResourceId::new(Kind::Service, "default", "web"),
+            r#"{"name":"web","namespace":"default","addresses":["10.96.0.10"],"ports":[{"port":80,"targetPort":8080}],"selector":{"app":"b"},"endpoints":[{"address":"10.0.0.2","workload":"b"}]}"#.into(),
+        );
+        let s = ConfigState::build(with_svc.clone(), 5, ROOT, "cluster.local").unwrap();
+        let web = &s.services[&"10.96.0.10".parse().unwrap()];
+        assert_eq!(
+            (web.host.as_str(), web.service.port(80).unwrap().target()),
+            ("web.default.svc.cluster.local", 8080)
+        );
+        assert_eq!(s.service_list.len(), 1);
+        // A Service on a workload's address is two versions disagreeing: refused whole.
+        with_svc.insert(
+            ResourceId::new(Kind::Service, "default", "on-b"),
+            r#"{"name":"on-b","addresses":["10.0.0.2"],"ports":[{"port":80}]}"#.into(),
+        );
+        let e = ConfigState::build(with_svc, 6, ROOT, "cluster.local").err().expect("refused");
+        assert!(e.reason.contains("taken twice"), "{e}");
+
         // One resource that does not decode refuses the whole update, whichever it is.
         for (kind, json) in [
             (Kind::AuthorizationPolicy, r#"{"action":"DENY","rules":[{"to":[{"operation":{"ports":["http"]}}]}]}"#),
@@ -245,6 +295,7 @@ mod tests {
             (Kind::Workload, r#"{"name":"x"}"#),
             // Decodes, but names no valid identity: left out, clients would see "not meshed".
             (Kind::Workload, r#"{"name":"x","serviceAccount":"sa x","ips":["10.0.0.9"]}"#),
+            (Kind::Service, r#"{"name":"Web","ports":[{"port":80}]}"#),
         ] {
             let mut bad = r.clone();
             bad.insert(ResourceId::new(kind, "default", "broken"), json.into());

@@ -15,7 +15,7 @@ use mesh_common::InboundKey;
 use mesh_identity::SpiffeId;
 use mesh_model::{Workload, WorkloadKey};
 
-pub use config::{BuildError, ConfigState};
+pub use config::{BuildError, ConfigState, ServiceEntry};
 
 use crate::netns::NetnsWorker;
 

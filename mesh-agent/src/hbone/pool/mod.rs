@@ -73,22 +73,23 @@ impl Pool {
 
     /// Opens a tunnel stream to `to.target` through `to.hbone_addr`; `dial` makes the TCP
     /// connection when a new HBONE connection is needed. A stream the peer refuses before
-    /// processing it (REFUSED_STREAM) is sent again, up to [`REFUSED_RETRIES`] times.
+    /// processing it (REFUSED_STREAM) is sent again, up to [`REFUSED_RETRIES`] times. `early`
+    /// keeps the client's first bytes once read, for the caller's next attempt elsewhere.
     pub async fn open<D, F>(
         &self,
         src: Source<'_>,
         to: Destination<'_>,
         connect_timeout: Duration,
         dial: D,
+        early: &mut EarlyBytes,
     ) -> Result<Tunnel, TunnelError>
     where
         D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let mut early = EarlyBytes::default();
         let mut tries = 0;
         let r = loop {
-            match self.open_once(&src, &to, connect_timeout, &dial, &mut early).await {
+            match self.open_once(&src, &to, connect_timeout, &dial, early).await {
                 Err(e) if e.is_refused_stream() && tries < REFUSED_RETRIES => {
                     tries += 1;
                     self.metrics.stream_refused_retried();

@@ -100,7 +100,7 @@ async fn open(pool: &Pool, cert: &WorkloadCert, dst: &SpiffeId, addr: SocketAddr
     let client = client_socket(b"hello").await;
     let src = Source { key: &key, cert, client: &client };
     let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap() };
-    pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr)).await
+    pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr), &mut Default::default()).await
 }
 
 #[tokio::test]

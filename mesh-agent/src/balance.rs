@@ -1,0 +1,141 @@
+//! Choosing a Service endpoint: the power of two choices over the connections this agent
+//! carries to each endpoint now. Two ready endpoints drawn at random, the less loaded one wins:
+//! it needs no shared state beyond a counter per endpoint, spreads load about as well as
+//! least-connections, and unlike round robin does not pile new connections onto an endpoint
+//! whose connections last longer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use mesh_model::Endpoint;
+
+const SHARDS: usize = 16;
+
+/// Connections this agent carries to each endpoint address now.
+#[derive(Default)]
+pub struct Loads {
+    shards: [Mutex<HashMap<IpAddr, Arc<AtomicU32>>>; SHARDS],
+}
+
+/// One connection's share of its endpoint's load, released when dropped.
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Loads {
+    fn shard(&self, ip: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<AtomicU32>>> {
+        let h = match ip {
+            IpAddr::V4(a) => u32::from(*a) as usize,
+            IpAddr::V6(a) => u128::from(*a) as usize,
+        };
+        self.shards[h % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, ip: &IpAddr) -> u32 {
+        self.shard(ip).get(ip).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    pub fn start(&self, ip: IpAddr) -> InFlight {
+        let c = self.shard(&ip).entry(ip).or_default().clone();
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+
+    /// Forgets idle endpoints that `keep` no longer names (the counters are bounded by the
+    /// endpoints of the mesh's Services).
+    pub fn retain(&self, keep: impl Fn(&IpAddr) -> bool) {
+        for s in &self.shards {
+            s.lock().unwrap_or_else(|e| e.into_inner()).retain(|ip, c| keep(ip) || c.load(Ordering::Relaxed) > 0);
+        }
+    }
+}
+
+/// The power of two choices among the ready endpoints not yet tried, preferring those of the
+/// client's address family. `rand(n)` is a uniform index below n.
+pub fn pick<'a>(
+    endpoints: &'a [Endpoint],
+    tried: &[IpAddr],
+    v4: bool,
+    load: impl Fn(&IpAddr) -> u32,
+    mut rand: impl FnMut(usize) -> usize,
+) -> Option<&'a Endpoint> {
+    let usable = |e: &&Endpoint| e.ready && !tried.contains(&e.address);
+    let mut c: Vec<&Endpoint> = endpoints.iter().filter(usable).filter(|e| e.address.is_ipv4() == v4).collect();
+    if c.is_empty() {
+        c = endpoints.iter().filter(usable).collect();
+    }
+    match c.len() {
+        0 => None,
+        1 => Some(c[0]),
+        n => {
+            let i = rand(n);
+            let j = (i + 1 + rand(n - 1)) % n;
+            Some(if load(&c[j].address) < load(&c[i].address) { c[j] } else { c[i] })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(a: &str, ready: bool) -> Endpoint {
+        Endpoint { address: a.parse().unwrap(), workload: None, ready }
+    }
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded_and_skip_unready_and_tried() {
+        let eps = [ep("10.0.0.1", true), ep("10.0.0.2", true), ep("10.0.0.3", false), ep("fd00::4", true)];
+        let load = |ip: &IpAddr| if *ip == "10.0.0.1".parse::<IpAddr>().unwrap() { 5 } else { 1 };
+        // Whichever two are drawn, the less loaded of them wins; the not-ready one never.
+        for seed in 0..20 {
+            let mut r = fastrand::Rng::with_seed(seed);
+            let got = pick(&eps, &[], true, load, |n| r.usize(..n)).unwrap();
+            assert_eq!(got.address.to_string(), "10.0.0.2");
+        }
+        let tried = ["10.0.0.2".parse().unwrap()];
+        assert_eq!(pick(&eps, &tried, true, load, |_| 0).unwrap().address.to_string(), "10.0.0.1");
+        // The client's family first; the other family only when none is left.
+        assert_eq!(pick(&eps, &[], false, load, |_| 0).unwrap().address.to_string(), "fd00::4");
+        let all: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2"].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(pick(&eps, &all, true, load, |_| 0).unwrap().address.to_string(), "fd00::4");
+        let every: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2", "fd00::4"].iter().map(|a| a.parse().unwrap()).collect();
+        assert!(pick(&eps, &every, true, load, |_| 0).is_none(), "not-ready endpoints are never picked");
+        assert!(pick(&[], &[], true, load, |_| 0).is_none());
+    }
+
+    #[test]
+    fn equal_loads_spread_over_every_endpoint() {
+        let eps: Vec<Endpoint> = (1..=3).map(|i| ep(&format!("10.0.0.{i}"), true)).collect();
+        let mut seen = HashMap::new();
+        for _ in 0..300 {
+            let e = pick(&eps, &[], true, |_| 0, |n| fastrand::usize(..n)).unwrap();
+            *seen.entry(e.address).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen.values().all(|&n| n > 30), "{seen:?}");
+    }
+
+    #[test]
+    fn in_flight_counts_rise_and_fall_and_idle_endpoints_are_forgotten() {
+        let loads = Loads::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = loads.start(ip);
+        let b = loads.start(ip);
+        assert_eq!(loads.get(&ip), 2);
+        drop(a);
+        loads.retain(|_| false);
+        assert_eq!(loads.get(&ip), 1, "a busy endpoint is kept");
+        drop(b);
+        loads.retain(|_| false);
+        assert_eq!(loads.get(&ip), 0);
+        assert!(loads.shard(&ip).is_empty());
+    }
+}

@@ -1,0 +1,85 @@
+//! Connections to a Service address. The source agent resolves them (the kernel only recorded
+//! the original destination): it picks a ready endpoint, maps the Service port to the target
+//! port, and carries the connection to that endpoint exactly as it would a connection made to
+//! the endpoint's own address: mutual TLS requiring the endpoint's identity when it is a mesh
+//! workload, the node-local relay when it runs on this node, plain TCP only when it is not in
+//! the mesh. The destination's policy is evaluated on the endpoint and the target port.
+//!
+//! The endpoint is chosen by [`crate::balance`]. An endpoint that cannot be reached (its port refuses, its agent answers that the
+//! app is unreachable, the tunnel cannot be opened) is skipped and another is tried, at most
+//! `--service-attempts` in all; the client's early bytes are kept for the next attempt.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+
+use super::outbound::{carry, open, Failure};
+use crate::balance::pick;
+use crate::hbone::client::EarlyBytes;
+use crate::hbone::pool::Pool;
+use crate::identity::WorkloadCert;
+use crate::inputs::ProxyInputs;
+use crate::netns::reset;
+use crate::outcome::{ConnRecord, Reason};
+use crate::state::{LocalWorkload, ServiceEntry};
+
+/// Carries a connection made to `svc`'s address `dst`.
+#[allow(clippy::too_many_arguments)]
+pub async fn handle(
+    inputs: Arc<ProxyInputs>,
+    pool: Arc<Pool>,
+    wl: Arc<LocalWorkload>,
+    client: TcpStream,
+    mut rec: ConnRecord,
+    svc: Arc<ServiceEntry>,
+    dst: SocketAddr,
+    cert: Arc<WorkloadCert>,
+    started: Instant,
+) {
+    rec.service = Some(svc.clone());
+    let refuse = |rec: &ConnRecord, client: TcpStream, reason: Reason, detail: &dyn std::fmt::Display| {
+        inputs.conns.refused(rec, reason, started, detail);
+        reset(client);
+    };
+    let Some(port) = svc.service.port(dst.port()) else {
+        return refuse(&rec, client, Reason::UnknownServicePort, &Reason::UnknownServicePort);
+    };
+    let target_port = port.target();
+    let mut early = EarlyBytes::default();
+    let mut tried: Vec<IpAddr> = Vec::new();
+    let mut last: Option<Failure> = None;
+    while tried.len() < inputs.settings.service_attempts {
+        let loads = &inputs.loads;
+        let Some(ep) =
+            pick(&svc.service.endpoints, &tried, dst.is_ipv4(), |ip| loads.get(ip), |n| fastrand::usize(..n))
+        else {
+            break;
+        };
+        let target = SocketAddr::new(ep.address, target_port);
+        tried.push(ep.address);
+        let in_flight = inputs.loads.start(ep.address);
+        // The record keeps the client's original destination (the Service address); the
+        // endpoint is its `dst`.
+        let mut attempt = rec.clone();
+        match Box::pin(open(&inputs, &pool, &wl, &client, &mut attempt, target, &cert, &mut early)).await {
+            Ok(upstream) => {
+                drop(cert);
+                return Box::pin(carry(&inputs, client, attempt, upstream, &early, started, in_flight)).await;
+            }
+            Err(f) if f.retry => {
+                tracing::debug!(service = %svc.host, endpoint = %target, reason = f.reason.label(), error = %f.detail, "endpoint unusable; trying another");
+                inputs.metrics.service_endpoint_failed(f.reason.label());
+                rec = attempt;
+                last = Some(f);
+            }
+            Err(f) => return refuse(&attempt, client, f.reason, &f.detail),
+        }
+    }
+    match last {
+        // Every endpoint tried failed: the client learns the last reason.
+        Some(f) => refuse(&rec, client, f.reason, &f.detail),
+        None => refuse(&rec, client, Reason::NoEndpoint, &Reason::NoEndpoint),
+    }
+}
