@@ -84,14 +84,15 @@ impl Drop for StreamLease {
     }
 }
 
-/// The CONNECT request for `target`.
-pub fn connect_request(target: SocketAddr) -> http::Request<()> {
-    http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(target.to_string())
-        .version(http::Version::HTTP_2)
-        .body(())
-        .expect("a valid CONNECT request")
+/// The CONNECT request for `target`; `service` (`namespace/name`) names the Service the client
+/// connected to, for the destination's metrics (it checks the claim against its own records).
+pub fn connect_request(target: SocketAddr, service: Option<&str>) -> http::Request<()> {
+    let mut b =
+        http::Request::builder().method(http::Method::CONNECT).uri(target.to_string()).version(http::Version::HTTP_2);
+    if let Some(s) = service {
+        b = b.header(super::SERVICE_HEADER, s);
+    }
+    b.body(()).expect("a valid CONNECT request")
 }
 
 /// A stream whose CONNECT was sent, awaiting the destination's answer.

@@ -46,6 +46,11 @@ pub const SERVER_MAX_STREAMS: u32 = 4 * MAX_STREAMS;
 /// The most of a client's first bytes sent behind the CONNECT request: well inside the stream
 /// window a peer starts with (65,535 bytes).
 pub const EARLY_MAX: usize = 16 * 1024;
+
+/// The CONNECT request header naming the Service (`namespace/name`) the client connected to.
+/// Only labels metrics and logs at the destination, and only once the destination finds that
+/// Service in its own records with this endpoint and port: a peer's claim is never trusted.
+pub const SERVICE_HEADER: &str = "sockmesh-service";
 const _: () = assert!(EARLY_MAX < 65_535);
 
 /// The destination a CONNECT request asks for, if this workload may serve it. Pure: checked

@@ -158,6 +158,9 @@ async fn stream(
         }
     };
     rec.orig_dst = Target::Addr(dst);
+    // The Service the source says its client connected to: labels only, and only if ours.
+    let claimed = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok());
+    rec.service = claimed.and_then(|key| snap.config.service_of_endpoint(key, dst)).cloned();
     if snap.config.version == 0 {
         // No policy known yet: nothing is admitted on a guess.
         inputs.conns.refused(&rec, Reason::NoConfig, started, &Reason::NoConfig);

@@ -198,7 +198,8 @@ pub async fn open(
     rec.security = Security::MutualTls;
     rec.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl) };
     let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
-    let to = Destination { id: &dst_wl.spiffe_id, hbone_addr: hbone, target: dst };
+    let service = rec.service.as_ref().map(|s| s.key.clone());
+    let to = Destination { id: &dst_wl.spiffe_id, hbone_addr: hbone, target: dst, service: service.as_deref() };
     let src = Source { key: wl.key(), cert, client };
     let timeout = inputs.settings.connect_timeout;
     let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout), early)).await;

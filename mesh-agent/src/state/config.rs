@@ -3,7 +3,7 @@
 //! plaintext under PeerAuthentication, and which addresses are Services).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_api::push::{Kind, ResourceId};
@@ -35,6 +35,8 @@ pub struct ConfigState {
     pub services: HashMap<IpAddr, Arc<ServiceEntry>>,
     /// Every Service (headless ones too), by namespace/name, for the admin API.
     pub service_list: Vec<Arc<ServiceEntry>>,
+    /// The same by `namespace/name`.
+    pub services_by_key: HashMap<String, Arc<ServiceEntry>>,
     /// Configuration the controller rejected (file, line, reason), as it reported it.
     pub rejected: Vec<String>,
     /// The pushed resources themselves, to which the next delta applies.
@@ -45,6 +47,10 @@ pub struct ConfigState {
 #[derive(Debug)]
 pub struct ServiceEntry {
     pub service: Service,
+    /// `namespace/name`.
+    pub key: String,
+    /// Its endpoints' addresses, to check a claim without a walk.
+    pub endpoint_addrs: std::collections::HashSet<IpAddr>,
     /// Istio's `destination_service`: `name.namespace.svc.cluster.local`.
     pub host: String,
 }
@@ -61,6 +67,14 @@ pub struct BuildError {
 }
 
 impl ConfigState {
+    /// The Service `key` (`namespace/name`) if `target` is one of its endpoints on one of its
+    /// target ports: how a destination checks what a source says it connected to.
+    pub fn service_of_endpoint(&self, key: &str, target: SocketAddr) -> Option<&Arc<ServiceEntry>> {
+        self.services_by_key.get(key).filter(|s| {
+            s.service.ports.iter().any(|p| p.target() == target.port()) && s.endpoint_addrs.contains(&target.ip())
+        })
+    }
+
     /// Builds the state from a push's resources, all of them or none.
     pub fn build(
         resources: BTreeMap<ResourceId, String>,
@@ -96,7 +110,9 @@ impl ConfigState {
                 Kind::Service => {
                     let svc: Service = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
                     svc.validate().map_err(bad)?;
-                    services.push(Arc::new(ServiceEntry { host: svc.host(), service: svc }));
+                    let key = format!("{}/{}", svc.namespace, svc.name);
+                    let endpoint_addrs = svc.endpoints.iter().map(|e| e.address).collect();
+                    services.push(Arc::new(ServiceEntry { host: svc.host(), key, endpoint_addrs, service: svc }));
                 }
                 Kind::Rejected => rejected.push(serde_json::from_str::<String>(json).map_err(|e| bad(e.to_string()))?),
                 Kind::Unspecified => return Err(bad("an unspecified kind".into())),
@@ -116,6 +132,7 @@ impl ConfigState {
                 }
             }
         }
+        state.services_by_key = services.iter().map(|s| (s.key.clone(), s.clone())).collect();
         state.service_list = services;
         state.resources = resources;
         Ok(state)
@@ -279,6 +296,13 @@ mod tests {
             ("web.default.svc.cluster.local", 8080)
         );
         assert_eq!(s.service_list.len(), 1);
+        let at = |a: &str| a.parse().unwrap();
+        assert!(s.service_of_endpoint("default/web", at("10.0.0.2:8080")).is_some());
+        for (key, target) in
+            [("default/web", "10.0.0.2:80"), ("default/web", "10.0.0.9:8080"), ("default/db", "10.0.0.2:8080")]
+        {
+            assert!(s.service_of_endpoint(key, at(target)).is_none(), "{key} {target}");
+        }
         // A Service on a workload's address is two versions disagreeing: refused whole.
         with_svc.insert(
             ResourceId::new(Kind::Service, "default", "on-b"),

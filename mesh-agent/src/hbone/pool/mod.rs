@@ -21,12 +21,13 @@ use crate::identity::WorkloadCert;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
 
-/// Where a tunnel goes: the identity the peer must prove, its HBONE address, and the
-/// destination to CONNECT to.
+/// Where a tunnel goes: the identity the peer must prove, its HBONE address, the destination
+/// to CONNECT to, and the Service (`namespace/name`) the client connected to, if any.
 pub struct Destination<'a> {
     pub id: &'a SpiffeId,
     pub hbone_addr: SocketAddr,
     pub target: SocketAddr,
+    pub service: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -116,7 +117,7 @@ impl Pool {
         D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let req = client::connect_request(to.target);
+        let req = client::connect_request(to.target, to.service);
         if !self.pooling {
             return self.open_new(src, to, req, connect_timeout, dial, early, None).await;
         }

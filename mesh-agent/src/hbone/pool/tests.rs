@@ -99,7 +99,7 @@ async fn open(pool: &Pool, cert: &WorkloadCert, dst: &SpiffeId, addr: SocketAddr
     let key = WorkloadKey { namespace: "default".into(), name: "a".into() };
     let client = client_socket(b"hello").await;
     let src = Source { key: &key, cert, client: &client };
-    let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap() };
+    let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap(), service: None };
     pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr), &mut Default::default()).await
 }
 
