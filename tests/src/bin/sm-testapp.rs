@@ -24,6 +24,27 @@ fn main() {
             println!("{r}");
             std::process::exit(if ok { 0 } else { 1 });
         }
+        Some("echoes") => {
+            // `--count` echoes one after another: how many succeeded, and the first failure.
+            let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+            for i in 0..num("--count", 100) {
+                let r = echo(
+                    to(),
+                    num("--bytes", 1000),
+                    i + 1,
+                    get("--marker"),
+                    (timeout, mptcp),
+                    (64 * 1024, Duration::ZERO),
+                );
+                if r["ok"] == true {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                    first_error.get_or_insert(r);
+                }
+            }
+            println!("{}", json!({"ok": failed == 0, "succeeded": ok, "failed": failed, "first_error": first_error}));
+        }
         Some("probe") => {
             let until = get("--until-file").map(std::path::PathBuf::from);
             probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), until, timeout)
@@ -36,7 +57,7 @@ fn main() {
             reuse(addr("--first"), addr("--second"), num("--port", 40000) as u16, &ready, timeout)
         }
         _ => {
-            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] | probe --to IP:PORT [--duration-ms N] [--until-file PATH] | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
+            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] | echoes --to IP:PORT --count N [--bytes N] [--marker S] | probe --to IP:PORT [--duration-ms N] [--until-file PATH] | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
             std::process::exit(2);
         }
     }
