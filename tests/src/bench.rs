@@ -80,6 +80,16 @@ pub enum Rss {
     Held,
 }
 
+/// How a meshed client names the same destination pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// The pod's own address.
+    PodAddress,
+    /// A Service address whose only endpoint is that pod.
+    Service,
+}
+
 /// A node of the benchmark's topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,6 +122,10 @@ pub enum Key {
     MemPerConn { node: Node },
     /// How many idle connections were held.
     IdleConns,
+    /// New connections per second through the mesh, to a pod by `via`.
+    ViaConns { via: Via },
+    /// 1 KiB echo p50 (µs), closed loop, through the mesh to a pod by `via`.
+    ViaEchoP50 { via: Via },
 }
 
 impl fmt::Display for Key {
@@ -132,6 +146,8 @@ impl fmt::Display for Key {
             Key::Rss { when, node } => write!(f, "rss.{}.{}", n(when), n(node)),
             Key::MemPerConn { node } => write!(f, "mem_per_conn.{}", n(node)),
             Key::IdleConns => f.write_str("idle_conns"),
+            Key::ViaConns { via } => write!(f, "via_conns.{}", n(via)),
+            Key::ViaEchoP50 { via } => write!(f, "via_echo_p50.{}", n(via)),
         }
     }
 }
@@ -223,6 +239,7 @@ mod tests {
         let back: Results = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.median(k), 2.0);
         assert_eq!(back.median(Key::IdleConns), 1000.0);
+        assert_eq!(Key::ViaConns { via: Via::Service }.to_string(), "via_conns.service");
         assert!(back.median(Key::AgentCpuPerGb).is_nan());
     }
 }

@@ -3,7 +3,7 @@
 //! consistent with each other), not placeholders. No timing is asserted: the machines are noisy.
 #![cfg(feature = "privileged")]
 
-use tests::bench::{ConnRate, Key, Latency, Node, Path, Quantile, ResultsFile, Rss, Throughput};
+use tests::bench::{ConnRate, Key, Latency, Node, Path, Quantile, ResultsFile, Rss, Throughput, Via};
 use tests::*;
 
 #[test]
@@ -36,6 +36,9 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
         Key::Conns { case: ConnRate::MeshFreshMtls },
         Key::AgentCpuPerGb,
         Key::Rss { when: Rss::Idle, node: Node::N1 },
+        Key::ViaConns { via: Via::PodAddress },
+        Key::ViaConns { via: Via::Service },
+        Key::ViaEchoP50 { via: Via::Service },
     ] {
         assert!(median(k) > 0.0, "{k} = {}", median(k));
     }
@@ -58,6 +61,7 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("kernel: ") && md.contains("commit: "), "{md}");
     assert!(md.contains("throughput, cross-node, 1 connection"), "{md}");
+    assert!(md.contains("through a Service address"), "{md}");
     let png = std::fs::read(out.join("chart.png")).unwrap();
     assert!(png.len() > 10_000 && png.starts_with(b"\x89PNG\r\n\x1a\n"), "chart.png is not a PNG");
     let _ = std::fs::remove_dir_all(&out);

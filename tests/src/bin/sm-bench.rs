@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
-use tests::bench::{ConnRate, Key, Latency, Node, Path as P, Quantile, Results, ResultsFile, Rss, Stat, Throughput};
+use tests::bench::{
+    ConnRate, Key, Latency, Node, Path as P, Quantile, Results, ResultsFile, Rss, Stat, Throughput, Via,
+};
 use tests::*;
 
 #[derive(Parser)]
@@ -49,6 +51,8 @@ enum Section {
     Mem,
     /// New connections per second with a fresh mutual-TLS handshake each.
     Fresh,
+    /// The same pod through a Service address and by its own address.
+    Svc,
 }
 
 struct Opts {
@@ -300,6 +304,45 @@ impl Bench {
         Ok(())
     }
 
+    /// New connections per second and 1 KiB echo p50 from a to b, through a Service address
+    /// whose only endpoint is b and by b's own address, interleaved run by run: what
+    /// resolving the Service in the agent costs.
+    fn via_service(&mut self) -> Result<()> {
+        let svc = "10.96.0.20";
+        let yaml = format!(
+            "kind: Service\nname: bench\naddresses: [{svc}]\nports: [{{port: 7000}}]\nendpoints: [{{address: {}}}]\n",
+            self.ip("b")
+        );
+        self.t.write_config("bench-service.yaml", &yaml)?;
+        let netns = self.t.node(self.n1).netns.clone();
+        wait_for(Duration::from_secs(30), || Ok(http_get(&netns, "127.0.0.1:15000", "/services")?.1.contains(svc)))
+            .context("the agent never resolved the benchmark's Service")?;
+        let secs = self.opts.rr_secs.to_string();
+        let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+        // Twice the usual runs: the difference looked for is a few per cent, within one
+        // run's spread.
+        for rep in 0..self.opts.reps * 2 {
+            // Alternating which goes first, so that neither always runs on the state the other
+            // leaves (TIME_WAIT sockets, a warmed pool).
+            let mut order = [(Via::PodAddress, self.ip("b")), (Via::Service, svc.to_owned())];
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for (via, ip) in order {
+                let to = format!("{ip}:7000");
+                progress(&format!("{} ({secs}s) run {}", Key::ViaConns { via }, rep + 1));
+                let v = self.load("a", &["conns", "--to", &to, "--seconds", &secs, "--parallel", "8"])?;
+                samples.entry(Key::ViaConns { via }).or_default().push(v["per_second"].as_f64().unwrap_or(0.0));
+                progress(&format!("{} ({secs}s) run {}", Key::ViaEchoP50 { via }, rep + 1));
+                let v = self.load("a", &["rr", "--to", &to, "--size", "1024", "--seconds", &secs])?;
+                let p50 = v["latency_us"]["p50"].as_f64().ok_or_else(|| anyhow!("no p50 in {v}"))?;
+                samples.entry(Key::ViaEchoP50 { via }).or_default().push(p50);
+            }
+        }
+        self.record_all(samples);
+        Ok(())
+    }
+
     /// TLS sessions the agents opened so far (the client side counts them).
     fn tls_sessions(&self) -> Result<f64> {
         let mut n = 0.0;
@@ -477,6 +520,10 @@ fn main() -> Result<()> {
         eprintln!("new connections per second");
         b.conn_rate(&[(ConnRate::Direct, "c", "d"), (ConnRate::MeshPooled, "a", "b")])?;
     }
+    if want(Section::Svc) {
+        eprintln!("through a Service address vs the pod's own address");
+        b.via_service()?;
+    }
     if want(Section::Mem) {
         eprintln!("agent memory");
         b.memory()?;
@@ -619,6 +666,38 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
             ratio: format!("{:.2}×", m / direct_cps),
             target: target.map(|t| format!("≥ {t}/s")).unwrap_or_else(|| "-".into()),
             met: target.map(|t| m >= t),
+        });
+    }
+    // Through a Service: the "direct" column is the same meshed path to the pod's own address.
+    for (what, key, unit, higher_better) in [
+        (
+            "new connections/s through a Service address (direct column: to the pod's own address, also meshed)",
+            (|via| Key::ViaConns { via }) as fn(Via) -> Key,
+            "/s",
+            true,
+        ),
+        (
+            "1 KiB echo p50 through a Service address (direct column: to the pod's own address, also meshed)",
+            |via| Key::ViaEchoP50 { via },
+            "µs",
+            false,
+        ),
+    ] {
+        // Each Service run next to its pod-address run: the median of those pairs' ratios is
+        // steadier than the ratio of the two medians when the machine drifts during the section.
+        let pairs: Vec<f64> = match (r(key(Via::PodAddress)), r(key(Via::Service))) {
+            (Some(d), Some(m)) => d.samples.iter().zip(&m.samples).map(|(d, m)| m / d).collect(),
+            _ => Vec::new(),
+        };
+        let ratio = Stat::of(pairs).median;
+        let met = if higher_better { ratio >= 0.95 } else { ratio <= 1.05 };
+        rows.push(Row {
+            what: what.into(),
+            direct: fmt_stat(r(key(Via::PodAddress)), unit, 1.0, 0),
+            mesh: fmt_stat(r(key(Via::Service)), unit, 1.0, 0),
+            ratio: format!("{ratio:.2}× (median of paired runs)"),
+            target: if higher_better { "≥ 0.95×" } else { "≤ 1.05×" }.into(),
+            met: (!ratio.is_nan()).then_some(met),
         });
     }
     rows.push(ratio_row(

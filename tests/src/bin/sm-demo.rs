@@ -42,16 +42,22 @@ fn main() -> Result<()> {
     let a = t.add_pod(n1, "a", true)?;
     let c = t.add_pod(n1, "c", false)?;
     let b = t.add_pod(n2, "b", true)?;
+    // A second replica of b's app on n1, for the Service step.
+    let b2 = t.add_pod(n1, "b2", true)?;
+    for p in [b, b2] {
+        t.pods[p.0].labels.push(("tier".into(), "web".into()));
+    }
     t.write_workloads()?;
     say("starting the controller (the CA) on the fabric");
     let controller = t.start_controller(&[])?;
     println!("  root CA and trust bundle in {}", t.controller_dir().display());
-    for p in [a, c, b] {
+    for p in [a, c, b, b2] {
         let pod = t.pod(p);
         println!("  pod {:<2} on {}  ip {:<11} meshed={}", pod.name, t.node(pod.node).name, pod.ip, pod.meshed);
     }
     let server = t.start_server(b, 8080)?;
-    println!("  echo server listening in pod b on :8080");
+    let server2 = t.start_server(b2, 8080)?;
+    println!("  echo servers listening in pods b and b2 on :8080");
 
     say("starting one agent per node");
     let mut agent1 = t.start_agent(n1, &[])?;
@@ -152,6 +158,24 @@ fn main() -> Result<()> {
     t.remove_config("deny-a.yaml")?;
     wait_for(Duration::from_secs(5), || Ok(t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])?["ok"] == true))?;
     println!("  policy removed: a -> b works again");
+
+    say("a Service: web at 10.96.0.10:80, endpoints b (n2) and b2 (n1), port 80 -> 8080");
+    let svc = "kind: Service\nname: web\nnamespace: default\naddresses: [10.96.0.10]\nports: [{port: 80, targetPort: 8080}]\nselector: {tier: web}\n";
+    println!("{}", svc.lines().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n"));
+    t.write_config("web.yaml", svc)?;
+    wait_for(Duration::from_secs(10), || {
+        Ok(http_get(&t.node(n1).netns, "127.0.0.1:15000", "/services")?.1.contains("10.96.0.10"))
+    })?;
+    let (b_before, b2_before) = (server.accepted()?.len(), server2.accepted()?.len());
+    let r = t.pod_app(a, &["echoes", "--to", "10.96.0.10:80", "--count", "20", "--bytes", "1000"])?;
+    println!("  a made 20 connections to 10.96.0.10:80: {} succeeded, {} failed", r["succeeded"], r["failed"]);
+    println!(
+        "  b served {}, b2 served {} (the agent picks the less busy of two endpoints drawn at random)",
+        server.accepted()?.len() - b_before,
+        server2.accepted()?.len() - b2_before
+    );
+    println!("  to b: mutual TLS requiring b's identity; to b2 (same node as a): the node-local relay");
+    println!("  $ meshctl services (on n1)\n{}", meshctl(&t, n1, &["services"])?);
 
     say("what the agents counted (local API: {\"op\":\"stats\"})");
     for (name, ag) in [("n1", &agent1), ("n2", &agent2)] {
