@@ -43,9 +43,12 @@ impl Loads {
     }
 
     pub fn start(&self, ip: IpAddr) -> InFlight {
-        let c = self.shard(&ip).entry(ip).or_default().clone();
+        // Counted under the shard's lock, so that `retain` cannot forget the counter between
+        // its creation and its first count.
+        let mut shard = self.shard(&ip);
+        let c = shard.entry(ip).or_default();
         c.fetch_add(1, Ordering::Relaxed);
-        InFlight(c)
+        InFlight(c.clone())
     }
 
     /// Forgets idle endpoints that `keep` no longer names (the counters are bounded by the

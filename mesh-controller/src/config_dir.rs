@@ -333,6 +333,20 @@ mod tests {
             "{:?}",
             m.errors
         );
+        // The same Service in two files: the first (by path) stands, the second is reported.
+        let again = "kind: Service\nname: web\naddresses: [10.96.0.99]\nports: [{port: 81}]\n";
+        let mut two = files.clone();
+        two.insert(PathBuf::from("t.yaml"), parse_file(Path::new("t.yaml"), again).unwrap());
+        let m2 = assemble(&two, vec![], &[], 2, &Model::default());
+        assert_eq!(m2.services[&("default".to_owned(), "web".to_owned())].addresses, web.addresses);
+        assert!(
+            m2.errors
+                .iter()
+                .any(|e| e.starts_with("t.yaml:1: Service default/web rejected: defined twice")
+                    && e.contains("s.yaml:13")),
+            "{:?}",
+            m2.errors
+        );
         // Pushed to every node, with the endpoints listed.
         let r = m.resources_for("n1", "sockmesh-system");
         let pushed = r.iter().find(|(id, _)| id.kind == mesh_api::push::Kind::Service).expect("the Service is pushed");

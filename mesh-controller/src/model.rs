@@ -46,11 +46,16 @@ impl Model {
 
     /// Admits Services read from a source (each with what names it for an error: file and
     /// line, or the object). Call after the workloads are in: selectors are resolved against
-    /// them. A Service that is invalid, or whose address is a workload's or an earlier
-    /// Service's, is left out whole and reported; the others stand.
+    /// them. A Service that is invalid, defined a second time, or whose address is a
+    /// workload's or an earlier Service's, is left out whole and reported; the others stand.
     pub fn admit_services(&mut self, services: Vec<(Service, String)>) {
-        let mut valid = Vec::new();
+        let mut valid: Vec<(Service, String)> = Vec::new();
         for (s, what) in services {
+            if let Some((_, first)) = valid.iter().find(|(v, _)| v.key() == s.key()) {
+                let e = format!("defined twice; the first definition ({first}) stands");
+                self.reject_service(&what, &s, &e);
+                continue;
+            }
             match s.validate_source() {
                 Ok(()) => valid.push((s, what)),
                 Err(e) => self.reject_service(&what, &s, &e),

@@ -266,8 +266,9 @@ fn the_target_port_carries_the_endpoints_policy_and_empty_services_refuse_prompt
     let _ctl = t.start_controller(&[]).unwrap();
     let server = t.start_server(e[1], APP_PORT).unwrap();
     let plain_server = t.start_server(p, APP_PORT).unwrap();
-    let agent1 = t.start_agent(n1, &[]).unwrap();
-    let agent2 = t.start_agent(n2, &[]).unwrap();
+    // The pods' range is the mesh's: an address in it that is no workload is refused...
+    let agent1 = t.start_agent(n1, &["--mesh-cidr", "10.20.0.0/16"]).unwrap();
+    let agent2 = t.start_agent(n2, &["--mesh-cidr", "10.20.0.0/16"]).unwrap();
     t.wait_ready(n1).unwrap();
     t.wait_ready(n2).unwrap();
     let e2 = t.pod(e[1]).ip.to_string();
@@ -279,7 +280,8 @@ fn the_target_port_carries_the_endpoints_policy_and_empty_services_refuse_prompt
         &[
             svc("web", SVC_IP, &format!("{{address: {e2}}}")),
             svc("empty", "10.96.0.11", &format!("{{address: {e2}, ready: false}}")),
-            svc("outside", "10.96.0.12", &format!("{{address: {}}}", t.pod(p).ip)),
+            // p is outside the mesh; e3 is a mesh workload whose app is not running.
+            svc("outside", "10.96.0.12", &format!("{{address: {}}}, {{address: {}}}", t.pod(p).ip, t.pod(e[2]).ip)),
         ]
         .join("---\n"),
     )
@@ -324,14 +326,29 @@ fn the_target_port_carries_the_endpoints_policy_and_empty_services_refuse_prompt
     wait_for(Duration::from_secs(5), || Ok(agent1.access_log().iter().any(|l| l["result"] == "unknown_service_port")))
         .unwrap();
 
-    // An endpoint outside the mesh: plain TCP (there is no identity to require), logged so.
-    let r = echoes(&t, a, "10.96.0.12:80", 2, &[]);
+    // ...but an endpoint the controller lists as outside the mesh is reached in plain TCP
+    // (there is no identity to require), and logged so, also after a failed attempt at a mesh
+    // endpoint (e3's agent answers that its app is unreachable).
+    let direct = t.pod_app(a, &["echo", "--to", &t.addr(p, APP_PORT), "--bytes", "100"]).unwrap();
+    assert_eq!(direct["ok"], false, "an unknown address in the mesh's range was reached directly: {direct}");
+    let r = echoes(&t, a, "10.96.0.12:80", 20, &[]);
     assert_eq!(r["failed"], 0, "{r}");
-    assert_eq!(plain_server.accepted().unwrap().len(), 2);
-    let line = agent1
+    assert_eq!(plain_server.accepted().unwrap().len(), 20);
+    let lines: Vec<Value> = agent1
         .access_log()
         .into_iter()
-        .find(|l| l["dst_service"] == "outside.default.svc.cluster.local")
-        .expect("a line for the Service outside the mesh");
-    assert_eq!(line["connection_security_policy"], "none", "{line}");
+        .filter(|l| l["direction"] == "outbound" && l["dst_service"] == "outside.default.svc.cluster.local")
+        .collect();
+    assert_eq!(lines.len(), 20);
+    for l in &lines {
+        assert_eq!(
+            (l["connection_security_policy"].as_str(), l["dst_principal"].as_str()),
+            (Some("none"), Some("-")),
+            "{l}"
+        );
+    }
+    let (_, m) = http_get(&t.node(n1).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    let skipped = metric(&m, "sockmesh_service_endpoint_failures_total", &[("reason", "destination_app_unreachable")]);
+    // Each connection draws e3 first half the time: twenty never doing so is a one-in-a-million event.
+    assert!(skipped.unwrap_or(0.0) >= 1.0, "no connection tried e3 first, so the mixed case never ran: {m}");
 }

@@ -107,12 +107,17 @@ async fn handle(
         Err(e) => return refuse(&rec, client, Reason::NoCertificate, &e),
     };
     inputs.metrics.accepted(Direction::Outbound);
-    let svc = inputs.state.load().config.services.get(&dst.ip()).cloned();
+    // A Service address, unless a workload has it (a workload's own address always means the
+    // workload; the controller refuses such Services, but an agent's file may name one).
+    let snap = inputs.state.load();
+    let svc = snap.config.services.get(&dst.ip()).filter(|_| snap.local_at(dst.ip()).is_none()).cloned();
+    let svc = svc.filter(|_| snap.destination(dst.ip()).is_none());
+    drop(snap);
     if let Some(svc) = svc {
         return Box::pin(super::service::handle(inputs, pool, wl, client, rec, svc, dst, cert, started)).await;
     }
     let mut early = EarlyBytes::default();
-    match Box::pin(open(&inputs, &pool, &wl, &client, &mut rec, dst, &cert, &mut early)).await {
+    match Box::pin(open(&inputs, &pool, &wl, &client, &mut rec, dst, &cert, &mut early, false)).await {
         Ok(upstream) => {
             // Held for the connection's life otherwise: this workload's certificate (the record
             // keeps its own references to both identities).
@@ -132,7 +137,8 @@ pub enum Upstream {
 }
 
 /// Why a destination could not be used; `retry` when another endpoint of a Service may be
-/// tried instead (nothing of the connection reached an app, and the refusal was not a policy's).
+/// tried instead: nothing of the connection can have reached an app, and the refusal was not
+/// a policy's.
 pub struct Failure {
     pub reason: Reason,
     pub detail: String,
@@ -148,8 +154,10 @@ impl Failure {
 /// Opens the way to `dst` for `wl`'s connection, filling in the record's destination: the
 /// node-local relay when a workload of this node has the address, mutual TLS requiring the
 /// destination's identity when a mesh workload has it, plain TCP when nothing in the mesh
-/// does and it is outside the mesh's ranges. `early` keeps what the client wrote before, if a
-/// tunnel attempt read it.
+/// does and it is outside the mesh's ranges — or, `listed_outside`, when the controller's
+/// Service record lists it as an endpoint that is no workload (it knows the address, and knows
+/// it is not in the mesh: a pod of a namespace outside the mesh, say). `early` keeps what the
+/// client wrote before, if a tunnel attempt read it.
 #[allow(clippy::too_many_arguments)]
 pub async fn open(
     inputs: &Arc<ProxyInputs>,
@@ -160,6 +168,7 @@ pub async fn open(
     dst: SocketAddr,
     cert: &WorkloadCert,
     early: &mut EarlyBytes,
+    listed_outside: bool,
 ) -> Result<Upstream, Failure> {
     // The mesh's own ports are not for workloads (a Service's target port included).
     if mesh_common::is_mesh_port(dst.port()) {
@@ -181,13 +190,14 @@ pub async fn open(
         if no_config {
             return Err(Failure::new(Reason::NoConfig, &Reason::NoConfig, false));
         }
-        if inputs.settings.in_mesh_ranges(dst.ip()) {
+        if inputs.settings.in_mesh_ranges(dst.ip()) && !listed_outside {
             let r = Reason::UnknownMeshDestination;
             return Err(Failure::new(r.clone(), &r, true));
         }
         // Not a mesh workload: there is no identity to require. Passed through as TCP, and
         // logged as connection_security_policy=none.
-        rec.dst.addr = Some(dst);
+        rec.security = Security::None;
+        rec.dst = Peer { addr: Some(dst), ..Peer::default() };
         return match Box::pin(wl.netns.dial(dst, None, inputs.settings.connect_timeout)).await {
             Ok(s) => Ok(Upstream::Plain(s)),
             Err(e) => Err(Failure::new(Reason::UpstreamUnreachable, &e, true)),
@@ -203,13 +213,22 @@ pub async fn open(
     let src = Source { key: wl.key(), cert, client };
     let timeout = inputs.settings.connect_timeout;
     let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout), early)).await;
+    let sent_early = early.any();
     opened.map(Upstream::Tunnel).map_err(|e| {
         if let Some(h) = e.handshake() {
             inputs.metrics.handshake_failed(Direction::Outbound, &h);
         }
-        // The destination's policy refused (or the request was bad): another endpoint is not
-        // asked to overrule it.
-        let retry = !matches!(e.failure(), TunnelFailure::Denied | TunnelFailure::Refused(_));
+        let retry = match e.failure() {
+            // The destination's policy refused (or the request was bad): another endpoint is
+            // not asked to overrule it.
+            TunnelFailure::Denied | TunnelFailure::Refused(_) => false,
+            // Nothing was sent, or the destination could not reach its app: nothing of the
+            // connection reached an app.
+            TunnelFailure::Connect | TunnelFailure::Handshake(_) | TunnelFailure::AppUnreachable => true,
+            // The tunnel died or went quiet after the request: if the client's first bytes
+            // went with it, the app may have them, and another endpoint must not get them too.
+            TunnelFailure::H2 | TunnelFailure::Timeout | TunnelFailure::Closed => !sent_early,
+        };
         Failure::new(Reason::Tunnel(e.failure()), &e, retry)
     })
 }

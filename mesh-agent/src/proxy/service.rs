@@ -5,9 +5,12 @@
 //! workload, the node-local relay when it runs on this node, plain TCP only when it is not in
 //! the mesh. The destination's policy is evaluated on the endpoint and the target port.
 //!
-//! The endpoint is chosen by [`crate::balance`]. An endpoint that cannot be reached (its port refuses, its agent answers that the
-//! app is unreachable, the tunnel cannot be opened) is skipped and another is tried, at most
-//! `--service-attempts` in all; the client's early bytes are kept for the next attempt.
+//! The endpoint is chosen by [`crate::balance`]. An endpoint that cannot be reached (its port
+//! refuses, its agent answers that the app is unreachable, no tunnel opens) is skipped and
+//! another is tried, at most `--service-attempts` in all, with the client's first bytes kept
+//! for the next attempt; a tunnel that failed after carrying those bytes is not retried (see
+//! [`super::outbound::open`]). An endpoint that no workload has is outside the mesh: the
+//! controller listed it, so it is reached in plain TCP even inside `--mesh-cidr`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -49,7 +52,8 @@ pub async fn handle(
     let target_port = port.target();
     let mut early = EarlyBytes::default();
     let mut tried: Vec<IpAddr> = Vec::new();
-    let mut last: Option<Failure> = None;
+    // The last endpoint's failure and the record of that attempt.
+    let mut last: Option<(ConnRecord, Failure)> = None;
     while tried.len() < inputs.settings.service_attempts {
         let loads = &inputs.loads;
         let Some(ep) =
@@ -60,10 +64,11 @@ pub async fn handle(
         let target = SocketAddr::new(ep.address, target_port);
         tried.push(ep.address);
         let in_flight = inputs.loads.start(ep.address);
-        // The record keeps the client's original destination (the Service address); the
-        // endpoint is its `dst`.
+        // Each attempt from the client's record as it came (the original destination is the
+        // Service address); the endpoint becomes its `dst`.
         let mut attempt = rec.clone();
-        match Box::pin(open(&inputs, &pool, &wl, &client, &mut attempt, target, &cert, &mut early)).await {
+        let opened = open(&inputs, &pool, &wl, &client, &mut attempt, target, &cert, &mut early, true);
+        match Box::pin(opened).await {
             Ok(upstream) => {
                 drop(cert);
                 return Box::pin(carry(&inputs, client, attempt, upstream, &early, started, in_flight)).await;
@@ -71,15 +76,14 @@ pub async fn handle(
             Err(f) if f.retry => {
                 tracing::debug!(service = %svc.host, endpoint = %target, reason = f.reason.label(), error = %f.detail, "endpoint unusable; trying another");
                 inputs.metrics.service_endpoint_failed(f.reason.label());
-                rec = attempt;
-                last = Some(f);
+                last = Some((attempt, f));
             }
             Err(f) => return refuse(&attempt, client, f.reason, &f.detail),
         }
     }
     match last {
         // Every endpoint tried failed: the client learns the last reason.
-        Some(f) => refuse(&rec, client, f.reason, &f.detail),
+        Some((attempt, f)) => refuse(&attempt, client, f.reason, &f.detail),
         None => refuse(&rec, client, Reason::NoEndpoint, &Reason::NoEndpoint),
     }
 }
