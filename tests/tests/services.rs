@@ -352,3 +352,55 @@ fn the_target_port_carries_the_endpoints_policy_and_empty_services_refuse_prompt
     // Each connection draws e3 first half the time: twenty never doing so is a one-in-a-million event.
     assert!(skipped.unwrap_or(0.0) >= 1.0, "no connection tried e3 first, so the mixed case never ran: {m}");
 }
+
+/// The Service a source names in its CONNECT request labels the destination's metrics and log
+/// only when the destination's own records list that Service with this endpoint and target
+/// port: a peer (here a hand-driven HBONE client with a valid certificate) cannot make up
+/// label values or pin a Service on a connection that did not go through it.
+#[test]
+fn a_claimed_service_labels_the_destination_only_when_its_own_records_agree() {
+    let Mesh { mut t, n2, b, .. } = Topology::two_node_mesh("svc-claim").unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let _s1 = t.start_server(b, APP_PORT).unwrap();
+    let _s2 = t.start_server(b, 9090).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n2).unwrap();
+    let bip = t.pod(b).ip.to_string();
+    t.write_config(
+        "web.yaml",
+        &format!("kind: Service\nname: web\naddresses: [{SVC_IP}]\nports: [{{port: 80, targetPort: {APP_PORT}}}]\nendpoints: [{{address: {bip}}}]\n"),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), || Ok(services(&t, n2).iter().any(|s| s.name == "web"))).unwrap();
+    let claim = |service: &str, port: u16| {
+        let out = t
+            .node_command(n2, bin("sm-hbone"))
+            .unwrap()
+            .args(["--to", &format!("{bip}:15008"), "--expect", &id("sa-b"), "--service", service])
+            .args(["--case", &format!("c=CONNECT,{bip}:{port}")])
+            .arg("--root-dir")
+            .arg(t.controller_dir())
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+        assert_eq!(v["cases"]["c"]["status"], 200, "{v}");
+    };
+    claim("default/web", APP_PORT);
+    claim("default/invented-by-the-peer", APP_PORT);
+    claim("default/web", 9090);
+    // One access-log line per connection, at close.
+    let services_of = |port: u16| -> Vec<String> {
+        let to = format!("{bip}:{port}");
+        let lines = agent2.access_log().into_iter().filter(|l| l["orig_dst"] == to);
+        let mut v: Vec<String> = lines.map(|l| l["dst_service"].as_str().unwrap_or("?").to_owned()).collect();
+        v.sort();
+        v
+    };
+    wait_for(Duration::from_secs(10), || Ok(services_of(APP_PORT).len() == 2 && services_of(9090).len() == 1)).unwrap();
+    // The true claim is used; the invented one is not.
+    assert_eq!(services_of(APP_PORT), ["-", HOST]);
+    // A real Service, but not on this port: not pinned on the connection.
+    assert_eq!(services_of(9090), ["-"]);
+    let (_, m) = http_get(&t.node(n2).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    assert!(!m.contains("invented-by-the-peer"), "a peer's claim became a label value");
+}

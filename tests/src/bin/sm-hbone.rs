@@ -4,7 +4,10 @@
 //! (status, stream reset, or handshake failure).
 //!
 //!   sm-hbone --to 10.20.2.10:15008 --root-dir DIR --expect spiffe://... [--client-cert legit|rogue|other-td]
-//!            --case NAME=METHOD,URI[,PAD_BYTES] ...
+//!            --case NAME=METHOD,URI[,PAD_BYTES] ... [--service NAMESPACE/NAME]
+//!
+//! `--service` puts the header the agents use to name a Service on every request (a claim the
+//! destination must check).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,7 @@ async fn main() {
     let dir = std::path::PathBuf::from(arg(&args, "--root-dir").expect("--root-dir"));
     let expect = SpiffeId::parse_workload(&arg(&args, "--expect").expect("--expect")).expect("--expect");
     let kind = arg(&args, "--client-cert").unwrap_or_else(|| "legit".into());
+    let service = arg(&args, "--service");
     let cases: Vec<String> =
         args.iter().enumerate().filter(|(_, a)| *a == "--case").filter_map(|(i, _)| args.get(i + 1).cloned()).collect();
 
@@ -85,6 +89,9 @@ async fn main() {
         let mut req = http::Request::builder().method(method).uri(uri);
         if pad > 0 {
             req = req.header("x-pad", "a".repeat(pad));
+        }
+        if let Some(s) = &service {
+            req = req.header("sockmesh-service", s.as_str());
         }
         let req = req.body(()).unwrap();
         let outcome = async {
