@@ -172,8 +172,8 @@ impl Views {
     pub fn services(&self) -> Vec<admin::ServiceInfo> {
         let snap = self.state.load();
         snap.config
-            .service_list
-            .iter()
+            .services_by_key
+            .values()
             .map(|e| {
                 let s = &e.service;
                 admin::ServiceInfo {

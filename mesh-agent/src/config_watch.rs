@@ -100,8 +100,12 @@ impl ConfigWatch {
             self.metrics.set_config(lag_ms, version);
             let snap = self.state.load();
             self.pool.evict_stale(&snap);
-            let endpoints: std::collections::HashSet<std::net::IpAddr> =
-                snap.config.service_list.iter().flat_map(|s| s.service.endpoints.iter().map(|e| e.address)).collect();
+            let endpoints: std::collections::HashSet<std::net::IpAddr> = snap
+                .config
+                .services_by_key
+                .values()
+                .flat_map(|s| s.service.endpoints.iter().map(|e| e.address))
+                .collect();
             self.loads.retain(|ip| endpoints.contains(ip));
             if let Err(e) = self.file.save(version, &resources) {
                 tracing::error!(path = %self.file.path.display(), error = %e, "cannot keep the configuration on disk; a restart without the controller would start without it");

@@ -157,7 +157,7 @@ fn assemble(
             f.services.iter().map(move |(line, s)| (s.clone(), format!("{}:{line}: Service", path.display())))
         })
         .collect();
-    m.admit_services(services);
+    m.admit_services(services, crate::model::Endpoints::FromSelector);
     for (path, f) in files {
         for p in &f.authz {
             let what = format!("{}:{}: AuthorizationPolicy", path.display(), p.line);

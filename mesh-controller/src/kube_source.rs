@@ -175,7 +175,7 @@ pub fn service_of(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Servic
 
 /// The model from the current contents of the stores. Pure, but for the log line of a
 /// rejected policy, handled as [`Model::admit_authz`] says, or of a rejected Service
-/// ([`Model::admit_listed_services`]).
+/// ([`Model::admit_services`]).
 pub fn model_from(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
@@ -212,7 +212,8 @@ pub fn model_from(
     // The stores' order is arbitrary; the address check keeps the first of two claimants.
     records.sort_by_key(Service::key);
     // The error names the object: "Service ns/name rejected: ...".
-    m.admit_listed_services(records.into_iter().map(|s| (s, "Service".to_owned())).collect());
+    let records = records.into_iter().map(|s| (s, "Service".to_owned())).collect();
+    m.admit_services(records, crate::model::Endpoints::Listed);
     for ap in aps {
         let key = (ap.namespace().unwrap_or_default(), ap.name_any());
         m.admit_authz(previous, key, &ap.spec, "AuthorizationPolicy".into());

@@ -11,6 +11,15 @@ use mesh_model::{Service, Workload, WorkloadKey};
 
 pub type Key = (String, String);
 
+/// Where a source's Services get their endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// From the selector, resolved against the model's workloads (or the explicit list).
+    FromSelector,
+    /// As the source listed them, sorted and deduplicated (EndpointSlices).
+    Listed,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     pub workloads: BTreeMap<WorkloadKey, Workload>,
@@ -45,10 +54,12 @@ impl Model {
     }
 
     /// Admits Services read from a source (each with what names it for an error: file and
-    /// line, or the object). Call after the workloads are in: selectors are resolved against
-    /// them. A Service that is invalid, defined a second time, or whose address is a
-    /// workload's or an earlier Service's, is left out whole and reported; the others stand.
-    pub fn admit_services(&mut self, services: Vec<(Service, String)>) {
+    /// line, or the object). Call after the workloads are in. With [`Endpoints::FromSelector`]
+    /// a selector is resolved against them (config directory); with [`Endpoints::Listed`] the
+    /// source listed the endpoints itself (Kubernetes EndpointSlices) and a selector is carried
+    /// for information only. A Service that is invalid, defined a second time, or whose address
+    /// is a workload's or an earlier Service's, is left out whole and reported; the others stand.
+    pub fn admit_services(&mut self, services: Vec<(Service, String)>, endpoints: Endpoints) {
         let mut valid: Vec<(Service, String)> = Vec::new();
         for (s, what) in services {
             if let Some((_, first)) = valid.iter().find(|(v, _)| v.key() == s.key()) {
@@ -56,40 +67,26 @@ impl Model {
                 self.reject_service(&what, &s, &e);
                 continue;
             }
-            match s.validate_source() {
+            let checked = match endpoints {
+                Endpoints::FromSelector => s.validate_source(),
+                Endpoints::Listed => s.validate(),
+            };
+            match checked {
                 Ok(()) => valid.push((s, what)),
                 Err(e) => self.reject_service(&what, &s, &e),
             }
         }
-        let (ok, refused) = mesh_model::service::check_addresses(valid.iter().map(|(s, _)| s), self.workloads.values());
-        let ok: Vec<Service> = ok.into_iter().map(|s| s.resolved(self.workloads.values())).collect();
-        let refused: Vec<(Service, String)> = refused.into_iter().map(|(s, e)| (s.clone(), e)).collect();
-        for (s, e) in refused {
-            let what = valid.iter().find(|(v, _)| v.key() == s.key()).map(|(_, w)| w.clone()).unwrap_or_default();
-            self.reject_service(&what, &s, &e);
-        }
-        for s in ok {
-            self.services.insert(s.key(), s);
-        }
-    }
-
-    /// [`Model::admit_services`] for Services whose source already listed the endpoints (the
-    /// Kubernetes source, from EndpointSlices). A selector on them is carried along for
-    /// information but not resolved again: the listed endpoints stand (sorted, deduplicated),
-    /// and a selector with listed endpoints is not the conflict it is in a document.
-    pub fn admit_listed_services(&mut self, services: Vec<(Service, String)>) {
-        let mut selectors = BTreeMap::new();
-        let bare = services
-            .into_iter()
-            .map(|(mut s, what)| {
-                selectors.insert(s.key(), s.selector.take());
-                (s, what)
-            })
-            .collect();
-        self.admit_services(bare);
-        for (key, selector) in selectors {
-            if let Some(s) = self.services.get_mut(&key) {
-                s.selector = selector;
+        let verdicts = mesh_model::service::check_addresses(valid.iter().map(|(s, _)| s), self.workloads.values());
+        for ((s, what), verdict) in valid.into_iter().zip(verdicts) {
+            match verdict {
+                Err(e) => self.reject_service(&what, &s, &e),
+                Ok(()) => {
+                    let s = match endpoints {
+                        Endpoints::FromSelector => s.resolved(self.workloads.values()),
+                        Endpoints::Listed => s,
+                    };
+                    self.services.insert(s.key(), s);
+                }
             }
         }
     }

@@ -162,32 +162,30 @@ impl Service {
     }
 }
 
-/// Which of `services` (in order) may keep their addresses: a Service address must not be a
-/// workload's address or another Service's. Returns the accepted ones and, for each refused
-/// one, why.
+/// Whether each of `services` (in order) may keep its addresses: a Service address must not be
+/// a workload's address or an earlier Service's. One verdict per Service, with the reason.
 pub fn check_addresses<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     workloads: impl IntoIterator<Item = &'a Workload>,
-) -> (Vec<&'a Service>, Vec<(&'a Service, String)>) {
+) -> Vec<Result<(), String>> {
     let mut taken: BTreeMap<IpAddr, String> = BTreeMap::new();
     for w in workloads {
         for ip in &w.ips {
             taken.insert(*ip, format!("workload {}", w.key()));
         }
     }
-    let (mut ok, mut refused) = (Vec::new(), Vec::new());
-    for s in services {
-        match s.addresses.iter().find_map(|a| taken.get(a).map(|who| (a, who))) {
-            Some((a, who)) => refused.push((s, format!("address {a} is already {who}'s"))),
+    services
+        .into_iter()
+        .map(|s| match s.addresses.iter().find_map(|a| taken.get(a).map(|who| (a, who))) {
+            Some((a, who)) => Err(format!("address {a} is already {who}'s")),
             None => {
                 for a in &s.addresses {
                     taken.insert(*a, format!("Service {}/{}", s.namespace, s.name));
                 }
-                ok.push(s);
+                Ok(())
             }
-        }
-    }
-    (ok, refused)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -258,9 +256,9 @@ mod tests {
         let c = svc("name: c\naddresses: [10.0.0.1]\nports: [{port: 80}]");
         let headless = svc("name: h\nports: [{port: 80}]");
         let ws = [wl("w1", "default", "web", "10.0.0.1")];
-        let (ok, refused) = check_addresses([&a, &b, &c, &headless], &ws);
-        assert_eq!(ok.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "h"]);
-        assert!(refused[0].1.contains("Service default/a"), "{:?}", refused[0].1);
-        assert!(refused[1].1.contains("workload default/w1"), "{:?}", refused[1].1);
+        let v = check_addresses([&a, &b, &c, &headless], &ws);
+        assert_eq!((v[0].is_ok(), v[3].is_ok()), (true, true), "{v:?}");
+        assert!(v[1].as_ref().unwrap_err().contains("Service default/a"), "{v:?}");
+        assert!(v[2].as_ref().unwrap_err().contains("workload default/w1"), "{v:?}");
     }
 }

@@ -76,6 +76,22 @@ fn cluster(name: &str) -> Cluster {
     Cluster { t, n1, n2, a, e: [e1, e2, e3], p }
 }
 
+/// The controller, an echo server in each endpoint on the target port, both agents, ready.
+fn start_with_endpoint_servers(
+    t: &mut Topology,
+    e: [PodId; 3],
+    n1: NodeId,
+    n2: NodeId,
+) -> (Controller, Vec<Server>, Agent, Agent) {
+    let ctl = t.start_controller(&[]).unwrap();
+    let servers = e.iter().map(|p| t.start_server(*p, APP_PORT).unwrap()).collect();
+    let agent1 = t.start_agent(n1, &[]).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+    (ctl, servers, agent1, agent2)
+}
+
 fn selector_service() -> String {
     format!("kind: Service\nname: web\nnamespace: default\naddresses: [{SVC_IP}]\nports: [{{port: 80, targetPort: {APP_PORT}}}]\nselector: {{tier: web}}\n")
 }
@@ -87,12 +103,7 @@ fn selector_service() -> String {
 #[test]
 fn a_service_spreads_connections_over_its_endpoints_with_each_endpoints_identity() {
     let Cluster { mut t, n1, n2, a, e, .. } = cluster("svc-spread");
-    let _ctl = t.start_controller(&[]).unwrap();
-    let servers: Vec<Server> = e.iter().map(|p| t.start_server(*p, APP_PORT).unwrap()).collect();
-    let agent1 = t.start_agent(n1, &[]).unwrap();
-    let agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let (_ctl, servers, agent1, agent2) = start_with_endpoint_servers(&mut t, e, n1, n2);
     t.write_config("web.yaml", &selector_service()).unwrap();
     let ips: Vec<String> = e.iter().map(|p| t.pod(*p).ip.to_string()).collect();
     wait_endpoints(&t, n1, &ips.iter().map(String::as_str).collect::<Vec<_>>());
@@ -187,12 +198,7 @@ fn a_service_spreads_connections_over_its_endpoints_with_each_endpoints_identity
 #[test]
 fn withdrawn_and_dead_endpoints_are_skipped_without_client_errors() {
     let Cluster { mut t, n1, n2, a, e, .. } = cluster("svc-failover");
-    let _ctl = t.start_controller(&[]).unwrap();
-    let servers: Vec<Server> = e.iter().map(|p| t.start_server(*p, APP_PORT).unwrap()).collect();
-    let agent1 = t.start_agent(n1, &[]).unwrap();
-    let _agent2 = t.start_agent(n2, &[]).unwrap();
-    t.wait_ready(n1).unwrap();
-    t.wait_ready(n2).unwrap();
+    let (_ctl, servers, agent1, _agent2) = start_with_endpoint_servers(&mut t, e, n1, n2);
     let ips: Vec<String> = e.iter().map(|p| t.pod(*p).ip.to_string()).collect();
     let to = format!("{SVC_IP}:80");
     let accepted = |i: usize| servers[i].accepted().unwrap().len();

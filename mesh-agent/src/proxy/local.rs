@@ -43,7 +43,7 @@ pub async fn open(
     };
     let refuse = |reason: Reason, detail: &dyn std::fmt::Display, retry: bool| {
         inputs.conns.refused(&inbound, reason.clone(), started, detail);
-        Err(Failure { reason, detail: detail.to_string(), retry })
+        Err(Failure::new(reason, detail, retry))
     };
     let snap = inputs.state.load();
     if snap.config.version == 0 {

@@ -110,8 +110,7 @@ async fn handle(
     // A Service address, unless a workload has it (a workload's own address always means the
     // workload; the controller refuses such Services, but an agent's file may name one).
     let snap = inputs.state.load();
-    let svc = snap.config.services.get(&dst.ip()).filter(|_| snap.local_at(dst.ip()).is_none()).cloned();
-    let svc = svc.filter(|_| snap.destination(dst.ip()).is_none());
+    let svc = snap.config.services.get(&dst.ip()).filter(|_| snap.destination(dst.ip()).is_none()).cloned();
     drop(snap);
     if let Some(svc) = svc {
         return Box::pin(super::service::handle(inputs, pool, wl, client, rec, svc, dst, cert, started)).await;
@@ -122,7 +121,7 @@ async fn handle(
             // Held for the connection's life otherwise: this workload's certificate (the record
             // keeps its own references to both identities).
             drop(cert);
-            Box::pin(carry(&inputs, client, rec, upstream, &early, started, ())).await
+            Box::pin(carry(&inputs, client, rec, upstream, &early, started)).await
         }
         Err(f) => refuse(&rec, client, f.reason, &f.detail),
     }
@@ -146,7 +145,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(reason: Reason, detail: &dyn std::fmt::Display, retry: bool) -> Failure {
+    pub fn new(reason: Reason, detail: &dyn std::fmt::Display, retry: bool) -> Failure {
         Failure { reason, detail: detail.to_string(), retry }
     }
 }
@@ -233,16 +232,14 @@ pub async fn open(
     })
 }
 
-/// Carries an opened connection until both sides are done, then records it. `guard` is held
-/// as long (a Service endpoint's in-flight count).
-pub async fn carry<G>(
+/// Carries an opened connection until both sides are done, then records it.
+pub async fn carry(
     inputs: &Arc<ProxyInputs>,
     client: TcpStream,
     rec: ConnRecord,
     upstream: Upstream,
     early: &EarlyBytes,
     started: Instant,
-    guard: G,
 ) {
     let rec = Arc::new(rec);
     match upstream {
@@ -262,7 +259,6 @@ pub async fn carry<G>(
             Box::pin(super::local::carry(inputs, client, upstream, rec, inbound, early.read(), started)).await;
         }
     }
-    drop(guard);
 }
 
 #[cfg(test)]

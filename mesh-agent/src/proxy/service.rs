@@ -63,7 +63,8 @@ pub async fn handle(
         };
         let target = SocketAddr::new(ep.address, target_port);
         tried.push(ep.address);
-        let in_flight = inputs.loads.start(ep.address);
+        // Counted from the attempt until the connection ends (dropped with this function).
+        let _in_flight = inputs.loads.start(ep.address);
         // Each attempt from the client's record as it came (the original destination is the
         // Service address); the endpoint becomes its `dst`.
         let mut attempt = rec.clone();
@@ -71,7 +72,7 @@ pub async fn handle(
         match Box::pin(opened).await {
             Ok(upstream) => {
                 drop(cert);
-                return Box::pin(carry(&inputs, client, attempt, upstream, &early, started, in_flight)).await;
+                return Box::pin(carry(&inputs, client, attempt, upstream, &early, started)).await;
             }
             Err(f) if f.retry => {
                 tracing::debug!(service = %svc.host, endpoint = %target, reason = f.reason.label(), error = %f.detail, "endpoint unusable; trying another");

@@ -33,10 +33,9 @@ pub struct ConfigState {
     pub by_key: HashMap<WorkloadKey, Arc<KnownWorkload>>,
     /// Services by virtual address: a connection to one goes to one of its endpoints.
     pub services: HashMap<IpAddr, Arc<ServiceEntry>>,
-    /// Every Service (headless ones too), by namespace/name, for the admin API.
-    pub service_list: Vec<Arc<ServiceEntry>>,
-    /// The same by `namespace/name`.
-    pub services_by_key: HashMap<String, Arc<ServiceEntry>>,
+    /// Every Service (headless ones too) by `namespace/name`: for checking what a source
+    /// says its client connected to, and for the admin API.
+    pub services_by_key: BTreeMap<String, Arc<ServiceEntry>>,
     /// Configuration the controller rejected (file, line, reason), as it reported it.
     pub rejected: Vec<String>,
     /// The pushed resources themselves, to which the next delta applies.
@@ -132,8 +131,7 @@ impl ConfigState {
                 }
             }
         }
-        state.services_by_key = services.iter().map(|s| (s.key.clone(), s.clone())).collect();
-        state.service_list = services;
+        state.services_by_key = services.into_iter().map(|s| (s.key.clone(), s)).collect();
         state.resources = resources;
         Ok(state)
     }
@@ -295,7 +293,7 @@ mod tests {
             (web.host.as_str(), web.service.port(80).unwrap().target()),
             ("web.default.svc.cluster.local", 8080)
         );
-        assert_eq!(s.service_list.len(), 1);
+        assert_eq!(s.services_by_key.len(), 1);
         let at = |a: &str| a.parse().unwrap();
         assert!(s.service_of_endpoint("default/web", at("10.0.0.2:8080")).is_some());
         for (key, target) in
