@@ -58,6 +58,9 @@ pub enum Kind {
     Rejected = 4,
     /// A Service with its endpoints listed (mesh_model::Service; selectors already resolved).
     Service = 5,
+    /// A mesh: its trust domain, roots and what it trusts (mesh_model::MeshRecord). Sent only
+    /// when the cluster has meshes besides the default one.
+    Mesh = 6,
 }
 impl Kind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -72,6 +75,7 @@ impl Kind {
             Self::PeerAuthentication => "KIND_PEER_AUTHENTICATION",
             Self::Rejected => "KIND_REJECTED",
             Self::Service => "KIND_SERVICE",
+            Self::Mesh => "KIND_MESH",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -83,6 +87,7 @@ impl Kind {
             "KIND_PEER_AUTHENTICATION" => Some(Self::PeerAuthentication),
             "KIND_REJECTED" => Some(Self::Rejected),
             "KIND_SERVICE" => Some(Self::Service),
+            "KIND_MESH" => Some(Self::Mesh),
             _ => None,
         }
     }

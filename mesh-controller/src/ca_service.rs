@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_identity::ca::{Ca, CaError};
+use mesh_identity::ca::CaError;
 use mesh_identity::proto::certificate_service_server::CertificateService;
 use mesh_identity::proto::{
     CreateCertificateRequest, CreateCertificateResponse, GetTrustBundleRequest, GetTrustBundleResponse,
@@ -17,7 +17,10 @@ use crate::auth::{AuthError, NodeAuthenticator};
 use crate::placement;
 
 pub struct CaService {
-    pub ca: Arc<Ca>,
+    /// The CA of each mesh, chosen by the trust domain a request asks for.
+    pub signers: crate::meshes::SharedSigners,
+    /// The default mesh's roots (GetTrustBundle).
+    pub default_roots: Vec<String>,
     pub auth: Arc<dyn NodeAuthenticator>,
     pub placement: placement::Shared,
     pub stats: Arc<Stats>,
@@ -84,9 +87,20 @@ impl CertificateService for CaService {
         let ttl =
             (body.validity_duration_seconds > 0).then(|| Duration::from_secs(body.validity_duration_seconds as u64));
         let placement = self.placement.read().unwrap().clone();
-        let signed = self.ca.sign(&body.csr, ttl, |id| {
-            let (ns, sa) = id.workload_parts().expect("checked workload ID");
-            placement.authorize(&node, ns, sa)
+        // The trust domain asked for picks the mesh's CA; the node must run a workload of that
+        // mesh with that identity.
+        let signed = mesh_identity::ca::parse_csr(&body.csr).and_then(|(id, _)| {
+            let signer = self.signers.read().unwrap().for_trust_domain(id.trust_domain()).cloned();
+            let Some(signer) = signer else {
+                return Err(CaError::WrongTrustDomain {
+                    got: id.trust_domain().to_owned(),
+                    want: "the trust domain of a mesh of this controller".into(),
+                });
+            };
+            signer.ca.sign(&body.csr, ttl.or(signer.ttl), |id| {
+                let (ns, sa) = id.workload_parts().expect("checked workload ID");
+                placement.authorize(&node, &signer.mesh, ns, sa)
+            })
         });
         match signed {
             Ok((id, chain)) => {
@@ -110,7 +124,7 @@ impl CertificateService for CaService {
         &self,
         _req: Request<GetTrustBundleRequest>,
     ) -> Result<Response<GetTrustBundleResponse>, Status> {
-        Ok(Response::new(GetTrustBundleResponse { roots: self.ca.roots_pem().to_vec() }))
+        Ok(Response::new(GetTrustBundleResponse { roots: self.default_roots.clone() }))
     }
 }
 
@@ -120,6 +134,7 @@ mod tests {
     use super::*;
     use crate::auth::StaticCredentials;
     use mesh_identity::ca::workload_csr;
+    use mesh_identity::ca::Ca;
     use mesh_identity::proto::certificate_service_client::CertificateServiceClient;
     use mesh_identity::proto::certificate_service_server::CertificateServiceServer;
     use mesh_identity::verify::{pem_to_ders, TrustBundle};
@@ -163,7 +178,8 @@ mod tests {
             .unwrap(),
         );
         let stats = Arc::new(Stats::default());
-        let svc = CaService { ca: ca.clone(), auth, placement, stats: stats.clone() };
+        let signers = Arc::new(std::sync::RwLock::new(crate::meshes::Signers::only_default(ca.clone())));
+        let svc = CaService { signers, default_roots: ca.roots_pem().to_vec(), auth, placement, stats: stats.clone() };
         let (chain, key) = ca.issue_server_cert(&["mesh-controller".into()], &[]).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,7 +1,8 @@
 //! The local configuration source: a directory of YAML files holding workloads, Services and
 //! policies, in the same shapes as on Kubernetes (multi-document YAML; `kind:
 //! AuthorizationPolicy` / `PeerAuthentication` with metadata and spec; `kind: Workload` and
-//! `kind: Service` with the record itself).
+//! `kind: Service` with the record itself; `kind: Mesh` as on Kubernetes, and `kind: Namespace`
+//! with the labels that put its workloads in a mesh).
 //! Reloaded when a file changes. A bad file is reported (path, line, reason) and its last good
 //! contents are kept; an invalid policy is reported and left out whole, never half-applied.
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use mesh_model::{Service, Workload};
+use mesh_model::{MeshSpec, Service, Workload};
 use serde::Deserialize;
 
 use crate::model::Model;
@@ -23,6 +24,9 @@ struct FileContents {
     peer: Vec<Sourced<PeerAuthenticationSpec>>,
     /// Services and the line each starts on.
     services: Vec<(usize, Service)>,
+    meshes: Vec<Sourced<MeshSpec>>,
+    /// Namespaces (line, name, labels).
+    namespaces: Vec<(usize, String, BTreeMap<String, String>)>,
 }
 
 /// A policy and the line of its file where its document starts.
@@ -45,6 +49,21 @@ fn default_ns() -> String {
     "default".into()
 }
 
+/// `kind: Namespace` (only its name and labels are read).
+#[derive(Deserialize)]
+struct NamespaceDoc {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    metadata: NamespaceMeta,
+}
+
+#[derive(Deserialize)]
+struct NamespaceMeta {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyDoc<S> {
@@ -65,7 +84,7 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
         let at =
             |line: Option<usize>, reason: String| format!("{}:{}: {reason}", path.display(), line.unwrap_or(start));
         let kind = doc
-            .kind(path, "Workload, Service, AuthorizationPolicy or PeerAuthentication")
+            .kind(path, "Workload, Service, Mesh, Namespace, AuthorizationPolicy or PeerAuthentication")
             .map_err(|e| e.to_string())?;
         let doc_line = |e: &serde_yaml::Error| e.location().map(|l| start + l.line() - 1);
         let v = doc.value.clone();
@@ -76,6 +95,9 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
                     return Err(at(None, format!("Workload {}: no node; every workload is placed on a node", w.key())));
                 }
                 w.validate("").map_err(|e| at(None, e.to_string()))?;
+                if w.mesh.is_some() {
+                    return Err(at(None, format!("Workload {}: `mesh` is not set on a workload; it comes from its namespace's {} label, e.g.\n{}", w.key(), mesh_model::mesh::MESH_LABEL, mesh_model::mesh::MESH_EXAMPLE)));
+                }
                 out.workloads.push(w);
             }
             "Service" => {
@@ -92,6 +114,21 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
                     )
                 })?;
                 out.services.push((start, svc));
+            }
+            "Mesh" => {
+                let d: PolicyDoc<MeshSpec> = serde_yaml::from_value(v).map_err(|e| {
+                    at(doc_line(&e), format!("Mesh: {e}; a Mesh looks like\n{}", mesh_model::mesh::MESH_EXAMPLE))
+                })?;
+                check_api(&d.api_version).map_err(|r| at(None, r))?;
+                d.spec.validate(&d.metadata.name).map_err(|e| at(None, format!("Mesh {}: {e}", d.metadata.name)))?;
+                out.meshes.push(Sourced { line: start, namespace: String::new(), name: d.metadata.name, spec: d.spec });
+            }
+            "Namespace" => {
+                let d: NamespaceDoc = serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("Namespace: {e}")))?;
+                if d.api_version != "v1" {
+                    return Err(at(None, format!("Namespace: apiVersion {:?}: expected \"v1\"", d.api_version)));
+                }
+                out.namespaces.push((start, d.metadata.name, d.metadata.labels));
             }
             "AuthorizationPolicy" => {
                 let d: PolicyDoc<AuthorizationPolicySpec> =
@@ -119,7 +156,7 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
                 return Err(at(
                     None,
                     format!(
-                        "unknown kind {other:?}: expected Workload, Service, AuthorizationPolicy or PeerAuthentication"
+                        "unknown kind {other:?}: expected Workload, Service, Mesh, Namespace, AuthorizationPolicy or PeerAuthentication"
                     ),
                 ))
             }
@@ -151,6 +188,23 @@ fn assemble(
         m.workloads.insert(w.key(), w.clone());
     }
     m.errors = errors;
+    let mut labels = BTreeMap::new();
+    for (path, f) in files {
+        for (line, name, l) in &f.namespaces {
+            if labels.insert(name.clone(), l.clone()).is_some() {
+                m.errors.push(format!(
+                    "{}:{line}: Namespace {name} is defined twice; the last definition stands",
+                    path.display()
+                ));
+            }
+        }
+    }
+    m.set_namespaces(&labels);
+    for (path, f) in files {
+        for d in &f.meshes {
+            m.admit_mesh(&d.name, &d.spec, format!("{}:{}: Mesh", path.display(), d.line));
+        }
+    }
     let services = files
         .iter()
         .flat_map(|(path, f)| {

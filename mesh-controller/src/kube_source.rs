@@ -1,5 +1,5 @@
 //! The Kubernetes configuration source: reflectors over Pods, Namespaces, Services,
-//! EndpointSlices and the policy CRDs feed the same model the local directory does. Reconciling
+//! EndpointSlices, Meshes and the policy CRDs feed the same model the local directory does. Reconciling
 //! is a pure function of the stores (`model_from`), tested on recorded objects; the watch
 //! plumbing is kube-runtime's.
 //!
@@ -24,13 +24,13 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use mesh_model::policy::{AuthorizationPolicy, PeerAuthentication};
-use mesh_model::{Endpoint, Service, ServicePort, Workload};
+use mesh_model::{Endpoint, Mesh, Service, ServicePort, Workload};
 
 use crate::model::Model;
 
-/// A namespace joins the mesh with this label (like Istio's dataplane-mode label).
-pub const MESH_LABEL: &str = "sockmesh.io/mesh";
-pub const MESH_ENABLED: &str = "enabled";
+/// A namespace joins a mesh with this label (like Istio's dataplane-mode label): `enabled` for
+/// the default mesh, or a `Mesh`'s name.
+pub use mesh_model::mesh::{MESH_ENABLED, MESH_LABEL};
 
 /// The label by which an EndpointSlice names its Service (of the slice's namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -73,6 +73,7 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
         node: Some(spec.node_name.clone()?),
         netns: None,
         cgroup: None,
+        mesh: None,
     })
 }
 
@@ -176,18 +177,21 @@ pub fn service_of(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Servic
 /// The model from the current contents of the stores. Pure, but for the log line of a
 /// rejected policy, handled as [`Model::admit_authz`] says, or of a rejected Service
 /// ([`Model::admit_services`]).
+#[allow(clippy::too_many_arguments)]
 pub fn model_from(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
+    meshes: &[Arc<Mesh>],
     services: &[Arc<KubeService>],
     slices: &[Arc<EndpointSlice>],
     aps: &[Arc<AuthorizationPolicy>],
     pas: &[Arc<PeerAuthentication>],
     previous: &Model,
 ) -> Model {
+    // Any value of the label joins a mesh: `enabled` the default one, else the Mesh it names.
     let meshed: std::collections::BTreeSet<String> = namespaces
         .iter()
-        .filter(|n| n.labels().get(MESH_LABEL).map(String::as_str) == Some(MESH_ENABLED))
+        .filter(|n| n.labels().get(MESH_LABEL).is_some_and(|v| !v.is_empty()))
         .map(|n| n.name_any())
         .collect();
     let mut m = Model::default();
@@ -195,6 +199,14 @@ pub fn model_from(
         if let Some(w) = workload_of(p, &meshed) {
             m.workloads.insert(w.key(), w);
         }
+    }
+    let labels = namespaces.iter().map(|n| (n.name_any(), n.labels().clone())).collect();
+    m.set_namespaces(&labels);
+    // By name, as the status writer judges them: the first of two claiming one trust domain wins.
+    let mut meshes: Vec<&Arc<Mesh>> = meshes.iter().collect();
+    meshes.sort_by_key(|x| x.name_any());
+    for x in meshes {
+        m.admit_mesh(&x.name_any(), &x.spec, "Mesh".into());
     }
     let mut slices_of: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
@@ -226,9 +238,11 @@ pub fn model_from(
     m
 }
 
-/// Runs the reflectors and publishes a new model after every change.
-pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
+/// Runs the reflectors and publishes a new model after every change. `default_trust_domain`
+/// (the controller's) is what Mesh statuses are judged against.
+pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, default_trust_domain: String) {
     let (pods, pods_w) = reflector::store::<Pod>();
+    let (mesh_store, meshes_w) = reflector::store::<Mesh>();
     let (nss, nss_w) = reflector::store::<Namespace>();
     let (aps, aps_w) = reflector::store::<AuthorizationPolicy>();
     let (pas, pas_w) = reflector::store::<PeerAuthentication>();
@@ -246,17 +260,35 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
         .map(|_| ());
     let s5 =
         reflector(svcs_w, watcher(Api::<KubeService>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
-    let s6 = reflector(eps_w, watcher(Api::<EndpointSlice>::all(client.clone()), cfg).default_backoff()).map(|_| ());
-    let mut all =
-        futures::stream::select_all(vec![s1.boxed(), s2.boxed(), s3.boxed(), s4.boxed(), s5.boxed(), s6.boxed()]);
+    let s6 =
+        reflector(eps_w, watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
+    let s7 = reflector(meshes_w, watcher(Api::<Mesh>::all(client.clone()), cfg).default_backoff()).map(|_| ());
+    let mut all = futures::stream::select_all(vec![
+        s1.boxed(),
+        s2.boxed(),
+        s3.boxed(),
+        s4.boxed(),
+        s5.boxed(),
+        s6.boxed(),
+        s7.boxed(),
+    ]);
     let changed = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(status::run(client.clone(), aps.clone(), pas.clone(), changed.clone()));
+    let stores = status::Stores { aps: aps.clone(), pas: pas.clone(), meshes: mesh_store.clone() };
+    tokio::spawn(status::run(client.clone(), stores, default_trust_domain, changed.clone()));
     let mut version = 0u64;
     while all.next().await.is_some() {
         changed.notify_one();
         let previous = tx.borrow().clone();
-        let mut m =
-            model_from(&pods.state(), &nss.state(), &svcs.state(), &eps.state(), &aps.state(), &pas.state(), &previous);
+        let mut m = model_from(
+            &pods.state(),
+            &nss.state(),
+            &mesh_store.state(),
+            &svcs.state(),
+            &eps.state(),
+            &aps.state(),
+            &pas.state(),
+            &previous,
+        );
         version += 1;
         m.version = version;
         m.accepted_at_ms = std::time::SystemTime::now()
@@ -269,6 +301,8 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>) {
                 || cur.services != m.services
                 || cur.authz != m.authz
                 || cur.peer_auth != m.peer_auth
+                || cur.meshes != m.meshes
+                || cur.namespace_meshes != m.namespace_meshes
                 || cur.errors != m.errors
         };
         if changed {

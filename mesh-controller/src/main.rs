@@ -7,6 +7,7 @@ mod auth_kube;
 mod ca_service;
 mod config_dir;
 mod kube_source;
+mod meshes;
 mod model;
 mod nodes;
 mod placement;
@@ -209,19 +210,7 @@ fn load_ca(args: &Args) -> anyhow::Result<Ca> {
             args.max_cert_ttl,
         )?);
     }
-    let state_dir = state_dir(args);
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
-    let cert_path = state_dir.join("root.pem");
-    let key_path = state_dir.join("root-key.pem");
-    if !cert_path.exists() {
-        let root = Ca::generate_root(&args.trust_domain)?;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path)?;
-        std::io::Write::write_all(&mut f, root.key_pem.as_bytes())?;
-        std::fs::write(&cert_path, &root.cert_pem)?;
-        tracing::info!(cert = %cert_path.display(), "generated a new root CA");
-    }
-    Ok(Ca::from_pem(&args.trust_domain, &read(&cert_path)?, &read(&key_path)?, "", args.cert_ttl, args.max_cert_ttl)?)
+    meshes::load_or_generate(state_dir(args), &args.trust_domain, args.cert_ttl, args.max_cert_ttl)
 }
 
 fn state_dir(args: &Args) -> &std::path::Path {
@@ -264,7 +253,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(auth_kube::TokenReviewAuthenticator::new(client, &args.token_audience, ns, sa))
         }
     };
+    // Sources publish what they read; the mesh keeper admits the meshes (CAs, records) and
+    // publishes the model everything else reads.
     let (model_tx, model_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
+    let (source_tx, mut source_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
+    let signers: meshes::SharedSigners = Arc::new(RwLock::new(meshes::Signers::only_default(ca.clone())));
+    {
+        let mut keeper = meshes::Keeper::new(state_dir(&args), ca.clone(), args.cert_ttl, args.max_cert_ttl);
+        let signers = signers.clone();
+        tokio::spawn(async move {
+            while source_rx.changed().await.is_ok() {
+                let mut m = (**source_rx.borrow_and_update()).clone();
+                let s = keeper.admit(&mut m);
+                *signers.write().unwrap() = s;
+                let _ = model_tx.send(Arc::new(m));
+            }
+        });
+    }
+    let model_tx = source_tx;
     match args.source {
         ConfigSource::Local => {
             if args.workloads.is_none() && args.config_dir.is_none() {
@@ -276,7 +282,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            tokio::spawn(kube_source::run(client, model_tx));
+            tokio::spawn(kube_source::run(client, model_tx, args.trust_domain.clone()));
         }
     }
     let shared = Arc::new(RwLock::new(placement::Placement::default()));
@@ -306,7 +312,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
     let stats: Arc<ca_service::Stats> = Default::default();
-    let svc = ca_service::CaService { ca: ca.clone(), auth, placement: shared, stats: stats.clone() };
+    let svc = ca_service::CaService {
+        signers,
+        default_roots: ca.roots_pem().to_vec(),
+        auth,
+        placement: shared,
+        stats: stats.clone(),
+    };
     let metrics_l = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;

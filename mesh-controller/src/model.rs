@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::Compiled;
+use mesh_model::mesh::{mesh_of_label, MESH_LABEL};
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use mesh_model::{Service, Workload, WorkloadKey};
+use mesh_model::{MeshRecord, MeshSpec, Service, Workload, WorkloadKey};
 
 pub type Key = (String, String);
 
@@ -28,6 +29,15 @@ pub struct Model {
     /// Services with their endpoints resolved (selectors against `workloads`), or as the source
     /// listed them (Kubernetes EndpointSlices).
     pub services: BTreeMap<Key, Service>,
+    /// Meshes besides the default one, by name (each valid on its own; the mesh keeper checks
+    /// them against each other and gives each its CA).
+    pub meshes: BTreeMap<String, MeshSpec>,
+    /// Namespaces labelled for a mesh other than the default: namespace -> mesh name.
+    pub namespace_meshes: BTreeMap<String, String>,
+    /// What agents are told about each mesh, the default one included (filled by the mesh
+    /// keeper); empty when there is only the default mesh, so that such a cluster's pushes are
+    /// what they were before meshes existed.
+    pub mesh_records: BTreeMap<String, MeshRecord>,
     /// What was rejected and why (path, line, reason), for the operator.
     pub errors: Vec<String>,
     pub version: u64,
@@ -51,6 +61,38 @@ impl Model {
     pub fn admit_peer_auth(&mut self, previous: &Model, key: Key, spec: &PeerAuthenticationSpec, what: String) {
         let checked = spec.validate().map_err(|e| e.to_string());
         admit(&mut self.peer_auth, &previous.peer_auth, key, spec, checked, what, &mut self.errors);
+    }
+
+    /// Records which namespaces are in which mesh (from their `sockmesh.io/mesh` label) and
+    /// puts each workload in its namespace's mesh. Call after the workloads are in.
+    pub fn set_namespaces(&mut self, labels: &BTreeMap<String, BTreeMap<String, String>>) {
+        for (ns, l) in labels {
+            if let Some(mesh) = l.get(MESH_LABEL).and_then(|v| mesh_of_label(v)) {
+                self.namespace_meshes.insert(ns.clone(), mesh.to_owned());
+            }
+        }
+        for w in self.workloads.values_mut() {
+            w.mesh = self.namespace_meshes.get(&w.namespace).cloned();
+        }
+    }
+
+    /// Admits a Mesh that is valid on its own; `what` names it for the error.
+    pub fn admit_mesh(&mut self, name: &str, spec: &MeshSpec, what: String) {
+        let checked = if self.meshes.contains_key(name) {
+            Err("defined twice; the first definition stands".to_owned())
+        } else {
+            spec.validate(name)
+        };
+        match checked {
+            Ok(()) => {
+                self.meshes.insert(name.to_owned(), spec.clone());
+            }
+            Err(e) => {
+                let e = format!("{what} {name} rejected: {e}");
+                tracing::error!(error = %e, "Mesh rejected; its namespaces' workloads get no certificates");
+                self.errors.push(e);
+            }
+        }
     }
 
     /// Admits Services read from a source (each with what names it for an error: file and
@@ -145,6 +187,9 @@ impl Model {
                     serde_json::to_string(spec).expect("serialisable"),
                 );
             }
+        }
+        for (name, r) in &self.mesh_records {
+            out.insert(ResourceId::new(Kind::Mesh, "", name), serde_json::to_string(r).expect("serialisable"));
         }
         out
     }

@@ -8,31 +8,34 @@ use mesh_model::Workload;
 
 #[derive(Debug, Default, Clone)]
 pub struct Placement {
-    /// node -> (namespace, service account) of its workloads.
-    by_node: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// node -> (mesh, namespace, service account) of its workloads.
+    by_node: BTreeMap<String, BTreeSet<(String, String, String)>>,
 }
 
 impl Placement {
     pub fn from_workloads(ws: &[Workload]) -> Self {
-        let mut by_node: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+        let mut by_node: BTreeMap<String, BTreeSet<(String, String, String)>> = BTreeMap::new();
         for w in ws {
             if let Some(node) = &w.node {
-                by_node.entry(node.clone()).or_default().insert((w.namespace.clone(), w.service_account.clone()));
+                let mesh = w.mesh.clone().unwrap_or_else(|| mesh_model::mesh::DEFAULT_MESH.to_owned());
+                by_node.entry(node.clone()).or_default().insert((mesh, w.namespace.clone(), w.service_account.clone()));
             }
         }
         Placement { by_node }
     }
 
-    /// Ok when a workload with this identity runs on `node`; otherwise why not.
-    pub fn authorize(&self, node: &str, namespace: &str, service_account: &str) -> Result<(), String> {
-        let key = (namespace.to_owned(), service_account.to_owned());
+    /// Ok when a workload of `mesh` with this identity runs on `node`; otherwise why not.
+    pub fn authorize(&self, node: &str, mesh: &str, namespace: &str, service_account: &str) -> Result<(), String> {
+        let key = (mesh.to_owned(), namespace.to_owned(), service_account.to_owned());
         if self.by_node.get(node).is_some_and(|s| s.contains(&key)) {
             return Ok(());
         }
         let elsewhere: Vec<&str> =
             self.by_node.iter().filter(|(_, s)| s.contains(&key)).map(|(n, _)| n.as_str()).collect();
         if elsewhere.is_empty() {
-            Err(format!("no workload with service account {namespace}/{service_account} is placed on any node"))
+            Err(format!(
+                "no workload of mesh {mesh} with service account {namespace}/{service_account} is placed on any node"
+            ))
         } else {
             Err(format!(
                 "node {node} runs no workload with service account {namespace}/{service_account} (it runs on {})",
@@ -56,10 +59,12 @@ mod tests {
         )
         .unwrap();
         let p = Placement::from_workloads(&ws);
-        assert!(p.authorize("n1", "default", "sa-a").is_ok());
-        let e = p.authorize("n1", "default", "sa-b").unwrap_err();
+        assert!(p.authorize("n1", "default", "default", "sa-a").is_ok());
+        let e = p.authorize("n1", "default", "default", "sa-b").unwrap_err();
         assert!(e.contains("runs on n2"), "{e}");
-        assert!(p.authorize("n3", "default", "sa-a").is_err());
-        assert!(p.authorize("n1", "other", "sa-a").is_err());
+        assert!(p.authorize("n3", "default", "default", "sa-a").is_err());
+        assert!(p.authorize("n1", "default", "other", "sa-a").is_err());
+        // The same names in another mesh are another identity.
+        assert!(p.authorize("n1", "payments", "default", "sa-a").is_err());
     }
 }

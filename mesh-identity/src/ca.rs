@@ -123,21 +123,7 @@ impl Ca {
 
     /// Checks a CSR and returns the identity it asks for, without signing.
     pub fn check_csr(&self, csr_pem: &str) -> Result<(SpiffeId, CertificateSigningRequestParams), CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
-        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::WrongKeyType);
-        }
-        if matches!(csr.params.is_ca, IsCa::Ca(_)) {
-            return Err(CaError::CaRequested);
-        }
-        let sans = &csr.params.subject_alt_names;
-        if sans.len() != 1 {
-            return Err(CaError::SanCount(sans.len()));
-        }
-        let SanType::URI(uri) = &sans[0] else {
-            return Err(CaError::NonUriSan);
-        };
-        let id = SpiffeId::parse_workload(uri.as_str()).map_err(CaError::NotSpiffe)?;
+        let (id, csr) = parse_csr(csr_pem)?;
         if id.trust_domain() != self.trust_domain {
             return Err(CaError::WrongTrustDomain {
                 got: id.trust_domain().to_owned(),
@@ -196,6 +182,28 @@ impl Ca {
         chain.extend(self.chain.iter().cloned());
         Ok((chain, key.serialize_pem()))
     }
+}
+
+/// Checks that a CSR asks for exactly a workload leaf (one SPIFFE URI SAN, ECDSA P-256, not a
+/// CA) and returns the identity it asks for, in whatever trust domain: which CA may sign it is
+/// the caller's choice.
+pub fn parse_csr(csr_pem: &str) -> Result<(SpiffeId, CertificateSigningRequestParams), CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        return Err(CaError::WrongKeyType);
+    }
+    if matches!(csr.params.is_ca, IsCa::Ca(_)) {
+        return Err(CaError::CaRequested);
+    }
+    let sans = &csr.params.subject_alt_names;
+    if sans.len() != 1 {
+        return Err(CaError::SanCount(sans.len()));
+    }
+    let SanType::URI(uri) = &sans[0] else {
+        return Err(CaError::NonUriSan);
+    };
+    let id = SpiffeId::parse_workload(uri.as_str()).map_err(CaError::NotSpiffe)?;
+    Ok((id, csr))
 }
 
 /// Splits concatenated PEM certificates.

@@ -309,3 +309,34 @@ fn a_remembered_chain_is_still_checked_for_identity_time_and_use() {
     }
     assert_eq!(bundle.remembered_chains(), 2, "good and server_only (as server) only");
 }
+
+/// With several trust domains, a certificate is checked only against the roots of the trust
+/// domain it names: mesh A's CA cannot vouch for an identity of mesh B, even where both are
+/// trusted. A known other mesh is refused as such.
+#[test]
+fn each_trust_domain_is_checked_against_its_own_roots_only() {
+    let a = Ca::generate_root("a.example").unwrap();
+    let b = Ca::generate_root("b.example").unwrap();
+    let both = TrustBundle::federated(
+        &[("a.example".into(), vec![a.cert_pem.clone()]), ("b.example".into(), vec![b.cert_pem.clone()])],
+        vec![],
+    )
+    .unwrap();
+    let a_only =
+        TrustBundle::federated(&[("a.example".into(), vec![a.cert_pem.clone()])], vec!["b.example".into()]).unwrap();
+    let san = |td: &str| uri(&format!("spiffe://{td}/ns/default/sa/web"));
+    let b_by_b = leaf_from(&b.cert_pem, &b.key_pem, |p| p.subject_alt_names = vec![san("b.example")]);
+    let b_by_a = leaf_from(&a.cert_pem, &a.key_pem, |p| p.subject_alt_names = vec![san("b.example")]);
+    let a_by_a = leaf_from(&a.cert_pem, &a.key_pem, |p| p.subject_alt_names = vec![san("a.example")]);
+    let c_by_a = leaf_from(&a.cert_pem, &a.key_pem, |p| p.subject_alt_names = vec![san("c.example")]);
+    assert_eq!(verify(&both, &b_by_b, None).unwrap().trust_domain(), "b.example");
+    assert_eq!(verify(&both, &a_by_a, None).unwrap().trust_domain(), "a.example");
+    assert_eq!(verify(&both, &b_by_a, None), Err(VerifyError::UnknownIssuer), "A's CA cannot sign B's identities");
+    assert_eq!(verify(&a_only, &b_by_b, None), Err(VerifyError::OtherMesh { got: "b.example".into() }));
+    assert_eq!(verify(&a_only, &b_by_b, None).unwrap_err().reason(), "other_mesh");
+    assert_eq!(
+        verify(&a_only, &c_by_a, None),
+        Err(VerifyError::WrongTrustDomain { got: "c.example".into(), want: "a.example".into() })
+    );
+    assert_eq!(both.trust_domains().collect::<Vec<_>>(), ["a.example", "b.example"]);
+}

@@ -37,6 +37,8 @@ pub enum VerifyError {
     MalformedSpiffeId(SpiffeError),
     #[error("the certificate's trust domain {got:?} is not {want:?}")]
     WrongTrustDomain { got: String, want: String },
+    #[error("the peer belongs to another mesh (trust domain {got:?}), which this workload's mesh does not trust")]
+    OtherMesh { got: String },
     #[error("the peer is {got}, expected {want}")]
     UnexpectedIdentity { got: String, want: String },
     #[error("the certificate chain is invalid: {0}")]
@@ -57,6 +59,7 @@ impl VerifyError {
             VerifyError::MultipleUriSans => "multiple_uri_sans",
             VerifyError::MalformedSpiffeId(_) => "malformed_spiffe_id",
             VerifyError::WrongTrustDomain { .. } => "wrong_trust_domain",
+            VerifyError::OtherMesh { .. } => "other_mesh",
             VerifyError::UnexpectedIdentity { .. } => "unexpected_identity",
             VerifyError::Invalid(_) => "invalid_chain",
         }
@@ -73,13 +76,36 @@ impl VerifyError {
     }
 }
 
-/// The roots and trust domain every peer is checked against.
+/// The trust domains a peer may belong to, each with its own roots, and the trust domains
+/// known to belong to other meshes (refused with [`VerifyError::OtherMesh`]).
+///
+/// A certificate is checked against the roots of the trust domain its SPIFFE ID names, never
+/// against another's: with several meshes (or federation), one mesh's CA cannot vouch for
+/// another mesh's identities.
 #[derive(Debug)]
 pub struct TrustBundle {
-    trust_domain: String,
-    anchors: Vec<TrustAnchor<'static>>,
+    /// The first is the bundle's own trust domain.
+    domains: Vec<(String, Vec<TrustAnchor<'static>>)>,
+    others: Vec<String>,
     /// Chains that verified against these anchors (see [`TrustBundle::verify_peer`]).
     verified: Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+/// A trust bundle that the configuration may replace: verifiers read the one in force at each
+/// handshake.
+#[derive(Debug)]
+pub struct LiveBundle(arc_swap::ArcSwap<TrustBundle>);
+
+impl LiveBundle {
+    pub fn new(b: TrustBundle) -> Arc<LiveBundle> {
+        Arc::new(LiveBundle(arc_swap::ArcSwap::from_pointee(b)))
+    }
+    pub fn load(&self) -> Arc<TrustBundle> {
+        self.0.load_full()
+    }
+    pub fn store(&self, b: TrustBundle) {
+        self.0.store(Arc::new(b))
+    }
 }
 
 /// What the tunnel's end is verifying: the peer's certificate must allow that use.
@@ -117,23 +143,48 @@ const VERIFIED_MAX: usize = 4096;
 #[error("trust bundle: {0}")]
 pub struct BundleError(String);
 
+fn anchors_of(pems: &[String]) -> Result<Vec<TrustAnchor<'static>>, BundleError> {
+    let mut anchors = Vec::new();
+    for pem in pems {
+        for der in pem_to_ders(pem) {
+            let a = webpki::anchor_from_trusted_cert(&der).map_err(|e| BundleError(e.to_string()))?;
+            anchors.push(a.to_owned());
+        }
+    }
+    Ok(anchors)
+}
+
 impl TrustBundle {
+    /// One trust domain and its roots.
     pub fn from_pems(trust_domain: &str, pems: &[String]) -> Result<TrustBundle, BundleError> {
-        let mut anchors = Vec::new();
-        for pem in pems {
-            for der in pem_to_ders(pem) {
-                let a = webpki::anchor_from_trusted_cert(&der).map_err(|e| BundleError(e.to_string()))?;
-                anchors.push(a.to_owned());
-            }
-        }
-        if anchors.is_empty() {
-            return Err(BundleError("no root certificate found".into()));
-        }
-        Ok(TrustBundle { trust_domain: trust_domain.to_owned(), anchors, verified: Default::default() })
+        TrustBundle::federated(&[(trust_domain.to_owned(), pems.to_vec())], Vec::new())
     }
 
+    /// Several trust domains, each with its roots (the first is the bundle's own), and the trust
+    /// domains of other meshes, which are refused as such.
+    pub fn federated(domains: &[(String, Vec<String>)], others: Vec<String>) -> Result<TrustBundle, BundleError> {
+        let mut out = Vec::new();
+        for (td, pems) in domains {
+            let anchors = anchors_of(pems)?;
+            if anchors.is_empty() {
+                return Err(BundleError(format!("no root certificate found for trust domain {td}")));
+            }
+            out.push((td.clone(), anchors));
+        }
+        if out.is_empty() {
+            return Err(BundleError("no trust domain".into()));
+        }
+        Ok(TrustBundle { domains: out, others, verified: Default::default() })
+    }
+
+    /// The bundle's own trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.domains[0].0
+    }
+
+    /// Every trust domain it accepts.
+    pub fn trust_domains(&self) -> impl Iterator<Item = &str> {
+        self.domains.iter().map(|(td, _)| td.as_str())
     }
 
     /// Verifies a peer chain and returns its workload identity.
@@ -149,9 +200,19 @@ impl TrustBundle {
         if x509.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca) {
             return Err(VerifyError::CaLeaf);
         }
+        // The SPIFFE ID picks the roots: a certificate is only ever checked against the roots of
+        // the trust domain it claims.
+        let id = spiffe_id_of_parsed(&x509)?;
+        let Some((_, anchors)) = self.domains.iter().find(|(td, _)| td == id.trust_domain()) else {
+            let got = id.trust_domain().to_owned();
+            if self.others.contains(&got) {
+                return Err(VerifyError::OtherMesh { got });
+            }
+            return Err(VerifyError::WrongTrustDomain { got, want: self.trust_domain().to_owned() });
+        };
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|_| VerifyError::Malformed)?;
-        ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, intermediates, now, usage, None, None)
-            .map_err(|e| match e {
+        ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, anchors, intermediates, now, usage, None, None).map_err(
+            |e| match e {
                 webpki::Error::CertExpired { .. } => VerifyError::Expired,
                 webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
                 // A root with the same name but another key (another install's root) shows up
@@ -161,14 +222,8 @@ impl TrustBundle {
                 }
                 webpki::Error::CaUsedAsEndEntity => VerifyError::CaLeaf,
                 other => VerifyError::Invalid(format!("{other:?}")),
-            })?;
-        let id = spiffe_id_of_parsed(&x509)?;
-        if id.trust_domain() != self.trust_domain {
-            return Err(VerifyError::WrongTrustDomain {
-                got: id.trust_domain().to_owned(),
-                want: self.trust_domain.clone(),
-            });
-        }
+            },
+        )?;
         expect(id, expected)
     }
 
@@ -304,12 +359,12 @@ fn reject(e: VerifyError) -> rustls::Error {
 /// The TLS server name is not used; the SPIFFE ID is the name.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    bundle: Arc<TrustBundle>,
+    bundle: Arc<LiveBundle>,
     expected: SpiffeId,
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(bundle: Arc<TrustBundle>, expected: SpiffeId) -> Self {
+    pub fn new(bundle: Arc<LiveBundle>, expected: SpiffeId) -> Self {
         SpiffeServerVerifier { bundle, expected }
     }
 }
@@ -324,6 +379,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.bundle
+            .load()
             .verify_peer(end_entity, intermediates, PeerRole::Server, now, Some(&self.expected))
             .map(|_| ServerCertVerified::assertion())
             .map_err(reject)
@@ -356,11 +412,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// verified certificate and handed to policy.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    bundle: Arc<TrustBundle>,
+    bundle: Arc<LiveBundle>,
 }
 
 impl SpiffeClientVerifier {
-    pub fn new(bundle: Arc<TrustBundle>) -> Self {
+    pub fn new(bundle: Arc<LiveBundle>) -> Self {
         SpiffeClientVerifier { bundle }
     }
 }
@@ -377,6 +433,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.bundle
+            .load()
             .verify_peer(end_entity, intermediates, PeerRole::Client, now, None)
             .map(|_| ClientCertVerified::assertion())
             .map_err(reject)

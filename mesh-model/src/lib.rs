@@ -3,10 +3,12 @@
 //! policies. One model, whatever source it is read from.
 
 pub mod authz;
+pub mod mesh;
 pub mod policy;
 pub mod service;
 pub mod workload;
 
 pub use authz::Cidr;
+pub use mesh::{Mesh, MeshRecord, MeshSpec};
 pub use service::{Endpoint, Service, ServicePort};
 pub use workload::{Workload, WorkloadError, WorkloadKey};

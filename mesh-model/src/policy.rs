@@ -215,5 +215,6 @@ pub fn crd_yamls() -> Vec<(&'static str, String)> {
             "peerauthentications.security.sockmesh.io.yaml",
             serde_yaml::to_string(&PeerAuthentication::crd()).expect("CRD serialises"),
         ),
+        crate::mesh::crd_yaml(),
     ]
 }

@@ -32,6 +32,10 @@ pub struct Workload {
     /// Path of the workload's cgroup v2 directory. Local workloads only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The mesh the workload belongs to (from its namespace's `sockmesh.io/mesh` label); absent
+    /// for the default mesh. Set by the controller, never by an agent's own file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -360,6 +364,7 @@ mod tests {
             node: Some("other".into()),
             netns: None,
             cgroup: None,
+            mesh: None,
         };
         assert!(w.validate("n1").unwrap_err().to_string().contains("DNS-1123 subdomain"));
         let mut ok = w.clone();

@@ -1,4 +1,4 @@
-//! Status write-back: every AuthorizationPolicy and PeerAuthentication carries an `Accepted`
+//! Status write-back: every AuthorizationPolicy, PeerAuthentication and Mesh carries an `Accepted`
 //! condition for the generation the controller last read, so `kubectl get ap` shows whether a
 //! policy is in force, and why not when it is rejected (an invalid policy is never half-applied;
 //! the model leaves it out whole).
@@ -19,6 +19,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use mesh_model::authz::Compiled;
 use mesh_model::policy::{AuthorizationPolicy, Condition, PeerAuthentication, PolicyStatus};
+use mesh_model::Mesh;
 use serde::de::DeserializeOwned;
 
 pub const ACCEPTED: &str = "Accepted";
@@ -34,6 +35,43 @@ pub fn verdict_peer(pa: &PeerAuthentication) -> Result<(), String> {
     pa.spec.validate()
 }
 
+/// Whether each Mesh is admitted, and if not, why: valid on its own, then (by name, as the
+/// model admits them) against the others and the default mesh's trust domain.
+pub fn mesh_verdicts(meshes: &[Arc<Mesh>], default_trust_domain: &str) -> HashMap<String, Result<(), String>> {
+    let mut sorted: Vec<&Arc<Mesh>> = meshes.iter().collect();
+    sorted.sort_by_key(|m| m.name_any());
+    let mut out = HashMap::new();
+    let mut valid = Vec::new();
+    for m in sorted {
+        match m.spec.validate(&m.name_any()) {
+            Ok(()) => valid.push((m.name_any(), &m.spec)),
+            Err(e) => {
+                out.insert(m.name_any(), Err(e));
+            }
+        }
+    }
+    let verdicts = mesh_model::mesh::check_meshes(default_trust_domain, valid.iter().map(|(n, s)| (n.as_str(), *s)));
+    for ((name, _), v) in valid.into_iter().zip(verdicts) {
+        out.insert(name, v);
+    }
+    out
+}
+
+/// What the Accepted condition says of an accepted object, and after a rejection's reason.
+pub struct Messages {
+    pub accepted: &'static str,
+    pub rejected: &'static str,
+}
+
+pub const POLICY: Messages = Messages {
+    accepted: "in force on the nodes running the workloads it selects",
+    rejected: "no part of this policy is applied",
+};
+pub const MESH: Messages = Messages {
+    accepted: "in force: the workloads of its namespaces get certificates of its trust domain from its CA",
+    rejected: "its namespaces' workloads get no certificates, so their connections are refused",
+};
+
 /// The status a policy should have, or None when `current` already says it. Other conditions
 /// (written by someone else) are kept; `lastTransitionTime` moves only when True/False flips.
 pub fn desired(
@@ -42,9 +80,20 @@ pub fn desired(
     verdict: &Result<(), String>,
     now: &str,
 ) -> Option<PolicyStatus> {
+    desired_as(generation, current, verdict, now, &POLICY)
+}
+
+/// [`desired`] with the messages of another kind of object.
+pub fn desired_as(
+    generation: Option<i64>,
+    current: Option<&PolicyStatus>,
+    verdict: &Result<(), String>,
+    now: &str,
+    messages: &Messages,
+) -> Option<PolicyStatus> {
     let (status, reason, message) = match verdict {
-        Ok(()) => ("True", "Accepted", "in force on the nodes running the workloads it selects".to_owned()),
-        Err(e) => ("False", "Invalid", format!("{e}; no part of this policy is applied")),
+        Ok(()) => ("True", "Accepted", messages.accepted.to_owned()),
+        Err(e) => ("False", "Invalid", format!("{e}; {}", messages.rejected)),
     };
     let old = current.and_then(|s| s.conditions.iter().find(|c| c.type_ == ACCEPTED));
     if let (Some(cur), Some(c)) = (current, old) {
@@ -122,22 +171,54 @@ async fn write_kind<K>(
     }
 }
 
+/// Writes each Mesh's status (cluster-scoped), judged as [`mesh_verdicts`] says.
+async fn write_meshes(client: &Client, store: &Store<Mesh>, written: &mut Written, default_trust_domain: &str) {
+    let objects = store.state();
+    let verdicts = mesh_verdicts(&objects, default_trust_domain);
+    let present: std::collections::HashSet<(String, String)> =
+        objects.iter().map(|o| (String::new(), o.name_any())).collect();
+    written.retain(|k, _| present.contains(k));
+    let api: Api<Mesh> = Api::all(client.clone());
+    for o in objects {
+        let name = o.name_any();
+        let rv = o.resource_version().unwrap_or_default();
+        if written.get(&(String::new(), name.clone())) == Some(&rv) {
+            continue;
+        }
+        let v = verdicts.get(&name).cloned().unwrap_or(Ok(()));
+        let Some(want) = desired_as(o.meta().generation, o.status.as_ref(), &v, &now_rfc3339(), &MESH) else {
+            continue;
+        };
+        let patch = serde_json::json!({ "status": want });
+        match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                tracing::info!(kind = "Mesh", %name, accepted = v.is_ok(), generation = ?o.meta().generation, "mesh status written");
+                written.insert((String::new(), name), rv);
+            }
+            Err(e) => tracing::warn!(kind = "Mesh", %name, error = %e, "could not write mesh status"),
+        }
+    }
+}
+
+/// The stores whose objects get a status.
+pub struct Stores {
+    pub aps: Store<AuthorizationPolicy>,
+    pub pas: Store<PeerAuthentication>,
+    pub meshes: Store<Mesh>,
+}
+
 /// Writes statuses after every change the source saw (`changed`), and every 30 s so that a
 /// failed write is retried.
-pub async fn run(
-    client: Client,
-    aps: Store<AuthorizationPolicy>,
-    pas: Store<PeerAuthentication>,
-    changed: Arc<tokio::sync::Notify>,
-) {
-    let (mut wa, mut wp) = (Written::new(), Written::new());
+pub async fn run(client: Client, stores: Stores, default_trust_domain: String, changed: Arc<tokio::sync::Notify>) {
+    let (mut wa, mut wp, mut wm) = (Written::new(), Written::new(), Written::new());
     loop {
         tokio::select! {
             _ = changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(30)) => { wa.clear(); wp.clear(); }
+            _ = tokio::time::sleep(Duration::from_secs(30)) => { wa.clear(); wp.clear(); wm.clear(); }
         }
-        write_kind(&client, &aps, &mut wa, verdict_authz, |o| o.status.as_ref()).await;
-        write_kind(&client, &pas, &mut wp, verdict_peer, |o| o.status.as_ref()).await;
+        write_kind(&client, &stores.aps, &mut wa, verdict_authz, |o| o.status.as_ref()).await;
+        write_kind(&client, &stores.pas, &mut wp, verdict_peer, |o| o.status.as_ref()).await;
+        write_meshes(&client, &stores.meshes, &mut wm, &default_trust_domain).await;
     }
 }
 

@@ -195,6 +195,13 @@ async fn api_server(
                 ],
             ))
             .unwrap())),
+            ("/apis/security.sockmesh.io/v1alpha1/meshes", false) => send.send_response(ok(serde_json::to_vec(&list(
+                "MeshList",
+                "security.sockmesh.io/v1alpha1",
+                1,
+                vec![],
+            ))
+            .unwrap())),
             (_, true) => held.push(send),
             (p, _) => panic!("unexpected request {p}"),
         }
@@ -255,7 +262,7 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
     let go_410 = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(api_server(handle, pod_lists.clone(), go_410.clone()));
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx));
+    tokio::spawn(run(client, tx, "cluster.local".into()));
 
     // The list, then the watch: b ADDED, c ADDED then DELETED, a MODIFIED (app=a2).
     reach(&mut rx, &["a", "b"], "a2").await.expect("watch events were not applied");
@@ -394,13 +401,17 @@ async fn policies_get_an_accepted_condition_for_the_generation_read() {
                         send.send_response(ok(ev));
                     });
                 }
+                ("/apis/security.sockmesh.io/v1alpha1/meshes", false) => send.send_response(ok(serde_json::to_vec(
+                    &list("MeshList", "security.sockmesh.io/v1alpha1", 1, vec![]),
+                )
+                .unwrap())),
                 (_, true) => held.push(send),
                 (p, _) => panic!("unexpected request {p}"),
             }
         }
     });
     let (tx, _rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx));
+    tokio::spawn(run(client, tx, "cluster.local".into()));
 
     async fn next(patches: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Value)>) -> (String, Value) {
         tokio::time::timeout(Duration::from_secs(10), patches.recv())
@@ -522,13 +533,17 @@ async fn services_take_their_endpoints_and_target_ports_from_endpoint_slices() {
                         send.send_response(ok(ev));
                     });
                 }
+                ("/apis/security.sockmesh.io/v1alpha1/meshes", false) => send.send_response(ok(serde_json::to_vec(
+                    &list("MeshList", "security.sockmesh.io/v1alpha1", 1, vec![]),
+                )
+                .unwrap())),
                 (_, true) => held.push(send),
                 (p, _) => panic!("unexpected request {p}"),
             }
         }
     });
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx));
+    tokio::spawn(run(client, tx, "cluster.local".into()));
     let key = ("shop".to_owned(), "web".to_owned());
     let eps = |m: &Model| -> Vec<(String, Option<String>, bool)> {
         m.services.get(&key).map_or(vec![], |s| {
@@ -640,4 +655,93 @@ fn service_of_skips_external_names_keeps_headless_services_and_drops_unresolved_
             ("192.0.2.7".to_owned(), None, true)
         ]
     );
+}
+
+/// Meshes and namespace labels: a pod of a namespace labelled for mesh `a` is in mesh `a`, one
+/// labelled `enabled` in the default mesh, the same as the equivalent directory; a Mesh whose
+/// trust domain is the default mesh's gets `Accepted=False` with the reason, a good one `True`.
+#[tokio::test]
+async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let g = "security.sockmesh.io/v1alpha1";
+    let ns = |name: &str, mesh: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "resourceVersion": "5", "labels": {MESH_LABEL: mesh}}});
+    let mesh = |name: &str, spec: Value| json!({"apiVersion": g, "kind": "Mesh", "metadata": {"name": name, "resourceVersion": "9", "generation": 1}, "spec": spec});
+    let mut a1 = pod("a1", "n1", "sa-a", "10.0.0.1", "a", 100);
+    a1["metadata"]["namespace"] = json!("team-a");
+    let d1 = pod("d1", "n2", "sa-d", "10.0.0.2", "d", 101);
+    let meshes = vec![
+        mesh("a", json!({"trustDomain": "a.example", "trust": ["default"]})),
+        mesh("dup", json!({"trustDomain": "cluster.local"})),
+    ];
+    let objects = meshes.clone();
+    let (patches_tx, mut patches) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let watch = req.uri().query().unwrap_or("").contains("watch=true");
+            let path = req.uri().path().to_owned();
+            if req.method() == http::Method::PATCH {
+                let (rec, obj) = patched(req, &objects).await;
+                patches_tx.send(rec).unwrap();
+                send.send_response(ok(serde_json::to_vec(&obj).unwrap()));
+                continue;
+            }
+            let body = match (path.as_str(), watch) {
+                (_, true) => {
+                    held.push(send);
+                    continue;
+                }
+                ("/api/v1/namespaces", _) => {
+                    list("NamespaceList", "v1", 1, vec![ns("team-a", "a"), ns("default", "enabled")])
+                }
+                ("/api/v1/pods", _) => list("PodList", "v1", 1, vec![a1.clone(), d1.clone()]),
+                ("/api/v1/services", _) => list("ServiceList", "v1", 1, vec![]),
+                ("/apis/discovery.k8s.io/v1/endpointslices", _) => {
+                    list("EndpointSliceList", "discovery.k8s.io/v1", 1, vec![])
+                }
+                ("/apis/security.sockmesh.io/v1alpha1/authorizationpolicies", _) => {
+                    list("AuthorizationPolicyList", g, 1, vec![])
+                }
+                ("/apis/security.sockmesh.io/v1alpha1/peerauthentications", _) => {
+                    list("PeerAuthenticationList", g, 1, vec![])
+                }
+                ("/apis/security.sockmesh.io/v1alpha1/meshes", _) => list("MeshList", g, 1, meshes.clone()),
+                (p, _) => panic!("unexpected request {p}"),
+            };
+            send.send_response(ok(serde_json::to_vec(&body).unwrap()));
+        }
+    });
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
+    tokio::spawn(run(client, tx, "cluster.local".into()));
+    let m = until(&mut rx, |m| m.workloads.len() == 2 && m.meshes.len() == 2).await.expect("no meshes");
+    let mesh_of = |name: &str| m.workloads.values().find(|w| w.name == name).unwrap().mesh.clone();
+    assert_eq!(mesh_of("a1").as_deref(), Some("a"));
+    assert_eq!(mesh_of("d1"), None, "`enabled` is the default mesh");
+    assert_eq!(m.namespace_meshes, BTreeMap::from([("team-a".to_owned(), "a".to_owned())]));
+
+    let mut statuses = BTreeMap::new();
+    for _ in 0..2 {
+        let (path, s) =
+            tokio::time::timeout(Duration::from_secs(10), patches.recv()).await.expect("no status").unwrap();
+        statuses.insert(path, s["conditions"][0].clone());
+    }
+    let at = |name: &str| format!("/apis/security.sockmesh.io/v1alpha1/meshes/{name}/status");
+    assert_eq!(statuses[&at("a")]["status"], "True", "{statuses:?}");
+    let dup = &statuses[&at("dup")];
+    assert_eq!((dup["status"].as_str(), dup["reason"].as_str()), (Some("False"), Some("Invalid")));
+    assert!(dup["message"].as_str().unwrap().contains("mesh default's"), "{dup}");
+
+    // The same written as a directory: the same workloads (in the same meshes) and meshes.
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: {sockmesh.io/mesh: a}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {sockmesh.io/mesh: enabled}}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: a}\nspec: {trustDomain: a.example, trust: [default]}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: dup}\nspec: {trustDomain: cluster.local}\n---\nkind: Workload\nname: a1\nnamespace: team-a\nserviceAccount: sa-a\nlabels: {app: a}\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: d1\nserviceAccount: sa-d\nlabels: {app: d}\nips: [10.0.0.2]\nnode: n2\n";
+    std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
+    let (ltx, mut lrx) = tokio::sync::watch::channel(Arc::new(Model::default()));
+    tokio::spawn(crate::config_dir::watch(Some(dir.path().to_owned()), None, ltx));
+    lrx.changed().await.unwrap();
+    let local = lrx.borrow().clone();
+    assert!(local.errors.is_empty(), "{:?}", local.errors);
+    assert_eq!(local.workloads, m.workloads);
+    assert_eq!(local.meshes, m.meshes);
+    assert_eq!(local.namespace_meshes, m.namespace_meshes);
 }
