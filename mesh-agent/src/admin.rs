@@ -94,7 +94,7 @@ impl Views {
             missing.push(format!("{key} is not captured (its connections are refused): {reason}"));
         }
         for wl in snap.local.by_key.values() {
-            if self.identities.current(wl.spiffe_id()).is_none() {
+            if self.identities.current(&wl.spiffe_id()).is_none() {
                 missing.push(format!("{} has no certificate", wl.key()));
             }
         }
@@ -107,7 +107,8 @@ impl Views {
         let snap = self.state.load();
         let mut out: BTreeMap<String, PolicyInfo> = BTreeMap::new();
         for wl in snap.local.by_key.values() {
-            let ps = snap.config.index.for_workload(&wl.known.workload.namespace, snap.labels_of(wl));
+            let rec = snap.record_of(wl);
+            let ps = snap.config.index.for_workload(&wl.key().namespace, &rec.workload.labels);
             for (list, action) in
                 [(&ps.deny, "DENY"), (&ps.allow, "ALLOW"), (&ps.audit, "AUDIT"), (&ps.dry_run, "DRY-RUN")]
             {

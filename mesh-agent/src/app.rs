@@ -136,6 +136,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
             match ConfigState::build(resources, version, &cfg.root_namespace, &cfg.trust_domain) {
                 Ok(c) => {
                     tracing::info!(version, "configuration from the last run in force until the controller pushes");
+                    identities.trust.set_meshes(&c.meshes);
                     state.set_config(c);
                     metrics.set_config(None, version);
                 }
@@ -206,8 +207,16 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     });
     tokio::spawn(crate::api::serve(views.clone(), api_l));
     tokio::spawn(
-        ConfigWatch { state, identities, metrics: metrics.clone(), pool, loads: loads.clone(), file: config_file }
-            .run(),
+        ConfigWatch {
+            state,
+            identities,
+            metrics: metrics.clone(),
+            pool,
+            registry: views.registry.clone(),
+            loads: loads.clone(),
+            file: config_file,
+        }
+        .run(),
     );
     tokio::spawn(admin::serve_admin(views.clone(), admin_l));
     tokio::spawn(admin::serve_metrics(views.clone(), metrics_l));

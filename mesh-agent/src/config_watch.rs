@@ -38,6 +38,7 @@ pub struct ConfigWatch {
     pub identities: Arc<Identities>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
+    pub registry: Arc<crate::registration::Registry>,
     /// Service endpoints' in-flight counts: those of endpoints gone from every Service are
     /// forgotten once idle.
     pub loads: Arc<crate::balance::Loads>,
@@ -95,9 +96,11 @@ impl ConfigWatch {
                 }
                 None => tracing::info!(version, resources = resources.len(), "configuration snapshot applied"),
             }
+            self.identities.trust.set_meshes(&state.meshes);
             self.state.set_config(state);
             self.state.set_refused(None);
             self.metrics.set_config(lag_ms, version);
+            self.registry.follow_config().await;
             let snap = self.state.load();
             self.pool.evict_stale(&snap);
             let endpoints: std::collections::HashSet<std::net::IpAddr> = snap

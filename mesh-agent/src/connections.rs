@@ -75,14 +75,19 @@ impl Connections {
         self.metrics.closed(rec, outcome, bytes.sent, bytes.received);
         let workload = |p: &Peer| p.workload.as_ref().map(|w| w.key.to_string());
         let principal = |p: &Peer| p.principal.as_ref().map(|id| id.to_string());
+        fn mesh(p: &Peer) -> &str {
+            p.workload.as_ref().map(|w| w.mesh()).unwrap_or("-")
+        }
         tracing::info!(
             target: "access",
             direction = rec.direction.as_str(),
             src_workload = workload(&rec.src).as_deref().unwrap_or("-"),
             src_principal = principal(&rec.src).as_deref().unwrap_or("-"),
+            src_mesh = mesh(&rec.src),
             src_addr = %rec.src.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             dst_workload = workload(&rec.dst).as_deref().unwrap_or("-"),
             dst_principal = principal(&rec.dst).as_deref().unwrap_or("-"),
+            dst_mesh = mesh(&rec.dst),
             connection_security_policy = rec.security.as_str(),
             orig_dst = %rec.orig_dst,
             dst_service = rec.service.as_ref().map(|s| s.host.as_str()).unwrap_or("-"),

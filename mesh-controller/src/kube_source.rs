@@ -30,7 +30,7 @@ use crate::model::Model;
 
 /// A namespace joins a mesh with this label (like Istio's dataplane-mode label): `enabled` for
 /// the default mesh, or a `Mesh`'s name.
-pub use mesh_model::mesh::{MESH_ENABLED, MESH_LABEL};
+pub use mesh_model::mesh::MESH_LABEL;
 
 /// The label by which an EndpointSlice names its Service (of the slice's namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

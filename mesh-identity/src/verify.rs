@@ -161,7 +161,7 @@ impl TrustBundle {
     }
 
     /// Several trust domains, each with its roots (the first is the bundle's own), and the trust
-    /// domains of other meshes, which are refused as such.
+    /// domains of other meshes, which are refused as such. No trust domain at all accepts no one.
     pub fn federated(domains: &[(String, Vec<String>)], others: Vec<String>) -> Result<TrustBundle, BundleError> {
         let mut out = Vec::new();
         for (td, pems) in domains {
@@ -171,15 +171,12 @@ impl TrustBundle {
             }
             out.push((td.clone(), anchors));
         }
-        if out.is_empty() {
-            return Err(BundleError("no trust domain".into()));
-        }
         Ok(TrustBundle { domains: out, others, verified: Default::default() })
     }
 
-    /// The bundle's own trust domain.
+    /// The bundle's own trust domain ("" for a bundle that accepts no one).
     pub fn trust_domain(&self) -> &str {
-        &self.domains[0].0
+        self.domains.first().map(|(td, _)| td.as_str()).unwrap_or("")
     }
 
     /// Every trust domain it accepts.

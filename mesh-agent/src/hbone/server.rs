@@ -46,7 +46,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: T
 
 async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let Some(cert) = inputs.identities.current(wl.spiffe_id()) else {
+    let Some(cert) = inputs.identities.current(&wl.spiffe_id()) else {
         inputs.metrics.refused(Direction::Inbound, &Reason::NoCertificate);
         tracing::warn!(workload = %wl.key(), %peer, "refused HBONE connection: this workload has no certificate yet");
         return reset(tcp);
@@ -93,7 +93,18 @@ async fn tunnel(
         Err(_) => return failed(HandshakeFailure::H2Handshake, &"timed out"),
     };
     let peer_id = Arc::new(peer_id);
-    while let Some(next) = conn.accept().await {
+    // Accepted for the identity this workload has now: if it changes (its namespace moved to
+    // another mesh), the connection and its streams are closed.
+    let mut changed = Box::pin(crate::state::identity_changed(wl.identity_changes()));
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            () = &mut changed => {
+                tracing::info!(workload = %wl.key(), %peer, "HBONE connection closed: this workload's identity changed");
+                break;
+            }
+        };
+        let Some(next) = next else { break };
         let Ok((req, respond)) = next else { break };
         let (inputs, wl, peer_id) = (inputs.clone(), wl.clone(), peer_id.clone());
         // The stream's first steps (policy, the dial to the app, usually complete within
@@ -144,7 +155,7 @@ async fn stream(
         direction: Direction::Inbound,
         security: Security::MutualTls,
         src: Peer { workload: src_workload, principal: Some(peer_id.clone()), addr: Some(peer) },
-        dst: Peer::workload(&wl.known),
+        dst: Peer::workload(&wl.known()),
         orig_dst: Target::Requested(req.uri().to_string()),
         service: None,
     };

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use mesh_identity::verify::{SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle};
+use mesh_identity::verify::{LiveBundle, SpiffeClientVerifier, SpiffeServerVerifier};
 use mesh_identity::SpiffeId;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -22,7 +22,9 @@ pub struct WorkloadCert {
     pub received_at: i64,
     /// What the HBONE listener of a workload with this identity presents.
     pub server_config: Arc<rustls::ServerConfig>,
-    bundle: Arc<TrustBundle>,
+    /// What the peers a tunnel goes to are verified against (every mesh's trust domain, each
+    /// with its own roots: the peer must prove the exact identity the controller's record names).
+    servers: Arc<LiveBundle>,
     /// Client configurations by the identity the peer must prove, built once per certificate:
     /// building one loads (and checks) the private key, which costs as much as a signature.
     client_configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
@@ -49,10 +51,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 impl WorkloadCert {
     /// A certificate chain (leaf first) and its key, verified by the caller, made ready to serve.
+    /// `clients`: what the clients of its HBONE listener are verified against (its mesh's trust
+    /// domain, and those its mesh trusts); `servers`: what the peers its tunnels go to are.
     pub fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivatePkcs8KeyDer<'static>,
-        bundle: Arc<TrustBundle>,
+        clients: Arc<LiveBundle>,
+        servers: Arc<LiveBundle>,
         received_at: i64,
     ) -> Result<WorkloadCert, rustls::Error> {
         let leaf = chain.first().ok_or(rustls::Error::NoCertificatesPresented)?;
@@ -60,7 +65,7 @@ impl WorkloadCert {
         let not_before = mesh_identity::verify::not_before(leaf).unwrap_or(0);
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundle.clone())))
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(clients)))
             .with_single_cert(chain.clone(), PrivateKeyDer::Pkcs8(key.clone_key()))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
         // No resumption (see client_config): no tickets to send, no sessions to keep.
@@ -73,7 +78,7 @@ impl WorkloadCert {
             not_before,
             received_at,
             server_config: Arc::new(server),
-            bundle,
+            servers,
             client_configs: Mutex::new(HashMap::new()),
         })
     }
@@ -88,7 +93,7 @@ impl WorkloadCert {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
-                self.bundle.clone(),
+                self.servers.clone(),
                 expected.clone(),
             )))
             .with_client_auth_cert(self.chain.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))?;

@@ -15,8 +15,9 @@ use mesh_api::admin::CertInfo;
 use mesh_identity::ca::workload_csr;
 use mesh_identity::proto::certificate_service_client::CertificateServiceClient;
 use mesh_identity::proto::CreateCertificateRequest;
-use mesh_identity::verify::{pem_to_ders, TrustBundle};
+use mesh_identity::verify::{pem_to_ders, LiveBundle, TrustBundle};
 use mesh_identity::SpiffeId;
+use mesh_model::MeshRecord;
 use rustls_pki_types::{PrivatePkcs8KeyDer, UnixTime};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -94,9 +95,93 @@ struct Entry {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The roots peers are verified against, kept in step with the meshes the controller pushes.
+/// A peer's certificate is always checked against the roots of the trust domain it names.
+pub struct Trust {
+    default_trust_domain: String,
+    default_roots: Vec<String>,
+    /// For the servers our tunnels go to: every mesh's trust domain (the client requires the
+    /// exact identity the controller's record names, whatever its mesh).
+    servers: Arc<LiveBundle>,
+    /// For the clients of a workload's HBONE listener, by that workload's trust domain: its
+    /// mesh's, and those its mesh trusts; every other mesh's is refused as `other_mesh`.
+    clients: Mutex<HashMap<String, Arc<LiveBundle>>>,
+}
+
+impl Trust {
+    fn new(trust_domain: &str, roots: &[String]) -> Result<Trust, mesh_identity::verify::BundleError> {
+        let one = || TrustBundle::from_pems(trust_domain, roots);
+        let clients = HashMap::from([(trust_domain.to_owned(), LiveBundle::new(one()?))]);
+        Ok(Trust {
+            default_trust_domain: trust_domain.to_owned(),
+            default_roots: roots.to_vec(),
+            servers: LiveBundle::new(one()?),
+            clients: Mutex::new(clients),
+        })
+    }
+
+    /// What the clients of a workload in trust domain `td` are verified against.
+    pub fn clients(&self, td: &str) -> Arc<LiveBundle> {
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let b = c.entry(td.to_owned()).or_insert_with(|| {
+            // A trust domain no push has named yet: no one is accepted until one does.
+            LiveBundle::new(TrustBundle::federated(&[], vec![]).expect("no roots to parse"))
+        });
+        b.clone()
+    }
+
+    /// What the servers our tunnels go to are verified against.
+    pub fn servers(&self) -> Arc<LiveBundle> {
+        self.servers.clone()
+    }
+
+    /// Follows the meshes of a push (empty: the default mesh only, from the agent's flags). A
+    /// mesh's roots were checked when the push was decoded; one that fails here keeps the
+    /// bundles as they were.
+    pub fn set_meshes(&self, meshes: &std::collections::BTreeMap<String, Arc<MeshRecord>>) {
+        let default = mesh_model::mesh::DEFAULT_MESH;
+        let td_of = |name: &str| -> Option<(String, Vec<String>)> {
+            if name == default {
+                return Some((self.default_trust_domain.clone(), self.default_roots.clone()));
+            }
+            meshes.get(name).map(|m| (m.trust_domain.clone(), m.roots.clone()))
+        };
+        let mut names: Vec<&str> = meshes.keys().map(String::as_str).filter(|n| *n != default).collect();
+        names.insert(0, default);
+        let every: Vec<(String, Vec<String>)> = names.iter().filter_map(|n| td_of(n)).collect();
+        let built = (|| -> Result<Vec<(String, TrustBundle)>, mesh_identity::verify::BundleError> {
+            let mut out = Vec::new();
+            for n in &names {
+                let Some(own) = td_of(n) else { continue };
+                let trusted = meshes.get(*n).map(|m| m.trust.clone()).unwrap_or_default();
+                let mut accepted = vec![own.clone()];
+                accepted.extend(trusted.iter().filter_map(|t| td_of(t)));
+                let others: Vec<String> = every
+                    .iter()
+                    .map(|(td, _)| td.clone())
+                    .filter(|td| !accepted.iter().any(|(a, _)| a == td))
+                    .collect();
+                out.push((own.0, TrustBundle::federated(&accepted, others)?));
+            }
+            out.push((String::new(), TrustBundle::federated(&every, vec![])?));
+            Ok(out)
+        })();
+        match built {
+            Ok(mut bundles) => {
+                let (_, servers) = bundles.pop().expect("pushed last");
+                self.servers.store(servers);
+                for (td, b) in bundles {
+                    self.clients(&td).store(b);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "a mesh's roots cannot be used; the trust bundles stay as they were"),
+        }
+    }
+}
+
 pub struct Identities {
     cfg: IdentityConfig,
-    pub bundle: Arc<TrustBundle>,
+    pub trust: Trust,
     client: CertificateServiceClient<Channel>,
     channel: Channel,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
@@ -105,7 +190,7 @@ pub struct Identities {
 
 impl Identities {
     pub fn new(cfg: IdentityConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, InitError> {
-        let bundle = Arc::new(TrustBundle::from_pems(&cfg.trust_domain, &cfg.bundle_pems)?);
+        let trust = Trust::new(&cfg.trust_domain, &cfg.bundle_pems)?;
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificates(cfg.bundle_pems.iter().map(tonic::transport::Certificate::from_pem))
             .domain_name(cfg.controller_name.clone());
@@ -116,7 +201,7 @@ impl Identities {
             .connect_lazy();
         Ok(Arc::new(Identities {
             cfg,
-            bundle,
+            trust,
             client: CertificateServiceClient::new(channel.clone()),
             channel,
             entries: Mutex::new(HashMap::new()),
@@ -256,13 +341,81 @@ impl Identities {
         let Some((leaf, rest)) = chain.split_first() else {
             return Err(FetchError::EmptyChain);
         };
-        // Trust but verify: the chain must be our identity under our roots.
-        self.bundle.verify(leaf, rest, mesh_identity::verify::KeyUsage::client_auth(), UnixTime::now(), Some(id))?;
+        // Trust but verify: the chain must be our identity under its mesh's roots.
+        let servers = self.trust.servers();
+        servers.load().verify(leaf, rest, mesh_identity::verify::KeyUsage::client_auth(), UnixTime::now(), Some(id))?;
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
-        Ok(WorkloadCert::new(chain, key, self.bundle.clone(), now_secs())?)
+        Ok(WorkloadCert::new(chain, key, self.trust.clients(id.trust_domain()), servers, now_secs())?)
     }
 }
 
 pub fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_identity::ca::{workload_csr, Ca};
+    use mesh_identity::verify::{PeerRole, VerifyError};
+
+    /// The bundles follow the meshes: a workload's clients are verified against its mesh and
+    /// the meshes it trusts (another mesh is `other_mesh`); the servers our tunnels go to
+    /// against every mesh, each trust domain against its own roots.
+    #[test]
+    fn trust_follows_the_meshes_pushed() {
+        let day = Duration::from_secs(86_400);
+        let ca = |td: &str| {
+            let r = Ca::generate_root(td).unwrap();
+            Ca::from_pem(td, &r.cert_pem, &r.key_pem, "", day, day).unwrap()
+        };
+        let (d, a, b) = (ca("cluster.local"), ca("a.example"), ca("b.example"));
+        let leaf = |ca: &Ca, td: &str| {
+            let id = SpiffeId::workload(td, "ns", "sa").unwrap();
+            let (_, csr) = workload_csr(&id).unwrap();
+            pem_to_ders(&ca.sign(&csr, None, |_| Ok(())).unwrap().1.concat())
+        };
+        let trust = Trust::new("cluster.local", d.roots_pem()).unwrap();
+        let record = |name: &str, ca: &Ca, trust: &[&str]| {
+            Arc::new(MeshRecord {
+                name: name.into(),
+                trust_domain: ca.trust_domain().into(),
+                roots: ca.roots_pem().to_vec(),
+                trust: trust.iter().map(|s| s.to_string()).collect(),
+                mtls_mode: None,
+                namespaces: vec![],
+            })
+        };
+        let meshes = std::collections::BTreeMap::from([
+            ("default".to_owned(), record("default", &d, &[])),
+            ("a".to_owned(), record("a", &a, &["b"])),
+            ("b".to_owned(), record("b", &b, &[])),
+        ]);
+        trust.set_meshes(&meshes);
+        let check = |bundle: &Arc<LiveBundle>, chain: &[rustls_pki_types::CertificateDer<'static>]| {
+            bundle.load().verify_peer(&chain[0], &chain[1..], PeerRole::Client, UnixTime::now(), None).map(|_| ())
+        };
+        let (from_d, from_a, from_b) = (leaf(&d, "cluster.local"), leaf(&a, "a.example"), leaf(&b, "b.example"));
+        // a trusts b: a's workloads accept b's clients, and a's own.
+        assert_eq!(check(&trust.clients("a.example"), &from_b), Ok(()));
+        assert_eq!(check(&trust.clients("a.example"), &from_a), Ok(()));
+        assert_eq!(
+            check(&trust.clients("a.example"), &from_d),
+            Err(VerifyError::OtherMesh { got: "cluster.local".into() })
+        );
+        // b trusts no one else; the default mesh neither.
+        assert_eq!(check(&trust.clients("b.example"), &from_a).unwrap_err().reason(), "other_mesh");
+        assert_eq!(check(&trust.clients("cluster.local"), &from_a).unwrap_err().reason(), "other_mesh");
+        let servers = trust.servers().load();
+        for chain in [&from_d, &from_a, &from_b] {
+            assert!(servers.verify_peer(&chain[0], &chain[1..], PeerRole::Client, UnixTime::now(), None).is_ok());
+        }
+        // The meshes gone: the default mesh alone again.
+        trust.set_meshes(&Default::default());
+        assert!(trust
+            .servers()
+            .load()
+            .verify_peer(&from_a[0], &from_a[1..], PeerRole::Client, UnixTime::now(), None)
+            .is_err());
+    }
 }

@@ -14,6 +14,9 @@ pub struct TcpLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    /// The meshes of the two ends ("unknown" where the workload is not known).
+    pub source_mesh: String,
+    pub destination_mesh: String,
     /// Istio's Service labels: the Service the client connected to (its host name, name and
     /// namespace), "unknown" for a connection made to a workload's own address.
     pub destination_service: String,
@@ -33,6 +36,9 @@ impl TcpLabels {
                 None => ("unknown".into(), "unknown".into()),
             }
         }
+        fn mesh(p: &Peer) -> String {
+            p.workload.as_ref().map(|w| w.mesh().to_owned()).unwrap_or_else(|| "unknown".into())
+        }
         fn principal(p: &Peer) -> String {
             p.principal.as_ref().map(|id| id.to_string()).unwrap_or_else(|| "unknown".into())
         }
@@ -50,6 +56,8 @@ impl TcpLabels {
             destination_workload,
             destination_workload_namespace,
             destination_principal: principal(&rec.dst),
+            source_mesh: mesh(&rec.src),
+            destination_mesh: mesh(&rec.dst),
             destination_service,
             destination_service_name,
             destination_service_namespace,

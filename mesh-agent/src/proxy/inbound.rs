@@ -43,7 +43,7 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
         security: Security::None,
         // Plaintext: no verified source. An address is never taken for an identity.
         src: Peer { addr: Some(peer), ..Peer::default() },
-        dst: Peer::workload(&wl.known),
+        dst: Peer::workload(&wl.known()),
         orig_dst: Target::Addr(dst),
         service: None,
     };

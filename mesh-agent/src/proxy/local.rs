@@ -31,7 +31,7 @@ pub async fn open(
 ) -> Result<Upstream, Failure> {
     let started = Instant::now();
     out.security = Security::NodeLocal;
-    out.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl.known) };
+    out.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl.known()) };
     let source_ip = src.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied().unwrap_or(dst.ip());
     let inbound = ConnRecord {
         direction: Direction::Inbound,

@@ -16,8 +16,11 @@ use crate::hbone::pool::{Destination, Pool, Source};
 use crate::identity::WorkloadCert;
 use crate::inputs::ProxyInputs;
 use crate::netns::reset;
-use crate::outcome::{ConnRecord, Direction, KernelRefusal, Peer, Reason, Security, Target, TunnelFailure};
+use crate::outcome::{
+    ConnRecord, Direction, HandshakeFailure, KernelRefusal, Peer, Reason, Security, Target, TunnelFailure,
+};
 use crate::state::LocalWorkload;
+use mesh_identity::verify::VerifyError;
 
 /// The socket address an [`OrigDst`] names.
 pub fn orig_dst_addr(o: &OrigDst) -> Option<SocketAddr> {
@@ -73,7 +76,7 @@ async fn handle(
     let mut rec = ConnRecord {
         direction: Direction::Outbound,
         security: Security::None,
-        src: Peer { addr: Some(peer), ..Peer::workload(&wl.known) },
+        src: Peer { addr: Some(peer), ..Peer::workload(&wl.known()) },
         dst: Peer::default(),
         orig_dst: Target::Unknown,
         service: None,
@@ -102,7 +105,7 @@ async fn handle(
         return refuse(&rec, client, Reason::MeshPort, &Reason::MeshPort);
     }
     // Nothing leaves a meshed workload before it can prove who it is.
-    let cert = match Box::pin(inputs.identities.get(wl.spiffe_id())).await {
+    let cert = match Box::pin(inputs.identities.get(&wl.spiffe_id())).await {
         Ok(c) => c,
         Err(e) => return refuse(&rec, client, Reason::NoCertificate, &e),
     };
@@ -209,11 +212,25 @@ pub async fn open(
     let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
     let service = rec.service.as_ref().map(|s| s.key.clone());
     let to = Destination { id: &dst_wl.spiffe_id, hbone_addr: hbone, target: dst, service: service.as_deref() };
-    let src = Source { key: wl.key(), cert, client };
+    let src_id = wl.spiffe_id();
+    let src = Source { key: wl.key(), id: &src_id, cert, client, identity: Some(&wl.known) };
     let timeout = inputs.settings.connect_timeout;
     let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout), early)).await;
     let sent_early = early.any();
     opened.map(Upstream::Tunnel).map_err(|e| {
+        // A peer whose mesh does not accept ours ends the handshake (it verifies our
+        // certificate after we verified its own, so what we see is the connection ending):
+        // said as what it is, as the peer says it.
+        let snap = inputs.state.load();
+        let other_mesh = !snap.config.accepts(dst_wl.mesh(), wl.known().mesh())
+            && matches!(e.failure(), TunnelFailure::Handshake(_) | TunnelFailure::H2 | TunnelFailure::Closed);
+        drop(snap);
+        if other_mesh {
+            let h =
+                HandshakeFailure::Verify(VerifyError::OtherMesh { got: dst_wl.spiffe_id.trust_domain().to_owned() });
+            inputs.metrics.handshake_failed(Direction::Outbound, &h);
+            return Failure::new(Reason::Tunnel(TunnelFailure::Handshake(h)), &e, true);
+        }
         if let Some(h) = e.handshake() {
             inputs.metrics.handshake_failed(Direction::Outbound, &h);
         }

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use super::{listeners, Inner, RegisterError, Registered, Registry};
 use crate::ebpf::{self, Datapath};
 use crate::netns::{self, NetnsWorker};
-use crate::state::{KnownWorkload, LocalWorkload};
+use crate::state::LocalWorkload;
 
 impl Registry {
     /// Captures a workload of this node: listeners in its netns, then steering, then
@@ -41,8 +41,8 @@ impl Registry {
                 return Err(RegisterError::SharedNetns { key, netns: netns_path, other: other.wl.key().clone() });
             }
         }
-        let known = KnownWorkload::new(self.state.trust_domain(), w)
-            .map_err(|source| RegisterError::Identity { key: key.clone(), source })?;
+        let known =
+            self.state.identity_for(w).map_err(|source| RegisterError::Identity { key: key.clone(), source })?;
         let cgroup_id = ebpf::cgroup_id(&cgroup_path).map_err(|source| RegisterError::Cgroup {
             key: key.clone(),
             path: cgroup_path.clone(),
@@ -70,7 +70,9 @@ impl Registry {
             })?;
         let inbound_keys: Vec<InboundKey> = known.workload.ips.iter().map(|ip| listeners::inbound_key(*ip)).collect();
         let wl = Arc::new(LocalWorkload {
-            known: Arc::new(known),
+            key: key.clone(),
+            ips: known.workload.ips.clone(),
+            known: tokio::sync::watch::Sender::new(Arc::new(known)),
             id,
             cgroup_id,
             netns: worker,
@@ -98,7 +100,7 @@ impl Registry {
         };
         self.state.update_local(|cur| cur.with(wl.clone()));
         let tasks = self.spawn_proxies(&wl, listeners);
-        self.identities.acquire(wl.spiffe_id());
+        self.identities.acquire(&wl.spiffe_id());
 
         inner.registered.insert(key.clone(), Registered { wl: wl.clone(), tasks });
         if source == Source::Api {
@@ -133,7 +135,7 @@ impl Registry {
         for t in reg.tasks {
             t.abort();
         }
-        self.identities.release(reg.wl.spiffe_id());
+        self.identities.release(&reg.wl.spiffe_id());
         self.state.update_local(|cur| cur.without(reg.wl.key()));
         self.pool.evict_stale(&self.state.load());
     }

@@ -288,10 +288,15 @@ impl Registry {
     /// Writes the API's workloads (captured or failed, so that a failed one stays refused
     /// across restarts), leaving out `except`.
     fn save_state(&self, inner: &Inner, except: Option<&WorkloadKey>) -> std::io::Result<()> {
-        let captured = inner.registered.values().filter(|r| r.wl.source == Source::Api).map(|r| &r.wl.known.workload);
-        let failed = inner.failed.values().filter(|f| f.source == Source::Api).map(|f| &f.workload);
-        let list: Vec<&Workload> = captured.chain(failed).filter(|w| Some(&w.key()) != except).collect();
-        self.file.save(&list)
+        // The workloads as the API gave them: the mesh is the controller's to say.
+        let captured = inner
+            .registered
+            .values()
+            .filter(|r| r.wl.source == Source::Api)
+            .map(|r| Workload { mesh: None, ..r.wl.known().workload.clone() });
+        let failed = inner.failed.values().filter(|f| f.source == Source::Api).map(|f| f.workload.clone());
+        let list: Vec<Workload> = captured.chain(failed).filter(|w| Some(&w.key()) != except).collect();
+        self.file.save(&list.iter().collect::<Vec<_>>())
     }
 
     /// Releases a workload (or stops refusing one that failed). `from_api`: only workloads
@@ -359,6 +364,38 @@ impl Registry {
         }
     }
 
+    /// After a configuration change: a captured workload whose identity the controller now
+    /// gives differently (its namespace moved to another mesh, or its service account changed)
+    /// takes the new one. It gets a certificate for it, and the tunnels made with the old one
+    /// are closed (both ways): a workload moved out of a mesh keeps no connection to that
+    /// mesh's peers. Its capture (listeners, kernel state) is untouched.
+    pub async fn follow_config(&self) {
+        let inner = self.inner.lock().await;
+        let snap = self.state.load();
+        let mut changed = 0;
+        for r in inner.registered.values() {
+            let cur = r.wl.known();
+            let Some(rec) = snap.config.by_key.get(r.wl.key()) else { continue };
+            if rec.spiffe_id == cur.spiffe_id {
+                continue;
+            }
+            let next = crate::state::KnownWorkload {
+                key: cur.key.clone(),
+                workload: Workload { mesh: rec.workload.mesh.clone(), ..cur.workload.clone() },
+                spiffe_id: rec.spiffe_id.clone(),
+            };
+            tracing::info!(workload = %r.wl.key(), from = %cur.spiffe_id, to = %next.spiffe_id, mesh = next.mesh(), "workload identity changed: a new certificate, and its tunnels made with the old one are closed");
+            self.identities.acquire(&next.spiffe_id);
+            r.wl.known.send_replace(Arc::new(next));
+            self.identities.release(&cur.spiffe_id);
+            changed += 1;
+        }
+        drop(inner);
+        if changed > 0 {
+            self.pool.evict_stale(&self.state.load());
+        }
+    }
+
     /// The workloads captured now (from the snapshot: no lock).
     pub fn list(&self) -> Vec<WorkloadInfo> {
         let snap = self.state.load();
@@ -366,7 +403,8 @@ impl Registry {
             .by_key
             .values()
             .map(|wl| {
-                let w = &wl.known.workload;
+                let known = wl.known();
+                let w = &known.workload;
                 WorkloadInfo {
                     namespace: w.namespace.clone(),
                     name: w.name.clone(),

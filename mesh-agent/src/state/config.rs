@@ -9,7 +9,7 @@ use std::sync::Arc;
 use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::{Compiled, Facts, PolicyIndex, Verdict};
 use mesh_model::policy::{MtlsMode, PeerAuthenticationSpec};
-use mesh_model::{Service, Workload, WorkloadKey};
+use mesh_model::{MeshRecord, Service, Workload, WorkloadKey};
 
 use super::{KnownWorkload, LocalWorkload, Snapshot};
 
@@ -38,6 +38,9 @@ pub struct ConfigState {
     pub services_by_key: BTreeMap<String, Arc<ServiceEntry>>,
     /// Configuration the controller rejected (file, line, reason), as it reported it.
     pub rejected: Vec<String>,
+    /// The meshes, the default one included, by name; empty when the cluster has only the
+    /// default mesh (whose trust domain and roots are then the agent's flags).
+    pub meshes: BTreeMap<String, Arc<MeshRecord>>,
     /// The pushed resources themselves, to which the next delta applies.
     pub resources: BTreeMap<ResourceId, String>,
 }
@@ -86,6 +89,8 @@ impl ConfigState {
         let mut workloads = Vec::new();
         let mut rejected = Vec::new();
         let mut services = Vec::new();
+        let mut meshes = BTreeMap::new();
+        let mut records = Vec::new();
         for (id, json) in &resources {
             let (ns, name) = (&id.namespace, &id.name);
             let bad = |reason: String| BuildError { id: id.to_string(), reason };
@@ -101,10 +106,15 @@ impl ConfigState {
                 }
                 Kind::Workload => {
                     let w = serde_json::from_str::<Workload>(json).map_err(|e| bad(e.to_string()))?;
-                    // A workload left out would be "not in the mesh" to every client here.
-                    let known = KnownWorkload::new(trust_domain, w)
-                        .map_err(|e| bad(format!("its identity is not a valid SPIFFE ID: {e}")))?;
-                    workloads.push(known)
+                    records.push((id, w));
+                }
+                Kind::Mesh => {
+                    let m: MeshRecord = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+                    // Its roots must be usable: a mesh whose peers could not be verified would
+                    // refuse them all for a reason nobody could see.
+                    mesh_identity::verify::TrustBundle::from_pems(&m.trust_domain, &m.roots)
+                        .map_err(|e| bad(e.to_string()))?;
+                    meshes.insert(m.name.clone(), Arc::new(m));
                 }
                 Kind::Service => {
                     let svc: Service = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
@@ -117,7 +127,23 @@ impl ConfigState {
                 Kind::Unspecified => return Err(bad("an unspecified kind".into())),
             }
         }
+        for (id, w) in records {
+            let bad = |reason: String| BuildError { id: id.to_string(), reason };
+            // Its identity is in its mesh's trust domain.
+            let td = match &w.mesh {
+                None => trust_domain,
+                Some(m) => match meshes.get(m) {
+                    Some(r) => r.trust_domain.as_str(),
+                    None => return Err(bad(format!("its mesh {m} is not in the push"))),
+                },
+            };
+            // A workload left out would be "not in the mesh" to every client here.
+            let known =
+                KnownWorkload::new(td, w).map_err(|e| bad(format!("its identity is not a valid SPIFFE ID: {e}")))?;
+            workloads.push(known)
+        }
         let mut state = ConfigState::from_known(version, workloads);
+        state.meshes = meshes;
         state.index = PolicyIndex::new(root, policies);
         state.peer_auth = peer_auth;
         state.rejected = rejected;
@@ -150,10 +176,28 @@ impl ConfigState {
         ConfigState { version, workloads, by_key, ..Default::default() }
     }
 
+    /// Whether workloads of mesh `server` accept peers of mesh `client`: their own mesh, and
+    /// the meshes theirs trusts.
+    pub fn accepts(&self, server: &str, client: &str) -> bool {
+        server == client || self.meshes.get(server).is_some_and(|m| m.trust.iter().any(|t| t == client))
+    }
+
     /// The mTLS mode for a workload's port: a selecting policy in its namespace, then its
     /// namespace's policy without selector, then the mesh-wide one (root namespace, no
     /// selector); a port-level setting beats the policy's own; PERMISSIVE if none says.
+    #[cfg(test)]
     pub fn mtls_mode(&self, root: &str, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+        self.declared_mtls_mode(root, namespace, labels, port).unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// [`ConfigState::mtls_mode`] when a PeerAuthentication says.
+    pub fn declared_mtls_mode(
+        &self,
+        root: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> Option<MtlsMode> {
         let level = |spec: &PeerAuthenticationSpec| -> MtlsMode {
             if let Some(m) = spec.port_level_mtls.get(&port.to_string()) {
                 if m.mode != MtlsMode::Unset {
@@ -175,18 +219,19 @@ impl ConfigState {
             for p in self.peer_auth.iter().filter(|p| tier(p)) {
                 let m = level(&p.spec);
                 if m != MtlsMode::Unset {
-                    return m;
+                    return Some(m);
                 }
             }
         }
-        MtlsMode::Permissive
+        None
     }
 }
 
 impl Snapshot {
     /// Decides a connection to a local workload, logging what AUDIT and dry-run policies saw.
     pub fn authorize(&self, wl: &LocalWorkload, facts: &Facts<'_>) -> Verdict {
-        let policies = self.config.index.for_workload(&wl.known.workload.namespace, self.labels_of(wl));
+        let rec = self.record_of(wl);
+        let policies = self.config.index.for_workload(&wl.key().namespace, &rec.workload.labels);
         let v = mesh_model::authz::authorize(facts, &policies);
         for name in &v.audited {
             tracing::info!(target: "policy", policy = %name, workload = %wl.key(), principal = facts.principal.unwrap_or("-"), source = %facts.source_ip, port = facts.dst_port, "AUDIT policy matched");
@@ -197,9 +242,14 @@ impl Snapshot {
         v
     }
 
-    /// The PeerAuthentication mode for a local workload's port.
+    /// The PeerAuthentication mode for a local workload's port; where none says, its mesh's
+    /// default (PERMISSIVE if that says nothing either).
     pub fn mtls_mode(&self, root: &str, wl: &LocalWorkload, port: u16) -> MtlsMode {
-        self.config.mtls_mode(root, &wl.known.workload.namespace, self.labels_of(wl), port)
+        let rec = self.record_of(wl);
+        self.config
+            .declared_mtls_mode(root, &wl.key().namespace, &rec.workload.labels, port)
+            .or_else(|| self.config.meshes.get(rec.mesh()).and_then(|m| m.mtls_mode))
+            .unwrap_or(MtlsMode::Permissive)
     }
 }
 
@@ -324,5 +374,37 @@ mod tests {
             let e = ConfigState::build(bad, 4, ROOT, "cluster.local").err().expect("refused");
             assert!(e.id.contains("broken"), "{e}");
         }
+    }
+
+    /// A workload of a mesh gets its SPIFFE ID in that mesh's trust domain; a push naming a mesh
+    /// it does not define, or a mesh whose roots cannot be read, is refused whole; the mesh's
+    /// default mTLS mode and what it trusts are read.
+    #[test]
+    fn workloads_of_a_mesh_get_its_trust_domain() {
+        let root = mesh_identity::ca::Ca::generate_root("a.example").unwrap().cert_pem;
+        let mesh = |roots: &str| {
+            serde_json::json!({"name": "a", "trustDomain": "a.example", "roots": [roots], "trust": ["default"], "mtlsMode": "STRICT"})
+                .to_string()
+        };
+        let mut r = BTreeMap::new();
+        r.insert(
+            ResourceId::new(Kind::Workload, "team-a", "x"),
+            r#"{"name":"x","namespace":"team-a","serviceAccount":"sa-x","ips":["10.0.0.7"],"mesh":"a"}"#.into(),
+        );
+        r.insert(ResourceId::new(Kind::Mesh, "", "a"), mesh(&root));
+        let s = ConfigState::build(r.clone(), 2, ROOT, "cluster.local").unwrap();
+        let x = &s.workloads[&"10.0.0.7".parse().unwrap()];
+        assert_eq!(x.spiffe_id.to_string(), "spiffe://a.example/ns/team-a/sa/sa-x");
+        assert_eq!(x.mesh(), "a");
+        assert!(s.accepts("a", "default") && s.accepts("a", "a") && !s.accepts("default", "a"));
+        assert_eq!(s.meshes["a"].mtls_mode, Some(MtlsMode::Strict));
+
+        let mut no_mesh = r.clone();
+        no_mesh.remove(&ResourceId::new(Kind::Mesh, "", "a"));
+        let e = ConfigState::build(no_mesh, 3, ROOT, "cluster.local").err().expect("refused");
+        assert!(e.reason.contains("mesh a is not in the push"), "{e}");
+        let mut bad_roots = r;
+        bad_roots.insert(ResourceId::new(Kind::Mesh, "", "a"), mesh("not a certificate"));
+        assert!(ConfigState::build(bad_roots, 4, ROOT, "cluster.local").is_err());
     }
 }

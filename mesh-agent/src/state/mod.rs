@@ -28,16 +28,27 @@ pub struct KnownWorkload {
 }
 
 impl KnownWorkload {
-    /// `None` when the record's names do not form a workload SPIFFE ID in `trust_domain`.
+    /// `None` when the record's names do not form a workload SPIFFE ID in `trust_domain` (its
+    /// mesh's).
     pub fn new(trust_domain: &str, workload: Workload) -> Result<KnownWorkload, mesh_identity::SpiffeError> {
         let id = SpiffeId::workload(trust_domain, &workload.namespace, &workload.service_account)?;
         Ok(KnownWorkload { key: workload.key(), workload, spiffe_id: Arc::new(id) })
+    }
+
+    /// The mesh it belongs to.
+    pub fn mesh(&self) -> &str {
+        self.workload.mesh.as_deref().unwrap_or(mesh_model::mesh::DEFAULT_MESH)
     }
 }
 
 /// A workload this agent captures, with the kernel objects that tie it to traffic.
 pub struct LocalWorkload {
-    pub known: Arc<KnownWorkload>,
+    pub key: WorkloadKey,
+    /// Its addresses (from its record on this node; they do not change while it is captured).
+    pub ips: Vec<IpAddr>,
+    /// Its record and identity: the controller's when it has one (a namespace moved to another
+    /// mesh changes the identity of a workload that stays captured), else its own.
+    pub known: tokio::sync::watch::Sender<Arc<KnownWorkload>>,
     /// Echoed by connect4/6 into each original destination; checked at accept.
     pub id: u32,
     pub cgroup_id: u64,
@@ -53,13 +64,29 @@ pub struct LocalWorkload {
 
 impl LocalWorkload {
     pub fn key(&self) -> &WorkloadKey {
-        &self.known.key
+        &self.key
     }
-    pub fn spiffe_id(&self) -> &Arc<SpiffeId> {
-        &self.known.spiffe_id
+    /// Its record and identity now.
+    pub fn known(&self) -> Arc<KnownWorkload> {
+        self.known.borrow().clone()
+    }
+    pub fn spiffe_id(&self) -> Arc<SpiffeId> {
+        self.known.borrow().spiffe_id.clone()
     }
     pub fn ips(&self) -> &[IpAddr] {
-        &self.known.workload.ips
+        &self.ips
+    }
+    /// Wakes when its identity changes: its tunnels, made with the old one, are closed.
+    pub fn identity_changes(&self) -> tokio::sync::watch::Receiver<Arc<KnownWorkload>> {
+        self.known.subscribe()
+    }
+}
+
+/// Returns when the identity `rx` follows changes; never, if its workload is gone (what
+/// happens to its connections then is the workload's removal's business).
+pub async fn identity_changed(mut rx: tokio::sync::watch::Receiver<Arc<KnownWorkload>>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await
     }
 }
 
@@ -78,7 +105,7 @@ impl LocalState {
         let mut next = self.clone_shallow();
         for ip in wl.ips() {
             next.by_ip.insert(*ip, wl.clone());
-            next.file_known.insert(*ip, wl.known.clone());
+            next.file_known.insert(*ip, wl.known());
         }
         next.by_key.insert(wl.key().clone(), wl);
         next
@@ -120,10 +147,10 @@ impl Snapshot {
         self.local.by_ip.get(&ip)
     }
 
-    /// The labels policies select `wl` by: the controller's record (a label change there
+    /// The record policies select `wl` by (its labels): the controller's (a label change there
     /// applies at once), else the local one. Identity never comes from labels.
-    pub fn labels_of<'a>(&'a self, wl: &'a LocalWorkload) -> &'a BTreeMap<String, String> {
-        self.config.by_key.get(wl.key()).map(|w| &w.workload.labels).unwrap_or(&wl.known.workload.labels)
+    pub fn record_of(&self, wl: &LocalWorkload) -> Arc<KnownWorkload> {
+        self.config.by_key.get(wl.key()).cloned().unwrap_or_else(|| wl.known())
     }
 }
 
@@ -176,6 +203,19 @@ impl StateStore {
     pub fn set_config(&self, config: ConfigState) {
         let config = Arc::new(config);
         self.current.rcu(|cur| Snapshot { config: config.clone(), local: cur.local.clone() });
+    }
+
+    /// The record and identity a workload of this node is captured with: the controller's (its
+    /// mesh, and so its trust domain, is the controller's to say), else its own record's, in
+    /// the default mesh.
+    pub fn identity_for(&self, mut w: Workload) -> Result<KnownWorkload, mesh_identity::SpiffeError> {
+        let snap = self.load();
+        if let Some(k) = snap.config.by_key.get(&w.key()) {
+            w.mesh = k.workload.mesh.clone();
+            return Ok(KnownWorkload { key: w.key(), workload: w, spiffe_id: k.spiffe_id.clone() });
+        }
+        w.mesh = None;
+        KnownWorkload::new(&self.trust_domain, w)
     }
 
     /// Records the workloads of the agent's file (other nodes' too) as destinations.

@@ -11,6 +11,7 @@ use kube::client::Body;
 use serde_json::{json, Value};
 
 use super::*;
+use mesh_model::mesh::MESH_ENABLED;
 
 fn pod(name: &str, node: &str, sa: &str, ip: &str, app: &str, rv: u32) -> Value {
     json!({

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_identity::ca::{workload_csr, Ca};
-use mesh_identity::verify::{pem_to_ders, SpiffeServerVerifier, TrustBundle};
+use mesh_identity::verify::{pem_to_ders, LiveBundle, SpiffeServerVerifier, TrustBundle};
 use mesh_identity::SpiffeId;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::json;
@@ -48,7 +48,7 @@ async fn main() {
     let id = SpiffeId::workload(td, "default", "sa-a").unwrap();
     let (key, csr) = workload_csr(&id).unwrap();
     let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
-    let bundle = Arc::new(TrustBundle::from_pems("cluster.local", &[root_pem]).unwrap());
+    let bundle = LiveBundle::new(TrustBundle::from_pems("cluster.local", &[root_pem]).unwrap());
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

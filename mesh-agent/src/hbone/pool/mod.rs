@@ -33,6 +33,9 @@ pub struct Destination<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src: WorkloadKey,
+    /// The identity the source had when the slot was made (a workload whose namespace moves
+    /// to another mesh gets a new one, and new tunnels).
+    pub src_id: SpiffeId,
     pub dst: SpiffeId,
     pub addr: SocketAddr,
 }
@@ -48,7 +51,11 @@ type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 /// What a tunnel from one workload needs, whether or not a connection is made.
 pub struct Source<'a> {
     pub key: &'a WorkloadKey,
+    pub id: &'a SpiffeId,
     pub cert: &'a WorkloadCert,
+    /// The source's identity as it follows the controller: a connection made with one identity
+    /// is closed when it changes.
+    pub identity: Option<&'a tokio::sync::watch::Sender<Arc<crate::state::KnownWorkload>>>,
     /// The pod's connection: its first bytes may go behind the CONNECT request.
     pub client: &'a TcpStream,
 }
@@ -96,7 +103,7 @@ impl Pool {
                     self.metrics.stream_refused_retried();
                     // The peer counts that connection full: the next try gets a new one (the
                     // old one keeps its streams and closes when they are done).
-                    self.retire(src.key, &to).await;
+                    self.retire(&src, &to).await;
                 }
                 r => break r,
             }
@@ -121,7 +128,7 @@ impl Pool {
         if !self.pooling {
             return self.open_new(src, to, req, connect_timeout, dial, early, None).await;
         }
-        let key = PoolKey { src: src.key.clone(), dst: to.id.clone(), addr: to.hbone_addr };
+        let key = PoolKey { src: src.key.clone(), src_id: src.id.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().entry(key).or_default().clone();
         let mut guard = slot.lock().await;
         // A connection at the peer's stream limit is not reused: a new one becomes current,
@@ -197,9 +204,21 @@ impl Pool {
         };
         let (conn, stream) = batcher.clone().run(Box::pin(setup)).await?;
         if let Some(conn) = conn {
+            let changes = src.identity.map(|s| s.subscribe());
             tokio::spawn(async move {
-                if let Err(e) = batcher.run(conn).await {
-                    tracing::debug!(error = %e, "HBONE connection ended");
+                let changed = async {
+                    match changes {
+                        Some(rx) => crate::state::identity_changed(rx).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = batcher.run(conn) => if let Err(e) = r {
+                        tracing::debug!(error = %e, "HBONE connection ended");
+                    },
+                    // Made with an identity the source no longer has (its namespace moved to
+                    // another mesh, say): closed, with every stream on it.
+                    () = changed => tracing::info!("HBONE connection closed: its source workload's identity changed"),
                 }
             });
         }
@@ -207,8 +226,8 @@ impl Pool {
     }
 
     /// Stops reusing the current connection for (source, destination).
-    async fn retire(&self, src: &WorkloadKey, to: &Destination<'_>) {
-        let key = PoolKey { src: src.clone(), dst: to.id.clone(), addr: to.hbone_addr };
+    async fn retire(&self, src: &Source<'_>, to: &Destination<'_>) {
+        let key = PoolKey { src: src.key.clone(), src_id: src.id.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().get(&key).cloned();
         if let Some(slot) = slot {
             slot.lock().await.take();
@@ -224,11 +243,12 @@ impl Pool {
         before - slots.len()
     }
 
-    /// Evicts the slots whose source is no longer captured here, or whose address no longer
-    /// leads to a workload with the identity the slot was opened for.
+    /// Evicts the slots whose source is no longer captured here (or no longer has the identity
+    /// the slot was opened with), or whose address no longer leads to a workload with the
+    /// identity the slot was opened for.
     pub fn evict_stale(&self, snap: &Snapshot) -> usize {
         let n = self.retain(|k| {
-            snap.local.by_key.contains_key(&k.src)
+            snap.local.by_key.get(&k.src).is_some_and(|wl| *wl.spiffe_id() == k.src_id)
                 && snap.destination(k.addr.ip()).is_some_and(|d| *d.spiffe_id == k.dst)
         });
         if n > 0 {

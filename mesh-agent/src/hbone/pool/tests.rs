@@ -3,7 +3,7 @@
 use super::*;
 use crate::hbone::{CONNECTION_WINDOW, STREAM_WINDOW};
 use mesh_identity::ca::{workload_csr, Ca};
-use mesh_identity::verify::{pem_to_ders, TrustBundle};
+use mesh_identity::verify::{pem_to_ders, LiveBundle, TrustBundle};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
 const TD: &str = "cluster.local";
@@ -13,13 +13,13 @@ fn certs() -> (WorkloadCert, WorkloadCert, SpiffeId) {
     let root = Ca::generate_root(TD).unwrap();
     let day = Duration::from_secs(86_400);
     let ca = Ca::from_pem(TD, &root.cert_pem, &root.key_pem, "", day, day).unwrap();
-    let bundle = Arc::new(TrustBundle::from_pems(TD, std::slice::from_ref(&root.cert_pem)).unwrap());
+    let bundle = LiveBundle::new(TrustBundle::from_pems(TD, std::slice::from_ref(&root.cert_pem)).unwrap());
     let cert = |sa: &str| {
         let id = SpiffeId::workload(TD, "default", sa).unwrap();
         let (key, csr) = workload_csr(&id).unwrap();
         let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
-        (WorkloadCert::new(pem_to_ders(&chain.concat()), key, bundle.clone(), 0).unwrap(), id)
+        (WorkloadCert::new(pem_to_ders(&chain.concat()), key, bundle.clone(), bundle.clone(), 0).unwrap(), id)
     };
     let (a, _) = cert("sa-a");
     let (b, b_id) = cert("sa-b");
@@ -98,7 +98,8 @@ async fn client_socket(first: &[u8]) -> TcpStream {
 async fn open(pool: &Pool, cert: &WorkloadCert, dst: &SpiffeId, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
     let key = WorkloadKey { namespace: "default".into(), name: "a".into() };
     let client = client_socket(b"hello").await;
-    let src = Source { key: &key, cert, client: &client };
+    let id = SpiffeId::workload(TD, "default", "sa-a").unwrap();
+    let src = Source { key: &key, id: &id, cert, client: &client, identity: None };
     let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap(), service: None };
     pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr), &mut Default::default()).await
 }
