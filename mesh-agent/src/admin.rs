@@ -201,6 +201,51 @@ impl Views {
             .collect()
     }
 
+    /// The meshes (just the default one, from the agent's flags, while the controller pushes
+    /// none), and what the controller reported about meshes it could not admit.
+    pub fn meshes(&self) -> admin::Meshes {
+        let snap = self.state.load();
+        let root_expiry = |roots: &[String]| {
+            roots.iter().flat_map(|p| mesh_identity::verify::pem_to_ders(p)).filter_map(|d| mesh_identity::verify::not_after(&d)).min()
+        };
+        let mut meshes: Vec<admin::MeshInfo> = snap
+            .config
+            .meshes
+            .values()
+            .map(|m| admin::MeshInfo {
+                name: m.name.clone(),
+                trust_domain: m.trust_domain.clone(),
+                trust: m.trust.clone(),
+                namespaces: m.namespaces.clone(),
+                root_not_after: root_expiry(&m.roots),
+                mtls_mode: format!("{:?}", m.mtls_mode.unwrap_or(mesh_model::policy::MtlsMode::Permissive)).to_uppercase(),
+            })
+            .collect();
+        if meshes.is_empty() {
+            let mut namespaces: Vec<String> = snap.config.by_key.keys().map(|k| k.namespace.clone()).collect();
+            namespaces.sort();
+            namespaces.dedup();
+            let roots = self.identities.trust.default_roots();
+            meshes.push(admin::MeshInfo {
+                name: mesh_model::mesh::DEFAULT_MESH.into(),
+                trust_domain: self.config.trust_domain.clone(),
+                trust: vec![],
+                namespaces,
+                root_not_after: root_expiry(roots),
+                mtls_mode: "PERMISSIVE".into(),
+            });
+        }
+        // How the controller words what it could not admit about meshes.
+        let problems = snap
+            .config
+            .rejected
+            .iter()
+            .filter(|e| e.contains("Mesh ") || e.contains(mesh_model::mesh::MESH_LABEL))
+            .cloned()
+            .collect();
+        admin::Meshes { meshes, problems }
+    }
+
     pub async fn status(&self) -> Status {
         let ready = self.readiness().await;
         Status {
@@ -245,6 +290,7 @@ pub async fn serve_admin(views: Arc<Views>, listener: tokio::net::TcpListener) {
         .route(paths::CERTIFICATES, get(|State(v): S| async move { Json(v.identities.certs()) }))
         .route(paths::CONNECTIONS, get(|State(v): S| async move { Json(v.conns.list()) }))
         .route(paths::SERVICES, get(|State(v): S| async move { Json(v.services()) }))
+        .route(paths::MESHES, get(|State(v): S| async move { Json(v.meshes()) }))
         .route(paths::STATS, get(|State(v): S| async move { Json(v.stats().await) }))
         .route(paths::STATUS, get(|State(v): S| async move { Json(v.status().await) }))
         .with_state(views);

@@ -124,6 +124,31 @@ pub struct CertInfo {
     /// Seconds since the epoch.
     pub not_before: Option<i64>,
     pub not_after: Option<i64>,
+    /// The certificate chain, leaf first (PEM; public).
+    #[serde(default)]
+    pub chain: Vec<String>,
+}
+
+/// A mesh as this node's agent knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshInfo {
+    pub name: String,
+    pub trust_domain: String,
+    /// The meshes whose identities its workloads accept besides its own.
+    pub trust: Vec<String>,
+    pub namespaces: Vec<String>,
+    /// When its CA's root (the earliest, if several) expires, seconds since the epoch.
+    pub root_not_after: Option<i64>,
+    /// Its workloads' mTLS mode where no PeerAuthentication says.
+    pub mtls_mode: String,
+}
+
+/// `/meshes`: the meshes, and what the controller reported about meshes it could not admit
+/// (a namespace labelled for a mesh that does not exist, a rejected Mesh).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meshes {
+    pub meshes: Vec<MeshInfo>,
+    pub problems: Vec<String>,
 }
 
 /// A connection being relayed now.
@@ -297,9 +322,11 @@ pub mod paths {
     pub const CERTIFICATES: &str = "/certificates";
     pub const CONNECTIONS: &str = "/connections";
     pub const SERVICES: &str = "/services";
+    pub const MESHES: &str = "/meshes";
     pub const STATS: &str = "/stats";
     pub const READY: &str = "/healthz/ready";
-    pub const ALL: [&str; 8] = [STATUS, CONFIG_DUMP, WORKLOADS, POLICIES, CERTIFICATES, CONNECTIONS, SERVICES, STATS];
+    pub const ALL: [&str; 9] =
+        [STATUS, CONFIG_DUMP, WORKLOADS, POLICIES, CERTIFICATES, CONNECTIONS, SERVICES, MESHES, STATS];
 }
 
 #[cfg(test)]

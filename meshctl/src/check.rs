@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesh_api::admin::{paths, CertInfo, ConfigDump, Status};
+use mesh_api::admin::{paths, CertInfo, ConfigDump, Meshes, Status};
 use serde::Serialize;
 
 use crate::client::get;
@@ -140,6 +140,21 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
             add("certificates", bad.is_empty(), detail, "check that the controller is reachable and places these workloads on this node (see the agent's log: 'certificate request failed')");
         }
         Err(_) => add("certificates", false, not_answering.into(), "start the agent first"),
+    }
+    let meshes: anyhow::Result<Meshes> = get(admin, paths::MESHES);
+    match &meshes {
+        Ok(m) => add(
+            "meshes",
+            m.problems.is_empty(),
+            if m.problems.is_empty() {
+                let names: Vec<&str> = m.meshes.iter().map(|m| m.name.as_str()).collect();
+                names.join(", ")
+            } else {
+                m.problems.join("; ")
+            },
+            "label the namespace with an existing mesh's name (`meshctl meshes` lists them) or create the Mesh; its workloads get no certificate until then",
+        ),
+        Err(_) => add("meshes", false, not_answering.into(), "start the agent first"),
     }
     match &config {
         Ok(d) => {

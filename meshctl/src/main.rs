@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_api::admin::{paths, CertInfo, ConnectionInfo, PolicyInfo, ServiceInfo, Status, WorkloadInfo};
+use mesh_api::admin::{paths, CertInfo, ConnectionInfo, Meshes, PolicyInfo, ServiceInfo, Status, WorkloadInfo};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Inspect and diagnose a sockmesh node")]
@@ -56,6 +56,9 @@ enum Cmd {
     /// The Services this node's agent resolves: addresses, ports, and each endpoint with the
     /// identity a connection to it must prove, its readiness and the connections carried to it.
     Services,
+    /// The meshes: trust domain, when the CA's root expires, the meshes each trusts, member
+    /// namespaces; and what the controller could not admit.
+    Meshes,
     /// Run a command as part of a workload (in its network namespace and its cgroup), so that
     /// its connections go through the mesh: `meshctl exec default/web -- curl http://...`.
     /// meshctl becomes the command (exec): its PID is the command's.
@@ -91,6 +94,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Cmd::Certs => paths::CERTIFICATES,
         Cmd::Connections => paths::CONNECTIONS,
         Cmd::Services => paths::SERVICES,
+        Cmd::Meshes => paths::MESHES,
     };
     if json {
         let raw = client::get_raw(cli.admin, path).with_context(|| ask(path))?;
@@ -189,6 +193,29 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 }
             }
             table(&["SERVICE", "ADDRESSES", "PORTS", "ENDPOINT", "IDENTITY", "HEALTH", "IN-FLIGHT"], rows)
+        }
+        Cmd::Meshes => {
+            let all: Meshes = client::get(cli.admin, path).with_context(|| ask(path))?;
+            let or_dash = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(",") };
+            table(
+                &["MESH", "TRUST-DOMAIN", "CA-EXPIRES", "TRUSTS", "MTLS", "NAMESPACES"],
+                all.meshes
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.name.clone(),
+                            m.trust_domain.clone(),
+                            expires(m.root_not_after),
+                            or_dash(&m.trust),
+                            m.mtls_mode.clone(),
+                            or_dash(&m.namespaces),
+                        ]
+                    })
+                    .collect(),
+            );
+            for p in &all.problems {
+                println!("warning: {p}");
+            }
         }
         Cmd::Check { .. } | Cmd::Exec { .. } => unreachable!("handled above"),
     }

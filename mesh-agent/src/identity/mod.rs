@@ -130,6 +130,11 @@ impl Trust {
         b.clone()
     }
 
+    /// The default mesh's roots (the agent's trust bundle file).
+    pub fn default_roots(&self) -> &[String] {
+        &self.default_roots
+    }
+
     /// What the servers our tunnels go to are verified against.
     pub fn servers(&self) -> Arc<LiveBundle> {
         self.servers.clone()
@@ -292,6 +297,7 @@ impl Identities {
                     ready: c.as_ref().is_some_and(|c| c.not_after > now_secs()),
                     not_before: c.as_ref().map(|c| c.not_before),
                     not_after: c.as_ref().map(|c| c.not_after),
+                    chain: c.as_ref().map(|c| c.chain.iter().map(|d| der_to_pem(d)).collect()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -347,6 +353,18 @@ impl Identities {
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
         Ok(WorkloadCert::new(chain, key, self.trust.clients(id.trust_domain()), servers, now_secs())?)
     }
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
 
 pub fn now_secs() -> i64 {
