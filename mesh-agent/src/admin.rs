@@ -206,7 +206,11 @@ impl Views {
     pub fn meshes(&self) -> admin::Meshes {
         let snap = self.state.load();
         let root_expiry = |roots: &[String]| {
-            roots.iter().flat_map(|p| mesh_identity::verify::pem_to_ders(p)).filter_map(|d| mesh_identity::verify::not_after(&d)).min()
+            roots
+                .iter()
+                .flat_map(|p| mesh_identity::verify::pem_to_ders(p))
+                .filter_map(|d| mesh_identity::verify::not_after(&d))
+                .min()
         };
         let mut meshes: Vec<admin::MeshInfo> = snap
             .config
@@ -218,7 +222,8 @@ impl Views {
                 trust: m.trust.clone(),
                 namespaces: m.namespaces.clone(),
                 root_not_after: root_expiry(&m.roots),
-                mtls_mode: format!("{:?}", m.mtls_mode.unwrap_or(mesh_model::policy::MtlsMode::Permissive)).to_uppercase(),
+                mtls_mode: format!("{:?}", m.mtls_mode.unwrap_or(mesh_model::policy::MtlsMode::Permissive))
+                    .to_uppercase(),
             })
             .collect();
         if meshes.is_empty() {

@@ -59,6 +59,8 @@ pub struct Pod {
     pub meshed: bool,
     pub service_account: String,
     pub labels: Vec<(String, String)>,
+    /// Its namespace ("default" unless a test moves it).
+    pub namespace: String,
 }
 
 pub struct Topology {
@@ -246,6 +248,7 @@ impl Topology {
             meshed,
             service_account: format!("sa-{name}"),
             labels: vec![("app".into(), name.into())],
+            namespace: "default".into(),
         });
         Ok(PodId(self.pods.len() - 1))
     }
@@ -306,7 +309,7 @@ impl Topology {
         let pod = self.pod(p);
         serde_json::json!({
             "name": pod.name,
-            "namespace": "default",
+            "namespace": pod.namespace,
             "serviceAccount": pod.service_account,
             "labels": pod.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "ips": [pod.ip.to_string()],

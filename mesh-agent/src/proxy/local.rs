@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::outbound::{Failure, Upstream};
 use crate::inputs::ProxyInputs;
-use crate::outcome::{ConnRecord, Direction, Peer, Reason, Security, Target};
+use crate::outcome::{ConnRecord, Direction, HandshakeFailure, Peer, Reason, Security, Target, TunnelFailure};
 use crate::state::LocalWorkload;
 
 /// The destination's side of a same-node connection: its policy, then a dial into its netns.
@@ -50,7 +50,18 @@ pub async fn open(
         // The destination's policy is not known yet: nothing is admitted on a guess.
         return refuse(Reason::NoConfig, &Reason::NoConfig, false);
     }
-    let principal = src.spiffe_id().to_string();
+    // The same rule as the destination's HBONE listener: a peer of a mesh the destination's
+    // mesh does not accept is refused, and counted, as the handshake would refuse it.
+    let (src_known, dst_known) = (src.known(), dst_wl.known());
+    if !snap.config.accepts(dst_known.mesh(), src_known.mesh()) {
+        let got = src_known.spiffe_id.trust_domain().to_owned();
+        let h = HandshakeFailure::Verify(mesh_identity::verify::VerifyError::OtherMesh { got });
+        inputs.metrics.handshake_failed(Direction::Inbound, &h);
+        inputs.metrics.handshake_failed(Direction::Outbound, &h);
+        let reason = Reason::Tunnel(TunnelFailure::Handshake(h));
+        return refuse(reason.clone(), &reason, false);
+    }
+    let principal = src_known.spiffe_id.to_string();
     let facts = Facts { principal: Some(&principal), source_ip, dst_port: dst.port() };
     if let Decision::Deny(d) = snap.authorize(&dst_wl, &facts).decision {
         let reason = Reason::Denied(d);

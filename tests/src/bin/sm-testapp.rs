@@ -49,6 +49,7 @@ fn main() {
             let until = get("--until-file").map(std::path::PathBuf::from);
             probe(to(), num("--interval-ms", 5), num("--duration-ms", 3000), until, timeout)
         }
+        Some("linger") => linger(to(), num("--seconds", 60), timeout),
         Some("hold") => hold(to(), num("--count", 3), num("--hold-ms", 2000), timeout),
         Some("churn") => churn(to(), num("--count", 1000), (timeout, mptcp)),
         Some("reuse") => {
@@ -270,6 +271,30 @@ fn hold(to: SocketAddr, count: u64, hold_ms: u64, timeout: Duration) {
     }
     println!("{}", json!({"results": results}));
     std::thread::sleep(Duration::from_millis(hold_ms));
+}
+
+/// One connection, one byte echoed, then waits up to `seconds` for the other end to close it:
+/// reports whether it did (end of stream or reset) — what a client sees when the mesh cuts a
+/// connection it was carrying.
+fn linger(to: SocketAddr, seconds: u64, timeout: Duration) {
+    let r = (|| -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&to, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        s.set_read_timeout(Some(Duration::from_secs(seconds)))?;
+        Ok(match s.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => false,
+            Err(_) => true,
+        })
+    })();
+    match r {
+        Ok(closed) => println!("{}", json!({"ok": true, "closed_by_peer": closed})),
+        Err(e) => println!("{}", json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error()})),
+    }
 }
 
 /// Opens and closes `count` connections one after another (nothing sent): what a client that
