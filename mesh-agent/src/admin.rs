@@ -108,7 +108,7 @@ impl Views {
         let mut out: BTreeMap<String, PolicyInfo> = BTreeMap::new();
         for wl in snap.local.by_key.values() {
             let rec = snap.record_of(wl);
-            let ps = snap.config.index.for_workload(&wl.key().namespace, &rec.workload.labels);
+            let ps = snap.config.index.for_workload_in(rec.mesh(), &wl.key().namespace, &rec.workload.labels);
             for (list, action) in
                 [(&ps.deny, "DENY"), (&ps.allow, "ALLOW"), (&ps.audit, "AUDIT"), (&ps.dry_run, "DRY-RUN")]
             {

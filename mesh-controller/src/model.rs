@@ -161,7 +161,8 @@ impl Model {
         let local: Vec<&Workload> = self.workloads.values().filter(|w| w.node.as_deref() == Some(node)).collect();
         let mut wanted = std::collections::BTreeSet::new();
         for w in &local {
-            for name in index.for_workload(&w.namespace, &w.labels).names() {
+            let mesh = w.mesh.as_deref().unwrap_or(mesh_model::mesh::DEFAULT_MESH);
+            for name in index.for_workload_in(mesh, &w.namespace, &w.labels).names() {
                 wanted.insert(name);
             }
         }

@@ -20,6 +20,7 @@ fn policy(ns: &str, name: &str, app: Option<&str>, action: Action, principal: &s
             to: vec![To { operation: Operation { ports: vec![port.to_string()], not_ports: vec![] } }],
         }],
         dry_run: false,
+        mesh: None,
     };
     Compiled::compile(ns, name, &spec).unwrap()
 }

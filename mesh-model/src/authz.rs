@@ -221,6 +221,8 @@ pub struct Compiled {
     pub selector: Option<BTreeMap<String, String>>,
     pub action: Action,
     pub dry_run: bool,
+    /// The mesh whose workloads it applies to (`None`: see [`PolicyIndex::for_workload_in`]).
+    pub mesh: Option<String>,
     rules: Vec<CRule>,
 }
 
@@ -273,6 +275,9 @@ impl Compiled {
     pub fn compile(namespace: &str, name: &str, spec: &AuthorizationPolicySpec) -> Result<Compiled, PolicyError> {
         let full = format!("{namespace}/{name}");
         let err = |field: String, reason: String| PolicyError { policy: full.clone(), field, reason };
+        if let Some(m) = spec.mesh.as_deref().filter(|m| !crate::workload::is_dns_label(m)) {
+            return Err(err("mesh".into(), format!("{m:?} is not a mesh name (lowercase letters, digits and '-')")));
+        }
         let mut rules = Vec::new();
         for (ri, r) in spec.rules.iter().enumerate() {
             let mut from = Vec::new();
@@ -321,6 +326,7 @@ impl Compiled {
             selector: spec.selector.as_ref().map(|s: &WorkloadSelector| s.match_labels.clone()),
             action: spec.action,
             dry_run: spec.dry_run,
+            mesh: spec.mesh.clone(),
             rules,
         })
     }
@@ -402,11 +408,24 @@ impl PolicyIndex {
         idx
     }
 
-    /// The policies that select a workload of `namespace` with `labels`.
+    /// The policies that select a workload of the default mesh in `namespace` with `labels`.
     pub fn for_workload(&self, namespace: &str, labels: &BTreeMap<String, String>) -> WorkloadPolicies {
+        self.for_workload_in(crate::mesh::DEFAULT_MESH, namespace, labels)
+    }
+
+    /// The policies that select a workload of `mesh` in `namespace` with `labels`. A policy
+    /// naming a mesh applies only to that mesh's workloads; one of the root namespace that names
+    /// none, only to the default mesh's: one mesh's mesh-wide policies are never another's.
+    pub fn for_workload_in(&self, mesh: &str, namespace: &str, labels: &BTreeMap<String, String>) -> WorkloadPolicies {
         let mut out = WorkloadPolicies::default();
+        let root = self.root_namespace.as_str();
         let mut add = |p: &Arc<Compiled>| {
-            if !p.selects(labels) {
+            let applies_to = match (&p.mesh, p.namespace == root) {
+                (Some(m), _) => m.as_str() == mesh,
+                (None, true) => mesh == crate::mesh::DEFAULT_MESH,
+                (None, false) => true,
+            };
+            if !applies_to || !p.selects(labels) {
                 return;
             }
             let list = if p.dry_run {

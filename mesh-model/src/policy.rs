@@ -59,6 +59,11 @@ pub struct AuthorizationPolicySpec {
     /// Evaluate and log what would happen, without enforcing it.
     #[serde(default)]
     pub dry_run: bool,
+    /// The mesh whose workloads it applies to. A policy of the root namespace applies to the
+    /// default mesh's workloads unless this names another mesh; a namespace's policy applies to
+    /// its workloads, which are all in the namespace's mesh (a different mesh here selects none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
 }
 
 /// A rule matches if any `from` matches (or there is none) and any `to` matches (or none).
@@ -159,6 +164,10 @@ pub struct PeerAuthenticationSpec {
     /// Per-port overrides, keyed by port number.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub port_level_mtls: BTreeMap<String, Mtls>,
+    /// The mesh whose workloads it applies to, as for an AuthorizationPolicy: a root-namespace
+    /// policy is its mesh's mesh-wide setting (the default mesh's when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
 }
 
 impl PeerAuthenticationSpec {
@@ -171,6 +180,9 @@ impl PeerAuthenticationSpec {
                 Ok(p) if p > 0 && p.to_string() == *k => {}
                 _ => return Err(format!("portLevelMtls: key {k:?} is not a port number (1-65535, no leading zeros)")),
             }
+        }
+        if let Some(m) = self.mesh.as_deref().filter(|m| !crate::workload::is_dns_label(m)) {
+            return Err(format!("mesh: {m:?} is not a mesh name (lowercase letters, digits and '-')"));
         }
         if !self.port_level_mtls.is_empty() && self.selector.is_none() {
             return Err("portLevelMtls needs a selector: port-level settings apply to selected workloads only".into());

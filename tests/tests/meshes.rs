@@ -190,6 +190,20 @@ fn two_meshes_on_the_same_nodes_are_isolated() {
     assert_eq!((a.trust_domain.as_str(), a.namespaces.clone()), ("a.example", vec!["team-a".to_owned()]));
     assert!(a.root_not_after.is_some());
     assert!(m.problems.is_empty(), "{:?}", m.problems);
+
+    // A mesh-wide policy (root namespace) names its mesh: it reaches b's workloads, not a's.
+    t.write_config("b-wide.yaml", "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: b-deny-all, namespace: sockmesh-system}\nspec:\n  mesh: b\n  action: DENY\n  rules: [{}]\n").unwrap();
+    time_until(Duration::from_secs(30), || echo(&t, b1, &addr(&t, b2))["ok"] == false)
+        .expect("mesh b's mesh-wide DENY never took effect");
+    assert_eq!(echo(&t, a1, &addr(&t, a2))["ok"], true, "mesh b's mesh-wide policy reached mesh a");
+
+    // A namespace labelled for a mesh that does not exist: reported, and meshctl check says so.
+    t.write_config("lost.yaml", &namespace_doc("team-lost", "nope")).unwrap();
+    let warned = time_until(Duration::from_secs(30), || {
+        let out = t.node_command(n1, bin("meshctl")).unwrap().args(["check"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("no accepted Mesh nope")
+    });
+    assert!(warned.is_some(), "meshctl check did not warn about team-lost's mesh");
 }
 
 /// Federation: mesh `a` accepts identities of `b`, and an ALLOW in team-a names one `b`

@@ -187,13 +187,17 @@ impl ConfigState {
     /// selector); a port-level setting beats the policy's own; PERMISSIVE if none says.
     #[cfg(test)]
     pub fn mtls_mode(&self, root: &str, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
-        self.declared_mtls_mode(root, namespace, labels, port).unwrap_or(MtlsMode::Permissive)
+        let default = mesh_model::mesh::DEFAULT_MESH;
+        self.declared_mtls_mode(root, default, namespace, labels, port).unwrap_or(MtlsMode::Permissive)
     }
 
-    /// [`ConfigState::mtls_mode`] when a PeerAuthentication says.
+    /// [`ConfigState::mtls_mode`] when a PeerAuthentication says, for a workload of `mesh`: a
+    /// policy naming another mesh does not apply, and the root namespace's mesh-wide one is
+    /// the one for this mesh (the default mesh's when it names none).
     pub fn declared_mtls_mode(
         &self,
         root: &str,
+        mesh: &str,
         namespace: &str,
         labels: &BTreeMap<String, String>,
         port: u16,
@@ -209,11 +213,15 @@ impl ConfigState {
         let selects = |spec: &PeerAuthenticationSpec| {
             spec.selector.as_ref().is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
         };
+        let in_mesh = |p: &PeerAuth| match &p.spec.mesh {
+            Some(m) => m == mesh,
+            None => p.namespace != root || mesh == mesh_model::mesh::DEFAULT_MESH,
+        };
         type Tier<'a> = Box<dyn Fn(&PeerAuth) -> bool + 'a>;
         let tiers: [Tier<'_>; 3] = [
-            Box::new(|p| p.namespace == namespace && selects(&p.spec)),
-            Box::new(|p| p.namespace == namespace && p.spec.selector.is_none()),
-            Box::new(|p| p.namespace == root && p.spec.selector.is_none()),
+            Box::new(|p| in_mesh(p) && p.namespace == namespace && selects(&p.spec)),
+            Box::new(|p| in_mesh(p) && p.namespace == namespace && p.spec.selector.is_none()),
+            Box::new(|p| in_mesh(p) && p.namespace == root && p.spec.selector.is_none()),
         ];
         for tier in tiers {
             for p in self.peer_auth.iter().filter(|p| tier(p)) {
@@ -231,7 +239,7 @@ impl Snapshot {
     /// Decides a connection to a local workload, logging what AUDIT and dry-run policies saw.
     pub fn authorize(&self, wl: &LocalWorkload, facts: &Facts<'_>) -> Verdict {
         let rec = self.record_of(wl);
-        let policies = self.config.index.for_workload(&wl.key().namespace, &rec.workload.labels);
+        let policies = self.config.index.for_workload_in(rec.mesh(), &wl.key().namespace, &rec.workload.labels);
         let v = mesh_model::authz::authorize(facts, &policies);
         for name in &v.audited {
             tracing::info!(target: "policy", policy = %name, workload = %wl.key(), principal = facts.principal.unwrap_or("-"), source = %facts.source_ip, port = facts.dst_port, "AUDIT policy matched");
@@ -247,7 +255,7 @@ impl Snapshot {
     pub fn mtls_mode(&self, root: &str, wl: &LocalWorkload, port: u16) -> MtlsMode {
         let rec = self.record_of(wl);
         self.config
-            .declared_mtls_mode(root, &wl.key().namespace, &rec.workload.labels, port)
+            .declared_mtls_mode(root, rec.mesh(), &wl.key().namespace, &rec.workload.labels, port)
             .or_else(|| self.config.meshes.get(rec.mesh()).and_then(|m| m.mtls_mode))
             .unwrap_or(MtlsMode::Permissive)
     }

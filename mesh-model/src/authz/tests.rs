@@ -3,7 +3,7 @@ use crate::policy::{From, Operation, Rule, Source, To, WorkloadSelector};
 use proptest::prelude::*;
 
 fn spec(action: Action, rules: Vec<Rule>) -> AuthorizationPolicySpec {
-    AuthorizationPolicySpec { selector: None, action, rules, dry_run: false }
+    AuthorizationPolicySpec { selector: None, action, rules, dry_run: false, mesh: None }
 }
 
 fn from(src: Source) -> Rule {
@@ -339,7 +339,13 @@ fn arb_policy() -> impl Strategy<Value = AuthorizationPolicySpec> {
         proptest::collection::vec(arb_rule(), 0..3),
         any::<bool>(),
     )
-        .prop_map(|(action, rules, dry_run)| AuthorizationPolicySpec { selector: None, action, rules, dry_run })
+        .prop_map(|(action, rules, dry_run)| AuthorizationPolicySpec {
+            selector: None,
+            action,
+            rules,
+            dry_run,
+            mesh: None,
+        })
 }
 
 fn arb_facts() -> impl Strategy<Value = (Option<&'static str>, &'static str, u16)> {
@@ -378,4 +384,32 @@ proptest! {
         let all: Vec<Compiled> = ps.iter().enumerate().map(|(i, s)| pol(&format!("p{i}"), s.clone())).collect();
         prop_assert_eq!(decide(all, facts(p, ip, port)), decide(enforced, facts(p, ip, port)));
     }
+}
+
+/// A root-namespace policy is its mesh's: without `mesh` the default mesh's, with it that mesh's
+/// only; a namespace's policy applies to its workloads whatever their mesh, unless it names
+/// another (then it selects none). One mesh's mesh-wide DENY never reaches another mesh.
+#[test]
+fn mesh_wide_policies_stay_in_their_mesh() {
+    let deny_all = |mesh: Option<&str>| AuthorizationPolicySpec {
+        mesh: mesh.map(str::to_owned),
+        ..spec(Action::Deny, vec![Rule { from: vec![], to: vec![] }])
+    };
+    let idx = PolicyIndex::new(
+        "sockmesh-system",
+        [
+            Compiled::compile("sockmesh-system", "default-wide", &deny_all(None)).unwrap(),
+            Compiled::compile("sockmesh-system", "a-wide", &deny_all(Some("a"))).unwrap(),
+            Compiled::compile("team-a", "local", &deny_all(None)).unwrap(),
+            Compiled::compile("team-a", "for-b", &deny_all(Some("b"))).unwrap(),
+        ],
+    );
+    let names = |mesh: &str, ns: &str| idx.for_workload_in(mesh, ns, &BTreeMap::new()).names();
+    assert_eq!(names("default", "prod"), ["sockmesh-system/default-wide"]);
+    let mut a = names("a", "team-a");
+    a.sort();
+    assert_eq!(a, ["sockmesh-system/a-wide", "team-a/local"]);
+    assert!(names("b", "team-b").is_empty(), "{:?}", names("b", "team-b"));
+    let e = Compiled::compile("x", "y", &deny_all(Some("Not A Mesh"))).unwrap_err();
+    assert!(e.to_string().contains("mesh"), "{e}");
 }
