@@ -446,4 +446,34 @@ mod tests {
         let deleted = assemble(&BTreeMap::new(), vec![], &[], 4, &again);
         assert!(deleted.authz.is_empty());
     }
+
+    /// `kind: Mesh` and `kind: Namespace`: the example errors show parses; the namespace's label
+    /// puts its workloads in the mesh; a bad Mesh names its file and line; a Workload cannot
+    /// name its own mesh.
+    #[test]
+    fn meshes_and_namespaces_are_read_and_bad_ones_named() {
+        let c = parse_file(Path::new("m.yaml"), mesh_model::mesh::MESH_EXAMPLE).unwrap();
+        assert_eq!((c.meshes.len(), c.namespaces.len()), (1, 1));
+        let w = parse_file(Path::new("w.yaml"), "kind: Workload\nname: p\nnamespace: pay\nips: [10.0.0.1]\nnode: n1\n")
+            .unwrap();
+        let files = BTreeMap::from([(PathBuf::from("m.yaml"), c), (PathBuf::from("w.yaml"), w)]);
+        let m = assemble(&files, vec![], &[], 1, &Model::default());
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(m.workloads.values().next().unwrap().mesh.as_deref(), Some("payments"));
+        assert_eq!(m.meshes["payments"].trust_domain, "payments.example");
+
+        let e = parse_file(
+            Path::new("b.yaml"),
+            "kind: Workload\nname: w\nips: [10.0.0.1]\nnode: n1\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec: {trustDomain: x.example}\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("b.yaml:6:") && e.contains("default mesh"), "{e}");
+        let e = parse_file(Path::new("b.yaml"), "apiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: a}\nspec: {trustDomian: x.example}\n").unwrap_err();
+        assert!(e.contains("trustDomian") && e.contains("kind: Mesh"), "{e}");
+        let e = parse_file(Path::new("b.yaml"), "kind: Workload\nname: w\nips: [10.0.0.1]\nnode: n1\nmesh: a\n")
+            .unwrap_err();
+        assert!(e.contains("comes from its namespace"), "{e}");
+        let e = parse_file(Path::new("b.yaml"), "apiVersion: v2\nkind: Namespace\nmetadata: {name: a}\n").unwrap_err();
+        assert!(e.contains("expected \"v1\""), "{e}");
+    }
 }

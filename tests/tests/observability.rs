@@ -210,6 +210,9 @@ fn the_demo_tour_runs_and_leaves_nothing_behind() {
     assert!(text.contains("istio_tcp_connections_opened_total"), "{text}");
     assert!(text.contains("a -> b refused") && text.contains("result=\"deny_policy\""), "{text}");
     assert!(text.contains("a -> b works again"), "{text}");
+    assert!(text.contains("pay-1 -> pay-2 (same mesh, across nodes): ok=true"), "{text}");
+    assert!(text.contains("pay-1 -> shop-2 (another mesh): ok=false; shop-2's app saw 0 connection(s)"), "{text}");
+    assert!(text.contains("reason=\"other_mesh\""), "{text}");
     // Everything the demo made carries its topology id; none of it may remain.
     let id_line = text.lines().find(|l| l.contains("root CA and trust bundle in")).unwrap();
     let id = id_line.rsplit('/').nth(1).unwrap().trim_start_matches(PREFIX).split('-').next().unwrap().to_owned();

@@ -47,17 +47,33 @@ fn main() -> Result<()> {
     for p in [b, b2] {
         t.pods[p.0].labels.push(("tier".into(), "web".into()));
     }
+    // For the meshes step: pay-1 (n1) and pay-2 (n2) of namespace pay, shop-2 (n2) of shop.
+    let pay1 = t.add_pod(n1, "pay-1", true)?;
+    let pay2 = t.add_pod(n2, "pay-2", true)?;
+    let shop2 = t.add_pod(n2, "shop-2", true)?;
+    t.pods[pay1.0].namespace = "pay".into();
+    t.pods[pay2.0].namespace = "pay".into();
+    t.pods[shop2.0].namespace = "shop".into();
     t.write_workloads()?;
     say("starting the controller (the CA) on the fabric");
     let controller = t.start_controller(&[])?;
     println!("  root CA and trust bundle in {}", t.controller_dir().display());
-    for p in [a, c, b, b2] {
+    for p in [a, c, b, b2, pay1, pay2, shop2] {
         let pod = t.pod(p);
-        println!("  pod {:<2} on {}  ip {:<11} meshed={}", pod.name, t.node(pod.node).name, pod.ip, pod.meshed);
+        println!(
+            "  pod {:<6} of {:<7} on {}  ip {:<11} meshed={}",
+            pod.name,
+            pod.namespace,
+            t.node(pod.node).name,
+            pod.ip,
+            pod.meshed
+        );
     }
     let server = t.start_server(b, 8080)?;
     let server2 = t.start_server(b2, 8080)?;
-    println!("  echo servers listening in pods b and b2 on :8080");
+    let _pay_server = t.start_server(pay2, 8080)?;
+    let shop_server = t.start_server(shop2, 8080)?;
+    println!("  echo servers listening in pods b, b2, pay-2 and shop-2 on :8080");
 
     say("starting one agent per node");
     let mut agent1 = t.start_agent(n1, &[])?;
@@ -176,6 +192,35 @@ fn main() -> Result<()> {
     );
     println!("  to b: mutual TLS requiring b's identity; to b2 (same node as a): the node-local relay");
     println!("  $ meshctl services (on n1)\n{}", meshctl(&t, n1, &["services"])?);
+
+    say("several meshes on the same nodes: payments (namespace pay) and shop (namespace shop)");
+    let meshes = "apiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: payments}\nspec: {trustDomain: payments.example}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: shop}\nspec: {trustDomain: shop.example}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: pay, labels: {sockmesh.io/mesh: payments}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {sockmesh.io/mesh: shop}}\n";
+    println!("{}", meshes.lines().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n"));
+    t.write_config("meshes.yaml", meshes)?;
+    wait_for(Duration::from_secs(15), || {
+        Ok(http_get(&t.node(n2).netns, "127.0.0.1:15000", "/certificates")?.1.contains("spiffe://shop.example/"))
+    })?;
+    println!("  each mesh got its own root CA (in {}/meshes/); the pods' certificates were re-issued in their mesh's trust domain without a restart", t.controller_dir().display());
+    println!("  $ meshctl meshes (on n2)\n{}", meshctl(&t, n2, &["meshes"])?);
+    println!("  $ meshctl certs (on n2)\n{}", meshctl(&t, n2, &["certs"])?);
+    let pay_to = format!("{}:8080", t.pod(pay2).ip);
+    let shop_to = format!("{}:8080", t.pod(shop2).ip);
+    let r = t.pod_app(pay1, &["echo", "--to", &pay_to, "--bytes", "1000"])?;
+    println!("  pay-1 -> pay-2 (same mesh, across nodes): ok={}", r["ok"]);
+    let shop_before = shop_server.accepted()?.len();
+    let r = t.pod_app(pay1, &["echo", "--to", &shop_to, "--bytes", "1000", "--timeout-ms", "1000"])?;
+    println!(
+        "  pay-1 -> shop-2 (another mesh): ok={}; shop-2's app saw {} connection(s)",
+        r["ok"],
+        shop_server.accepted()?.len() - shop_before
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    for (name, n) in [("n1", n1), ("n2", n2)] {
+        let (_, m) = http_get(&t.node(n).netns, "127.0.0.1:15020", "/metrics")?;
+        for l in m.lines().filter(|l| l.starts_with("sockmesh_handshake_failures_total") && l.contains("other_mesh")) {
+            println!("  [{name}] {l}");
+        }
+    }
 
     say("what the agents counted (local API: {\"op\":\"stats\"})");
     for (name, ag) in [("n1", &agent1), ("n2", &agent2)] {
