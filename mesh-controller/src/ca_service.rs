@@ -97,7 +97,12 @@ impl CertificateService for CaService {
                     want: "the trust domain of a mesh of this controller".into(),
                 });
             };
-            signer.ca.sign(&body.csr, ttl.or(signer.ttl), |id| {
+            // A mesh's lifetime caps what the agent asks for, as --max-cert-ttl does.
+            let ttl = match (ttl, signer.ttl) {
+                (Some(asked), Some(mesh)) => Some(asked.min(mesh)),
+                (asked, mesh) => asked.or(mesh),
+            };
+            signer.ca.sign(&body.csr, ttl, |id| {
                 let (ns, sa) = id.workload_parts().expect("checked workload ID");
                 placement.authorize(&node, &signer.mesh, ns, sa)
             })

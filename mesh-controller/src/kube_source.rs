@@ -238,9 +238,9 @@ pub fn model_from(
     m
 }
 
-/// Runs the reflectors and publishes a new model after every change. `default_trust_domain`
-/// (the controller's) is what Mesh statuses are judged against.
-pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, default_trust_domain: String) {
+/// Runs the reflectors and publishes a new model after every change. Mesh statuses carry the
+/// mesh keeper's `verdicts`.
+pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, verdicts: Arc<crate::meshes::Verdicts>) {
     let (pods, pods_w) = reflector::store::<Pod>();
     let (mesh_store, meshes_w) = reflector::store::<Mesh>();
     let (nss, nss_w) = reflector::store::<Namespace>();
@@ -274,7 +274,7 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, def
     ]);
     let changed = Arc::new(tokio::sync::Notify::new());
     let stores = status::Stores { aps: aps.clone(), pas: pas.clone(), meshes: mesh_store.clone() };
-    tokio::spawn(status::run(client.clone(), stores, default_trust_domain, changed.clone()));
+    tokio::spawn(status::run(client.clone(), stores, verdicts, changed.clone()));
     let mut version = 0u64;
     while all.next().await.is_some() {
         changed.notify_one();

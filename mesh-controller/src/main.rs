@@ -258,8 +258,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (model_tx, model_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
     let (source_tx, mut source_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
     let signers: meshes::SharedSigners = Arc::new(RwLock::new(meshes::Signers::only_default(ca.clone())));
+    let mut keeper = meshes::Keeper::new(state_dir(&args), ca.clone(), args.cert_ttl, args.max_cert_ttl);
+    let verdicts = keeper.verdicts.clone();
     {
-        let mut keeper = meshes::Keeper::new(state_dir(&args), ca.clone(), args.cert_ttl, args.max_cert_ttl);
         let signers = signers.clone();
         tokio::spawn(async move {
             while source_rx.changed().await.is_ok() {
@@ -282,7 +283,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            tokio::spawn(kube_source::run(client, model_tx, args.trust_domain.clone()));
+            tokio::spawn(kube_source::run(client, model_tx, verdicts));
         }
     }
     let shared = Arc::new(RwLock::new(placement::Placement::default()));

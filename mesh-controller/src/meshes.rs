@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_identity::ca::Ca;
-use mesh_model::mesh::{check_meshes, MeshCa, DEFAULT_MESH, MESH_LABEL};
+use mesh_model::mesh::{check_meshes, DEFAULT_MESH, MESH_LABEL};
 use mesh_model::{MeshRecord, MeshSpec, WorkloadKey};
 
 use crate::model::Model;
@@ -50,6 +50,8 @@ impl Signers {
 pub type SharedSigners = Arc<RwLock<Signers>>;
 
 /// A root generated on first use and kept in `dir` (`root.pem`, and `root-key.pem` mode 0600).
+/// Each file is written whole and renamed into place, the key first: a crash in between leaves
+/// a key without a certificate, and the next start makes a new pair.
 pub fn load_or_generate(dir: &Path, trust_domain: &str, ttl: Duration, max_ttl: Duration) -> anyhow::Result<Ca> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -58,14 +60,17 @@ pub fn load_or_generate(dir: &Path, trust_domain: &str, ttl: Duration, max_ttl: 
     if !cert_path.exists() {
         let root = Ca::generate_root(trust_domain)?;
         use std::os::unix::fs::OpenOptionsExt;
+        let key_tmp = key_path.with_extension("pem.tmp");
+        let _ = std::fs::remove_file(&key_tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&key_path)
-            .with_context(|| format!("creating {}", key_path.display()))?;
+            .open(&key_tmp)
+            .with_context(|| format!("creating {}", key_tmp.display()))?;
         std::io::Write::write_all(&mut f, root.key_pem.as_bytes())?;
-        // Written whole and renamed: a reader never sees half a root.
+        f.sync_all()?;
+        std::fs::rename(&key_tmp, &key_path)?;
         let tmp = cert_path.with_extension("pem.tmp");
         std::fs::write(&tmp, &root.cert_pem)?;
         std::fs::rename(&tmp, &cert_path)?;
@@ -74,8 +79,24 @@ pub fn load_or_generate(dir: &Path, trust_domain: &str, ttl: Duration, max_ttl: 
     Ok(Ca::from_pem(trust_domain, &read(&cert_path)?, &read(&key_path)?, "", ttl, max_ttl)?)
 }
 
-/// What a mesh's CA was loaded for: a change reloads it.
-type CaSource = (String, Option<MeshCa>);
+/// What a mesh's CA was loaded from: the trust domain and, for the operator's CA, the files'
+/// contents (a rotated Secret is picked up at the next change of the model, or restart).
+type CaSource = (String, Option<(String, String, String)>);
+
+/// The keeper's verdict on each Mesh (valid alone, then against the others, then its CA), for
+/// the status writer; `changed` wakes it.
+#[derive(Default)]
+pub struct Verdicts {
+    map: RwLock<BTreeMap<String, Result<(), String>>>,
+    pub changed: tokio::sync::Notify,
+}
+
+impl Verdicts {
+    /// The verdict on `name`, if the keeper has judged it.
+    pub fn get(&self, name: &str) -> Option<Result<(), String>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+}
 
 pub struct Keeper {
     state_dir: PathBuf,
@@ -83,21 +104,45 @@ pub struct Keeper {
     cert_ttl: Duration,
     max_ttl: Duration,
     loaded: BTreeMap<String, (CaSource, Arc<Ca>)>,
+    /// The meshes accepted last time: in a conflict (one trust domain claimed twice) they keep
+    /// it, and the newcomer is refused.
+    accepted_before: std::collections::BTreeSet<String>,
+    pub verdicts: Arc<Verdicts>,
 }
 
 impl Keeper {
     pub fn new(state_dir: &Path, default: Arc<Ca>, cert_ttl: Duration, max_ttl: Duration) -> Keeper {
-        Keeper { state_dir: state_dir.to_owned(), default, cert_ttl, max_ttl, loaded: BTreeMap::new() }
+        Keeper {
+            state_dir: state_dir.to_owned(),
+            default,
+            cert_ttl,
+            max_ttl,
+            loaded: BTreeMap::new(),
+            accepted_before: Default::default(),
+            verdicts: Default::default(),
+        }
     }
 
     fn ca_for(&mut self, name: &str, spec: &MeshSpec) -> Result<Arc<Ca>, String> {
-        let source = (spec.trust_domain.clone(), spec.ca.clone());
+        let read = |what: &str, p: &str| {
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("ca.{what} {p}: {e}; the controller must be able to read it"))
+        };
+        let files = match &spec.ca {
+            None => None,
+            Some(f) => Some((
+                read("certFile", &f.cert_file)?,
+                read("keyFile", &f.key_file)?,
+                f.chain_file.as_deref().map(|p| read("chainFile", p)).transpose()?.unwrap_or_default(),
+            )),
+        };
+        let source = (spec.trust_domain.clone(), files);
         if let Some((s, ca)) = self.loaded.get(name) {
             if *s == source {
                 return Ok(ca.clone());
             }
         }
-        let ca = match &spec.ca {
+        let ca = match &source.1 {
             None => load_or_generate(
                 &self.state_dir.join("meshes").join(name),
                 &spec.trust_domain,
@@ -105,22 +150,8 @@ impl Keeper {
                 self.max_ttl,
             )
             .map_err(|e| format!("its CA: {e:#}"))?,
-            Some(files) => {
-                let read = |what: &str, p: &str| {
-                    std::fs::read_to_string(p)
-                        .map_err(|e| format!("ca.{what} {p}: {e}; the controller must be able to read it"))
-                };
-                let chain = files.chain_file.as_deref().map(|p| read("chainFile", p)).transpose()?.unwrap_or_default();
-                Ca::from_pem(
-                    &spec.trust_domain,
-                    &read("certFile", &files.cert_file)?,
-                    &read("keyFile", &files.key_file)?,
-                    &chain,
-                    self.cert_ttl,
-                    self.max_ttl,
-                )
-                .map_err(|e| format!("ca: {e}"))?
-            }
+            Some((cert, key, chain)) => Ca::from_pem(&spec.trust_domain, cert, key, chain, self.cert_ttl, self.max_ttl)
+                .map_err(|e| format!("ca: {e}"))?,
         };
         let ca = Arc::new(ca);
         self.loaded.insert(name.to_owned(), (source, ca.clone()));
@@ -130,22 +161,55 @@ impl Keeper {
     /// Admits the model's meshes (see the module's documentation) and returns the signers.
     pub fn admit(&mut self, m: &mut Model) -> Signers {
         let mut signers = Signers::only_default(self.default.clone());
-        let verdicts = check_meshes(self.default.trust_domain(), m.meshes.iter().map(|(n, s)| (n.as_str(), s)));
-        let mut accepted: BTreeMap<String, MeshSpec> = BTreeMap::new();
         let meshes = std::mem::take(&mut m.meshes);
-        for ((name, spec), verdict) in meshes.into_iter().zip(verdicts) {
-            match verdict.and_then(|()| self.ca_for(&name, &spec)) {
+        // Those accepted before first: a newcomer cannot take an established mesh's trust domain.
+        let mut order: Vec<(String, MeshSpec)> = meshes.into_iter().collect();
+        order.sort_by_key(|(n, _)| (!self.accepted_before.contains(n), n.clone()));
+        let verdicts = check_meshes(self.default.trust_domain(), order.iter().map(|(n, s)| (n.as_str(), s)));
+        let mut accepted: BTreeMap<String, MeshSpec> = BTreeMap::new();
+        let mut judged: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+        // Roots already in use: two meshes must not share one, or one mesh's CA (or any CA
+        // under that root) could sign the other's identities.
+        let mut roots: Vec<(String, String)> =
+            self.default.roots_pem().iter().map(|r| (r.trim().to_owned(), DEFAULT_MESH.to_owned())).collect();
+        for ((name, spec), verdict) in order.into_iter().zip(verdicts) {
+            let ca = verdict.and_then(|()| self.ca_for(&name, &spec)).and_then(|ca| {
+                match ca.roots_pem().iter().find_map(|r| roots.iter().find(|(x, _)| x == r.trim())) {
+                    Some((_, other)) => Err(format!(
+                        "its CA's root is also mesh {other}'s; each mesh needs a root of its own (an intermediate under a shared root would let one mesh's CA sign another's identities)"
+                    )),
+                    None => Ok(ca),
+                }
+            });
+            match ca {
                 Ok(ca) => {
+                    roots.extend(ca.roots_pem().iter().map(|r| (r.trim().to_owned(), name.clone())));
                     let ttl = spec.cert_ttl_seconds.map(Duration::from_secs);
                     let signer = Signer { mesh: name.clone(), ca, ttl };
                     signers.by_trust_domain.insert(spec.trust_domain.clone(), Arc::new(signer));
+                    judged.insert(name.clone(), Ok(()));
                     accepted.insert(name, spec);
                 }
                 Err(e) => {
-                    let e = format!("Mesh {name} rejected: {e}");
-                    tracing::error!(error = %e, "Mesh rejected; its namespaces' workloads get no certificates");
-                    m.errors.push(e);
+                    let msg = format!("Mesh {name} rejected: {e}");
+                    tracing::error!(error = %msg, "Mesh rejected; its namespaces' workloads get no certificates");
+                    m.errors.push(msg);
+                    judged.insert(name, Err(e));
                 }
+            }
+        }
+        // Trust in a mesh that is not there is left out (reported), not held against the mesh
+        // that trusts: deleting one mesh must not take down the meshes that trusted it.
+        let names: Vec<String> = accepted.keys().cloned().collect();
+        for (name, spec) in accepted.iter_mut() {
+            let missing: Vec<String> =
+                spec.trust.iter().filter(|t| t.as_str() != DEFAULT_MESH && !names.contains(t)).cloned().collect();
+            if !missing.is_empty() {
+                m.errors.push(format!(
+                    "Mesh {name}: trust names {}, which is no accepted Mesh; ignored until it is",
+                    missing.join(", ")
+                ));
+                spec.trust.retain(|t| !missing.contains(t));
             }
         }
         for (ns, mesh) in &m.namespace_meshes {
@@ -163,8 +227,16 @@ impl Keeper {
             .filter(|w| w.mesh.as_ref().is_some_and(|x| !accepted.contains_key(x)))
             .map(|w| w.key())
             .collect();
+        let mut orphan_ips = std::collections::HashSet::new();
         for k in orphans {
-            m.workloads.remove(&k);
+            if let Some(w) = m.workloads.remove(&k) {
+                orphan_ips.extend(w.ips);
+            }
+        }
+        // Nor are they anyone's Service endpoint: an endpoint that is no workload would be
+        // reached in plain TCP.
+        for svc in m.services.values_mut() {
+            svc.endpoints.retain(|e| !orphan_ips.contains(&e.address));
         }
         m.mesh_records.clear();
         if !accepted.is_empty() {
@@ -202,7 +274,10 @@ impl Keeper {
             }
             m.mesh_records = records.into_iter().map(|r| (r.name.clone(), r)).collect();
         }
+        self.accepted_before = accepted.keys().cloned().collect();
         m.meshes = accepted;
+        *self.verdicts.map.write().unwrap_or_else(|e| e.into_inner()) = judged;
+        self.verdicts.changed.notify_one();
         signers
     }
 }
@@ -283,5 +358,139 @@ mod tests {
         let mut plain = model("kind: Workload\nname: d\nips: [10.0.0.3]\nnode: n1\n");
         keeper.admit(&mut plain);
         assert!(plain.mesh_records.is_empty());
+    }
+
+    /// A mesh with the operator's CA: an intermediate under an external root, from files. The
+    /// mesh's roots are the external root; what it signs carries the intermediate; a file it
+    /// cannot read rejects the mesh with the path named.
+    #[test]
+    fn an_operator_provided_intermediate_signs_for_its_mesh() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let external = Ca::generate_root("ext.example").unwrap();
+        let int_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer =
+            Issuer::from_ca_cert_pem(&external.cert_pem, KeyPair::from_pem(&external.key_pem).unwrap()).unwrap();
+        let int = p.signed_by(&int_key, &issuer).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let ca = mesh_model::mesh::MeshCa {
+            cert_file: write("int.pem", &int.pem()),
+            key_file: write("int-key.pem", &int_key.serialize_pem()),
+            chain_file: Some(write("root.pem", &external.cert_pem)),
+        };
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let default = Arc::new(
+            Ca::from_pem(
+                "cluster.local",
+                &root.cert_pem,
+                &root.key_pem,
+                "",
+                Duration::from_secs(60),
+                Duration::from_secs(600),
+            )
+            .unwrap(),
+        );
+        let mut keeper = Keeper::new(dir.path(), default, Duration::from_secs(60), Duration::from_secs(600));
+        let mut m = Model::default();
+        let spec = MeshSpec { trust_domain: "ext.example".into(), ca: Some(ca.clone()), ..Default::default() };
+        m.admit_mesh("ext", &spec, "Mesh".into());
+        let signers = keeper.admit(&mut m);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(m.mesh_records["ext"].roots, [external.cert_pem.trim().to_owned() + "\n"]);
+        let id = mesh_identity::SpiffeId::workload("ext.example", "ns", "sa").unwrap();
+        let (_, csr) = mesh_identity::ca::workload_csr(&id).unwrap();
+        let (_, chain) = signers.for_trust_domain("ext.example").unwrap().ca.sign(&csr, None, |_| Ok(())).unwrap();
+        assert_eq!(chain.len(), 2, "leaf and intermediate");
+
+        let mut gone = Model::default();
+        let missing = mesh_model::mesh::MeshCa { cert_file: "/nonexistent/int.pem".into(), ..ca };
+        gone.admit_mesh("ext", &MeshSpec { ca: Some(missing), ..spec }, "Mesh".into());
+        keeper.admit(&mut gone);
+        assert!(gone.meshes.is_empty());
+        assert!(gone.errors.iter().any(|e| e.contains("/nonexistent/int.pem")), "{:?}", gone.errors);
+    }
+
+    /// What the review of the first version found: an established mesh keeps its trust domain
+    /// against a newcomer; trust in a mesh that is gone is dropped, not held against the
+    /// trusting mesh; two meshes cannot share a root; an orphan is nobody's Service endpoint; a
+    /// key left without its certificate (a crash while generating) gets a new pair.
+    #[test]
+    fn established_meshes_keep_their_ground_and_orphans_are_no_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Ca::generate_root("cluster.local").unwrap();
+        let day = Duration::from_secs(86_400);
+        let default = Arc::new(Ca::from_pem("cluster.local", &root.cert_pem, &root.key_pem, "", day, day).unwrap());
+        let mut keeper = Keeper::new(dir.path(), default, day, day);
+        let spec = |td: &str, trust: &[&str]| MeshSpec {
+            trust_domain: td.into(),
+            trust: trust.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let mut m = Model::default();
+        m.admit_mesh("pay", &spec("pay.example", &["shop"]), "Mesh".into());
+        m.admit_mesh("shop", &spec("shop.example", &[]), "Mesh".into());
+        keeper.admit(&mut m);
+        assert_eq!(m.meshes.len(), 2, "{:?}", m.errors);
+        assert_eq!(m.mesh_records["pay"].trust, ["shop"]);
+
+        // "aaa" sorts first but comes later: pay keeps its trust domain. shop deleted: pay stays,
+        // its trust in shop dropped and reported.
+        let mut m = Model::default();
+        m.admit_mesh("aaa", &spec("pay.example", &[]), "Mesh".into());
+        m.admit_mesh("pay", &spec("pay.example", &["shop"]), "Mesh".into());
+        keeper.admit(&mut m);
+        assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["pay"], "{:?}", m.errors);
+        assert_eq!(
+            keeper.verdicts.get("aaa").unwrap().unwrap_err(),
+            "trustDomain \"pay.example\" is mesh pay's; each mesh needs its own"
+        );
+        assert!(m.mesh_records["pay"].trust.is_empty());
+        assert!(m.errors.iter().any(|e| e.contains("trust names shop")), "{:?}", m.errors);
+
+        // A mesh whose CA files are the default mesh's root: refused.
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let same = mesh_model::mesh::MeshCa {
+            cert_file: write("r.pem", &root.cert_pem),
+            key_file: write("k.pem", &root.key_pem),
+            chain_file: None,
+        };
+        let mut m = Model::default();
+        m.admit_mesh("twin", &MeshSpec { ca: Some(same), ..spec("twin.example", &[]) }, "Mesh".into());
+        keeper.admit(&mut m);
+        assert!(m.meshes.is_empty());
+        assert!(keeper.verdicts.get("twin").unwrap().unwrap_err().contains("also mesh default's"));
+
+        // An orphan's address leaves the Services that listed it.
+        let mut m = model("kind: Workload\nname: x\nnamespace: lost\nips: [10.0.0.9]\nnode: n1\n");
+        m.set_namespaces(&BTreeMap::from([(
+            "lost".to_owned(),
+            BTreeMap::from([(MESH_LABEL.to_owned(), "nope".to_owned())]),
+        )]));
+        let svc: mesh_model::Service = serde_yaml::from_str(
+            "name: web\nnamespace: lost\naddresses: [10.96.0.9]\nports: [{port: 80}]\nendpoints: [{address: 10.0.0.9}, {address: 192.0.2.1}]\n",
+        )
+        .unwrap();
+        m.services.insert(("lost".into(), "web".into()), svc);
+        keeper.admit(&mut m);
+        let eps: Vec<String> =
+            m.services.values().next().unwrap().endpoints.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(eps, ["192.0.2.1"]);
+
+        // A key without its certificate: a new pair, not a refusal.
+        let half = dir.path().join("half");
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::write(half.join("root-key.pem"), "left by a crash").unwrap();
+        let ca = load_or_generate(&half, "half.example", day, day).unwrap();
+        assert_eq!(ca.trust_domain(), "half.example");
     }
 }

@@ -25,8 +25,13 @@ fn addr(t: &Topology, p: PodId) -> String {
 }
 
 fn mesh_doc(name: &str, td: &str, trust: &[&str]) -> String {
+    mesh_doc_with(name, td, trust, "")
+}
+
+/// A Mesh document; `extra`: more lines of its spec.
+fn mesh_doc_with(name: &str, td: &str, trust: &[&str], extra: &str) -> String {
     format!(
-        "apiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  trust: [{}]\n---\n",
+        "apiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  trust: [{}]\n{extra}---\n",
         trust.join(", ")
     )
 }
@@ -51,7 +56,7 @@ fn wait_certs(t: &Topology, n: NodeId, ids: &[String]) {
 }
 
 /// Two nodes; on each a pod of team-a (mesh `a`) and of team-b (mesh `b`); a third pod of
-/// team-b (its own service account) on n2.
+/// team-b (its own service account) and a pod outside the mesh, `p`, on n2.
 struct Cluster {
     t: Topology,
     n1: NodeId,
@@ -61,6 +66,7 @@ struct Cluster {
     b1: PodId,
     b2: PodId,
     b3: PodId,
+    p: PodId,
 }
 
 fn cluster(name: &str, config: &str) -> (Cluster, Controller, Agent, Agent, Vec<Server>) {
@@ -72,6 +78,7 @@ fn cluster(name: &str, config: &str) -> (Cluster, Controller, Agent, Agent, Vec<
     let a2 = t.add_pod(n2, "a2", true).unwrap();
     let b2 = t.add_pod(n2, "b2", true).unwrap();
     let b3 = t.add_pod(n2, "b3", true).unwrap();
+    let p = t.add_pod(n2, "p", false).unwrap();
     for (p, ns) in [(a1, "team-a"), (a2, "team-a"), (b1, "team-b"), (b2, "team-b"), (b3, "team-b")] {
         t.pods[p.0].namespace = ns.into();
     }
@@ -83,12 +90,13 @@ fn cluster(name: &str, config: &str) -> (Cluster, Controller, Agent, Agent, Vec<
     let agent2 = t.start_agent(n2, &[]).unwrap();
     t.wait_ready(n1).unwrap();
     t.wait_ready(n2).unwrap();
-    (Cluster { t, n1, n2, a1, a2, b1, b2, b3 }, ctl, agent1, agent2, servers)
+    (Cluster { t, n1, n2, a1, a2, b1, b2, b3, p }, ctl, agent1, agent2, servers)
 }
 
+/// Mesh `a` (certificates of an hour) and mesh `b` (STRICT by default).
 fn two_meshes(trust_a: &[&str]) -> String {
-    let mut y = mesh_doc("a", "a.example", trust_a);
-    y.push_str(&mesh_doc("b", "b.example", &[]));
+    let mut y = mesh_doc_with("a", "a.example", trust_a, "  certTtlSeconds: 3600\n");
+    y.push_str(&mesh_doc_with("b", "b.example", &[], "  mtlsMode: STRICT\n"));
     y.push_str(&namespace_doc("team-a", "a"));
     y.push_str(&namespace_doc("team-b", "b"));
     y
@@ -105,7 +113,7 @@ fn id(td: &str, ns: &str, sa: &str) -> String {
 #[test]
 fn two_meshes_on_the_same_nodes_are_isolated() {
     let (c, _ctl, agent1, agent2, servers) = cluster("mesh-iso", &two_meshes(&[]));
-    let Cluster { t, n1, n2, a1, a2, b1, b2, .. } = c;
+    let Cluster { t, n1, n2, a1, a2, b1, b2, p, .. } = c;
     wait_certs(&t, n1, &[id("a.example", "team-a", "sa-a1"), id("b.example", "team-b", "sa-b1")]);
     wait_certs(&t, n2, &[id("a.example", "team-a", "sa-a2"), id("b.example", "team-b", "sa-b2")]);
 
@@ -155,11 +163,22 @@ fn two_meshes_on_the_same_nodes_are_isolated() {
         "b2's agent did not log the refusal with its reason"
     );
 
-    // Each mesh's certificates chain to its root, and to no other mesh's.
+    // A mesh's defaults: b is STRICT (plaintext from a pod outside the mesh refused), a is
+    // PERMISSIVE (let through).
+    assert_eq!(echo(&t, p, &addr(&t, b2))["ok"], false, "plaintext reached b2 although mesh b is STRICT");
+    assert_eq!(echo(&t, p, &addr(&t, a2))["ok"], true, "mesh a is PERMISSIVE");
+
+    // Each mesh's certificates chain to its root, and to no other mesh's: the chains as
+    // `meshctl certs -o json` shows them.
     let root =
         |mesh: &str| std::fs::read_to_string(t.controller_dir().join("meshes").join(mesh).join("root.pem")).unwrap();
     let default_root = std::fs::read_to_string(t.controller_dir().join("root.pem")).unwrap();
-    let held = certs(&t, n1);
+    let out = t.node_command(n1, bin("meshctl")).unwrap().args(["-o", "json", "certs"]).output().unwrap();
+    let held: Vec<CertInfo> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("meshctl certs -o json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    // Mesh a's certificates live an hour (its certTtlSeconds), back-dated a minute.
+    let a1_cert = held.iter().find(|c| c.identity == id("a.example", "team-a", "sa-a1")).unwrap();
+    assert_eq!(a1_cert.not_after.unwrap() - a1_cert.not_before.unwrap(), 3600 + 60, "{a1_cert:?}");
     for (identity, td, own, others) in [
         (id("a.example", "team-a", "sa-a1"), "a.example", root("a"), [root("b"), default_root.clone()]),
         (id("b.example", "team-b", "sa-b1"), "b.example", root("b"), [root("a"), default_root.clone()]),
@@ -211,9 +230,8 @@ fn two_meshes_on_the_same_nodes_are_isolated() {
 /// refused by policy (it passed the handshake); `b` does not accept `a` back.
 #[test]
 fn federation_lets_exactly_the_allowed_principal_through() {
-    let mut config = two_meshes(&["b"]);
-    config.push_str("apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: allow-b2, namespace: team-a}\nspec:\n  selector: {matchLabels: {app: a1}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {principals: [\"b.example/ns/team-b/sa/sa-b2\"]}\n");
-    let (c, _ctl, agent1, _agent2, servers) = cluster("mesh-fed", &config);
+    let policy = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: allow-b2, namespace: team-a}\nspec:\n  selector: {matchLabels: {app: a1}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {principals: [\"b.example/ns/team-b/sa/sa-b2\"]}\n";
+    let (c, _ctl, agent1, _agent2, servers) = cluster("mesh-fed", &(two_meshes(&["b"]) + policy));
     let Cluster { t, n1, n2, a1, b1, b2, b3, a2, .. } = c;
     wait_certs(&t, n1, &[id("a.example", "team-a", "sa-a1"), id("b.example", "team-b", "sa-b1")]);
     wait_certs(&t, n2, &[id("b.example", "team-b", "sa-b2"), id("b.example", "team-b", "sa-b3")]);
@@ -252,6 +270,17 @@ fn federation_lets_exactly_the_allowed_principal_through() {
         &[("direction", "inbound"), ("reason", "other_mesh")],
     );
     assert!(n2_other.unwrap_or(0.0) >= 1.0, "{}", scrape(&t, n2));
+
+    // The trust withdrawn: b2 is refused again, although its agent has a tunnel to a1 open
+    // from before (the pool drops it, and a1's agent checks every new stream).
+    t.write_config("meshes.yaml", &(two_meshes(&[]) + policy)).unwrap();
+    time_until(Duration::from_secs(30), || echo(&t, b2, &addr(&t, a1))["ok"] == false)
+        .expect("b2 still reaches a1 after mesh a stopped trusting mesh b");
+    let after = servers[0].accepted().unwrap().len();
+    for _ in 0..3 {
+        assert_eq!(echo(&t, b2, &addr(&t, a1))["ok"], false, "b2 let through again");
+    }
+    assert_eq!(servers[0].accepted().unwrap().len(), after, "a1's app saw a connection after the trust ended");
 }
 
 /// A namespace relabelled from mesh `a` to mesh `b`: its pod gets a `b` certificate (no
@@ -307,4 +336,12 @@ fn a_namespace_moved_to_another_mesh_changes_its_pods_certificates_and_peers() {
         "the tunnel made with x's old identity stayed open: {r}"
     );
     assert!(agent1.log_text().contains("its tunnels made with the old one are closed"));
+
+    // Relabelled for a mesh that does not exist: x is refused, not left in mesh b until its
+    // certificate expires.
+    t.write_config("meshes.yaml", &config("nope")).unwrap();
+    let in_b = id("b.example", "team-x", "sa-x");
+    let dropped = time_until(Duration::from_secs(30), || !certs(&t, n1).iter().any(|c| c.identity == in_b));
+    assert!(dropped.is_some(), "x kept its mesh-b certificate: {:?}", certs(&t, n1));
+    assert_eq!(echo(&t, x, &addr(&t, b2))["ok"], false, "x, in no mesh now, still reaches b2");
 }

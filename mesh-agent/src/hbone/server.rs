@@ -46,6 +46,8 @@ pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: T
 
 async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
+    // Subscribed before the identity is read: a change from here on closes the connection.
+    let changes = wl.identity_changes();
     let Some(cert) = inputs.identities.current(&wl.spiffe_id()) else {
         inputs.metrics.refused(Direction::Inbound, &Reason::NoCertificate);
         tracing::warn!(workload = %wl.key(), %peer, "refused HBONE connection: this workload has no certificate yet");
@@ -54,7 +56,7 @@ async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpSt
     // Each poll of this connection's task writes once (see batch.rs).
     let io = BatchIo::new(tcp);
     let batcher = io.batcher();
-    batcher.run(Box::pin(tunnel(inputs, wl, cert, io, peer))).await
+    batcher.run(Box::pin(tunnel(inputs, wl, cert, io, peer, changes))).await
 }
 
 async fn tunnel(
@@ -63,8 +65,10 @@ async fn tunnel(
     cert: Arc<WorkloadCert>,
     io: BatchIo,
     peer: SocketAddr,
+    changes: tokio::sync::watch::Receiver<Arc<crate::state::KnownWorkload>>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let served = cert.id.clone();
     drop(cert);
     let failed = |failure: HandshakeFailure, error: &dyn std::fmt::Display| {
         tracing::warn!(workload = %wl.key(), %peer, reason = failure.label(), error = %error, "HBONE handshake refused");
@@ -95,7 +99,11 @@ async fn tunnel(
     let peer_id = Arc::new(peer_id);
     // Accepted for the identity this workload has now: if it changes (its namespace moved to
     // another mesh), the connection and its streams are closed.
-    let mut changed = Box::pin(crate::state::identity_changed(wl.identity_changes()));
+    if *wl.spiffe_id() != served {
+        tracing::info!(workload = %wl.key(), %peer, "HBONE connection closed: this workload's identity changed during the handshake");
+        return;
+    }
+    let mut changed = Box::pin(crate::state::identity_changed(changes));
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
@@ -176,6 +184,15 @@ async fn stream(
         // No policy known yet: nothing is admitted on a guess.
         inputs.conns.refused(&rec, Reason::NoConfig, started, &Reason::NoConfig);
         status(&mut respond, StatusCode::FORBIDDEN);
+        return None;
+    }
+    // The handshake checked the peer's mesh; trust withdrawn since is enforced per stream.
+    let peer_mesh = snap.config.mesh_of_trust_domain(peer_id.trust_domain(), inputs.state.trust_domain());
+    if peer_mesh.is_none_or(|m| !snap.config.accepts(wl.known().mesh(), m)) {
+        let h = HandshakeFailure::Verify(VerifyError::OtherMesh { got: peer_id.trust_domain().to_owned() });
+        let reason = Reason::Tunnel(crate::outcome::TunnelFailure::Handshake(h));
+        inputs.conns.refused(&rec, reason.clone(), started, &reason);
+        status(&mut respond, StatusCode::UNAUTHORIZED);
         return None;
     }
     let principal = peer_id.to_string();

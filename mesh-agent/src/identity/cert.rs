@@ -12,6 +12,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 const CLIENT_CONFIGS_MAX: usize = 4096;
 
 pub struct WorkloadCert {
+    /// Whose it is.
+    pub id: SpiffeId,
     pub chain: Vec<CertificateDer<'static>>,
     key: PrivatePkcs8KeyDer<'static>,
     /// Seconds since the epoch.
@@ -54,6 +56,7 @@ impl WorkloadCert {
     /// `clients`: what the clients of its HBONE listener are verified against (its mesh's trust
     /// domain, and those its mesh trusts); `servers`: what the peers its tunnels go to are.
     pub fn new(
+        id: SpiffeId,
         chain: Vec<CertificateDer<'static>>,
         key: PrivatePkcs8KeyDer<'static>,
         clients: Arc<LiveBundle>,
@@ -72,6 +75,7 @@ impl WorkloadCert {
         server.send_tls13_tickets = 0;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(WorkloadCert {
+            id,
             chain,
             key,
             not_after,

@@ -351,7 +351,7 @@ impl Identities {
         let servers = self.trust.servers();
         servers.load().verify(leaf, rest, mesh_identity::verify::KeyUsage::client_auth(), UnixTime::now(), Some(id))?;
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
-        Ok(WorkloadCert::new(chain, key, self.trust.clients(id.trust_domain()), servers, now_secs())?)
+        Ok(WorkloadCert::new(id.clone(), chain, key, self.trust.clients(id.trust_domain()), servers, now_secs())?)
     }
 }
 

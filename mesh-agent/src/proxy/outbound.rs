@@ -212,8 +212,9 @@ pub async fn open(
     let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
     let service = rec.service.as_ref().map(|s| s.key.clone());
     let to = Destination { id: &dst_wl.spiffe_id, hbone_addr: hbone, target: dst, service: service.as_deref() };
-    let src_id = wl.spiffe_id();
-    let src = Source { key: wl.key(), id: &src_id, cert, client, identity: Some(&wl.known) };
+    // The source identity is the certificate's: the tunnel is what that certificate proves,
+    // whatever the workload's identity has become meanwhile (the pool then closes it).
+    let src = Source { key: wl.key(), id: &cert.id, cert, client, identity: Some(&wl.known) };
     let timeout = inputs.settings.connect_timeout;
     let opened = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(hbone, None, timeout), early)).await;
     let sent_early = early.any();
@@ -222,7 +223,8 @@ pub async fn open(
         // certificate after we verified its own, so what we see is the connection ending):
         // said as what it is, as the peer says it.
         let snap = inputs.state.load();
-        let other_mesh = !snap.config.accepts(dst_wl.mesh(), wl.known().mesh())
+        let src_mesh = snap.config.mesh_of_trust_domain(cert.id.trust_domain(), inputs.state.trust_domain());
+        let other_mesh = src_mesh.is_none_or(|m| !snap.config.accepts(dst_wl.mesh(), m))
             && matches!(e.failure(), TunnelFailure::Handshake(_) | TunnelFailure::H2 | TunnelFailure::Closed);
         drop(snap);
         if other_mesh {

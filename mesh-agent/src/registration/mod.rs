@@ -375,14 +375,28 @@ impl Registry {
         let mut changed = 0;
         for r in inner.registered.values() {
             let cur = r.wl.known();
-            let Some(rec) = snap.config.by_key.get(r.wl.key()) else { continue };
-            if rec.spiffe_id == cur.spiffe_id {
-                continue;
-            }
-            let next = crate::state::KnownWorkload {
-                key: cur.key.clone(),
-                workload: Workload { mesh: rec.workload.mesh.clone(), ..cur.workload.clone() },
-                spiffe_id: rec.spiffe_id.clone(),
+            let next = match snap.config.by_key.get(r.wl.key()) {
+                Some(rec) if rec.spiffe_id == cur.spiffe_id => continue,
+                Some(rec) => crate::state::KnownWorkload {
+                    key: cur.key.clone(),
+                    workload: Workload { mesh: rec.workload.mesh.clone(), ..cur.workload.clone() },
+                    spiffe_id: rec.spiffe_id.clone(),
+                },
+                // It was in a mesh by the controller's word, and the controller no longer has
+                // it (its namespace names a mesh that is not there): back to its own record's
+                // identity, which the CA signs for no one, so it is refused rather than kept in
+                // the old mesh until its certificate expires.
+                None if snap.config.version > 0 && cur.workload.mesh.is_some() => {
+                    let own = Workload { mesh: None, ..cur.workload.clone() };
+                    match crate::state::KnownWorkload::new(self.state.trust_domain(), own) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            tracing::error!(workload = %r.wl.key(), error = %e, "no identity to fall back to");
+                            continue;
+                        }
+                    }
+                }
+                None => continue,
             };
             tracing::info!(workload = %r.wl.key(), from = %cur.spiffe_id, to = %next.spiffe_id, mesh = next.mesh(), "workload identity changed: a new certificate, and its tunnels made with the old one are closed");
             self.identities.acquire(&next.spiffe_id);

@@ -176,6 +176,15 @@ impl ConfigState {
         ConfigState { version, workloads, by_key, ..Default::default() }
     }
 
+    /// The mesh whose trust domain is `td` (`default_td`, the agent's own, is the default
+    /// mesh's while no meshes are pushed).
+    pub fn mesh_of_trust_domain<'a>(&'a self, td: &str, default_td: &str) -> Option<&'a str> {
+        if self.meshes.is_empty() {
+            return (td == default_td).then_some(mesh_model::mesh::DEFAULT_MESH);
+        }
+        self.meshes.values().find(|m| m.trust_domain == td).map(|m| m.name.as_str())
+    }
+
     /// Whether workloads of mesh `server` accept peers of mesh `client`: their own mesh, and
     /// the meshes theirs trusts.
     pub fn accepts(&self, server: &str, client: &str) -> bool {

@@ -20,6 +20,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mesh_model::authz::Compiled;
 use mesh_model::policy::{AuthorizationPolicy, Condition, PeerAuthentication, PolicyStatus};
 use mesh_model::Mesh;
+
+use crate::meshes::Verdicts;
 use serde::de::DeserializeOwned;
 
 pub const ACCEPTED: &str = "Accepted";
@@ -33,28 +35,6 @@ pub fn verdict_authz(ap: &AuthorizationPolicy) -> Result<(), String> {
 
 pub fn verdict_peer(pa: &PeerAuthentication) -> Result<(), String> {
     pa.spec.validate()
-}
-
-/// Whether each Mesh is admitted, and if not, why: valid on its own, then (by name, as the
-/// model admits them) against the others and the default mesh's trust domain.
-pub fn mesh_verdicts(meshes: &[Arc<Mesh>], default_trust_domain: &str) -> HashMap<String, Result<(), String>> {
-    let mut sorted: Vec<&Arc<Mesh>> = meshes.iter().collect();
-    sorted.sort_by_key(|m| m.name_any());
-    let mut out = HashMap::new();
-    let mut valid = Vec::new();
-    for m in sorted {
-        match m.spec.validate(&m.name_any()) {
-            Ok(()) => valid.push((m.name_any(), &m.spec)),
-            Err(e) => {
-                out.insert(m.name_any(), Err(e));
-            }
-        }
-    }
-    let verdicts = mesh_model::mesh::check_meshes(default_trust_domain, valid.iter().map(|(n, s)| (n.as_str(), *s)));
-    for ((name, _), v) in valid.into_iter().zip(verdicts) {
-        out.insert(name, v);
-    }
-    out
 }
 
 /// What the Accepted condition says of an accepted object, and after a rejection's reason.
@@ -171,21 +151,23 @@ async fn write_kind<K>(
     }
 }
 
-/// Writes each Mesh's status (cluster-scoped), judged as [`mesh_verdicts`] says.
-async fn write_meshes(client: &Client, store: &Store<Mesh>, written: &mut Written, default_trust_domain: &str) {
+/// Writes each Mesh's status (cluster-scoped) with the mesh keeper's verdict: valid alone,
+/// against the others (a trust domain or root already taken), and its CA loaded. A Mesh the
+/// keeper has not judged yet waits (unless it is invalid alone).
+async fn write_meshes(client: &Client, store: &Store<Mesh>, written: &mut Written, verdicts: &Verdicts) {
     let objects = store.state();
-    let verdicts = mesh_verdicts(&objects, default_trust_domain);
     let present: std::collections::HashSet<(String, String)> =
         objects.iter().map(|o| (String::new(), o.name_any())).collect();
     written.retain(|k, _| present.contains(k));
     let api: Api<Mesh> = Api::all(client.clone());
     for o in objects {
         let name = o.name_any();
-        let rv = o.resource_version().unwrap_or_default();
-        if written.get(&(String::new(), name.clone())) == Some(&rv) {
+        let Some(v) = verdicts.get(&name).or_else(|| o.spec.validate(&name).err().map(Err)) else { continue };
+        // The verdict can change with another Mesh: it is part of what was written.
+        let written_as = format!("{}|{v:?}", o.resource_version().unwrap_or_default());
+        if written.get(&(String::new(), name.clone())) == Some(&written_as) {
             continue;
         }
-        let v = verdicts.get(&name).cloned().unwrap_or(Ok(()));
         let Some(want) = desired_as(o.meta().generation, o.status.as_ref(), &v, &now_rfc3339(), &MESH) else {
             continue;
         };
@@ -193,7 +175,7 @@ async fn write_meshes(client: &Client, store: &Store<Mesh>, written: &mut Writte
         match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => {
                 tracing::info!(kind = "Mesh", %name, accepted = v.is_ok(), generation = ?o.meta().generation, "mesh status written");
-                written.insert((String::new(), name), rv);
+                written.insert((String::new(), name), written_as);
             }
             Err(e) => tracing::warn!(kind = "Mesh", %name, error = %e, "could not write mesh status"),
         }
@@ -209,16 +191,17 @@ pub struct Stores {
 
 /// Writes statuses after every change the source saw (`changed`), and every 30 s so that a
 /// failed write is retried.
-pub async fn run(client: Client, stores: Stores, default_trust_domain: String, changed: Arc<tokio::sync::Notify>) {
+pub async fn run(client: Client, stores: Stores, verdicts: Arc<Verdicts>, changed: Arc<tokio::sync::Notify>) {
     let (mut wa, mut wp, mut wm) = (Written::new(), Written::new(), Written::new());
     loop {
         tokio::select! {
             _ = changed.notified() => {}
+            _ = verdicts.changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(30)) => { wa.clear(); wp.clear(); wm.clear(); }
         }
         write_kind(&client, &stores.aps, &mut wa, verdict_authz, |o| o.status.as_ref()).await;
         write_kind(&client, &stores.pas, &mut wp, verdict_peer, |o| o.status.as_ref()).await;
-        write_meshes(&client, &stores.meshes, &mut wm, &default_trust_domain).await;
+        write_meshes(&client, &stores.meshes, &mut wm, &verdicts).await;
     }
 }
 

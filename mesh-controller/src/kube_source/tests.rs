@@ -263,7 +263,7 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
     let go_410 = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(api_server(handle, pod_lists.clone(), go_410.clone()));
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, "cluster.local".into()));
+    tokio::spawn(run(client, tx, Default::default()));
 
     // The list, then the watch: b ADDED, c ADDED then DELETED, a MODIFIED (app=a2).
     reach(&mut rx, &["a", "b"], "a2").await.expect("watch events were not applied");
@@ -412,7 +412,7 @@ async fn policies_get_an_accepted_condition_for_the_generation_read() {
         }
     });
     let (tx, _rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, "cluster.local".into()));
+    tokio::spawn(run(client, tx, Default::default()));
 
     async fn next(patches: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Value)>) -> (String, Value) {
         tokio::time::timeout(Duration::from_secs(10), patches.recv())
@@ -544,7 +544,7 @@ async fn services_take_their_endpoints_and_target_ports_from_endpoint_slices() {
         }
     });
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, "cluster.local".into()));
+    tokio::spawn(run(client, tx, Default::default()));
     let key = ("shop".to_owned(), "web".to_owned());
     let eps = |m: &Model| -> Vec<(String, Option<String>, bool)> {
         m.services.get(&key).map_or(vec![], |s| {
@@ -714,8 +714,18 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
         }
     });
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, "cluster.local".into()));
+    let verdicts: Arc<crate::meshes::Verdicts> = Default::default();
+    tokio::spawn(run(client, tx, verdicts.clone()));
     let m = until(&mut rx, |m| m.workloads.len() == 2 && m.meshes.len() == 2).await.expect("no meshes");
+    // The mesh keeper judges them (as the controller runs it after the source), and the status
+    // writer writes its verdicts.
+    let state = tempfile::tempdir().unwrap();
+    let root = mesh_identity::ca::Ca::generate_root("cluster.local").unwrap();
+    let day = Duration::from_secs(86_400);
+    let ca = mesh_identity::ca::Ca::from_pem("cluster.local", &root.cert_pem, &root.key_pem, "", day, day).unwrap();
+    let mut keeper = crate::meshes::Keeper::new(state.path(), Arc::new(ca), day, day);
+    keeper.verdicts = verdicts;
+    keeper.admit(&mut (*m).clone());
     let mesh_of = |name: &str| m.workloads.values().find(|w| w.name == name).unwrap().mesh.clone();
     assert_eq!(mesh_of("a1").as_deref(), Some("a"));
     assert_eq!(mesh_of("d1"), None, "`enabled` is the default mesh");

@@ -204,10 +204,14 @@ impl Pool {
         };
         let (conn, stream) = batcher.clone().run(Box::pin(setup)).await?;
         if let Some(conn) = conn {
+            // Subscribed first, then compared: a change before this point is seen by the
+            // comparison, one after it by the subscription.
             let changes = src.identity.map(|s| s.subscribe());
+            let stale = src.identity.is_some_and(|s| *s.borrow().spiffe_id != *src.id);
             tokio::spawn(async move {
                 let changed = async {
                     match changes {
+                        _ if stale => {}
                         Some(rx) => crate::state::identity_changed(rx).await,
                         None => std::future::pending().await,
                     }
@@ -248,8 +252,10 @@ impl Pool {
     /// identity the slot was opened for.
     pub fn evict_stale(&self, snap: &Snapshot) -> usize {
         let n = self.retain(|k| {
-            snap.local.by_key.get(&k.src).is_some_and(|wl| *wl.spiffe_id() == k.src_id)
-                && snap.destination(k.addr.ip()).is_some_and(|d| *d.spiffe_id == k.dst)
+            let src = snap.local.by_key.get(&k.src).map(|wl| wl.known()).filter(|s| *s.spiffe_id == k.src_id);
+            let dst = snap.destination(k.addr.ip()).filter(|d| *d.spiffe_id == k.dst);
+            // And whose destination's mesh no longer accepts the source's (trust withdrawn).
+            matches!((src, dst), (Some(s), Some(d)) if snap.config.accepts(d.mesh(), s.mesh()))
         });
         if n > 0 {
             tracing::debug!(evicted = n, "HBONE pool slots whose source or destination is gone");

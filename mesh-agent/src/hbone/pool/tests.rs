@@ -19,7 +19,11 @@ fn certs() -> (WorkloadCert, WorkloadCert, SpiffeId) {
         let (key, csr) = workload_csr(&id).unwrap();
         let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
-        (WorkloadCert::new(pem_to_ders(&chain.concat()), key, bundle.clone(), bundle.clone(), 0).unwrap(), id)
+        (
+            WorkloadCert::new(id.clone(), pem_to_ders(&chain.concat()), key, bundle.clone(), bundle.clone(), 0)
+                .unwrap(),
+            id,
+        )
     };
     let (a, _) = cert("sa-a");
     let (b, b_id) = cert("sa-b");
