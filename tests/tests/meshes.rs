@@ -24,10 +24,6 @@ fn addr(t: &Topology, p: PodId) -> String {
     format!("{}:{APP_PORT}", t.pod(p).ip)
 }
 
-fn mesh_doc(name: &str, td: &str, trust: &[&str]) -> String {
-    mesh_doc_with(name, td, trust, "")
-}
-
 /// A Mesh document; `extra`: more lines of its spec.
 fn mesh_doc_with(name: &str, td: &str, trust: &[&str], extra: &str) -> String {
     format!(
