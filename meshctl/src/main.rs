@@ -229,7 +229,9 @@ fn expires(not_after: Option<i64>) -> String {
     if d <= 0 {
         return "expired".into();
     }
-    if d >= 3600 {
+    if d >= 2 * 86400 {
+        format!("in {}d", d / 86400)
+    } else if d >= 3600 {
         format!("in {}h{}m", d / 3600, d % 3600 / 60)
     } else {
         format!("in {}m{}s", d / 60, d % 60)
@@ -314,5 +316,7 @@ mod tests {
         assert_eq!(expires(Some(1)), "expired");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
         assert!(expires(Some(now + 7300)).starts_with("in 2h"));
+        // A root's ten years read in days.
+        assert_eq!(expires(Some(now + 3650 * 86400 + 100)), "in 3650d");
     }
 }
