@@ -139,7 +139,6 @@ mod tests {
     use super::*;
     use crate::auth::StaticCredentials;
     use mesh_identity::ca::workload_csr;
-    use mesh_identity::ca::Ca;
     use mesh_identity::proto::certificate_service_client::CertificateServiceClient;
     use mesh_identity::proto::certificate_service_server::CertificateServiceServer;
     use mesh_identity::verify::{pem_to_ders, TrustBundle};
@@ -157,18 +156,7 @@ mod tests {
     }
 
     async fn start() -> Running {
-        let root = Ca::generate_root("cluster.local").unwrap();
-        let ca = Arc::new(
-            Ca::from_pem(
-                "cluster.local",
-                &root.cert_pem,
-                &root.key_pem,
-                "",
-                Duration::from_secs(3600),
-                Duration::from_secs(86400),
-            )
-            .unwrap(),
-        );
+        let (root, ca) = crate::meshes::test_ca("cluster.local");
         let ws = mesh_model::workload::parse_str(
             Path::new("w"),
             "kind: Workload\nname: a\nserviceAccount: sa-a\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: b\nserviceAccount: sa-b\nips: [10.0.0.2]\nnode: n2\n",

@@ -202,7 +202,8 @@ pub fn model_from(
     }
     let labels = namespaces.iter().map(|n| (n.name_any(), n.labels().clone())).collect();
     m.set_namespaces(&labels);
-    // By name, as the status writer judges them: the first of two claiming one trust domain wins.
+    // In a fixed order (by name); which of two claiming one trust domain stands is the mesh
+    // keeper's decision (the one in force).
     let mut meshes: Vec<&Arc<Mesh>> = meshes.iter().collect();
     meshes.sort_by_key(|x| x.name_any());
     for x in meshes {

@@ -271,19 +271,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let model_tx = source_tx;
     match args.source {
         ConfigSource::Local => {
             if args.workloads.is_none() && args.config_dir.is_none() {
                 bail!("give --workloads FILE and/or --config-dir DIR: the controller must know which workloads run on which node");
             }
-            tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), model_tx));
+            tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), source_tx));
         }
         ConfigSource::Kubernetes => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            tokio::spawn(kube_source::run(client, model_tx, verdicts));
+            tokio::spawn(kube_source::run(client, source_tx, verdicts));
         }
     }
     let shared = Arc::new(RwLock::new(placement::Placement::default()));

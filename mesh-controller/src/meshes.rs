@@ -282,9 +282,25 @@ impl Keeper {
     }
 }
 
+/// A CA for tests: a fresh root of `trust_domain` (certificates of an hour, at most a day) and
+/// what it was made from.
+#[cfg(test)]
+pub(crate) fn test_ca(trust_domain: &str) -> (mesh_identity::ca::GeneratedRoot, Arc<Ca>) {
+    let root = Ca::generate_root(trust_domain).unwrap();
+    let (hour, day) = (Duration::from_secs(3600), Duration::from_secs(86_400));
+    let ca = Ca::from_pem(trust_domain, &root.cert_pem, &root.key_pem, "", hour, day).unwrap();
+    (root, Arc::new(ca))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A keeper whose state is `dir`, under a default mesh of cluster.local.
+    fn keeper(dir: &Path) -> (Keeper, mesh_identity::ca::GeneratedRoot, Arc<Ca>) {
+        let (root, default) = test_ca("cluster.local");
+        (Keeper::new(dir, default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400)), root, default)
+    }
 
     fn model(text: &str) -> Model {
         let ws = mesh_model::workload::parse_str(Path::new("w"), text).unwrap();
@@ -301,19 +317,7 @@ mod tests {
     #[test]
     fn meshes_get_their_own_roots_and_orphans_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let root = Ca::generate_root("cluster.local").unwrap();
-        let default = Arc::new(
-            Ca::from_pem(
-                "cluster.local",
-                &root.cert_pem,
-                &root.key_pem,
-                "",
-                Duration::from_secs(60),
-                Duration::from_secs(600),
-            )
-            .unwrap(),
-        );
-        let mut keeper = Keeper::new(dir.path(), default.clone(), Duration::from_secs(60), Duration::from_secs(600));
+        let (mut keeper, _, default) = keeper(dir.path());
         let mut m = model("kind: Workload\nname: a\nnamespace: team-a\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: x\nnamespace: lost\nips: [10.0.0.2]\nnode: n1\n---\nkind: Workload\nname: d\nips: [10.0.0.3]\nnode: n1\n");
         let labels = |v: &str| BTreeMap::from([(MESH_LABEL.to_owned(), v.to_owned())]);
         m.set_namespaces(&BTreeMap::from([
@@ -348,7 +352,8 @@ mod tests {
 
         // Kept across a restart of the controller: the same root.
         let first = a.ca.roots_pem().to_vec();
-        let mut again = Keeper::new(dir.path(), default.clone(), Duration::from_secs(60), Duration::from_secs(600));
+        let mut again =
+            Keeper::new(dir.path(), default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400));
         let mut m2 = Model::default();
         m2.admit_mesh("a", &spec("a.example"), "Mesh".into());
         let s2 = again.admit(&mut m2);
@@ -384,19 +389,7 @@ mod tests {
             key_file: write("int-key.pem", &int_key.serialize_pem()),
             chain_file: Some(write("root.pem", &external.cert_pem)),
         };
-        let root = Ca::generate_root("cluster.local").unwrap();
-        let default = Arc::new(
-            Ca::from_pem(
-                "cluster.local",
-                &root.cert_pem,
-                &root.key_pem,
-                "",
-                Duration::from_secs(60),
-                Duration::from_secs(600),
-            )
-            .unwrap(),
-        );
-        let mut keeper = Keeper::new(dir.path(), default, Duration::from_secs(60), Duration::from_secs(600));
+        let (mut keeper, ..) = keeper(dir.path());
         let mut m = Model::default();
         let spec = MeshSpec { trust_domain: "ext.example".into(), ca: Some(ca.clone()), ..Default::default() };
         m.admit_mesh("ext", &spec, "Mesh".into());
@@ -423,10 +416,8 @@ mod tests {
     #[test]
     fn established_meshes_keep_their_ground_and_orphans_are_no_endpoints() {
         let dir = tempfile::tempdir().unwrap();
-        let root = Ca::generate_root("cluster.local").unwrap();
+        let (mut keeper, root, _) = keeper(dir.path());
         let day = Duration::from_secs(86_400);
-        let default = Arc::new(Ca::from_pem("cluster.local", &root.cert_pem, &root.key_pem, "", day, day).unwrap());
-        let mut keeper = Keeper::new(dir.path(), default, day, day);
         let spec = |td: &str, trust: &[&str]| MeshSpec {
             trust_domain: td.into(),
             trust: trust.iter().map(|s| s.to_string()).collect(),

@@ -338,5 +338,14 @@ fn each_trust_domain_is_checked_against_its_own_roots_only() {
         verify(&a_only, &c_by_a, None),
         Err(VerifyError::WrongTrustDomain { got: "c.example".into(), want: "a.example".into() })
     );
-    assert_eq!(both.trust_domains().collect::<Vec<_>>(), ["a.example", "b.example"]);
+}
+
+/// What the admin API shows of a chain decodes back to the same certificates.
+#[test]
+fn pem_encoding_round_trips() {
+    let r = Ca::generate_root(TD).unwrap();
+    let der = pem_to_ders(&r.cert_pem).remove(0);
+    let pem = crate::verify::der_to_pem(&der);
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n") && !pem.contains('\r'), "{pem}");
+    assert_eq!(pem_to_ders(&pem), vec![der]);
 }

@@ -179,11 +179,6 @@ impl TrustBundle {
         self.domains.first().map(|(td, _)| td.as_str()).unwrap_or("")
     }
 
-    /// Every trust domain it accepts.
-    pub fn trust_domains(&self) -> impl Iterator<Item = &str> {
-        self.domains.iter().map(|(td, _)| td.as_str())
-    }
-
     /// Verifies a peer chain and returns its workload identity.
     pub fn verify(
         &self,
@@ -337,6 +332,12 @@ pub fn not_before(cert: &CertificateDer<'_>) -> Option<i64> {
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(x509.validity().not_after.timestamp())
+}
+
+/// One certificate as PEM (LF line endings), the inverse of [`pem_to_ders`].
+pub fn der_to_pem(der: &[u8]) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config)
 }
 
 pub fn pem_to_ders(pem: &str) -> Vec<CertificateDer<'static>> {

@@ -16,3 +16,10 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     })
 }
+
+/// Node `n`'s agent's metrics (`:15020/metrics`), which must answer 200.
+pub fn scrape(t: &crate::Topology, n: crate::NodeId) -> String {
+    let (status, body) = crate::http_get(&t.node(n).netns, "127.0.0.1:15020", "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}

@@ -9,10 +9,6 @@ use tests::*;
 
 const APP_PORT: u16 = 8080;
 
-fn scrape(t: &Topology, n: NodeId) -> String {
-    http_get(&t.node(n).netns, "127.0.0.1:15020", "/metrics").unwrap().1
-}
-
 fn echo(t: &Topology, p: PodId, to: &str) -> Value {
     t.pod_app(p, &["echo", "--to", to, "--bytes", "2000", "--timeout-ms", "2000"]).unwrap()
 }

@@ -12,10 +12,6 @@ use tests::*;
 
 const APP_PORT: u16 = 8080;
 
-fn scrape(t: &Topology, n: NodeId) -> String {
-    http_get(&t.node(n).netns, "127.0.0.1:15020", "/metrics").unwrap().1
-}
-
 fn echo(t: &Topology, p: PodId, to: &str) -> Value {
     t.pod_app(p, &["echo", "--to", to, "--bytes", "2000", "--timeout-ms", "3000"]).unwrap()
 }
@@ -118,11 +114,10 @@ fn two_meshes_on_the_same_nodes_are_isolated() {
         let r = echo(&t, from, &addr(&t, to));
         assert_eq!(r["ok"], true, "{} -> {}: {r}", t.pod(from).name, t.pod(to).name);
     }
-    let line = agent1
-        .access_log()
-        .into_iter()
-        .find(|l| l["direction"] == "outbound" && l["dst_workload"] == "team-a/a2")
-        .expect("a1 -> a2 logged");
+    let a2_line =
+        || agent1.access_log().into_iter().find(|l| l["direction"] == "outbound" && l["dst_workload"] == "team-a/a2");
+    let _ = wait_for(Duration::from_secs(10), || Ok(a2_line().is_some()));
+    let line = a2_line().expect("a1 -> a2 logged");
     assert_eq!(line["connection_security_policy"], "mutual_tls", "{line}");
     assert_eq!((line["src_mesh"].as_str(), line["dst_mesh"].as_str()), (Some("a"), Some("a")), "{line}");
 
@@ -236,11 +231,15 @@ fn federation_lets_exactly_the_allowed_principal_through() {
     let r = echo(&t, b2, &addr(&t, a1));
     assert_eq!(r["ok"], true, "the allowed principal of mesh b was refused: {r}");
     assert_eq!(servers[0].accepted().unwrap().len(), seen + 1);
-    let line = agent1
-        .access_log()
-        .into_iter()
-        .find(|l| l["direction"] == "inbound" && l["src_principal"] == id("b.example", "team-b", "sa-b2"))
-        .expect("a1's agent logged the b2 connection with its principal");
+    // Logged when a1's agent sees the connection close, which can follow the client's end.
+    let b2_line = || {
+        agent1
+            .access_log()
+            .into_iter()
+            .find(|l| l["direction"] == "inbound" && l["src_principal"] == id("b.example", "team-b", "sa-b2"))
+    };
+    let _ = wait_for(Duration::from_secs(10), || Ok(b2_line().is_some()));
+    let line = b2_line().expect("a1's agent logged the b2 connection with its principal");
     assert_eq!((line["src_mesh"].as_str(), line["dst_mesh"].as_str()), (Some("b"), Some("a")), "{line}");
 
     // Another principal of b: through the handshake (a trusts b), refused by a1's policy.

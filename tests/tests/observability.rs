@@ -15,12 +15,6 @@ fn mesh(name: &str) -> (Topology, NodeId, NodeId, PodId, PodId) {
     (t, n1, n2, a, b)
 }
 
-fn scrape(t: &Topology, n: NodeId) -> String {
-    let (status, body) = http_get(&t.node(n).netns, "127.0.0.1:15020", "/metrics").unwrap();
-    assert_eq!(status, 200);
-    body
-}
-
 #[test]
 fn metrics_carry_istio_labels_and_refusals_show_with_their_reason() {
     let (mut t, n1, n2, a, b) = mesh("metrics");

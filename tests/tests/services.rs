@@ -340,11 +340,17 @@ fn the_target_port_carries_the_endpoints_policy_and_empty_services_refuse_prompt
     let r = echoes(&t, a, "10.96.0.12:80", 20, &[]);
     assert_eq!(r["failed"], 0, "{r}");
     assert_eq!(plain_server.accepted().unwrap().len(), 20);
-    let lines: Vec<Value> = agent1
-        .access_log()
-        .into_iter()
-        .filter(|l| l["direction"] == "outbound" && l["dst_service"] == "outside.default.svc.cluster.local")
-        .collect();
+    // Each line is written when the agent sees its connection close, which can follow the
+    // client's last read: wait for them, then count.
+    let outside = || -> Vec<Value> {
+        agent1
+            .access_log()
+            .into_iter()
+            .filter(|l| l["direction"] == "outbound" && l["dst_service"] == "outside.default.svc.cluster.local")
+            .collect()
+    };
+    let _ = wait_for(Duration::from_secs(10), || Ok(outside().len() >= 20));
+    let lines = outside();
     assert_eq!(lines.len(), 20);
     for l in &lines {
         assert_eq!(

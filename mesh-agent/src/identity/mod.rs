@@ -15,7 +15,7 @@ use mesh_api::admin::CertInfo;
 use mesh_identity::ca::workload_csr;
 use mesh_identity::proto::certificate_service_client::CertificateServiceClient;
 use mesh_identity::proto::CreateCertificateRequest;
-use mesh_identity::verify::{pem_to_ders, LiveBundle, TrustBundle};
+use mesh_identity::verify::{der_to_pem, pem_to_ders, LiveBundle, TrustBundle};
 use mesh_identity::SpiffeId;
 use mesh_model::MeshRecord;
 use rustls_pki_types::{PrivatePkcs8KeyDer, UnixTime};
@@ -145,37 +145,32 @@ impl Trust {
     /// bundles as they were.
     pub fn set_meshes(&self, meshes: &std::collections::BTreeMap<String, Arc<MeshRecord>>) {
         let default = mesh_model::mesh::DEFAULT_MESH;
-        let td_of = |name: &str| -> Option<(String, Vec<String>)> {
-            if name == default {
-                return Some((self.default_trust_domain.clone(), self.default_roots.clone()));
-            }
-            meshes.get(name).map(|m| (m.trust_domain.clone(), m.roots.clone()))
-        };
-        let mut names: Vec<&str> = meshes.keys().map(String::as_str).filter(|n| *n != default).collect();
-        names.insert(0, default);
-        let every: Vec<(String, Vec<String>)> = names.iter().filter_map(|n| td_of(n)).collect();
-        let built = (|| -> Result<Vec<(String, TrustBundle)>, mesh_identity::verify::BundleError> {
-            let mut out = Vec::new();
-            for n in &names {
-                let Some(own) = td_of(n) else { continue };
-                let trusted = meshes.get(*n).map(|m| m.trust.clone()).unwrap_or_default();
-                let mut accepted = vec![own.clone()];
-                accepted.extend(trusted.iter().filter_map(|t| td_of(t)));
-                let others: Vec<String> = every
-                    .iter()
-                    .map(|(td, _)| td.clone())
-                    .filter(|td| !accepted.iter().any(|(a, _)| a == td))
+        // (name, trust domain and roots, meshes it trusts), the default mesh from the flags.
+        let mut all = vec![(default, (self.default_trust_domain.clone(), self.default_roots.clone()), &[][..])];
+        for m in meshes.values().filter(|m| m.name != default) {
+            all.push((m.name.as_str(), (m.trust_domain.clone(), m.roots.clone()), &m.trust[..]));
+        }
+        let every: Vec<(String, Vec<String>)> = all.iter().map(|(_, d, _)| d.clone()).collect();
+        let built = (|| -> Result<_, mesh_identity::verify::BundleError> {
+            let mut clients = Vec::new();
+            for (name, own, trust) in &all {
+                // Its own first, then the meshes it trusts; every other mesh is `other_mesh`.
+                let accepted: Vec<(String, Vec<String>)> = std::iter::once(own.clone())
+                    .chain(
+                        all.iter()
+                            .filter(|(n, ..)| n != name && trust.iter().any(|t| t == n))
+                            .map(|(_, d, _)| d.clone()),
+                    )
                     .collect();
-                out.push((own.0, TrustBundle::federated(&accepted, others)?));
+                let others = every.iter().map(|(td, _)| td.clone()).filter(|td| !accepted.iter().any(|(a, _)| a == td));
+                clients.push((own.0.clone(), TrustBundle::federated(&accepted, others.collect())?));
             }
-            out.push((String::new(), TrustBundle::federated(&every, vec![])?));
-            Ok(out)
+            Ok((clients, TrustBundle::federated(&every, vec![])?))
         })();
         match built {
-            Ok(mut bundles) => {
-                let (_, servers) = bundles.pop().expect("pushed last");
+            Ok((clients, servers)) => {
                 self.servers.store(servers);
-                for (td, b) in bundles {
+                for (td, b) in clients {
                     self.clients(&td).store(b);
                 }
             }
@@ -353,18 +348,6 @@ impl Identities {
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
         Ok(WorkloadCert::new(id.clone(), chain, key, self.trust.clients(id.trust_domain()), servers, now_secs())?)
     }
-}
-
-fn der_to_pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 pub fn now_secs() -> i64 {

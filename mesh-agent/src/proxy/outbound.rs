@@ -73,10 +73,12 @@ async fn handle(
 ) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
+    // Read once: the record and the certificate are of the same identity.
+    let known = wl.known();
     let mut rec = ConnRecord {
         direction: Direction::Outbound,
         security: Security::None,
-        src: Peer { addr: Some(peer), ..Peer::workload(&wl.known()) },
+        src: Peer { addr: Some(peer), ..Peer::workload(&known) },
         dst: Peer::default(),
         orig_dst: Target::Unknown,
         service: None,
@@ -105,7 +107,7 @@ async fn handle(
         return refuse(&rec, client, Reason::MeshPort, &Reason::MeshPort);
     }
     // Nothing leaves a meshed workload before it can prove who it is.
-    let cert = match Box::pin(inputs.identities.get(&wl.spiffe_id())).await {
+    let cert = match Box::pin(inputs.identities.get(&known.spiffe_id)).await {
         Ok(c) => c,
         Err(e) => return refuse(&rec, client, Reason::NoCertificate, &e),
     };

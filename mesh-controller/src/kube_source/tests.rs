@@ -222,6 +222,18 @@ async fn patched(req: Request<Body>, objects: &[Value]) -> ((String, Value), Val
     ((path, patch["status"].clone()), obj)
 }
 
+/// Answers a status PATCH with the object patched, and reports (path, status) on `tx`.
+async fn answer_patch(
+    req: Request<Body>,
+    send: tower_test::mock::SendResponse<Response<Body>>,
+    objects: &[Value],
+    tx: &tokio::sync::mpsc::UnboundedSender<(String, Value)>,
+) {
+    let (rec, obj) = patched(req, objects).await;
+    tx.send(rec).unwrap();
+    send.send_response(ok(serde_json::to_vec(&obj).unwrap()));
+}
+
 /// Waits (10 s at most) until the model published is one that `done` accepts.
 async fn until(
     rx: &mut tokio::sync::watch::Receiver<Arc<Model>>,
@@ -361,9 +373,7 @@ async fn policies_get_an_accepted_condition_for_the_generation_read() {
             let watch = req.uri().query().unwrap_or("").contains("watch=true");
             let path = req.uri().path().to_owned();
             if req.method() == http::Method::PATCH {
-                let (rec, obj) = patched(req, &objects).await;
-                patches_tx.send(rec).unwrap();
-                send.send_response(ok(serde_json::to_vec(&obj).unwrap()));
+                answer_patch(req, send, &objects, &patches_tx).await;
                 continue;
             }
             let g = "security.sockmesh.io/v1alpha1";
@@ -683,9 +693,7 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
             let watch = req.uri().query().unwrap_or("").contains("watch=true");
             let path = req.uri().path().to_owned();
             if req.method() == http::Method::PATCH {
-                let (rec, obj) = patched(req, &objects).await;
-                patches_tx.send(rec).unwrap();
-                send.send_response(ok(serde_json::to_vec(&obj).unwrap()));
+                answer_patch(req, send, &objects, &patches_tx).await;
                 continue;
             }
             let body = match (path.as_str(), watch) {
@@ -720,10 +728,9 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
     // The mesh keeper judges them (as the controller runs it after the source), and the status
     // writer writes its verdicts.
     let state = tempfile::tempdir().unwrap();
-    let root = mesh_identity::ca::Ca::generate_root("cluster.local").unwrap();
+    let (_, ca) = crate::meshes::test_ca("cluster.local");
     let day = Duration::from_secs(86_400);
-    let ca = mesh_identity::ca::Ca::from_pem("cluster.local", &root.cert_pem, &root.key_pem, "", day, day).unwrap();
-    let mut keeper = crate::meshes::Keeper::new(state.path(), Arc::new(ca), day, day);
+    let mut keeper = crate::meshes::Keeper::new(state.path(), ca, day, day);
     keeper.verdicts = verdicts;
     keeper.admit(&mut (*m).clone());
     let mesh_of = |name: &str| m.workloads.values().find(|w| w.name == name).unwrap().mesh.clone();
