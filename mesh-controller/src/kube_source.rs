@@ -36,7 +36,9 @@ pub use mesh_model::mesh::MESH_LABEL;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The workload record of a meshed pod, or None if it is not (yet) one: not in a meshed
-/// namespace, host network, not scheduled, no address, or finished.
+/// namespace, host network, not scheduled, or finished. A scheduled pod is a workload before it
+/// has an address (its record then has none): its node's agent finds its cgroup by UID and
+/// refuses its connections until it can capture it.
 pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<String>) -> Option<Workload> {
     let ns = pod.namespace()?;
     if !meshed_namespaces.contains(&ns) {
@@ -61,9 +63,12 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
             ips.push(ip);
         }
     }
-    if ips.is_empty() {
+    let pod_uid = pod.metadata.uid.clone().filter(|u| mesh_model::workload::is_pod_uid(u));
+    if ips.is_empty() && pod_uid.is_none() {
         return None;
     }
+    let qos_class =
+        status.qos_class.clone().filter(|q| matches!(q.as_str(), "Guaranteed" | "Burstable" | "BestEffort"));
     Some(Workload {
         name: pod.name_any(),
         namespace: ns,
@@ -74,6 +79,8 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
         netns: None,
         cgroup: None,
         mesh: None,
+        pod_uid,
+        qos_class,
     })
 }
 

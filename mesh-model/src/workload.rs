@@ -36,6 +36,25 @@ pub struct Workload {
     /// for the default mesh. Set by the controller, never by an agent's own file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<String>,
+    /// The Kubernetes pod's UID (records from the Kubernetes source). The agent of the pod's
+    /// node finds the pod's cgroup and netns from it: such a record names neither path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// The pod's QoS class (`Guaranteed`, `Burstable`, `BestEffort`): where the kubelet puts its
+    /// cgroup. Absent: the agent looks under every class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_class: Option<String>,
+}
+
+/// Whether `s` has the shape of a Kubernetes UID (an RFC 4122 UUID in lowercase: 8-4-4-4-12
+/// hex digits). Checked because a UID becomes part of cgroup names and pin names.
+pub fn is_pod_uid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 fn default_namespace() -> String {
@@ -211,10 +230,29 @@ impl Workload {
                 )));
             }
         }
-        if self.ips.is_empty() {
+        if let Some(uid) = &self.pod_uid {
+            if !is_pod_uid(uid) {
+                return Err(invalid(format!(
+                    "podUid {uid:?} is not a Kubernetes UID (8-4-4-4-12 lowercase hex digits)"
+                )));
+            }
+            if self.netns.is_some() || self.cgroup.is_some() {
+                return Err(invalid(
+                    "a pod (podUid) names no netns or cgroup path: its node's agent finds them from the UID".into(),
+                ));
+            }
+        }
+        if let Some(q) = &self.qos_class {
+            if !matches!(q.as_str(), "Guaranteed" | "Burstable" | "BestEffort") {
+                return Err(invalid(format!("qosClass {q:?} must be Guaranteed, Burstable or BestEffort")));
+            }
+        }
+        // A pod is known from the moment it is scheduled, before it has an address: its
+        // agent refuses its connections until it has one and is captured.
+        if self.ips.is_empty() && self.pod_uid.is_none() {
             return Err(invalid("ips is empty; list the workload's addresses".into()));
         }
-        if self.is_local_to(node) {
+        if self.is_local_to(node) && self.pod_uid.is_none() {
             if self.netns.is_none() {
                 return Err(invalid(format!("runs on this node ({node}) but has no netns path")));
             }
@@ -365,6 +403,8 @@ mod tests {
             netns: None,
             cgroup: None,
             mesh: None,
+            pod_uid: None,
+            qos_class: None,
         };
         assert!(w.validate("n1").unwrap_err().to_string().contains("DNS-1123 subdomain"));
         let mut ok = w.clone();
@@ -383,6 +423,31 @@ mod tests {
         // The example in the message is itself a valid file.
         let example = WORKLOAD_EXAMPLE.trim_end_matches("---\nkind: Workload\n...");
         assert_eq!(parse_str(Path::new("x"), example).unwrap()[0].name, "web");
+    }
+
+    #[test]
+    fn pods_name_a_uid_and_no_paths() {
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let mut w: Workload =
+            serde_yaml::from_str(&format!("name: a\nips: []\nnode: n1\npodUid: {uid}\nqosClass: Burstable\n")).unwrap();
+        // A scheduled pod without an address yet, on this node, with no paths: valid.
+        w.validate("n1").unwrap();
+        for bad in ["0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0", "../../etc", "0f1e2d3c4b5a69788796a5b4c3d2e1f0", ""] {
+            w.pod_uid = Some(bad.into());
+            let e = w.validate("n1").unwrap_err().to_string();
+            assert!(e.contains("podUid") && e.contains("UID"), "{bad}: {e}");
+        }
+        w.pod_uid = Some(uid.into());
+        w.cgroup = Some("/sys/fs/cgroup/x".into());
+        assert!(w.validate("n1").unwrap_err().to_string().contains("finds them from the UID"));
+        w.cgroup = None;
+        w.qos_class = Some("Gold".into());
+        assert!(w.validate("n1").unwrap_err().to_string().contains("qosClass"));
+        // Without a UID an address is still required.
+        let mut plain = w.clone();
+        plain.pod_uid = None;
+        plain.qos_class = None;
+        assert!(plain.validate("n1").unwrap_err().to_string().contains("ips is empty"));
     }
 
     #[test]

@@ -13,10 +13,16 @@ use serde_json::{json, Value};
 use super::*;
 use mesh_model::mesh::MESH_ENABLED;
 
+/// A pod's UID as the API server gives it (a UUID), made from its name.
+fn uid_of(name: &str) -> String {
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("00000000-0000-4000-8000-{hex:0>12}")
+}
+
 fn pod(name: &str, node: &str, sa: &str, ip: &str, app: &str, rv: u32) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "resourceVersion": rv.to_string(), "labels": {"app": app}, "uid": format!("uid-{name}")},
+        "metadata": {"name": name, "namespace": "default", "resourceVersion": rv.to_string(), "labels": {"app": app}, "uid": uid_of(name)},
         "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app", "image": "app:1"}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
     })
@@ -296,7 +302,7 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
         ("b", "n2", "sa-b", "10.0.0.2", "b"),
         ("d", "n2", "sa-d", "10.0.0.4", "d"),
     ] {
-        yaml.push_str(&format!("kind: Workload\nname: {name}\nnamespace: default\nserviceAccount: {sa}\nlabels: {{app: {app}}}\nips: [{ip}]\nnode: {node}\n---\n"));
+        yaml.push_str(&format!("kind: Workload\nname: {name}\nnamespace: default\nserviceAccount: {sa}\nlabels: {{app: {app}}}\nips: [{ip}]\nnode: {node}\npodUid: {}\n---\n", uid_of(name)));
     }
     // The Services with selectors: the controller resolves them against the workloads to the
     // endpoints the slices list (the named target port written as the number it resolves to).
@@ -318,7 +324,7 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
 }
 
 #[test]
-fn only_scheduled_addressed_pods_of_meshed_namespaces_are_workloads() {
+fn scheduled_pods_of_meshed_namespaces_are_workloads_from_the_moment_they_are_scheduled() {
     let meshed = std::collections::BTreeSet::from(["default".to_string()]);
     let p = |v: Value| serde_json::from_value::<Pod>(v).unwrap();
     assert!(workload_of(&p(pod("a", "n1", "sa-a", "10.0.0.1", "a", 1)), &meshed).is_some());
@@ -328,8 +334,21 @@ fn only_scheduled_addressed_pods_of_meshed_namespaces_are_workloads() {
     let mut host = pod("a", "n1", "sa-a", "10.0.0.1", "a", 1);
     host["spec"]["hostNetwork"] = true.into();
     assert!(workload_of(&p(host), &meshed).is_none());
+    // Scheduled, no address yet: pushed to its node at once (with its UID and QoS class), so
+    // that its agent refuses its connections until it can capture it.
     let mut pending = pod("a", "n1", "sa-a", "10.0.0.1", "a", 1);
-    pending["status"] = json!({"phase": "Pending"});
+    pending["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+    let w = workload_of(&p(pending.clone()), &meshed).expect("a scheduled pod is a workload");
+    assert!(w.ips.is_empty());
+    assert_eq!(w.pod_uid.as_deref(), Some(uid_of("a").as_str()));
+    assert_eq!(w.qos_class.as_deref(), Some("BestEffort"));
+    w.validate("n1").unwrap();
+    // Not scheduled: no node to push it to.
+    pending["spec"].as_object_mut().unwrap().remove("nodeName");
+    assert!(workload_of(&p(pending.clone()), &meshed).is_none());
+    // A UID that is not one is not trusted into a path: without an address it is no workload.
+    pending["spec"]["nodeName"] = "n1".into();
+    pending["metadata"]["uid"] = "../../x".into();
     assert!(workload_of(&p(pending), &meshed).is_none());
     let mut done = pod("a", "n1", "sa-a", "10.0.0.1", "a", 1);
     done["status"]["phase"] = "Succeeded".into();
@@ -752,7 +771,8 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
 
     // The same written as a directory: the same workloads (in the same meshes) and meshes.
     let dir = tempfile::tempdir().unwrap();
-    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: {sockmesh.io/mesh: a}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {sockmesh.io/mesh: enabled}}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: a}\nspec: {trustDomain: a.example, trust: [default]}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: dup}\nspec: {trustDomain: cluster.local}\n---\nkind: Workload\nname: a1\nnamespace: team-a\nserviceAccount: sa-a\nlabels: {app: a}\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: d1\nserviceAccount: sa-d\nlabels: {app: d}\nips: [10.0.0.2]\nnode: n2\n";
+    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: {sockmesh.io/mesh: a}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {sockmesh.io/mesh: enabled}}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: a}\nspec: {trustDomain: a.example, trust: [default]}\n---\napiVersion: security.sockmesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: dup}\nspec: {trustDomain: cluster.local}\n---\nkind: Workload\nname: a1\nnamespace: team-a\nserviceAccount: sa-a\nlabels: {app: a}\nips: [10.0.0.1]\nnode: n1\npodUid: {a1}\n---\nkind: Workload\nname: d1\nserviceAccount: sa-d\nlabels: {app: d}\nips: [10.0.0.2]\nnode: n2\npodUid: {d1}\n";
+    let yaml = yaml.replace("{a1}", &uid_of("a1")).replace("{d1}", &uid_of("d1"));
     std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
     let (ltx, mut lrx) = tokio::sync::watch::channel(Arc::new(Model::default()));
     tokio::spawn(crate::config_dir::watch(Some(dir.path().to_owned()), None, ltx));
