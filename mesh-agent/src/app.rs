@@ -168,6 +168,11 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         inputs,
         pool.clone(),
         state_file,
+        cfg.kubelet_pods.then(|| crate::pods::Kubelet {
+            cgroup_root: cfg.cgroup_root.clone(),
+            proc_root: cfg.host_proc.clone(),
+            host_netns: cfg.host_netns.clone(),
+        }),
     ));
 
     let admin_l = admin::bind(cfg.admin_addr, "admin API").await.map_err(StartError::Bind)?;
@@ -189,7 +194,21 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
             tracing::error!(workload = %key, error = %e, "cannot capture workload");
         }
     }
-    registry.sweep_stale().await;
+    // Pods are known from the configuration: with one kept from the last run they are captured
+    // now, and what is left of pods that are gone is swept; without one the sweep waits for
+    // the controller's (until then, a previous agent's entries keep refusing or capturing).
+    let swept = if registry.follows_pods() {
+        registry.follow_pods().await;
+        state.load().config.version > 0
+    } else {
+        true
+    };
+    if swept {
+        registry.sweep_stale().await;
+    }
+    if registry.follows_pods() {
+        tokio::spawn(registry.clone().watch_pods(swept));
+    }
     // Every workload of this node is captured or refused in place by now: a guard a refusing
     // agent left (on a kernel since replaced) can go.
     ebpf::remove_guard(&cfg.bpffs_dir);

@@ -29,6 +29,34 @@ pub struct RunArgs {
     /// destinations until the controller's push, which is authoritative for identities.
     #[arg(long)]
     pub workloads: Option<PathBuf>,
+    /// Capture the pods the controller pushes for this node (Kubernetes): each pod's cgroup is
+    /// found by its UID under --cgroup-root (the host's cgroup v2 tree, either kubelet cgroup
+    /// driver) and its netns from a process in that cgroup, through --host-proc.
+    #[arg(long, default_value_t = false)]
+    pub kubelet_pods: bool,
+    /// The host's /proc (in a container: a read-only mount of it, e.g. /host/proc), where pods'
+    /// processes and their network namespaces are found.
+    #[arg(long, default_value = "/proc")]
+    pub host_proc: PathBuf,
+    /// The host's network namespace, which no meshed pod may be in. Default: that of the
+    /// host's PID 1 (<host-proc>/1/ns/net).
+    #[arg(long)]
+    pub host_netns: Option<PathBuf>,
+    /// The DaemonSet this agent runs as, namespace/name (Kubernetes). When told to stop, the
+    /// agent reads it once: while it exists (an upgrade, a drain) the programs stay attached;
+    /// gone or being deleted (an uninstall), the agent detaches everything it pinned. Without
+    /// this flag a stopping agent always keeps them.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub daemonset: Option<String>,
+    /// The Kubernetes API server for that read. Default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
+    #[arg(long)]
+    pub kube_api: Option<String>,
+    /// The service-account token for that read.
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    pub kube_token_file: PathBuf,
+    /// The cluster CA for that read.
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
+    pub kube_ca_file: PathBuf,
     /// Directory for run-time state (workloads added through the API). Default:
     /// /run/sockmesh/<node>.
     #[arg(long)]
@@ -120,6 +148,11 @@ pub struct Config {
     pub cgroup_root: PathBuf,
     pub bpffs_dir: PathBuf,
     pub workloads_file: Option<PathBuf>,
+    pub kubelet_pods: bool,
+    pub host_proc: PathBuf,
+    pub host_netns: PathBuf,
+    /// The agent's DaemonSet (namespace, name) and how to ask the API server about it.
+    pub daemonset: Option<(String, String, crate::kubeapi::KubeApi)>,
     pub state_dir: PathBuf,
     pub api_socket: PathBuf,
     pub max_connections: u32,
@@ -242,6 +275,56 @@ impl Config {
                 ));
             }
         }
+        let host_netns = a.host_netns.clone().unwrap_or_else(|| a.host_proc.join("1/ns/net"));
+        if a.kubelet_pods {
+            if !a.host_proc.join("self").exists() {
+                return Err(invalid(
+                    "host-proc",
+                    &a.host_proc,
+                    "is not a proc filesystem: pass the host's /proc (mounted read-only into the agent's container, e.g. at /host/proc)",
+                ));
+            }
+            if let Err(e) = std::fs::metadata(&host_netns) {
+                return Err(invalid(
+                    "host-netns",
+                    &host_netns,
+                    &format!("cannot be read ({e}): the agent needs the host's /proc and CAP_SYS_PTRACE to tell the host's netns from a pod's"),
+                ));
+            }
+        }
+        let daemonset = match &a.daemonset {
+            None => None,
+            Some(d) => {
+                let Some((ns, name)) = d.split_once('/').filter(|(n, m)| !n.is_empty() && !m.is_empty()) else {
+                    return Err(invalid(
+                        "daemonset",
+                        d,
+                        "expected namespace/name, e.g. sockmesh-system/sockmesh-agent",
+                    ));
+                };
+                let url = match (&a.kube_api, std::env::var("KUBERNETES_SERVICE_HOST"), std::env::var("KUBERNETES_SERVICE_PORT")) {
+                    (Some(u), _, _) => u.clone(),
+                    (None, Ok(h), Ok(p)) if h.contains(':') => format!("https://[{h}]:{p}"),
+                    (None, Ok(h), Ok(p)) => format!("https://{h}:{p}"),
+                    _ => {
+                        return Err(invalid(
+                            "daemonset",
+                            d,
+                            "needs the API server: KUBERNETES_SERVICE_HOST/PORT are not set (not in a pod?); pass --kube-api",
+                        ))
+                    }
+                };
+                if !url.starts_with("https://") && !url.starts_with("http://") {
+                    return Err(invalid("kube-api", &url, "must be an http(s):// URL"));
+                }
+                let api = crate::kubeapi::KubeApi {
+                    url,
+                    token_file: a.kube_token_file.clone(),
+                    ca_file: a.kube_ca_file.clone(),
+                };
+                Some((ns.to_owned(), name.to_owned(), api))
+            }
+        };
         let bpffs_dir = a.bpffs_dir.unwrap_or_else(|| Path::new("/sys/fs/bpf/sockmesh").join(&a.node));
         let state_dir = a.state_dir.unwrap_or_else(|| Path::new("/run/sockmesh").join(&a.node));
         let api_socket = a.api_socket.unwrap_or_else(|| state_dir.join("agent.sock"));
@@ -250,6 +333,10 @@ impl Config {
             cgroup_root,
             bpffs_dir,
             workloads_file: a.workloads,
+            kubelet_pods: a.kubelet_pods,
+            host_proc: a.host_proc,
+            host_netns,
+            daemonset,
             state_dir,
             api_socket,
             max_connections: a.max_connections,

@@ -4,7 +4,9 @@
 
 /// Bottom first. ARCHITECTURE.md's module table is in this order.
 const LAYERS: &[&str] = &[
+    "kubeapi",
     "config",
+    "pods",
     "netns",
     "sockdiag",
     "state",

@@ -12,11 +12,13 @@ mod ebpf;
 mod hbone;
 mod identity;
 mod inputs;
+mod kubeapi;
 #[cfg(test)]
 mod layers;
 mod metrics;
 mod netns;
 mod outcome;
+mod pods;
 mod proxy;
 mod registration;
 mod sockdiag;
@@ -160,6 +162,7 @@ fn init_logging(format: config::LogFormat) {
 
 async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let api_socket = cfg.api_socket.clone();
+    let (daemonset, bpffs_dir) = (cfg.daemonset.clone(), cfg.bpffs_dir.clone());
     let agent = app::start(cfg).await?;
     tracing::info!(
         admin = %agent.admin_addr,
@@ -174,8 +177,33 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    // The programs stay attached (pinned): meshed pods fail closed until an agent is back.
     let _ = std::fs::remove_file(&api_socket);
+    if let Some((ns, name, api)) = &daemonset {
+        match kubeapi::daemonset(api, ns, name, std::time::Duration::from_secs(5)).await {
+            Ok(owner @ (kubeapi::Owner::Gone | kubeapi::Owner::Deleting)) => {
+                // Uninstall: nothing of the mesh may stay behind to refuse the pods' traffic.
+                let gone = if owner == kubeapi::Owner::Gone { "gone" } else { "being deleted" };
+                match ebpf::uninstall(&bpffs_dir) {
+                    Ok(()) => {
+                        tracing::info!(daemonset = %format!("{ns}/{name}"), "agent stopping; its DaemonSet is {gone} (uninstall): kernel programs detached, pins removed")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "agent stopping; its DaemonSet is {gone} but removing the pins failed: run `mesh-agent uninstall --bpffs-dir {}`", bpffs_dir.display())
+                    }
+                }
+                return Ok(());
+            }
+            Ok(kubeapi::Owner::Present) => {
+                tracing::info!(daemonset = %format!("{ns}/{name}"), "agent stopping; its DaemonSet is there (an upgrade or a drain): kernel programs stay attached");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent stopping; cannot tell whether its DaemonSet is gone: kernel programs stay attached (fail closed)");
+                return Ok(());
+            }
+        }
+    }
+    // The programs stay attached (pinned): meshed pods fail closed until an agent is back.
     tracing::info!("agent stopping; kernel programs stay attached");
     Ok(())
 }

@@ -64,6 +64,8 @@ pub enum Source {
     File,
     /// The local API (persisted in the agent's state directory).
     Api,
+    /// The controller's push: a Kubernetes pod of this node, found by its UID.
+    Kubernetes,
 }
 
 /// A workload this agent captures, with the kernel objects that tie it to traffic.
@@ -81,6 +83,9 @@ pub struct WorkloadInfo {
     pub cgroup_id: u64,
     pub netns_cookie: u64,
     pub source: Source,
+    /// The Kubernetes pod's UID (pods found by UID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// Its intercepted connections alive now (the kernel's count, what its quota bounds).
     #[serde(default)]
     pub live_connections: u64,

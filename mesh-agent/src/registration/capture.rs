@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use super::{listeners, Inner, RegisterError, Registered, Registry};
 use crate::ebpf::{self, Datapath};
 use crate::netns::{self, NetnsWorker};
+use crate::pods::PodError;
 use crate::state::LocalWorkload;
 
 impl Registry {
@@ -29,18 +30,33 @@ impl Registry {
             let node = w.node.clone().unwrap_or_default();
             return Err(RegisterError::OtherNode { key, node, here: self.node.clone() });
         }
-        w.check_local_objects()?;
-        let netns_path = w.netns.clone().expect("validated: a local workload names its netns");
-        let cgroup_path = w.cgroup.clone().expect("validated: a local workload names its cgroup");
         if inner.registered.contains_key(&key) {
             return Err(RegisterError::Exists(key));
         }
-        let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
-        if let Some(mine) = ino(&netns_path) {
-            if let Some(other) = inner.registered.values().find(|r| ino(r.wl.netns.path()) == Some(mine)) {
+        let (netns_path, cgroup_path) = match &w.pod_uid {
+            None => {
+                w.check_local_objects()?;
+                let netns = w.netns.clone().expect("validated: a local workload names its netns");
+                (netns, w.cgroup.clone().expect("validated: a local workload names its cgroup"))
+            }
+            // A pod: its cgroup by UID, its netns from the processes in it.
+            Some(uid) => {
+                let kubelet = self.kubelet.as_ref().ok_or_else(|| RegisterError::NoKubelet(key.clone()))?;
+                let pod = |source| RegisterError::Pod { key: key.clone(), source };
+                let cgroup = kubelet.find_cgroup(uid, w.qos_class.as_deref()).map_err(pod)?;
+                if w.ips.is_empty() {
+                    return Err(RegisterError::NoAddress(key));
+                }
+                (kubelet.find_netns(uid, &cgroup).map_err(pod)?.0, cgroup)
+            }
+        };
+        let ino = |f: &std::fs::File| f.metadata().map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+        if let Some(mine) = std::fs::File::open(&netns_path).ok().as_ref().and_then(ino) {
+            if let Some(other) = inner.registered.values().find(|r| ino(r.wl.netns.file()) == Some(mine)) {
                 return Err(RegisterError::SharedNetns { key, netns: netns_path, other: other.wl.key().clone() });
             }
         }
+        let w_uid = w.pod_uid.clone();
         let known =
             self.state.identity_for(w).map_err(|source| RegisterError::Identity { key: key.clone(), source })?;
         let cgroup_id = ebpf::cgroup_id(&cgroup_path).map_err(|source| RegisterError::Cgroup {
@@ -52,10 +68,31 @@ impl Registry {
             return Err(RegisterError::SharedCgroup { key, cgroup: cgroup_path, other: other.clone() });
         }
         let id = allocate_slot(inner, cgroup_id).ok_or_else(|| RegisterError::NoSlot { key: key.clone() })?;
-        let worker = tokio::task::spawn_blocking(move || NetnsWorker::spawn(&netns_path))
+        let spawn_path = netns_path.clone();
+        let worker = tokio::task::spawn_blocking(move || NetnsWorker::spawn(&spawn_path))
             .await
             .map_err(|e| RegisterError::Netns { key: key.clone(), source: netns::NetnsError::Thread(e.to_string()) })?
             .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
+        // A pod's netns, found from a process, must hold one of its addresses: a process that
+        // put itself in a pod's cgroup from another netns does not get that pod's traffic.
+        if let Some(uid) = &w_uid {
+            let has = worker
+                .run(netns::local_addresses)
+                .await
+                .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
+                .map_err(|e| RegisterError::Pod {
+                    key: key.clone(),
+                    source: PodError::Read { path: netns_path.clone(), reason: format!("listing its addresses: {e}") },
+                })?;
+            if !known.workload.ips.iter().any(|ip| has.contains(ip)) {
+                let source = PodError::NetnsWithoutAddress {
+                    uid: uid.clone(),
+                    netns: netns_path,
+                    want: known.workload.ips.clone(),
+                };
+                return Err(RegisterError::Pod { key, source });
+            }
+        }
 
         // Listeners first: by the time the kernel redirects anything, someone is listening.
         let listeners = worker
@@ -75,10 +112,15 @@ impl Registry {
             known: tokio::sync::watch::Sender::new(Arc::new(known)),
             id,
             cgroup_id,
+            cgroup: cgroup_path,
             netns: worker,
             netns_cookie,
             inbound_keys,
-            pin_name: format!("{}_{}", key.namespace, key.name),
+            // A pod's pins are keyed by its UID (a pod recreated under the same name is another).
+            pin_name: match &w_uid {
+                Some(uid) => format!("pod-{uid}"),
+                None => format!("{}_{}", key.namespace, key.name),
+            },
             source,
         });
 

@@ -13,6 +13,7 @@
 mod capture;
 mod listeners;
 mod persist;
+mod pods;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,6 +69,12 @@ pub enum RegisterError {
     FromFile(WorkloadKey),
     #[error("cannot write the state file {path}: {source}; the workload was not added")]
     State { path: PathBuf, source: std::io::Error },
+    #[error("workload {0} is a pod (it has a podUid); this agent finds pods only when run with --kubelet-pods")]
+    NoKubelet(WorkloadKey),
+    #[error("pod {0} has no address yet; its connections are refused until it has one and is captured")]
+    NoAddress(WorkloadKey),
+    #[error("{key}: {source}")]
+    Pod { key: WorkloadKey, source: crate::pods::PodError },
 }
 
 impl RegisterError {
@@ -88,6 +95,9 @@ impl RegisterError {
             RegisterError::Ebpf { .. } => "ebpf",
             RegisterError::FromFile(_) => "from_file",
             RegisterError::State { .. } => "state_file",
+            RegisterError::NoKubelet(_) => "not_kubelet",
+            RegisterError::NoAddress(_) => "no_address",
+            RegisterError::Pod { .. } => "pod",
         }
     }
 
@@ -121,6 +131,9 @@ struct Failed {
     /// when it failed (it inherits it, refused, when that workload lets go).
     cgroup_id: Option<u64>,
     reason: String,
+    /// A pod that has no address yet: refused, but not a reason for the agent to be unready
+    /// (a pod's network does not exist before its sandbox does).
+    waiting: bool,
 }
 
 pub(crate) struct Inner {
@@ -133,6 +146,8 @@ pub(crate) struct Inner {
 
 pub struct Registry {
     node: String,
+    /// Where pods are found by UID (`--kubelet-pods`).
+    kubelet: Option<crate::pods::Kubelet>,
     /// Each workload's quota of live intercepted connections.
     max_conns: u32,
     state: Arc<StateStore>,
@@ -143,6 +158,8 @@ pub struct Registry {
     file: StateFile,
     live: Arc<LiveCounts>,
     inner: tokio::sync::Mutex<Inner>,
+    /// Woken after a configuration change, for [`Registry::watch_pods`].
+    pods_changed: tokio::sync::Notify,
 }
 
 /// A failed workload (other than `holder`) whose record names cgroup `cg` and that holds none.
@@ -182,9 +199,11 @@ impl Registry {
         inputs: Arc<ProxyInputs>,
         pool: Arc<Pool>,
         file: StateFile,
+        kubelet: Option<crate::pods::Kubelet>,
     ) -> Registry {
         Registry {
             node: node.to_owned(),
+            kubelet,
             max_conns,
             state: inputs.state.clone(),
             identities: inputs.identities.clone(),
@@ -193,6 +212,7 @@ impl Registry {
             pool,
             file,
             live: datapath.live_counts().clone(),
+            pods_changed: tokio::sync::Notify::new(),
             inner: tokio::sync::Mutex::new(Inner {
                 datapath,
                 registered: BTreeMap::new(),
@@ -244,7 +264,12 @@ impl Registry {
     /// Refuses the cgroup of a workload that could not be captured.
     fn fail_closed(&self, inner: &mut Inner, w: Workload, source: Source, e: &RegisterError) {
         let key = w.key();
-        let wants = w.cgroup.as_deref().and_then(|p| ebpf::cgroup_id(p).ok());
+        let wants = match (&w.pod_uid, &self.kubelet) {
+            (Some(uid), Some(k)) => k.find_cgroup(uid, w.qos_class.as_deref()).ok(),
+            (Some(_), None) => None,
+            (None, _) => w.cgroup.clone(),
+        };
+        let wants = wants.and_then(|p| ebpf::cgroup_id(&p).ok());
         // A cgroup another workload holds stays as that workload made it.
         let cgroup_id = wants.filter(|cg| capture::cgroup_owner(inner, *cg).is_none_or(|o| *o == key));
         if let Some(cg) = cgroup_id {
@@ -261,7 +286,8 @@ impl Registry {
             self.metrics.registration_failed(e.label());
             tracing::error!(workload = %key, reason = e.label(), refused = cgroup_id.is_some(), "cannot capture workload: {e}; its connections are refused until it is captured");
         }
-        inner.failed.insert(key, Failed { workload: w, source, wants, cgroup_id, reason: e.to_string() });
+        let waiting = matches!(e, RegisterError::NoAddress(_));
+        inner.failed.insert(key, Failed { workload: w, source, wants, cgroup_id, reason: e.to_string(), waiting });
         self.metrics.set_not_captured(inner.failed.len());
         if source == Source::Api {
             if let Err(err) = self.save_state(inner, None) {
@@ -270,19 +296,25 @@ impl Registry {
         }
     }
 
-    /// Tries again to capture the workloads that failed.
+    /// Tries again to capture the workloads that failed (pods are [`Registry::follow_pods`]'s).
     pub async fn retry_failed(&self) {
         let mut inner = self.inner.lock().await;
-        let pending: Vec<(Workload, Source)> = inner.failed.values().map(|f| (f.workload.clone(), f.source)).collect();
+        let pending: Vec<(Workload, Source)> = inner
+            .failed
+            .values()
+            .filter(|f| f.source != Source::Kubernetes)
+            .map(|f| (f.workload.clone(), f.source))
+            .collect();
         for (w, source) in pending {
             let _ = self.add_locked(&mut inner, w, source).await;
         }
     }
 
-    /// The workloads of this node that could not be captured, and why.
+    /// The workloads of this node that could not be captured, and why (pods still waiting for
+    /// an address left out: they are not the agent's to capture yet).
     pub async fn not_captured(&self) -> Vec<(WorkloadKey, String)> {
         let inner = self.inner.lock().await;
-        inner.failed.iter().map(|(k, f)| (k.clone(), f.reason.clone())).collect()
+        inner.failed.iter().filter(|(_, f)| !f.waiting).map(|(k, f)| (k.clone(), f.reason.clone())).collect()
     }
 
     /// Writes the API's workloads (captured or failed, so that a failed one stays refused
@@ -303,6 +335,10 @@ impl Registry {
     /// the API added may be removed by it.
     pub async fn remove(&self, key: &WorkloadKey, from_api: bool) -> Result<(), RegisterError> {
         let mut inner = self.inner.lock().await;
+        self.remove_locked(&mut inner, key, from_api)
+    }
+
+    fn remove_locked(&self, inner: &mut Inner, key: &WorkloadKey, from_api: bool) -> Result<(), RegisterError> {
         let source = match (inner.registered.get(key), inner.failed.get(key)) {
             (Some(r), _) => r.wl.source,
             (None, Some(f)) => f.source,
@@ -312,12 +348,12 @@ impl Registry {
             return Err(RegisterError::FromFile(key.clone()));
         }
         if source == Source::Api {
-            self.save_state(&inner, Some(key))
+            self.save_state(inner, Some(key))
                 .map_err(|e| RegisterError::State { path: self.file.path().to_owned(), source: e })?;
         }
         if let Some(f) = inner.failed.remove(key) {
             if let Some(cg) = f.cgroup_id {
-                let_go(&mut inner, cg, key, mesh_common::WORKLOAD_SLOT_REFUSED);
+                let_go(inner, cg, key, mesh_common::WORKLOAD_SLOT_REFUSED);
             }
             self.metrics.set_not_captured(inner.failed.len());
         }
@@ -325,7 +361,7 @@ impl Registry {
             // A workload that failed because this one held its cgroup inherits it, refused in
             // place: the cgroup is never left unredirected in between.
             let cg = reg.wl.cgroup_id;
-            let heir = heir(&inner, cg, key);
+            let heir = heir(inner, cg, key);
             let how = if heir.is_some() { capture::Release::Refuse } else { capture::Release::Forget };
             self.undo(&mut inner.datapath, reg, how);
             if let Some(f) = heir.and_then(|h| inner.failed.get_mut(&h)) {
@@ -370,6 +406,7 @@ impl Registry {
     /// are closed (both ways): a workload moved out of a mesh keeps no connection to that
     /// mesh's peers. Its capture (listeners, kernel state) is untouched.
     pub async fn follow_config(&self) {
+        self.pods_changed.notify_one();
         let inner = self.inner.lock().await;
         let snap = self.state.load();
         let mut changed = 0;
@@ -427,10 +464,11 @@ impl Registry {
                     ips: w.ips.clone(),
                     labels: w.labels.clone(),
                     netns: wl.netns.path().to_owned(),
-                    cgroup: w.cgroup.clone().unwrap_or_default(),
+                    cgroup: wl.cgroup.clone(),
                     cgroup_id: wl.cgroup_id,
                     netns_cookie: wl.netns_cookie,
                     source: wl.source,
+                    pod_uid: w.pod_uid.clone(),
                     live_connections: self.live.get(wl.id).unwrap_or(0),
                     max_connections: self.max_conns,
                 }

@@ -52,13 +52,16 @@ pub struct LocalWorkload {
     /// Echoed by connect4/6 into each original destination; checked at accept.
     pub id: u32,
     pub cgroup_id: u64,
+    /// Its cgroup directory (its record's, or for a pod the one found by its UID).
+    pub cgroup: std::path::PathBuf,
     pub netns: NetnsWorker,
     pub netns_cookie: u64,
     /// Where sk_lookup finds this workload's inbound socket.
     pub inbound_keys: Vec<InboundKey>,
     /// The name of its sk_lookup link under the node's bpffs directory.
     pub pin_name: String,
-    /// The workloads file, or the local API (persisted in the state directory).
+    /// The workloads file, the local API (persisted in the state directory), or the
+    /// controller's push (a pod found by UID).
     pub source: mesh_api::admin::Source,
 }
 

@@ -1,0 +1,125 @@
+//! Pods the controller pushes for this node (`--kubelet-pods`): captured once found by UID,
+//! refused while they cannot be, released when the controller no longer has them, and captured
+//! again when the kubelet replaces their sandbox (same UID, a new netns).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::admin::Source;
+use mesh_model::{Workload, WorkloadKey};
+
+use super::{capture, Inner, Registry};
+use crate::ebpf;
+
+/// How often pods are looked at while one of this node's is not captured yet (its cgroup
+/// appears when the kubelet starts it: it is refused from the first look that finds it).
+const WAITING_POLL: Duration = Duration::from_millis(100);
+/// How often captured pods' sandboxes are checked otherwise.
+const POLL: Duration = Duration::from_secs(1);
+
+impl Registry {
+    pub fn follows_pods(&self) -> bool {
+        self.kubelet.is_some()
+    }
+
+    /// Brings the captured pods in line with the controller's pods for this node. Returns
+    /// whether one of them is still not captured. Without a configuration nothing changes (the
+    /// kernel state a previous agent left stays: fail closed).
+    pub async fn follow_pods(&self) -> bool {
+        let Some(kubelet) = &self.kubelet else { return false };
+        let snap = self.state.load();
+        if snap.config.version == 0 {
+            return false;
+        }
+        let desired: BTreeMap<WorkloadKey, Workload> = snap
+            .config
+            .by_key
+            .values()
+            .filter(|k| k.workload.pod_uid.is_some() && k.workload.node.as_deref() == Some(self.node.as_str()))
+            .map(|k| (k.key.clone(), k.workload.clone()))
+            .collect();
+        let mut inner = self.inner.lock().await;
+        let Inner { registered, failed, .. } = &*inner;
+        let mut gone = Vec::new();
+        let mut again = Vec::new();
+        for (key, r) in registered.iter().filter(|(_, r)| r.wl.source == Source::Kubernetes) {
+            let held = r.wl.known();
+            match desired.get(key) {
+                None => gone.push(key.clone()),
+                // Another pod under the same name: the old one is let go first.
+                Some(w) if w.pod_uid != held.workload.pod_uid => gone.push(key.clone()),
+                Some(w) if w.ips != held.workload.ips || w.qos_class != held.workload.qos_class => {
+                    again.push(key.clone())
+                }
+                Some(w) => {
+                    if sandbox_replaced(kubelet, w, &r.wl) {
+                        tracing::info!(workload = %key, "the pod's sandbox was replaced: capturing it again");
+                        again.push(key.clone());
+                    }
+                }
+            }
+        }
+        for (key, f) in failed.iter().filter(|(_, f)| f.source == Source::Kubernetes) {
+            if desired.get(key).is_none_or(|w| w.pod_uid != f.workload.pod_uid) {
+                gone.push(key.clone());
+            }
+        }
+        for key in &gone {
+            let _ = self.remove_locked(&mut inner, key, false);
+        }
+        for key in &again {
+            // Refused in place, never unredirected in between.
+            if let Some(reg) = inner.registered.remove(key) {
+                self.undo(&mut inner.datapath, reg, capture::Release::Refuse);
+            }
+        }
+        for (key, w) in desired {
+            if !inner.registered.contains_key(&key) {
+                let _ = self.add_locked(&mut inner, w, Source::Kubernetes).await;
+            }
+        }
+        let waiting = inner.failed.values().any(|f| f.source == Source::Kubernetes);
+        drop(inner);
+        if !gone.is_empty() || !again.is_empty() {
+            self.pool.evict_stale(&self.state.load());
+        }
+        waiting
+    }
+
+    /// Follows the controller's pods for this node: after each configuration change, every
+    /// [`WAITING_POLL`] while a pod is not captured, else every [`POLL`]. The first time a
+    /// configuration is in force, what a previous agent left for pods that are gone is swept.
+    pub async fn watch_pods(self: Arc<Self>, mut swept: bool) {
+        loop {
+            let waiting = self.follow_pods().await;
+            if !swept && self.state.load().config.version > 0 {
+                self.sweep_stale().await;
+                swept = true;
+            }
+            let wait = if waiting { WAITING_POLL } else { POLL };
+            tokio::select! {
+                _ = self.pods_changed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Whether a captured pod's cgroup or netns is no longer the one it was captured with. A pod
+/// whose processes are all gone for now (its sandbox being replaced) is left as it is until
+/// they are back.
+fn sandbox_replaced(kubelet: &crate::pods::Kubelet, w: &Workload, wl: &crate::state::LocalWorkload) -> bool {
+    let Some(uid) = &w.pod_uid else { return false };
+    if ebpf::cgroup_id(&wl.cgroup).ok() != Some(wl.cgroup_id) {
+        return true;
+    }
+    let held = wl.netns.file().metadata().map(|m| m.ino()).ok();
+    match kubelet.find_netns(uid, &wl.cgroup) {
+        Ok((_, ino)) => Some(ino) != held,
+        Err(crate::pods::PodError::NoProcess { .. }) => false,
+        // Anything else (a foreign process, the host's netns): captured again, which refuses it.
+        Err(_) => true,
+    }
+}
