@@ -44,6 +44,9 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
 /// The controller's address on the fabric (reachable from every node).
 pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
 pub const CONTROLLER_PORT: u16 = 15012;
+/// Where `sm-fakeapi` listens: in the fabric netns beside the controller, on the controller's
+/// address (agents reach it there too, as they would reach a cluster's API server).
+pub const FAKE_API: &str = "10.99.0.254:16443";
 
 pub struct Controller {
     child: Option<Child>,
@@ -148,6 +151,70 @@ impl Topology {
             .arg(&creds)
             .arg("--config-dir")
             .arg(self.config_dir())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let child = cmd.spawn().context("starting mesh-controller")?;
+        let mut c = Controller { child: Some(child), log };
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(status) = c.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("mesh-controller exited with {status}: {}", std::fs::read_to_string(&c.log).unwrap_or_default());
+            }
+            Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready"))
+        });
+        if let Err(e) = ready {
+            bail!("controller did not become ready: {e}\n{}", std::fs::read_to_string(&c.log).unwrap_or_default());
+        }
+        Ok(c)
+    }
+
+    /// Starts `sm-fakeapi` (a test fixture standing in for the Kubernetes API server) in the
+    /// fabric netns on [`FAKE_API`], serving `dir`'s objects; writes the kubeconfig the
+    /// controller uses to `dir/kubeconfig`.
+    pub fn start_fake_api(&mut self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir.join("objects"))?;
+        let log = dir.join("fakeapi.log");
+        let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("sm-fakeapi"))?;
+        cmd.args(["--listen", FAKE_API]).arg("--dir").arg(dir).stdout(Stdio::null()).stderr(File::create(&log)?);
+        let child = cmd.spawn().context("starting sm-fakeapi")?;
+        self.children.push(child);
+        wait_for(Duration::from_secs(10), || Ok(std::fs::read_to_string(&log)?.contains("fake API server ready")))
+            .context("sm-fakeapi did not start")?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{FAKE_API}'}}}}]\nusers: [{{name: controller, user: {{token: controller-token}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: controller}}}}]\ncurrent-context: fake\n"),
+        )?;
+        Ok(kubeconfig)
+    }
+
+    /// Starts the controller with `--source kubernetes --node-auth kubernetes` against the fake
+    /// API server's `kubeconfig`. Each node's credential file holds `token-<node>`, the token
+    /// the fake API server's `tokens.json` (written here) binds to that node.
+    pub fn start_kube_controller(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Controller> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.controller_dir();
+        let mut tokens = serde_json::Map::new();
+        for n in &self.nodes {
+            let token = format!("token-{}", n.name);
+            tokens.insert(
+                token.clone(),
+                serde_json::json!({"username": "system:serviceaccount:sockmesh-system:sockmesh-agent", "node": n.name, "audiences": ["sockmesh-ca"]}),
+            );
+            let path = n.state_dir.join("credential");
+            let _ = std::fs::remove_file(&path);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            f.write_all(token.as_bytes())?;
+        }
+        let api_dir = kubeconfig.parent().context("kubeconfig has no directory")?;
+        std::fs::write(api_dir.join("tokens.json"), serde_json::to_vec(&tokens)?)?;
+        let log = dir.join(format!("controller-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("mesh-controller"))?;
+        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"), "--log-format", "json"])
+            .arg("--state-dir")
+            .arg(&dir)
+            .args(["--source", "kubernetes", "--node-auth", "kubernetes"])
+            .env("KUBECONFIG", kubeconfig)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);

@@ -61,6 +61,8 @@ pub struct Pod {
     pub labels: Vec<(String, String)>,
     /// Its namespace ("default" unless a test moves it).
     pub namespace: String,
+    /// Its veth's name on the node's side.
+    node_if: String,
 }
 
 pub struct Topology {
@@ -229,14 +231,8 @@ impl Topology {
         n.pods += 1;
         let ip4 = Ipv4Addr::new(10, 20, n.index as u8, 9 + n.pods as u8);
         let netns = format!("{PREFIX}{}-{}-{name}", self.id, n.name);
-        ip(&["netns", "add", &netns])?;
         let node_if = format!("p{}", n.pods);
-        ip(&["-n", &n.netns, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
-        ip(&["-n", &n.netns, "link", "set", &node_if, "master", "br0", "up"])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &n.gateway_ip.to_string()])?;
+        pod_netns(&n.netns, &netns, &node_if, ip4, n.gateway_ip)?;
         let cgroup = n.cgroup.join(name);
         std::fs::create_dir_all(&cgroup)?;
         self.pods.push(Pod {
@@ -249,8 +245,43 @@ impl Topology {
             service_account: format!("sa-{name}"),
             labels: vec![("app".into(), name.into())],
             namespace: "default".into(),
+            node_if,
         });
         Ok(PodId(self.pods.len() - 1))
+    }
+
+    /// Moves a pod into a kubelet-shaped cgroup tree: `pod_dir` (relative to its node's cgroup
+    /// root) is its pod-level cgroup, and its processes go into `<pod_dir>/<container>` from
+    /// now on. Returns the pod-level directory.
+    pub fn kubelet_cgroup(&mut self, p: PodId, pod_dir: &str, container: &str) -> Result<PathBuf> {
+        let dir = self.node(self.pod(p).node).cgroup.join(pod_dir);
+        std::fs::create_dir_all(dir.join(container))?;
+        let old = std::mem::replace(&mut self.pods[p.0].cgroup, dir.join(container));
+        let _ = std::fs::remove_dir(old);
+        Ok(dir)
+    }
+
+    /// The pod's sandbox (a `sleep`, as a pause container is): a process in its netns and
+    /// cgroup, ended with the topology.
+    pub fn start_sandbox(&mut self, p: PodId) -> Result<u32> {
+        let child = self.pod_command(p, "sleep")?.arg("3600").spawn().context("starting a sandbox")?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// What the kubelet does when it replaces a pod's sandbox: the pod's processes end, and a
+    /// new netns with the same address takes the old one's place (its cgroup stays).
+    pub fn replace_netns(&mut self, p: PodId) -> Result<()> {
+        let pod = self.pod(p);
+        let pod_dir = pod.cgroup.parent().context("a pod's cgroup has a parent")?.to_owned();
+        kill_cgroup_tree(&pod_dir);
+        let _ = ip(&["netns", "del", &pod.netns]);
+        let n = self.node(pod.node);
+        // The old netns lives on while the agent holds it open: its veth pair goes now, so
+        // that the new one can take the name.
+        let _ = ip(&["-n", &n.netns, "link", "del", &pod.node_if]);
+        pod_netns(&n.netns, &pod.netns, &pod.node_if, pod.ip, n.gateway_ip)
     }
 
     pub fn controller_dir(&self) -> PathBuf {
@@ -409,6 +440,18 @@ fn remove_cgroup_tree(dir: &Path) {
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// A pod's netns `netns`, joined to its node's bridge by a veth (`node_if` on the node's side),
+/// with address `ip4` and a default route through the node.
+fn pod_netns(node_netns: &str, netns: &str, node_if: &str, ip4: Ipv4Addr, gateway: Ipv4Addr) -> Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", node_netns, "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+    ip(&["-n", node_netns, "link", "set", node_if, "master", "br0", "up"])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    ip(&["-n", netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", netns, "route", "add", "default", "via", &gateway.to_string()])
 }
 
 /// A workload file: one `kind: Workload` document per record.

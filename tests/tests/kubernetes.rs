@@ -1,0 +1,343 @@
+//! Kubernetes mode on the real kernel: the real controller with `--source kubernetes
+//! --node-auth kubernetes` against `sm-fakeapi` (a test fixture serving recorded objects over
+//! HTTP: list, watch, TokenReview, status), and real agents with `--kubelet-pods` that find each
+//! pod from its UID alone: its cgroup in a kubelet-shaped tree under the node's cgroup root, its
+//! netns from the processes in that cgroup. No paths are given to any agent.
+#![cfg(feature = "privileged")]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::process::FAKE_API;
+use tests::*;
+
+const PORT: u16 = 8080;
+const A_ID: &str = "spiffe://cluster.local/ns/default/sa/sa-a";
+
+fn uid(n: u8) -> String {
+    format!("5e1f0c2a-7b3d-4e8f-9a01-0000000000{n:02x}")
+}
+
+fn sd(uid: &str) -> String {
+    uid.replace('-', "_")
+}
+
+/// A Pod as the API server returns it. `ip: None`: scheduled, no address yet.
+fn pod_json(t: &Topology, p: PodId, uid: &str, qos: &str, ip: Option<String>) -> Value {
+    let pod = t.pod(p);
+    let mut status = json!({"phase": "Running", "qosClass": qos});
+    if let Some(ip) = ip {
+        status["podIP"] = ip.clone().into();
+        status["podIPs"] = json!([{"ip": ip}]);
+    } else {
+        status["phase"] = "Pending".into();
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": "default", "uid": uid, "labels": {"app": pod.name}},
+        "spec": {"nodeName": t.node(pod.node).name, "serviceAccountName": pod.service_account, "containers": [{"name": "app", "image": "app:1"}]},
+        "status": status,
+    })
+}
+
+fn put(api: &Path, file: &str, o: &Value) {
+    let tmp = api.join(format!("objects/.{file}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(o).unwrap()).unwrap();
+    std::fs::rename(tmp, api.join(format!("objects/{file}.json"))).unwrap();
+}
+
+fn echo(t: &Topology, p: PodId, to: &str) -> Value {
+    t.pod_app(p, &["echo", "--to", to, "--bytes", "3000", "--timeout-ms", "3000"]).unwrap()
+}
+
+fn workloads(t: &Topology, n: NodeId) -> Vec<Value> {
+    let (_, body) = http_get(&t.node(n).netns, "127.0.0.1:15000", "/workloads").unwrap();
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+fn readiness(t: &Topology, n: NodeId) -> (u16, String) {
+    http_get(&t.node(n).netns, "127.0.0.1:15021", "/healthz/ready").unwrap()
+}
+
+/// Waits until `n`'s agent is not ready for a reason about `pod` containing `why`.
+fn wait_refused(t: &Topology, n: NodeId, pod: &str, why: &str) -> String {
+    let mut last = String::new();
+    let seen = time_until(Duration::from_secs(20), || {
+        let (code, body) = readiness(t, n);
+        last = body.clone();
+        code == 503 && body.contains(&format!("default/{pod} is not captured")) && body.contains(why)
+    });
+    assert!(seen.is_some(), "{pod}: never refused with {why:?}; readiness: {last}");
+    last
+}
+
+/// The agent's flags on a node: pods from the controller, found by UID. The host's netns is
+/// this test's (the machine's); PID 1's is not readable in every sandbox the tests run in.
+fn kubelet_flags() -> [&'static str; 3] {
+    let host: &'static str = Box::leak(format!("/proc/{}/ns/net", std::process::id()).into_boxed_str());
+    ["--kubelet-pods", "--host-netns", host]
+}
+
+struct Kube {
+    t: Topology,
+    n1: NodeId,
+    n2: NodeId,
+    a: PodId,
+    b: PodId,
+    api: PathBuf,
+    /// a's and b's pod-level cgroups.
+    a_dir: PathBuf,
+    b_dir: PathBuf,
+}
+
+/// Two nodes; pod `a` on n1 in the systemd driver's layout (Burstable), pod `b` on n2 in the
+/// cgroupfs layout nested under another root (BestEffort), both with their sandboxes running
+/// before anything of the mesh starts; the namespace meshed; the fake API server serving them.
+fn kube(test: &str) -> Kube {
+    let mut t = Topology::new(test).unwrap();
+    let n1 = t.add_node("n1").unwrap();
+    let n2 = t.add_node("n2").unwrap();
+    let a = t.add_pod(n1, "a", false).unwrap();
+    let b = t.add_pod(n2, "b", false).unwrap();
+    let a_dir = t
+        .kubelet_cgroup(
+            a,
+            &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", sd(&uid(1))),
+            "cri-containerd-0a.scope",
+        )
+        .unwrap();
+    let b_dir = t.kubelet_cgroup(b, &format!("kubelet/kubepods/besteffort/pod{}", uid(2)), "0b").unwrap();
+    t.start_sandbox(a).unwrap();
+    t.start_sandbox(b).unwrap();
+    let api = t.dir.join("api");
+    std::fs::create_dir_all(api.join("objects")).unwrap();
+    put(
+        &api,
+        "ns-default",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"sockmesh.io/mesh": "enabled"}}}),
+    );
+    put(&api, "pod-a", &pod_json(&t, a, &uid(1), "Burstable", Some(t.pod(a).ip.to_string())));
+    put(&api, "pod-b", &pod_json(&t, b, &uid(2), "BestEffort", Some(t.pod(b).ip.to_string())));
+    Kube { t, n1, n2, a, b, api, a_dir, b_dir }
+}
+
+/// The whole path with nothing but UIDs and addresses from the API: the pods that were there
+/// before the agents are captured at start, carry traffic over mutual TLS with their identities,
+/// a policy that arrives as a watch event is enforced, its status is written back, and a pod
+/// whose sandbox the kubelet replaces is captured again.
+#[test]
+fn pods_are_found_by_uid_and_carry_traffic_over_mtls() {
+    let Kube { mut t, n1, n2, a, b, api, a_dir, b_dir } = kube("kube-e2e");
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let _ctl = t.start_kube_controller(&kubeconfig, &[]).unwrap();
+    let _server = t.start_server(b, PORT).unwrap();
+    let _agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
+    let agent2 = t.start_agent(n2, &kubelet_flags()).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+
+    // Found by UID: the pod-level cgroup, and the netns of its processes.
+    let w = workloads(&t, n1);
+    let wa = w.iter().find(|w| w["name"] == "a").unwrap_or_else(|| panic!("a not captured: {w:?}"));
+    assert_eq!(wa["podUid"], uid(1));
+    assert_eq!(wa["source"], "kubernetes");
+    assert_eq!(Path::new(wa["cgroup"].as_str().unwrap()), a_dir);
+    assert!(wa["netns"].as_str().unwrap().ends_with("/ns/net"), "{wa}");
+    let w = workloads(&t, n2);
+    let wb = w.iter().find(|w| w["name"] == "b").unwrap_or_else(|| panic!("b not captured: {w:?}"));
+    assert_eq!(Path::new(wb["cgroup"].as_str().unwrap()), b_dir);
+
+    let to = format!("{}:{PORT}", t.pod(b).ip);
+    let r = echo(&t, a, &to);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["received"], 3000, "{r}");
+    assert_eq!(r["checksum_match"], true, "{r}");
+    wait_for(Duration::from_secs(5), || Ok(agent2.access_log().iter().any(|l| l["src_principal"] == A_ID))).unwrap();
+    let line = agent2.access_log().into_iter().find(|l| l["src_principal"] == A_ID).unwrap();
+    assert_eq!(line["connection_security_policy"], "mutual_tls", "{line}");
+    assert_eq!(line["result"], "ok", "{line}");
+
+    // A DENY arrives as a watch event; its status is written back through the API.
+    let deny = json!({
+        "apiVersion": "security.sockmesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-a", "namespace": "default", "generation": 1, "uid": uid(9)},
+        "spec": {"selector": {"matchLabels": {"app": "b"}}, "action": "DENY", "rules": [{"from": [{"source": {"principals": [A_ID]}}]}]},
+    });
+    put(&api, "ap-deny-a", &deny);
+    let refused = time_until(Duration::from_secs(20), || echo(&t, a, &to)["ok"] == false);
+    assert!(refused.is_some(), "the DENY that arrived by watch was never enforced");
+    wait_for(Duration::from_secs(5), || {
+        Ok(agent2.access_log().iter().any(|l| l["src_principal"] == A_ID && l["result"] == "deny_policy"))
+    })
+    .unwrap_or_else(|_| panic!("no denial logged: {:?}", agent2.access_log()));
+    let writes = std::fs::read_to_string(api.join("requests.log")).unwrap();
+    let status = writes.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|r| {
+        r["method"] == "PATCH" && r["path"].as_str().is_some_and(|p| p.ends_with("authorizationpolicies/deny-a/status"))
+    });
+    let status = status.expect("the policy's status was never written");
+    assert_eq!(status["body"]["status"]["conditions"][0]["status"], "True", "{status}");
+    std::fs::remove_file(api.join("objects/ap-deny-a.json")).unwrap();
+    let allowed = time_until(Duration::from_secs(20), || echo(&t, a, &to)["ok"] == true);
+    assert!(allowed.is_some(), "removing the DENY (a DELETED event) never took effect");
+
+    // The kubelet replaces b's sandbox: same UID and cgroup, a new netns with the same address.
+    // The agent captures the new netns; traffic flows again.
+    t.replace_netns(b).unwrap();
+    t.start_sandbox(b).unwrap();
+    let _server = t.start_server(b, PORT).unwrap();
+    let back = time_until(Duration::from_secs(20), || echo(&t, a, &to)["ok"] == true);
+    assert!(back.is_some(), "b was not captured again after its sandbox was replaced: {}", agent2.log_text());
+    assert!(agent2.log_lines().iter().any(|l| l["message"] == "the pod's sandbox was replaced: capturing it again"));
+}
+
+/// A pod is pushed as soon as it is scheduled; until it can be captured its connections are
+/// refused, never sent in plaintext, and the agent is not ready. Then the refusals: the host's
+/// netns, a netns without the pod's address, a foreign process, a netns shared with another pod.
+#[test]
+fn pods_that_cannot_be_captured_are_refused_never_plain() {
+    let Kube { mut t, n1, n2, a, b, api, .. } = kube("kube-refuse");
+    // c: scheduled on n1, in its cgroup but no address in the API yet.
+    let c = t.add_pod(n1, "c", false).unwrap();
+    t.kubelet_cgroup(c, &format!("kubepods.slice/kubepods-pod{}.slice", sd(&uid(3))), "cri-containerd-0c.scope")
+        .unwrap();
+    t.start_sandbox(c).unwrap();
+    put(&api, "pod-c", &pod_json(&t, c, &uid(3), "Guaranteed", None));
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let _ctl = t.start_kube_controller(&kubeconfig, &[]).unwrap();
+    let _server = t.start_server(b, PORT).unwrap();
+    let _agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
+    let _agent2 = t.start_agent(n2, &kubelet_flags()).unwrap();
+    t.wait_ready(n2).unwrap();
+    let to = format!("{}:{PORT}", t.pod(b).ip);
+
+    // Waiting for an address: refused (EPERM from the kernel), and not a readiness blocker.
+    let r = time_until(Duration::from_secs(20), || {
+        let r = echo(&t, c, &to);
+        r["ok"] == false && r["errno"] == libc::EPERM
+    });
+    assert!(r.is_some(), "c, without an address, was not refused: {}", echo(&t, c, &to));
+    t.wait_ready(n1).unwrap();
+    // Its address arrives: captured, and its traffic flows.
+    put(&api, "pod-c", &pod_json(&t, c, &uid(3), "Guaranteed", Some(t.pod(c).ip.to_string())));
+    let ok = time_until(Duration::from_secs(20), || echo(&t, c, &to)["ok"] == true);
+    assert!(ok.is_some(), "c was never captured once it had its address");
+
+    // d: its record says an address its netns does not hold.
+    let d = t.add_pod(n1, "d", false).unwrap();
+    t.kubelet_cgroup(d, &format!("kubepods/burstable/pod{}", uid(4)), "0d").unwrap();
+    t.start_sandbox(d).unwrap();
+    put(&api, "pod-d", &pod_json(&t, d, &uid(4), "Burstable", Some("10.20.1.99".into())));
+    wait_refused(&t, n1, "d", "holds none of its addresses");
+    assert_eq!(echo(&t, d, &to)["errno"], libc::EPERM, "d's connects must be refused");
+    std::fs::remove_file(api.join("objects/pod-d.json")).unwrap();
+
+    // e: a process in its cgroup lives in another pod's (a's) netns: that netns is a's.
+    let e = t.add_pod(n1, "e", false).unwrap();
+    let e_dir = t.kubelet_cgroup(e, &format!("kubepods/besteffort/pod{}", uid(5)), "0e").unwrap();
+    let intruder = command_in(&t.pod(a).netns, &e_dir.join("0e"), "sleep").unwrap().arg("3600").spawn().unwrap();
+    put(&api, "pod-e", &pod_json(&t, e, &uid(5), "BestEffort", Some(t.pod(a).ip.to_string())));
+    wait_refused(&t, n1, "e", "already used by workload default/a");
+    let mut intruder = intruder;
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+    std::fs::remove_file(api.join("objects/pod-e.json")).unwrap();
+
+    // f: its sandbox in its own netns, and a foreign process in another netns (the node's).
+    let f = t.add_pod(n1, "f", false).unwrap();
+    let f_dir = t.kubelet_cgroup(f, &format!("kubepods/besteffort/pod{}", uid(6)), "0f").unwrap();
+    t.start_sandbox(f).unwrap();
+    std::fs::create_dir_all(f_dir.join("0g")).unwrap();
+    let foreign = command_in(&t.pod(c).netns, &f_dir.join("0g"), "sleep").unwrap().arg("3600").spawn().unwrap();
+    put(&api, "pod-f", &pod_json(&t, f, &uid(6), "BestEffort", Some(t.pod(f).ip.to_string())));
+    wait_refused(&t, n1, "f", "different network namespaces");
+    assert_eq!(echo(&t, f, &to)["errno"], libc::EPERM, "f's connects must be refused");
+    let mut foreign = foreign;
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    // With the foreign process gone, f is captured.
+    let ok = time_until(Duration::from_secs(20), || echo(&t, f, &to)["ok"] == true);
+    assert!(ok.is_some(), "f was not captured once the foreign process left");
+
+    // g: a process in the node's own netns (where the agent runs) in the pod's cgroup.
+    let g = t.add_pod(n1, "g", false).unwrap();
+    let g_dir = t.kubelet_cgroup(g, &format!("kubepods/besteffort/pod{}", uid(7)), "0g").unwrap();
+    let on_node = command_in(&t.node(n1).netns, &g_dir.join("0g"), "sleep").unwrap().arg("3600").spawn().unwrap();
+    put(&api, "pod-g", &pod_json(&t, g, &uid(7), "BestEffort", Some(t.pod(g).ip.to_string())));
+    wait_refused(&t, n1, "g", "the agent's own network namespace");
+    let mut on_node = on_node;
+    let _ = on_node.kill();
+    let _ = on_node.wait();
+    std::fs::remove_file(api.join("objects/pod-g.json")).unwrap();
+
+    // h: a process of the host's netns (the machine's, PID 1's) moved into the pod's cgroup.
+    let h = t.add_pod(n1, "h", false).unwrap();
+    let h_dir = t.kubelet_cgroup(h, &format!("kubepods/besteffort/pod{}", uid(8)), "0h").unwrap();
+    let mut on_host = std::process::Command::new("sleep").arg("3600").spawn().unwrap();
+    std::fs::write(h_dir.join("0h/cgroup.procs"), on_host.id().to_string()).unwrap();
+    put(&api, "pod-h", &pod_json(&t, h, &uid(8), "BestEffort", Some(t.pod(h).ip.to_string())));
+    wait_refused(&t, n1, "h", "the host's network namespace");
+    let _ = on_host.kill();
+    let _ = on_host.wait();
+}
+
+/// SIGTERM is an upgrade or a drain while the agent's DaemonSet exists: the programs stay
+/// attached and the pods fail closed. Once the DaemonSet is gone (an uninstall) the agent
+/// detaches everything on its way out and the pods' connections go direct again.
+#[test]
+fn sigterm_keeps_programs_while_the_daemonset_exists_and_detaches_them_when_it_is_gone() {
+    let Kube { mut t, n1, n2, a, api, .. } = kube("kube-sigterm");
+    // p: a pod outside the mesh (not in the API) on n2, serving.
+    let p = t.add_pod(n2, "p", false).unwrap();
+    let ds = json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "sockmesh-agent", "namespace": "sockmesh-system", "uid": uid(10)},
+        "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": "sockmesh-agent"}}},
+    });
+    put(&api, "ds", &ds);
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let _ctl = t.start_kube_controller(&kubeconfig, &[]).unwrap();
+    let token = t.dir.join("agent-api-token");
+    std::fs::write(&token, "agent-api-token").unwrap();
+    let api_url = format!("http://{FAKE_API}");
+    let mut flags = kubelet_flags().to_vec();
+    flags.extend(["--daemonset", "sockmesh-system/sockmesh-agent", "--kube-api", &api_url, "--kube-token-file"]);
+    flags.push(token.to_str().unwrap());
+    let _server = t.start_server(p, PORT).unwrap();
+    let mut agent1 = t.start_agent(n1, &flags).unwrap();
+    let _agent2 = t.start_agent(n2, &flags).unwrap();
+    t.wait_ready(n1).unwrap();
+    let to = format!("{}:{PORT}", t.pod(p).ip);
+    let r = echo(&t, a, &to);
+    assert_eq!((&r["ok"], &r["peer"]), (&json!(true), &json!("127.0.0.1:15001")), "a's connection is captured: {r}");
+
+    // Stopped with its DaemonSet there: everything stays attached, a's connects fail closed.
+    let links = t.node(n1).bpffs.join("links");
+    let before = std::fs::read_dir(&links).unwrap().count();
+    agent1.stop().unwrap();
+    let kept = "agent stopping; its DaemonSet is there (an upgrade or a drain): kernel programs stay attached";
+    wait_for(Duration::from_secs(10), || Ok(agent1.log_lines().iter().any(|l| l["message"] == kept)))
+        .unwrap_or_else(|_| panic!("{}", agent1.log_text()));
+    assert_eq!(std::fs::read_dir(&links).unwrap().count(), before, "pinned links were lost on an upgrade");
+    let r = echo(&t, a, &to);
+    assert_eq!((&r["ok"], &r["errno"]), (&json!(false), &json!(libc::ECONNREFUSED)), "fail closed: {r}");
+
+    // Uninstall: the DaemonSet is deleted, then its agent is told to stop.
+    let mut agent1 = t.start_agent(n1, &flags).unwrap();
+    t.wait_ready(n1).unwrap();
+    std::fs::remove_file(api.join("objects/ds.json")).unwrap();
+    let path = "/apis/apps/v1/namespaces/sockmesh-system/daemonsets/sockmesh-agent";
+    wait_for(Duration::from_secs(10), || Ok(http_get(&t.fabric, FAKE_API, path)?.0 == 404)).unwrap();
+    agent1.stop().unwrap();
+    let gone = "agent stopping; its DaemonSet is gone (uninstall): kernel programs detached, pins removed";
+    wait_for(Duration::from_secs(10), || Ok(agent1.log_lines().iter().any(|l| l["message"] == gone)))
+        .unwrap_or_else(|_| panic!("{}", agent1.log_text()));
+    assert!(!t.node(n1).bpffs.exists(), "the node's pins are still there after an uninstall");
+    let r = echo(&t, a, &to);
+    let direct = format!("{to}");
+    assert_eq!(
+        (&r["ok"], r["peer"].as_str()),
+        (&json!(true), Some(direct.as_str())),
+        "a goes direct after an uninstall: {r}"
+    );
+}
