@@ -98,3 +98,134 @@ mod tests {
         assert!(!hides_host_mounts(&unmounted, HOST));
     }
 }
+
+/// The mount that holds `path`: its mount point, filesystem type and mount-root field (the
+/// deepest mount point that is `path` or above it; the last such mount wins).
+fn mount_of<'a>(mountinfo: &'a str, path: &Path) -> Option<(PathBuf, &'a str)> {
+    mounts(mountinfo).filter(|(p, _)| path.starts_with(p)).max_by_key(|(p, _)| p.components().count())
+}
+
+/// What is wrong with the mounts a Kubernetes node's agent works on (each names the mount to
+/// fix and how), from this process's mountinfo: the cgroup root must be the host's cgroup v2
+/// tree at its root (not cgroup v1 or a hybrid host's v1 side, not a container's own cgroup
+/// namespace), and the bpffs directory must be on bpffs. Whether that bpffs is the host's is
+/// [`same_filesystem`]'s question.
+pub fn node_mount_problems(mountinfo: &str, cgroup_root: &Path, bpffs: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    match mount_of(mountinfo, cgroup_root) {
+        Some((_, "cgroup2")) => {
+            // The root of a cgroup v2 hierarchy has no cgroup.type; every cgroup below it (a
+            // container's cgroup namespace root included) has one.
+            if cgroup_root.join("cgroup.type").exists() {
+                out.push(format!(
+                    "{} is a cgroup below the host's cgroup v2 root (a container's own cgroup namespace shows its cgroup as the root): mount the host's cgroup v2 root there (hostPath /sys/fs/cgroup; /sys/fs/cgroup/unified on a hybrid host)",
+                    cgroup_root.display()
+                ));
+            }
+        }
+        Some((p, fstype @ ("tmpfs" | "cgroup"))) => out.push(format!(
+            "{} is a cgroup v1 tree ({fstype} at {}): the host runs cgroup v1, or hybrid. sockmesh needs cgroup v2: on a hybrid host mount /sys/fs/cgroup/unified there (hostPath); a v1-only host must boot with systemd.unified_cgroup_hierarchy=1",
+            cgroup_root.display(),
+            p.display()
+        )),
+        Some((p, fstype)) => out.push(format!(
+            "{} is on {fstype} (mounted at {}), not cgroup v2: mount the host's /sys/fs/cgroup there (hostPath)",
+            cgroup_root.display(),
+            p.display()
+        )),
+        None => out.push(format!("{} is on no mount this process can see", cgroup_root.display())),
+    }
+    match mount_of(mountinfo, bpffs) {
+        Some((_, "bpf")) => {}
+        Some((p, fstype)) => out.push(format!(
+            "{} is on {fstype} (mounted at {}), not bpffs: mount the host's /sys/fs/bpf there (hostPath, mountPropagation: HostToContainer); pins anywhere else do not outlive the agent, and the programs would detach with it",
+            bpffs.display(),
+            p.display()
+        )),
+        None => out.push(format!("{} is on no mount this process can see", bpffs.display())),
+    }
+    out
+}
+
+/// Whether two paths are on the same filesystem instance (one superblock: `st_dev`), e.g. a
+/// container's /sys/fs/bpf and the host's seen through the host's /proc.
+pub fn same_filesystem(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(a)?.dev() == std::fs::metadata(b)?.dev())
+}
+
+/// The capabilities an agent uses, with why: the DaemonSet adds exactly these (drop ALL),
+/// and `mesh-agent preflight --kubelet-pods` refuses to pass without any of them.
+pub const AGENT_CAPABILITIES: &[(&str, u32, &str)] = &[
+    ("SYS_ADMIN", 21, "setns(2) into each pod's network namespace to make its sockets there; it also covers loading BPF programs and reading kernel memory from them (CAP_BPF, CAP_PERFMON)"),
+    ("NET_ADMIN", 12, "attaching the cgroup and sk_lookup network programs"),
+    ("SYS_PTRACE", 19, "opening /host/proc/<pid>/ns/net of pods' processes, which run as other users"),
+];
+// Not CAP_SYS_RESOURCE: the agent raises its open-file limit only up to the hard limit, which
+// container runtimes set far above what --max-connections needs (it warns when it is not).
+
+/// The capabilities of [`AGENT_CAPABILITIES`] missing from `status` (the text of
+/// /proc/self/status: its CapEff line).
+pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    AGENT_CAPABILITIES.iter().filter(|(_, bit, _)| eff & (1u64 << bit) == 0).map(|(n, _, _)| *n).collect()
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    const HOST: &str = "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+        31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+        32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+        41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+        46 23 0:40 / /sys/fs/bpf rw - bpf bpf rw\n\
+        50 27 0:41 / /host/cgroup rw - cgroup2 cgroup2 rw\n\
+        51 27 0:40 / /host/bpf rw,relatime master:3 - bpf bpf rw\n";
+
+    #[test]
+    fn mounts_a_node_agent_cannot_work_on_are_named_with_the_fix() {
+        let dir = std::env::temp_dir().join(format!("sockmesh-host-test-{}", std::process::id()));
+        let root = dir.join("root");
+        let below = dir.join("below");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&below).unwrap();
+        std::fs::write(below.join("cgroup.type"), "domain\n").unwrap();
+        // The hierarchy's root, on cgroup v2, and bpffs: nothing to fix.
+        let mi = format!(
+            "{HOST}60 27 0:38 / {} rw - cgroup2 cgroup2 rw\n61 27 0:40 / {} rw - cgroup2 cgroup2 rw\n",
+            root.display(),
+            below.display()
+        );
+        assert!(node_mount_problems(&mi, &root, Path::new("/host/bpf/sockmesh")).is_empty());
+        // A cgroup below the root (a container's cgroup namespace).
+        let p = node_mount_problems(&mi, &below, Path::new("/sys/fs/bpf"));
+        assert!(p.len() == 1 && p[0].contains("below the host's cgroup v2 root") && p[0].contains("hostPath"), "{p:?}");
+        // A hybrid host's /sys/fs/cgroup (tmpfs of v1 hierarchies), and a v1 hierarchy.
+        let p = node_mount_problems(HOST, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/bpf"));
+        assert!(p.len() == 1 && p[0].contains("cgroup v1 tree") && p[0].contains("/sys/fs/cgroup/unified"), "{p:?}");
+        let p = node_mount_problems(HOST, Path::new("/sys/fs/cgroup/cpu"), Path::new("/sys/fs/bpf"));
+        assert!(p[0].contains("cgroup v1 tree"), "{p:?}");
+        // bpffs missing: a plain directory of the root filesystem.
+        let p = node_mount_problems(HOST, &root, Path::new("/var/bpf"));
+        assert!(
+            p.iter().any(|m| m.contains("/var/bpf is on ext4") && m.contains("mount the host's /sys/fs/bpf")),
+            "{p:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_capabilities_are_read_from_capeff() {
+        let all = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert!(missing_capabilities(all).is_empty());
+        // SYS_ADMIN (21) and NET_ADMIN (12) only.
+        let some = format!("CapEff:\t{:016x}\n", (1u64 << 21) | (1u64 << 12));
+        assert_eq!(missing_capabilities(&some), ["SYS_PTRACE"]);
+        assert_eq!(missing_capabilities("").len(), AGENT_CAPABILITIES.len());
+    }
+}

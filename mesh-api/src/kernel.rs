@@ -186,6 +186,31 @@ fn io_error(what: &str, e: std::io::Error) -> ProbeError {
 }
 
 /// One paragraph naming every missing feature and what to do, for the agent's refusal.
+/// Makes the empty cgroup `name` to probe with: below `cgroup_root`, or where the root is not
+/// writable without CAP_DAC_OVERRIDE (some hosts make it read-only; the agent does not hold that
+/// capability), below the first of its children that is. Returns the root's error if none is.
+fn probe_cgroup(cgroup_root: &Path, name: &str) -> std::io::Result<std::path::PathBuf> {
+    let first = cgroup_root.join(name);
+    let err = match std::fs::create_dir(&first) {
+        Ok(()) => return Ok(first),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => e,
+        Err(e) => return Err(e),
+    };
+    let mut children: Vec<std::path::PathBuf> = std::fs::read_dir(cgroup_root)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    children.sort();
+    for c in children {
+        let dir = c.join(name);
+        if std::fs::create_dir(&dir).is_ok() {
+            return Ok(dir);
+        }
+    }
+    Err(err)
+}
+
 pub fn refusal(release: &str, missing: &[Missing]) -> String {
     let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
     format!(
@@ -235,9 +260,10 @@ fn probe(p: Probe, cgroup_root: &Path) -> Result<(), ProbeError> {
             let nanos =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
             let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let dir = cgroup_root.join(format!("sockmesh-probe-{}-{nanos}-{seq}", std::process::id()));
-            std::fs::create_dir(&dir)
-                .map_err(|e| could_not(format!("making a cgroup to probe with at {}: {e}", dir.display())))?;
+            let name = format!("sockmesh-probe-{}-{nanos}-{seq}", std::process::id());
+            let dir = probe_cgroup(cgroup_root, &name).map_err(|e| {
+                could_not(format!("making a cgroup to probe with at {}: {e}", cgroup_root.join(&name).display()))
+            })?;
             let r = (|| {
                 let cg = std::fs::File::open(&dir).map_err(|e| could_not(format!("{}: {e}", dir.display())))?;
                 let link = link_create(&prog, cg.as_raw_fd(), ProgType::Connect4.ids().1)?;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod image;
 mod kernels;
 
 #[derive(Parser)]
@@ -61,6 +62,10 @@ enum Cmd {
         #[arg(long = "kernel", value_name = "VERSION")]
         kernels: Vec<String>,
     },
+    /// Build the agent's and the controller's container images (FROM scratch, the release
+    /// binaries and the libraries they link) with the machine's Docker engine, tagged as
+    /// deploy/ names them.
+    Image,
     /// A local mesh in network namespaces with real traffic.
     Demo {
         /// Leave the mesh running and print how to poke at it.
@@ -89,7 +94,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("findmnt", "util-linux"),
     ("curl", "curl"),
     ("/usr/bin/python3", "python3"),
+    // The container test runs the agent's image with an OCI runtime, with exactly the
+    // manifest's capabilities (Debian's Docker engine cannot name every one).
+    ("runc", "runc"),
+    // `ldd` and `strip`, for the images.
+    ("ldd", "libc-bin"),
+    ("strip", "binutils"),
 ];
+
+/// Validates the rendered manifests offline (`kubectl kustomize deploy/ | kubernetes-validate
+/// --strict`), pinned: the package's version and the Kubernetes version it checks against.
+pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+pub const KUBERNETES_VERSION: &str = "1.31.0";
 
 fn main() {
     if let Err(e) = real_main() {
@@ -115,7 +131,14 @@ fn real_main() -> Result<()> {
         Cmd::Test { filter } => {
             setup()?;
             build(&root)?;
+            // The container test runs the agent's image as the DaemonSet would.
+            image::build(&root)?;
             test(&root, filter.as_deref())
+        }
+        Cmd::Image => {
+            setup()?;
+            build(&root)?;
+            image::build(&root)
         }
         Cmd::Bench { quick, profile, agent_args } => {
             setup()?;
@@ -219,6 +242,16 @@ fn setup() -> Result<()> {
     }
     // 4. bpffs.
     mount_bpffs()?;
+    // 5. The offline validator of the Kubernetes manifests (PyPI).
+    let validator_ok = Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout)
+                .contains(KUBERNETES_VALIDATE.trim_start_matches("kubernetes-validate=="))
+    });
+    if !validator_ok {
+        step(&format!("installing {KUBERNETES_VALIDATE} (PyPI)"));
+        sh(Command::new("python3").args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]))?;
+    }
     eprintln!("setup: ok ({:.1}s)", t.elapsed().as_secs_f64());
     Ok(())
 }
