@@ -59,6 +59,18 @@ enum Cmd {
         /// directory below it is removed afterwards).
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+        /// Also check what an agent on a Kubernetes node needs (the init container's check): the
+        /// cgroup root is the host's cgroup v2 root, --bpffs is the host's bpffs, the host's
+        /// /proc is readable, and this process holds every capability the agent uses.
+        #[arg(long, default_value_t = false)]
+        kubelet_pods: bool,
+        /// The host's /proc (with --kubelet-pods).
+        #[arg(long, default_value = "/proc")]
+        host_proc: PathBuf,
+        /// The host's bpffs as the host sees it, to compare with --bpffs (with --kubelet-pods).
+        /// Default: <host-proc>/1/root/sys/fs/bpf.
+        #[arg(long)]
+        host_bpffs: Option<PathBuf>,
     },
 }
 
@@ -74,7 +86,13 @@ fn main() -> anyhow::Result<()> {
                 tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.worker_threads).enable_all().build()?;
             rt.block_on(run(cfg))
         }
-        Cmd::Preflight { cgroup_root, bpffs } => preflight(cgroup_root, &bpffs),
+        Cmd::Preflight { cgroup_root, bpffs, kubelet_pods, host_proc, host_bpffs } => {
+            let node = kubelet_pods.then(|| {
+                let host_bpffs = host_bpffs.unwrap_or_else(|| host_proc.join("1/root/sys/fs/bpf"));
+                (host_proc, host_bpffs)
+            });
+            preflight(cgroup_root, &bpffs, node)
+        }
         Cmd::Uninstall { bpffs_dir } => {
             ebpf::uninstall(&bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
             eprintln!("removed {}: programs detached, maps freed", bpffs_dir.display());
@@ -85,11 +103,37 @@ fn main() -> anyhow::Result<()> {
 
 /// Prints one line per kernel feature, then whether the programs load; fails if anything is
 /// missing.
-fn preflight(cgroup_root: Option<PathBuf>, bpffs: &std::path::Path) -> anyhow::Result<()> {
+fn preflight(
+    cgroup_root: Option<PathBuf>,
+    bpffs: &std::path::Path,
+    node: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
     let cgroup_root = match cgroup_root {
         Some(p) => p,
         None => config::cgroup2_mount()?,
     };
+    if let Some((host_proc, host_bpffs)) = node {
+        let problems = node_problems(&cgroup_root, bpffs, &host_proc, &host_bpffs);
+        for p in &problems {
+            println!("MISSING  {p}");
+        }
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "preflight refused: this container cannot run the agent of a Kubernetes node; {} to fix (above)",
+                problems.len()
+            );
+        }
+        println!(
+            "ok       mounts: {} is the host's cgroup v2 root, {} the host's bpffs, {} the host's /proc",
+            cgroup_root.display(),
+            bpffs.display(),
+            host_proc.display()
+        );
+        println!(
+            "ok       capabilities: {}",
+            mesh_api::host::AGENT_CAPABILITIES.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+        );
+    }
     let release = mesh_api::kernel::release();
     println!("kernel: Linux {release}");
     let missing = mesh_api::kernel::check(&cgroup_root).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -107,6 +151,44 @@ fn preflight(cgroup_root: Option<PathBuf>, bpffs: &std::path::Path) -> anyhow::R
     println!("ok       the agent's programs pass this kernel's verifier");
     println!("preflight: this kernel runs the sockmesh datapath");
     Ok(())
+}
+
+/// What stops this process from being a Kubernetes node's agent: its mounts and capabilities.
+fn node_problems(
+    cgroup_root: &std::path::Path,
+    bpffs: &std::path::Path,
+    host_proc: &std::path::Path,
+    host_bpffs: &std::path::Path,
+) -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out = mesh_api::host::node_mount_problems(&mountinfo, cgroup_root, bpffs);
+    if out.iter().all(|p| !p.starts_with(&bpffs.display().to_string())) {
+        match mesh_api::host::same_filesystem(bpffs, host_bpffs) {
+            Ok(true) => {}
+            Ok(false) => out.push(format!(
+                "{} is a bpffs of its own, not the host's (the host's is {}): mount the host's /sys/fs/bpf there (hostPath); pins in a private bpffs vanish with the container and every program detaches",
+                bpffs.display(),
+                host_bpffs.display()
+            )),
+            Err(e) => out.push(format!(
+                "cannot see the host's bpffs at {} ({e}) to compare with {}: mount the host's /proc at {} (read-only) and add CAP_SYS_PTRACE",
+                host_bpffs.display(),
+                bpffs.display(),
+                host_proc.display()
+            )),
+        }
+    }
+    if !host_proc.join("self").exists() {
+        out.push(format!("{} is not a proc filesystem: mount the host's /proc there (read-only)", host_proc.display()));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for cap in mesh_api::host::missing_capabilities(&status) {
+        let why = mesh_api::host::AGENT_CAPABILITIES.iter().find(|c| c.0 == cap).map(|c| c.2).unwrap_or("");
+        out.push(format!(
+            "capability CAP_{cap} is missing ({why}): add {cap} to the container's securityContext.capabilities.add"
+        ));
+    }
+    out
 }
 
 /// Every proxied connection holds up to six descriptors (the pod's socket, the upstream one,
@@ -227,6 +309,126 @@ mod tests {
             super::Cmd::Run(a) => assert_eq!(a.node, "n1"),
             _ => panic!("{line}: not `run`"),
         }
+    }
+
+    /// The documents of a manifest file.
+    fn documents(text: &str) -> Vec<serde_yaml::Value> {
+        use serde::Deserialize;
+        serde_yaml::Deserializer::from_str(text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect()
+    }
+
+    /// The volume a container mounts at the deepest mount path above `path`: (mount, volume).
+    fn volume_for<'a>(
+        c: &'a serde_yaml::Value,
+        pod: &'a serde_yaml::Value,
+        path: &std::path::Path,
+    ) -> (&'a serde_yaml::Value, &'a serde_yaml::Value) {
+        let mounts = c["volumeMounts"].as_sequence().expect("volumeMounts");
+        let m = mounts
+            .iter()
+            .filter(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+            .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+            .unwrap_or_else(|| panic!("{} is under no volumeMount", path.display()));
+        let vols = pod["volumes"].as_sequence().expect("volumes");
+        let v = vols.iter().find(|v| v["name"] == m["name"]).unwrap_or_else(|| panic!("no volume {:?}", m["name"]));
+        (m, v)
+    }
+
+    /// The DaemonSet in deploy/ starts the agent (and its preflight) with flags it takes, and
+    /// they agree with the pod spec: each path is on the volume it must be (the host's /proc
+    /// read-only, cgroup, bpffs with propagation from the host, /run/sockmesh, the projected
+    /// token for the CA's audience with mode 0400, the trust bundle), the probe's port is the
+    /// readiness port, the DaemonSet named is itself, and the capabilities are exactly those
+    /// the agent uses.
+    #[test]
+    fn the_daemonsets_command_lines_parse_and_agree_with_its_pod_spec() {
+        let docs = documents(include_str!("../../deploy/agent.yaml"));
+        let kustomization = documents(include_str!("../../deploy/kustomization.yaml"));
+        let namespace = kustomization[0]["namespace"].as_str().unwrap();
+        let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+        let pod = &ds["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        let args: Vec<String> = std::iter::once("mesh-agent".to_owned())
+            .chain(
+                c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().replace("$(NODE_NAME)", "node-1")),
+            )
+            .collect();
+        let a = match super::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}")).cmd {
+            super::Cmd::Run(a) => a,
+            _ => panic!("not `run`"),
+        };
+        assert!(a.kubelet_pods);
+        assert_eq!(
+            a.daemonset.as_deref(),
+            Some(format!("{namespace}/{}", ds["metadata"]["name"].as_str().unwrap()).as_str())
+        );
+        assert_eq!(c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+        let host = |p: &std::path::Path| {
+            let (m, v) = volume_for(c, pod, p);
+            (v["hostPath"]["path"].as_str().map(str::to_owned), m.clone())
+        };
+        let (src, m) = host(&a.host_proc);
+        assert_eq!((src.as_deref(), m["readOnly"].as_bool()), (Some("/proc"), Some(true)));
+        let cgroup_root = a.cgroup_root.clone().expect("--cgroup-root");
+        assert_eq!(host(&cgroup_root).0.as_deref(), Some("/sys/fs/cgroup"));
+        let (src, m) = host(a.bpffs_dir.as_ref().expect("--bpffs-dir"));
+        assert_eq!((src.as_deref(), m["mountPropagation"].as_str()), (Some("/sys/fs/bpf"), Some("HostToContainer")));
+        assert_eq!(host(a.state_dir.as_ref().expect("--state-dir")).0.as_deref(), Some("/run/sockmesh"));
+        let (m, v) = volume_for(c, pod, &a.node_credential_file);
+        let token = &v["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(token["audience"], "sockmesh-ca", "the controller's --token-audience");
+        assert_eq!(
+            std::path::Path::new(m["mountPath"].as_str().unwrap()).join(token["path"].as_str().unwrap()),
+            a.node_credential_file
+        );
+        assert_eq!(
+            v["projected"]["defaultMode"].as_u64(),
+            Some(0o400),
+            "the agent refuses a credential others can read"
+        );
+        let (m, v) = volume_for(c, pod, &a.trust_bundle);
+        assert!(v["configMap"]["name"].is_string());
+        assert!(a.trust_bundle.starts_with(m["mountPath"].as_str().unwrap()));
+        assert_eq!(c["readinessProbe"]["httpGet"]["port"].as_u64(), Some(u64::from(a.readiness_addr.port())));
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], mesh_api::admin::paths::READY);
+        assert!(c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"].as_u64() == Some(u64::from(a.metrics_addr.port()))));
+        // The init container's preflight checks the same mounts.
+        let init = &pod["initContainers"][0];
+        let args: Vec<&str> = std::iter::once("mesh-agent")
+            .chain(init["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()))
+            .collect();
+        match super::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}")).cmd {
+            super::Cmd::Preflight { cgroup_root: cg, bpffs, kubelet_pods, host_proc, .. } => {
+                assert!(kubelet_pods);
+                assert_eq!((cg.as_ref(), host_proc), (Some(&cgroup_root), a.host_proc.clone()));
+                assert!(a.bpffs_dir.as_ref().unwrap().starts_with(&bpffs));
+            }
+            _ => panic!("the init container does not run preflight"),
+        }
+        assert_eq!(init["volumeMounts"], {
+            let mut v = c["volumeMounts"].as_sequence().unwrap().clone();
+            v.retain(|m| init["volumeMounts"].as_sequence().unwrap().iter().any(|i| i["name"] == m["name"]));
+            serde_yaml::Value::Sequence(v)
+        });
+        // Not privileged; drop ALL; add exactly what the agent uses — in both containers.
+        let want: Vec<&str> = mesh_api::host::AGENT_CAPABILITIES.iter().map(|c| c.0).collect();
+        for ctr in [c, init] {
+            let sc = &ctr["securityContext"];
+            assert_eq!(sc["privileged"].as_bool(), Some(false));
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+            let add: Vec<&str> =
+                sc["capabilities"]["add"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+            assert_eq!(add, want, "capabilities of {:?}", ctr["name"]);
+        }
+        assert_eq!(pod["hostNetwork"].as_bool(), Some(false));
+        assert_eq!(pod["priorityClassName"], "system-node-critical");
+        assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+        let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!((ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()), (Some(1), Some(0)));
     }
 
     /// Every flag and subcommand says what it is for in `--help`.

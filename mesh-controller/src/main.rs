@@ -394,6 +394,86 @@ async fn serve_admin(model: tokio::sync::watch::Receiver<Arc<model::Model>>, lis
 mod tests {
     use clap::{CommandFactory, Parser};
 
+    fn documents(text: &str) -> Vec<serde_yaml::Value> {
+        use serde::Deserialize;
+        serde_yaml::Deserializer::from_str(text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect()
+    }
+
+    /// The Deployment in deploy/ starts the controller with flags it takes, agreeing with the
+    /// agent's manifest (the audience of its projected token, its service account) and with
+    /// the Service (ports), and its ClusterRole allows what the controller reads and writes.
+    #[test]
+    fn the_deployments_command_line_parses_and_agrees_with_the_agent_and_the_service() {
+        let docs = documents(include_str!("../../deploy/controller.yaml"));
+        let agent = documents(include_str!("../../deploy/agent.yaml"));
+        let namespace =
+            documents(include_str!("../../deploy/kustomization.yaml"))[0]["namespace"].as_str().unwrap().to_owned();
+        let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        assert_eq!(dep["spec"]["replicas"].as_u64(), Some(2));
+        let c = &dep["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = std::iter::once("mesh-controller")
+            .chain(c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()))
+            .collect();
+        let a = super::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}")).run;
+        assert!(
+            matches!(a.source, super::ConfigSource::Kubernetes) && matches!(a.node_auth, super::NodeAuth::Kubernetes)
+        );
+        let ds = agent.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+        let agent_pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(
+            a.agent_service_account,
+            format!("{namespace}/{}", agent_pod["serviceAccountName"].as_str().unwrap())
+        );
+        let token = agent_pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["projected"]["sources"][0]["serviceAccountToken"].as_mapping())
+            .unwrap();
+        assert_eq!(token.get("audience").and_then(|v| v.as_str()), Some(a.token_audience.as_str()));
+        // Agents dial the Service's name, which the serving certificate carries.
+        let agent_args: Vec<&str> =
+            agent_pod["containers"][0]["args"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let svc = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+        let host = format!("{}.{namespace}.svc", svc["metadata"]["name"].as_str().unwrap());
+        assert!(
+            agent_args.contains(&format!("--controller=https://{host}:{}", a.listen.port()).as_str()),
+            "{agent_args:?}"
+        );
+        assert!(agent_args.contains(&format!("--controller-name={host}").as_str()));
+        assert!(a.server_name.contains(&host));
+        let ports: Vec<u64> =
+            svc["spec"]["ports"].as_sequence().unwrap().iter().map(|p| p["targetPort"].as_u64().unwrap()).collect();
+        assert_eq!(ports, [u64::from(a.listen.port()), u64::from(a.metrics_addr.port())]);
+        // The CA's files come from the Secret's mount.
+        let mounts = c["volumeMounts"].as_sequence().unwrap();
+        let ca_mount = mounts.iter().find(|m| m["name"] == "ca").unwrap()["mountPath"].as_str().unwrap();
+        assert!(a.ca_cert.unwrap().starts_with(ca_mount) && a.ca_key.unwrap().starts_with(ca_mount));
+        // What the Kubernetes source watches and writes, and TokenReview.
+        let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+        let allows = |res: &str, verb: &str| {
+            role["rules"].as_sequence().unwrap().iter().any(|r| {
+                r["resources"].as_sequence().unwrap().iter().any(|x| x == res)
+                    && r["verbs"].as_sequence().unwrap().iter().any(|x| x == verb)
+            })
+        };
+        for res in [
+            "pods",
+            "namespaces",
+            "services",
+            "endpointslices",
+            "authorizationpolicies",
+            "peerauthentications",
+            "meshes",
+        ] {
+            assert!(allows(res, "list") && allows(res, "watch"), "{res}");
+        }
+        for res in ["authorizationpolicies/status", "peerauthentications/status", "meshes/status"] {
+            assert!(allows(res, "patch"), "{res}");
+        }
+        assert!(allows("tokenreviews", "create"));
+    }
+
     /// Every flag and subcommand says what it is for in `--help`.
     #[test]
     fn every_flag_has_help_text() {

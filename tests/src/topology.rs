@@ -204,6 +204,9 @@ impl Topology {
             ])?;
             ip(&["-n", &other.netns, "route", "add", &format!("10.20.{index}.0/24"), "via", &underlay_ip.to_string()])?;
         }
+        // The fabric (where the controller is) routes this node's pods through it: an agent
+        // in a pod's netns of its own, as a DaemonSet's is, reaches the controller.
+        ip(&["-n", &self.fabric, "route", "add", &format!("10.20.{index}.0/24"), "via", &underlay_ip.to_string()])?;
         let cgroup = self.cgroup_root.join(name);
         std::fs::create_dir_all(cgroup.join("agent"))?;
         std::fs::create_dir_all(cgroup.join("host"))?;
