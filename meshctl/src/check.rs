@@ -98,6 +98,22 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
         &hint,
     );
 
+    // What a Kubernetes node's agent needs of the host's mounts (the same check as `mesh-agent
+    // preflight --kubelet-pods`): the cgroup v2 mount is its hierarchy's root, bpffs is bpffs.
+    if let Some(cg) = &cg2 {
+        let problems = mesh_api::host::node_mount_problems(&mountinfo, cg, bpffs);
+        add(
+            "node mounts",
+            problems.is_empty(),
+            if problems.is_empty() {
+                format!("{} is the cgroup v2 root, {} is on bpffs", cg.display(), bpffs.display())
+            } else {
+                problems.join("; ")
+            },
+            "fix the mounts named; in a container, mount the host's (hostPath) as deploy/agent.yaml does",
+        );
+    }
+
     let status: anyhow::Result<Status> = get(admin, paths::STATUS);
     let certs: anyhow::Result<Vec<CertInfo>> = get(admin, paths::CERTIFICATES);
     let config: anyhow::Result<ConfigDump> = get(admin, paths::CONFIG_DUMP);

@@ -432,6 +432,9 @@ fn the_agent_runs_only_where_the_kernel_has_every_feature_it_needs() {
     let report: Value = serde_json::from_slice(&check.stdout).unwrap();
     let kernel = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "kernel").unwrap().clone();
     assert_eq!(kernel["ok"], out.status.success(), "meshctl check and preflight disagree: {kernel}\n{text}");
+    // On this host (the agent runs on it directly) the node mounts are right.
+    let mounts = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "node mounts").unwrap();
+    assert_eq!(mounts["ok"], true, "{mounts}");
     for m in &missing {
         let name = m.trim_start_matches("MISSING").trim().split(" (Linux").next().unwrap();
         assert!(kernel["detail"].as_str().unwrap().contains(name), "meshctl check does not name {name:?}: {kernel}");

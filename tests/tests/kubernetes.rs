@@ -203,6 +203,11 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
         .unwrap();
     t.start_sandbox(c).unwrap();
     put(&api, "pod-c", &pod_json(&t, c, &uid(3), "Guaranteed", None));
+    // w: its cgroup made and its address known before the agent starts, its sandbox not
+    // started yet.
+    let w = t.add_pod(n1, "w", false).unwrap();
+    t.kubelet_cgroup(w, &format!("kubepods/burstable/pod{}", uid(11)), "0w").unwrap();
+    put(&api, "pod-w", &pod_json(&t, w, &uid(11), "Burstable", Some(t.pod(w).ip.to_string())));
     let kubeconfig = t.start_fake_api(&api).unwrap();
     let _ctl = t.start_kube_controller(&kubeconfig, &[]).unwrap();
     let _server = t.start_server(b, PORT).unwrap();
@@ -217,7 +222,12 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
         r["ok"] == false && r["errno"] == libc::EPERM
     });
     assert!(r.is_some(), "c, without an address, was not refused: {}", echo(&t, c, &to));
+    // The agent is not ready while a pod with an address is not captured (w has no process
+    // yet); once w's sandbox runs it is captured and the agent is ready, c notwithstanding.
+    wait_refused(&t, n1, "w", "no process in its cgroup");
+    t.start_sandbox(w).unwrap();
     t.wait_ready(n1).unwrap();
+    assert!(workloads(&t, n1).iter().any(|x| x["name"] == "w"), "w is not captured");
     // Its address arrives: captured, and its traffic flows.
     put(&api, "pod-c", &pod_json(&t, c, &uid(3), "Guaranteed", Some(t.pod(c).ip.to_string())));
     let ok = time_until(Duration::from_secs(20), || echo(&t, c, &to)["ok"] == true);
