@@ -43,6 +43,52 @@ enum Cmd {
     /// Nodes' credentials for static node authentication.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// The CA the controller signs with, for an install where several replicas must sign with
+    /// one CA (Kubernetes): made once, kept by the operator (a Secret), given as --ca-cert and
+    /// --ca-key.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CaCmd {
+    /// Make a root CA (ECDSA P-256, ten years): <out>/ca.pem and <out>/ca-key.pem (mode 0600).
+    /// Refuses to overwrite either.
+    Init {
+        /// The directory to write them in (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The trust domain, written in the root's subject (the controller's --trust-domain).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+/// Writes a new root CA to `out` (see [`CaCmd::Init`]); the paths written.
+fn ca_init(out: &std::path::Path, trust_domain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (cert, key) = (out.join("ca.pem"), out.join("ca-key.pem"));
+    for p in [&cert, &key] {
+        if p.exists() {
+            bail!("{} exists: a CA is made once (keep the one you have, or move it away first)", p.display());
+        }
+    }
+    let root = Ca::generate_root(trust_domain).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let write = |p: &std::path::Path, text: &str, mode: u32| -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(p)
+            .with_context(|| format!("writing {}", p.display()))?;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    };
+    write(&key, &root.key_pem, 0o600)?;
+    write(&cert, &root.cert_pem, 0o644)?;
+    Ok((cert, key))
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -176,6 +222,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::Ca(CaCmd::Init { out, trust_domain })) = &cli.cmd {
+        let (cert, key) = ca_init(out, trust_domain)?;
+        println!("root CA for {trust_domain}: {} (certificate) and {} (key, mode 0600)", cert.display(), key.display());
+        println!("keep the key secret; give both to the controller (--ca-cert, --ca-key) and the certificate to agents (--trust-bundle)");
+        return Ok(());
+    }
     if let Some(Cmd::Node(NodeCmd::Add { name, node_credentials, out })) = cli.cmd {
         let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential")));
         nodes::add(&node_credentials, &name, &out)?;
@@ -499,6 +551,22 @@ mod tests {
         assert!(matches!(cli.cmd, Some(super::Cmd::Node(super::NodeCmd::Add { .. }))));
         let e = super::Cli::try_parse_from(["mesh-controller", "--config-dir", "d"]).unwrap_err().to_string();
         assert!(e.contains("--state-dir"), "{e}");
+    }
+
+    /// `ca init` makes a root the controller signs with, the key readable by its owner only,
+    /// and never overwrites one.
+    #[test]
+    fn ca_init_makes_a_usable_root_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = super::ca_init(&dir.path().join("ca"), "cluster.local").unwrap();
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let day = std::time::Duration::from_secs(86_400);
+        let (c, k) = (std::fs::read_to_string(&cert).unwrap(), std::fs::read_to_string(&key).unwrap());
+        super::Ca::from_pem("cluster.local", &c, &k, "", day, day).unwrap();
+        let e = super::ca_init(&dir.path().join("ca"), "cluster.local").unwrap_err().to_string();
+        assert!(e.contains("exists") && e.contains("made once"), "{e}");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), k, "the key was overwritten");
     }
 
     #[test]

@@ -73,3 +73,57 @@ fn everything_is_in_sockmesh_system_and_uses_the_built_images() {
         }
     }
 }
+
+/// README's "Install on Kubernetes" names the objects the manifests use (the CA Secret, the
+/// trust bundle ConfigMap and its key), and its `mesh-controller ca init` makes the files the
+/// Secret is created from.
+#[test]
+fn the_install_steps_match_the_manifests() {
+    use serde::Deserialize;
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme
+        .split("## Install on Kubernetes")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has the section");
+    let rendered = render();
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&rendered).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect();
+    let volume = |kind: &str, name: &str| -> serde_yaml::Value {
+        let d = docs.iter().find(|d| d["kind"] == kind).unwrap();
+        d["spec"]["template"]["spec"]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let secret = volume("Deployment", "ca")["secret"]["secretName"].as_str().unwrap().to_owned();
+    assert!(
+        section.contains(&format!("create secret tls {secret} --cert=sockmesh-ca/ca.pem --key=sockmesh-ca/ca-key.pem")),
+        "{section}"
+    );
+    let cm = volume("DaemonSet", "trust")["configMap"]["name"].as_str().unwrap().to_owned();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let args: Vec<&str> = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let bundle = args.iter().find_map(|a| a.strip_prefix("--trust-bundle=")).unwrap();
+    let key = std::path::Path::new(bundle).file_name().unwrap().to_str().unwrap();
+    assert!(section.contains(&format!("create configmap {cm} --from-file={key}=sockmesh-ca/ca.pem")), "{section}");
+    assert!(section.contains("mesh-controller ca init --out ./sockmesh-ca"));
+    let dir = std::env::temp_dir().join(format!("sockmesh-ca-init-{}", std::process::id()));
+    let out = Command::new(tests::process::bin("mesh-controller"))
+        .args(["ca", "init", "--out"])
+        .arg(dir.join("sockmesh-ca"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("sockmesh-ca/ca.pem").exists() && dir.join("sockmesh-ca/ca-key.pem").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
