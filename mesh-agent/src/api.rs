@@ -29,7 +29,7 @@ const USAGE: &str =
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
-    AddWorkload { workload: Workload },
+    AddWorkload { workload: Box<Workload> },
     RemoveWorkload { namespace: String, name: String },
     Workloads,
     Stats,
@@ -105,7 +105,7 @@ async fn respond(views: &Views, line: &str) -> serde_json::Value {
     let to_json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
     let result = match req {
         Request::AddWorkload { workload } => {
-            views.registry.add(workload, Source::Api).await.map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
+            views.registry.add(*workload, Source::Api).await.map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
         }
         Request::RemoveWorkload { namespace, name } => views
             .registry

@@ -132,11 +132,8 @@ impl Kubelet {
                 let Some(name) = name.to_str() else { continue };
                 match pod_uid_of_dir(name) {
                     // Some pod's own directory (its containers are below): never descended.
-                    Some(u) => {
-                        if u == uid && dir.to_string_lossy().contains("kubepods") {
-                            found.push(e.path());
-                        }
-                    }
+                    Some(u) if u == uid && dir.to_string_lossy().contains("kubepods") => found.push(e.path()),
+                    Some(_) => {}
                     // The first levels (nested roots) and the kubelet's own trees.
                     None if depth + 1 < MAX_DEPTH && (depth < 2 || name.contains("kube")) => {
                         stack.push((e.path(), depth + 1))

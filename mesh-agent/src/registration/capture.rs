@@ -42,7 +42,7 @@ impl Registry {
             // A pod: its cgroup by UID, its netns from the processes in it.
             Some(uid) => {
                 let kubelet = self.kubelet.as_ref().ok_or_else(|| RegisterError::NoKubelet(key.clone()))?;
-                let pod = |source| RegisterError::Pod { key: key.clone(), source };
+                let pod = |source| RegisterError::Pod { key: key.clone(), source: Box::new(source) };
                 let cgroup = kubelet.find_cgroup(uid, w.qos_class.as_deref()).map_err(pod)?;
                 if w.ips.is_empty() {
                     return Err(RegisterError::NoAddress(key));
@@ -82,7 +82,10 @@ impl Registry {
                 .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
                 .map_err(|e| RegisterError::Pod {
                     key: key.clone(),
-                    source: PodError::Read { path: netns_path.clone(), reason: format!("listing its addresses: {e}") },
+                    source: Box::new(PodError::Read {
+                        path: netns_path.clone(),
+                        reason: format!("listing its addresses: {e}"),
+                    }),
                 })?;
             if !known.workload.ips.iter().any(|ip| has.contains(ip)) {
                 let source = PodError::NetnsWithoutAddress {
@@ -90,7 +93,7 @@ impl Registry {
                     netns: netns_path,
                     want: known.workload.ips.clone(),
                 };
-                return Err(RegisterError::Pod { key, source });
+                return Err(RegisterError::Pod { key, source: Box::new(source) });
             }
         }
 

@@ -74,7 +74,7 @@ pub enum RegisterError {
     #[error("pod {0} has no address yet; its connections are refused until it has one and is captured")]
     NoAddress(WorkloadKey),
     #[error("{key}: {source}")]
-    Pod { key: WorkloadKey, source: crate::pods::PodError },
+    Pod { key: WorkloadKey, source: Box<crate::pods::PodError> },
 }
 
 impl RegisterError {
