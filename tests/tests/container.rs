@@ -308,15 +308,23 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
 
     // The init container: preflight passes with the manifest's mounts and capabilities...
     let host_bpffs = format!("--host-bpffs={}", through_test("root/sys/fs/bpf"));
-    let mut init = run_container(&t, &ds, &init_c, &node, &netns, &host, &[host_bpffs.clone()], &[]);
+    let mut init = run_container(&t, &ds, &init_c, &node, &netns, &host, std::slice::from_ref(&host_bpffs), &[]);
     let code = init.wait();
     assert_eq!(code, 0, "preflight failed in the DaemonSet's container:\n{}", init.log_text());
     assert!(init.log_text().contains("ok       capabilities: SYS_ADMIN, NET_ADMIN, SYS_PTRACE"), "{}", init.log_text());
     drop(init);
     // ...and fails, naming the mount, with a bpffs of the container's own...
     let own_bpffs = json!({"type": "bpf", "source": "bpf", "options": ["rw"]});
-    let mut init =
-        run_container(&t, &ds, &init_c, &node, &netns, &host, &[host_bpffs.clone()], &[("/sys/fs/bpf", own_bpffs)]);
+    let mut init = run_container(
+        &t,
+        &ds,
+        &init_c,
+        &node,
+        &netns,
+        &host,
+        std::slice::from_ref(&host_bpffs),
+        &[("/sys/fs/bpf", own_bpffs)],
+    );
     assert_ne!(init.wait(), 0);
     let out = init.log_text();
     assert!(out.contains("/sys/fs/bpf is a bpffs of its own, not the host's") && out.contains("hostPath"), "{out}");

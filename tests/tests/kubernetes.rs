@@ -344,10 +344,9 @@ fn sigterm_keeps_programs_while_the_daemonset_exists_and_detaches_them_when_it_i
         .unwrap_or_else(|_| panic!("{}", agent1.log_text()));
     assert!(!t.node(n1).bpffs.exists(), "the node's pins are still there after an uninstall");
     let r = echo(&t, a, &to);
-    let direct = format!("{to}");
     assert_eq!(
         (&r["ok"], r["peer"].as_str()),
-        (&json!(true), Some(direct.as_str())),
+        (&json!(true), Some(to.as_str())),
         "a goes direct after an uninstall: {r}"
     );
 }
