@@ -44,18 +44,35 @@ pub async fn daemonset(api: &KubeApi, namespace: &str, name: &str, timeout: Dura
     let (code, body) = tokio::time::timeout(timeout, get(api, &path))
         .await
         .map_err(|_| format!("no answer from {} within {timeout:?}", api.url))??;
+    decide(code, &body, name).map_err(|e| format!("GET {path}: {e}"))
+}
+
+/// What an answer says of DaemonSet `name`. Only the API server's own NotFound for that
+/// DaemonSet is "gone": a 404 from anything else on the way (a proxy, a wrong path) would
+/// detach every program of the node on a routine restart. Anything unexpected is an error,
+/// which the caller takes as "keep" (fail closed).
+fn decide(code: u16, body: &[u8], name: &str) -> Result<Owner, String> {
     match code {
-        404 => Ok(Owner::Gone),
+        404 => {
+            let v: serde_json::Value =
+                serde_json::from_slice(body).map_err(|_| "HTTP 404 without the API server's Status".to_owned())?;
+            let d = &v["details"];
+            if v["kind"] == "Status" && v["reason"] == "NotFound" && d["kind"] == "daemonsets" && d["name"] == name {
+                Ok(Owner::Gone)
+            } else {
+                Err(format!("HTTP 404 that is not the API server's NotFound for daemonset {name}: {v}"))
+            }
+        }
         200 => {
             let v: serde_json::Value =
-                serde_json::from_slice(&body).map_err(|e| format!("the DaemonSet's JSON: {e}"))?;
+                serde_json::from_slice(body).map_err(|e| format!("the DaemonSet's JSON: {e}"))?;
             if v["metadata"]["deletionTimestamp"].is_string() {
                 Ok(Owner::Deleting)
             } else {
                 Ok(Owner::Present)
             }
         }
-        c => Err(format!("GET {path}: HTTP {c}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]))),
+        c => Err(format!("HTTP {c}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]))),
     }
 }
 
@@ -166,6 +183,31 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_api_servers_notfound_for_this_daemonset_is_gone() {
+        let nf = |kind: &str, name: &str| {
+            format!(
+                r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","details":{{"name":"{name}","group":"apps","kind":"{kind}"}},"code":404}}"#
+            )
+        };
+        assert_eq!(decide(404, nf("daemonsets", "ds").as_bytes(), "ds"), Ok(Owner::Gone));
+        // Another object's NotFound, a proxy's 404 page, no body: not gone (kept).
+        assert!(decide(404, nf("daemonsets", "other").as_bytes(), "ds").is_err());
+        assert!(decide(404, nf("pods", "ds").as_bytes(), "ds").is_err());
+        assert!(decide(404, b"<html>404 Not Found</html>", "ds").is_err());
+        assert!(decide(404, b"", "ds").is_err());
+        assert_eq!(decide(200, br#"{"metadata":{"name":"ds"}}"#, "ds"), Ok(Owner::Present));
+        assert_eq!(
+            decide(200, br#"{"metadata":{"name":"ds","deletionTimestamp":"2026-01-01T00:00:00Z"}}"#, "ds"),
+            Ok(Owner::Deleting)
+        );
+        // The service account gone with the namespace (an uninstall that deleted everything at
+        // once), or not allowed: unknown, kept.
+        assert!(decide(401, b"{}", "ds").is_err());
+        assert!(decide(403, b"{}", "ds").is_err());
+        assert!(decide(200, b"not json", "ds").is_err());
+    }
 
     #[test]
     fn responses_plain_and_chunked() {

@@ -93,15 +93,22 @@ fn qos_of_parent(parent: &str) -> &'static str {
     }
 }
 
-/// The pod UID a process's `/proc/<pid>/cgroup` names (its cgroup v2 line, or on a v1/hybrid
-/// host any hierarchy's): the first path component that is a pod-level cgroup.
-pub fn pod_uid_of_proc_cgroup(text: &str) -> Option<String> {
-    let mut lines: Vec<&str> = text.lines().collect();
-    // The v2 line ("0::<path>") first.
+/// Whether a process's `/proc/<pid>/cgroup` puts it in pod directory `pod_dir` (its path, as
+/// components) or below it. The path a process shows is relative to the reader's cgroup
+/// namespace (`/../../<from the common ancestor down>`, or from the hierarchy's root): its
+/// components after the last `..`, down to the pod's directory, must be the last components of
+/// `pod_dir`. They start at a child of that common ancestor, which only root can name: a
+/// directory named like the pod elsewhere (a user's delegated cgroup) does not pass.
+fn in_pod_dir(proc_cgroup: &str, uid: &str, pod_dir: &[String]) -> bool {
+    let mut lines: Vec<&str> = proc_cgroup.lines().collect();
     lines.sort_by_key(|l| !l.starts_with("0::"));
-    lines.iter().find_map(|l| {
-        let path = l.splitn(3, ':').nth(2)?;
-        path.split('/').find_map(pod_uid_of_dir)
+    lines.iter().any(|l| {
+        let Some(path) = l.splitn(3, ':').nth(2) else { return false };
+        let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        let Some(at) = comps.iter().position(|c| pod_uid_of_dir(c).as_deref() == Some(uid)) else { return false };
+        let from = comps[..at].iter().rposition(|c| *c == "..").map_or(0, |i| i + 1);
+        let tail = &comps[from..=at];
+        tail.len() <= pod_dir.len() && pod_dir[pod_dir.len() - tail.len()..].iter().zip(tail).all(|(a, b)| a == b)
     })
 }
 
@@ -123,7 +130,13 @@ impl Kubelet {
         let mut found = Vec::new();
         let mut stack = vec![(self.cgroup_root.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            // A directory removed meanwhile holds no pod; any other failure to read one is an
+            // error, never "no such pod" (which would lift a refusal).
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != self.cgroup_root => continue,
+                Err(e) => return Err(PodError::Read { path: dir, reason: e.to_string() }),
+            };
             for e in entries.flatten() {
                 if !e.file_type().is_ok_and(|t| t.is_dir()) {
                     continue;
@@ -176,9 +189,10 @@ impl Kubelet {
     /// but lists no process, the host's /proc is searched for the processes whose cgroup is the
     /// pod's.
     pub fn find_netns(&self, uid: &str, cgroup: &Path) -> Result<(PathBuf, u64), PodError> {
+        let pod_dir = components(cgroup);
         let mut pids = procs_below(cgroup)?;
         if pids.is_empty() && populated(cgroup) {
-            pids = self.procs_of_pod(uid);
+            pids = self.procs_of_pod(uid, &pod_dir);
         }
         if pids.is_empty() {
             return Err(PodError::NoProcess { uid: uid.into(), cgroup: cgroup.to_owned() });
@@ -195,7 +209,7 @@ impl Kubelet {
         for pid in pids {
             // A process that has exited or left the pod since the list was read is not the pod's.
             let in_pod = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
-                .is_ok_and(|t| pod_uid_of_proc_cgroup(&t).as_deref() == Some(uid));
+                .is_ok_and(|t| in_pod_dir(&t, uid, &pod_dir));
             if !in_pod {
                 continue;
             }
@@ -228,17 +242,22 @@ impl Kubelet {
 impl Kubelet {
     /// The host's processes whose cgroup is pod `uid`'s (or below it), from each one's
     /// `/proc/<pid>/cgroup` (at most [`MAX_PROCS`]).
-    fn procs_of_pod(&self, uid: &str) -> Vec<u32> {
+    fn procs_of_pod(&self, uid: &str, pod_dir: &[String]) -> Vec<u32> {
         let Ok(rd) = std::fs::read_dir(&self.proc_root) else { return Vec::new() };
         rd.flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
-                    .is_ok_and(|t| pod_uid_of_proc_cgroup(&t).as_deref() == Some(uid))
+                    .is_ok_and(|t| in_pod_dir(&t, uid, pod_dir))
             })
             .take(MAX_PROCS)
             .collect()
     }
+}
+
+/// A path's components (the root left out).
+fn components(p: &Path) -> Vec<String> {
+    p.iter().filter_map(|c| c.to_str()).filter(|c| *c != "/").map(str::to_owned).collect()
 }
 
 /// Whether a cgroup or one below it holds a process (`cgroup.events`), whatever PID namespace
@@ -378,25 +397,36 @@ mod tests {
     }
 
     /// `/proc/<pid>/cgroup` as read on real nodes: cgroup v2 with either driver and runtime,
-    /// a hybrid host's v1 lines, and paths seen from inside a cgroup namespace.
+    /// a hybrid host's v1 lines, and paths seen from inside a cgroup namespace; and a user's
+    /// delegated cgroup named like the pod, which is not the pod's.
     #[test]
     fn proc_cgroup_forms_seen_on_real_nodes() {
         let u = sd(UID);
+        let dir = |p: &str| p.split('/').map(str::to_owned).collect::<Vec<_>>();
+        let systemd = dir(&format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"));
+        let cgroupfs = dir(&format!("kubepods/besteffort/pod{UID}"));
+        let kind = dir(&format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice"));
         let forms = [
-            format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-6f1e2d.scope\n"),
-            format!("0::/kubepods.slice/kubepods-pod{u}.slice/crio-6f1e2d.scope\n"),
-            format!("0::/kubepods/besteffort/pod{UID}/6f1e2d3c4b5a\n"),
-            format!("0::/../../kubepods-besteffort-pod{u}.slice/docker-6f1e.scope\n"),
-            format!("12:memory:/kubepods/burstable/pod{UID}/6f1e\n1:name=systemd:/kubepods/burstable/pod{UID}/6f1e\n0::/\n"),
-            format!("0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice/cri-containerd-1.scope\n"),
+            (format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-6f1e2d.scope\n"), &systemd),
+            (format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-6f1e2d.scope\n"), &systemd),
+            (format!("0::/kubepods/besteffort/pod{UID}/6f1e2d3c4b5a\n"), &cgroupfs),
+            (format!("0::/../../besteffort/pod{UID}/docker-6f1e.scope\n"), &cgroupfs),
+            (format!("12:memory:/kubepods/besteffort/pod{UID}/6f1e\n1:name=systemd:/kubepods/besteffort/pod{UID}/6f1e\n0::/\n"), &cgroupfs),
+            (format!("0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice/cri-containerd-1.scope\n"), &kind),
         ];
-        for f in &forms {
-            assert_eq!(pod_uid_of_proc_cgroup(f).as_deref(), Some(UID), "{f}");
+        for (f, d) in &forms {
+            assert!(in_pod_dir(f, UID, d), "{f}");
+            assert!(!in_pod_dir(f, OTHER, d), "{f}");
         }
-        for f in
-            ["0::/system.slice/containerd.service\n", "0::/\n", "0::/user.slice/user-0.slice/session-1.scope\n", ""]
-        {
-            assert_eq!(pod_uid_of_proc_cgroup(f), None, "{f}");
+        for f in [
+            "0::/system.slice/containerd.service\n".to_owned(),
+            "0::/\n".to_owned(),
+            "".to_owned(),
+            format!("0::/user.slice/user-1000.slice/user@1000.service/pod{UID}/x\n"),
+            format!("0::/user.slice/user@1000.service/kubepods/besteffort/pod{UID}/x\n"),
+            format!("0::/../../user@1000.service/kubepods-besteffort-pod{u}.slice/x\n"),
+        ] {
+            assert!(!in_pod_dir(&f, UID, &cgroupfs) && !in_pod_dir(&f, UID, &systemd), "{f}");
         }
     }
 

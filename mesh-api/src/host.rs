@@ -115,8 +115,10 @@ pub fn node_mount_problems(mountinfo: &str, cgroup_root: &Path, bpffs: &Path) ->
     match mount_of(mountinfo, cgroup_root) {
         Some((_, "cgroup2")) => {
             // The root of a cgroup v2 hierarchy has no cgroup.type; every cgroup below it (a
-            // container's cgroup namespace root included) has one.
-            if cgroup_root.join("cgroup.type").exists() {
+            // container's cgroup namespace root included) has one. A node that is itself a
+            // container (kind) shows its own cgroup as the root, and the kubelet's tree is below
+            // it: that is the node's root.
+            if cgroup_root.join("cgroup.type").exists() && !has_kubepods(cgroup_root, 3) {
                 out.push(format!(
                     "{} is a cgroup below the host's cgroup v2 root (a container's own cgroup namespace shows its cgroup as the root): mount the host's cgroup v2 root there (hostPath /sys/fs/cgroup; /sys/fs/cgroup/unified on a hybrid host)",
                     cgroup_root.display()
@@ -145,6 +147,18 @@ pub fn node_mount_problems(mountinfo: &str, cgroup_root: &Path, bpffs: &Path) ->
         None => out.push(format!("{} is on no mount this process can see", bpffs.display())),
     }
     out
+}
+
+/// Whether a `kubepods` tree (either cgroup driver's) is within `depth` levels below `dir`.
+fn has_kubepods(dir: &Path, depth: usize) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else { return false };
+    rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).any(|e| {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        n == "kubepods"
+            || (n.starts_with("kube") && n.ends_with("kubepods.slice"))
+            || (depth > 1 && has_kubepods(&e.path(), depth - 1))
+    })
 }
 
 /// Whether two paths are on the same filesystem instance (one superblock: `st_dev`), e.g. a
@@ -205,6 +219,9 @@ mod node_tests {
         // A cgroup below the root (a container's cgroup namespace).
         let p = node_mount_problems(&mi, &below, Path::new("/sys/fs/bpf"));
         assert!(p.len() == 1 && p[0].contains("below the host's cgroup v2 root") && p[0].contains("hostPath"), "{p:?}");
+        // ...unless the kubelet's tree is below it: a node that is a container itself (kind).
+        std::fs::create_dir_all(below.join("kubelet.slice/kubelet-kubepods.slice")).unwrap();
+        assert!(node_mount_problems(&mi, &below, Path::new("/sys/fs/bpf")).is_empty());
         // A hybrid host's /sys/fs/cgroup (tmpfs of v1 hierarchies), and a v1 hierarchy.
         let p = node_mount_problems(HOST, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/bpf"));
         assert!(p.len() == 1 && p[0].contains("cgroup v1 tree") && p[0].contains("/sys/fs/cgroup/unified"), "{p:?}");

@@ -185,7 +185,6 @@ fn io_error(what: &str, e: std::io::Error) -> ProbeError {
     ProbeError { missing: refused(&e), text: format!("{what}: {e}") }
 }
 
-/// One paragraph naming every missing feature and what to do, for the agent's refusal.
 /// Makes the empty cgroup `name` to probe with: below `cgroup_root`, or where the root is not
 /// writable without CAP_DAC_OVERRIDE (some hosts make it read-only; the agent does not hold that
 /// capability), below the first of its children that is. Returns the root's error if none is.
@@ -211,6 +210,7 @@ fn probe_cgroup(cgroup_root: &Path, name: &str) -> std::io::Result<std::path::Pa
     Err(err)
 }
 
+/// One paragraph naming every missing feature and what to do, for the agent's refusal.
 pub fn refusal(release: &str, missing: &[Missing]) -> String {
     let list: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
     format!(

@@ -246,6 +246,11 @@ pub fn model_from(
     m
 }
 
+/// For watcher `i`'s stream: `(i, whether this event ends its initial list)`.
+fn done<K, E>(i: usize) -> impl Fn(Result<watcher::Event<K>, E>) -> (usize, bool) {
+    move |e| (i, matches!(e, Ok(watcher::Event::InitDone)))
+}
+
 /// Runs the reflectors and publishes a new model after every change. Mesh statuses carry the
 /// mesh keeper's `verdicts`.
 pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, verdicts: Arc<crate::meshes::Verdicts>) {
@@ -259,18 +264,20 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, ver
     let cfg = watcher::Config::default();
     // Every watcher event (including the end of a re-list, when the store is swapped) triggers a
     // rebuild; errors back off instead of spinning.
-    let s1 = reflector(pods_w, watcher(Api::<Pod>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
+    // Each stream says, per event, which watcher it is and whether that watcher's initial list
+    // is complete (`InitDone`).
+    let s1 = reflector(pods_w, watcher(Api::<Pod>::all(client.clone()), cfg.clone()).default_backoff()).map(done(0));
     let s2 =
-        reflector(nss_w, watcher(Api::<Namespace>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
+        reflector(nss_w, watcher(Api::<Namespace>::all(client.clone()), cfg.clone()).default_backoff()).map(done(1));
     let s3 = reflector(aps_w, watcher(Api::<AuthorizationPolicy>::all(client.clone()), cfg.clone()).default_backoff())
-        .map(|_| ());
+        .map(done(2));
     let s4 = reflector(pas_w, watcher(Api::<PeerAuthentication>::all(client.clone()), cfg.clone()).default_backoff())
-        .map(|_| ());
+        .map(done(3));
     let s5 =
-        reflector(svcs_w, watcher(Api::<KubeService>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
-    let s6 =
-        reflector(eps_w, watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).default_backoff()).map(|_| ());
-    let s7 = reflector(meshes_w, watcher(Api::<Mesh>::all(client.clone()), cfg).default_backoff()).map(|_| ());
+        reflector(svcs_w, watcher(Api::<KubeService>::all(client.clone()), cfg.clone()).default_backoff()).map(done(4));
+    let s6 = reflector(eps_w, watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).default_backoff())
+        .map(done(5));
+    let s7 = reflector(meshes_w, watcher(Api::<Mesh>::all(client.clone()), cfg).default_backoff()).map(done(6));
     let mut all = futures::stream::select_all(vec![
         s1.boxed(),
         s2.boxed(),
@@ -284,7 +291,15 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, ver
     let stores = status::Stores { aps: aps.clone(), pas: pas.clone(), meshes: mesh_store.clone() };
     tokio::spawn(status::run(client.clone(), stores, verdicts, changed.clone()));
     let mut version = 0u64;
-    while all.next().await.is_some() {
+    // Nothing is published until every watcher has listed once: a model built from some of the
+    // stores (pods not listed yet, or namespaces) would tell agents that their pods left the
+    // mesh, and they would release them.
+    let mut listed = [false; 7];
+    while let Some((i, init_done)) = all.next().await {
+        listed[i] |= init_done;
+        if !listed.iter().all(|l| *l) {
+            continue;
+        }
         changed.notify_one();
         let previous = tx.borrow().clone();
         let mut m = model_from(

@@ -280,6 +280,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     let _server = t.start_server(b, PORT).unwrap();
     let host_netns = format!("/proc/{}/ns/net", std::process::id());
     let agent2 = t.start_agent(n2, &["--kubelet-pods", "--host-netns", &host_netns]).unwrap();
+    t.wait_ready(n2).unwrap();
 
     // What the pod's volumes are backed by here.
     let vols = t.dir.join("volumes");

@@ -211,17 +211,25 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
     let kubeconfig = t.start_fake_api(&api).unwrap();
     let _ctl = t.start_kube_controller(&kubeconfig, &[]).unwrap();
     let _server = t.start_server(b, PORT).unwrap();
-    let _agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
-    let _agent2 = t.start_agent(n2, &kubelet_flags()).unwrap();
+    let agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
+    let agent2 = t.start_agent(n2, &kubelet_flags()).unwrap();
     t.wait_ready(n2).unwrap();
     let to = format!("{}:{PORT}", t.pod(b).ip);
 
-    // Waiting for an address: refused (EPERM from the kernel), and not a readiness blocker.
-    let r = time_until(Duration::from_secs(20), || {
+    // Waiting for an address: from the moment its agent has seen it, every connect is refused
+    // (EPERM from the kernel), the first one included; and it is not a readiness blocker.
+    let seen = |l: &Value| {
+        l["workload"] == "default/c" && l["message"].as_str().is_some_and(|m| m.starts_with("cannot capture workload"))
+    };
+    wait_for(Duration::from_secs(20), || Ok(agent1.log_lines().iter().any(seen)))
+        .unwrap_or_else(|_| panic!("the agent never took up c: {}", agent1.log_text()));
+    for _ in 0..3 {
         let r = echo(&t, c, &to);
-        r["ok"] == false && r["errno"] == libc::EPERM
-    });
-    assert!(r.is_some(), "c, without an address, was not refused: {}", echo(&t, c, &to));
+        assert_eq!((&r["ok"], &r["errno"]), (&json!(false), &json!(libc::EPERM)), "c, without an address: {r}");
+    }
+    let c_ip = t.pod(c).ip.to_string();
+    let from_c = |l: &Value| l["src_addr"].as_str().is_some_and(|a| a.starts_with(&format!("{c_ip}:")));
+    assert!(!agent2.access_log().iter().any(from_c), "a connection from c reached b: {:?}", agent2.access_log());
     // The agent is not ready while a pod with an address is not captured (w has no process
     // yet); once w's sandbox runs it is captured and the agent is ready, c notwithstanding.
     wait_refused(&t, n1, "w", "no process in its cgroup");

@@ -130,6 +130,9 @@ struct Failed {
     /// The cgroup it holds, refused: the one it wants, unless another workload held that one
     /// when it failed (it inherits it, refused, when that workload lets go).
     cgroup_id: Option<u64>,
+    /// The directory of `cgroup_id`, for a pod (found by its UID): while it exists the refusal
+    /// is kept, even if a later look fails.
+    held: Option<PathBuf>,
     reason: String,
     /// A pod that has no address yet: refused, but not a reason for the agent to be unready
     /// (a pod's network does not exist before its sandbox does).
@@ -264,12 +267,24 @@ impl Registry {
     /// Refuses the cgroup of a workload that could not be captured.
     fn fail_closed(&self, inner: &mut Inner, w: Workload, source: Source, e: &RegisterError) {
         let key = w.key();
-        let wants = match (&w.pod_uid, &self.kubelet) {
-            (Some(uid), Some(k)) => k.find_cgroup(uid, w.qos_class.as_deref()).ok(),
+        // A pod's cgroup wherever it is found, whatever its QoS level says: refused either way.
+        let path = match (&w.pod_uid, &self.kubelet) {
+            (Some(uid), Some(k)) => k.find_cgroup(uid, None).ok(),
             (Some(_), None) => None,
             (None, _) => w.cgroup.clone(),
         };
-        let wants = wants.and_then(|p| ebpf::cgroup_id(&p).ok());
+        let mut wants = path.as_deref().and_then(|p| ebpf::cgroup_id(p).ok());
+        let mut held = path.filter(|_| w.pod_uid.is_some() && wants.is_some());
+        // A pod refused before whose cgroup is still there stays refused when this look did
+        // not find it (a read that failed must not lift a refusal).
+        if wants.is_none() {
+            if let Some(f) = inner.failed.get(&key) {
+                let still = f.held.as_deref().zip(f.cgroup_id).filter(|(p, id)| ebpf::cgroup_id(p).ok() == Some(*id));
+                if let Some((p, id)) = still {
+                    (wants, held) = (Some(id), Some(p.to_owned()));
+                }
+            }
+        }
         // A cgroup another workload holds stays as that workload made it.
         let cgroup_id = wants.filter(|cg| capture::cgroup_owner(inner, *cg).is_none_or(|o| *o == key));
         if let Some(cg) = cgroup_id {
@@ -286,8 +301,15 @@ impl Registry {
             self.metrics.registration_failed(e.label());
             tracing::error!(workload = %key, reason = e.label(), refused = cgroup_id.is_some(), "cannot capture workload: {e}; its connections are refused until it is captured");
         }
-        let waiting = matches!(e, RegisterError::NoAddress(_));
-        inner.failed.insert(key, Failed { workload: w, source, wants, cgroup_id, reason: e.to_string(), waiting });
+        // Not yet the agent's to capture: no address, or no cgroup yet (the kubelet has not
+        // started the pod, or it is being deleted).
+        let waiting = match e {
+            RegisterError::NoAddress(_) => true,
+            RegisterError::Pod { source, .. } => matches!(**source, crate::pods::PodError::NoCgroup { .. }),
+            _ => false,
+        };
+        let failed = Failed { workload: w, source, wants, cgroup_id, held, reason: e.to_string(), waiting };
+        inner.failed.insert(key, failed);
         self.metrics.set_not_captured(inner.failed.len());
         if source == Source::Api {
             if let Err(err) = self.save_state(inner, None) {

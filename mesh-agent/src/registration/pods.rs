@@ -44,6 +44,7 @@ impl Registry {
         let Inner { registered, failed, .. } = &*inner;
         let mut gone = Vec::new();
         let mut again = Vec::new();
+        let mut dead = Vec::new();
         for (key, r) in registered.iter().filter(|(_, r)| r.wl.source == Source::Kubernetes) {
             let held = r.wl.known();
             match desired.get(key) {
@@ -53,12 +54,16 @@ impl Registry {
                 Some(w) if w.ips != held.workload.ips || w.qos_class != held.workload.qos_class => {
                     again.push(key.clone())
                 }
-                Some(w) => {
-                    if sandbox_replaced(kubelet, w, &r.wl) {
+                Some(w) => match sandbox(kubelet, w, &r.wl) {
+                    Sandbox::Same => {}
+                    Sandbox::Replaced => {
                         tracing::info!(workload = %key, "the pod's sandbox was replaced: capturing it again");
                         again.push(key.clone());
                     }
-                }
+                    // Its cgroup was removed (the pod is being deleted): nothing is left to
+                    // refuse, and its entry goes with it.
+                    Sandbox::CgroupGone => dead.push(key.clone()),
+                },
             }
         }
         for (key, f) in failed.iter().filter(|(_, f)| f.source == Source::Kubernetes) {
@@ -66,13 +71,25 @@ impl Registry {
                 gone.push(key.clone());
             }
         }
-        for key in &gone {
+        for key in gone.iter().chain(&dead) {
             let _ = self.remove_locked(&mut inner, key, false);
         }
         for key in &again {
-            // Refused in place, never unredirected in between.
+            // Refused in place, never unredirected in between; kept as failed with that cgroup
+            // until captured again, so that the entry is let go if the pod's cgroup changed.
             if let Some(reg) = inner.registered.remove(key) {
+                let (cg, path, workload) = (reg.wl.cgroup_id, reg.wl.cgroup.clone(), reg.wl.known().workload.clone());
                 self.undo(&mut inner.datapath, reg, capture::Release::Refuse);
+                let failed = super::Failed {
+                    workload,
+                    source: Source::Kubernetes,
+                    wants: Some(cg),
+                    cgroup_id: Some(cg),
+                    held: Some(path),
+                    reason: "being captured again".into(),
+                    waiting: false,
+                };
+                inner.failed.insert(key.clone(), failed);
             }
         }
         for (key, w) in desired {
@@ -82,7 +99,7 @@ impl Registry {
         }
         let waiting = inner.failed.values().any(|f| f.source == Source::Kubernetes);
         drop(inner);
-        if !gone.is_empty() || !again.is_empty() {
+        if !gone.is_empty() || !again.is_empty() || !dead.is_empty() {
             self.pool.evict_stale(&self.state.load());
         }
         waiting
@@ -107,19 +124,34 @@ impl Registry {
     }
 }
 
-/// Whether a captured pod's cgroup or netns is no longer the one it was captured with. A pod
-/// whose processes are all gone for now (its sandbox being replaced) is left as it is until
-/// they are back.
-fn sandbox_replaced(kubelet: &crate::pods::Kubelet, w: &Workload, wl: &crate::state::LocalWorkload) -> bool {
-    let Some(uid) = &w.pod_uid else { return false };
+/// What became of a captured pod's sandbox.
+enum Sandbox {
+    Same,
+    /// Its cgroup or netns is no longer the one it was captured with.
+    Replaced,
+    /// Its cgroup directory is gone.
+    CgroupGone,
+}
+
+/// Whether a captured pod's cgroup or netns is still the one it was captured with. A pod whose
+/// processes are all gone for now (its sandbox being replaced) is left as it is until they are
+/// back; so is one whose cgroup cannot be read for another reason than its absence.
+fn sandbox(kubelet: &crate::pods::Kubelet, w: &Workload, wl: &crate::state::LocalWorkload) -> Sandbox {
+    let Some(uid) = &w.pod_uid else { return Sandbox::Same };
+    match std::fs::metadata(&wl.cgroup) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Sandbox::CgroupGone,
+        Err(_) => return Sandbox::Same,
+        Ok(_) => {}
+    }
     if ebpf::cgroup_id(&wl.cgroup).ok() != Some(wl.cgroup_id) {
-        return true;
+        return Sandbox::Replaced;
     }
     let held = wl.netns.file().metadata().map(|m| m.ino()).ok();
     match kubelet.find_netns(uid, &wl.cgroup) {
-        Ok((_, ino)) => Some(ino) != held,
-        Err(crate::pods::PodError::NoProcess { .. }) => false,
+        Ok((_, ino)) if Some(ino) == held => Sandbox::Same,
+        Ok(_) => Sandbox::Replaced,
+        Err(crate::pods::PodError::NoProcess { .. } | crate::pods::PodError::Read { .. }) => Sandbox::Same,
         // Anything else (a foreign process, the host's netns): captured again, which refuses it.
-        Err(_) => true,
+        Err(_) => Sandbox::Replaced,
     }
 }

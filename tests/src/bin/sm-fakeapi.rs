@@ -179,8 +179,9 @@ async fn respond(w: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<
     w.write_all(text.as_bytes()).await
 }
 
-fn not_found(what: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": format!("{what} not found"), "reason": "NotFound", "code": 404})
+/// The API server's answer for an object that is not there (`plural` as `details.kind`).
+fn not_found(plural: &str, name: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("{plural} {name:?} not found"), "reason": "NotFound", "details": {"name": name, "kind": plural}, "code": 404})
 }
 
 /// The path's resource: (plural, namespace or "", name or "", whether it is `/status`).
@@ -247,7 +248,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
         return respond(&mut w, 201, &out).await;
     }
     let Some((plural, ns, name, status)) = route(&req.path) else {
-        return respond(&mut w, 404, &not_found(&req.path)).await;
+        return respond(&mut w, 404, &not_found("", &req.path)).await;
     };
     // `namespaces/<name>` is one Namespace.
     let (plural, ns, name) = if plural == "namespaces" && name.is_empty() && !ns.is_empty() {
@@ -268,7 +269,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
                 st.objects[&key].clone()
             })
         };
-        let Some(out) = out else { return respond(&mut w, 404, &not_found(&key.2)).await };
+        let Some(out) = out else { return respond(&mut w, 404, &not_found(&key.0, &key.2)).await };
         shared.changed.notify_waiters();
         return respond(&mut w, 200, &out).await;
     }
@@ -277,10 +278,10 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
             .await;
     }
     if !name.is_empty() {
-        let o = shared.store.lock().unwrap().objects.get(&(plural, ns, name.clone())).cloned();
+        let o = shared.store.lock().unwrap().objects.get(&(plural.clone(), ns, name.clone())).cloned();
         return match o {
             Some(o) => respond(&mut w, 200, &o).await,
-            None => respond(&mut w, 404, &not_found(&name)).await,
+            None => respond(&mut w, 404, &not_found(&plural, &name)).await,
         };
     }
     let in_ns = |o: &Value| ns.is_empty() || o["metadata"]["namespace"].as_str() == Some(ns.as_str());
