@@ -783,3 +783,52 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
     assert_eq!(local.meshes, m.meshes);
     assert_eq!(local.namespace_meshes, m.namespace_meshes);
 }
+
+/// Nothing is published until every watcher has listed once: with the namespaces not listed
+/// yet, a model would have no meshed namespace and so no pods, and agents would release theirs.
+#[tokio::test]
+async fn nothing_is_published_before_every_watcher_has_listed() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let namespaces_go = Arc::new(tokio::sync::Notify::new());
+    let go = namespaces_go.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut namespaces = None;
+        loop {
+            tokio::select! {
+                r = handle.next_request() => {
+                    let Some((req, send)) = r else { return };
+                    let path = req.uri().path().to_owned();
+                    if req.uri().query().unwrap_or("").contains("watch=true") {
+                        held.push(send);
+                        continue;
+                    }
+                    let body = match path.as_str() {
+                        "/api/v1/pods" => list("PodList", "v1", 10, vec![pod("a", "n1", "sa-a", "10.0.0.1", "a", 10)]),
+                        // Held until the test says so.
+                        "/api/v1/namespaces" => {
+                            namespaces = Some(send);
+                            continue;
+                        }
+                        _ => list("List", "v1", 10, vec![]),
+                    };
+                    send.send_response(ok(serde_json::to_vec(&body).unwrap()));
+                }
+                _ = go.notified(), if namespaces.is_some() => {
+                    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "resourceVersion": "5", "labels": {MESH_LABEL: MESH_ENABLED}}});
+                    let body = list("NamespaceList", "v1", 10, vec![ns]);
+                    namespaces.take().unwrap().send_response(ok(serde_json::to_vec(&body).unwrap()));
+                }
+            }
+        }
+    });
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
+    tokio::spawn(run(client, tx, Default::default()));
+    // Every other watcher lists; the pods' list has a pod. Nothing may be published meanwhile.
+    let early = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+    assert!(early.is_err(), "a model was published before the namespaces were listed: {:?}", rx.borrow().workloads);
+    namespaces_go.notify_one();
+    let m = until(&mut rx, |m| m.workloads.len() == 1).await.expect("no model once everything was listed");
+    assert_eq!(m.version, 1, "the first model published is the complete one");
+}
