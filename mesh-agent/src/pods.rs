@@ -123,6 +123,37 @@ pub struct Kubelet {
 }
 
 impl Kubelet {
+    /// The directories pod-level cgroups are made in: each `kubepods` root (either driver's
+    /// naming, under nested roots) and its QoS levels. Watched, so that a pod's cgroup is seen
+    /// the moment the kubelet makes it.
+    pub fn pod_parents(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.cgroup_root.clone(), 0usize, false)];
+        while let Some((dir, depth, in_kubepods)) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if pod_uid_of_dir(name).is_some() || depth + 1 >= MAX_DEPTH {
+                    continue;
+                }
+                let root = name == "kubepods" || (name.starts_with("kube") && name.ends_with("kubepods.slice"));
+                let qos = in_kubepods && qos_of_parent(name) != "Guaranteed";
+                if root || qos {
+                    out.push(e.path());
+                }
+                if root || (!in_kubepods && (depth < 2 || name.contains("kube"))) {
+                    stack.push((e.path(), depth + 1, in_kubepods || root));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// The pod-level cgroup directory of pod `uid`: exactly one directory below the cgroup root
     /// named as either driver names it, under a `kubepods` tree, at the place its QoS class
     /// (when known) puts it.
@@ -359,6 +390,30 @@ mod tests {
             let t = tree(&[&path, &format!("{path}/crio-0123abcd.scope"), &format!("{path}/docker-77.scope")]);
             assert_eq!(kubelet(&t).find_cgroup(UID, None).unwrap(), t.path().join(&path));
         }
+    }
+
+    #[test]
+    fn the_directories_pods_appear_in_are_the_kubepods_roots_and_their_qos_levels() {
+        let t = tree(&[
+            &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/x.scope", sd(UID)),
+            "kubepods.slice/kubepods-besteffort.slice",
+            "kubelet/kubepods/burstable",
+            "kubelet/kubepods/besteffort",
+            "system.slice/containerd.service",
+        ]);
+        let got: Vec<String> =
+            kubelet(&t).pod_parents().iter().map(|p| p.strip_prefix(t.path()).unwrap().display().to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "kubelet/kubepods",
+                "kubelet/kubepods/besteffort",
+                "kubelet/kubepods/burstable",
+                "kubepods.slice",
+                "kubepods.slice/kubepods-besteffort.slice",
+                "kubepods.slice/kubepods-burstable.slice",
+            ]
+        );
     }
 
     #[test]

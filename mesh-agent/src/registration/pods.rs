@@ -108,19 +108,82 @@ impl Registry {
     /// Follows the controller's pods for this node: after each configuration change, every
     /// [`WAITING_POLL`] while a pod is not captured, else every [`POLL`]. The first time a
     /// configuration is in force, what a previous agent left for pods that are gone is swept.
+    /// Also at once when a directory is made where pods' cgroups appear (inotify): a new pod's
+    /// cgroup is refused the moment the kubelet makes it, long before the runtime can start
+    /// the pod's sandbox and app in it. The polls stay, for what inotify cannot tell (a netns
+    /// replaced, a process moved).
     pub async fn watch_pods(self: Arc<Self>, mut swept: bool) {
+        let watch = match Inotify::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "no inotify: new pods' cgroups are seen by polling only");
+                None
+            }
+        };
         loop {
             let waiting = self.follow_pods().await;
             if !swept && self.state.load().config.version > 0 {
                 self.sweep_stale().await;
                 swept = true;
             }
+            if let (Some(w), Some(k)) = (&watch, &self.kubelet) {
+                for dir in k.pod_parents() {
+                    w.add(&dir);
+                }
+            }
             let wait = if waiting { WAITING_POLL } else { POLL };
             tokio::select! {
                 _ = self.pods_changed.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
+                _ = async { if let Some(w) = &watch { w.created().await } else { std::future::pending().await } } => {}
             }
         }
+    }
+}
+
+/// An inotify instance watching directories for new subdirectories.
+struct Inotify(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl Inotify {
+    fn new() -> std::io::Result<Inotify> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: inotify_init1 returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a valid descriptor nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an OwnedFd always returns its one open descriptor, and it is closed only when
+        // the AsyncFd drops it.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
+        fd.map(Inotify).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Watches `dir` for new subdirectories (again is harmless: the same watch).
+    fn add(&self, dir: &std::path::Path) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return };
+        // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+        unsafe {
+            libc::inotify_add_watch(self.0.get_ref().as_raw_fd(), c.as_ptr(), libc::IN_CREATE | libc::IN_ONLYDIR)
+        };
+    }
+
+    /// Returns when something was created in a watched directory (the events are drained).
+    async fn created(&self) {
+        use std::os::fd::AsRawFd;
+        let Ok(mut guard) = self.0.readable().await else { return std::future::pending().await };
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reading into our own buffer from our own descriptor.
+            let n = unsafe { libc::read(self.0.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+        }
+        guard.clear_ready();
     }
 }
 
