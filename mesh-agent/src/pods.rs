@@ -125,69 +125,38 @@ pub struct Kubelet {
 impl Kubelet {
     /// The directories pod-level cgroups are made in: each `kubepods` root (either driver's
     /// naming, under nested roots) and its QoS levels. Watched, so that a pod's cgroup is seen
-    /// the moment the kubelet makes it.
-    pub fn pod_parents(&self) -> Vec<PathBuf> {
+    /// the moment the kubelet makes it, and the only places a pod's cgroup is looked for.
+    pub fn pod_parents(&self) -> Result<Vec<PathBuf>, PodError> {
         let mut out = Vec::new();
         let mut stack = vec![(self.cgroup_root.clone(), 0usize, false)];
         while let Some((dir, depth, in_kubepods)) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-            for e in entries.flatten() {
-                if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                let name = e.file_name();
-                let Some(name) = name.to_str() else { continue };
-                if pod_uid_of_dir(name).is_some() || depth + 1 >= MAX_DEPTH {
+            for (path, name) in subdirs(&dir, dir == self.cgroup_root)? {
+                if pod_uid_of_dir(&name).is_some() || depth + 1 >= MAX_DEPTH {
                     continue;
                 }
                 let root = name == "kubepods" || (name.starts_with("kube") && name.ends_with("kubepods.slice"));
-                let qos = in_kubepods && qos_of_parent(name) != "Guaranteed";
+                let qos = in_kubepods && qos_of_parent(&name) != "Guaranteed";
                 if root || qos {
-                    out.push(e.path());
+                    out.push(path.clone());
                 }
+                // Nested roots in the first levels, and the kubelet's own trees.
                 if root || (!in_kubepods && (depth < 2 || name.contains("kube"))) {
-                    stack.push((e.path(), depth + 1, in_kubepods || root));
+                    stack.push((path, depth + 1, in_kubepods || root));
                 }
             }
         }
         out.sort();
-        out
+        Ok(out)
     }
 
-    /// The pod-level cgroup directory of pod `uid`: exactly one directory below the cgroup root
-    /// named as either driver names it, under a `kubepods` tree, at the place its QoS class
+    /// The pod-level cgroup directory of pod `uid`: exactly one directory, in one of
+    /// [`Kubelet::pod_parents`], named as either driver names it, at the place its QoS class
     /// (when known) puts it.
     pub fn find_cgroup(&self, uid: &str, qos: Option<&str>) -> Result<PathBuf, PodError> {
         let mut found = Vec::new();
-        let mut stack = vec![(self.cgroup_root.clone(), 0usize)];
-        while let Some((dir, depth)) = stack.pop() {
-            // A directory removed meanwhile holds no pod; any other failure to read one is an
-            // error, never "no such pod" (which would lift a refusal).
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != self.cgroup_root => continue,
-                Err(e) => return Err(PodError::Read { path: dir, reason: e.to_string() }),
-            };
-            for e in entries.flatten() {
-                if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                let name = e.file_name();
-                let Some(name) = name.to_str() else { continue };
-                match pod_uid_of_dir(name) {
-                    // Some pod's own directory (its containers are below): never descended.
-                    Some(u) if u == uid && dir.to_string_lossy().contains("kubepods") => found.push(e.path()),
-                    Some(_) => {}
-                    // The first levels (nested roots) and the kubelet's own trees.
-                    None if depth + 1 < MAX_DEPTH && (depth < 2 || name.contains("kube")) => {
-                        stack.push((e.path(), depth + 1))
-                    }
-                    None if depth + 1 < MAX_DEPTH && ["burstable", "besteffort"].contains(&name) => {
-                        stack.push((e.path(), depth + 1))
-                    }
-                    None => {}
-                }
-            }
+        for parent in self.pod_parents()? {
+            let pods = subdirs(&parent, false)?;
+            found.extend(pods.into_iter().filter(|(_, n)| pod_uid_of_dir(n).as_deref() == Some(uid)).map(|(p, _)| p));
         }
         found.sort();
         let cgroup = match found.len() {
@@ -284,6 +253,22 @@ impl Kubelet {
             .take(MAX_PROCS)
             .collect()
     }
+}
+
+/// The subdirectories of `dir`, with their names. A directory removed meanwhile has none
+/// (unless it is `must_exist`); any other failure to read one is an error, never "no such pod"
+/// (which would lift a refusal).
+fn subdirs(dir: &Path, must_exist: bool) -> Result<Vec<(PathBuf, String)>, PodError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => return Ok(Vec::new()),
+        Err(e) => return Err(PodError::Read { path: dir.to_owned(), reason: e.to_string() }),
+    };
+    Ok(entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.path(), e.file_name().into_string().ok()?)))
+        .collect())
 }
 
 /// A path's components (the root left out).
@@ -401,8 +386,12 @@ mod tests {
             "kubelet/kubepods/besteffort",
             "system.slice/containerd.service",
         ]);
-        let got: Vec<String> =
-            kubelet(&t).pod_parents().iter().map(|p| p.strip_prefix(t.path()).unwrap().display().to_string()).collect();
+        let got: Vec<String> = kubelet(&t)
+            .pod_parents()
+            .unwrap()
+            .iter()
+            .map(|p| p.strip_prefix(t.path()).unwrap().display().to_string())
+            .collect();
         assert_eq!(
             got,
             [

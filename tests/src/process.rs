@@ -114,6 +114,32 @@ pub fn command_in(netns: &str, cgroup: &Path, program: impl AsRef<std::ffi::OsSt
     Ok(cmd)
 }
 
+/// Starts the controller `cmd` (its stderr going to `log`) and waits until it says it is ready.
+fn spawn_controller(cmd: &mut Command, log: PathBuf) -> Result<Controller> {
+    let child = cmd.spawn().context("starting mesh-controller")?;
+    let mut c = Controller { child: Some(child), log };
+    let ready = wait_for(Duration::from_secs(20), || {
+        if let Some(status) = c.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            bail!("mesh-controller exited with {status}: {}", std::fs::read_to_string(&c.log).unwrap_or_default());
+        }
+        Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready"))
+    });
+    if let Err(e) = ready {
+        bail!("controller did not become ready: {e}\n{}", std::fs::read_to_string(&c.log).unwrap_or_default());
+    }
+    Ok(c)
+}
+
+/// Writes node `n`'s credential file (mode 0600, as the agent requires).
+fn write_credential(n: &crate::Node, credential: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = n.state_dir.join("credential");
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    f.write_all(credential.as_bytes())?;
+    Ok(())
+}
+
 impl Topology {
     /// Starts the controller (CA) in the fabric netns with every node's credential and the
     /// placement of every meshed pod. Its root CA persists in its state dir across restarts.
@@ -124,10 +150,7 @@ impl Topology {
         let mut text = String::from("nodes:\n");
         for n in &self.nodes {
             text.push_str(&format!("- name: {}\n  credential: {}\n", n.name, self.node_credential(n)));
-            let path = n.state_dir.join("credential");
-            let _ = std::fs::remove_file(&path);
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-            f.write_all(self.node_credential(n).as_bytes())?;
+            write_credential(n, &self.node_credential(n))?;
         }
         let _ = std::fs::remove_file(&creds);
         std::fs::OpenOptions::new()
@@ -154,18 +177,7 @@ impl Topology {
             .args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
-        let child = cmd.spawn().context("starting mesh-controller")?;
-        let mut c = Controller { child: Some(child), log };
-        let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = c.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("mesh-controller exited with {status}: {}", std::fs::read_to_string(&c.log).unwrap_or_default());
-            }
-            Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready"))
-        });
-        if let Err(e) = ready {
-            bail!("controller did not become ready: {e}\n{}", std::fs::read_to_string(&c.log).unwrap_or_default());
-        }
-        Ok(c)
+        spawn_controller(&mut cmd, log)
     }
 
     /// Starts `sm-fakeapi` (a test fixture standing in for the Kubernetes API server) in the
@@ -192,7 +204,6 @@ impl Topology {
     /// API server's `kubeconfig`. Each node's credential file holds `token-<node>`, the token
     /// the fake API server's `tokens.json` (written here) binds to that node.
     pub fn start_kube_controller(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Controller> {
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.controller_dir();
         let mut tokens = serde_json::Map::new();
         for n in &self.nodes {
@@ -201,10 +212,7 @@ impl Topology {
                 token.clone(),
                 serde_json::json!({"username": "system:serviceaccount:sockmesh-system:sockmesh-agent", "node": n.name, "audiences": ["sockmesh-ca"]}),
             );
-            let path = n.state_dir.join("credential");
-            let _ = std::fs::remove_file(&path);
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-            f.write_all(token.as_bytes())?;
+            write_credential(n, &token)?;
         }
         let api_dir = kubeconfig.parent().context("kubeconfig has no directory")?;
         std::fs::write(api_dir.join("tokens.json"), serde_json::to_vec(&tokens)?)?;
@@ -218,18 +226,7 @@ impl Topology {
             .args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
-        let child = cmd.spawn().context("starting mesh-controller")?;
-        let mut c = Controller { child: Some(child), log };
-        let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = c.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("mesh-controller exited with {status}: {}", std::fs::read_to_string(&c.log).unwrap_or_default());
-            }
-            Ok(c.log_lines().iter().any(|l| l["message"] == "controller ready"))
-        });
-        if let Err(e) = ready {
-            bail!("controller did not become ready: {e}\n{}", std::fs::read_to_string(&c.log).unwrap_or_default());
-        }
-        Ok(c)
+        spawn_controller(&mut cmd, log)
     }
 
     /// Starts `sm-fakectl` (a test fixture) where the controller would be, pushing `script`
@@ -237,13 +234,9 @@ impl Topology {
     /// the agents read the controller's; every node's credential file is written as for the
     /// real controller.
     pub fn start_fake_controller(&self, script: &Value) -> Result<Controller> {
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.controller_dir();
         for n in &self.nodes {
-            let path = n.state_dir.join("credential");
-            let _ = std::fs::remove_file(&path);
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-            f.write_all(self.node_credential(n).as_bytes())?;
+            write_credential(n, &self.node_credential(n))?;
         }
         let script_path = dir.join("fake-script.json");
         std::fs::write(&script_path, serde_json::to_vec(script)?)?;

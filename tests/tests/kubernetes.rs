@@ -79,6 +79,31 @@ fn kubelet_flags() -> [&'static str; 3] {
     ["--kubelet-pods", "--host-netns", host]
 }
 
+/// A process put somewhere it should not be (a pod's cgroup, another netns), ended when dropped.
+struct Intruder(std::process::Child);
+
+impl Intruder {
+    /// `sleep` in network namespace `netns` (None: this test's, the machine's) and `cgroup`.
+    fn start(netns: Option<&str>, cgroup: &Path) -> Intruder {
+        let child = match netns {
+            Some(ns) => command_in(ns, cgroup, "sleep").unwrap().arg("3600").spawn().unwrap(),
+            None => {
+                let c = std::process::Command::new("sleep").arg("3600").spawn().unwrap();
+                std::fs::write(cgroup.join("cgroup.procs"), c.id().to_string()).unwrap();
+                c
+            }
+        };
+        Intruder(child)
+    }
+}
+
+impl Drop for Intruder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Kube {
     t: Topology,
     n1: NodeId,
@@ -253,12 +278,10 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
     // e: a process in its cgroup lives in another pod's (a's) netns: that netns is a's.
     let e = t.add_pod(n1, "e", false).unwrap();
     let e_dir = t.kubelet_cgroup(e, &format!("kubepods/besteffort/pod{}", uid(5)), "0e").unwrap();
-    let intruder = command_in(&t.pod(a).netns, &e_dir.join("0e"), "sleep").unwrap().arg("3600").spawn().unwrap();
+    let intruder = Intruder::start(Some(&t.pod(a).netns), &e_dir.join("0e"));
     put(&api, "pod-e", &pod_json(&t, e, &uid(5), "BestEffort", Some(t.pod(a).ip.to_string())));
     wait_refused(&t, n1, "e", "already used by workload default/a");
-    let mut intruder = intruder;
-    let _ = intruder.kill();
-    let _ = intruder.wait();
+    drop(intruder);
     std::fs::remove_file(api.join("objects/pod-e.json")).unwrap();
 
     // f: its sandbox in its own netns, and a foreign process in another netns (the node's).
@@ -266,13 +289,11 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
     let f_dir = t.kubelet_cgroup(f, &format!("kubepods/besteffort/pod{}", uid(6)), "0f").unwrap();
     t.start_sandbox(f).unwrap();
     std::fs::create_dir_all(f_dir.join("0g")).unwrap();
-    let foreign = command_in(&t.pod(c).netns, &f_dir.join("0g"), "sleep").unwrap().arg("3600").spawn().unwrap();
+    let foreign = Intruder::start(Some(&t.pod(c).netns), &f_dir.join("0g"));
     put(&api, "pod-f", &pod_json(&t, f, &uid(6), "BestEffort", Some(t.pod(f).ip.to_string())));
     wait_refused(&t, n1, "f", "different network namespaces");
     assert_eq!(echo(&t, f, &to)["errno"], libc::EPERM, "f's connects must be refused");
-    let mut foreign = foreign;
-    let _ = foreign.kill();
-    let _ = foreign.wait();
+    drop(foreign);
     // With the foreign process gone, f is captured.
     let ok = time_until(Duration::from_secs(20), || echo(&t, f, &to)["ok"] == true);
     assert!(ok.is_some(), "f was not captured once the foreign process left");
@@ -280,23 +301,18 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
     // g: a process in the node's own netns (where the agent runs) in the pod's cgroup.
     let g = t.add_pod(n1, "g", false).unwrap();
     let g_dir = t.kubelet_cgroup(g, &format!("kubepods/besteffort/pod{}", uid(7)), "0g").unwrap();
-    let on_node = command_in(&t.node(n1).netns, &g_dir.join("0g"), "sleep").unwrap().arg("3600").spawn().unwrap();
+    let on_node = Intruder::start(Some(&t.node(n1).netns), &g_dir.join("0g"));
     put(&api, "pod-g", &pod_json(&t, g, &uid(7), "BestEffort", Some(t.pod(g).ip.to_string())));
     wait_refused(&t, n1, "g", "the agent's own network namespace");
-    let mut on_node = on_node;
-    let _ = on_node.kill();
-    let _ = on_node.wait();
+    drop(on_node);
     std::fs::remove_file(api.join("objects/pod-g.json")).unwrap();
 
     // h: a process of the host's netns (the machine's, PID 1's) moved into the pod's cgroup.
     let h = t.add_pod(n1, "h", false).unwrap();
     let h_dir = t.kubelet_cgroup(h, &format!("kubepods/besteffort/pod{}", uid(8)), "0h").unwrap();
-    let mut on_host = std::process::Command::new("sleep").arg("3600").spawn().unwrap();
-    std::fs::write(h_dir.join("0h/cgroup.procs"), on_host.id().to_string()).unwrap();
+    let _on_host = Intruder::start(None, &h_dir.join("0h"));
     put(&api, "pod-h", &pod_json(&t, h, &uid(8), "BestEffort", Some(t.pod(h).ip.to_string())));
     wait_refused(&t, n1, "h", "the host's network namespace");
-    let _ = on_host.kill();
-    let _ = on_host.wait();
 }
 
 /// SIGTERM is an upgrade or a drain while the agent's DaemonSet exists: the programs stay

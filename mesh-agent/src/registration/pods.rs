@@ -127,7 +127,7 @@ impl Registry {
                 swept = true;
             }
             if let (Some(w), Some(k)) = (&watch, &self.kubelet) {
-                for dir in k.pod_parents() {
+                for dir in k.pod_parents().unwrap_or_default() {
                     w.add(&dir);
                 }
             }
