@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod maps;
+pub mod pods;
 pub mod ports;
 
 pub use maps::*;
@@ -166,10 +167,12 @@ pub enum Counter {
     ClosedUnreleased = 8,
     /// sock_ops moved an original destination to the agent's accepted socket.
     MovedToAccepted = 9,
+    /// cgroup_mkdir refused a meshed pod's cgroup as the kubelet made it ([`pods`]).
+    PodRefusedAtMkdir = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Redirected,
         Counter::RefusedOrigDstFull,
         Counter::PortKeyFull,
@@ -180,6 +183,7 @@ impl Counter {
         Counter::RefusedNotCaptured,
         Counter::ClosedUnreleased,
         Counter::MovedToAccepted,
+        Counter::PodRefusedAtMkdir,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -193,6 +197,7 @@ impl Counter {
             Counter::RefusedNotCaptured => "refused_not_captured",
             Counter::ClosedUnreleased => "closed_unreleased",
             Counter::MovedToAccepted => "moved_to_accepted",
+            Counter::PodRefusedAtMkdir => "pod_cgroups_refused_at_mkdir",
         }
     }
 }

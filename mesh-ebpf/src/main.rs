@@ -6,6 +6,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod cgroup_dir;
 mod connect;
 mod maps;
 mod sk_lookup;

@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, SockHash},
 };
+use mesh_common::pods::{PATH_MAX, UID_LEN};
 use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadValue};
 
 #[map(name = "SM_WORKLOADS")]
-pub static WORKLOADS: HashMap<u64, WorkloadValue> =
-    HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
+pub static WORKLOADS: HashMap<u64, WorkloadValue> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
 
 #[map(name = "SM_ORIG_DST")]
 pub static ORIG_DST: HashMap<u64, OrigDst> = HashMap::pinned(mesh_common::ORIG_DST_SIZE, 0);
@@ -33,6 +33,14 @@ pub static INBOUND_LISTENERS: SockHash<InboundKey> =
 
 #[map(name = "SM_PROBE")]
 pub static PROBE: Array<u64> = Array::pinned(2, 0);
+
+/// The node's meshed pods' UIDs (mesh-common's `pods`), written by the agent.
+#[map(name = "SM_POD_UIDS")]
+pub static POD_UIDS: HashMap<[u8; UID_LEN], u8> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
+
+/// Not pinned: one cgroup path per CPU, for as long as one program run.
+#[map(name = "SM_PATH_BUF")]
+pub static PATH_SCRATCH: PerCpuArray<[u8; PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SM_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(mesh_common::COUNTERS_SIZE, 0);
