@@ -94,6 +94,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         cgroup_root: &cfg.cgroup_root,
         max_connections: cfg.max_connections,
         max_workloads: cfg.max_workloads,
+        pod_hook: cfg.kubelet_pods,
     });
     let (datapath, links) = match loaded {
         // The kernel cannot run the datapath: named by the probes, or refused by the verifier
@@ -106,7 +107,7 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         r => r?,
     };
     for l in &links {
-        tracing::info!(link = l.name, adopted = l.adopted, "cgroup program attached");
+        tracing::info!(link = l.name, adopted = l.adopted, "program attached");
     }
     let census = Arc::new(Mutex::new(Census::open(datapath.maps_dir(), datapath.live_counts().clone())?));
     let lookup = Lookup::probe(datapath.maps_dir())?;

@@ -153,11 +153,7 @@ impl Kubelet {
     /// [`Kubelet::pod_parents`], named as either driver names it, at the place its QoS class
     /// (when known) puts it.
     pub fn find_cgroup(&self, uid: &str, qos: Option<&str>) -> Result<PathBuf, PodError> {
-        let mut found = Vec::new();
-        for parent in self.pod_parents()? {
-            let pods = subdirs(&parent, false)?;
-            found.extend(pods.into_iter().filter(|(_, n)| pod_uid_of_dir(n).as_deref() == Some(uid)).map(|(p, _)| p));
-        }
+        let mut found: Vec<PathBuf> = self.pod_dirs()?.into_iter().filter(|(_, u)| u == uid).map(|(p, _)| p).collect();
         found.sort();
         let cgroup = match found.len() {
             0 => {
@@ -179,6 +175,16 @@ impl Kubelet {
             }
         }
         Ok(cgroup)
+    }
+
+    /// Every pod-level cgroup directory in [`Kubelet::pod_parents`], with the UID it names.
+    pub fn pod_dirs(&self) -> Result<Vec<(PathBuf, String)>, PodError> {
+        let mut out = Vec::new();
+        for parent in self.pod_parents()? {
+            let pods = subdirs(&parent, false)?;
+            out.extend(pods.into_iter().filter_map(|(p, n)| Some((p, pod_uid_of_dir(&n)?))));
+        }
+        Ok(out)
     }
 
     /// The netns of the processes in a pod's cgroup (and the cgroups below it): the path of one

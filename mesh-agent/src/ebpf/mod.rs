@@ -7,9 +7,11 @@
 //!   maps/SM_*            every map, pinned by name (reused by the next agent)
 //!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release)
 //!   links/sk_lookup-<id> one sk_lookup link per workload netns
+//!   links/cgroup_mkdir, links/cgroup_rmdir   the pod cgroup hook (`--kubelet-pods` only)
 //! A restarted agent finds the links pinned, swaps its freshly loaded program into each one
 //! with BPF_LINK_UPDATE (atomic: the hook is never empty) and reuses the pinned maps.
 
+pub mod btf;
 pub mod maps;
 pub mod sys;
 
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{InboundKey, WorkloadValue};
 
@@ -81,7 +83,15 @@ pub struct Datapath {
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     live: Arc<maps::LiveCounts>,
     inbound: SockHash<MapData, InboundKey>,
+    /// The meshed pods' UIDs the pod cgroup hook refuses (mesh-common's `pods`).
+    pod_uids: BpfHashMap<MapData, [u8; mesh_common::pods::UID_LEN], u8>,
 }
+
+/// The tracepoint programs and their pin names: the pod cgroup hook.
+const POD_HOOK: [(&str, &str, &str); 2] = [
+    (mesh_common::pods::PROG_CGROUP_MKDIR, "cgroup_mkdir", "cgroup_mkdir"),
+    (mesh_common::pods::PROG_CGROUP_RMDIR, "cgroup_rmdir", "cgroup_rmdir"),
+];
 
 /// Load-time settings.
 pub struct DatapathConfig<'a> {
@@ -89,6 +99,9 @@ pub struct DatapathConfig<'a> {
     pub cgroup_root: &'a Path,
     pub max_connections: u32,
     pub max_workloads: u32,
+    /// Attach the pod cgroup hook (Kubernetes mode): a meshed pod's cgroup is refused inside
+    /// the mkdir that makes it.
+    pub pod_hook: bool,
 }
 
 /// What attach did with each node-wide link (logged at start; tests look for take-overs).
@@ -118,7 +131,16 @@ impl Datapath {
         let cgroup = File::open(cfg.cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
 
-        let mut ebpf = load_object(&maps_dir, cfg.max_connections, cfg.max_workloads)?;
+        // The pod cgroup hook reads kernel structures: their offsets come from this kernel's
+        // BTF. Without them the hook cannot work, and the rest of the datapath still can.
+        let offsets = match cfg.pod_hook.then(btf::CgroupOffsets::of_kernel) {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "no pod cgroup hook: a new pod's cgroup is refused when the agent sees it, not inside the kubelet's mkdir, so an app that starts before the agent reacts can connect unmeshed");
+                None
+            }
+            o => o.and_then(Result::ok),
+        };
+        let mut ebpf = load_object(&maps_dir, cfg.max_connections, cfg.max_workloads, offsets)?;
         // Every program through the verifier before the first is attached: a refusal leaves
         // the hooks as they were.
         load_programs(&mut ebpf)?;
@@ -134,10 +156,45 @@ impl Datapath {
             };
             reports.push(LinkReport { name: pin, adopted });
         }
+        for (prog, tracepoint, pin) in POD_HOOK {
+            let pin_path = links_dir.join(pin);
+            if offsets.is_none() {
+                // Not in Kubernetes mode (or it cannot work here): a hook left by an earlier
+                // agent goes.
+                let _ = std::fs::remove_file(&pin_path);
+                continue;
+            }
+            let program: &mut RawTracePoint = ebpf
+                .program_mut(prog)
+                .ok_or(EbpfError::Missing(prog))?
+                .try_into()
+                .map_err(|source| EbpfError::Program { name: prog, source })?;
+            let adopted = attach_tracepoint(prog, program, tracepoint, &pin_path)?;
+            reports.push(LinkReport { name: pin, adopted });
+        }
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
-        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, live, inbound }, reports))
+        let pod_uids = take_map(&mut ebpf, mesh_common::pods::POD_UIDS)?;
+        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, live, inbound, pod_uids }, reports))
+    }
+
+    /// Makes the pod cgroup hook's UIDs exactly `uids` (the node's meshed pods). Returns the
+    /// UIDs it no longer holds.
+    pub fn set_pod_uids(&mut self, uids: &std::collections::BTreeSet<String>) -> Result<Vec<String>, EbpfError> {
+        let map_err = |source| EbpfError::Map { name: mesh_common::pods::POD_UIDS, source };
+        let key = |u: &str| <[u8; mesh_common::pods::UID_LEN]>::try_from(u.as_bytes()).ok();
+        let wanted: std::collections::BTreeSet<_> = uids.iter().filter_map(|u| key(u)).collect();
+        let held: Vec<_> = self.pod_uids.keys().filter_map(Result::ok).collect();
+        for k in wanted.iter().filter(|k| !held.contains(k)) {
+            self.pod_uids.insert(k, 1, 0).map_err(map_err)?;
+        }
+        let mut dropped = Vec::new();
+        for k in held.iter().filter(|k| !wanted.contains(*k)) {
+            self.pod_uids.remove(k).map_err(map_err)?;
+            dropped.push(String::from_utf8_lossy(k).into_owned());
+        }
+        Ok(dropped)
     }
 
     /// Where the maps are pinned (for [`maps::OrigDstTable`] and [`maps::Census`]).
@@ -219,7 +276,7 @@ impl Datapath {
         let id = program.attach(netns).map_err(|source| EbpfError::Program { name: "sk_lookup", source })?;
         let link = program.take_link(id).map_err(|source| EbpfError::Program { name: "sk_lookup", source })?;
         let fd_link: FdLink = link.into();
-        fd_link.pin(&pin_path).map_err(|e| EbpfError::Pin { path: pin_path.clone(), reason: e.to_string() })?;
+        fd_link.pin(&pin_path).map_err(|e| pin_error(&pin_path, &e))?;
         Ok(false)
     }
 
@@ -243,9 +300,21 @@ impl Datapath {
 }
 
 /// Loads the object (maps created or reused under `maps_dir`, sized for this node).
-fn load_object(maps_dir: &Path, max_connections: u32, max_workloads: u32) -> Result<Ebpf, EbpfError> {
+fn load_object(
+    maps_dir: &Path,
+    max_connections: u32,
+    max_workloads: u32,
+    offsets: Option<btf::CgroupOffsets>,
+) -> Result<Ebpf, EbpfError> {
+    use mesh_common::pods as p;
     let by_port_size = mesh_common::orig_dst_by_port_size(max_connections);
+    // All zero (no hook): the tracepoint programs do nothing.
+    let o = offsets.unwrap_or(btf::CgroupOffsets { cgroup_kn: 0, cgroup_root: 0, kernfs_id: 0, root_hierarchy: 0 });
     Ok(EbpfLoader::new()
+        .override_global(p::OFF_CGROUP_KN, &o.cgroup_kn, true)
+        .override_global(p::OFF_CGROUP_ROOT, &o.cgroup_root, true)
+        .override_global(p::OFF_KERNFS_ID, &o.kernfs_id, true)
+        .override_global(p::OFF_ROOT_HIERARCHY, &o.root_hierarchy, true)
         .default_map_pin_directory(maps_dir)
         .map_max_entries(mesh_common::ORIG_DST, max_connections)
         .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
@@ -253,6 +322,7 @@ fn load_object(maps_dir: &Path, max_connections: u32, max_workloads: u32) -> Res
         .map_max_entries(mesh_common::WORKLOADS, max_workloads)
         .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(max_workloads))
         .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(max_workloads))
+        .map_max_entries(p::POD_UIDS, max_workloads)
         .load(EBPF_OBJECT)?)
 }
 
@@ -267,6 +337,14 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
             _ => return Err(EbpfError::Missing(prog)),
         };
         r.map_err(|source| EbpfError::Program { name: prog, source })?;
+    }
+    for (prog, _, _) in POD_HOOK {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(prog)
+            .ok_or(EbpfError::Missing(prog))?
+            .try_into()
+            .map_err(|source| EbpfError::Program { name: prog, source })?;
+        program.load().map_err(|source| EbpfError::Program { name: prog, source })?;
     }
     let sk_lookup: &mut SkLookup = ebpf
         .program_mut(mesh_common::PROG_SK_LOOKUP)
@@ -286,7 +364,7 @@ pub fn verify_object(bpffs: &Path) -> Result<(), EbpfError> {
     require_bpffs(bpffs)?;
     let scratch = bpffs.join(format!("sockmesh-preflight-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|source| EbpfError::Bpffs { path: scratch.clone(), source })?;
-    let r = load_object(&scratch, 64, 4).and_then(|mut ebpf| load_programs(&mut ebpf));
+    let r = load_object(&scratch, 64, 4, None).and_then(|mut ebpf| load_programs(&mut ebpf));
     let _ = std::fs::remove_dir_all(&scratch);
     r
 }
@@ -330,7 +408,7 @@ macro_rules! cgroup_program {
                     path: pin.to_owned(),
                     reason: e.to_string(),
                 })?;
-                fd_link.pin(pin).map_err(|e| EbpfError::Pin { path: pin.to_owned(), reason: e.to_string() })?;
+                fd_link.pin(pin).map_err(|e| pin_error(pin, &e))?;
                 Ok(())
             }
         }
@@ -353,6 +431,40 @@ fn attach_or_adopt(
         p.attach_pinned(cgroup, pin)?;
         Ok(false)
     }
+}
+
+/// Attaches a tracepoint program and pins its link at `pin`. A link an earlier agent pinned
+/// there is replaced, not updated (the kernel cannot swap a tracepoint link's program): the new
+/// link is attached and pinned beside it first, then renamed over it, so that the hook is never
+/// missing; for a moment both run, and what they do is idempotent. Returns whether one was
+/// replaced.
+fn attach_tracepoint(
+    name: &'static str,
+    p: &mut RawTracePoint,
+    tracepoint: &str,
+    pin: &Path,
+) -> Result<bool, EbpfError> {
+    let program = |source| EbpfError::Program { name, source };
+    let id = p.attach(tracepoint).map_err(program)?;
+    let link: FdLink = p.take_link(id).map_err(program)?.into();
+    // (bpffs refuses names with a dot.)
+    let fresh = pin.with_file_name(format!("{}_new", pin.file_name().and_then(|n| n.to_str()).unwrap_or("link")));
+    let _ = std::fs::remove_file(&fresh);
+    link.pin(&fresh).map_err(|e| pin_error(&fresh, &e))?;
+    let replaced = pin.exists();
+    std::fs::rename(&fresh, pin).map_err(|e| pin_error(pin, &e))?;
+    Ok(replaced)
+}
+
+/// A pinning error with its causes (aya's names only the call that failed).
+fn pin_error(path: &Path, e: &dyn std::error::Error) -> EbpfError {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason += &format!(": {s}");
+        source = s.source();
+    }
+    EbpfError::Pin { path: path.to_owned(), reason }
 }
 
 /// Lifts the fail-closed guard a refusing agent left (see [`mesh_api::kernel::guard`]): once

@@ -403,8 +403,20 @@ impl Registry {
         let cgroups: Vec<u64> = registered.values().map(|r| r.wl.cgroup_id).chain(refused).collect();
         let pins: Vec<&str> = registered.values().map(|r| r.wl.pin_name.as_str()).collect();
         let keys: Vec<InboundKey> = registered.values().flat_map(|r| r.wl.inbound_keys.iter().copied()).collect();
-        for (cg, _) in dp.workload_cgroups() {
-            if !cgroups.contains(&cg) {
+        let entries = dp.workload_cgroups();
+        // The refusals the pod cgroup hook made for this node's pods whose cgroups appeared
+        // after they were last looked for: kept (read after the entries, so that none made
+        // before the read is missed).
+        let hooked: Vec<u64> = match &self.kubelet {
+            Some(k) => {
+                let uids = self.node_pod_uids();
+                let dirs = k.pod_dirs().unwrap_or_default();
+                dirs.iter().filter(|(_, u)| uids.contains(u)).filter_map(|(d, _)| ebpf::cgroup_id(d).ok()).collect()
+            }
+            None => Vec::new(),
+        };
+        for (cg, _) in entries {
+            if !cgroups.contains(&cg) && !hooked.contains(&cg) {
                 tracing::info!(cgroup_id = cg, "removing stale workload entry");
                 let _ = dp.remove_stale_cgroup(cg);
             }

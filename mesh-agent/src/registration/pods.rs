@@ -2,7 +2,7 @@
 //! refused while they cannot be, released when the controller no longer has them, and captured
 //! again when the kubelet replaces their sandbox (same UID, a new netns).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,14 +33,14 @@ impl Registry {
         if snap.config.version == 0 {
             return false;
         }
-        let desired: BTreeMap<WorkloadKey, Workload> = snap
-            .config
-            .by_key
-            .values()
-            .filter(|k| k.workload.pod_uid.is_some() && k.workload.node.as_deref() == Some(self.node.as_str()))
-            .map(|k| (k.key.clone(), k.workload.clone()))
-            .collect();
+        let desired = node_pods(&snap, &self.node);
+        let uids: BTreeSet<String> = desired.values().filter_map(|w| w.pod_uid.clone()).collect();
         let mut inner = self.inner.lock().await;
+        // First: a pod's cgroup the kubelet makes from now on is refused inside its mkdir.
+        let dropped = inner.datapath.set_pod_uids(&uids).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "could not give the pod cgroup hook this node's pods");
+            Vec::new()
+        });
         let Inner { registered, failed, .. } = &*inner;
         let mut gone = Vec::new();
         let mut again = Vec::new();
@@ -74,6 +74,9 @@ impl Registry {
         for key in gone.iter().chain(&dead) {
             let _ = self.remove_locked(&mut inner, key, false);
         }
+        if !dropped.is_empty() {
+            lift_orphan_refusals(kubelet, &mut inner, &dropped);
+        }
         for key in &again {
             // Refused in place, never unredirected in between; kept as failed with that cgroup
             // until captured again, so that the entry is let go if the pod's cgroup changed.
@@ -103,6 +106,11 @@ impl Registry {
             self.pool.evict_stale(&self.state.load());
         }
         waiting
+    }
+
+    /// The UIDs of the controller's pods for this node.
+    pub(super) fn node_pod_uids(&self) -> BTreeSet<String> {
+        node_pods(&self.state.load(), &self.node).into_values().filter_map(|w| w.pod_uid).collect()
     }
 
     /// Follows the controller's pods for this node: after each configuration change, every
@@ -139,6 +147,16 @@ impl Registry {
             }
         }
     }
+}
+
+/// The controller's pods for `node`.
+fn node_pods(snap: &crate::state::Snapshot, node: &str) -> BTreeMap<WorkloadKey, Workload> {
+    snap.config
+        .by_key
+        .values()
+        .filter(|k| k.workload.pod_uid.is_some() && k.workload.node.as_deref() == Some(node))
+        .map(|k| (k.key.clone(), k.workload.clone()))
+        .collect()
 }
 
 /// An inotify instance watching directories for new subdirectories.
@@ -184,6 +202,20 @@ impl Inotify {
             }
         }
         guard.clear_ready();
+    }
+}
+
+/// Lifts the refusals the pod cgroup hook made for pods that are no longer this node's meshed
+/// pods (moved out of the mesh, or deleted) where no workload holds the cgroup: the hook
+/// refused the cgroup before the agent took the pod up, and the pod left before it did.
+fn lift_orphan_refusals(kubelet: &crate::pods::Kubelet, inner: &mut Inner, uids: &[String]) {
+    let dirs = kubelet.pod_dirs().unwrap_or_default();
+    for (dir, _) in dirs.iter().filter(|(_, u)| uids.contains(u)) {
+        let Ok(cg) = ebpf::cgroup_id(dir) else { continue };
+        if capture::cgroup_owner(inner, cg).is_none() {
+            tracing::info!(cgroup = %dir.display(), "lifting the refusal of a pod that left the mesh before it was taken up");
+            let _ = inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED);
+        }
     }
 }
 
