@@ -55,3 +55,25 @@ pub fn listening_ports(netns: &str) -> Result<Vec<u16>> {
         .filter_map(|p| p.parse().ok())
         .collect())
 }
+
+/// The node's meshed-cgroup entries (`SM_WORKLOADS`, pinned under `bpffs`): cgroup id ->
+/// (workload id, connection quota; a quota of 0 refuses every connect), via bpftool.
+pub fn workload_entries(bpffs: &Path) -> Result<std::collections::BTreeMap<u64, (u32, u32)>> {
+    let out = run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(bpffs.join("maps/SM_WORKLOADS")))?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let bytes = |v: &Value| -> Vec<u8> {
+        v.as_array()
+            .map(|a| {
+                a.iter().filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()).collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut m = std::collections::BTreeMap::new();
+    for e in v.as_array().into_iter().flatten() {
+        let (k, val) = (bytes(&e["key"]), bytes(&e["value"]));
+        anyhow::ensure!(k.len() == 8 && val.len() == 8, "unexpected SM_WORKLOADS entry {e}");
+        let word = |b: &[u8]| u32::from_ne_bytes(b.try_into().unwrap());
+        m.insert(u64::from_ne_bytes(k[..8].try_into().unwrap()), (word(&val[..4]), word(&val[4..])));
+    }
+    Ok(m)
+}

@@ -340,7 +340,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
 
     // The agent: captures a (found by UID through the host's /proc) and carries its traffic.
     let extra = [format!("--host-netns={}", through_test("ns/net")), format!("--kube-api=http://{FAKE_API}")];
-    let agent = run_container(&t, &ds, &agent_c, &node, &netns, &host, &extra, &[]);
+    let mut agent = run_container(&t, &ds, &agent_c, &node, &netns, &host, &extra, &[]);
     let ready = wait_for(Duration::from_secs(30), || {
         Ok(http_get(&netns, "127.0.0.1:15021", "/healthz/ready").map(|r| r.0 == 200).unwrap_or(false))
     });
@@ -353,6 +353,21 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     let (_, body) = http_get(&netns, "127.0.0.1:15000", "/workloads").unwrap();
     let w: Vec<Value> = serde_json::from_str(&body).unwrap();
     assert!(w.iter().any(|w| w["name"] == "a" && w["podUid"] == uid(1)), "{body}");
+    // The pod cgroup hook is attached in the container too (the kernel's BTF is readable
+    // there, and the capabilities allow tracing programs).
+    let attached: Vec<Value> = agent
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "program attached")
+        .collect();
+    for link in ["cgroup_mkdir", "cgroup_rmdir"] {
+        assert!(
+            attached.iter().any(|l| l["link"] == link),
+            "{link} not attached in the container:\n{}",
+            agent.log_text()
+        );
+    }
     let to = format!("{}:{PORT}", t.pod(b).ip);
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "3000", "--timeout-ms", "3000"]).unwrap();
     assert_eq!((&r["ok"], &r["received"], &r["peer"]), (&json!(true), &json!(3000), &json!("127.0.0.1:15001")), "{r}");
@@ -369,6 +384,8 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     let _ = Command::new("runc").args(["kill", &agent.id, "TERM"]).output();
     wait_for(Duration::from_secs(10), || Ok(agent.log_text().contains("its DaemonSet is there")))
         .unwrap_or_else(|_| panic!("{}", agent.log_text()));
+    // Gone, not on its way out (until it exits, its listeners still take connections).
+    agent.wait();
     assert!(Path::new(&format!("/sys/fs/bpf/sockmesh/{node}/links")).exists(), "the pins are gone after a stop");
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "10", "--timeout-ms", "3000"]).unwrap();
     assert_eq!((&r["ok"], &r["errno"]), (&json!(false), &json!(libc::ECONNREFUSED)), "{r}");

@@ -206,8 +206,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     let summary = prober.result().unwrap();
 
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links_before, "links were replaced");
-    let adopted: Vec<Value> =
-        agent1.log_lines().into_iter().filter(|l| l["message"] == "cgroup program attached").collect();
+    let adopted: Vec<Value> = agent1.log_lines().into_iter().filter(|l| l["message"] == "program attached").collect();
     assert_eq!(adopted.len(), 4, "one line per node-wide link: {adopted:?}");
     assert!(adopted.iter().all(|l| l["adopted"] == true), "new agent re-attached instead of taking over: {adopted:?}");
     // How many probes fit in the window depends on the machine's speed; what matters is that

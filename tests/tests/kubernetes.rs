@@ -104,6 +104,43 @@ impl Drop for Intruder {
     }
 }
 
+/// A named cgroup v1 hierarchy with no controllers, mounted at a directory; unmounted (its
+/// cgroups removed first, deepest first) when dropped.
+struct V1Hierarchy(PathBuf);
+
+impl V1Hierarchy {
+    fn mount(at: &Path, name: &str) -> V1Hierarchy {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "cgroup", "-o", &format!("none,name={name}"), "cgroup"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mounting a v1 hierarchy: {}", String::from_utf8_lossy(&out.stderr));
+        V1Hierarchy(at.to_owned())
+    }
+}
+
+impl Drop for V1Hierarchy {
+    fn drop(&mut self) {
+        let mut dirs = Vec::new();
+        let mut stack = vec![self.0.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                    dirs.push(e.path());
+                }
+            }
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 struct Kube {
     t: Topology,
     n1: NodeId,
@@ -313,6 +350,111 @@ fn pods_that_cannot_be_captured_are_refused_never_plain() {
     let _on_host = Intruder::start(None, &h_dir.join("0h"));
     put(&api, "pod-h", &pod_json(&t, h, &uid(8), "BestEffort", Some(t.pod(h).ip.to_string())));
     wait_refused(&t, n1, "h", "the host's network namespace");
+}
+
+/// A meshed pod's cgroup is refused inside the mkdir that makes it, by the kernel: the agent
+/// is stopped (SIGSTOP) before the kubelet makes the cgroup of a pod the controller has given
+/// the node and the runtime starts the app in it, so nothing but the cgroup_mkdir hook can
+/// act; the app's first connect fails with EPERM and nothing reaches the other pod. A pod the
+/// mesh does not have, in a pod-shaped cgroup, is left alone. When a refused pod's cgroup is
+/// removed, its refusal goes with it (cgroup_rmdir). Resumed, the agent captures the pod and
+/// its traffic flows.
+#[test]
+fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
+    let Kube { mut t, n1, n2, b, api, .. } = kube("kube-mkdir");
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let _ctl = t.start_kube_controller(&kubeconfig, &[]).unwrap();
+    let _server = t.start_server(b, PORT).unwrap();
+    let agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
+    let agent2 = t.start_agent(n2, &kubelet_flags()).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+    let to = format!("{}:{PORT}", t.pod(b).ip);
+    let bpffs = t.node(n1).bpffs.clone();
+
+    // p and r: scheduled to n1, their cgroups not made yet; the agent has taken them up.
+    let p = t.add_pod(n1, "p", false).unwrap();
+    let r = t.add_pod(n1, "r", false).unwrap();
+    put(&api, "pod-p", &pod_json(&t, p, &uid(12), "Burstable", Some(t.pod(p).ip.to_string())));
+    put(&api, "pod-r", &pod_json(&t, r, &uid(14), "BestEffort", Some(t.pod(r).ip.to_string())));
+    for pod in ["p", "r"] {
+        let waiting = |l: &Value| {
+            l["workload"] == format!("default/{pod}")
+                && l["message"].as_str().is_some_and(|m| m.contains("no cgroup of it"))
+        };
+        wait_for(Duration::from_secs(20), || Ok(agent1.log_lines().iter().any(waiting)))
+            .unwrap_or_else(|_| panic!("the agent never took up {pod}: {}", agent1.log_text()));
+    }
+    agent1.pause();
+
+    // The kubelet makes p's cgroup and the runtime starts the app in it at once.
+    let p_dir = t
+        .kubelet_cgroup(
+            p,
+            &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", sd(&uid(12))),
+            "cri-containerd-0p.scope",
+        )
+        .unwrap();
+    let p_ip = t.pod(p).ip.to_string();
+    for _ in 0..3 {
+        let res = echo(&t, p, &to);
+        assert_eq!(
+            (&res["ok"], &res["errno"]),
+            (&json!(false), &json!(libc::EPERM)),
+            "p, made while its agent was stopped: {res}"
+        );
+    }
+    let from_p = |l: &Value| l["src_addr"].as_str().is_some_and(|a| a.starts_with(&format!("{p_ip}:")));
+    assert!(!agent2.access_log().iter().any(from_p), "a connection from p reached b: {:?}", agent2.access_log());
+    let p_cg = std::fs::metadata(&p_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    assert_eq!(workload_entries(&bpffs).unwrap().get(&p_cg), Some(&(0, 0)), "p's cgroup is not entered as refused");
+
+    // The same name in a cgroup v1 hierarchy (one of its own, mounted for the test) is not a
+    // pod's cgroup: v1 cgroup ids are another numbering, and nothing is entered for it.
+    let before = workload_entries(&bpffs).unwrap();
+    let v1 = V1Hierarchy::mount(&t.dir.join("v1"), &format!("smt-{}", std::process::id()));
+    std::fs::create_dir_all(v1.0.join(format!("kubepods/burstable/pod{}", uid(12)))).unwrap();
+    assert_eq!(workload_entries(&bpffs).unwrap(), before, "a v1 cgroup named for p was entered");
+    drop(v1);
+
+    // q: not the mesh's (not in the API), in a pod-shaped cgroup: its traffic is its own.
+    let q = t.add_pod(n1, "q", false).unwrap();
+    t.kubelet_cgroup(q, &format!("kubepods/besteffort/pod{}", uid(13)), "0q").unwrap();
+    let res = echo(&t, q, &to);
+    assert_eq!(res["ok"], true, "q, a pod the mesh does not have, was refused: {res}");
+
+    // r's cgroup is made, then removed before the agent has looked: its refusal goes with it.
+    let r_dir = t.kubelet_cgroup(r, &format!("kubepods/besteffort/pod{}", uid(14)), "0r").unwrap();
+    let r_cg = std::fs::metadata(&r_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), Some(&(0, 0)), "r's cgroup is not entered as refused");
+    std::fs::remove_dir(r_dir.join("0r")).unwrap();
+    std::fs::remove_dir(&r_dir).unwrap();
+    assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), None, "r's refusal outlived its cgroup");
+
+    // Resumed, the agent captures p once its sandbox runs; its traffic flows over the mesh.
+    agent1.resume();
+    t.start_sandbox(p).unwrap();
+    let ok = time_until(Duration::from_secs(20), || echo(&t, p, &to)["ok"] == true);
+    assert!(ok.is_some(), "p was never captured after its agent resumed: {}", agent1.log_text());
+    assert!(agent2.access_log().iter().any(from_p), "p's connection did not go through the mesh");
+    assert!(agent1.stats().unwrap().kernel["pod_cgroups_refused_at_mkdir"] >= 2);
+
+    // A restarted agent replaces the hook's links (the kernel cannot swap their programs): the
+    // old ones are gone, not left running beside the new.
+    let before = pinned_link_ids(&bpffs).unwrap();
+    let mut agent1 = agent1;
+    agent1.stop().unwrap();
+    let _agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
+    t.wait_ready(n1).unwrap();
+    let after = pinned_link_ids(&bpffs).unwrap();
+    for pin in ["cgroup_mkdir", "cgroup_rmdir"] {
+        let (old, new) = (before[pin], after[pin]);
+        assert!(old != 0 && new != 0 && old != new, "{pin}: {before:?} -> {after:?}");
+        let shown =
+            std::process::Command::new("bpftool").args(["link", "show", "id", &old.to_string()]).output().unwrap();
+        assert!(!shown.status.success(), "{pin}: the old link {old} is still attached");
+    }
+    assert_eq!(after.keys().filter(|k| k.ends_with("_new")).count(), 0, "{after:?}");
 }
 
 /// SIGTERM is an upgrade or a drain while the agent's DaemonSet exists: the programs stay
