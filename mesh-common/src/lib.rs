@@ -169,10 +169,12 @@ pub enum Counter {
     MovedToAccepted = 9,
     /// cgroup_mkdir refused a meshed pod's cgroup as the kubelet made it ([`pods`]).
     PodRefusedAtMkdir = 10,
+    /// cgroup_mkdir could not refuse a meshed pod's new cgroup: the workloads map was full.
+    PodMkdirMapFull = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Redirected,
         Counter::RefusedOrigDstFull,
         Counter::PortKeyFull,
@@ -184,6 +186,7 @@ impl Counter {
         Counter::ClosedUnreleased,
         Counter::MovedToAccepted,
         Counter::PodRefusedAtMkdir,
+        Counter::PodMkdirMapFull,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -198,6 +201,7 @@ impl Counter {
             Counter::ClosedUnreleased => "closed_unreleased",
             Counter::MovedToAccepted => "moved_to_accepted",
             Counter::PodRefusedAtMkdir => "pod_cgroups_refused_at_mkdir",
+            Counter::PodMkdirMapFull => "pod_cgroups_not_refused_map_full",
         }
     }
 }

@@ -9,11 +9,25 @@
 //! it, even when the agent is stopped or slow. A program on `cgroup_rmdir` removes such a
 //! refusal when its directory goes.
 //!
+//! Only a directory made in one of the kubelet's pod parents ([`POD_PARENTS`]: the `kubepods`
+//! roots and their QoS levels, which only root may write) is looked at: a user's delegated
+//! cgroup named like a pod must not take entries of the node's map.
+//!
 //! The name test below is the kernel side of `mesh-agent/src/pods.rs`'s `pod_uid_of_dir`,
 //! reduced to fixed offsets from the end of the path that the verifier accepts.
 
 /// Pod UID (36 ASCII bytes, lowercase 8-4-4-4-12) -> 1: the meshed pods of this node.
 pub const POD_UIDS: &str = "SM_POD_UIDS";
+
+/// cgroup id (u64) -> 1: the directories the kubelet makes pods' cgroups in, kept by the agent.
+pub const POD_PARENTS: &str = "SM_POD_PARENTS";
+pub const POD_PARENTS_SIZE: u32 = 64;
+
+/// cgroup id (u64) -> pod UID: the cgroups the mkdir program refused, so that the agent finds
+/// them by UID (to keep them through its start-up sweep, or to lift the refusal of a pod that
+/// left the mesh before the agent took it up) without scanning directories. Removed by the
+/// rmdir program, or by the agent when it lifts the refusal. Sized like [`crate::WORKLOADS`].
+pub const POD_CGROUPS: &str = "SM_POD_CGROUPS";
 
 /// Per-CPU scratch the mkdir program reads a cgroup's path into, to learn its length.
 pub const PATH_SCRATCH: &str = "SM_PATH_BUF";
@@ -31,6 +45,7 @@ pub const OFF_CGROUP_KN: &str = "SM_OFF_CGROUP_KN";
 pub const OFF_CGROUP_ROOT: &str = "SM_OFF_CGROUP_ROOT";
 pub const OFF_KERNFS_ID: &str = "SM_OFF_KERNFS_ID";
 pub const OFF_ROOT_HIERARCHY: &str = "SM_OFF_ROOT_HIERARCHY";
+pub const OFF_KERNFS_PARENT: &str = "SM_OFF_KERNFS_PARENT";
 
 /// The end of a cgroup path the mkdir program reads: enough for either driver's pod name.
 pub const TAIL: usize = 48;

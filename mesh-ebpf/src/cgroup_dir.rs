@@ -16,7 +16,7 @@ use mesh_common::{
     Counter, WorkloadValue, WORKLOAD_SLOT_REFUSED,
 };
 
-use crate::maps::{count, PATH_SCRATCH, POD_UIDS, WORKLOADS};
+use crate::maps::{count, PATH_SCRATCH, POD_CGROUPS, POD_PARENTS, POD_UIDS, WORKLOADS};
 
 // Offsets in the running kernel's structures, set by the agent from its BTF (read-only).
 #[unsafe(no_mangle)]
@@ -27,6 +27,8 @@ static SM_OFF_CGROUP_ROOT: u32 = 0;
 static SM_OFF_KERNFS_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static SM_OFF_ROOT_HIERARCHY: u32 = 0;
+#[unsafe(no_mangle)]
+static SM_OFF_KERNFS_PARENT: u32 = 0;
 
 const BPF_NOEXIST: u64 = 1;
 
@@ -51,29 +53,43 @@ fn off(v: &'static u32) -> usize {
     unsafe { core::ptr::read_volatile(v) as usize }
 }
 
-/// The id of a cgroup of the v2 hierarchy (None for a v1 hierarchy's: their ids are another
-/// numbering, and could equal a v2 cgroup's).
 #[inline(always)]
-fn v2_cgroup_id(cgrp: *const u8) -> Option<u64> {
+fn read_ptr(at: *const u8) -> Option<*const u8> {
+    let p: *const u8 = unsafe { bpf_probe_read_kernel(at as *const *const u8) }.ok()?;
+    (!p.is_null()).then_some(p)
+}
+
+/// The kernfs node of a cgroup of the v2 hierarchy (None for a v1 hierarchy's: their ids are
+/// another numbering, and could equal a v2 cgroup's).
+#[inline(always)]
+fn v2_kn(cgrp: *const u8) -> Option<*const u8> {
     let kn_at = off(&SM_OFF_CGROUP_KN);
     if kn_at == 0 {
         return None;
     }
-    let root: *const u8 =
-        unsafe { bpf_probe_read_kernel(cgrp.wrapping_add(off(&SM_OFF_CGROUP_ROOT)) as *const *const u8) }.ok()?;
+    let root = read_ptr(cgrp.wrapping_add(off(&SM_OFF_CGROUP_ROOT)))?;
     let hierarchy: i32 =
         unsafe { bpf_probe_read_kernel(root.wrapping_add(off(&SM_OFF_ROOT_HIERARCHY)) as *const i32) }.ok()?;
     // The default (v2) hierarchy is number 0: "0::/..." in /proc/<pid>/cgroup.
     if hierarchy != 0 {
         return None;
     }
-    let kn: *const u8 = unsafe { bpf_probe_read_kernel(cgrp.wrapping_add(kn_at) as *const *const u8) }.ok()?;
+    read_ptr(cgrp.wrapping_add(kn_at))
+}
+
+/// A cgroup's id: its kernfs node's.
+#[inline(always)]
+fn kn_id(kn: *const u8) -> Option<u64> {
     unsafe { bpf_probe_read_kernel(kn.wrapping_add(off(&SM_OFF_KERNFS_ID)) as *const u64) }.ok()
 }
 
 #[inline(always)]
 fn mkdir(cgrp: *const u8, path: *const u8) -> Option<()> {
-    let id = v2_cgroup_id(cgrp)?;
+    let kn = v2_kn(cgrp)?;
+    // Made in a directory where the kubelet makes pods' cgroups, or not looked at.
+    let parent = read_ptr(kn.wrapping_add(off(&SM_OFF_KERNFS_PARENT)))?;
+    unsafe { POD_PARENTS.get(&kn_id(parent)?) }?;
+    let id = kn_id(kn)?;
     // The path's length: read whole into scratch (the kernel truncates it at PATH_MAX).
     let scratch = PATH_SCRATCH.get_ptr_mut(0)?;
     let n = unsafe { probe_read_str(scratch.cast(), PATH_MAX as u32, path.cast()) };
@@ -88,17 +104,24 @@ fn mkdir(cgrp: *const u8, path: *const u8) -> Option<()> {
     }
     let uid = pod_uid_of_path_tail(&tail)?;
     unsafe { POD_UIDS.get(&uid) }?;
+    // For the agent, which finds the pod's refusal by its UID from here. Recorded before the
+    // refusal, so that whoever sees the refusal finds its record.
+    let _ = POD_CGROUPS.insert(&id, &uid, 0);
     let refused = WorkloadValue { id: WORKLOAD_SLOT_REFUSED, max_conns: 0 };
     // NOEXIST: an entry the agent made is left alone.
     if WORKLOADS.insert(&id, &refused, BPF_NOEXIST).is_ok() {
         count(Counter::PodRefusedAtMkdir);
+    } else if unsafe { WORKLOADS.get(&id) }.is_none() {
+        count(Counter::PodMkdirMapFull);
+        let _ = POD_CGROUPS.remove(&id);
     }
     Some(())
 }
 
 #[inline(always)]
 fn rmdir(cgrp: *const u8) -> Option<()> {
-    let id = v2_cgroup_id(cgrp)?;
+    let id = kn_id(v2_kn(cgrp)?)?;
+    let _ = POD_CGROUPS.remove(&id);
     let v = unsafe { WORKLOADS.get(&id) }?;
     // Only a refusal: a captured workload's entry (and its connection count) is the agent's.
     if v.id == WORKLOAD_SLOT_REFUSED && v.max_conns == 0 {

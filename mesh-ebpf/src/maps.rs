@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, SockHash},
 };
-use mesh_common::pods::{PATH_MAX, UID_LEN};
+use mesh_common::pods::{PATH_MAX, POD_PARENTS_SIZE, UID_LEN};
 use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadValue};
 
 #[map(name = "SM_WORKLOADS")]
@@ -37,6 +37,14 @@ pub static PROBE: Array<u64> = Array::pinned(2, 0);
 /// The node's meshed pods' UIDs (mesh-common's `pods`), written by the agent.
 #[map(name = "SM_POD_UIDS")]
 pub static POD_UIDS: HashMap<[u8; UID_LEN], u8> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
+
+/// The directories the kubelet makes pods' cgroups in, written by the agent.
+#[map(name = "SM_POD_PARENTS")]
+pub static POD_PARENTS: HashMap<u64, u8> = HashMap::pinned(POD_PARENTS_SIZE, 0);
+
+/// The cgroups cgroup_mkdir refused, with their pods' UIDs.
+#[map(name = "SM_POD_CGROUPS")]
+pub static POD_CGROUPS: HashMap<u64, [u8; UID_LEN]> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
 
 /// Not pinned: one cgroup path per CPU, for as long as one program run.
 #[map(name = "SM_PATH_BUF")]
