@@ -112,6 +112,7 @@ fn preflight(
         Some(p) => p,
         None => config::cgroup2_mount()?,
     };
+    let kubelet = node.is_some();
     if let Some((host_proc, host_bpffs)) = node {
         let problems = node_problems(&cgroup_root, bpffs, &host_proc, &host_bpffs);
         for p in &problems {
@@ -149,6 +150,15 @@ fn preflight(
     }
     ebpf::verify_object(bpffs).context("the kernel programs do not load on this kernel")?;
     println!("ok       the agent's programs pass this kernel's verifier");
+    if kubelet {
+        // Not a refusal: the agent runs without it, refusing a new pod's cgroup when it sees it.
+        match ebpf::verify_pod_hook(bpffs) {
+            Ok(()) => println!("ok       pod cgroup hook: a meshed pod's cgroup is refused inside the kubelet's mkdir"),
+            Err(e) => println!(
+                "WARNING  pod cgroup hook: {e}; without it a new pod's cgroup is refused when the agent sees it, not inside the kubelet's mkdir"
+            ),
+        }
+    }
     println!("preflight: this kernel runs the sockmesh datapath");
     Ok(())
 }

@@ -178,7 +178,7 @@ impl Kubelet {
     }
 
     /// Every pod-level cgroup directory in [`Kubelet::pod_parents`], with the UID it names.
-    pub fn pod_dirs(&self) -> Result<Vec<(PathBuf, String)>, PodError> {
+    fn pod_dirs(&self) -> Result<Vec<(PathBuf, String)>, PodError> {
         let mut out = Vec::new();
         for parent in self.pod_parents()? {
             let pods = subdirs(&parent, false)?;

@@ -22,6 +22,8 @@ pub struct CgroupOffsets {
     pub kernfs_id: u32,
     /// `struct cgroup_root.hierarchy_id`
     pub root_hierarchy: u32,
+    /// `struct kernfs_node.parent` (`__parent` since Linux 6.15)
+    pub kernfs_parent: u32,
 }
 
 impl CgroupOffsets {
@@ -32,6 +34,9 @@ impl CgroupOffsets {
             cgroup_root: b.member_offset("cgroup", "root")?,
             kernfs_id: b.member_offset("kernfs_node", "id")?,
             root_hierarchy: b.member_offset("cgroup_root", "hierarchy_id")?,
+            kernfs_parent: b
+                .member_offset("kernfs_node", "parent")
+                .or_else(|_| b.member_offset("kernfs_node", "__parent"))?,
         })
     }
 
@@ -147,12 +152,13 @@ impl<'a> Btf<'a> {
             return Ok(None);
         }
         for &(name, ty, off) in &t.members {
+            let at = base.checked_add(off).ok_or("a member offset out of range")?;
             if name != 0 && self.string(name)? == member {
-                return Ok(Some(base + off));
+                return Ok(Some(at));
             }
             let anonymous = name == 0 && self.ty(ty).is_some_and(|m| m.kind == KIND_STRUCT || m.kind == KIND_UNION);
             if anonymous {
-                if let Some(o) = self.find(ty, member, base + off, depth + 1)? {
+                if let Some(o) = self.find(ty, member, at, depth + 1)? {
                     return Ok(Some(o));
                 }
             }
@@ -175,11 +181,23 @@ mod tests {
             strings.push(0);
             at
         };
-        let names: Vec<u32> =
-            ["int", "cgroup", "a", "kn", "root", "kernfs_node", "id", "cgroup_root", "hierarchy_id", "b", "u64"]
-                .iter()
-                .map(|n| s(n))
-                .collect();
+        let names: Vec<u32> = [
+            "int",
+            "cgroup",
+            "a",
+            "kn",
+            "root",
+            "kernfs_node",
+            "id",
+            "cgroup_root",
+            "hierarchy_id",
+            "b",
+            "u64",
+            "__parent",
+        ]
+        .iter()
+        .map(|n| s(n))
+        .collect();
         let mut t = Vec::new();
         let mut ty = |name: u32, kind: u32, vlen: u32, size: u32, extra: &[u32]| {
             for w in [name, (kind << 24) | vlen, size].iter().chain(extra) {
@@ -188,12 +206,12 @@ mod tests {
         };
         ty(names[0], 1, 0, 4, &[32]); // 1: int
         ty(names[10], 1, 0, 8, &[64]); // 2: u64
-        ty(0, 2, 0, 6, &[]); // 3: ptr to kernfs_node
-        ty(0, 2, 0, 8, &[]); // 4: ptr to cgroup_root
+        ty(0, 2, 0, 8, &[]); // 3: ptr to kernfs_node
+        ty(0, 2, 0, 9, &[]); // 4: ptr to cgroup_root
         ty(0, 5, 2, 8, &[names[9], 2, 0, names[3], 3, 0]); // 5: union { b; kn }
         ty(names[1], 4, 3, 24, &[names[2], 1, 0, 0, 5, 64, names[4], 4, 128]); // 6: struct cgroup
         ty(0, 13, 1, 1, &[0, 1]); // 7: a func proto, skipped
-        ty(names[5], 4, 1, 8, &[names[6], 2, 64]); // 8: struct kernfs_node { .., id at 8 }
+        ty(names[5], 4, 2, 16, &[names[11], 3, 0, names[6], 2, 64]); // 8: struct kernfs_node { __parent; id at 8 }
         ty(names[7], 4, 1, 8, &[names[8], 1, 32]); // 9: struct cgroup_root { .., hierarchy_id at 4 }
         let mut d = Vec::new();
         for w in [0x0001_eb9fu32, 24, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
@@ -207,7 +225,10 @@ mod tests {
     #[test]
     fn offsets_are_found_through_anonymous_unions() {
         let o = CgroupOffsets::from_btf(&blob()).unwrap();
-        assert_eq!(o, CgroupOffsets { cgroup_kn: 8, cgroup_root: 16, kernfs_id: 8, root_hierarchy: 4 });
+        assert_eq!(
+            o,
+            CgroupOffsets { cgroup_kn: 8, cgroup_root: 16, kernfs_id: 8, root_hierarchy: 4, kernfs_parent: 0 }
+        );
     }
 
     #[test]

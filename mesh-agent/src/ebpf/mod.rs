@@ -85,7 +85,13 @@ pub struct Datapath {
     inbound: SockHash<MapData, InboundKey>,
     /// The meshed pods' UIDs the pod cgroup hook refuses (mesh-common's `pods`).
     pod_uids: BpfHashMap<MapData, [u8; mesh_common::pods::UID_LEN], u8>,
+    /// The cgroup ids of the directories the kubelet makes pods' cgroups in.
+    pod_parents: BpfHashMap<MapData, u64, u8>,
+    /// The cgroups the hook refused, with their pods' UIDs.
+    pod_cgroups: BpfHashMap<MapData, u64, [u8; mesh_common::pods::UID_LEN]>,
 }
+
+const NO_POD_HOOK: &str = "no pod cgroup hook: a new pod's cgroup is refused when the agent sees it, not inside the kubelet's mkdir, so an app that starts before the agent reacts can connect unmeshed";
 
 /// The tracepoint programs and their pin names: the pod cgroup hook.
 const POD_HOOK: [(&str, &str, &str); 2] = [
@@ -135,7 +141,7 @@ impl Datapath {
         // BTF. Without them the hook cannot work, and the rest of the datapath still can.
         let offsets = match cfg.pod_hook.then(btf::CgroupOffsets::of_kernel) {
             Some(Err(e)) => {
-                tracing::error!(error = %e, "no pod cgroup hook: a new pod's cgroup is refused when the agent sees it, not inside the kubelet's mkdir, so an app that starts before the agent reacts can connect unmeshed");
+                tracing::error!(error = %e, "{NO_POD_HOOK}");
                 None
             }
             o => o.and_then(Result::ok),
@@ -156,45 +162,62 @@ impl Datapath {
             };
             reports.push(LinkReport { name: pin, adopted });
         }
-        for (prog, tracepoint, pin) in POD_HOOK {
-            let pin_path = links_dir.join(pin);
-            if offsets.is_none() {
-                // Not in Kubernetes mode (or it cannot work here): a hook left by an earlier
-                // agent goes.
-                let _ = std::fs::remove_file(&pin_path);
-                continue;
+        match (cfg.pod_hook, offsets) {
+            (true, Some(_)) => match load_pod_hook(&mut ebpf) {
+                Ok(()) => {
+                    for (prog, tracepoint, pin) in POD_HOOK {
+                        let program = tracepoint_program(&mut ebpf, prog)?;
+                        let adopted = attach_tracepoint(prog, program, tracepoint, &links_dir.join(pin))?;
+                        reports.push(LinkReport { name: pin, adopted });
+                    }
+                }
+                // The datapath runs without it; a hook an earlier agent left stays.
+                Err(e) => tracing::error!(error = %e, "{NO_POD_HOOK}"),
+            },
+            // No offsets (logged above): a hook an earlier agent left on this kernel stays.
+            (true, None) => {}
+            // Not in Kubernetes mode: a hook an earlier agent left goes.
+            (false, _) => {
+                for (_, _, pin) in POD_HOOK {
+                    let _ = std::fs::remove_file(links_dir.join(pin));
+                    let _ = std::fs::remove_file(links_dir.join(fresh_pin_name(pin)));
+                }
             }
-            let program: &mut RawTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or(EbpfError::Missing(prog))?
-                .try_into()
-                .map_err(|source| EbpfError::Program { name: prog, source })?;
-            let adopted = attach_tracepoint(prog, program, tracepoint, &pin_path)?;
-            reports.push(LinkReport { name: pin, adopted });
         }
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
         let pod_uids = take_map(&mut ebpf, mesh_common::pods::POD_UIDS)?;
-        Ok((Datapath { ebpf, maps_dir, links_dir, workloads, live, inbound, pod_uids }, reports))
+        let pod_parents = take_map(&mut ebpf, mesh_common::pods::POD_PARENTS)?;
+        let pod_cgroups = take_map(&mut ebpf, mesh_common::pods::POD_CGROUPS)?;
+        let dp = Datapath { ebpf, maps_dir, links_dir, workloads, live, inbound, pod_uids, pod_parents, pod_cgroups };
+        Ok((dp, reports))
     }
 
-    /// Makes the pod cgroup hook's UIDs exactly `uids` (the node's meshed pods). Returns the
-    /// UIDs it no longer holds.
-    pub fn set_pod_uids(&mut self, uids: &std::collections::BTreeSet<String>) -> Result<Vec<String>, EbpfError> {
-        let map_err = |source| EbpfError::Map { name: mesh_common::pods::POD_UIDS, source };
+    /// Makes the pod cgroup hook's UIDs exactly `uids` (the node's meshed pods).
+    pub fn set_pod_uids(&mut self, uids: &std::collections::BTreeSet<String>) -> Result<(), EbpfError> {
         let key = |u: &str| <[u8; mesh_common::pods::UID_LEN]>::try_from(u.as_bytes()).ok();
-        let wanted: std::collections::BTreeSet<_> = uids.iter().filter_map(|u| key(u)).collect();
-        let held: Vec<_> = self.pod_uids.keys().filter_map(Result::ok).collect();
-        for k in wanted.iter().filter(|k| !held.contains(k)) {
-            self.pod_uids.insert(k, 1, 0).map_err(map_err)?;
-        }
-        let mut dropped = Vec::new();
-        for k in held.iter().filter(|k| !wanted.contains(*k)) {
-            self.pod_uids.remove(k).map_err(map_err)?;
-            dropped.push(String::from_utf8_lossy(k).into_owned());
-        }
-        Ok(dropped)
+        let wanted = uids.iter().filter_map(|u| key(u)).collect();
+        sync_keys(&mut self.pod_uids, &wanted, mesh_common::pods::POD_UIDS)
+    }
+
+    /// Makes the hook's pod parents exactly these cgroup ids.
+    pub fn set_pod_parents(&mut self, ids: &std::collections::BTreeSet<u64>) -> Result<(), EbpfError> {
+        sync_keys(&mut self.pod_parents, ids, mesh_common::pods::POD_PARENTS)
+    }
+
+    /// The cgroups the hook refused that are still there, with their pods' UIDs.
+    pub fn hook_refusals(&self) -> Vec<(u64, String)> {
+        self.pod_cgroups
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, uid)| (id, String::from_utf8_lossy(&uid).into_owned()))
+            .collect()
+    }
+
+    /// Forgets the hook's record of a refused cgroup (the refusal itself is the caller's).
+    pub fn forget_hook_refusal(&mut self, cgroup_id: u64) {
+        let _ = self.pod_cgroups.remove(&cgroup_id);
     }
 
     /// Where the maps are pinned (for [`maps::OrigDstTable`] and [`maps::Census`]).
@@ -299,6 +322,28 @@ impl Datapath {
     }
 }
 
+/// Makes a set-like map's keys (value 1) exactly `wanted`: removals first, so that a full map
+/// still takes the new ones; past a failed entry, the others are still tried.
+fn sync_keys<K: aya::Pod + Ord>(
+    map: &mut BpfHashMap<MapData, K, u8>,
+    wanted: &std::collections::BTreeSet<K>,
+    name: &'static str,
+) -> Result<(), EbpfError> {
+    let held: std::collections::BTreeSet<K> = map.keys().filter_map(Result::ok).collect();
+    let mut last = Ok(());
+    for k in held.difference(wanted) {
+        if let Err(source) = map.remove(k) {
+            last = Err(EbpfError::Map { name, source });
+        }
+    }
+    for k in wanted.difference(&held) {
+        if let Err(source) = map.insert(k, 1, 0) {
+            last = Err(EbpfError::Map { name, source });
+        }
+    }
+    last
+}
+
 /// Loads the object (maps created or reused under `maps_dir`, sized for this node).
 fn load_object(
     maps_dir: &Path,
@@ -309,12 +354,19 @@ fn load_object(
     use mesh_common::pods as p;
     let by_port_size = mesh_common::orig_dst_by_port_size(max_connections);
     // All zero (no hook): the tracepoint programs do nothing.
-    let o = offsets.unwrap_or(btf::CgroupOffsets { cgroup_kn: 0, cgroup_root: 0, kernfs_id: 0, root_hierarchy: 0 });
+    let o = offsets.unwrap_or(btf::CgroupOffsets {
+        cgroup_kn: 0,
+        cgroup_root: 0,
+        kernfs_id: 0,
+        root_hierarchy: 0,
+        kernfs_parent: 0,
+    });
     Ok(EbpfLoader::new()
         .override_global(p::OFF_CGROUP_KN, &o.cgroup_kn, true)
         .override_global(p::OFF_CGROUP_ROOT, &o.cgroup_root, true)
         .override_global(p::OFF_KERNFS_ID, &o.kernfs_id, true)
         .override_global(p::OFF_ROOT_HIERARCHY, &o.root_hierarchy, true)
+        .override_global(p::OFF_KERNFS_PARENT, &o.kernfs_parent, true)
         .default_map_pin_directory(maps_dir)
         .map_max_entries(mesh_common::ORIG_DST, max_connections)
         .map_max_entries(mesh_common::ORIG_DST_BY_PORT, by_port_size)
@@ -323,6 +375,7 @@ fn load_object(
         .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(max_workloads))
         .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(max_workloads))
         .map_max_entries(p::POD_UIDS, max_workloads)
+        .map_max_entries(p::POD_CGROUPS, max_workloads)
         .load(EBPF_OBJECT)?)
 }
 
@@ -338,20 +391,45 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
         };
         r.map_err(|source| EbpfError::Program { name: prog, source })?;
     }
-    for (prog, _, _) in POD_HOOK {
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(prog)
-            .ok_or(EbpfError::Missing(prog))?
-            .try_into()
-            .map_err(|source| EbpfError::Program { name: prog, source })?;
-        program.load().map_err(|source| EbpfError::Program { name: prog, source })?;
-    }
     let sk_lookup: &mut SkLookup = ebpf
         .program_mut(mesh_common::PROG_SK_LOOKUP)
         .ok_or(EbpfError::Missing(mesh_common::PROG_SK_LOOKUP))?
         .try_into()
         .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
     sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })
+}
+
+/// The pod cgroup hook's programs through the verifier. Apart from the datapath's: the agent
+/// runs without them.
+fn load_pod_hook(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    for (prog, _, _) in POD_HOOK {
+        let program = tracepoint_program(ebpf, prog)?;
+        program.load().map_err(|source| EbpfError::Program { name: prog, source })?;
+    }
+    Ok(())
+}
+
+fn tracepoint_program<'a>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut RawTracePoint, EbpfError> {
+    ebpf.program_mut(prog)
+        .ok_or(EbpfError::Missing(prog))?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name: prog, source })
+}
+
+/// What `mesh-agent preflight --kubelet-pods` checks of the pod cgroup hook: this kernel's BTF
+/// gives its offsets, and with them its programs pass the verifier (with no offsets it would
+/// verify only its first test).
+pub fn verify_pod_hook(bpffs: &Path) -> Result<(), EbpfError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(EbpfError::NotBuilt);
+    }
+    let offsets = btf::CgroupOffsets::of_kernel().map_err(EbpfError::Kernel)?;
+    require_bpffs(bpffs)?;
+    let scratch = bpffs.join(format!("sockmesh-preflight-hook-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|source| EbpfError::Bpffs { path: scratch.clone(), source })?;
+    let r = load_object(&scratch, 64, 4, Some(offsets)).and_then(|mut ebpf| load_pod_hook(&mut ebpf));
+    let _ = std::fs::remove_dir_all(&scratch);
+    r
 }
 
 /// What `mesh-agent preflight` checks of the kernel programs themselves: the object loads and
@@ -447,13 +525,18 @@ fn attach_tracepoint(
     let program = |source| EbpfError::Program { name, source };
     let id = p.attach(tracepoint).map_err(program)?;
     let link: FdLink = p.take_link(id).map_err(program)?.into();
-    // (bpffs refuses names with a dot.)
-    let fresh = pin.with_file_name(format!("{}_new", pin.file_name().and_then(|n| n.to_str()).unwrap_or("link")));
+    let fresh = pin.with_file_name(fresh_pin_name(pin.file_name().and_then(|n| n.to_str()).unwrap_or("link")));
     let _ = std::fs::remove_file(&fresh);
     link.pin(&fresh).map_err(|e| pin_error(&fresh, &e))?;
     let replaced = pin.exists();
     std::fs::rename(&fresh, pin).map_err(|e| pin_error(pin, &e))?;
     Ok(replaced)
+}
+
+/// Where a replacing link is pinned before it is renamed over `pin` (bpffs refuses names with
+/// a dot).
+fn fresh_pin_name(pin: &str) -> String {
+    format!("{pin}_new")
 }
 
 /// A pinning error with its causes (aya's names only the call that failed).

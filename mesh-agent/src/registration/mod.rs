@@ -405,16 +405,11 @@ impl Registry {
         let keys: Vec<InboundKey> = registered.values().flat_map(|r| r.wl.inbound_keys.iter().copied()).collect();
         let entries = dp.workload_cgroups();
         // The refusals the pod cgroup hook made for this node's pods whose cgroups appeared
-        // after they were last looked for: kept (read after the entries, so that none made
-        // before the read is missed).
-        let hooked: Vec<u64> = match &self.kubelet {
-            Some(k) => {
-                let uids = self.node_pod_uids();
-                let dirs = k.pod_dirs().unwrap_or_default();
-                dirs.iter().filter(|(_, u)| uids.contains(u)).filter_map(|(d, _)| ebpf::cgroup_id(d).ok()).collect()
-            }
-            None => Vec::new(),
-        };
+        // after they were last looked for: kept. Read after the entries, so that none made
+        // before that read is missed (the hook records one before it enters the refusal).
+        let uids = self.node_pod_uids();
+        let hooked: Vec<u64> =
+            dp.hook_refusals().into_iter().filter(|(_, u)| uids.contains(u)).map(|(cg, _)| cg).collect();
         for (cg, _) in entries {
             if !cgroups.contains(&cg) && !hooked.contains(&cg) {
                 tracing::info!(cgroup_id = cg, "removing stale workload entry");

@@ -35,12 +35,17 @@ impl Registry {
         }
         let desired = node_pods(&snap, &self.node);
         let uids: BTreeSet<String> = desired.values().filter_map(|w| w.pod_uid.clone()).collect();
+        // Where the hook looks (a tree that cannot be read leaves it as it was).
+        let parents: Option<BTreeSet<u64>> =
+            kubelet.pod_parents().ok().map(|dirs| dirs.iter().filter_map(|d| ebpf::cgroup_id(d).ok()).collect());
         let mut inner = self.inner.lock().await;
         // First: a pod's cgroup the kubelet makes from now on is refused inside its mkdir.
-        let dropped = inner.datapath.set_pod_uids(&uids).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "could not give the pod cgroup hook this node's pods");
-            Vec::new()
-        });
+        if let Err(e) = inner.datapath.set_pod_uids(&uids) {
+            tracing::error!(error = %e, "could not give the pod cgroup hook all of this node's pods");
+        }
+        if let Some(Err(e)) = parents.map(|p| inner.datapath.set_pod_parents(&p)) {
+            tracing::error!(error = %e, "could not give the pod cgroup hook every directory pods are made in");
+        }
         let Inner { registered, failed, .. } = &*inner;
         let mut gone = Vec::new();
         let mut again = Vec::new();
@@ -74,9 +79,7 @@ impl Registry {
         for key in gone.iter().chain(&dead) {
             let _ = self.remove_locked(&mut inner, key, false);
         }
-        if !dropped.is_empty() {
-            lift_orphan_refusals(kubelet, &mut inner, &dropped);
-        }
+        lift_orphan_refusals(&mut inner, &uids);
         for key in &again {
             // Refused in place, never unredirected in between; kept as failed with that cgroup
             // until captured again, so that the entry is let go if the pod's cgroup changed.
@@ -206,17 +209,23 @@ impl Inotify {
 }
 
 /// Lifts the refusals the pod cgroup hook made for pods that are no longer this node's meshed
-/// pods (moved out of the mesh, or deleted) where no workload holds the cgroup: the hook
-/// refused the cgroup before the agent took the pod up, and the pod left before it did.
-fn lift_orphan_refusals(kubelet: &crate::pods::Kubelet, inner: &mut Inner, uids: &[String]) {
-    let dirs = kubelet.pod_dirs().unwrap_or_default();
-    for (dir, _) in dirs.iter().filter(|(_, u)| uids.contains(u)) {
-        let Ok(cg) = ebpf::cgroup_id(dir) else { continue };
-        if capture::cgroup_owner(inner, cg).is_none() {
-            tracing::info!(cgroup = %dir.display(), "lifting the refusal of a pod that left the mesh before it was taken up");
-            let _ = inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED);
+/// pods (moved out of the mesh, or deleted) and whose cgroups no workload holds: the hook
+/// refused the cgroup before the agent took the pod up, and the pod left before it did. Found
+/// by UID in the hook's own record, so nothing is missed, and tried on every pass.
+fn lift_orphan_refusals(inner: &mut Inner, uids: &BTreeSet<String>) {
+    let records = inner.datapath.hook_refusals();
+    for (cg, uid) in orphans(&records, uids, |cg| capture::cgroup_owner(inner, cg).is_some()) {
+        tracing::info!(pod_uid = %uid, cgroup_id = cg, "lifting the refusal of a pod that left the mesh before it was taken up");
+        if inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED).is_ok() {
+            inner.datapath.forget_hook_refusal(cg);
         }
     }
+}
+
+/// The hook's records (cgroup id, pod UID) whose pod is not one of `uids` and whose cgroup no
+/// workload holds.
+fn orphans(records: &[(u64, String)], uids: &BTreeSet<String>, held: impl Fn(u64) -> bool) -> Vec<(u64, String)> {
+    records.iter().filter(|(cg, uid)| !uids.contains(uid) && !held(*cg)).cloned().collect()
 }
 
 /// What became of a captured pod's sandbox.
@@ -248,5 +257,18 @@ fn sandbox(kubelet: &crate::pods::Kubelet, w: &Workload, wl: &crate::state::Loca
         Err(crate::pods::PodError::NoProcess { .. } | crate::pods::PodError::Read { .. }) => Sandbox::Same,
         // Anything else (a foreign process, the host's netns): captured again, which refuses it.
         Err(_) => Sandbox::Replaced,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hook_refusal_is_an_orphan_once_its_pod_left_and_no_workload_holds_its_cgroup() {
+        let records = vec![(10, "u-meshed".to_owned()), (11, "u-left".to_owned()), (12, "u-left-held".to_owned())];
+        let uids = BTreeSet::from(["u-meshed".to_owned()]);
+        assert_eq!(orphans(&records, &uids, |cg| cg == 12), vec![(11, "u-left".to_owned())]);
+        assert!(orphans(&records, &BTreeSet::new(), |_| true).is_empty());
     }
 }
