@@ -260,7 +260,9 @@ impl Topology {
         let dir = self.node(self.pod(p).node).cgroup.join(pod_dir);
         std::fs::create_dir_all(dir.join(container))?;
         let old = std::mem::replace(&mut self.pods[p.0].cgroup, dir.join(container));
-        let _ = std::fs::remove_dir(old);
+        if old != dir.join(container) {
+            let _ = std::fs::remove_dir(old);
+        }
         Ok(dir)
     }
 

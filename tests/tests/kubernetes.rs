@@ -372,6 +372,9 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
     let to = format!("{}:{PORT}", t.pod(b).ip);
     let bpffs = t.node(n1).bpffs.clone();
 
+    // The kubelet makes its QoS levels when it starts, before any pod: the agent gives them
+    // to the hook as it takes pods up (a's made the systemd tree's).
+    std::fs::create_dir_all(t.node(n1).cgroup.join("kubepods/besteffort")).unwrap();
     // p and r: scheduled to n1, their cgroups not made yet; the agent has taken them up.
     let p = t.add_pod(n1, "p", false).unwrap();
     let r = t.add_pod(n1, "r", false).unwrap();
@@ -409,13 +412,22 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
     let p_cg = std::fs::metadata(&p_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
     assert_eq!(workload_entries(&bpffs).unwrap().get(&p_cg), Some(&(0, 0)), "p's cgroup is not entered as refused");
 
-    // The same name in a cgroup v1 hierarchy (one of its own, mounted for the test) is not a
-    // pod's cgroup: v1 cgroup ids are another numbering, and nothing is entered for it.
-    let before = workload_entries(&bpffs).unwrap();
+    // Not pods' cgroups, though named for r (which is in the mesh): nothing is entered for them.
+    // - One in a cgroup v1 hierarchy (its own, mounted for the test): v1 cgroup ids are another
+    //   numbering, which could name a v2 cgroup.
+    // - One outside the kubelet's pod directories (a user's delegated cgroup): it could fill
+    //   the node's map.
     let v1 = V1Hierarchy::mount(&t.dir.join("v1"), &format!("smt-{}", std::process::id()));
-    std::fs::create_dir_all(v1.0.join(format!("kubepods/burstable/pod{}", uid(12)))).unwrap();
-    assert_eq!(workload_entries(&bpffs).unwrap(), before, "a v1 cgroup named for p was entered");
+    let v1_dir = v1.0.join(format!("kubepods/besteffort/pod{}", uid(14)));
+    let delegated = t.node(n1).cgroup.join(format!("user.slice/user-1000.slice/pod{}", uid(14)));
+    for d in [&v1_dir, &delegated] {
+        let before = workload_entries(&bpffs).unwrap();
+        std::fs::create_dir_all(d).unwrap();
+        let ino = std::fs::metadata(d).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+        assert_eq!(workload_entries(&bpffs).unwrap().get(&ino), before.get(&ino), "{} was entered", d.display());
+    }
     drop(v1);
+    std::fs::remove_dir(&delegated).unwrap();
 
     // q: not the mesh's (not in the API), in a pod-shaped cgroup: its traffic is its own.
     let q = t.add_pod(n1, "q", false).unwrap();
@@ -431,8 +443,20 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
     std::fs::remove_dir(&r_dir).unwrap();
     assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), None, "r's refusal outlived its cgroup");
 
+    // r's cgroup is made again and the pod leaves the mesh (deleted from the API) before the
+    // agent has looked: once it runs again, r is not left refused.
+    let r_dir = t.kubelet_cgroup(r, &format!("kubepods/besteffort/pod{}", uid(14)), "0r").unwrap();
+    t.start_sandbox(r).unwrap();
+    let r_cg = std::fs::metadata(&r_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), Some(&(0, 0)), "r's new cgroup is not entered as refused");
+    std::fs::remove_file(api.join("objects/pod-r.json")).unwrap();
+
     // Resumed, the agent captures p once its sandbox runs; its traffic flows over the mesh.
     agent1.resume();
+    let lifted = time_until(Duration::from_secs(20), || !workload_entries(&bpffs).unwrap().contains_key(&r_cg));
+    assert!(lifted.is_some(), "r, out of the mesh, is still refused: {}", agent1.log_text());
+    let res = echo(&t, r, &to);
+    assert_eq!(res["ok"], true, "r, out of the mesh, cannot connect: {res}");
     t.start_sandbox(p).unwrap();
     let ok = time_until(Duration::from_secs(20), || echo(&t, p, &to)["ok"] == true);
     assert!(ok.is_some(), "p was never captured after its agent resumed: {}", agent1.log_text());
@@ -450,9 +474,13 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
     for pin in ["cgroup_mkdir", "cgroup_rmdir"] {
         let (old, new) = (before[pin], after[pin]);
         assert!(old != 0 && new != 0 && old != new, "{pin}: {before:?} -> {after:?}");
-        let shown =
-            std::process::Command::new("bpftool").args(["link", "show", "id", &old.to_string()]).output().unwrap();
-        assert!(!shown.status.success(), "{pin}: the old link {old} is still attached");
+        // Freed once its last pin goes (after an RCU grace period: waited for, not assumed).
+        let gone = wait_for(Duration::from_secs(10), || {
+            let shown =
+                std::process::Command::new("bpftool").args(["link", "show", "id", &old.to_string()]).output()?;
+            Ok(!shown.status.success())
+        });
+        assert!(gone.is_ok(), "{pin}: the old link {old} is still attached");
     }
     assert_eq!(after.keys().filter(|k| k.ends_with("_new")).count(), 0, "{after:?}");
 }
