@@ -169,7 +169,8 @@ pub enum Counter {
     MovedToAccepted = 9,
     /// cgroup_mkdir refused a meshed pod's cgroup as the kubelet made it ([`pods`]).
     PodRefusedAtMkdir = 10,
-    /// cgroup_mkdir could not refuse a meshed pod's new cgroup: the workloads map was full.
+    /// cgroup_mkdir could not refuse a meshed pod's new cgroup: the workloads map (or its
+    /// record of refusals) was full.
     PodMkdirMapFull = 11,
 }
 

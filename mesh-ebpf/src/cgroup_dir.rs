@@ -105,8 +105,12 @@ fn mkdir(cgrp: *const u8, path: *const u8) -> Option<()> {
     let uid = pod_uid_of_path_tail(&tail)?;
     unsafe { POD_UIDS.get(&uid) }?;
     // For the agent, which finds the pod's refusal by its UID from here. Recorded before the
-    // refusal, so that whoever sees the refusal finds its record.
-    let _ = POD_CGROUPS.insert(&id, &uid, 0);
+    // refusal, so that whoever sees the refusal finds its record; no refusal without one (the
+    // agent's own look refuses the pod later).
+    if POD_CGROUPS.insert(&id, &uid, 0).is_err() {
+        count(Counter::PodMkdirMapFull);
+        return None;
+    }
     let refused = WorkloadValue { id: WORKLOAD_SLOT_REFUSED, max_conns: 0 };
     // NOEXIST: an entry the agent made is left alone.
     if WORKLOADS.insert(&id, &refused, BPF_NOEXIST).is_ok() {

@@ -93,10 +93,11 @@ pub struct Datapath {
 
 const NO_POD_HOOK: &str = "no pod cgroup hook: a new pod's cgroup is refused when the agent sees it, not inside the kubelet's mkdir, so an app that starts before the agent reacts can connect unmeshed";
 
-/// The tracepoint programs and their pin names: the pod cgroup hook.
+/// The tracepoint programs and their pin names: the pod cgroup hook. rmdir first: a refusal
+/// mkdir makes is never left without the program that removes it.
 const POD_HOOK: [(&str, &str, &str); 2] = [
-    (mesh_common::pods::PROG_CGROUP_MKDIR, "cgroup_mkdir", "cgroup_mkdir"),
     (mesh_common::pods::PROG_CGROUP_RMDIR, "cgroup_rmdir", "cgroup_rmdir"),
+    (mesh_common::pods::PROG_CGROUP_MKDIR, "cgroup_mkdir", "cgroup_mkdir"),
 ];
 
 /// Load-time settings.
@@ -163,19 +164,28 @@ impl Datapath {
             reports.push(LinkReport { name: pin, adopted });
         }
         match (cfg.pod_hook, offsets) {
-            (true, Some(_)) => match load_pod_hook(&mut ebpf) {
-                Ok(()) => {
+            (true, Some(_)) => {
+                // The datapath runs without it: loading or attaching it fails alone.
+                if let Err(e) = load_pod_hook(&mut ebpf) {
+                    tracing::error!(error = %e, "{NO_POD_HOOK}");
+                    kept_pod_hook(&links_dir);
+                } else {
                     for (prog, tracepoint, pin) in POD_HOOK {
-                        let program = tracepoint_program(&mut ebpf, prog)?;
-                        let adopted = attach_tracepoint(prog, program, tracepoint, &links_dir.join(pin))?;
-                        reports.push(LinkReport { name: pin, adopted });
+                        let attached = tracepoint_program(&mut ebpf, prog)
+                            .and_then(|p| attach_tracepoint(prog, p, tracepoint, &links_dir.join(pin)));
+                        match attached {
+                            Ok(adopted) => reports.push(LinkReport { name: pin, adopted }),
+                            Err(e) => {
+                                tracing::error!(error = %e, "{NO_POD_HOOK}");
+                                kept_pod_hook(&links_dir);
+                                break;
+                            }
+                        }
                     }
                 }
-                // The datapath runs without it; a hook an earlier agent left stays.
-                Err(e) => tracing::error!(error = %e, "{NO_POD_HOOK}"),
-            },
-            // No offsets (logged above): a hook an earlier agent left on this kernel stays.
-            (true, None) => {}
+            }
+            // No offsets (logged above).
+            (true, None) => kept_pod_hook(&links_dir),
             // Not in Kubernetes mode: a hook an earlier agent left goes.
             (false, _) => {
                 for (_, _, pin) in POD_HOOK {
@@ -397,6 +407,15 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
         .try_into()
         .map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })?;
     sk_lookup.load().map_err(|source| EbpfError::Program { name: mesh_common::PROG_SK_LOOKUP, source })
+}
+
+/// Says so when an earlier agent's pod cgroup hook stays attached (this agent could not attach
+/// its own): it was made for this same kernel (pins do not outlive a boot) and uses the same
+/// pinned maps, which this agent keeps up to date.
+fn kept_pod_hook(links_dir: &Path) {
+    if links_dir.join("cgroup_mkdir").exists() {
+        tracing::warn!("the pod cgroup hook an earlier agent attached on this kernel stays attached");
+    }
 }
 
 /// The pod cgroup hook's programs through the verifier. Apart from the datapath's: the agent

@@ -407,13 +407,15 @@ impl Registry {
         // The refusals the pod cgroup hook made for this node's pods whose cgroups appeared
         // after they were last looked for: kept. Read after the entries, so that none made
         // before that read is missed (the hook records one before it enters the refusal).
-        let uids = self.node_pod_uids();
+        // Only while the agent follows pods: nothing else would ever lift them.
+        let uids = if self.follows_pods() { self.node_pod_uids() } else { Default::default() };
         let hooked: Vec<u64> =
             dp.hook_refusals().into_iter().filter(|(_, u)| uids.contains(u)).map(|(cg, _)| cg).collect();
         for (cg, _) in entries {
             if !cgroups.contains(&cg) && !hooked.contains(&cg) {
                 tracing::info!(cgroup_id = cg, "removing stale workload entry");
                 let _ = dp.remove_stale_cgroup(cg);
+                dp.forget_hook_refusal(cg);
             }
         }
         for pin in dp.sk_lookup_pins() {

@@ -215,10 +215,14 @@ impl Inotify {
 fn lift_orphan_refusals(inner: &mut Inner, uids: &BTreeSet<String>) {
     let records = inner.datapath.hook_refusals();
     for (cg, uid) in orphans(&records, uids, |cg| capture::cgroup_owner(inner, cg).is_some()) {
-        tracing::info!(pod_uid = %uid, cgroup_id = cg, "lifting the refusal of a pod that left the mesh before it was taken up");
-        if inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED).is_ok() {
-            inner.datapath.forget_hook_refusal(cg);
+        // A record whose refusal is gone already (released with its pod) is only forgotten.
+        if inner.datapath.workload_cgroup(cg).is_some_and(|v| v.id == mesh_common::WORKLOAD_SLOT_REFUSED) {
+            tracing::info!(pod_uid = %uid, cgroup_id = cg, "lifting the refusal of a pod that left the mesh before it was taken up");
+            if inner.datapath.remove_workload_cgroup(cg, mesh_common::WORKLOAD_SLOT_REFUSED).is_err() {
+                continue;
+            }
         }
+        inner.datapath.forget_hook_refusal(cg);
     }
 }
 
