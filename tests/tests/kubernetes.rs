@@ -104,6 +104,25 @@ impl Drop for Intruder {
     }
 }
 
+fn ino(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap()
+}
+
+/// Adds a cgroup id to the directories the pod cgroup hook looks in (`SM_POD_PARENTS`), as the
+/// agent does for the kubelet's.
+fn add_pod_parent(bpffs: &Path, id: u64) {
+    let key: Vec<String> = id.to_ne_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(bpffs.join("maps/SM_POD_PARENTS"))
+        .args(["key", "hex"])
+        .args(&key)
+        .args(["value", "hex", "01"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A named cgroup v1 hierarchy with no controllers, mounted at a directory; unmounted (its
 /// cgroups removed first, deepest first) when dropped.
 struct V1Hierarchy(PathBuf);
@@ -409,22 +428,25 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
     }
     let from_p = |l: &Value| l["src_addr"].as_str().is_some_and(|a| a.starts_with(&format!("{p_ip}:")));
     assert!(!agent2.access_log().iter().any(from_p), "a connection from p reached b: {:?}", agent2.access_log());
-    let p_cg = std::fs::metadata(&p_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    let p_cg = ino(&p_dir);
     assert_eq!(workload_entries(&bpffs).unwrap().get(&p_cg), Some(&(0, 0)), "p's cgroup is not entered as refused");
 
     // Not pods' cgroups, though named for r (which is in the mesh): nothing is entered for them.
-    // - One in a cgroup v1 hierarchy (its own, mounted for the test): v1 cgroup ids are another
+    // - One in a cgroup v1 hierarchy (its own, mounted for the test), even made in a directory
+    //   whose id the test adds to the hook's pod directories: v1 cgroup ids are another
     //   numbering, which could name a v2 cgroup.
     // - One outside the kubelet's pod directories (a user's delegated cgroup): it could fill
     //   the node's map.
     let v1 = V1Hierarchy::mount(&t.dir.join("v1"), &format!("smt-{}", std::process::id()));
-    let v1_dir = v1.0.join(format!("kubepods/besteffort/pod{}", uid(14)));
+    let v1_parent = v1.0.join("kubepods/besteffort");
+    std::fs::create_dir_all(&v1_parent).unwrap();
+    add_pod_parent(&bpffs, ino(&v1_parent));
     let delegated = t.node(n1).cgroup.join(format!("user.slice/user-1000.slice/pod{}", uid(14)));
-    for d in [&v1_dir, &delegated] {
+    for d in [&v1_parent.join(format!("pod{}", uid(14))), &delegated] {
         let before = workload_entries(&bpffs).unwrap();
         std::fs::create_dir_all(d).unwrap();
-        let ino = std::fs::metadata(d).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
-        assert_eq!(workload_entries(&bpffs).unwrap().get(&ino), before.get(&ino), "{} was entered", d.display());
+        let id = ino(d);
+        assert_eq!(workload_entries(&bpffs).unwrap().get(&id), before.get(&id), "{} was entered", d.display());
     }
     drop(v1);
     std::fs::remove_dir(&delegated).unwrap();
@@ -437,39 +459,50 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
 
     // r's cgroup is made, then removed before the agent has looked: its refusal goes with it.
     let r_dir = t.kubelet_cgroup(r, &format!("kubepods/besteffort/pod{}", uid(14)), "0r").unwrap();
-    let r_cg = std::fs::metadata(&r_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    let r_cg = ino(&r_dir);
     assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), Some(&(0, 0)), "r's cgroup is not entered as refused");
     std::fs::remove_dir(r_dir.join("0r")).unwrap();
     std::fs::remove_dir(&r_dir).unwrap();
     assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), None, "r's refusal outlived its cgroup");
 
-    // r's cgroup is made again and the pod leaves the mesh (deleted from the API) before the
-    // agent has looked: once it runs again, r is not left refused.
-    let r_dir = t.kubelet_cgroup(r, &format!("kubepods/besteffort/pod{}", uid(14)), "0r").unwrap();
-    t.start_sandbox(r).unwrap();
-    let r_cg = std::fs::metadata(&r_dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
-    assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), Some(&(0, 0)), "r's new cgroup is not entered as refused");
-    std::fs::remove_file(api.join("objects/pod-r.json")).unwrap();
-
     // Resumed, the agent captures p once its sandbox runs; its traffic flows over the mesh.
     agent1.resume();
-    let lifted = time_until(Duration::from_secs(20), || !workload_entries(&bpffs).unwrap().contains_key(&r_cg));
-    assert!(lifted.is_some(), "r, out of the mesh, is still refused: {}", agent1.log_text());
-    let res = echo(&t, r, &to);
-    assert_eq!(res["ok"], true, "r, out of the mesh, cannot connect: {res}");
     t.start_sandbox(p).unwrap();
     let ok = time_until(Duration::from_secs(20), || echo(&t, p, &to)["ok"] == true);
     assert!(ok.is_some(), "p was never captured after its agent resumed: {}", agent1.log_text());
     assert!(agent2.access_log().iter().any(from_p), "p's connection did not go through the mesh");
     assert!(agent1.stats().unwrap().kernel["pod_cgroups_refused_at_mkdir"] >= 2);
 
-    // A restarted agent replaces the hook's links (the kernel cannot swap their programs): the
-    // old ones are gone, not left running beside the new.
+    // No agent runs on n1 (killed: its programs stay pinned) while r's cgroup is made again and
+    // r leaves the mesh. The next agent starts with no kept configuration (its state lost), so
+    // the hook's record is all it has of r: it lifts the refusal, and r's traffic is its own.
     let before = pinned_link_ids(&bpffs).unwrap();
     let mut agent1 = agent1;
-    agent1.stop().unwrap();
-    let _agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
+    agent1.kill().unwrap();
+    let r_dir = t.kubelet_cgroup(r, &format!("kubepods/besteffort/pod{}", uid(14)), "0r").unwrap();
+    t.start_sandbox(r).unwrap();
+    let r_cg = ino(&r_dir);
+    assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), Some(&(0, 0)), "r's new cgroup is not entered as refused");
+    assert_eq!(echo(&t, r, &to)["errno"], libc::EPERM, "r must be refused while it is in the mesh");
+    std::fs::remove_file(api.join("objects/pod-r.json")).unwrap();
+    std::fs::remove_file(t.node(n1).state_dir.join("config.json")).unwrap();
+    let agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
     t.wait_ready(n1).unwrap();
+    let lifted = time_until(Duration::from_secs(20), || !workload_entries(&bpffs).unwrap().contains_key(&r_cg));
+    assert!(lifted.is_some(), "r, out of the mesh, is still refused: {}", agent1.log_text());
+    let lift = |l: &Value| {
+        l["message"].as_str().is_some_and(|m| m.starts_with("lifting the refusal")) && l["pod_uid"] == uid(14)
+    };
+    assert!(
+        agent1.log_lines().iter().any(lift),
+        "r's refusal was not lifted from the hook's record: {}",
+        agent1.log_text()
+    );
+    let res = echo(&t, r, &to);
+    assert_eq!(res["ok"], true, "r, out of the mesh, cannot connect: {res}");
+
+    // The restarted agent replaced the hook's links (the kernel cannot swap their programs):
+    // the old ones are gone, not left running beside the new.
     let after = pinned_link_ids(&bpffs).unwrap();
     for pin in ["cgroup_mkdir", "cgroup_rmdir"] {
         let (old, new) = (before[pin], after[pin]);
