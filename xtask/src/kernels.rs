@@ -79,6 +79,11 @@ const CORE: &[(&str, &str, &str)] = &[
     ("datapath", "fail_closed_while_the_agent_is_stopped_and_back_after_restart", "fail closed, agent stopped"),
     ("datapath", "kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses", "restart takes over links"),
     ("datapath", "a_pod_over_its_quota_and_a_full_map_are_refused_and_counted", "map-full refusal"),
+    (
+        "kubernetes",
+        "a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir",
+        "a pod's cgroup refused inside the kubelet's mkdir (structure offsets from this kernel's BTF)",
+    ),
 ];
 
 /// The case an unsupported kernel runs: the agent refuses and attaches nothing.

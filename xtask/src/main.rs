@@ -54,9 +54,10 @@ enum Cmd {
     },
     /// The datapath's core cases on Debian's kernels (other than the host's), each booted
     /// under emulation with the host's root filesystem shared: programs load and attach,
-    /// outbound and inbound capture, mTLS across nodes, fail closed, restart, map full; on a
-    /// kernel sockmesh does not support, that the agent refuses and attaches nothing. Kernels
-    /// are fetched once (target/kernels/); report in target/kernels/report.md.
+    /// outbound and inbound capture, mTLS across nodes, fail closed, restart, map full, the
+    /// pod cgroup hook; on a kernel sockmesh does not support, that the agent refuses and
+    /// attaches nothing. Kernels are fetched once (target/kernels/); report in
+    /// target/kernels/report.md.
     Kernels {
         /// Kernel series to boot (repeat for several): 6.12, 6.1, 5.10. Default: all.
         #[arg(long = "kernel", value_name = "VERSION")]
