@@ -12,7 +12,7 @@ const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 
 /// The offsets the cgroup tracepoint programs need.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CgroupOffsets {
     /// `struct cgroup.kn`
     pub cgroup_kn: u32,

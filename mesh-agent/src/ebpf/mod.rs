@@ -164,24 +164,11 @@ impl Datapath {
             reports.push(LinkReport { name: pin, adopted });
         }
         match (cfg.pod_hook, offsets) {
+            // The datapath runs without it: loading or attaching it fails alone.
             (true, Some(_)) => {
-                // The datapath runs without it: loading or attaching it fails alone.
-                if let Err(e) = load_pod_hook(&mut ebpf) {
+                if let Err(e) = attach_pod_hook(&mut ebpf, &links_dir, &mut reports) {
                     tracing::error!(error = %e, "{NO_POD_HOOK}");
                     kept_pod_hook(&links_dir);
-                } else {
-                    for (prog, tracepoint, pin) in POD_HOOK {
-                        let attached = tracepoint_program(&mut ebpf, prog)
-                            .and_then(|p| attach_tracepoint(prog, p, tracepoint, &links_dir.join(pin)));
-                        match attached {
-                            Ok(adopted) => reports.push(LinkReport { name: pin, adopted }),
-                            Err(e) => {
-                                tracing::error!(error = %e, "{NO_POD_HOOK}");
-                                kept_pod_hook(&links_dir);
-                                break;
-                            }
-                        }
-                    }
                 }
             }
             // No offsets (logged above).
@@ -364,13 +351,7 @@ fn load_object(
     use mesh_common::pods as p;
     let by_port_size = mesh_common::orig_dst_by_port_size(max_connections);
     // All zero (no hook): the tracepoint programs do nothing.
-    let o = offsets.unwrap_or(btf::CgroupOffsets {
-        cgroup_kn: 0,
-        cgroup_root: 0,
-        kernfs_id: 0,
-        root_hierarchy: 0,
-        kernfs_parent: 0,
-    });
+    let o = offsets.unwrap_or_default();
     Ok(EbpfLoader::new()
         .override_global(p::OFF_CGROUP_KN, &o.cgroup_kn, true)
         .override_global(p::OFF_CGROUP_ROOT, &o.cgroup_root, true)
@@ -424,6 +405,16 @@ fn load_pod_hook(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     for (prog, _, _) in POD_HOOK {
         let program = tracepoint_program(ebpf, prog)?;
         program.load().map_err(|source| EbpfError::Program { name: prog, source })?;
+    }
+    Ok(())
+}
+
+/// Loads the pod cgroup hook and attaches it (rmdir first), reporting each link.
+fn attach_pod_hook(ebpf: &mut Ebpf, links_dir: &Path, reports: &mut Vec<LinkReport>) -> Result<(), EbpfError> {
+    load_pod_hook(ebpf)?;
+    for (prog, tracepoint, pin) in POD_HOOK {
+        let adopted = attach_tracepoint(prog, tracepoint_program(ebpf, prog)?, tracepoint, &links_dir.join(pin))?;
+        reports.push(LinkReport { name: pin, adopted });
     }
     Ok(())
 }

@@ -24,26 +24,28 @@ impl Registry {
         self.kubelet.is_some()
     }
 
-    /// Brings the captured pods in line with the controller's pods for this node. Returns
-    /// whether one of them is still not captured. Without a configuration nothing changes (the
-    /// kernel state a previous agent left stays: fail closed).
-    pub async fn follow_pods(&self) -> bool {
-        let Some(kubelet) = &self.kubelet else { return false };
+    /// Brings the captured pods in line with the controller's pods for this node. Without a
+    /// configuration nothing changes (the kernel state a previous agent left stays: fail
+    /// closed).
+    pub async fn follow_pods(&self) -> Followed {
+        let Some(kubelet) = &self.kubelet else { return Followed::default() };
+        // The directories pods' cgroups are made in: watched, and where the hook looks (a tree
+        // that cannot be read leaves the hook as it was).
+        let dirs = kubelet.pod_parents();
+        let parents = dirs.as_ref().ok().map(|d| d.iter().filter_map(|d| ebpf::cgroup_id(d).ok()).collect());
+        let mut followed = Followed { waiting: false, parents: dirs.unwrap_or_default() };
         let snap = self.state.load();
         if snap.config.version == 0 {
-            return false;
+            return followed;
         }
         let desired = node_pods(&snap, &self.node);
         let uids: BTreeSet<String> = desired.values().filter_map(|w| w.pod_uid.clone()).collect();
-        // Where the hook looks (a tree that cannot be read leaves it as it was).
-        let parents: Option<BTreeSet<u64>> =
-            kubelet.pod_parents().ok().map(|dirs| dirs.iter().filter_map(|d| ebpf::cgroup_id(d).ok()).collect());
         let mut inner = self.inner.lock().await;
         // First: a pod's cgroup the kubelet makes from now on is refused inside its mkdir.
         if let Err(e) = inner.datapath.set_pod_uids(&uids) {
             tracing::error!(error = %e, "could not give the pod cgroup hook all of this node's pods");
         }
-        if let Some(Err(e)) = parents.map(|p| inner.datapath.set_pod_parents(&p)) {
+        if let Some(Err(e)) = parents.map(|p: BTreeSet<u64>| inner.datapath.set_pod_parents(&p)) {
             tracing::error!(error = %e, "could not give the pod cgroup hook every directory pods are made in");
         }
         let Inner { registered, failed, .. } = &*inner;
@@ -103,12 +105,12 @@ impl Registry {
                 let _ = self.add_locked(&mut inner, w, Source::Kubernetes).await;
             }
         }
-        let waiting = inner.failed.values().any(|f| f.source == Source::Kubernetes);
+        followed.waiting = inner.failed.values().any(|f| f.source == Source::Kubernetes);
         drop(inner);
         if !gone.is_empty() || !again.is_empty() || !dead.is_empty() {
             self.pool.evict_stale(&self.state.load());
         }
-        waiting
+        followed
     }
 
     /// The UIDs of the controller's pods for this node.
@@ -132,17 +134,17 @@ impl Registry {
             }
         };
         loop {
-            let waiting = self.follow_pods().await;
+            let followed = self.follow_pods().await;
             if !swept && self.state.load().config.version > 0 {
                 self.sweep_stale().await;
                 swept = true;
             }
-            if let (Some(w), Some(k)) = (&watch, &self.kubelet) {
-                for dir in k.pod_parents().unwrap_or_default() {
-                    w.add(&dir);
+            if let Some(w) = &watch {
+                for dir in &followed.parents {
+                    w.add(dir);
                 }
             }
-            let wait = if waiting { WAITING_POLL } else { POLL };
+            let wait = if followed.waiting { WAITING_POLL } else { POLL };
             tokio::select! {
                 _ = self.pods_changed.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -150,6 +152,15 @@ impl Registry {
             }
         }
     }
+}
+
+/// What a pass of [`Registry::follow_pods`] found.
+#[derive(Default)]
+pub struct Followed {
+    /// One of this node's pods is not captured yet.
+    pub waiting: bool,
+    /// The directories pods' cgroups are made in.
+    pub parents: Vec<std::path::PathBuf>,
 }
 
 /// The controller's pods for `node`.
