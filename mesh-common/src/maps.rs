@@ -88,6 +88,31 @@ pub const PROBE_SEEN: u32 = 1;
 pub const COUNTERS: &str = "SM_COUNTERS";
 pub const COUNTERS_SIZE: u32 = 16;
 
+/// The layout of the pinned maps this build reads and writes. A restarted or upgraded agent
+/// reuses the maps it finds pinned by name (P6), so the maps' layout is a contract between the
+/// agent that pinned them, the kernel programs still attached that use them, and the next
+/// agent.
+///
+/// Bump it with any change that would make a pinned map mean something else to an agent or
+/// program of another build: a pinned map's key or value type (its fields, their order, size
+/// or byte order), its size semantics (what `max_entries` counts, how the agent sizes it), its
+/// map type or flags, what its entries or indices mean (a new [`crate::Counter`] at an index
+/// in use, a slot numbering), or a map name given to another map. Adding a map under a new
+/// name, or a counter at an unused index, needs no bump: an earlier agent's pins simply lack
+/// it. An agent that finds pins of another version refuses to start and changes nothing (its
+/// programs stay attached, fail closed); the upgrade path across a bump is the README's
+/// "Upgrading the agent".
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// The layout version of pins that carry no [`LAYOUT`] record: those of agents from before
+/// the record existed, whose layout is version 1.
+pub const UNRECORDED_LAYOUT_VERSION: u32 = 1;
+
+/// Array of one u32 at index 0: the [`MAP_LAYOUT_VERSION`] of the maps pinned beside it. Made
+/// and filled by the agent (no kernel program uses it); its own shape never changes, so that
+/// any agent can read it.
+pub const LAYOUT: &str = "SM_LAYOUT";
+
 /// Program names (the Rust function names in mesh-ebpf) and their pin names.
 pub const PROG_CONNECT4: &str = "sm_connect4";
 pub const PROG_CONNECT6: &str = "sm_connect6";

@@ -12,6 +12,7 @@ mod model;
 mod nodes;
 mod placement;
 mod push;
+mod state_lock;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -118,7 +119,8 @@ struct Args {
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// The controller's own directory: a generated root CA (root.pem, root-key.pem) kept across
-    /// restarts, and trust-bundle.pem for agents.
+    /// restarts, and trust-bundle.pem for agents. One controller per directory: it holds
+    /// controller.lock while it runs, and a second one started on it exits with an error.
     #[arg(long, required = true)]
     state_dir: Option<PathBuf>,
     /// Operator-provided signing certificate (root or intermediate) and key, instead of a
@@ -276,6 +278,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.trust_domain
         );
     }
+    // Before any state is read or written, held for the process's life: one controller per
+    // state directory.
+    let lock = state_lock::lock(state_dir(&args))?;
+    tracing::debug!(lock = %lock.path.display(), "state directory locked");
     let ca = Arc::new(load_ca(&args)?);
     // Agents trust the roots; they find them here (or ask GetTrustBundle once trusted).
     // Written whole and renamed: an agent started meanwhile never reads half of it.

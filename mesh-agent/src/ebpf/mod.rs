@@ -5,6 +5,7 @@
 //!
 //! Layout under the node's bpffs directory (pinned, property P6 in ARCHITECTURE.md):
 //!   maps/SM_*            every map, pinned by name (reused by the next agent)
+//!   maps/SM_LAYOUT       the maps' layout version: an agent of another layout refuses them
 //!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release)
 //!   links/sk_lookup-<id> one sk_lookup link per workload netns
 //!   links/cgroup_mkdir, links/cgroup_rmdir   the pod cgroup hook (`--kubelet-pods` only)
@@ -56,6 +57,14 @@ pub enum EbpfError {
         "the pinned map {name} was made by an incompatible agent version; remove the node's pins (`mesh-agent uninstall`) and start again"
     )]
     Incompatible { name: &'static str },
+    #[error(
+        "the maps pinned in {maps_dir} have layout version {pinned}, and this agent (sockmesh {agent}) reads layout version {ours}: it does not take them over, which would misread them, and changed nothing. The programs stay attached (fail closed): this node's meshed pods stay captured, and their connections are refused, until an agent of layout version {pinned} runs again or the pins are replaced. To move this node to layout version {ours}: drain its meshed workloads, stop the agent, run `mesh-agent uninstall --bpffs-dir {bpffs_dir}`, start this agent, then let the workloads back (README, \"Upgrading the agent\")"
+    )]
+    LayoutVersion { maps_dir: PathBuf, bpffs_dir: PathBuf, pinned: u32, ours: u32, agent: &'static str },
+    #[error(
+        "the layout record {path} cannot be read ({reason}): this agent cannot tell the pinned maps' layout, so it does not take them over, and changed nothing. The programs stay attached (fail closed). If the pins are this node's, remove them with `mesh-agent uninstall --bpffs-dir {bpffs_dir}` once the node's meshed workloads are drained (README, \"Upgrading the agent\")"
+    )]
+    LayoutRecord { path: PathBuf, bpffs_dir: PathBuf, reason: String },
     #[error("probing whether the kernel programs see the agent's own sockets: {source}")]
     Probe { source: std::io::Error },
     #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build`")]
@@ -135,6 +144,9 @@ impl Datapath {
             std::fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs { path: dir.clone(), source })?;
         }
         require_bpffs(cfg.bpffs_dir)?;
+        // Before any map is opened or made, any program loaded or any link updated: pins of
+        // another layout are refused whole, and the hooks stay as they are (fail closed).
+        check_layout(cfg.bpffs_dir, &maps_dir)?;
         let cgroup = File::open(cfg.cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cfg.cgroup_root.to_owned(), source })?;
 
@@ -317,6 +329,99 @@ impl Datapath {
             })
             .unwrap_or_default()
     }
+}
+
+/// What a starting agent does about the layout record of the maps dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayoutAction {
+    /// The record names this agent's layout: nothing to do.
+    Keep,
+    /// (Re)write the record with this agent's layout: there are no maps pinned to misread
+    /// (whatever an old record said), or the pins have no record and are of this layout.
+    Write,
+    /// The maps pinned are of another layout, the one given: refuse.
+    Refuse(u32),
+}
+
+/// The decision (pure): `recorded` is the layout record's version (`None`: no record),
+/// `maps_pinned` whether any map is pinned beside it, `ours` this agent's layout.
+fn layout_action(recorded: Option<u32>, maps_pinned: bool, ours: u32) -> LayoutAction {
+    if !maps_pinned {
+        return if recorded == Some(ours) { LayoutAction::Keep } else { LayoutAction::Write };
+    }
+    // Pins without a record were made before the record existed.
+    match recorded.unwrap_or(mesh_common::UNRECORDED_LAYOUT_VERSION) {
+        v if v != ours => LayoutAction::Refuse(v),
+        _ if recorded.is_none() => LayoutAction::Write,
+        _ => LayoutAction::Keep,
+    }
+}
+
+/// Checks that the maps pinned in `maps_dir` are of this agent's layout
+/// ([`mesh_common::MAP_LAYOUT_VERSION`]) and records it when they have no record yet. A
+/// refusal changes nothing on the node.
+fn check_layout(bpffs_dir: &Path, maps_dir: &Path) -> Result<(), EbpfError> {
+    let ours = mesh_common::MAP_LAYOUT_VERSION;
+    let record = maps_dir.join(mesh_common::LAYOUT);
+    let fresh = maps_dir.join(fresh_pin_name(mesh_common::LAYOUT));
+    let bpffs = |source| EbpfError::Bpffs { path: maps_dir.to_owned(), source };
+    let mut maps_pinned = false;
+    for e in std::fs::read_dir(maps_dir).map_err(bpffs)? {
+        let path = e.map_err(bpffs)?.path();
+        maps_pinned |= path != record && path != fresh;
+    }
+    let recorded = match sys::obj_get(&record) {
+        Ok(fd) => Some(read_layout(fd.as_fd()).map_err(|reason| EbpfError::LayoutRecord {
+            path: record.clone(),
+            bpffs_dir: bpffs_dir.to_owned(),
+            reason,
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(EbpfError::LayoutRecord {
+                path: record,
+                bpffs_dir: bpffs_dir.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    match layout_action(recorded, maps_pinned, ours) {
+        LayoutAction::Keep => Ok(()),
+        LayoutAction::Refuse(pinned) => Err(EbpfError::LayoutVersion {
+            maps_dir: maps_dir.to_owned(),
+            bpffs_dir: bpffs_dir.to_owned(),
+            pinned,
+            ours,
+            agent: env!("CARGO_PKG_VERSION"),
+        }),
+        LayoutAction::Write => {
+            if maps_pinned {
+                tracing::info!(layout = ours, "the pinned maps have no layout record (an earlier agent's): recorded");
+            }
+            write_layout(&record, &fresh, ours)
+        }
+    }
+}
+
+/// The version in a layout record, if it has the record's shape.
+fn read_layout(fd: std::os::fd::BorrowedFd<'_>) -> Result<u32, String> {
+    let shape = sys::map_shape(fd).map_err(|e| format!("not a map: {e}"))?;
+    let want = sys::MapShape { map_type: sys::MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1 };
+    if shape != want {
+        return Err(format!("a map of shape {shape:?}, not {want:?}"));
+    }
+    sys::array_u32_get(fd, 0).map_err(|e| format!("reading it: {e}"))
+}
+
+/// Pins a new layout record naming `version` at `record`: made and filled under another name
+/// first, then renamed over any old one, so that the record is never missing or half made.
+fn write_layout(record: &Path, fresh: &Path, version: u32) -> Result<(), EbpfError> {
+    let failed = |e: std::io::Error| pin_error(record, &e);
+    let map = sys::array_u32_create(mesh_common::LAYOUT, 1).map_err(failed)?;
+    sys::array_u32_set(map.as_fd(), 0, version).map_err(failed)?;
+    let _ = std::fs::remove_file(fresh);
+    sys::obj_pin(map.as_fd(), fresh).map_err(|e| pin_error(fresh, &e))?;
+    std::fs::rename(fresh, record).map_err(failed)
 }
 
 /// Makes a set-like map's keys (value 1) exactly `wanted`: removals first, so that a full map
@@ -604,13 +709,56 @@ mod uninstall_tests {
         for n in ["n1", "n2"] {
             std::fs::create_dir_all(dir.join(n).join("maps")).unwrap();
             std::fs::write(dir.join(n).join("maps/pin"), "").unwrap();
+            std::fs::write(dir.join(n).join("maps").join(mesh_common::LAYOUT), "").unwrap();
         }
         super::uninstall(&dir.join("n1")).unwrap();
-        assert!(!dir.join("n1").exists() && dir.join("n2/maps/pin").exists());
+        assert!(!dir.join("n1").exists(), "the pins or the layout record were left behind");
+        assert!(dir.join("n2/maps/pin").exists() && dir.join("n2/maps").join(mesh_common::LAYOUT).exists());
         super::uninstall(&dir.join("n2")).unwrap();
         assert!(!dir.exists(), "an empty sockmesh directory was left");
         assert!(base.exists(), "only the directory the layout made is removed");
         super::uninstall(&dir.join("n2")).unwrap();
         let _ = std::fs::remove_dir_all(&base);
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::{layout_action, LayoutAction::*};
+
+    /// Pins of another layout are refused, whatever the record says; pins from before the
+    /// record are version 1 and get their record; a record with no maps beside it is replaced.
+    #[test]
+    fn pins_of_another_layout_are_refused_and_unrecorded_pins_are_version_one() {
+        assert_eq!(layout_action(None, false, 1), Write, "no pins at all: recorded");
+        assert_eq!(layout_action(None, true, 1), Write, "an earlier agent's pins: version 1, recorded");
+        assert_eq!(layout_action(Some(1), true, 1), Keep);
+        assert_eq!(layout_action(Some(2), true, 1), Refuse(2));
+        assert_eq!(layout_action(Some(1), true, 2), Refuse(1));
+        assert_eq!(layout_action(None, true, 2), Refuse(1), "unrecorded pins are version 1, not 2");
+        assert_eq!(layout_action(Some(2), false, 1), Write, "no maps to misread: the record is replaced");
+        assert_eq!(layout_action(Some(1), false, 1), Keep);
+    }
+
+    /// The refusal names both versions, says that nothing was detached, and the way out.
+    #[test]
+    fn the_refusal_names_both_versions_fail_closed_and_the_upgrade_path() {
+        let e = super::EbpfError::LayoutVersion {
+            maps_dir: "/sys/fs/bpf/sockmesh/n1/maps".into(),
+            bpffs_dir: "/sys/fs/bpf/sockmesh/n1".into(),
+            pinned: 7,
+            ours: 1,
+            agent: "0.1.0",
+        }
+        .to_string();
+        for want in [
+            "layout version 7",
+            "reads layout version 1",
+            "programs stay attached (fail closed)",
+            "mesh-agent uninstall --bpffs-dir /sys/fs/bpf/sockmesh/n1",
+            "Upgrading the agent",
+        ] {
+            assert!(e.contains(want), "{want:?} missing from: {e}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The few bpf(2) commands aya 0.14 does not offer (or offers only behind `&mut`), as thin
-//! wrappers: getting a pinned object, and looking up and deleting a map entry in one call. The
-//! syscall wrapper and the link swap are `mesh_api::kernel`'s, shared with its probes.
+//! wrappers: getting and pinning an object, looking up and deleting a map entry in one call,
+//! and the small array map of the layout record (made outside the eBPF object). The syscall
+//! wrapper and the link swap are `mesh_api::kernel`'s, shared with its probes.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -9,10 +10,133 @@ use std::path::Path;
 
 use mesh_api::kernel::bpf;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// `BPF_MAP_TYPE_ARRAY`.
+pub const MAP_TYPE_ARRAY: u32 = 2;
+
+/// Pins a bpf object (map, program or link) at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0 };
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
+
+/// Makes an array map of `entries` u32 values (zeroed), named `name` for bpftool (at most 15
+/// bytes: letters, digits and `_`).
+pub fn array_u32_create(name: &str, entries: u32) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    let mut map_name = [0u8; 16];
+    let n = name.len().min(15);
+    map_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let attr = MapCreate {
+        map_type: MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: entries,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &attr)?;
+    // SAFETY: the kernel returned a new descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A map's shape, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// The shape of the map behind `fd` (an error if it is no map).
+pub fn map_shape(fd: BorrowedFd<'_>) -> std::io::Result<MapShape> {
+    /// The head of `struct bpf_map_info`; the kernel fills no more than `info_len` bytes.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapInfo {
+        map_type: u32,
+        id: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        name: [u8; 16],
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = MapInfo::default();
+    let attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(MapShape {
+        map_type: info.map_type,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+    })
+}
+
+/// Looks up one element of an array map of u32 (the caller has checked its shape with
+/// [`map_shape`]: the kernel writes `value_size` bytes).
+pub fn array_u32_get(map: BorrowedFd<'_>, index: u32) -> std::io::Result<u32> {
+    let mut value = 0u32;
+    let attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: &mut value as *mut u32 as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &attr)?;
+    Ok(value)
+}
+
+/// Sets one element of an array map of u32.
+pub fn array_u32_set(map: BorrowedFd<'_>, index: u32, value: u32) -> std::io::Result<()> {
+    let attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+}
 
 /// Opens a pinned bpffs object (map, program or link).
 pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
