@@ -20,6 +20,7 @@ use crate::ebpf::maps::Lookup;
 use crate::ebpf::maps::{Census, BOUNDED_MAPS};
 use crate::ebpf::LinkReport;
 use crate::identity::Identities;
+use crate::inputs::Phase;
 use crate::metrics::Metrics;
 use crate::outcome::Direction;
 use crate::registration::Registry;
@@ -37,6 +38,7 @@ pub struct Views {
     pub links: Vec<LinkReport>,
     pub lookup: Lookup,
     pub loads: Arc<crate::balance::Loads>,
+    pub lifecycle: Arc<crate::inputs::Lifecycle>,
 }
 
 impl Views {
@@ -78,11 +80,32 @@ impl Views {
             .collect()
     }
 
+    /// What this agent lacks to serve the workloads it captured: a configuration, and a
+    /// certificate for each. A successor waits for none before it takes over.
+    pub fn unable_to_serve(&self) -> Vec<String> {
+        let snap = self.state.load();
+        let mut missing = Vec::new();
+        if snap.config.version == 0 {
+            missing.push("no configuration received from the controller yet".to_owned());
+        }
+        for wl in snap.local.by_key.values() {
+            if self.identities.current(&wl.spiffe_id()).is_none() {
+                missing.push(format!("{} has no certificate", wl.key()));
+            }
+        }
+        missing
+    }
+
     /// Ready: the programs are attached (pins present), a configuration is in force (pushed,
     /// or kept from the last run), every workload of this node is captured, and every captured
     /// one has a certificate. Otherwise, what is missing.
     pub async fn readiness(&self) -> Readiness {
         let mut missing = Vec::new();
+        match self.lifecycle.phase() {
+            Phase::Serving => {}
+            Phase::Starting => missing.push("taking over from the agent running on this node".to_owned()),
+            Phase::Draining => missing.push("handed over to a successor; draining".to_owned()),
+        }
         for l in self.links().into_iter().filter(|l| !l.attached) {
             missing.push(format!("{} program not attached", l.name));
         }

@@ -1,12 +1,15 @@
 //! The composition root: builds the agent's parts from its configuration, wires them together,
 //! starts its tasks, and returns what a caller (main, a test) needs to reach it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_api::admin::Source;
+use tokio::task::JoinHandle;
 
 use crate::admin::{self, Views};
 use crate::config::Config;
@@ -16,7 +19,7 @@ use crate::ebpf::maps::{Census, Lookup, OrigDstTable};
 use crate::ebpf::{self, Datapath, DatapathConfig};
 use crate::hbone::pool::Pool;
 use crate::identity::{Identities, IdentityConfig};
-use crate::inputs::{ProxyInputs, ProxySettings};
+use crate::inputs::{Lifecycle, Phase, ProxyInputs, ProxySettings};
 use crate::metrics::Metrics;
 use crate::registration::{Registry, StateFile};
 use crate::state::{ConfigState, StateStore};
@@ -40,7 +43,7 @@ pub enum StartError {
     Api { path: PathBuf, source: std::io::Error },
 }
 
-/// A started agent.
+/// A started agent. Its accept loops wait until `lifecycle` is set to serving.
 pub struct Agent {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -48,6 +51,49 @@ pub struct Agent {
     pub api_socket: PathBuf,
     /// Workloads that could not be captured at start (each logged with its reason).
     pub failed: usize,
+    pub views: Arc<Views>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// The node-wide listeners' descriptors (owned by `tasks`), by kind, for a successor.
+    pub node_fds: Vec<(&'static str, RawFd)>,
+    /// The tasks that serve the node-wide listeners, follow the controller, the pods and the
+    /// local API, and run the census: stopped when this agent hands over.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// What a predecessor handed over: its node-wide listeners by kind, and each workload's by pin
+/// name.
+#[derive(Default)]
+pub struct Handed {
+    pub node: HashMap<String, OwnedFd>,
+    pub workloads: HashMap<String, Vec<(String, OwnedFd)>>,
+}
+
+pub const ADMIN: &str = "admin";
+pub const METRICS: &str = "metrics";
+pub const READINESS: &str = "readiness";
+
+/// The predecessor's listener of `kind` if it is bound where this agent would bind (in this
+/// netns: a DaemonSet's surge pod has a netns of its own), else a new one.
+async fn node_listener(
+    handed: &mut HashMap<String, OwnedFd>,
+    kind: &str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, StartError> {
+    if let Some(fd) = handed.remove(kind) {
+        let l = std::net::TcpListener::from(fd);
+        let here = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .and_then(|s| crate::netns::socket_netns_cookie(&s))
+            .ok();
+        let same_netns = here.is_some() && crate::netns::socket_netns_cookie(&l).ok() == here;
+        let same_addr = l.local_addr().ok() == Some(addr)
+            || (addr.port() == 0 && l.local_addr().is_ok_and(|a| a.ip() == addr.ip()));
+        if same_netns && same_addr {
+            l.set_nonblocking(true).map_err(StartError::Bind)?;
+            return tokio::net::TcpListener::from_std(l).map_err(StartError::Bind);
+        }
+        tracing::info!(kind, %addr, "the predecessor's listener is bound elsewhere (another netns, say); binding a new one");
+    }
+    admin::bind(addr, kind).await.map_err(StartError::Bind)
 }
 
 /// On a kernel that cannot run the datapath, the meshed workloads this agent knows of on its
@@ -83,7 +129,8 @@ fn guard_workloads<'a>(cfg: &Config, workloads: impl Iterator<Item = &'a mesh_mo
     msg
 }
 
-pub async fn start(cfg: Config) -> Result<Agent, StartError> {
+pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
+    let Handed { node: mut handed_node, workloads: handed_workloads } = handed;
     let file_workloads = match &cfg.workloads_file {
         Some(p) => mesh_model::workload::parse_file(p)?,
         None => Vec::new(),
@@ -159,7 +206,9 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         conns: conns.clone(),
         orig_dst,
         loads: loads.clone(),
+        lifecycle: Arc::new(Lifecycle::new(Phase::Starting)),
     });
+    let lifecycle = inputs.lifecycle.clone();
     let pool = Arc::new(Pool::new(cfg.hbone_pooling, metrics.clone()));
     let state_file = StateFile::new(&cfg.state_dir);
     let registry = Arc::new(Registry::new(
@@ -176,9 +225,12 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         }),
     ));
 
-    let admin_l = admin::bind(cfg.admin_addr, "admin API").await.map_err(StartError::Bind)?;
-    let metrics_l = admin::bind(cfg.metrics_addr, "metrics").await.map_err(StartError::Bind)?;
-    let ready_l = admin::bind(cfg.readiness_addr, "readiness").await.map_err(StartError::Bind)?;
+    registry.hand_in(handed_workloads);
+    let admin_l = node_listener(&mut handed_node, ADMIN, cfg.admin_addr).await?;
+    let metrics_l = node_listener(&mut handed_node, METRICS, cfg.metrics_addr).await?;
+    let ready_l = node_listener(&mut handed_node, READINESS, cfg.readiness_addr).await?;
+    let node_fds =
+        vec![(ADMIN, admin_l.as_raw_fd()), (METRICS, metrics_l.as_raw_fd()), (READINESS, ready_l.as_raw_fd())];
     let api_l =
         crate::api::bind(&cfg.api_socket).map_err(|source| StartError::Api { path: cfg.api_socket.clone(), source })?;
     let addr = |l: &tokio::net::TcpListener| l.local_addr().map_err(StartError::Bind);
@@ -207,8 +259,13 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
     if swept {
         registry.sweep_stale().await;
     }
+    let mut tasks = Vec::new();
     if registry.follows_pods() {
-        tokio::spawn(registry.clone().watch_pods(swept));
+        tasks.push(tokio::spawn(registry.clone().watch_pods(swept)));
+    }
+    let unclaimed = registry.drop_unclaimed();
+    if !unclaimed.is_empty() {
+        tracing::info!(?unclaimed, "closed the predecessor's listeners of workloads this agent does not capture");
     }
     // Every workload of this node is captured or refused in place by now: a guard a refusing
     // agent left (on a kernel since replaced) can go.
@@ -224,9 +281,10 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
         links,
         lookup,
         loads: loads.clone(),
+        lifecycle: lifecycle.clone(),
     });
-    tokio::spawn(crate::api::serve(views.clone(), api_l));
-    tokio::spawn(
+    tasks.push(tokio::spawn(crate::api::serve(views.clone(), api_l)));
+    tasks.push(tokio::spawn(
         ConfigWatch {
             state,
             identities,
@@ -237,11 +295,21 @@ pub async fn start(cfg: Config) -> Result<Agent, StartError> {
             file: config_file,
         }
         .run(),
-    );
-    tokio::spawn(admin::serve_admin(views.clone(), admin_l));
-    tokio::spawn(admin::serve_metrics(views.clone(), metrics_l));
-    tokio::spawn(crate::census::run(census, metrics, views.state.clone(), views.registry.clone()));
-    tokio::spawn(admin::serve_readiness(views, ready_l));
-    tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent ready");
-    Ok(Agent { admin_addr, metrics_addr, readiness_addr, api_socket: cfg.api_socket, failed })
+    ));
+    tasks.push(tokio::spawn(admin::serve_admin(views.clone(), admin_l)));
+    tasks.push(tokio::spawn(admin::serve_metrics(views.clone(), metrics_l)));
+    tasks.push(tokio::spawn(crate::census::run(census, metrics, views.state.clone(), views.registry.clone())));
+    tasks.push(tokio::spawn(admin::serve_readiness(views.clone(), ready_l)));
+    tracing::info!(node = %cfg.node, failed, api = %cfg.api_socket.display(), "agent started");
+    Ok(Agent {
+        admin_addr,
+        metrics_addr,
+        readiness_addr,
+        api_socket: cfg.api_socket,
+        failed,
+        views,
+        lifecycle,
+        node_fds,
+        tasks,
+    })
 }

@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// How long the agent waits for an upstream connect before refusing the client.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
+    /// After handing over to a successor (an upgrade), how long established connections may
+    /// run on through this agent; those still open then are closed and counted. Keep it below
+    /// the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 25)]
+    pub drain_deadline_seconds: u64,
     /// How many endpoints of a Service one connection tries (each unreachable one is skipped)
     /// before the client is refused.
     #[arg(long, default_value_t = 3)]
@@ -160,6 +165,7 @@ pub struct Config {
     pub max_workloads: u32,
     pub mesh_cidrs: Vec<mesh_model::Cidr>,
     pub connect_timeout_ms: u64,
+    pub drain_deadline_seconds: u64,
     pub service_attempts: usize,
     pub log_format: LogFormat,
     pub controller: String,
@@ -344,6 +350,7 @@ impl Config {
             max_workloads: a.max_workloads,
             mesh_cidrs: a.mesh_cidrs,
             connect_timeout_ms: a.connect_timeout_ms,
+            drain_deadline_seconds: a.drain_deadline_seconds,
             service_attempts: a.service_attempts,
             log_format: a.log_format,
             controller: a.controller,

@@ -50,4 +50,105 @@ pub struct ProxyInputs {
     pub orig_dst: OrigDstTable,
     /// Connections carried to each Service endpoint now (the balancer's input).
     pub loads: Arc<Loads>,
+    /// Whether to accept, and what is in flight (a hand-over to a successor drains this agent).
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+/// Where the agent is in its life, as the accept loops see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Listeners exist but nothing is accepted yet: a successor taking over a running agent's
+    /// listeners leaves them to that agent until it is ready itself.
+    Starting,
+    Serving,
+    /// Handed over: no more accepts (the successor accepts on the same sockets), HBONE
+    /// connections told to go away; what is established runs on until it ends or the drain
+    /// deadline.
+    Draining,
+}
+
+/// The phase, and the connections accepted and not yet finished (from accept to the end of
+/// the task that carries them: set-up included, which the live-connection set does not see).
+pub struct Lifecycle {
+    phase: tokio::sync::watch::Sender<Phase>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One accepted connection's share of [`Lifecycle::in_flight`].
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Lifecycle {
+    pub fn new(phase: Phase) -> Lifecycle {
+        Lifecycle { phase: tokio::sync::watch::Sender::new(phase), in_flight: Arc::default() }
+    }
+
+    pub fn set(&self, p: Phase) {
+        self.phase.send_replace(p);
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Waits until accepting may start: true when serving, false when draining began first.
+    pub async fn accepting(&self) -> bool {
+        let mut rx = self.phase.subscribe();
+        let serving = match rx.wait_for(|p| *p != Phase::Starting).await {
+            Ok(p) => *p == Phase::Serving,
+            Err(_) => false,
+        };
+        serving
+    }
+
+    /// Resolves once draining has begun.
+    pub async fn draining(&self) {
+        let mut rx = self.phase.subscribe();
+        let _ = rx.wait_for(|p| *p == Phase::Draining).await;
+    }
+
+    pub fn track(&self) -> InFlight {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(self.in_flight.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Accepts on `listener` once serving, until draining begins, handing each connection to
+    /// `handle` with its in-flight guard. An accept error (out of descriptors, say) is logged
+    /// and retried after a pause.
+    pub async fn accept_loop(
+        &self,
+        listener: tokio::net::TcpListener,
+        what: &'static str,
+        workload: &mesh_model::WorkloadKey,
+        mut handle: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, InFlight),
+    ) {
+        if !self.accepting().await {
+            return;
+        }
+        let draining = self.draining();
+        tokio::pin!(draining);
+        loop {
+            let r = tokio::select! {
+                biased;
+                () = &mut draining => return,
+                r = listener.accept() => r,
+            };
+            match r {
+                Ok((stream, peer)) => handle(stream, peer, self.track()),
+                Err(e) => {
+                    tracing::warn!(workload = %workload, error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
 }

@@ -24,6 +24,7 @@ const LAYERS: &[&str] = &[
     "config_watch",
     "admin",
     "api",
+    "handover",
     "app",
 ];
 

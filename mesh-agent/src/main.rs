@@ -9,6 +9,7 @@ mod config;
 mod config_watch;
 mod connections;
 mod ebpf;
+mod handover;
 mod hbone;
 mod identity;
 mod inputs;
@@ -254,20 +255,94 @@ fn init_logging(format: config::LogFormat) {
 
 async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let api_socket = cfg.api_socket.clone();
-    let (daemonset, bpffs_dir) = (cfg.daemonset.clone(), cfg.bpffs_dir.clone());
-    let agent = app::start(cfg).await?;
+    let (daemonset, bpffs_dir, state_dir) = (cfg.daemonset.clone(), cfg.bpffs_dir.clone(), cfg.state_dir.clone());
+    let drain_deadline = std::time::Duration::from_secs(cfg.drain_deadline_seconds);
+    std::fs::create_dir_all(&state_dir)?;
+    // An agent running on this node (the one being upgraded) hands over its listeners.
+    let dir = state_dir.clone();
+    let mut taken = tokio::task::spawn_blocking(move || handover::take_over(&dir)).await??;
+    let mut handed = app::Handed::default();
+    if let Some(t) = &mut taken {
+        let count: usize = t.groups.values().map(Vec::len).sum();
+        tracing::info!(predecessor = t.pid, listeners = count, "taking over from the agent running on this node");
+        for (group, listeners) in t.groups.drain() {
+            if group == "node" {
+                handed.node = listeners.into_iter().collect();
+            } else {
+                handed.workloads.insert(group, listeners);
+            }
+        }
+    }
+    let agent = app::start(cfg, handed).await?;
+    if let Some(t) = taken {
+        // The predecessor serves until this agent could serve every workload it captured.
+        let mut logged = std::time::Instant::now();
+        loop {
+            let missing = agent.views.unable_to_serve();
+            if missing.is_empty() {
+                break;
+            }
+            if logged.elapsed() >= std::time::Duration::from_secs(10) {
+                tracing::info!(?missing, predecessor = t.pid, "not taking over yet; the predecessor serves meanwhile");
+                logged = std::time::Instant::now();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        agent.lifecycle.set(inputs::Phase::Serving);
+        match tokio::task::spawn_blocking(move || t.stop()).await? {
+            Ok(pid) => tracing::info!(predecessor = pid, "took over: the predecessor stopped accepting and drains"),
+            Err(e) => tracing::warn!(error = %e, "the predecessor did not confirm it stopped accepting"),
+        }
+    } else {
+        agent.lifecycle.set(inputs::Phase::Serving);
+    }
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    {
+        let rt = tokio::runtime::Handle::current();
+        let views = agent.views.clone();
+        let node_fds = agent.node_fds.clone();
+        let lifecycle = agent.lifecycle.clone();
+        let tasks: Vec<_> = agent.tasks.iter().map(|t| t.abort_handle()).collect();
+        let offer = move || -> std::io::Result<handover::Offer> {
+            let mut groups = Vec::new();
+            let mut node = Vec::new();
+            for (kind, fd) in &node_fds {
+                // SAFETY: owned by the node-wide tasks, which run until `on_stop` below.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+                node.push(((*kind).to_owned(), fd.try_clone_to_owned()?));
+            }
+            groups.push(("node".to_owned(), node));
+            for (pin, fds) in rt.block_on(views.registry.listener_fds())? {
+                groups.push((pin, fds.into_iter().map(|(k, fd)| (k.to_owned(), fd)).collect()));
+            }
+            Ok(groups)
+        };
+        let on_stop = move || {
+            lifecycle.set(inputs::Phase::Draining);
+            for t in tasks {
+                t.abort();
+            }
+            let _ = stopped_tx.send(());
+        };
+        handover::serve(&state_dir, offer, on_stop)?;
+    }
     tracing::info!(
         admin = %agent.admin_addr,
         metrics = %agent.metrics_addr,
         readiness = %agent.readiness_addr,
         api = %agent.api_socket.display(),
         failed = agent.failed,
-        "serving"
+        "agent ready"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = stopped => {
+            // Handed over: the successor owns the listeners, the API socket and the pins.
+            drain(&agent, drain_deadline).await;
+            return Ok(());
+        }
     }
     let _ = std::fs::remove_file(&api_socket);
     if let Some((ns, name, api)) = &daemonset {
@@ -298,6 +373,46 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     // The programs stay attached (pinned): meshed pods fail closed until an agent is back.
     tracing::info!("agent stopping; kernel programs stay attached");
     Ok(())
+}
+
+/// After a hand-over: waits for this agent's connections (accepted ones still being set up
+/// included) to end, up to `deadline`; those left then are closed (by the exit) and counted.
+/// A SIGTERM meanwhile (the kubelet deleting the old pod) changes nothing.
+async fn drain(agent: &app::Agent, deadline: std::time::Duration) {
+    let started = std::time::Instant::now();
+    let open = || agent.lifecycle.in_flight().max(agent.views.conns.count());
+    let since_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    tracing::info!(
+        open = open(),
+        deadline_s = deadline.as_secs(),
+        since_unix_ms,
+        "handed over to a successor; draining"
+    );
+    while open() > 0 && started.elapsed() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left = open();
+    if left == 0 {
+        tracing::info!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            "drained: every connection ended; exiting, kernel programs stay attached"
+        );
+        return;
+    }
+    for c in agent.views.conns.list() {
+        tracing::warn!(
+            direction = ?c.direction,
+            src_workload = c.src_workload.as_deref().unwrap_or("-"),
+            dst_workload = c.dst_workload.as_deref().unwrap_or("-"),
+            "connection closed at the drain deadline"
+        );
+    }
+    tracing::warn!(
+        closed_at_deadline = left,
+        deadline_s = deadline.as_secs(),
+        "drain deadline reached: closing the connections still open; exiting, kernel programs stay attached"
+    );
 }
 
 #[cfg(test)]
@@ -438,8 +553,12 @@ mod tests {
         assert_eq!(pod["priorityClassName"], "system-node-critical");
         assert_eq!(pod["tolerations"][0]["operator"], "Exists");
         let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
-        // Never two agents on a node at once: there is no hand-over between them yet.
-        assert_eq!((ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()), (Some(0), Some(1)));
+        // The new agent beside the old one: the hand-over needs both at once.
+        assert_eq!((ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()), (Some(1), Some(0)));
+        // The kubelet waits for the drain deadline before it kills a handed-over agent.
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        let deadline = a.drain_deadline_seconds;
+        assert!(grace > deadline, "terminationGracePeriodSeconds {grace} <= drain deadline {deadline}");
     }
 
     /// Every flag and subcommand says what it is for in `--help`.

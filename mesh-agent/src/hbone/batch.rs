@@ -148,6 +148,34 @@ impl Batcher {
     pub fn run<F: Future + Unpin>(self, fut: F) -> Batched<F> {
         Batched { inner: fut, io: self.0, done: None }
     }
+
+    /// Closes gently, once the task that drove the connection is done and this side ended it:
+    /// the FIN goes out (if the task's shutdown did not send it), then what the peer still sends
+    /// is read and dropped until it closes too, or `limit` passes. A socket closed with unread
+    /// bytes sends a reset instead, and the kernel drops whatever of ours the peer has not yet
+    /// received (the last of a stream's data, say).
+    pub async fn linger(self, limit: std::time::Duration) {
+        {
+            let st = self.0.state();
+            let _ = socket2::SockRef::from(&st.tcp).shutdown(std::net::Shutdown::Write);
+        }
+        let drain = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let read = std::future::poll_fn(|cx| {
+                    let mut st = self.0.state();
+                    let mut rb = ReadBuf::new(&mut buf);
+                    ready!(Pin::new(&mut st.tcp).poll_read(cx, &mut rb))?;
+                    Poll::Ready(Ok::<_, io::Error>(rb.filled().len()))
+                })
+                .await;
+                if !matches!(read, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, drain).await;
+    }
 }
 
 pub struct Batched<F: Future> {
@@ -306,5 +334,46 @@ mod tests {
         assert_eq!(&buf, b"hello");
         drop(b);
         assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+    }
+
+    /// A side that ends a connection while the peer's last bytes to it sit unread (a window
+    /// update, a ping) must still deliver all of its own: closed bluntly, the kernel would send
+    /// a reset and drop what was still queued for the peer.
+    #[tokio::test]
+    async fn a_lingering_close_delivers_everything_despite_unread_bytes() {
+        // b's window is small: what a writes waits in a's send queue until b reads.
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.set_recv_buffer_size(4096).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        l.listen(1).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l.into()).unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut b, _) = l.accept().await.unwrap();
+        let mut io = BatchIo::new(a);
+        let batcher = io.batcher();
+        b.write_all(b"never read by a").await.unwrap();
+        let data = vec![7u8; 1 << 20];
+        let closer = tokio::spawn(async move {
+            io.write_all(&data).await.unwrap();
+            io.shutdown().await.unwrap();
+            drop(io);
+            batcher.linger(std::time::Duration::from_secs(10)).await;
+        });
+        // The reader starts late: most of the data is still queued on a's side at its close.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let end = loop {
+            match b.read(&mut buf).await {
+                Ok(0) => break None,
+                Ok(n) => got += n,
+                Err(e) => break Some(e),
+            }
+        };
+        drop(b);
+        closer.await.unwrap();
+        assert!(end.is_none(), "read ended with {end:?} after {got} bytes");
+        assert_eq!(got, 1 << 20);
     }
 }

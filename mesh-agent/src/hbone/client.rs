@@ -43,6 +43,13 @@ impl TunnelError {
         matches!(self, TunnelError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
     }
 
+    /// The peer sent GOAWAY (an agent handing over to its successor, say) before it took the
+    /// stream: a stream above its last stream id, or one started after the GOAWAY. Safe to
+    /// send again on a new connection: nothing of it reached the app.
+    pub fn is_gone_away(&self) -> bool {
+        matches!(self, TunnelError::H2(e) if e.is_go_away() && e.is_remote())
+    }
+
     pub fn failure(&self) -> TunnelFailure {
         match self {
             TunnelError::Connect { .. } => TunnelFailure::Connect,

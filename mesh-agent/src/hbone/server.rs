@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -30,18 +30,17 @@ use crate::outcome::{Bytes as Moved, ConnRecord, Direction, HandshakeFailure, Pe
 use crate::state::LocalWorkload;
 
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let (inputs, wl) = (inputs.clone(), wl.clone());
-                tokio::spawn(async move { connection(inputs, wl, tcp, peer).await });
-            }
-            Err(e) => {
-                tracing::warn!(workload = %wl.key(), error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let lifecycle = inputs.lifecycle.clone();
+    lifecycle
+        .accept_loop(listener, "HBONE", wl.key(), |tcp, peer, in_flight| {
+            // Tracked until the connection ends: after a hand-over it ends once its streams do.
+            let task = connection(inputs.clone(), wl.clone(), tcp, peer);
+            tokio::spawn(async move {
+                task.await;
+                drop(in_flight);
+            });
+        })
+        .await
 }
 
 async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpStream, peer: SocketAddr) {
@@ -56,7 +55,21 @@ async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpSt
     // Each poll of this connection's task writes once (see batch.rs).
     let io = BatchIo::new(tcp);
     let batcher = io.batcher();
-    batcher.run(Box::pin(tunnel(inputs, wl, cert, io, peer, changes))).await
+    if batcher.clone().run(Box::pin(tunnel(inputs, wl, cert, io, peer, changes))).await == Ended::ByUs {
+        batcher.linger(LINGER).await;
+    }
+}
+
+/// How long a connection this side ended waits for the peer to close its side too.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Who ended an HBONE connection.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// The peer closed it, or it failed.
+    ByPeer,
+    /// This side did (a GOAWAY when handing over, an identity change): it closes gently.
+    ByUs,
 }
 
 async fn tunnel(
@@ -66,13 +79,14 @@ async fn tunnel(
     io: BatchIo,
     peer: SocketAddr,
     changes: tokio::sync::watch::Receiver<Arc<crate::state::KnownWorkload>>,
-) {
+) -> Ended {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
     let served = cert.id.clone();
     drop(cert);
     let failed = |failure: HandshakeFailure, error: &dyn std::fmt::Display| {
         tracing::warn!(workload = %wl.key(), %peer, reason = failure.label(), error = %error, "HBONE handshake refused");
         inputs.metrics.handshake_failed(Direction::Inbound, &failure);
+        Ended::ByPeer
     };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(t)) => t,
@@ -101,19 +115,30 @@ async fn tunnel(
     // another mesh), the connection and its streams are closed.
     if *wl.spiffe_id() != served {
         tracing::info!(workload = %wl.key(), %peer, "HBONE connection closed: this workload's identity changed during the handshake");
-        return;
+        return Ended::ByUs;
     }
     let mut changed = Box::pin(crate::state::identity_changed(changes));
+    let lifecycle = inputs.lifecycle.clone();
+    let mut draining = Box::pin(lifecycle.draining());
+    let mut going_away = false;
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
             () = &mut changed => {
                 tracing::info!(workload = %wl.key(), %peer, "HBONE connection closed: this workload's identity changed");
-                break;
+                return Ended::ByUs;
+            }
+            // Handed over: GOAWAY, so the peer opens its next streams on a new connection (to
+            // the successor, on the same listener); the streams already open run to their end.
+            () = &mut draining, if !going_away => {
+                going_away = true;
+                conn.graceful_shutdown();
+                continue;
             }
         };
-        let Some(next) = next else { break };
-        let Ok((req, respond)) = next else { break };
+        // After our GOAWAY the connection ends (None) once its streams have: ended by us.
+        let Some(next) = next else { return if going_away { Ended::ByUs } else { Ended::ByPeer } };
+        let Ok((req, respond)) = next else { return Ended::ByPeer };
         let (inputs, wl, peer_id) = (inputs.clone(), wl.clone(), peer_id.clone());
         // The stream's first steps (policy, the dial to the app, usually complete within
         // connect(), and the answer) run here, in this connection's poll, so the answer leaves

@@ -16,17 +16,16 @@ use crate::outcome::{ConnRecord, Direction, Peer, Reason, Security, Target};
 use crate::state::LocalWorkload;
 
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(inputs.clone(), wl.clone(), stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(workload = %wl.key(), error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let lifecycle = inputs.lifecycle.clone();
+    lifecycle
+        .accept_loop(listener, "inbound", wl.key(), |stream, peer, in_flight| {
+            let task = handle(inputs.clone(), wl.clone(), stream, peer);
+            tokio::spawn(async move {
+                task.await;
+                drop(in_flight);
+            });
+        })
+        .await
 }
 
 async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStream, peer: SocketAddr) {

@@ -46,21 +46,21 @@ pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
 }
 
 pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkload>, listener: TcpListener) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(workload = %wl.key(), error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let orig = inputs.orig_dst.take(crate::sockdiag::socket_cookie(&stream).ok(), &port_key(wl.netns_cookie, peer));
-        // The task lives as long as the connection: the one-off steps (certificate, tunnel
-        // set-up, dial) are boxed inside it so their state is freed once done instead of sizing
-        // every connection's task.
-        tokio::spawn(handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig));
-    }
+    let lifecycle = inputs.lifecycle.clone();
+    lifecycle
+        .accept_loop(listener, "outbound", wl.key(), |stream, peer, in_flight| {
+            let orig =
+                inputs.orig_dst.take(crate::sockdiag::socket_cookie(&stream).ok(), &port_key(wl.netns_cookie, peer));
+            // The task lives as long as the connection: the one-off steps (certificate, tunnel
+            // set-up, dial) are boxed inside it so their state is freed once done instead of
+            // sizing every connection's task.
+            let task = handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig);
+            tokio::spawn(async move {
+                task.await;
+                drop(in_flight);
+            });
+        })
+        .await
 }
 
 async fn handle(

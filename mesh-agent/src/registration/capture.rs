@@ -97,12 +97,35 @@ impl Registry {
             }
         }
 
+        // A pod's pins are keyed by its UID (a pod recreated under the same name is another).
+        let pin_name = match &w_uid {
+            Some(uid) => format!("pod-{uid}"),
+            None => format!("{}_{}", key.namespace, key.name),
+        };
         // Listeners first: by the time the kernel redirects anything, someone is listening.
-        let listeners = worker
-            .run(listeners::bind)
-            .await
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
-            .map_err(|(addr, source)| RegisterError::Listen { key: key.clone(), addr, source })?;
+        // Those of a predecessor handing over are taken (the same sockets: nothing queued in
+        // them is lost), if they are this netns'; else new ones are bound.
+        let handed = self.handed.lock().unwrap_or_else(|e| e.into_inner()).remove(&pin_name);
+        let adopted_listeners = match handed {
+            Some(h) => match worker.run(move || listeners::adopt(h)).await {
+                Ok(Ok(l)) => Some(l),
+                Ok(Err(why)) => {
+                    tracing::warn!(workload = %key, why, "not taking the predecessor's listeners; binding new ones");
+                    None
+                }
+                Err(source) => return Err(RegisterError::Netns { key: key.clone(), source }),
+            },
+            None => None,
+        };
+        let taken_over = adopted_listeners.is_some();
+        let listeners = match adopted_listeners {
+            Some(l) => l,
+            None => worker
+                .run(listeners::bind)
+                .await
+                .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
+                .map_err(|(addr, source)| RegisterError::Listen { key: key.clone(), addr, source })?,
+        };
         let netns_cookie =
             netns::socket_netns_cookie(&listeners.outbound[0]).map_err(|source| RegisterError::Netns {
                 key: key.clone(),
@@ -119,11 +142,7 @@ impl Registry {
             netns: worker,
             netns_cookie,
             inbound_keys,
-            // A pod's pins are keyed by its UID (a pod recreated under the same name is another).
-            pin_name: match &w_uid {
-                Some(uid) => format!("pod-{uid}"),
-                None => format!("{}_{}", key.namespace, key.name),
-            },
+            pin_name,
             source,
         });
 
@@ -144,10 +163,11 @@ impl Registry {
             }
         };
         self.state.update_local(|cur| cur.with(wl.clone()));
+        let fds = listeners.fds();
         let tasks = self.spawn_proxies(&wl, listeners);
         self.identities.acquire(&wl.spiffe_id());
 
-        inner.registered.insert(key.clone(), Registered { wl: wl.clone(), tasks });
+        inner.registered.insert(key.clone(), Registered { wl: wl.clone(), tasks, fds });
         if source == Source::Api {
             if let Err(e) = self.save_state(inner, None) {
                 let reg = inner.registered.remove(&key).expect("just inserted");
@@ -155,7 +175,15 @@ impl Registry {
                 return Err(RegisterError::State { path: self.file.path().to_owned(), source: e });
             }
         }
-        tracing::info!(workload = %key, cgroup_id, netns_cookie, id, sk_lookup_adopted = adopted, "workload captured");
+        tracing::info!(
+            workload = %key,
+            cgroup_id,
+            netns_cookie,
+            id,
+            sk_lookup_adopted = adopted,
+            listeners_taken_over = taken_over,
+            "workload captured"
+        );
         Ok(wl)
     }
 

@@ -2,6 +2,7 @@
 //! thread) before the kernel redirects anything there.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use mesh_common::{InboundKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
@@ -12,6 +13,60 @@ pub struct Listeners {
     pub inbound: std::net::TcpListener,
     /// 15008.
     pub hbone: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Each listener's descriptor and kind, for a successor taking them over (see
+    /// [`adopt`]). Valid while the listeners are.
+    pub fn fds(&self) -> Vec<(&'static str, RawFd)> {
+        let mut v: Vec<_> = self.outbound.iter().map(|l| (OUTBOUND, l.as_raw_fd())).collect();
+        v.push((INBOUND, self.inbound.as_raw_fd()));
+        v.push((HBONE, self.hbone.as_raw_fd()));
+        v
+    }
+}
+
+pub const OUTBOUND: &str = "outbound";
+pub const INBOUND: &str = "inbound";
+pub const HBONE: &str = "hbone";
+
+/// Listeners a predecessor handed over, by kind, as received.
+pub type Handed = Vec<(String, OwnedFd)>;
+
+/// Runs inside the workload's netns: takes a predecessor's listeners for this netns, if they
+/// are what they claim: TCP listeners on the mesh's ports, in this very netns (its cookie).
+pub fn adopt(handed: Handed) -> Result<Listeners, String> {
+    let here = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|s| crate::netns::socket_netns_cookie(&s))
+        .map_err(|e| format!("reading this netns' cookie: {e}"))?;
+    let (mut outbound, mut inbound, mut hbone) = (Vec::new(), None, None);
+    for (kind, fd) in handed {
+        let l = std::net::TcpListener::from(fd);
+        let port = l.local_addr().map_err(|e| format!("a handed {kind} socket: {e}"))?.port();
+        let listening = socket2::SockRef::from(&l).is_listener().unwrap_or(false);
+        let cookie = crate::netns::socket_netns_cookie(&l).map_err(|e| format!("a handed {kind} socket: {e}"))?;
+        let want = match kind.as_str() {
+            OUTBOUND => OUTBOUND_PORT,
+            INBOUND => INBOUND_PORT,
+            HBONE => HBONE_PORT,
+            other => return Err(format!("a handed socket of unknown kind {other:?}")),
+        };
+        if port != want || !listening || cookie != here {
+            return Err(format!(
+                "the handed {kind} socket is not a listener on port {want} in this netns (port {port}, listening {listening}, netns cookie {cookie}, here {here})"
+            ));
+        }
+        l.set_nonblocking(true).map_err(|e| format!("a handed {kind} socket: {e}"))?;
+        match kind.as_str() {
+            OUTBOUND => outbound.push(l),
+            INBOUND => inbound = Some(l),
+            _ => hbone = Some(l),
+        }
+    }
+    match (outbound.is_empty(), inbound, hbone) {
+        (false, Some(inbound), Some(hbone)) => Ok(Listeners { outbound, inbound, hbone }),
+        _ => Err("the handed listeners are incomplete (an outbound, the inbound and the HBONE one are needed)".into()),
+    }
 }
 
 /// Runs inside the workload's netns.

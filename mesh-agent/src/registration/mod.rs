@@ -119,6 +119,8 @@ impl RegisterError {
 struct Registered {
     wl: Arc<LocalWorkload>,
     tasks: Vec<JoinHandle<()>>,
+    /// Its listeners' descriptors (owned by `tasks`, valid while they run), by kind.
+    fds: Vec<(&'static str, std::os::fd::RawFd)>,
 }
 
 /// A workload of this node that could not be captured.
@@ -163,6 +165,8 @@ pub struct Registry {
     inner: tokio::sync::Mutex<Inner>,
     /// Woken after a configuration change, for [`Registry::watch_pods`].
     pods_changed: tokio::sync::Notify,
+    /// A predecessor's listeners, by pin name, until the workload they belong to is captured.
+    handed: std::sync::Mutex<std::collections::HashMap<String, listeners::Handed>>,
 }
 
 /// A failed workload (other than `holder`) whose record names cgroup `cg` and that holds none.
@@ -216,6 +220,7 @@ impl Registry {
             file,
             live: datapath.live_counts().clone(),
             pods_changed: tokio::sync::Notify::new(),
+            handed: Default::default(),
             inner: tokio::sync::Mutex::new(Inner {
                 datapath,
                 registered: BTreeMap::new(),
@@ -223,6 +228,36 @@ impl Registry {
                 next_slot: 0,
             }),
         }
+    }
+
+    /// Listeners a predecessor handed over, by workload pin name: capturing the workload takes
+    /// them instead of binding new ones. What no capture takes is closed by
+    /// [`Registry::drop_unclaimed`].
+    pub fn hand_in(&self, handed: std::collections::HashMap<String, Vec<(String, std::os::fd::OwnedFd)>>) {
+        *self.handed.lock().unwrap_or_else(|e| e.into_inner()) = handed;
+    }
+
+    /// Closes handed listeners no workload took (the predecessor's workloads this agent does
+    /// not capture): returns their pin names.
+    pub fn drop_unclaimed(&self) -> Vec<String> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(k, _)| k).collect()
+    }
+
+    /// Copies of every captured workload's listeners, by pin name and kind, for a successor.
+    pub async fn listener_fds(&self) -> std::io::Result<Vec<(String, Vec<(&'static str, std::os::fd::OwnedFd)>)>> {
+        let inner = self.inner.lock().await;
+        let mut out = Vec::new();
+        for r in inner.registered.values() {
+            let mut fds = Vec::new();
+            for (kind, fd) in &r.fds {
+                // SAFETY: the descriptor is owned by the workload's accept tasks, which run
+                // until the workload is removed, and that needs the lock held here.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+                fds.push((*kind, fd.try_clone_to_owned()?));
+            }
+            out.push((r.wl.pin_name.clone(), fds));
+        }
+        Ok(out)
     }
 
     /// Workloads added through the API by a previous run of this agent.

@@ -60,7 +60,8 @@ pub struct Source<'a> {
     pub client: &'a TcpStream,
 }
 
-/// How many times a stream the peer refused before processing it is sent again.
+/// How many times a stream the peer refused, or went away from, before processing it is sent
+/// again.
 pub const REFUSED_RETRIES: u32 = 2;
 
 pub struct Pool {
@@ -98,11 +99,11 @@ impl Pool {
         let mut tries = 0;
         let r = loop {
             match self.open_once(&src, &to, connect_timeout, &dial, early).await {
-                Err(e) if e.is_refused_stream() && tries < REFUSED_RETRIES => {
+                Err(e) if (e.is_refused_stream() || e.is_gone_away()) && tries < REFUSED_RETRIES => {
                     tries += 1;
                     self.metrics.stream_refused_retried();
-                    // The peer counts that connection full: the next try gets a new one (the
-                    // old one keeps its streams and closes when they are done).
+                    // The peer counts that connection full, or is going away: the next try gets
+                    // a new one (the old one keeps its streams and closes when they are done).
                     self.retire(&src, &to).await;
                 }
                 r => break r,
