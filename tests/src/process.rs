@@ -498,6 +498,24 @@ impl Agent {
         }
     }
 
+    /// Waits for the agent to exit on its own (after handing over, say), up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Ok(status);
+            }
+            if self.child.is_none() {
+                bail!("the agent was already stopped");
+            }
+            if Instant::now() > end {
+                bail!("the agent did not exit within {limit:?}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// kill -9.
     pub fn kill(&mut self) -> Result<()> {
         self.signal(libc::SIGKILL)

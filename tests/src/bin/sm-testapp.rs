@@ -19,6 +19,9 @@ fn main() {
         Some("serve") => serve(get("--listen").expect("--listen IP:PORT").parse().expect("--listen")),
         Some("echo") => {
             let pace = (num("--chunk", 64 * 1024) as usize, Duration::from_millis(num("--pace-ms", 0)));
+            // Half the bytes, then a wait until this file exists, then the rest: a transfer
+            // that provably spans an event the test brings about.
+            HALFWAY_FILE.with(|f| *f.borrow_mut() = get("--halfway-until-file").map(std::path::PathBuf::from));
             let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), (timeout, mptcp), pace);
             let ok = r["ok"] == true;
             println!("{r}");
@@ -58,7 +61,7 @@ fn main() {
             reuse(addr("--first"), addr("--second"), num("--port", 40000) as u16, &ready, timeout)
         }
         _ => {
-            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] | echoes --to IP:PORT --count N [--bytes N] [--marker S] | probe --to IP:PORT [--duration-ms N] [--until-file PATH] | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
+            eprintln!("usage: sm-testapp serve --listen IP:PORT | echo --to IP:PORT [--bytes N] [--marker S] [--mptcp] [--chunk N --pace-ms N] [--halfway-until-file PATH] | echoes --to IP:PORT --count N [--bytes N] [--marker S] | probe --to IP:PORT [--duration-ms N] [--until-file PATH] | hold --to IP:PORT --count N | churn --to IP:PORT --count N [--mptcp] | reuse --first IP:PORT --second IP:PORT --port P --ready-file PATH");
             std::process::exit(2);
         }
     }
@@ -89,6 +92,10 @@ fn serve(addr: SocketAddr) {
             let _ = s.shutdown(Shutdown::Write);
         });
     }
+}
+
+thread_local! {
+    static HALFWAY_FILE: std::cell::RefCell<Option<std::path::PathBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 struct Gen(u64);
@@ -154,6 +161,7 @@ fn echo(
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut w = s.try_clone().expect("clone");
+    let mut halfway = HALFWAY_FILE.with(|f| f.borrow().clone());
     let writer = std::thread::spawn(move || -> std::io::Result<u64> {
         let mut g = Gen(seed.max(1));
         let mut h = 0xcbf29ce484222325u64;
@@ -165,6 +173,13 @@ fn echo(
         }
         let mut buf = vec![0u8; pace.0.max(1)];
         while sent < bytes {
+            if sent >= bytes / 2 {
+                if let Some(f) = halfway.take() {
+                    while !f.exists() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
             let n = ((bytes - sent) as usize).min(buf.len());
             g.fill(&mut buf[..n]);
             w.write_all(&buf[..n])?;
@@ -217,12 +232,16 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
     let end = Instant::now() + Duration::from_millis(duration_ms);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut peers = std::collections::BTreeMap::<String, u64>::new();
+    let mut errors = Vec::<String>::new();
+    let mut max_connect_us = 0u128;
     let mut n = 0u64;
     while Instant::now() < end && !until.as_ref().is_some_and(|p| p.exists()) {
         n += 1;
         let line = format!("probe {n}\n");
         let result = (|| -> Result<String, String> {
-            let s = TcpStream::connect_timeout(&to, timeout).map_err(|e| e.to_string())?;
+            let t0 = Instant::now();
+            let s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
+            max_connect_us = max_connect_us.max(t0.elapsed().as_micros());
             let peer = s.peer_addr().map_err(|e| e.to_string())?.to_string();
             let _ = s.set_read_timeout(Some(timeout));
             (&s).write_all(line.as_bytes()).map_err(|e| e.to_string())?;
@@ -238,11 +257,19 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
                 ok += 1;
                 *peers.entry(peer).or_default() += 1;
             }
-            Err(_) => failed += 1,
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 10 {
+                    errors.push(format!("probe {n}: {e}"));
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(interval_ms));
     }
-    println!("{}", json!({"ok": ok, "failed": failed, "peers": peers}));
+    println!(
+        "{}",
+        json!({"ok": ok, "failed": failed, "peers": peers, "errors": errors, "max_connect_us": max_connect_us as u64})
+    );
 }
 
 /// Opens `count` connections one after another and keeps them open for `hold_ms`.
@@ -277,12 +304,14 @@ fn hold(to: SocketAddr, count: u64, hold_ms: u64, timeout: Duration) {
 /// reports whether it did (end of stream or reset) — what a client sees when the mesh cuts a
 /// connection it was carrying.
 fn linger(to: SocketAddr, seconds: u64, timeout: Duration) {
+    let mut held = Instant::now();
     let r = (|| -> std::io::Result<bool> {
         let mut s = TcpStream::connect_timeout(&to, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.write_all(b"x")?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b)?;
+        held = Instant::now();
         s.set_read_timeout(Some(Duration::from_secs(seconds)))?;
         Ok(match s.read(&mut b) {
             Ok(0) => true,
@@ -292,7 +321,14 @@ fn linger(to: SocketAddr, seconds: u64, timeout: Duration) {
         })
     })();
     match r {
-        Ok(closed) => println!("{}", json!({"ok": true, "closed_by_peer": closed})),
+        Ok(closed) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let held_ms = held.elapsed().as_millis() as u64;
+            println!(
+                "{}",
+                json!({"ok": true, "closed_by_peer": closed, "held_ms": held_ms, "closed_unix_ms": now.as_millis() as u64})
+            )
+        }
         Err(e) => println!("{}", json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error()})),
     }
 }
