@@ -126,6 +126,11 @@ pub enum Key {
     ViaConns { via: Via },
     /// 1 KiB echo p50 (µs), closed loop, through the mesh to a pod by `via`.
     ViaEchoP50 { via: Via },
+    /// Probe connections (one every 2 ms, same node and cross-node) refused or reset while both
+    /// nodes' agents were replaced by the hand-over; the direct path probed at the same time.
+    UpgradeFailed { path: Path },
+    /// The longest connect (µs) of those probes.
+    UpgradeMaxConnect { path: Path },
 }
 
 impl fmt::Display for Key {
@@ -148,6 +153,8 @@ impl fmt::Display for Key {
             Key::IdleConns => f.write_str("idle_conns"),
             Key::ViaConns { via } => write!(f, "via_conns.{}", n(via)),
             Key::ViaEchoP50 { via } => write!(f, "via_echo_p50.{}", n(via)),
+            Key::UpgradeFailed { path } => write!(f, "upgrade_failed.{}", n(path)),
+            Key::UpgradeMaxConnect { path } => write!(f, "upgrade_max_connect.{}", n(path)),
         }
     }
 }

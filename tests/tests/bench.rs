@@ -42,6 +42,9 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
     ] {
         assert!(median(k) > 0.0, "{k} = {}", median(k));
     }
+    // Both agents were replaced under probes every 2 ms: none refused or reset.
+    assert_eq!(median(Key::UpgradeFailed { path: Path::Mesh }), 0.0, "notes: {:?}", file.notes);
+    assert!(median(Key::UpgradeMaxConnect { path: Path::Mesh }) > 0.0);
     // Percentiles are ordered, and the fixed-rate run really ran near its rate.
     let q = |p| median(lat(p));
     assert!(

@@ -53,6 +53,8 @@ enum Section {
     Fresh,
     /// The same pod through a Service address and by its own address.
     Svc,
+    /// Connections refused, and the longest connect, while the agents are upgraded.
+    Upgrade,
 }
 
 struct Opts {
@@ -208,6 +210,62 @@ impl Bench {
             bail!("sm-load {client} {args:?} failed: {v}");
         }
         Ok(v)
+    }
+
+    /// Both nodes' agents replaced, one after the other, by a new agent started beside each
+    /// (the hand-over), while pods probe: a meshed pod a pod on its node and one on the other,
+    /// and a direct pod its peer across nodes (the baseline, same window). Failed probes and the
+    /// longest connect, per run.
+    fn upgrade(&mut self) -> Result<()> {
+        let args: Vec<String> = self.agent_args.clone();
+        let mut samples = BTreeMap::<Key, Vec<f64>>::new();
+        for run in 0..self.opts.reps {
+            let until = self.t.node(self.n1).state_dir.join(format!("upgrade-probes-stop-{run}"));
+            let until_s = until.display().to_string();
+            let probe = |b: &Bench, from: &str, to: &str| {
+                let to = format!("{}:7100", b.ip(to));
+                let args =
+                    ["probe", "--to", &to, "--interval-ms", "2", "--duration-ms", "600000", "--until-file", &until_s];
+                b.t.spawn_pod_app(b.pod(from), &args)
+            };
+            let probers = [
+                (P::Mesh, probe(self, "a", "b")?),
+                (P::Mesh, probe(self, "a", "a2")?),
+                (P::Direct, probe(self, "c", "d")?),
+            ];
+            // Probing before, during and after each hand-over.
+            std::thread::sleep(Duration::from_millis(500));
+            let flags: Vec<&str> = args.iter().map(String::as_str).collect();
+            for (i, n) in [self.n1, self.n2].into_iter().enumerate() {
+                let new = self.t.start_agent(n, &flags)?;
+                let mut old = std::mem::replace(&mut self.agents[i], new);
+                let status = old.wait_exit(Duration::from_secs(120))?;
+                if !status.success() {
+                    bail!("the replaced agent on {} exited with {status}", self.t.node(n).name);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            std::fs::write(&until, "")?;
+            let (mut failed, mut max_us) = (BTreeMap::<P, f64>::new(), BTreeMap::<P, f64>::new());
+            for (path, p) in probers {
+                let r = p.result()?;
+                if r["ok"].as_u64().unwrap_or(0) == 0 {
+                    bail!("no probe got through: {r}");
+                }
+                *failed.entry(path).or_default() += r["failed"].as_f64().unwrap_or(f64::NAN);
+                let m = max_us.entry(path).or_default();
+                *m = m.max(r["max_connect_us"].as_f64().unwrap_or(f64::NAN));
+                if r["failed"].as_u64() != Some(0) {
+                    self.notes.push(format!("upgrade run {run}, {path:?} probes: {}", r["errors"]));
+                }
+            }
+            for path in [P::Direct, P::Mesh] {
+                samples.entry(Key::UpgradeFailed { path }).or_default().push(failed[&path]);
+                samples.entry(Key::UpgradeMaxConnect { path }).or_default().push(max_us[&path]);
+            }
+        }
+        self.record_all(samples);
+        Ok(())
     }
 
     fn throughput(&mut self) -> Result<()> {
@@ -482,6 +540,8 @@ fn main() -> Result<()> {
     for s in ["a2", "b", "c2", "d"] {
         start(&mut servers, t.pod_command(pods[s], "iperf3")?.args(["-s", "-p", "5201"]))?;
         start(&mut servers, t.pod_command(pods[s], bin("sm-load"))?.args(["serve", "--listen", "0.0.0.0:7000"]))?;
+        // The upgrade section's probes (a line each, echoed).
+        start(&mut servers, t.pod_command(pods[s], bin("sm-testapp"))?.args(["serve", "--listen", "0.0.0.0:7100"]))?;
     }
     let agent_args: Vec<String> =
         args.agent_args.as_deref().map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default();
@@ -495,7 +555,7 @@ fn main() -> Result<()> {
     for s in ["a2", "b", "c2", "d"] {
         let netns = b.t.pod(b.pod(s)).netns.clone();
         wait_for(Duration::from_secs(5), || {
-            Ok([5201u16, 7000].iter().all(|p| listening_ports(&netns).map(|l| l.contains(p)).unwrap_or(false)))
+            Ok([5201u16, 7000, 7100].iter().all(|p| listening_ports(&netns).map(|l| l.contains(p)).unwrap_or(false)))
         })
         .with_context(|| format!("servers in pod {s} did not start"))?;
     }
@@ -527,6 +587,10 @@ fn main() -> Result<()> {
     if want(Section::Mem) {
         eprintln!("agent memory");
         b.memory()?;
+    }
+    if want(Section::Upgrade) {
+        eprintln!("agent upgrades (the hand-over) under probes every 2 ms, {} runs", b.opts.reps);
+        b.upgrade()?;
     }
     if want(Section::Fresh) {
         eprintln!(
@@ -700,6 +764,22 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
             met: (!ratio.is_nan()).then_some(met),
         });
     }
+    rows.push(Row {
+        what: "connections refused or reset during an agent upgrade (both nodes, probes every 2 ms)".into(),
+        direct: fmt_stat(r(Key::UpgradeFailed { path: P::Direct }), "", 1.0, 0),
+        mesh: fmt_stat(r(Key::UpgradeFailed { path: P::Mesh }), "", 1.0, 0),
+        ratio: "-".into(),
+        target: "0".into(),
+        met: r(Key::UpgradeFailed { path: P::Mesh }).map(|s| s.max == 0.0),
+    });
+    rows.push(Row {
+        what: "longest connect during an agent upgrade".into(),
+        direct: fmt_stat(r(Key::UpgradeMaxConnect { path: P::Direct }), "µs", 1.0, 0),
+        mesh: fmt_stat(r(Key::UpgradeMaxConnect { path: P::Mesh }), "µs", 1.0, 0),
+        ratio: "-".into(),
+        target: "-".into(),
+        met: None,
+    });
     rows.push(ratio_row(
         "machine CPU per GB moved, same node, 1 connection (all processes and kernel work; lower is better)",
         &|path| Key::MachineCpuPerGb { path },
