@@ -284,7 +284,7 @@ impl Views {
             orig_dst_lookup: self.lookup.as_str().to_owned(),
             workloads: self.state.load().local.by_key.len(),
             connections: self.conns.count(),
-            controller: self.config.controller.clone(),
+            controller: self.config.controller.join(", "),
             stats: self.stats().await,
         }
     }

@@ -164,7 +164,7 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         .map_err(|source| StartError::TrustBundle { path: cfg.trust_bundle.clone(), source })?;
     let identities = Identities::new(
         IdentityConfig {
-            controller: cfg.controller.clone(),
+            controllers: cfg.controller.clone(),
             controller_name: cfg.controller_name.clone(),
             trust_domain: cfg.trust_domain.clone(),
             bundle_pems: vec![bundle],

@@ -96,9 +96,11 @@ pub struct RunArgs {
     /// Log lines as text or as one JSON object each.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// The controller's gRPC URL, e.g. https://10.0.0.1:15012.
-    #[arg(long)]
-    pub controller: String,
+    /// The controller's gRPC URL, e.g. https://10.0.0.1:15012. Several replicas: repeat the
+    /// flag or separate the URLs with commas; the agent uses one at a time and moves to the
+    /// next when it fails.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub controller: Vec<String>,
     /// The name the controller's serving certificate must carry.
     #[arg(long, default_value = "mesh-controller")]
     pub controller_name: String,
@@ -168,7 +170,7 @@ pub struct Config {
     pub drain_deadline_seconds: u64,
     pub service_attempts: usize,
     pub log_format: LogFormat,
-    pub controller: String,
+    pub controller: Vec<String>,
     pub controller_name: String,
     pub trust_bundle: PathBuf,
     /// The path only: the credential itself never appears in the config dump or logs.
@@ -258,12 +260,10 @@ impl Config {
                 "must be a loopback address: the admin API has no authentication",
             ));
         }
-        if !a.controller.starts_with("https://") {
-            return Err(invalid(
-                "controller",
-                &a.controller,
-                "must be an https:// URL (the CA is only spoken to over TLS)",
-            ));
+        for url in &a.controller {
+            if !url.starts_with("https://") {
+                return Err(invalid("controller", url, "must be an https:// URL (the CA is only spoken to over TLS)"));
+            }
         }
         for (setting, p) in [("trust-bundle", &a.trust_bundle), ("node-credential-file", &a.node_credential_file)] {
             if !p.is_file() {

@@ -51,7 +51,14 @@ impl ConfigWatch {
         let mut backoff = Duration::from_millis(250);
         loop {
             let mut applied = false;
-            match self.stream_once(&mut applied).await {
+            let (replica, channel) = self.identities.channel();
+            let result = self.stream_once(channel, &mut applied).await;
+            if !matches!(result, Err(WatchError::Decode(_) | WatchError::Refused { .. })) {
+                // The replica went away (or ended the stream): the next try goes to another,
+                // if there are several. The state in force stays meanwhile.
+                self.identities.controller_failed(replica);
+            }
+            match result {
                 Ok(()) => tracing::warn!("configuration stream ended; reconnecting"),
                 Err(e @ (WatchError::Decode(_) | WatchError::Refused { .. })) => {
                     self.metrics.config_refused();
@@ -68,8 +75,8 @@ impl ConfigWatch {
         }
     }
 
-    async fn stream_once(&self, applied: &mut bool) -> Result<(), WatchError> {
-        let mut client = ConfigServiceClient::new(self.identities.channel());
+    async fn stream_once(&self, channel: tonic::transport::Channel, applied: &mut bool) -> Result<(), WatchError> {
+        let mut client = ConfigServiceClient::new(channel);
         let mut req = tonic::Request::new(WatchRequest {});
         req.metadata_mut().insert("authorization", self.identities.bearer()?);
         let mut s = client.watch(req).await?.into_inner();

@@ -144,6 +144,13 @@ impl Topology {
     /// Starts the controller (CA) in the fabric netns with every node's credential and the
     /// placement of every meshed pod. Its root CA persists in its state dir across restarts.
     pub fn start_controller(&self, extra: &[&str]) -> Result<Controller> {
+        self.start_controller_replica(CONTROLLER_PORT, &self.controller_dir(), extra)
+    }
+
+    /// The same, listening on `port` of the controller's address with its state in `state_dir`
+    /// (a replica beside the first: give it the first one's CA with `--ca-cert/--ca-key`). Both
+    /// read the node credentials, placements and configuration from the first one's directory.
+    pub fn start_controller_replica(&self, port: u16, state_dir: &Path, extra: &[&str]) -> Result<Controller> {
         use std::os::unix::fs::OpenOptionsExt;
         let dir = self.controller_dir();
         let creds = dir.join("node-credentials.yaml");
@@ -165,9 +172,9 @@ impl Topology {
         }
         let log = dir.join(format!("controller-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("mesh-controller"))?;
-        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"), "--log-format", "json"])
+        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{port}"), "--log-format", "json"])
             .arg("--state-dir")
-            .arg(&dir)
+            .arg(state_dir)
             .arg("--workloads")
             .arg(&workloads)
             .arg("--node-credentials")

@@ -8,6 +8,7 @@ mod cert;
 pub mod kx;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,7 +80,8 @@ impl FetchError {
 }
 
 pub struct IdentityConfig {
-    pub controller: String,
+    /// One URL per controller replica; any of them serves.
+    pub controllers: Vec<String>,
     pub controller_name: String,
     pub trust_domain: String,
     pub bundle_pems: Vec<String>,
@@ -87,6 +89,34 @@ pub struct IdentityConfig {
     pub credential_file: std::path::PathBuf,
     pub cert_ttl: Option<Duration>,
     pub wait: Duration,
+}
+
+/// The controller replicas, and the one in use: calls stay with one replica until it fails,
+/// then move to the next (a replica that went away, say); each keeps its own connection.
+struct Controllers {
+    channels: Vec<(String, Channel)>,
+    current: AtomicUsize,
+}
+
+impl Controllers {
+    fn current(&self) -> (usize, Channel) {
+        let i = self.current.load(Ordering::Relaxed) % self.channels.len();
+        (i, self.channels[i].1.clone())
+    }
+
+    fn failed(&self, index: usize) {
+        if self.channels.len() < 2 {
+            return;
+        }
+        let next = (index + 1) % self.channels.len();
+        if self.current.compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(
+                failed = %self.channels[index].0,
+                next = %self.channels[next].0,
+                "controller replica unavailable; moving to the next"
+            );
+        }
+    }
 }
 
 struct Entry {
@@ -182,8 +212,7 @@ impl Trust {
 pub struct Identities {
     cfg: IdentityConfig,
     pub trust: Trust,
-    client: CertificateServiceClient<Channel>,
-    channel: Channel,
+    controllers: Controllers,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
     metrics: Arc<Metrics>,
 }
@@ -194,16 +223,19 @@ impl Identities {
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificates(cfg.bundle_pems.iter().map(tonic::transport::Certificate::from_pem))
             .domain_name(cfg.controller_name.clone());
-        let channel = Channel::from_shared(cfg.controller.clone())
-            .map_err(|source| InitError::ControllerUrl { url: cfg.controller.clone(), source })?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(3))
-            .connect_lazy();
+        let mut channels = Vec::new();
+        for url in &cfg.controllers {
+            let channel = Channel::from_shared(url.clone())
+                .map_err(|source| InitError::ControllerUrl { url: url.clone(), source })?
+                .tls_config(tls.clone())?
+                .connect_timeout(Duration::from_secs(3))
+                .connect_lazy();
+            channels.push((url.clone(), channel));
+        }
         Ok(Arc::new(Identities {
             cfg,
             trust,
-            client: CertificateServiceClient::new(channel.clone()),
-            channel,
+            controllers: Controllers { channels, current: AtomicUsize::new(0) },
             entries: Mutex::new(HashMap::new()),
             metrics,
         }))
@@ -213,9 +245,15 @@ impl Identities {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The channel to the controller (shared by the CA client and the config stream).
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// The controller replica in use (shared by the CA client and the config stream): its
+    /// index, for [`Identities::controller_failed`], and its channel.
+    pub fn channel(&self) -> (usize, Channel) {
+        self.controllers.current()
+    }
+
+    /// The replica at `index` failed a call: the next call goes to the next replica.
+    pub fn controller_failed(&self, index: usize) {
+        self.controllers.failed(index)
     }
 
     /// `Bearer <node credential>`, read fresh from the credential file.
@@ -334,10 +372,24 @@ impl Identities {
             validity_duration_seconds: self.cfg.cert_ttl.map(|t| t.as_secs() as i64).unwrap_or(0),
         });
         req.metadata_mut().insert("authorization", self.bearer()?);
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.clone().create_certificate(req))
-            .await
-            .map_err(|_| FetchError::Timeout)??
-            .into_inner();
+        let (index, channel) = self.channel();
+        let mut client = CertificateServiceClient::new(channel);
+        let call = client.create_certificate(req);
+        let resp = match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                // The replica is gone or cannot answer now: the retry asks another. (A refusal
+                // is an answer: every replica would give it.)
+                if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) {
+                    self.controller_failed(index);
+                }
+                return Err(status.into());
+            }
+            Err(_) => {
+                self.controller_failed(index);
+                return Err(FetchError::Timeout);
+            }
+        };
         let chain = pem_to_ders(&resp.cert_chain.concat());
         let Some((leaf, rest)) = chain.split_first() else {
             return Err(FetchError::EmptyChain);
