@@ -64,6 +64,8 @@ pub struct Agent {
 /// name.
 #[derive(Default)]
 pub struct Handed {
+    /// A predecessor runs beside this agent until it is told to stop.
+    pub successor: bool,
     pub node: HashMap<String, OwnedFd>,
     pub workloads: HashMap<String, Vec<(String, OwnedFd)>>,
 }
@@ -130,7 +132,7 @@ fn guard_workloads<'a>(cfg: &Config, workloads: impl Iterator<Item = &'a mesh_mo
 }
 
 pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
-    let Handed { node: mut handed_node, workloads: handed_workloads } = handed;
+    let Handed { successor, node: mut handed_node, workloads: handed_workloads } = handed;
     let file_workloads = match &cfg.workloads_file {
         Some(p) => mesh_model::workload::parse_file(p)?,
         None => Vec::new(),
@@ -226,6 +228,10 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
     ));
 
     registry.hand_in(handed_workloads);
+    if successor {
+        // The predecessor still serves: nothing of its may look stale to this agent yet.
+        registry.set_hold(crate::registration::Hold::CleanupDeferred);
+    }
     let admin_l = node_listener(&mut handed_node, ADMIN, cfg.admin_addr).await?;
     let metrics_l = node_listener(&mut handed_node, METRICS, cfg.metrics_addr).await?;
     let ready_l = node_listener(&mut handed_node, READINESS, cfg.readiness_addr).await?;
@@ -262,10 +268,6 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
     let mut tasks = Vec::new();
     if registry.follows_pods() {
         tasks.push(tokio::spawn(registry.clone().watch_pods(swept)));
-    }
-    let unclaimed = registry.drop_unclaimed();
-    if !unclaimed.is_empty() {
-        tracing::info!(?unclaimed, "closed the predecessor's listeners of workloads this agent does not capture");
     }
     // Every workload of this node is captured or refused in place by now: a guard a refusing
     // agent left (on a kernel since replaced) can go.

@@ -19,7 +19,9 @@ pub async fn run(census: Arc<Mutex<Census>>, metrics: Arc<Metrics>, state: Arc<S
     let mut suspects = std::collections::HashSet::new();
     for pass in 0u64.. {
         tick.tick().await;
-        let reconcile = pass < 2 || pass % 5 == 0;
+        // Not while another agent of this node runs beside this one (a hand-over): entries of
+        // workloads this agent does not know may be the other's.
+        let reconcile = (pass < 2 || pass % 5 == 0) && !registry.holds_cleanup();
         let live = if reconcile {
             registry.retry_failed().await;
             Some(live_sockets(&state).await)

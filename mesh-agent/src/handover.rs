@@ -86,6 +86,37 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET)
 }
 
+/// The node's agent lock (`<state-dir>/agent.lock`), held by the agent that serves the node.
+pub const LOCK: &str = "agent.lock";
+
+/// Takes the node's agent lock, or says why an agent cannot start beside one that holds it
+/// and does not hand over.
+pub fn lock(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = state_dir.join(LOCK);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another agent holds {} but did not answer on {} to hand over: it serves this node's pods, and capturing them beside it would refuse them. Stop it first (an agent too old to hand over is upgraded by stopping it: on Kubernetes, roll out once with maxSurge 0 and maxUnavailable 1)",
+            path.display(),
+            socket_path(state_dir).display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => anyhow::bail!("locking {}: {e}", path.display()),
+    }
+}
+
+/// The same, waiting until the holder (a predecessor draining) exits.
+pub fn lock_blocking(state_dir: &Path) -> io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(state_dir.join(LOCK))?;
+    f.lock()?;
+    Ok(f)
+}
+
 /// Asks the agent running on this node (if any) for its listeners. `None`: no agent answers
 /// (none runs, or a stale socket of one that exited).
 pub fn take_over(state_dir: &Path) -> Result<Option<Taken>, HandoverError> {
@@ -97,6 +128,14 @@ pub fn take_over(state_dir: &Path) -> Result<Option<Taken>, HandoverError> {
         Ok(()) => {}
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => return Ok(None),
         Err(e) => return Err(err(e)),
+    }
+    // Sockets are taken only from an agent of our own user (the socket's mode says so too).
+    let (me, them) = (unsafe { libc::geteuid() }, peer_uid(&sock).map_err(err)?);
+    if them != me {
+        return Err(HandoverError::Protocol {
+            path,
+            what: format!("its owner is user {them}, not this agent's user {me}"),
+        });
     }
     sock.set_read_timeout(Some(STEP_TIMEOUT)).map_err(err)?;
     sock.set_write_timeout(Some(STEP_TIMEOUT)).map_err(err)?;
@@ -121,6 +160,16 @@ pub fn take_over(state_dir: &Path) -> Result<Option<Taken>, HandoverError> {
 }
 
 impl Taken {
+    /// Whether the predecessor is gone (it exited, or was killed) before being told to stop:
+    /// nothing accepts for it any more, so waiting for it would only hold connections back.
+    pub fn predecessor_gone(&self) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: a peek of at most one byte into a live buffer, without blocking.
+        let n =
+            unsafe { libc::recv(self.sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+    }
+
     /// Tells the predecessor to stop accepting; returns once it has.
     pub fn stop(self) -> Result<u32, HandoverError> {
         let err = |source| HandoverError::Io { path: self.path.clone(), source };
@@ -134,12 +183,14 @@ impl Taken {
 }
 
 /// The predecessor's side: answers successors at `<state_dir>/handover.sock` on a thread of
-/// its own. `offer` gives copies of the listeners (called per successor); `on_stop` is called
-/// when a successor says `stop`, and must return once nothing is accepted any more. After
-/// that, no other successor is answered.
+/// its own. `offer` gives copies of the listeners (called per successor, which from then on
+/// has them: the agent should change nothing any more); `resume` is called when that
+/// successor goes away before taking over; `on_stop` when a successor says `stop`, and must
+/// return once nothing is accepted any more. After that, no other successor is answered.
 pub fn serve(
     state_dir: &Path,
     offer: impl Fn() -> io::Result<Offer> + Send + 'static,
+    resume: impl Fn() + Send + 'static,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> io::Result<()> {
     let path = socket_path(state_dir);
@@ -168,8 +219,14 @@ pub fn serve(
                     // The successor listens at this path now (or will): ours is closed.
                     return;
                 }
-                Ok(false) => tracing::warn!("a successor went away before taking over; carrying on"),
-                Err(e) => tracing::warn!(error = %e, "hand-over to a successor failed; carrying on"),
+                Ok(false) => {
+                    tracing::warn!("a successor went away before taking over; carrying on");
+                    resume();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-over to a successor failed; carrying on");
+                    resume();
+                }
             }
         }
     })?;
@@ -345,11 +402,13 @@ mod tests {
         serve(
             dir.path(),
             move || Ok(vec![("node".to_owned(), vec![("admin".to_owned(), fd.try_clone()?)])]),
+            || {},
             move || s2.store(true, std::sync::atomic::Ordering::SeqCst),
         )
         .unwrap();
         let taken = take_over(dir.path()).unwrap().expect("an agent answers");
         assert_eq!(taken.pid, std::process::id());
+        assert!(!taken.predecessor_gone());
         let (kind, fd) = &taken.groups["node"][0];
         assert_eq!(kind, "admin");
         let got = std::net::TcpListener::from(fd.try_clone().unwrap());

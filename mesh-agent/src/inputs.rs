@@ -134,6 +134,9 @@ impl Lifecycle {
         if !self.accepting().await {
             return;
         }
+        // The loop itself counts as in flight until it has stopped: a connection it accepts as
+        // draining begins is tracked before the loop's own count goes.
+        let _loop = self.track();
         let draining = self.draining();
         tokio::pin!(draining);
         loop {

@@ -261,10 +261,17 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     // An agent running on this node (the one being upgraded) hands over its listeners.
     let dir = state_dir.clone();
     let mut taken = tokio::task::spawn_blocking(move || handover::take_over(&dir)).await??;
+    // An agent that holds the node but does not answer would keep the pods' ports: capturing
+    // beside it would refuse every pod. Said, instead.
+    let mut lock = None;
+    if taken.is_none() {
+        lock = Some(handover::lock(&state_dir)?);
+    }
     let mut handed = app::Handed::default();
     if let Some(t) = &mut taken {
         let count: usize = t.groups.values().map(Vec::len).sum();
         tracing::info!(predecessor = t.pid, listeners = count, "taking over from the agent running on this node");
+        handed.successor = true;
         for (group, listeners) in t.groups.drain() {
             if group == "node" {
                 handed.node = listeners.into_iter().collect();
@@ -274,25 +281,25 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         }
     }
     let agent = app::start(cfg, handed).await?;
+    // The API socket is this agent's now; on the way out it is removed only if still so.
+    let api_inode = std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
     if let Some(t) = taken {
-        // The predecessor serves until this agent could serve every workload it captured.
-        let mut logged = std::time::Instant::now();
-        loop {
-            let missing = agent.views.unable_to_serve();
-            if missing.is_empty() {
-                break;
-            }
-            if logged.elapsed() >= std::time::Duration::from_secs(10) {
-                tracing::info!(?missing, predecessor = t.pid, "not taking over yet; the predecessor serves meanwhile");
-                logged = std::time::Instant::now();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        take_over(&agent, t).await;
+        // The predecessor stopped: what looked stale may be swept now, and the node lock
+        // (released when the predecessor exits) is taken for this agent's life.
+        agent.views.registry.set_hold(registration::Hold::None);
+        let unclaimed = agent.views.registry.drop_unclaimed();
+        if !unclaimed.is_empty() {
+            tracing::info!(?unclaimed, "closed the predecessor's listeners of workloads this agent does not capture");
         }
-        agent.lifecycle.set(inputs::Phase::Serving);
-        match tokio::task::spawn_blocking(move || t.stop()).await? {
-            Ok(pid) => tracing::info!(predecessor = pid, "took over: the predecessor stopped accepting and drains"),
-            Err(e) => tracing::warn!(error = %e, "the predecessor did not confirm it stopped accepting"),
+        if agent.views.state.load().config.version > 0 {
+            agent.views.registry.sweep_stale().await;
         }
+        let dir = state_dir.clone();
+        tokio::task::spawn_blocking(move || match handover::lock_blocking(&dir) {
+            Ok(l) => std::mem::forget(l),
+            Err(e) => tracing::warn!(error = %e, "could not take the node's agent lock"),
+        });
     } else {
         agent.lifecycle.set(inputs::Phase::Serving);
     }
@@ -304,6 +311,8 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         let lifecycle = agent.lifecycle.clone();
         let tasks: Vec<_> = agent.tasks.iter().map(|t| t.abort_handle()).collect();
         let offer = move || -> std::io::Result<handover::Offer> {
+            // From here on the successor holds this agent's workloads too: nothing changes.
+            views.registry.set_hold(registration::Hold::Frozen);
             let mut groups = Vec::new();
             let mut node = Vec::new();
             for (kind, fd) in &node_fds {
@@ -317,6 +326,8 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             }
             Ok(groups)
         };
+        let registry = agent.views.registry.clone();
+        let resume = move || registry.set_hold(registration::Hold::None);
         let on_stop = move || {
             lifecycle.set(inputs::Phase::Draining);
             for t in tasks {
@@ -324,7 +335,10 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             }
             let _ = stopped_tx.send(());
         };
-        handover::serve(&state_dir, offer, on_stop)?;
+        // Without it this agent cannot be upgraded without a pause, but it serves: said, not fatal.
+        if let Err(e) = handover::serve(&state_dir, offer, resume, on_stop) {
+            tracing::error!(error = %e, "cannot answer successors; an upgrade of this agent will refuse connections while it restarts");
+        }
     }
     tracing::info!(
         admin = %agent.admin_addr,
@@ -341,10 +355,20 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         _ = stopped => {
             // Handed over: the successor owns the listeners, the API socket and the pins.
             drain(&agent, drain_deadline).await;
+            if daemonset.is_some() {
+                // Exiting now would have the kubelet restart this container, and the restarted
+                // old agent would take over back from the new one: the pod's deletion ends it.
+                tracing::info!("drained; waiting for the kubelet to stop this pod");
+                term.recv().await;
+            }
+            drop(lock);
             return Ok(());
         }
     }
-    let _ = std::fs::remove_file(&api_socket);
+    if std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == api_inode {
+        let _ = std::fs::remove_file(&api_socket);
+    }
+    drop(lock);
     if let Some((ns, name, api)) = &daemonset {
         match kubeapi::daemonset(api, ns, name, std::time::Duration::from_secs(5)).await {
             Ok(owner @ (kubeapi::Owner::Gone | kubeapi::Owner::Deleting)) => {
@@ -375,32 +399,77 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After a hand-over: waits for this agent's connections (accepted ones still being set up
-/// included) to end, up to `deadline`; those left then are closed (by the exit) and counted.
-/// A SIGTERM meanwhile (the kubelet deleting the old pod) changes nothing.
+/// Waits until this agent could serve every workload it captured (and the predecessor's
+/// listeners are claimed, or a while has passed), then accepts and tells the predecessor to
+/// stop. If the predecessor dies first, accepts at once: nothing else accepts any more.
+async fn take_over(agent: &app::Agent, t: handover::Taken) {
+    let started = std::time::Instant::now();
+    let mut logged = started;
+    loop {
+        let mut missing = agent.views.unable_to_serve();
+        let unclaimed = agent.views.registry.unclaimed();
+        // Listeners of pods this agent has not captured yet (no configuration naming them
+        // yet, say): waited for, a while, so that the predecessor does not close them.
+        if unclaimed > 0 && started.elapsed() < UNCLAIMED_WAIT {
+            missing.push(format!("{unclaimed} of the predecessor's workloads not captured yet"));
+        }
+        if missing.is_empty() {
+            break;
+        }
+        if t.predecessor_gone() {
+            tracing::warn!(?missing, "the predecessor went away before this agent took over; accepting now");
+            agent.lifecycle.set(inputs::Phase::Serving);
+            return;
+        }
+        if logged.elapsed() >= std::time::Duration::from_secs(10) {
+            tracing::info!(?missing, predecessor = t.pid, "not taking over yet; the predecessor serves meanwhile");
+            logged = std::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    agent.lifecycle.set(inputs::Phase::Serving);
+    match tokio::task::spawn_blocking(move || t.stop()).await {
+        Ok(Ok(pid)) => tracing::info!(predecessor = pid, "took over: the predecessor stopped accepting and drains"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the predecessor did not confirm it stopped accepting"),
+        Err(e) => tracing::warn!(error = %e, "the predecessor did not confirm it stopped accepting"),
+    }
+}
+
+/// How long a successor waits for the predecessor's workloads it has not captured.
+const UNCLAIMED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// After a hand-over: waits for this agent's connections to end, up to `deadline`; those left
+/// then are closed (by the exit) and counted. Accepted connections are counted from the
+/// moment of their accept (set-up included), and the accept loops themselves until they have
+/// stopped, so one accepted just as the hand-over happened is not missed. A SIGTERM meanwhile
+/// (the kubelet deleting the old pod) changes nothing.
 async fn drain(agent: &app::Agent, deadline: std::time::Duration) {
     let started = std::time::Instant::now();
-    let open = || agent.lifecycle.in_flight().max(agent.views.conns.count());
+    let in_flight = || agent.lifecycle.in_flight();
+    let relayed = || agent.views.conns.count();
     let since_unix_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     tracing::info!(
-        open = open(),
+        open = relayed(),
+        in_flight = in_flight(),
         deadline_s = deadline.as_secs(),
         since_unix_ms,
         "handed over to a successor; draining"
     );
-    while open() > 0 && started.elapsed() < deadline {
+    while (in_flight() > 0 || relayed() > 0) && started.elapsed() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let left = open();
-    if left == 0 {
+    // What the last relays queued (a stream's end, say) leaves before the exit closes them.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    if in_flight() == 0 && relayed() == 0 {
         tracing::info!(
             waited_ms = started.elapsed().as_millis() as u64,
             "drained: every connection ended; exiting, kernel programs stay attached"
         );
         return;
     }
-    for c in agent.views.conns.list() {
+    let listed = agent.views.conns.list();
+    for c in &listed {
         tracing::warn!(
             direction = ?c.direction,
             src_workload = c.src_workload.as_deref().unwrap_or("-"),
@@ -409,7 +478,9 @@ async fn drain(agent: &app::Agent, deadline: std::time::Duration) {
         );
     }
     tracing::warn!(
-        closed_at_deadline = left,
+        closed_at_deadline = listed.len().max(in_flight()),
+        accepted_in_flight = in_flight(),
+        relayed = listed.len(),
         deadline_s = deadline.as_secs(),
         "drain deadline reached: closing the connections still open; exiting, kernel programs stay attached"
     );

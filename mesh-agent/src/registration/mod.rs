@@ -75,6 +75,8 @@ pub enum RegisterError {
     NoAddress(WorkloadKey),
     #[error("{key}: {source}")]
     Pod { key: WorkloadKey, source: Box<crate::pods::PodError> },
+    #[error("workload {0}: this agent is handing over to a successor; ask the new agent")]
+    HandingOver(WorkloadKey),
 }
 
 impl RegisterError {
@@ -98,6 +100,7 @@ impl RegisterError {
             RegisterError::NoKubelet(_) => "not_kubelet",
             RegisterError::NoAddress(_) => "no_address",
             RegisterError::Pod { .. } => "pod",
+            RegisterError::HandingOver(_) => "handing_over",
         }
     }
 
@@ -112,6 +115,7 @@ impl RegisterError {
                 | RegisterError::NotFound(_)
                 | RegisterError::OtherNode { .. }
                 | RegisterError::FromFile(_)
+                | RegisterError::HandingOver(_)
         )
     }
 }
@@ -167,6 +171,22 @@ pub struct Registry {
     pods_changed: tokio::sync::Notify,
     /// A predecessor's listeners, by pin name, until the workload they belong to is captured.
     handed: std::sync::Mutex<std::collections::HashMap<String, listeners::Handed>>,
+    /// While two agents of this node overlap in a hand-over, see [`Hold`].
+    hold: std::sync::atomic::AtomicU8,
+}
+
+/// What an agent refrains from while another agent of its node runs beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    None = 0,
+    /// Handing over: this agent changes nothing of the node's kernel state or its state
+    /// directory any more (no captures, releases, retries, sweeps or reclaims; the local API
+    /// refuses changes). What it holds it keeps serving. Lifted if the successor goes away.
+    Frozen = 1,
+    /// Taking over: this agent captures, but removes nothing another agent may still be using
+    /// (no sweep of what looks stale, no lifting of refusals, no reclaiming of entries) until
+    /// the predecessor has stopped and this agent's view is its own.
+    CleanupDeferred = 2,
 }
 
 /// A failed workload (other than `holder`) whose record names cgroup `cg` and that holds none.
@@ -221,6 +241,7 @@ impl Registry {
             live: datapath.live_counts().clone(),
             pods_changed: tokio::sync::Notify::new(),
             handed: Default::default(),
+            hold: std::sync::atomic::AtomicU8::new(Hold::None as u8),
             inner: tokio::sync::Mutex::new(Inner {
                 datapath,
                 registered: BTreeMap::new(),
@@ -235,6 +256,24 @@ impl Registry {
     /// [`Registry::drop_unclaimed`].
     pub fn hand_in(&self, handed: std::collections::HashMap<String, Vec<(String, std::os::fd::OwnedFd)>>) {
         *self.handed.lock().unwrap_or_else(|e| e.into_inner()) = handed;
+    }
+
+    pub fn set_hold(&self, h: Hold) {
+        self.hold.store(h as u8, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn frozen(&self) -> bool {
+        self.hold.load(std::sync::atomic::Ordering::SeqCst) == Hold::Frozen as u8
+    }
+
+    /// Frozen, or cleanup deferred: nothing that looks stale is removed now.
+    pub fn holds_cleanup(&self) -> bool {
+        self.hold.load(std::sync::atomic::Ordering::SeqCst) != Hold::None as u8
+    }
+
+    /// How many handed listeners' workloads are not captured yet.
+    pub fn unclaimed(&self) -> usize {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Closes handed listeners no workload took (the predecessor's workloads this agent does
@@ -270,6 +309,9 @@ impl Registry {
     /// returned either way.
     pub async fn add(&self, w: Workload, source: Source) -> Result<Arc<LocalWorkload>, RegisterError> {
         let mut inner = self.inner.lock().await;
+        if self.frozen() {
+            return Err(RegisterError::HandingOver(w.key()));
+        }
         self.add_locked(&mut inner, w, source).await
     }
 
@@ -356,6 +398,9 @@ impl Registry {
     /// Tries again to capture the workloads that failed (pods are [`Registry::follow_pods`]'s).
     pub async fn retry_failed(&self) {
         let mut inner = self.inner.lock().await;
+        if self.frozen() {
+            return;
+        }
         let pending: Vec<(Workload, Source)> = inner
             .failed
             .values()
@@ -392,6 +437,9 @@ impl Registry {
     /// the API added may be removed by it.
     pub async fn remove(&self, key: &WorkloadKey, from_api: bool) -> Result<(), RegisterError> {
         let mut inner = self.inner.lock().await;
+        if self.frozen() {
+            return Err(RegisterError::HandingOver(key.clone()));
+        }
         self.remove_locked(&mut inner, key, from_api)
     }
 
@@ -433,6 +481,10 @@ impl Registry {
     /// longer exist (map entries, sk_lookup links).
     pub async fn sweep_stale(&self) {
         let mut inner = self.inner.lock().await;
+        if self.holds_cleanup() {
+            tracing::debug!("another agent of this node runs beside this one: no sweep now");
+            return;
+        }
         let Inner { datapath: dp, registered, failed, .. } = &mut *inner;
         let refused = failed.values().filter_map(|f| f.cgroup_id);
         let cgroups: Vec<u64> = registered.values().map(|r| r.wl.cgroup_id).chain(refused).collect();
@@ -474,6 +526,9 @@ impl Registry {
     pub async fn follow_config(&self) {
         self.pods_changed.notify_one();
         let inner = self.inner.lock().await;
+        if self.frozen() {
+            return;
+        }
         let snap = self.state.load();
         let mut changed = 0;
         for r in inner.registered.values() {

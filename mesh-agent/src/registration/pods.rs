@@ -41,6 +41,9 @@ impl Registry {
         let desired = node_pods(&snap, &self.node);
         let uids: BTreeSet<String> = desired.values().filter_map(|w| w.pod_uid.clone()).collect();
         let mut inner = self.inner.lock().await;
+        if self.frozen() {
+            return followed;
+        }
         // First: a pod's cgroup the kubelet makes from now on is refused inside its mkdir.
         if let Err(e) = inner.datapath.set_pod_uids(&uids) {
             tracing::error!(error = %e, "could not give the pod cgroup hook all of this node's pods");
@@ -81,7 +84,9 @@ impl Registry {
         for key in gone.iter().chain(&dead) {
             let _ = self.remove_locked(&mut inner, key, false);
         }
-        lift_orphan_refusals(&mut inner, &uids);
+        if !self.holds_cleanup() {
+            lift_orphan_refusals(&mut inner, &uids);
+        }
         for key in &again {
             // Refused in place, never unredirected in between; kept as failed with that cgroup
             // until captured again, so that the entry is let go if the pod's cgroup changed.
