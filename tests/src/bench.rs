@@ -129,7 +129,7 @@ pub enum Key {
     /// Probe connections (one every 2 ms, same node and cross-node) refused or reset while both
     /// nodes' agents were replaced by the hand-over; the direct path probed at the same time.
     UpgradeFailed { path: Path },
-    /// The longest connect (µs) of those probes.
+    /// The longest of those probes (µs), from connect() to the echoed answer.
     UpgradeMaxConnect { path: Path },
 }
 

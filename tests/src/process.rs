@@ -354,7 +354,9 @@ impl Topology {
         cmd.args(extra).stdout(Stdio::null()).stderr(File::create(&log)?);
         let child = cmd.spawn().context("starting mesh-agent")?;
         let mut agent = Agent { child: Some(child), log, api };
-        let ready = wait_for(Duration::from_secs(20), || {
+        // Generous: a successor is ready only once it has every certificate and the agent it
+        // replaces has stopped, and a slow emulated VM takes its time.
+        let ready = wait_for(Duration::from_secs(60), || {
             if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("mesh-agent exited with {status}: {}", agent.log_text());
             }

@@ -254,7 +254,7 @@ impl Bench {
                 }
                 *failed.entry(path).or_default() += r["failed"].as_f64().unwrap_or(f64::NAN);
                 let m = max_us.entry(path).or_default();
-                *m = m.max(r["max_connect_us"].as_f64().unwrap_or(f64::NAN));
+                *m = m.max(r["max_rtt_us"].as_f64().unwrap_or(f64::NAN));
                 if r["failed"].as_u64() != Some(0) {
                     self.notes.push(format!("upgrade run {run}, {path:?} probes: {}", r["errors"]));
                 }
@@ -773,7 +773,7 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
         met: r(Key::UpgradeFailed { path: P::Mesh }).map(|s| s.max == 0.0),
     });
     rows.push(Row {
-        what: "longest connect during an agent upgrade".into(),
+        what: "longest probe (connect to answer) during an agent upgrade".into(),
         direct: fmt_stat(r(Key::UpgradeMaxConnect { path: P::Direct }), "µs", 1.0, 0),
         mesh: fmt_stat(r(Key::UpgradeMaxConnect { path: P::Mesh }), "µs", 1.0, 0),
         ratio: "-".into(),

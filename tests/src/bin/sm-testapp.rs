@@ -234,6 +234,7 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
     let mut peers = std::collections::BTreeMap::<String, u64>::new();
     let mut errors = Vec::<String>::new();
     let mut max_connect_us = 0u128;
+    let mut max_rtt_us = 0u128;
     let mut n = 0u64;
     while Instant::now() < end && !until.as_ref().is_some_and(|p| p.exists()) {
         n += 1;
@@ -250,6 +251,9 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
             if back != line {
                 return Err(format!("echo mismatch: {back:?}"));
             }
+            // From connect() to the answer: a listener nobody accepts on completes the
+            // handshake (the backlog) but answers nothing, so this is the wait a client sees.
+            max_rtt_us = max_rtt_us.max(t0.elapsed().as_micros());
             Ok(peer)
         })();
         match result {
@@ -268,7 +272,7 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
     }
     println!(
         "{}",
-        json!({"ok": ok, "failed": failed, "peers": peers, "errors": errors, "max_connect_us": max_connect_us as u64})
+        json!({"ok": ok, "failed": failed, "peers": peers, "errors": errors, "max_connect_us": max_connect_us as u64, "max_rtt_us": max_rtt_us as u64})
     );
 }
 
