@@ -253,7 +253,12 @@ fn done<K, E>(i: usize) -> impl Fn(Result<watcher::Event<K>, E>) -> (usize, bool
 
 /// Runs the reflectors and publishes a new model after every change. Mesh statuses carry the
 /// mesh keeper's `verdicts`.
-pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, verdicts: Arc<crate::meshes::Verdicts>) {
+pub async fn run(
+    client: Client,
+    tx: tokio::sync::watch::Sender<Arc<Model>>,
+    verdicts: Arc<crate::meshes::Verdicts>,
+    election: Option<lease::Election>,
+) {
     let (pods, pods_w) = reflector::store::<Pod>();
     let (mesh_store, meshes_w) = reflector::store::<Mesh>();
     let (nss, nss_w) = reflector::store::<Namespace>();
@@ -289,7 +294,17 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, ver
     ]);
     let changed = Arc::new(tokio::sync::Notify::new());
     let stores = status::Stores { aps: aps.clone(), pas: pas.clone(), meshes: mesh_store.clone() };
-    tokio::spawn(status::run(client.clone(), stores, verdicts, changed.clone()));
+    // One replica writes status: the Lease's holder (without an election, this one).
+    let (leader_tx, leader) = tokio::sync::watch::channel(election.is_none());
+    match election {
+        Some(e) => tokio::spawn(lease::run(client.clone(), e, leader_tx)),
+        // Kept, so that the writer never sees the choice end.
+        None => tokio::spawn(async move {
+            let _writer = leader_tx;
+            std::future::pending::<()>().await
+        }),
+    };
+    tokio::spawn(status::run(client.clone(), stores, verdicts, changed.clone(), leader));
     let mut version = 0u64;
     // Nothing is published until every watcher has listed once: a model built from some of the
     // stores (pods not listed yet, or namespaces) would tell agents that their pods left the
@@ -341,6 +356,7 @@ pub async fn run(client: Client, tx: tokio::sync::watch::Sender<Arc<Model>>, ver
     }
 }
 
+pub mod lease;
 pub mod status;
 
 #[cfg(test)]

@@ -182,6 +182,20 @@ struct Args {
     /// only, as it lists the whole mesh and has no authentication.
     #[arg(long, default_value = "127.0.0.1:15015")]
     admin_addr: SocketAddr,
+    /// Replicas (kubernetes source): the Lease that picks the one writing policy status, in
+    /// this namespace. Default: $POD_NAMESPACE, else sockmesh-system.
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// The Lease's name.
+    #[arg(long, default_value = "sockmesh-controller")]
+    lease_name: String,
+    /// This replica's name in the Lease. Default: $POD_NAME, else the host name and PID.
+    #[arg(long)]
+    lease_holder: Option<String>,
+    /// How long a Lease not renewed stays its holder's: another replica writes status at most
+    /// this long after the writer died.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -340,7 +354,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            tokio::spawn(kube_source::run(client, source_tx, verdicts));
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let election = kube_source::lease::Election {
+                namespace: args
+                    .lease_namespace
+                    .clone()
+                    .or_else(|| env("POD_NAMESPACE"))
+                    .unwrap_or_else(|| "sockmesh-system".into()),
+                name: args.lease_name.clone(),
+                holder: args.lease_holder.clone().or_else(|| env("POD_NAME")).unwrap_or_else(|| {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    format!("{}-{}", host.trim(), std::process::id())
+                }),
+                duration: args.lease_duration,
+            };
+            tokio::spawn(kube_source::run(client, source_tx, verdicts, Some(election)));
         }
     }
     let shared = Arc::new(RwLock::new(placement::Placement::default()));

@@ -67,6 +67,14 @@ impl Controller {
             wait_or_kill(&mut c);
         }
     }
+
+    /// kill -9: gone without releasing anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Waits up to 5 s for a signalled child, then kills it: a stuck shutdown must not hang a test.
@@ -211,6 +219,19 @@ impl Topology {
     /// API server's `kubeconfig`. Each node's credential file holds `token-<node>`, the token
     /// the fake API server's `tokens.json` (written here) binds to that node.
     pub fn start_kube_controller(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Controller> {
+        self.start_kube_controller_replica(kubeconfig, CONTROLLER_PORT, &self.controller_dir(), extra)
+    }
+
+    /// The same, listening on `port` with its state in `state_dir`: a replica beside the first
+    /// (give it the first one's CA with `--ca-cert/--ca-key`, and other metrics and admin
+    /// addresses).
+    pub fn start_kube_controller_replica(
+        &self,
+        kubeconfig: &Path,
+        port: u16,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Controller> {
         let dir = self.controller_dir();
         let mut tokens = serde_json::Map::new();
         for n in &self.nodes {
@@ -223,11 +244,12 @@ impl Topology {
         }
         let api_dir = kubeconfig.parent().context("kubeconfig has no directory")?;
         std::fs::write(api_dir.join("tokens.json"), serde_json::to_vec(&tokens)?)?;
+        std::fs::create_dir_all(&dir)?;
         let log = dir.join(format!("controller-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let mut cmd = command_in(&self.fabric, &self.cgroup_root.join("controller"), bin("mesh-controller"))?;
-        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"), "--log-format", "json"])
+        cmd.args(["--listen", &format!("{CONTROLLER_IP}:{port}"), "--log-format", "json"])
             .arg("--state-dir")
-            .arg(&dir)
+            .arg(state_dir)
             .args(["--source", "kubernetes", "--node-auth", "kubernetes"])
             .env("KUBECONFIG", kubeconfig)
             .args(extra)

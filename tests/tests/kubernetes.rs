@@ -577,3 +577,82 @@ fn sigterm_keeps_programs_while_the_daemonset_exists_and_detaches_them_when_it_i
         "a goes direct after an uninstall: {r}"
     );
 }
+
+/// Two controller replicas against the API server, sharing one CA: one holds the Lease and
+/// writes policy status, the other does not; the writer killed, the other takes the Lease
+/// over and writes the next status, while the agents, moved to whichever replica answers,
+/// enforce the policy change and keep their certificates coming.
+#[test]
+fn two_controller_replicas_one_status_writer_and_a_successor_when_it_dies() {
+    let Kube { mut t, n1, n2, a, b, api, .. } = kube("kube-replicas");
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let dir = t.controller_dir();
+    let lease = ["--lease-duration", "3s"];
+    let first = t.start_kube_controller(&kubeconfig, &[&lease[..], &["--lease-holder", "first"]].concat()).unwrap();
+    let ca: Vec<String> = ["root.pem", "root-key.pem"].iter().map(|f| dir.join(f).display().to_string()).collect();
+    let second_dir = dir.with_file_name("controller-replica-2");
+    let second_args = [
+        "--ca-cert",
+        &ca[0],
+        "--ca-key",
+        &ca[1],
+        "--metrics-addr",
+        "0.0.0.0:15114",
+        "--admin-addr",
+        "127.0.0.1:15115",
+        "--lease-holder",
+        "second",
+    ];
+    let second = t
+        .start_kube_controller_replica(
+            &kubeconfig,
+            CONTROLLER_PORT + 1,
+            &second_dir,
+            &[&lease[..], &second_args[..]].concat(),
+        )
+        .unwrap();
+    let writer_line = "this replica writes policy status now";
+    let writes = |c: &Controller| c.log_lines().iter().filter(|l| l["message"] == writer_line).count();
+    wait_for(Duration::from_secs(30), || Ok(writes(&first) + writes(&second) == 1)).unwrap();
+    let (mut writer, mut other) = if writes(&first) == 1 { (first, second) } else { (second, first) };
+
+    let _server = t.start_server(b, PORT).unwrap();
+    let both = format!("https://{CONTROLLER_IP}:{},https://{CONTROLLER_IP}:{}", CONTROLLER_PORT, CONTROLLER_PORT + 1);
+    let flags = [&kubelet_flags()[..], &["--controller", &both, "--cert-ttl-seconds", "8"]].concat();
+    let agent1 = t.start_agent(n1, &flags).unwrap();
+    let agent2 = t.start_agent(n2, &flags).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+    let to = format!("{}:{PORT}", t.pod(b).ip);
+    assert_eq!(echo(&t, a, &to)["ok"], true);
+
+    let status_of = |c: &Controller, name: &str| {
+        c.log_lines().iter().any(|l| l["message"] == "policy status written" && l["name"] == name)
+    };
+    let deny = |name: &str, uid_n: u8| {
+        json!({
+            "apiVersion": "security.sockmesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "default", "generation": 1, "uid": uid(uid_n)},
+            "spec": {"selector": {"matchLabels": {"app": "b"}}, "action": "DENY", "rules": [{"from": [{"source": {"principals": [A_ID]}}]}]},
+        })
+    };
+    put(&api, "ap-first", &deny("deny-first", 20));
+    wait_for(Duration::from_secs(30), || Ok(status_of(&writer, "deny-first"))).unwrap();
+    assert!(!status_of(&other, "deny-first"), "both replicas wrote status");
+    std::fs::remove_file(api.join("objects/ap-first.json")).unwrap();
+    time_until(Duration::from_secs(30), || echo(&t, a, &to)["ok"] == true).expect("the policy's removal never arrived");
+
+    // The writer dies without a word (its Lease is not released): the other takes it over.
+    writer.kill();
+    wait_for(Duration::from_secs(60), || Ok(writes(&other) == 1)).expect("no replica took the Lease over");
+    put(&api, "ap-second", &deny("deny-second", 21));
+    wait_for(Duration::from_secs(30), || Ok(status_of(&other, "deny-second")))
+        .expect("the next status was not written");
+    time_until(Duration::from_secs(30), || echo(&t, a, &to)["ok"] == false).expect("the DENY never reached the agents");
+    // Certificates keep coming (an 8 s lifetime: renewed every few seconds) from the survivor.
+    let issued = |a: &Agent| a.log_lines().iter().filter(|l| l["message"] == "certificate issued").count();
+    let before = (issued(&agent1), issued(&agent2));
+    wait_for(Duration::from_secs(60), || Ok(issued(&agent1) > before.0 && issued(&agent2) > before.1))
+        .expect("certificates stopped being issued");
+    other.stop();
+}

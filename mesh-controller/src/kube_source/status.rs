@@ -190,14 +190,31 @@ pub struct Stores {
 }
 
 /// Writes statuses after every change the source saw (`changed`), and every 30 s so that a
-/// failed write is retried.
-pub async fn run(client: Client, stores: Stores, verdicts: Arc<Verdicts>, changed: Arc<tokio::sync::Notify>) {
+/// failed write is retried; only while this replica holds the status writer's Lease
+/// (`leader`), and at once when it comes to hold it.
+pub async fn run(
+    client: Client,
+    stores: Stores,
+    verdicts: Arc<Verdicts>,
+    changed: Arc<tokio::sync::Notify>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+) {
     let (mut wa, mut wp, mut wm) = (Written::new(), Written::new(), Written::new());
     loop {
         tokio::select! {
             _ = changed.notified() => {}
             _ = verdicts.changed.notified() => {}
+            r = leader.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // What the previous writer wrote is in the objects; what it had not is written now.
+                wa.clear(); wp.clear(); wm.clear();
+            }
             _ = tokio::time::sleep(Duration::from_secs(30)) => { wa.clear(); wp.clear(); wm.clear(); }
+        }
+        if !*leader.borrow_and_update() {
+            continue;
         }
         write_kind(&client, &stores.aps, &mut wa, verdict_authz, |o| o.status.as_ref()).await;
         write_kind(&client, &stores.pas, &mut wp, verdict_peer, |o| o.status.as_ref()).await;

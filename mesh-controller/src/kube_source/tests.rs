@@ -281,7 +281,7 @@ async fn lists_watches_resyncs_after_410_and_matches_the_local_directory() {
     let go_410 = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(api_server(handle, pod_lists.clone(), go_410.clone()));
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, Default::default()));
+    tokio::spawn(run(client, tx, Default::default(), None));
 
     // The list, then the watch: b ADDED, c ADDED then DELETED, a MODIFIED (app=a2).
     reach(&mut rx, &["a", "b"], "a2").await.expect("watch events were not applied");
@@ -441,7 +441,7 @@ async fn policies_get_an_accepted_condition_for_the_generation_read() {
         }
     });
     let (tx, _rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, Default::default()));
+    tokio::spawn(run(client, tx, Default::default(), None));
 
     async fn next(patches: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Value)>) -> (String, Value) {
         tokio::time::timeout(Duration::from_secs(10), patches.recv())
@@ -573,7 +573,7 @@ async fn services_take_their_endpoints_and_target_ports_from_endpoint_slices() {
         }
     });
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, Default::default()));
+    tokio::spawn(run(client, tx, Default::default(), None));
     let key = ("shop".to_owned(), "web".to_owned());
     let eps = |m: &Model| -> Vec<(String, Option<String>, bool)> {
         m.services.get(&key).map_or(vec![], |s| {
@@ -742,7 +742,7 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
     });
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
     let verdicts: Arc<crate::meshes::Verdicts> = Default::default();
-    tokio::spawn(run(client, tx, verdicts.clone()));
+    tokio::spawn(run(client, tx, verdicts.clone(), None));
     let m = until(&mut rx, |m| m.workloads.len() == 2 && m.meshes.len() == 2).await.expect("no meshes");
     // The mesh keeper judges them (as the controller runs it after the source), and the status
     // writer writes its verdicts.
@@ -824,7 +824,7 @@ async fn nothing_is_published_before_every_watcher_has_listed() {
         }
     });
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Model::default()));
-    tokio::spawn(run(client, tx, Default::default()));
+    tokio::spawn(run(client, tx, Default::default(), None));
     // Every other watcher lists; the pods' list has a pod. Nothing may be published meanwhile.
     let early = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
     assert!(early.is_err(), "a model was published before the namespaces were listed: {:?}", rx.borrow().workloads);

@@ -10,7 +10,11 @@
 //! - GET of one object (404 when it is not there);
 //! - PATCH of a `/status` subresource (a JSON merge patch of `status`), which also bumps the
 //!   object's resourceVersion and is sent to watchers, as the API server does;
-//! - POST of a TokenReview: `<dir>/tokens.json` maps a token to `{username, node, audiences}`.
+//! - POST of a TokenReview: `<dir>/tokens.json` maps a token to `{username, node, audiences}`;
+//! - POST (create) and PUT (replace) of any other object, as the controller's Lease needs:
+//!   create answers 409 AlreadyExists for an object that is there, replace 409 Conflict when
+//!   the body's resourceVersion is not the object's current one (optimistic concurrency), as
+//!   the API server does. Such objects live in memory only.
 //!
 //! Every request is logged to `<dir>/requests.log` (method, path and, for writes, the body) so
 //! that a test can see what was written.
@@ -272,6 +276,48 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
         let Some(out) = out else { return respond(&mut w, 404, &not_found(&key.0, &key.2)).await };
         shared.changed.notify_waiters();
         return respond(&mut w, 200, &out).await;
+    }
+    if (req.method == "POST" && name.is_empty() || req.method == "PUT" && !name.is_empty()) && !status {
+        let mut o: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        let Some(obj_name) = o["metadata"]["name"].as_str().map(str::to_owned) else {
+            return respond(
+                &mut w,
+                400,
+                &json!({"kind": "Status", "code": 400, "reason": "BadRequest", "message": "no metadata.name"}),
+            )
+            .await;
+        };
+        let key = (plural.clone(), ns.clone(), obj_name.clone());
+        let conflict = |reason: &str, message: String| json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "message": message, "code": 409});
+        let out = {
+            let mut st = shared.store.lock().unwrap();
+            let current = st.objects.get(&key).map(|c| c["metadata"]["resourceVersion"].clone());
+            match (req.method.as_str(), current) {
+                ("POST", Some(_)) => {
+                    Err((409, conflict("AlreadyExists", format!("{plural} {obj_name:?} already exists"))))
+                }
+                ("PUT", None) => Err((404, not_found(&plural, &obj_name))),
+                ("PUT", Some(rv)) if o["metadata"]["resourceVersion"] != rv => Err((
+                    409,
+                    conflict(
+                        "Conflict",
+                        format!("Operation cannot be fulfilled on {plural} {obj_name:?}: the object has been modified"),
+                    ),
+                )),
+                (m, _) => {
+                    o["metadata"]["namespace"] = if ns.is_empty() { Value::Null } else { ns.clone().into() };
+                    st.put(key.clone(), o, if m == "POST" { "ADDED" } else { "MODIFIED" });
+                    Ok((if m == "POST" { 201 } else { 200 }, st.objects[&key].clone()))
+                }
+            }
+        };
+        return match out {
+            Ok((code, o)) => {
+                shared.changed.notify_waiters();
+                respond(&mut w, code, &o).await
+            }
+            Err((code, e)) => respond(&mut w, code, &e).await,
+        };
     }
     if req.method != "GET" {
         return respond(&mut w, 405, &json!({"kind": "Status", "code": 405, "message": "not served by the fake"}))
