@@ -174,15 +174,30 @@ pub fn check(admin: SocketAddr, bpffs: &Path, json: bool) -> ExitCode {
     }
     match &config {
         Ok(d) => {
-            let url = d.config["controller"].as_str().unwrap_or("").to_owned();
-            let hostport = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
-            let reachable = hostport
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
-                .unwrap_or(false);
-            add("controller", reachable, format!("{url} {}", if reachable { "reachable" } else { "unreachable" }), "start mesh-controller or fix the agent's --controller; existing certificates keep working until they expire");
+            // One URL per controller replica (a single string from agents before replicas).
+            let urls: Vec<String> = match &d.config["controller"] {
+                serde_json::Value::String(s) => vec![s.clone()],
+                serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                _ => Vec::new(),
+            };
+            let reaches = |url: &str| {
+                let hostport = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+                hostport
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+                    .unwrap_or(false)
+            };
+            let seen: Vec<(String, bool)> = urls.iter().map(|u| (u.clone(), reaches(u))).collect();
+            // The agent uses any replica that answers.
+            let reachable = seen.iter().any(|(_, r)| *r);
+            let detail = seen
+                .iter()
+                .map(|(u, r)| format!("{u} {}", if *r { "reachable" } else { "unreachable" }))
+                .collect::<Vec<_>>()
+                .join(", ");
+            add("controller", reachable, detail, "start mesh-controller or fix the agent's --controller; existing certificates keep working until they expire");
         }
         Err(_) => add("controller", false, not_answering.into(), "start the agent first"),
     }
