@@ -83,9 +83,7 @@ async fn node_listener(
 ) -> Result<tokio::net::TcpListener, StartError> {
     if let Some(fd) = handed.remove(kind) {
         let l = std::net::TcpListener::from(fd);
-        let here = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-            .and_then(|s| crate::netns::socket_netns_cookie(&s))
-            .ok();
+        let here = crate::netns::this_netns_cookie().ok();
         let same_netns = here.is_some() && crate::netns::socket_netns_cookie(&l).ok() == here;
         let same_addr = l.local_addr().ok() == Some(addr)
             || (addr.port() == 0 && l.local_addr().is_ok_and(|a| a.ip() == addr.ip()));

@@ -91,14 +91,13 @@ pub const LOCK: &str = "agent.lock";
 
 /// Takes the node's agent lock, or says why an agent cannot start beside one that holds it
 /// and does not hand over.
+fn open_lock(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)
+}
+
 pub fn lock(state_dir: &Path) -> anyhow::Result<std::fs::File> {
     let path = state_dir.join(LOCK);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    let f = open_lock(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
@@ -112,7 +111,7 @@ pub fn lock(state_dir: &Path) -> anyhow::Result<std::fs::File> {
 
 /// The same, waiting until the holder (a predecessor draining) exits.
 pub fn lock_blocking(state_dir: &Path) -> io::Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(state_dir.join(LOCK))?;
+    let f = open_lock(&state_dir.join(LOCK))?;
     f.lock()?;
     Ok(f)
 }

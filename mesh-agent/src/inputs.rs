@@ -121,16 +121,18 @@ impl Lifecycle {
         self.in_flight.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Accepts on `listener` once serving, until draining begins, handing each connection to
-    /// `handle` with its in-flight guard. An accept error (out of descriptors, say) is logged
-    /// and retried after a pause.
-    pub async fn accept_loop(
+    /// Accepts on `listener` once serving, until draining begins, and runs each connection's
+    /// task (`handle`'s future) on its own, counted in flight until it ends. An accept error
+    /// (out of descriptors, say) is logged and retried after a pause.
+    pub async fn accept_loop<F>(
         &self,
         listener: tokio::net::TcpListener,
         what: &'static str,
         workload: &mesh_model::WorkloadKey,
-        mut handle: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, InFlight),
-    ) {
+        mut handle: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> F,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         if !self.accepting().await {
             return;
         }
@@ -146,7 +148,14 @@ impl Lifecycle {
                 r = listener.accept() => r,
             };
             match r {
-                Ok((stream, peer)) => handle(stream, peer, self.track()),
+                Ok((stream, peer)) => {
+                    let in_flight = self.track();
+                    let task = handle(stream, peer);
+                    tokio::spawn(async move {
+                        task.await;
+                        drop(in_flight);
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(workload = %workload, error = %e, "{what} accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

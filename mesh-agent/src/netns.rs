@@ -244,6 +244,11 @@ pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The cookie of the calling thread's netns (from a socket made here).
+pub fn this_netns_cookie() -> std::io::Result<u64> {
+    socket_netns_cookie(&std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?)
+}
+
 /// The cookie of the netns a socket lives in (SO_NETNS_COOKIE, Linux 5.14+): what the
 /// sock_ops program keys original destinations by.
 pub fn socket_netns_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {

@@ -32,14 +32,8 @@ use crate::state::LocalWorkload;
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "HBONE", wl.key(), |tcp, peer, in_flight| {
-            // Tracked until the connection ends: after a hand-over it ends once its streams do.
-            let task = connection(inputs.clone(), wl.clone(), tcp, peer);
-            tokio::spawn(async move {
-                task.await;
-                drop(in_flight);
-            });
-        })
+        // In flight until the connection ends: after a hand-over, once its streams have.
+        .accept_loop(listener, "HBONE", wl.key(), |tcp, peer| connection(inputs.clone(), wl.clone(), tcp, peer))
         .await
 }
 

@@ -18,13 +18,7 @@ use crate::state::LocalWorkload;
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "inbound", wl.key(), |stream, peer, in_flight| {
-            let task = handle(inputs.clone(), wl.clone(), stream, peer);
-            tokio::spawn(async move {
-                task.await;
-                drop(in_flight);
-            });
-        })
+        .accept_loop(listener, "inbound", wl.key(), |stream, peer| handle(inputs.clone(), wl.clone(), stream, peer))
         .await
 }
 

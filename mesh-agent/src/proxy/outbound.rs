@@ -48,17 +48,13 @@ pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
 pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "outbound", wl.key(), |stream, peer, in_flight| {
+        .accept_loop(listener, "outbound", wl.key(), |stream, peer| {
             let orig =
                 inputs.orig_dst.take(crate::sockdiag::socket_cookie(&stream).ok(), &port_key(wl.netns_cookie, peer));
             // The task lives as long as the connection: the one-off steps (certificate, tunnel
             // set-up, dial) are boxed inside it so their state is freed once done instead of
             // sizing every connection's task.
-            let task = handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig);
-            tokio::spawn(async move {
-                task.await;
-                drop(in_flight);
-            });
+            handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig)
         })
         .await
 }

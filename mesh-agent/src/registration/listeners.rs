@@ -36,9 +36,7 @@ pub type Handed = Vec<(String, OwnedFd)>;
 /// Runs inside the workload's netns: takes a predecessor's listeners for this netns, if they
 /// are what they claim: TCP listeners on the mesh's ports, in this very netns (its cookie).
 pub fn adopt(handed: Handed) -> Result<Listeners, String> {
-    let here = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|s| crate::netns::socket_netns_cookie(&s))
-        .map_err(|e| format!("reading this netns' cookie: {e}"))?;
+    let here = crate::netns::this_netns_cookie().map_err(|e| format!("reading this netns' cookie: {e}"))?;
     let (mut outbound, mut inbound, mut hbone) = (Vec::new(), None, None);
     for (kind, fd) in handed {
         let l = std::net::TcpListener::from(fd);
