@@ -357,6 +357,7 @@ pub async fn run(
 }
 
 pub mod lease;
+pub mod roots;
 pub mod status;
 
 #[cfg(test)]

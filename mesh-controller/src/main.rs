@@ -182,10 +182,11 @@ struct Args {
     /// only, as it lists the whole mesh and has no authentication.
     #[arg(long, default_value = "127.0.0.1:15015")]
     admin_addr: SocketAddr,
-    /// Replicas (kubernetes source): the Lease that picks the one writing policy status, in
-    /// this namespace. Default: $POD_NAMESPACE, else sockmesh-system.
-    #[arg(long)]
-    lease_namespace: Option<String>,
+    /// The controller's own namespace (kubernetes source): where the Lease that picks the
+    /// replica writing policy status lives, and the Secrets keeping the generated roots of
+    /// Meshes without `spec.ca`. Default: $POD_NAMESPACE, else sockmesh-system.
+    #[arg(long, alias = "lease-namespace")]
+    namespace: Option<String>,
     /// The Lease's name.
     #[arg(long, default_value = "sockmesh-controller")]
     lease_name: String,
@@ -330,14 +331,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (model_tx, model_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
     let (source_tx, mut source_rx) = tokio::sync::watch::channel(Arc::new(model::Model::default()));
     let signers: meshes::SharedSigners = Arc::new(RwLock::new(meshes::Signers::only_default(ca.clone())));
-    let mut keeper = meshes::Keeper::new(state_dir(&args), ca.clone(), args.cert_ttl, args.max_cert_ttl);
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let namespace = args.namespace.clone().or_else(|| env("POD_NAMESPACE")).unwrap_or_else(|| "sockmesh-system".into());
+    let client = match args.source {
+        ConfigSource::Local => None,
+        ConfigSource::Kubernetes => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?,
+        ),
+    };
+    // Generated mesh roots: in the state directory when it is the only one (local mode), in
+    // Secrets that every replica reads with the Kubernetes source.
+    let roots = match &client {
+        None => meshes::RootStore::Files(state_dir(&args).to_owned()),
+        Some(c) => meshes::RootStore::Secrets(kube_source::roots::Secrets::new(c.clone(), &namespace)),
+    };
+    let mut keeper = meshes::Keeper::new(roots, ca.clone(), args.cert_ttl, args.max_cert_ttl);
     let verdicts = keeper.verdicts.clone();
     {
         let signers = signers.clone();
         tokio::spawn(async move {
-            while source_rx.changed().await.is_ok() {
+            loop {
+                // Admitted again after a while when a root's store did not answer.
+                tokio::select! {
+                    r = source_rx.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(2)), if keeper.retry => {}
+                }
                 let mut m = (**source_rx.borrow_and_update()).clone();
-                let s = keeper.admit(&mut m);
+                let s = keeper.admit(&mut m).await;
                 *signers.write().unwrap() = s;
                 let _ = model_tx.send(Arc::new(m));
             }
@@ -351,16 +373,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(config_dir::watch(args.config_dir.clone(), args.workloads.clone(), source_tx));
         }
         ConfigSource::Kubernetes => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let client = client.context("a client was made above for the kubernetes source")?;
             let election = kube_source::lease::Election {
-                namespace: args
-                    .lease_namespace
-                    .clone()
-                    .or_else(|| env("POD_NAMESPACE"))
-                    .unwrap_or_else(|| "sockmesh-system".into()),
+                namespace,
                 name: args.lease_name.clone(),
                 holder: args.lease_holder.clone().or_else(|| env("POD_NAME")).unwrap_or_else(|| {
                     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -495,8 +510,12 @@ mod tests {
         let namespace =
             documents(include_str!("../../deploy/kustomization.yaml"))[0]["namespace"].as_str().unwrap().to_owned();
         let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
-        // One: a second replica would generate a second root for a Mesh without spec.ca.
-        assert_eq!(dep["spec"]["replicas"].as_u64(), Some(1));
+        // Two, surging on update and kept apart by a disruption budget.
+        assert_eq!(dep["spec"]["replicas"].as_u64(), Some(2));
+        assert_eq!(dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"].as_u64(), Some(0));
+        let pdb = docs.iter().find(|d| d["kind"] == "PodDisruptionBudget").unwrap();
+        assert_eq!(pdb["spec"]["selector"], dep["spec"]["selector"]);
+        assert_eq!(pdb["spec"]["minAvailable"].as_u64(), Some(1));
         let c = &dep["spec"]["template"]["spec"]["containers"][0];
         let args: Vec<&str> = std::iter::once("mesh-controller")
             .chain(c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()))
@@ -559,6 +578,17 @@ mod tests {
             assert!(allows(res, "patch"), "{res}");
         }
         assert!(allows("tokenreviews", "create"));
+        // In its own namespace: the Lease, and the Secrets keeping generated mesh roots (read
+        // and created, never updated or deleted).
+        let ns_role = docs.iter().find(|d| d["kind"] == "Role").unwrap();
+        let ns_allows = |res: &str, verb: &str| {
+            ns_role["rules"].as_sequence().unwrap().iter().any(|r| {
+                r["resources"].as_sequence().unwrap().iter().any(|x| x == res)
+                    && r["verbs"].as_sequence().unwrap().iter().any(|x| x == verb)
+            })
+        };
+        assert!(ns_allows("leases", "update") && ns_allows("secrets", "get") && ns_allows("secrets", "create"));
+        assert!(!ns_allows("secrets", "update") && !ns_allows("secrets", "delete") && !ns_allows("secrets", "list"));
     }
 
     /// Every flag and subcommand says what it is for in `--help`.

@@ -53,6 +53,12 @@ pub type SharedSigners = Arc<RwLock<Signers>>;
 /// Each file is written whole and renamed into place, the key first: a crash in between leaves
 /// a key without a certificate, and the next start makes a new pair.
 pub fn load_or_generate(dir: &Path, trust_domain: &str, ttl: Duration, max_ttl: Duration) -> anyhow::Result<Ca> {
+    let (cert, key) = root_files(dir, trust_domain)?;
+    Ok(Ca::from_pem(trust_domain, &cert, &key, "", ttl, max_ttl)?)
+}
+
+/// [`load_or_generate`]'s files: the root's certificate and key (PEM).
+fn root_files(dir: &Path, trust_domain: &str) -> anyhow::Result<(String, String)> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cert_path = dir.join("root.pem");
@@ -76,7 +82,35 @@ pub fn load_or_generate(dir: &Path, trust_domain: &str, ttl: Duration, max_ttl: 
         std::fs::rename(&tmp, &cert_path)?;
         tracing::info!(cert = %cert_path.display(), trust_domain, "generated a new root CA");
     }
-    Ok(Ca::from_pem(trust_domain, &read(&cert_path)?, &read(&key_path)?, "", ttl, max_ttl)?)
+    Ok((read(&cert_path)?, read(&key_path)?))
+}
+
+/// Where the root of a Mesh without `spec.ca` is kept once generated.
+pub enum RootStore {
+    /// `<dir>/meshes/<mesh>/` (local mode: one controller per state directory, locked).
+    Files(PathBuf),
+    /// A Secret per mesh in the controller's namespace, which every replica reads (Kubernetes:
+    /// a replica's state directory is its own, and lost with its pod).
+    Secrets(crate::kube_source::roots::Secrets),
+}
+
+/// Why a generated root could not be had.
+pub enum RootError {
+    /// The store answered, and what it holds is wrong (the message says what to do).
+    Bad(String),
+    /// The store did not answer; worth trying again.
+    Unreachable(String),
+}
+
+impl RootStore {
+    /// The mesh's root (certificate, key), generated and stored the first time.
+    async fn root(&self, mesh: &str, trust_domain: &str) -> Result<(String, String), RootError> {
+        match self {
+            RootStore::Files(dir) => root_files(&dir.join("meshes").join(mesh), trust_domain)
+                .map_err(|e| RootError::Bad(format!("{e:#}"))),
+            RootStore::Secrets(s) => s.get_or_create(mesh, trust_domain).await,
+        }
+    }
 }
 
 /// What a mesh's CA was loaded from: the trust domain and, for the operator's CA, the files'
@@ -99,7 +133,7 @@ impl Verdicts {
 }
 
 pub struct Keeper {
-    state_dir: PathBuf,
+    roots: RootStore,
     default: Arc<Ca>,
     cert_ttl: Duration,
     max_ttl: Duration,
@@ -108,22 +142,25 @@ pub struct Keeper {
     /// it, and the newcomer is refused.
     accepted_before: std::collections::BTreeSet<String>,
     pub verdicts: Arc<Verdicts>,
+    /// A generated root's store did not answer at the last admission: admit again soon.
+    pub retry: bool,
 }
 
 impl Keeper {
-    pub fn new(state_dir: &Path, default: Arc<Ca>, cert_ttl: Duration, max_ttl: Duration) -> Keeper {
+    pub fn new(roots: RootStore, default: Arc<Ca>, cert_ttl: Duration, max_ttl: Duration) -> Keeper {
         Keeper {
-            state_dir: state_dir.to_owned(),
+            roots,
             default,
             cert_ttl,
             max_ttl,
             loaded: BTreeMap::new(),
             accepted_before: Default::default(),
             verdicts: Default::default(),
+            retry: false,
         }
     }
 
-    fn ca_for(&mut self, name: &str, spec: &MeshSpec) -> Result<Arc<Ca>, String> {
+    async fn ca_for(&mut self, name: &str, spec: &MeshSpec) -> Result<Arc<Ca>, String> {
         let read = |what: &str, p: &str| {
             std::fs::read_to_string(p)
                 .map_err(|e| format!("ca.{what} {p}: {e}; the controller must be able to read it"))
@@ -143,13 +180,17 @@ impl Keeper {
             }
         }
         let ca = match &source.1 {
-            None => load_or_generate(
-                &self.state_dir.join("meshes").join(name),
-                &spec.trust_domain,
-                self.cert_ttl,
-                self.max_ttl,
-            )
-            .map_err(|e| format!("its CA: {e:#}"))?,
+            None => {
+                let (cert, key) = self.roots.root(name, &spec.trust_domain).await.map_err(|e| match e {
+                    RootError::Bad(e) => format!("its CA: {e}"),
+                    RootError::Unreachable(e) => {
+                        self.retry = true;
+                        format!("its CA: {e}; trying again")
+                    }
+                })?;
+                Ca::from_pem(&spec.trust_domain, &cert, &key, "", self.cert_ttl, self.max_ttl)
+                    .map_err(|e| format!("its generated root: {e}"))?
+            }
             Some((cert, key, chain)) => Ca::from_pem(&spec.trust_domain, cert, key, chain, self.cert_ttl, self.max_ttl)
                 .map_err(|e| format!("ca: {e}"))?,
         };
@@ -159,7 +200,8 @@ impl Keeper {
     }
 
     /// Admits the model's meshes (see the module's documentation) and returns the signers.
-    pub fn admit(&mut self, m: &mut Model) -> Signers {
+    pub async fn admit(&mut self, m: &mut Model) -> Signers {
+        self.retry = false;
         let mut signers = Signers::only_default(self.default.clone());
         let meshes = std::mem::take(&mut m.meshes);
         // Those accepted before first: a newcomer cannot take an established mesh's trust domain.
@@ -173,7 +215,11 @@ impl Keeper {
         let mut roots: Vec<(String, String)> =
             self.default.roots_pem().iter().map(|r| (r.trim().to_owned(), DEFAULT_MESH.to_owned())).collect();
         for ((name, spec), verdict) in order.into_iter().zip(verdicts) {
-            let ca = verdict.and_then(|()| self.ca_for(&name, &spec)).and_then(|ca| {
+            let ca = match verdict {
+                Ok(()) => self.ca_for(&name, &spec).await,
+                Err(e) => Err(e),
+            };
+            let ca = ca.and_then(|ca| {
                 match ca.roots_pem().iter().find_map(|r| roots.iter().find(|(x, _)| x == r.trim())) {
                     Some((_, other)) => Err(format!(
                         "its CA's root is also mesh {other}'s; each mesh needs a root of its own (an intermediate under a shared root would let one mesh's CA sign another's identities)"
@@ -299,7 +345,7 @@ mod tests {
     /// A keeper whose state is `dir`, under a default mesh of cluster.local.
     fn keeper(dir: &Path) -> (Keeper, mesh_identity::ca::GeneratedRoot, Arc<Ca>) {
         let (root, default) = test_ca("cluster.local");
-        (Keeper::new(dir, default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400)), root, default)
+        (Keeper::new(RootStore::Files(dir.to_owned()), default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400)), root, default)
     }
 
     fn model(text: &str) -> Model {
@@ -314,8 +360,8 @@ mod tests {
     /// Each mesh gets its own root, kept across restarts; a namespace labelled for a mesh that
     /// is not there loses its workloads (reported); a mesh whose trust domain is taken is
     /// rejected; records go out only when there are meshes.
-    #[test]
-    fn meshes_get_their_own_roots_and_orphans_are_reported() {
+    #[tokio::test]
+    async fn meshes_get_their_own_roots_and_orphans_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let (mut keeper, _, default) = keeper(dir.path());
         let mut m = model("kind: Workload\nname: a\nnamespace: team-a\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: x\nnamespace: lost\nips: [10.0.0.2]\nnode: n1\n---\nkind: Workload\nname: d\nips: [10.0.0.3]\nnode: n1\n");
@@ -328,7 +374,7 @@ mod tests {
         let spec = |td: &str| MeshSpec { trust_domain: td.into(), ..Default::default() };
         m.admit_mesh("a", &spec("a.example"), "Mesh".into());
         m.admit_mesh("b", &spec("cluster.local"), "Mesh".into());
-        let signers = keeper.admit(&mut m);
+        let signers = keeper.admit(&mut m).await;
         assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["a"]);
         assert!(
             m.errors.iter().any(|e| e.contains("Mesh b rejected") && e.contains("mesh default's")),
@@ -353,23 +399,23 @@ mod tests {
         // Kept across a restart of the controller: the same root.
         let first = a.ca.roots_pem().to_vec();
         let mut again =
-            Keeper::new(dir.path(), default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400));
+            Keeper::new(RootStore::Files(dir.path().to_owned()), default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400));
         let mut m2 = Model::default();
         m2.admit_mesh("a", &spec("a.example"), "Mesh".into());
-        let s2 = again.admit(&mut m2);
+        let s2 = again.admit(&mut m2).await;
         assert_eq!(s2.for_trust_domain("a.example").unwrap().ca.roots_pem(), first.as_slice());
 
         // Without meshes, nothing about meshes is pushed.
         let mut plain = model("kind: Workload\nname: d\nips: [10.0.0.3]\nnode: n1\n");
-        keeper.admit(&mut plain);
+        keeper.admit(&mut plain).await;
         assert!(plain.mesh_records.is_empty());
     }
 
     /// A mesh with the operator's CA: an intermediate under an external root, from files. The
     /// mesh's roots are the external root; what it signs carries the intermediate; a file it
     /// cannot read rejects the mesh with the path named.
-    #[test]
-    fn an_operator_provided_intermediate_signs_for_its_mesh() {
+    #[tokio::test]
+    async fn an_operator_provided_intermediate_signs_for_its_mesh() {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let dir = tempfile::tempdir().unwrap();
         let external = Ca::generate_root("ext.example").unwrap();
@@ -393,7 +439,7 @@ mod tests {
         let mut m = Model::default();
         let spec = MeshSpec { trust_domain: "ext.example".into(), ca: Some(ca.clone()), ..Default::default() };
         m.admit_mesh("ext", &spec, "Mesh".into());
-        let signers = keeper.admit(&mut m);
+        let signers = keeper.admit(&mut m).await;
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         assert_eq!(m.mesh_records["ext"].roots, [external.cert_pem.trim().to_owned() + "\n"]);
         let id = mesh_identity::SpiffeId::workload("ext.example", "ns", "sa").unwrap();
@@ -404,7 +450,7 @@ mod tests {
         let mut gone = Model::default();
         let missing = mesh_model::mesh::MeshCa { cert_file: "/nonexistent/int.pem".into(), ..ca };
         gone.admit_mesh("ext", &MeshSpec { ca: Some(missing), ..spec }, "Mesh".into());
-        keeper.admit(&mut gone);
+        keeper.admit(&mut gone).await;
         assert!(gone.meshes.is_empty());
         assert!(gone.errors.iter().any(|e| e.contains("/nonexistent/int.pem")), "{:?}", gone.errors);
     }
@@ -413,8 +459,8 @@ mod tests {
     /// against a newcomer; trust in a mesh that is gone is dropped, not held against the
     /// trusting mesh; two meshes cannot share a root; an orphan is nobody's Service endpoint; a
     /// key left without its certificate (a crash while generating) gets a new pair.
-    #[test]
-    fn established_meshes_keep_their_ground_and_orphans_are_no_endpoints() {
+    #[tokio::test]
+    async fn established_meshes_keep_their_ground_and_orphans_are_no_endpoints() {
         let dir = tempfile::tempdir().unwrap();
         let (mut keeper, root, _) = keeper(dir.path());
         let day = Duration::from_secs(86_400);
@@ -426,7 +472,7 @@ mod tests {
         let mut m = Model::default();
         m.admit_mesh("pay", &spec("pay.example", &["shop"]), "Mesh".into());
         m.admit_mesh("shop", &spec("shop.example", &[]), "Mesh".into());
-        keeper.admit(&mut m);
+        keeper.admit(&mut m).await;
         assert_eq!(m.meshes.len(), 2, "{:?}", m.errors);
         assert_eq!(m.mesh_records["pay"].trust, ["shop"]);
 
@@ -435,7 +481,7 @@ mod tests {
         let mut m = Model::default();
         m.admit_mesh("aaa", &spec("pay.example", &[]), "Mesh".into());
         m.admit_mesh("pay", &spec("pay.example", &["shop"]), "Mesh".into());
-        keeper.admit(&mut m);
+        keeper.admit(&mut m).await;
         assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["pay"], "{:?}", m.errors);
         assert_eq!(
             keeper.verdicts.get("aaa").unwrap().unwrap_err(),
@@ -457,7 +503,7 @@ mod tests {
         };
         let mut m = Model::default();
         m.admit_mesh("twin", &MeshSpec { ca: Some(same), ..spec("twin.example", &[]) }, "Mesh".into());
-        keeper.admit(&mut m);
+        keeper.admit(&mut m).await;
         assert!(m.meshes.is_empty());
         assert!(keeper.verdicts.get("twin").unwrap().unwrap_err().contains("also mesh default's"));
 
@@ -472,7 +518,7 @@ mod tests {
         )
         .unwrap();
         m.services.insert(("lost".into(), "web".into()), svc);
-        keeper.admit(&mut m);
+        keeper.admit(&mut m).await;
         let eps: Vec<String> =
             m.services.values().next().unwrap().endpoints.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(eps, ["192.0.2.1"]);

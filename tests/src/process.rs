@@ -364,9 +364,12 @@ impl Topology {
             .arg(&node.state_dir)
             .arg("--api-socket")
             .arg(&api)
-            .args(["--log-format", "json", "--connect-timeout-ms", "2000"])
-            .args(["--controller", &format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")])
-            .arg("--trust-bundle")
+            .args(["--log-format", "json", "--connect-timeout-ms", "2000"]);
+        // The controller, unless `extra` names the replicas (a repeated flag adds to the list).
+        if !extra.contains(&"--controller") {
+            cmd.args(["--controller", &format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")]);
+        }
+        cmd.arg("--trust-bundle")
             .arg(self.trust_bundle())
             .arg("--node-credential-file")
             .arg(node.state_dir.join("credential"));

@@ -656,3 +656,76 @@ fn two_controller_replicas_one_status_writer_and_a_successor_when_it_dies() {
         .expect("certificates stopped being issued");
     other.stop();
 }
+
+/// Two replicas and a Mesh without `spec.ca`: its root is generated once, by one replica, and
+/// kept in a Secret that both read. Agents on different replicas trust each other's
+/// certificates, and a replica that comes back with an empty state directory (an `emptyDir`,
+/// as in the Deployment) signs under the same root.
+#[test]
+fn replicas_share_a_generated_mesh_root_through_a_secret() {
+    let Kube { mut t, n1, n2, a, b, api, .. } = kube("kube-mesh-root");
+    put(
+        &api,
+        "ns-default",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"sockmesh.io/mesh": "blue"}}}),
+    );
+    put(
+        &api,
+        "mesh-blue",
+        &json!({"apiVersion": "security.sockmesh.io/v1alpha1", "kind": "Mesh", "metadata": {"name": "blue", "generation": 1}, "spec": {"trustDomain": "blue.example"}}),
+    );
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let dir = t.controller_dir();
+    let mut first = t.start_kube_controller(&kubeconfig, &["--lease-holder", "first"]).unwrap();
+    let ca: Vec<String> = ["root.pem", "root-key.pem"].iter().map(|f| dir.join(f).display().to_string()).collect();
+    let replica = |t: &Topology, port: u16, state: &str, holder: &str| {
+        let (metrics, admin) = (format!("0.0.0.0:{}", port + 100), format!("127.0.0.1:{}", port + 200));
+        let args = [
+            "--ca-cert", &ca[0], "--ca-key", &ca[1], "--metrics-addr", &metrics, "--admin-addr", &admin,
+            "--lease-holder", holder,
+        ];
+        t.start_kube_controller_replica(&kubeconfig, port, &dir.with_file_name(state), &args).unwrap()
+    };
+    let second = replica(&t, CONTROLLER_PORT + 1, "controller-replica-2", "second");
+
+    // n1's agent asks the first replica, n2's the second.
+    let (one, two) =
+        (format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}"), format!("https://{CONTROLLER_IP}:{}", CONTROLLER_PORT + 1));
+    let flags = |order: String| {
+        let f = [&kubelet_flags()[..], &["--controller", &order, "--cert-ttl-seconds", "8"]].concat();
+        f.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let (f1, f2) = (flags(format!("{one},{two}")), flags(format!("{two},{one}")));
+    let _server = t.start_server(b, PORT).unwrap();
+    let agent1 = t.start_agent(n1, &f1.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let agent2 = t.start_agent(n2, &f2.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+    let to = format!("{}:{PORT}", t.pod(b).ip);
+    let r = echo(&t, a, &to);
+    assert_eq!(r["ok"], true, "a and b, with certificates from different replicas: {r}");
+    let from_a = |l: &Value| l["direction"] == "inbound" && l["src_principal"] == "spiffe://blue.example/ns/default/sa/sa-a";
+    wait_for(Duration::from_secs(10), || Ok(agent2.access_log().iter().any(from_a)))
+        .expect("n2's agent logged no connection from a's identity in mesh blue");
+    let generated = "generated a new root CA for the mesh, kept in a Secret";
+    let made = |c: &Controller| c.log_lines().iter().filter(|l| l["message"] == generated).count();
+    assert_eq!(made(&first) + made(&second), 1, "the root was generated once");
+    let posts = std::fs::read_to_string(api.join("requests.log"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["method"] == "POST" && l["path"].as_str().is_some_and(|p| p.ends_with("/secrets")))
+        .count();
+    assert!((1..=2).contains(&posts), "{posts} Secrets created");
+
+    // The first replica comes back with an empty state directory: the same root, from the Secret.
+    first.kill();
+    let mut back = replica(&t, CONTROLLER_PORT, "controller-replica-1-again", "first-again");
+    let issued = |a: &Agent| a.log_lines().iter().filter(|l| l["message"] == "certificate issued").count();
+    let before = issued(&agent1);
+    wait_for(Duration::from_secs(60), || Ok(issued(&agent1) > before + 1)).expect("n1 got no new certificate");
+    assert_eq!(made(&back), 0, "the replica that came back generated a root of its own");
+    let r = echo(&t, a, &to);
+    assert_eq!(r["ok"], true, "a's certificate from the replica that came back: {r}");
+    back.stop();
+}

@@ -38,6 +38,7 @@ fn the_rendered_manifests_pass_strict_validation() {
         "deployment/sockmesh-controller",
         "service/sockmesh-controller",
         "daemonset/sockmesh-agent",
+        "poddisruptionbudget/sockmesh-controller",
         "clusterrole/sockmesh-controller",
         "role/sockmesh-agent",
     ] {

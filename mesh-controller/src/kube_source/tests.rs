@@ -749,9 +749,9 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
     let state = tempfile::tempdir().unwrap();
     let (_, ca) = crate::meshes::test_ca("cluster.local");
     let day = Duration::from_secs(86_400);
-    let mut keeper = crate::meshes::Keeper::new(state.path(), ca, day, day);
+    let mut keeper = crate::meshes::Keeper::new(crate::meshes::RootStore::Files(state.path().to_owned()), ca, day, day);
     keeper.verdicts = verdicts;
-    keeper.admit(&mut (*m).clone());
+    keeper.admit(&mut (*m).clone()).await;
     let mesh_of = |name: &str| m.workloads.values().find(|w| w.name == name).unwrap().mesh.clone();
     assert_eq!(mesh_of("a1").as_deref(), Some("a"));
     assert_eq!(mesh_of("d1"), None, "`enabled` is the default mesh");
