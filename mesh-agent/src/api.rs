@@ -8,7 +8,7 @@
 //!   {"op":"certs"}                                the identities served and their certificates
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,10 +47,31 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub async fn serve(views: Arc<Views>, listener: UnixListener) {
+/// Serves the local API on `listener`, bound at `path`. `rebind` is notified when a successor
+/// that took the path over went away without taking over: the socket is bound at `path`
+/// again, unless the one there is still this one.
+pub async fn serve(views: Arc<Views>, mut listener: UnixListener, path: PathBuf, rebind: Arc<tokio::sync::Notify>) {
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    let mut bound = ino(&path);
     let mut backoff = Duration::from_millis(10);
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = rebind.notified() => {
+                if ino(&path) != bound || bound.is_none() {
+                    match bind(&path) {
+                        Ok(l) => {
+                            listener = l;
+                            bound = ino(&path);
+                            tracing::info!(path = %path.display(), "local API bound again: the successor went away");
+                        }
+                        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot bind the local API again"),
+                    }
+                }
+                continue;
+            }
+        };
+        let stream = match accepted {
             Ok((s, _)) => {
                 backoff = Duration::from_millis(10);
                 s

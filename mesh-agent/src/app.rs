@@ -58,6 +58,8 @@ pub struct Agent {
     /// The tasks that serve the node-wide listeners, follow the controller, the pods and the
     /// local API, and run the census: stopped when this agent hands over.
     pub tasks: Vec<JoinHandle<()>>,
+    /// Binds the local API at its path again (a successor that took it went away).
+    pub api_rebind: Arc<tokio::sync::Notify>,
 }
 
 /// What a predecessor handed over: its node-wide listeners by kind, and each workload's by pin
@@ -283,7 +285,8 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         loads: loads.clone(),
         lifecycle: lifecycle.clone(),
     });
-    tasks.push(tokio::spawn(crate::api::serve(views.clone(), api_l)));
+    let api_rebind = Arc::new(tokio::sync::Notify::new());
+    tasks.push(tokio::spawn(crate::api::serve(views.clone(), api_l, cfg.api_socket.clone(), api_rebind.clone())));
     tasks.push(tokio::spawn(
         ConfigWatch {
             state,
@@ -311,5 +314,6 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         lifecycle,
         node_fds,
         tasks,
+        api_rebind,
     })
 }

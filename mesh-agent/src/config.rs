@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// the pod's terminationGracePeriodSeconds.
     #[arg(long, default_value_t = 25)]
     pub drain_deadline_seconds: u64,
+    /// Started beside a running agent (an upgrade): how long to wait until this one could
+    /// serve every workload (a configuration, and a certificate each) before giving up. It
+    /// then exits with what was missing, and the running agent serves on.
+    #[arg(long, default_value_t = 120)]
+    pub handover_wait_seconds: u64,
     /// How many endpoints of a Service one connection tries (each unreachable one is skipped)
     /// before the client is refused.
     #[arg(long, default_value_t = 3)]
@@ -168,6 +173,7 @@ pub struct Config {
     pub mesh_cidrs: Vec<mesh_model::Cidr>,
     pub connect_timeout_ms: u64,
     pub drain_deadline_seconds: u64,
+    pub handover_wait_seconds: u64,
     pub service_attempts: usize,
     pub log_format: LogFormat,
     pub controller: Vec<String>,
@@ -351,6 +357,7 @@ impl Config {
             mesh_cidrs: a.mesh_cidrs,
             connect_timeout_ms: a.connect_timeout_ms,
             drain_deadline_seconds: a.drain_deadline_seconds,
+            handover_wait_seconds: a.handover_wait_seconds,
             service_attempts: a.service_attempts,
             log_format: a.log_format,
             controller: a.controller,

@@ -284,7 +284,22 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     // The API socket is this agent's now; on the way out it is removed only if still so.
     let api_inode = std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
     if let Some(t) = taken {
-        take_over(&agent, t).await;
+        let wait = std::time::Duration::from_secs(agent.views.config.handover_wait_seconds);
+        if let Err((t, missing)) = take_over(&agent, t, wait).await {
+            // The running agent serves on: the API's path is given back (it binds it again
+            // once this agent's end of the hand-over closes), and nothing of the node's is
+            // touched on the way out.
+            if std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == api_inode {
+                let _ = std::fs::remove_file(&api_socket);
+            }
+            let pid = t.pid;
+            drop(t);
+            anyhow::bail!(
+                "could not take over within --handover-wait-seconds {}: {}. The running agent (PID {pid}) serves on; fix what is missing (the controller must be reachable and sign each workload's certificate) and start this agent again (under a DaemonSet the kubelet restarts it, and the rollout waits meanwhile)",
+                wait.as_secs(),
+                missing.join("; ")
+            );
+        }
         // The predecessor stopped: what looked stale may be swept now, and the node lock
         // (released when the predecessor exits) is taken for this agent's life.
         agent.views.registry.set_hold(registration::Hold::None);
@@ -326,8 +341,15 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             }
             Ok(groups)
         };
-        let registry = agent.views.registry.clone();
-        let resume = move || registry.set_hold(registration::Hold::None);
+        let (registry, api_rebind, rt) =
+            (agent.views.registry.clone(), agent.api_rebind.clone(), tokio::runtime::Handle::current());
+        let resume = move || {
+            registry.set_hold(registration::Hold::None);
+            api_rebind.notify_one();
+            // What changed while frozen (pods come and gone, a new configuration) is caught up.
+            let registry = registry.clone();
+            rt.spawn(async move { registry.follow_config().await });
+        };
         let on_stop = move || {
             lifecycle.set(inputs::Phase::Draining);
             for t in tasks {
@@ -401,8 +423,13 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
 
 /// Waits until this agent could serve every workload it captured (and the predecessor's
 /// listeners are claimed, or a while has passed), then accepts and tells the predecessor to
-/// stop. If the predecessor dies first, accepts at once: nothing else accepts any more.
-async fn take_over(agent: &app::Agent, t: handover::Taken) {
+/// stop. If the predecessor dies first, accepts at once: nothing else accepts any more. Gives
+/// up after `wait`, handing back what it is missing: the predecessor serves on.
+async fn take_over(
+    agent: &app::Agent,
+    t: handover::Taken,
+    wait: std::time::Duration,
+) -> Result<(), (handover::Taken, Vec<String>)> {
     let started = std::time::Instant::now();
     let mut logged = started;
     loop {
@@ -419,7 +446,10 @@ async fn take_over(agent: &app::Agent, t: handover::Taken) {
         if t.predecessor_gone() {
             tracing::warn!(?missing, "the predecessor went away before this agent took over; accepting now");
             agent.lifecycle.set(inputs::Phase::Serving);
-            return;
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err((t, missing));
         }
         if logged.elapsed() >= std::time::Duration::from_secs(10) {
             tracing::info!(?missing, predecessor = t.pid, "not taking over yet; the predecessor serves meanwhile");
@@ -433,6 +463,7 @@ async fn take_over(agent: &app::Agent, t: handover::Taken) {
         Ok(Err(e)) => tracing::warn!(error = %e, "the predecessor did not confirm it stopped accepting"),
         Err(e) => tracing::warn!(error = %e, "the predecessor did not confirm it stopped accepting"),
     }
+    Ok(())
 }
 
 /// How long a successor waits for the predecessor's workloads it has not captured.

@@ -106,8 +106,9 @@ impl RootStore {
     /// The mesh's root (certificate, key), generated and stored the first time.
     async fn root(&self, mesh: &str, trust_domain: &str) -> Result<(String, String), RootError> {
         match self {
-            RootStore::Files(dir) => root_files(&dir.join("meshes").join(mesh), trust_domain)
-                .map_err(|e| RootError::Bad(format!("{e:#}"))),
+            RootStore::Files(dir) => {
+                root_files(&dir.join("meshes").join(mesh), trust_domain).map_err(|e| RootError::Bad(format!("{e:#}")))
+            }
             RootStore::Secrets(s) => s.get_or_create(mesh, trust_domain).await,
         }
     }
@@ -345,7 +346,16 @@ mod tests {
     /// A keeper whose state is `dir`, under a default mesh of cluster.local.
     fn keeper(dir: &Path) -> (Keeper, mesh_identity::ca::GeneratedRoot, Arc<Ca>) {
         let (root, default) = test_ca("cluster.local");
-        (Keeper::new(RootStore::Files(dir.to_owned()), default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400)), root, default)
+        (
+            Keeper::new(
+                RootStore::Files(dir.to_owned()),
+                default.clone(),
+                Duration::from_secs(3600),
+                Duration::from_secs(86_400),
+            ),
+            root,
+            default,
+        )
     }
 
     fn model(text: &str) -> Model {
@@ -398,8 +408,12 @@ mod tests {
 
         // Kept across a restart of the controller: the same root.
         let first = a.ca.roots_pem().to_vec();
-        let mut again =
-            Keeper::new(RootStore::Files(dir.path().to_owned()), default.clone(), Duration::from_secs(3600), Duration::from_secs(86_400));
+        let mut again = Keeper::new(
+            RootStore::Files(dir.path().to_owned()),
+            default.clone(),
+            Duration::from_secs(3600),
+            Duration::from_secs(86_400),
+        );
         let mut m2 = Model::default();
         m2.admit_mesh("a", &spec("a.example"), "Mesh".into());
         let s2 = again.admit(&mut m2).await;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tests::*;
 
 const APP_PORT: u16 = 8080;
@@ -253,4 +253,50 @@ fn an_agent_that_cannot_hand_over_is_not_run_beside() {
     let r = t.pod_app(a, &["echo", "--to", &t.addr(b, APP_PORT), "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
     wait_for(Duration::from_secs(10), || Ok(first.access_log().iter().any(|l| l["result"] == "ok"))).unwrap();
+}
+
+/// A successor that cannot become ready (no certificates: the controller is paused) gives up
+/// after `--handover-wait-seconds`, exits saying what it was missing, and the running agent
+/// serves on: its pods' connections work, and its local API is back at its path and takes
+/// changes again. The links are the ones there were.
+#[test]
+fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on() {
+    let (mut t, n1, a, b) = Topology::one_node_mesh("giveup").unwrap();
+    let ctl = t.start_controller(&[]).unwrap();
+    let _server = t.start_server(b, APP_PORT).unwrap();
+    let old = t.start_agent(n1, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    let links = pinned_link_ids(&t.node(n1).bpffs).unwrap();
+    let to = t.addr(b, APP_PORT);
+    let signal = |sig| {
+        // SAFETY: our own child's pid.
+        unsafe { libc::kill(ctl.pid().unwrap() as i32, sig) };
+    };
+    signal(libc::SIGSTOP);
+    let e = t
+        .start_agent(n1, &["--handover-wait-seconds", "3"])
+        .err()
+        .expect("a successor without certificates took over")
+        .to_string();
+    signal(libc::SIGCONT);
+    assert!(
+        e.contains("could not take over within --handover-wait-seconds 3")
+            && e.contains("serves on")
+            && e.contains(&format!("PID {}", old.pid().unwrap())),
+        "{e}"
+    );
+    wait_for(Duration::from_secs(10), || {
+        Ok(!lines_with(&old, "a successor went away before taking over; carrying on").is_empty())
+    })
+    .unwrap();
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    wait_for(Duration::from_secs(10), || Ok(old.access_log().iter().any(|l| l["result"] == "ok"))).unwrap();
+    // The API answers at its path again, and takes changes (no longer frozen for a hand-over).
+    wait_for(Duration::from_secs(10), || Ok(old.api(json!({"op": "workloads"})).is_ok()))
+        .expect("the running agent's local API did not come back");
+    let e = old.api(json!({"op": "remove_workload", "namespace": "default", "name": "nobody"})).unwrap_err();
+    assert!(!e.to_string().contains("handing over"), "{e}");
+    assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links);
+    one_program_per_hook(&t, n1);
 }

@@ -681,16 +681,26 @@ fn replicas_share_a_generated_mesh_root_through_a_secret() {
     let replica = |t: &Topology, port: u16, state: &str, holder: &str| {
         let (metrics, admin) = (format!("0.0.0.0:{}", port + 100), format!("127.0.0.1:{}", port + 200));
         let args = [
-            "--ca-cert", &ca[0], "--ca-key", &ca[1], "--metrics-addr", &metrics, "--admin-addr", &admin,
-            "--lease-holder", holder,
+            "--ca-cert",
+            &ca[0],
+            "--ca-key",
+            &ca[1],
+            "--metrics-addr",
+            &metrics,
+            "--admin-addr",
+            &admin,
+            "--lease-holder",
+            holder,
         ];
         t.start_kube_controller_replica(&kubeconfig, port, &dir.with_file_name(state), &args).unwrap()
     };
     let second = replica(&t, CONTROLLER_PORT + 1, "controller-replica-2", "second");
 
     // n1's agent asks the first replica, n2's the second.
-    let (one, two) =
-        (format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}"), format!("https://{CONTROLLER_IP}:{}", CONTROLLER_PORT + 1));
+    let (one, two) = (
+        format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}"),
+        format!("https://{CONTROLLER_IP}:{}", CONTROLLER_PORT + 1),
+    );
     let flags = |order: String| {
         let f = [&kubelet_flags()[..], &["--controller", &order, "--cert-ttl-seconds", "8"]].concat();
         f.iter().map(|s| s.to_string()).collect::<Vec<String>>()
@@ -704,7 +714,8 @@ fn replicas_share_a_generated_mesh_root_through_a_secret() {
     let to = format!("{}:{PORT}", t.pod(b).ip);
     let r = echo(&t, a, &to);
     assert_eq!(r["ok"], true, "a and b, with certificates from different replicas: {r}");
-    let from_a = |l: &Value| l["direction"] == "inbound" && l["src_principal"] == "spiffe://blue.example/ns/default/sa/sa-a";
+    let from_a =
+        |l: &Value| l["direction"] == "inbound" && l["src_principal"] == "spiffe://blue.example/ns/default/sa/sa-a";
     wait_for(Duration::from_secs(10), || Ok(agent2.access_log().iter().any(from_a)))
         .expect("n2's agent logged no connection from a's identity in mesh blue");
     let generated = "generated a new root CA for the mesh, kept in a Secret";

@@ -233,7 +233,9 @@ mod tests {
         assert_eq!(s.get_or_create("pay", "pay.example").await.ok().unwrap(), (root.cert_pem, root.key_pem));
         match s.get_or_create("pay", "pay.example").await {
             Err(RootError::Bad(e)) => assert!(
-                e.contains("sockmesh-system/sockmesh-root-pay") && e.contains("\"old.example\"") && e.contains("delete the Secret"),
+                e.contains("sockmesh-system/sockmesh-root-pay")
+                    && e.contains("\"old.example\"")
+                    && e.contains("delete the Secret"),
                 "{e}"
             ),
             _ => panic!("a root of another trust domain was used"),
