@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -191,10 +192,23 @@ impl Pool {
                 Err(e) => return Ok((Some(conn), Err(e))),
             };
             // Drive the connection here until the answer arrives.
+            let mut response = std::pin::pin!(response);
             let wait = tokio::time::timeout(connect_timeout + Duration::from_secs(1), async {
                 tokio::select! {
-                    r = response => (true, r.map_err(TunnelError::from)),
-                    r = &mut conn => (false, Err(r.err().map(TunnelError::from).unwrap_or(TunnelError::Closed))),
+                    r = &mut response => (true, r.map_err(TunnelError::from)),
+                    r = &mut conn => {
+                        // The connection ended first. What became of this stream is its own
+                        // error, which h2 has set by now: refused unprocessed (above a GOAWAY's
+                        // last stream id: sent again) or lost once processed (never sent again,
+                        // its first bytes may have reached the app). The connection's error
+                        // (a GOAWAY with an error code, say) does not tell the two apart.
+                        let own = match std::future::poll_fn(|cx| Poll::Ready(response.as_mut().poll(cx))).await {
+                            Poll::Ready(r) => Some(r),
+                            Poll::Pending => None,
+                        };
+                        let lost = || r.err().map(TunnelError::from).filter(|e| !e.is_gone_away());
+                        (false, Err(own.and_then(|o| o.err()).map(TunnelError::from).or_else(lost).unwrap_or(TunnelError::Closed)))
+                    }
                 }
             })
             .await;

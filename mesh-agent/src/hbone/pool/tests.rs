@@ -172,3 +172,63 @@ async fn a_peer_with_another_identity_is_refused_at_the_handshake() {
     let e = open(&pool, &a, &someone_else, addr).await.err().expect("refused");
     assert_eq!(e.failure().label(), "unexpected_identity", "{e}");
 }
+
+/// A server that took a stream and then went away without answering it: the stream's first
+/// bytes went to its app, it says GOAWAY (naming that stream as processed) and closes the
+/// connection, as a draining agent that reaches its deadline or dies does.
+async fn server_taking_then_going(
+    cert: WorkloadCert,
+    reason: h2::Reason,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let counted = sessions.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counted, tx) = (acceptor.clone(), counted.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut conn) = h2::server::Builder::new().handshake::<_, Bytes>(tls).await else { return };
+                let Some(Ok((req, respond))) = conn.accept().await else { return };
+                let mut body = req.into_body();
+                if let Some(Ok(first)) = body.data().await {
+                    let _ = tx.send(first);
+                }
+                // GOAWAY naming the stream processed, flushed; then the connection closes with
+                // the stream unanswered (neither answered nor reset).
+                conn.abrupt_shutdown(reason);
+                while conn.accept().await.is_some() {}
+                std::mem::forget((respond, body));
+            });
+        }
+    });
+    (addr, sessions, rx)
+}
+
+/// A stream the peer processed before its GOAWAY is never sent again when the connection is
+/// then lost, whatever the GOAWAY's code: its first bytes reached the app once, and a second
+/// copy would be a duplicate request. The tunnel fails instead (the client is reset, as on any
+/// lost connection).
+#[tokio::test]
+async fn a_stream_processed_before_a_goaway_is_not_sent_again_when_the_connection_is_lost() {
+    for reason in [h2::Reason::NO_ERROR, h2::Reason::INTERNAL_ERROR] {
+        processed_then_lost(reason).await;
+    }
+}
+
+async fn processed_then_lost(reason: h2::Reason) {
+    let (a, b, b_id) = certs();
+    let (addr, sessions, mut firsts) = server_taking_then_going(b, reason).await;
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(true, metrics.clone());
+    let e = open(&pool, &a, &b_id, addr).await.err().expect("an unanswered stream made a tunnel");
+    assert!(!e.is_gone_away() && !e.is_refused_stream(), "{reason:?}: {e}");
+    assert_eq!(firsts.recv().await.unwrap(), Bytes::from_static(b"hello"));
+    assert_eq!(sessions.load(Ordering::SeqCst), 1, "{reason:?}: the processed stream was sent again");
+    assert!(firsts.try_recv().is_err(), "{reason:?}: the app got the first bytes twice");
+    assert!(metrics.encode().contains("sockmesh_hbone_streams_retried_total 0"));
+}
