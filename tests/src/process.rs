@@ -349,11 +349,18 @@ impl Topology {
     /// The same, the agent's process in `cgroup` (created if missing; it must be below the
     /// topology's cgroup root, which the topology cleans up).
     pub fn start_agent_in(&self, n: NodeId, cgroup: &Path, extra: &[&str]) -> Result<Agent> {
+        self.start_agent_at(n, &self.node(n).netns, cgroup, extra)
+    }
+
+    /// The same, the agent's process in `netns` too: a netns of its own, as a DaemonSet's
+    /// agent pod has (`hostNetwork: false`). Its node-wide listeners (readiness, metrics,
+    /// admin) are in that netns.
+    pub fn start_agent_at(&self, n: NodeId, netns: &str, cgroup: &Path, extra: &[&str]) -> Result<Agent> {
         std::fs::create_dir_all(cgroup)?;
         let node = self.node(n);
         let log = node.state_dir.join(format!("agent-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let api = node.state_dir.join("agent.sock");
-        let mut cmd = command_in(&node.netns, cgroup, bin("mesh-agent"))?;
+        let mut cmd = command_in(netns, cgroup, bin("mesh-agent"))?;
         cmd.arg("run")
             .args(["--node", &node.name])
             .arg("--cgroup-root")

@@ -300,3 +300,50 @@ fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links);
     one_program_per_hook(&t, n1);
 }
+
+/// A DaemonSet's surge, each agent in a pod's netns of its own (`hostNetwork: false`): the new
+/// agent takes the pods' listeners over (they are in the pods' netns, whichever agent passed
+/// them) but binds its own node-wide listeners (readiness, metrics, admin) in its netns, the
+/// old agent's being in another. A pod probing a pod on its node every 2 ms sees no refusal,
+/// the old agent drains and exits, and the new one answers readiness in its own netns.
+#[test]
+fn a_surge_agent_in_a_netns_of_its_own_takes_over() {
+    let (mut t, n1, a, b) = Topology::one_node_mesh("surgenetns").unwrap();
+    let old_pod = t.add_pod(n1, "agent-old", false).unwrap();
+    let new_pod = t.add_pod(n1, "agent-new", false).unwrap();
+    let _ctl = t.start_controller(&[]).unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let (old_ns, new_ns) = (t.pod(old_pod).netns.clone(), t.pod(new_pod).netns.clone());
+    let ready = |netns: &str| {
+        wait_for(Duration::from_secs(20), || Ok(http_get(netns, "127.0.0.1:15021", "/healthz/ready")?.0 == 200))
+    };
+    let mut old = t.start_agent_at(n1, &old_ns, &t.pod(old_pod).cgroup, &[]).unwrap();
+    ready(&old_ns).expect("the old agent's readiness, in its netns");
+    let links = pinned_link_ids(&t.node(n1).bpffs).unwrap();
+
+    let until = t.node(n1).state_dir.join("probe-stop").display().to_string();
+    let to = t.addr(b, APP_PORT);
+    let prober = t.spawn_pod_app(a, &probe_args(&to, &until)).unwrap();
+    wait_for(Duration::from_secs(30), || Ok(server.accepted()?.len() >= 3)).unwrap();
+
+    let new = t.start_agent_at(n1, &new_ns, &t.pod(new_pod).cgroup, &[]).unwrap();
+    let rebound =
+        lines_with(&new, "the predecessor's listener is bound elsewhere (another netns, say); binding a new one");
+    let mut kinds: Vec<&str> = rebound.iter().filter_map(|l| l["kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["admin", "metrics", "readiness"], "{rebound:?}");
+    let captured = lines_with(&new, "workload captured");
+    assert_eq!(captured.len(), 2, "{captured:?}");
+    assert!(captured.iter().all(|l| l["listeners_taken_over"] == true), "{captured:?}");
+    let status = old.wait_exit(Duration::from_secs(120)).unwrap();
+    assert!(status.success(), "{status}: {}", old.log_text());
+    ready(&new_ns).expect("the new agent's readiness, in its netns");
+    let before = server.accepted().unwrap().len();
+    wait_for(Duration::from_secs(30), || Ok(server.accepted()?.len() >= before + 3)).unwrap();
+    std::fs::write(&until, "").unwrap();
+    let s = prober.result().unwrap();
+    assert_eq!(s["failed"], 0, "probes failed during the upgrade: {s}");
+    assert!(new.access_log().iter().any(|l| l["result"] == "ok" && l["dst_workload"] == "default/b"));
+    assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links, "the links were replaced");
+    one_program_per_hook(&t, n1);
+}
