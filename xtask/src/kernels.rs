@@ -80,6 +80,11 @@ const CORE: &[(&str, &str, &str)] = &[
     ("datapath", "kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses", "restart takes over links"),
     ("datapath", "a_pod_over_its_quota_and_a_full_map_are_refused_and_counted", "map-full refusal"),
     (
+        "handover",
+        "a_surge_agent_in_a_netns_of_its_own_takes_over",
+        "an upgrade: listeners passed over SCM_RIGHTS, programs swapped into the same links, no refusal",
+    ),
+    (
         "kubernetes",
         "a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir",
         "a pod's cgroup refused inside the kubelet's mkdir (structure offsets from this kernel's BTF)",
