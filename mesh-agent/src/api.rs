@@ -58,7 +58,9 @@ pub async fn serve(views: Arc<Views>, mut listener: UnixListener, path: PathBuf,
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = rebind.notified() => {
-                if ino(&path) != bound || bound.is_none() {
+                // Not over a socket someone answers on (a later successor's, say).
+                let answered = || std::os::unix::net::UnixStream::connect(&path).is_ok();
+                if (ino(&path) != bound || bound.is_none()) && !answered() {
                     match bind(&path) {
                         Ok(l) => {
                             listener = l;
@@ -124,6 +126,11 @@ async fn respond(views: &Views, line: &str) -> serde_json::Value {
         Err(e) => return serde_json::json!({"ok": false, "error": format!("bad request: {e}; {USAGE}")}),
     };
     let to_json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
+    // Taking over from the agent running on this node: a change accepted now would be lost if
+    // this agent gave up (the running one serves on without it). Asked again, it lands.
+    if matches!(req, Request::AddWorkload { .. } | Request::RemoveWorkload { .. }) && views.registry.taking_over() {
+        return serde_json::json!({"ok": false, "error": "this agent is taking over from the one running on this node; try again in a moment"});
+    }
     let result = match req {
         Request::AddWorkload { workload } => {
             views.registry.add(*workload, Source::Api).await.map(|_| serde_json::Value::Null).map_err(|e| e.to_string())

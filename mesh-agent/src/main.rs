@@ -434,6 +434,8 @@ async fn take_over(
     let mut logged = started;
     loop {
         let mut missing = agent.views.unable_to_serve();
+        // Only what it cannot serve makes it give up; unclaimed listeners have their own wait.
+        let cannot_serve = !missing.is_empty();
         let unclaimed = agent.views.registry.unclaimed();
         // Listeners of pods this agent has not captured yet (no configuration naming them
         // yet, say): waited for, a while, so that the predecessor does not close them.
@@ -448,7 +450,7 @@ async fn take_over(
             agent.lifecycle.set(inputs::Phase::Serving);
             return Ok(());
         }
-        if started.elapsed() >= wait {
+        if cannot_serve && started.elapsed() >= wait {
             return Err((t, missing));
         }
         if logged.elapsed() >= std::time::Duration::from_secs(10) {

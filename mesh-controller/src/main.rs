@@ -345,7 +345,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Secrets that every replica reads with the Kubernetes source.
     let roots = match &client {
         None => meshes::RootStore::Files(state_dir(&args).to_owned()),
-        Some(c) => meshes::RootStore::Secrets(kube_source::roots::Secrets::new(c.clone(), &namespace)),
+        Some(c) => meshes::RootStore::Secrets(Box::new(kube_source::roots::Secrets::new(c.clone(), &namespace))),
     };
     let mut keeper = meshes::Keeper::new(roots, ca.clone(), args.cert_ttl, args.max_cert_ttl);
     let verdicts = keeper.verdicts.clone();
@@ -353,13 +353,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let signers = signers.clone();
         tokio::spawn(async move {
             loop {
-                // Admitted again after a while when a root's store did not answer.
+                // Admitted again after a while when a root's store failed.
                 tokio::select! {
                     r = source_rx.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(Duration::from_secs(2)), if keeper.retry => {}
+                    _ = tokio::time::sleep(keeper.retry.unwrap_or_default()), if keeper.retry.is_some() => {}
                 }
                 let mut m = (**source_rx.borrow_and_update()).clone();
                 let s = keeper.admit(&mut m).await;
+                // Not published while a mesh's root is unknown: agents keep what they have.
+                if keeper.pending {
+                    continue;
+                }
                 *signers.write().unwrap() = s;
                 let _ = model_tx.send(Arc::new(m));
             }

@@ -85,13 +85,18 @@ fn root_files(dir: &Path, trust_domain: &str) -> anyhow::Result<(String, String)
     Ok((read(&cert_path)?, read(&key_path)?))
 }
 
+/// How soon a Mesh whose root's store did not answer is admitted again.
+pub const RETRY_UNANSWERED: Duration = Duration::from_secs(2);
+/// How soon a Mesh whose root's store refused (or holds a bad root) is admitted again.
+pub const RETRY_REFUSED: Duration = Duration::from_secs(30);
+
 /// Where the root of a Mesh without `spec.ca` is kept once generated.
 pub enum RootStore {
     /// `<dir>/meshes/<mesh>/` (local mode: one controller per state directory, locked).
     Files(PathBuf),
     /// A Secret per mesh in the controller's namespace, which every replica reads (Kubernetes:
     /// a replica's state directory is its own, and lost with its pod).
-    Secrets(crate::kube_source::roots::Secrets),
+    Secrets(Box<crate::kube_source::roots::Secrets>),
 }
 
 /// Why a generated root could not be had.
@@ -143,8 +148,14 @@ pub struct Keeper {
     /// it, and the newcomer is refused.
     accepted_before: std::collections::BTreeSet<String>,
     pub verdicts: Arc<Verdicts>,
-    /// A generated root's store did not answer at the last admission: admit again soon.
-    pub retry: bool,
+    /// A generated root's store failed at the last admission: admit again after this long
+    /// (soon when it did not answer, slowly when it refused: a fixed Role or a deleted bad
+    /// Secret is then picked up without another change).
+    pub retry: Option<Duration>,
+    /// A generated root's store did not answer at the last admission: what was admitted must
+    /// not be published (it would take that mesh's workloads out, and write its status as
+    /// rejected), nor its verdicts.
+    pub pending: bool,
 }
 
 impl Keeper {
@@ -157,7 +168,8 @@ impl Keeper {
             loaded: BTreeMap::new(),
             accepted_before: Default::default(),
             verdicts: Default::default(),
-            retry: false,
+            retry: None,
+            pending: false,
         }
     }
 
@@ -182,13 +194,19 @@ impl Keeper {
         }
         let ca = match &source.1 {
             None => {
-                let (cert, key) = self.roots.root(name, &spec.trust_domain).await.map_err(|e| match e {
-                    RootError::Bad(e) => format!("its CA: {e}"),
-                    RootError::Unreachable(e) => {
-                        self.retry = true;
-                        format!("its CA: {e}; trying again")
+                let again = |k: &mut Keeper, after: Duration| k.retry = Some(k.retry.map_or(after, |r| r.min(after)));
+                let (cert, key) = match self.roots.root(name, &spec.trust_domain).await {
+                    Ok(pem) => pem,
+                    Err(RootError::Bad(e)) => {
+                        again(self, RETRY_REFUSED);
+                        return Err(format!("its CA: {e}"));
                     }
-                })?;
+                    Err(RootError::Unreachable(e)) => {
+                        again(self, RETRY_UNANSWERED);
+                        self.pending = true;
+                        return Err(format!("its CA: {e}; trying again"));
+                    }
+                };
                 Ca::from_pem(&spec.trust_domain, &cert, &key, "", self.cert_ttl, self.max_ttl)
                     .map_err(|e| format!("its generated root: {e}"))?
             }
@@ -202,7 +220,7 @@ impl Keeper {
 
     /// Admits the model's meshes (see the module's documentation) and returns the signers.
     pub async fn admit(&mut self, m: &mut Model) -> Signers {
-        self.retry = false;
+        (self.retry, self.pending) = (None, false);
         let mut signers = Signers::only_default(self.default.clone());
         let meshes = std::mem::take(&mut m.meshes);
         // Those accepted before first: a newcomer cannot take an established mesh's trust domain.
@@ -323,6 +341,12 @@ impl Keeper {
         }
         self.accepted_before = accepted.keys().cloned().collect();
         m.meshes = accepted;
+        if self.pending {
+            tracing::warn!(
+                "a Mesh's generated root could not be read yet: the configuration is held back until it can"
+            );
+            return signers;
+        }
         *self.verdicts.map.write().unwrap_or_else(|e| e.into_inner()) = judged;
         self.verdicts.changed.notify_one();
         signers

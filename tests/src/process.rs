@@ -373,7 +373,7 @@ impl Topology {
             .arg(&api)
             .args(["--log-format", "json", "--connect-timeout-ms", "2000"]);
         // The controller, unless `extra` names the replicas (a repeated flag adds to the list).
-        if !extra.contains(&"--controller") {
+        if !extra.iter().any(|a| *a == "--controller" || a.starts_with("--controller=")) {
             cmd.args(["--controller", &format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")]);
         }
         cmd.arg("--trust-bundle")

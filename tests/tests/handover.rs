@@ -258,7 +258,7 @@ fn an_agent_that_cannot_hand_over_is_not_run_beside() {
 /// A successor that cannot become ready (no certificates: the controller is paused) gives up
 /// after `--handover-wait-seconds`, exits saying what it was missing, and the running agent
 /// serves on: its pods' connections work, and its local API is back at its path and takes
-/// changes again. The links are the ones there were.
+/// changes again (the successor took none meanwhile). The links are the ones there were.
 #[test]
 fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on() {
     let (mut t, n1, a, b) = Topology::one_node_mesh("giveup").unwrap();
@@ -273,14 +273,22 @@ fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on
         unsafe { libc::kill(ctl.pid().unwrap() as i32, sig) };
     };
     signal(libc::SIGSTOP);
-    let e = t
-        .start_agent(n1, &["--handover-wait-seconds", "3"])
-        .err()
-        .expect("a successor without certificates took over")
-        .to_string();
+    let e = std::thread::scope(|s| {
+        let successor = s.spawn(|| t.start_agent(n1, &["--handover-wait-seconds", "20"]));
+        // Meanwhile the successor holds the local API's path and takes no change: one it
+        // accepted would be lost when it gives up.
+        let refused = |e: &anyhow::Error| e.to_string().contains("taking over from the one running on this node");
+        wait_for(Duration::from_secs(30), || {
+            Ok(old
+                .api(json!({"op": "remove_workload", "namespace": "default", "name": "nobody"}))
+                .is_err_and(|e| refused(&e)))
+        })
+        .expect("the successor took a change through the local API while taking over");
+        successor.join().unwrap().err().expect("a successor without certificates took over").to_string()
+    });
     signal(libc::SIGCONT);
     assert!(
-        e.contains("could not take over within --handover-wait-seconds 3")
+        e.contains("could not take over within --handover-wait-seconds 20")
             && e.contains("serves on")
             && e.contains(&format!("PID {}", old.pid().unwrap())),
         "{e}"

@@ -694,7 +694,7 @@ fn replicas_share_a_generated_mesh_root_through_a_secret() {
         ];
         t.start_kube_controller_replica(&kubeconfig, port, &dir.with_file_name(state), &args).unwrap()
     };
-    let second = replica(&t, CONTROLLER_PORT + 1, "controller-replica-2", "second");
+    let mut second = replica(&t, CONTROLLER_PORT + 1, "controller-replica-2", "second");
 
     // n1's agent asks the first replica, n2's the second.
     let (one, two) = (
@@ -729,12 +729,15 @@ fn replicas_share_a_generated_mesh_root_through_a_secret() {
         .count();
     assert!((1..=2).contains(&posts), "{posts} Secrets created");
 
-    // The first replica comes back with an empty state directory: the same root, from the Secret.
+    // The first replica comes back with an empty state directory, and the second goes: both
+    // agents' certificates now come from the one that came back, under the Secret's root.
     first.kill();
     let mut back = replica(&t, CONTROLLER_PORT, "controller-replica-1-again", "first-again");
+    second.kill();
     let issued = |a: &Agent| a.log_lines().iter().filter(|l| l["message"] == "certificate issued").count();
-    let before = issued(&agent1);
-    wait_for(Duration::from_secs(60), || Ok(issued(&agent1) > before + 1)).expect("n1 got no new certificate");
+    let before = (issued(&agent1), issued(&agent2));
+    wait_for(Duration::from_secs(60), || Ok(issued(&agent1) > before.0 + 1 && issued(&agent2) > before.1 + 1))
+        .expect("no new certificates from the replica that came back");
     assert_eq!(made(&back), 0, "the replica that came back generated a root of its own");
     let r = echo(&t, a, &to);
     assert_eq!(r["ok"], true, "a's certificate from the replica that came back: {r}");

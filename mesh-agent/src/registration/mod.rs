@@ -266,6 +266,11 @@ impl Registry {
         self.hold.load(std::sync::atomic::Ordering::SeqCst) == Hold::Frozen as u8
     }
 
+    /// Taking over from a predecessor that still serves (cleanup deferred).
+    pub fn taking_over(&self) -> bool {
+        self.hold.load(std::sync::atomic::Ordering::SeqCst) == Hold::CleanupDeferred as u8
+    }
+
     /// Frozen, or cleanup deferred: nothing that looks stale is removed now.
     pub fn holds_cleanup(&self) -> bool {
         self.hold.load(std::sync::atomic::Ordering::SeqCst) != Hold::None as u8

@@ -32,6 +32,9 @@ pub const TRUST_DOMAIN_ANNOTATION: &str = "sockmesh.io/trust-domain";
 /// The label naming the mesh whose root a Secret holds.
 pub const MESH_ROOT_LABEL: &str = "sockmesh.io/mesh-root";
 
+/// How long one mesh's reads and create may take together.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The Secret holding `mesh`'s generated root.
 pub fn secret_name(mesh: &str) -> String {
     format!("sockmesh-root-{mesh}")
@@ -48,14 +51,39 @@ impl Secrets {
         Secrets { api: Api::namespaced(client, namespace), namespace: namespace.to_owned() }
     }
 
-    fn unreachable(&self, name: &str, e: kube::Error) -> RootError {
-        RootError::Unreachable(format!("reading or creating Secret {}/{name}: {e}", self.namespace))
+    /// An API error: the server's refusal is said as it is (trying again would not change it),
+    /// anything else (no answer, overloaded) is worth another try.
+    fn api_error(&self, name: &str, e: kube::Error) -> RootError {
+        let what = format!("reading or creating Secret {}/{name}", self.namespace);
+        match &e {
+            kube::Error::Api(s) if s.code == 401 || s.code == 403 => RootError::Bad(format!(
+                "{what}: {e}; the controller's service account needs get and create on Secrets in {} (deploy/controller.yaml's Role)",
+                self.namespace
+            )),
+            kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 408 && s.code != 429 => {
+                RootError::Bad(format!("{what}: {e}"))
+            }
+            _ => RootError::Unreachable(format!("{what}: {e}")),
+        }
     }
 
     /// `mesh`'s root (certificate, key): the Secret's, or generated and kept in a new Secret.
+    /// An API server that does not answer within [`CALL_TIMEOUT`] is one to try again later.
     pub async fn get_or_create(&self, mesh: &str, trust_domain: &str) -> Result<(String, String), RootError> {
+        match tokio::time::timeout(CALL_TIMEOUT, self.get_or_create_now(mesh, trust_domain)).await {
+            Ok(r) => r,
+            Err(_) => Err(RootError::Unreachable(format!(
+                "reading or creating Secret {}/{}: no answer from the API server within {} s",
+                self.namespace,
+                secret_name(mesh),
+                CALL_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    async fn get_or_create_now(&self, mesh: &str, trust_domain: &str) -> Result<(String, String), RootError> {
         let name = secret_name(mesh);
-        if let Some(s) = self.api.get_opt(&name).await.map_err(|e| self.unreachable(&name, e))? {
+        if let Some(s) = self.api.get_opt(&name).await.map_err(|e| self.api_error(&name, e))? {
             return self.parse(&name, mesh, trust_domain, &s);
         }
         let root = Ca::generate_root(trust_domain).map_err(|e| RootError::Bad(format!("generating a root: {e}")))?;
@@ -84,10 +112,10 @@ impl Secrets {
             }
             // Another replica created it first: its root is the mesh's.
             Err(kube::Error::Api(s)) if s.is_already_exists() => {
-                let s = self.api.get(&name).await.map_err(|e| self.unreachable(&name, e))?;
+                let s = self.api.get(&name).await.map_err(|e| self.api_error(&name, e))?;
                 self.parse(&name, mesh, trust_domain, &s)
             }
-            Err(e) => Err(self.unreachable(&name, e)),
+            Err(e) => Err(self.api_error(&name, e)),
         }
     }
 
@@ -144,11 +172,14 @@ mod tests {
         })
     }
 
-    /// A mock API server answering each request with the next of `answers`, given the request
-    /// (method, path, body); the requests are kept.
-    fn api(
-        answers: Vec<Box<dyn Fn(&str, &str, &Value) -> Response<Body> + Send>>,
-    ) -> (Secrets, Arc<Mutex<Vec<(String, String, Value)>>>) {
+    /// An answer, given the request's method, path and body.
+    type Answer = Box<dyn Fn(&str, &str, &Value) -> Response<Body> + Send>;
+    /// The requests seen: method, path, body.
+    type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+    /// A mock API server answering each request with the next of `answers`; the requests are
+    /// kept.
+    fn api(answers: Vec<Answer>) -> (Secrets, Seen) {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -211,7 +242,8 @@ mod tests {
     }
 
     /// A kept root is used as it is; one kept for another trust domain, or without its key, is
-    /// refused with what to do; an API server that does not answer is worth another try.
+    /// refused with what to do; an API server that does not answer is worth another try, one
+    /// that refuses (RBAC) is not.
     #[tokio::test]
     async fn kept_roots_are_checked_and_an_unreachable_server_is_retried() {
         let root = Ca::generate_root("pay.example").unwrap();
@@ -229,6 +261,7 @@ mod tests {
             Box::new(move |_, _, _| respond(200, &other_td)),
             Box::new(move |_, _, _| respond(200, &keyless)),
             Box::new(|_, _, _| respond(500, &status(500, "InternalError"))),
+            Box::new(|_, _, _| respond(403, &status(403, "Forbidden"))),
         ]);
         assert_eq!(s.get_or_create("pay", "pay.example").await.ok().unwrap(), (root.cert_pem, root.key_pem));
         match s.get_or_create("pay", "pay.example").await {
@@ -245,7 +278,80 @@ mod tests {
             _ => panic!("a Secret without its key was used"),
         }
         assert!(matches!(s.get_or_create("pay", "pay.example").await, Err(RootError::Unreachable(_))));
+        // Refused by RBAC: said, with what to grant, not tried again and again.
+        match s.get_or_create("pay", "pay.example").await {
+            Err(RootError::Bad(e)) => assert!(e.contains("needs get and create on Secrets in sockmesh-system"), "{e}"),
+            _ => panic!("a 403 was taken for an API server that did not answer"),
+        }
         // Nothing was written over a kept root.
         assert!(seen.lock().unwrap().iter().all(|r| r.0 == "GET"));
+    }
+}
+
+/// The keeper with its roots in Secrets: while the API server does not answer, what it
+/// admitted is held back (no verdict, and the caller publishes nothing) and admitted again
+/// soon; once the Secret is read, the mesh is accepted with its root.
+#[cfg(test)]
+mod keeper_tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use mesh_model::MeshSpec;
+    use serde_json::json;
+
+    use super::*;
+    use crate::meshes::{Keeper, RootStore, RETRY_UNANSWERED};
+    use crate::model::Model;
+
+    #[tokio::test]
+    async fn an_unanswered_root_holds_the_configuration_back_and_is_tried_again() {
+        use base64::Engine;
+        let root = Ca::generate_root("pay.example").unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let kept = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "sockmesh-root-pay", "namespace": "sockmesh-system", "annotations": {TRUST_DOMAIN_ANNOTATION: "pay.example"}},
+            "type": "kubernetes.io/tls", "data": {"tls.crt": b64(&root.cert_pem), "tls.key": b64(&root.key_pem)},
+        });
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            let answers = [
+                (503, json!({"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": "etcd"})),
+                (200, kept),
+            ];
+            for (code, body) in answers {
+                let Some((_, send)) = handle.next_request().await else { return };
+                send.send_response(
+                    Response::builder().status(code).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap(),
+                );
+            }
+        });
+        let store = RootStore::Secrets(Box::new(Secrets::new(Client::new(svc, "default"), "sockmesh-system")));
+        let (_, default) = crate::meshes::test_ca("cluster.local");
+        let day = Duration::from_secs(86_400);
+        let mut keeper = Keeper::new(store, default, day, day);
+        let model = || {
+            let mut m = Model::default();
+            m.admit_mesh("pay", &MeshSpec { trust_domain: "pay.example".into(), ..Default::default() }, "Mesh".into());
+            m.set_namespaces(&BTreeMap::from([(
+                "shop".to_owned(),
+                BTreeMap::from([(mesh_model::mesh::MESH_LABEL.to_owned(), "pay".to_owned())]),
+            )]));
+            m
+        };
+        let mut m = model();
+        keeper.admit(&mut m).await;
+        assert!(keeper.pending, "admitted as if the mesh had no root");
+        assert_eq!(keeper.retry, Some(RETRY_UNANSWERED));
+        assert_eq!(keeper.verdicts.get("pay"), None, "a verdict from an API server that did not answer");
+
+        let mut m = model();
+        let signers = keeper.admit(&mut m).await;
+        assert!(!keeper.pending && keeper.retry.is_none());
+        assert_eq!(keeper.verdicts.get("pay"), Some(Ok(())));
+        assert_eq!(m.mesh_records["pay"].roots, [root.cert_pem.trim().to_owned() + "\n"]);
+        assert_eq!(signers.for_trust_domain("pay.example").unwrap().mesh, "pay");
     }
 }
