@@ -66,6 +66,16 @@ fn surge_upgrade_under_load_refuses_nothing() {
     let links2 = pinned_link_ids(&t.node(n2).bpffs).unwrap();
     assert_eq!(links1.len(), 6, "{links1:?}"); // 4 cgroup links + a's and c's sk_lookup
     assert_eq!(links2.len(), 5, "{links2:?}");
+    let maps = |n: NodeId| -> Vec<String> {
+        let mut m: Vec<String> = std::fs::read_dir(t.node(n).bpffs.join("maps"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        m.sort();
+        m
+    };
+    let (maps1, maps2) = (maps(n1), maps(n2));
+    assert!(maps1.iter().any(|m| m == "SM_INBOUND"), "{maps1:?}");
 
     let until = t.node(n1).state_dir.join("probe-stop").display().to_string();
     let halfway = t.node(n1).state_dir.join("transfer-go-on");
@@ -153,6 +163,7 @@ fn surge_upgrade_under_load_refuses_nothing() {
     assert!(new2.access_log().iter().any(|l| l["result"] == "ok" && l["direction"] == "inbound"));
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links1, "n1's links were replaced");
     assert_eq!(pinned_link_ids(&t.node(n2).bpffs).unwrap(), links2, "n2's links were replaced");
+    assert_eq!((maps(n1), maps(n2)), (maps1, maps2), "pinned maps were lost or added");
     one_program_per_hook(&t, n1);
     one_program_per_hook(&t, n2);
 }

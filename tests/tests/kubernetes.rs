@@ -614,7 +614,9 @@ fn two_controller_replicas_one_status_writer_and_a_successor_when_it_dies() {
     let writer_line = "this replica writes policy status now";
     let writes = |c: &Controller| c.log_lines().iter().filter(|l| l["message"] == writer_line).count();
     wait_for(Duration::from_secs(30), || Ok(writes(&first) + writes(&second) == 1)).unwrap();
-    let (mut writer, mut other) = if writes(&first) == 1 { (first, second) } else { (second, first) };
+    let first_writes = writes(&first) == 1;
+    let (mut writer, mut other) = if first_writes { (first, second) } else { (second, first) };
+    let (writer_name, other_name) = if first_writes { ("first", "second") } else { ("second", "first") };
 
     let _server = t.start_server(b, PORT).unwrap();
     let both = format!("https://{CONTROLLER_IP}:{},https://{CONTROLLER_IP}:{}", CONTROLLER_PORT, CONTROLLER_PORT + 1);
@@ -645,6 +647,33 @@ fn two_controller_replicas_one_status_writer_and_a_successor_when_it_dies() {
     // The writer dies without a word (its Lease is not released): the other takes it over.
     writer.kill();
     wait_for(Duration::from_secs(60), || Ok(writes(&other) == 1)).expect("no replica took the Lease over");
+    // Never before the dead writer's Lease ran out (two writers at once), as the Lease's
+    // writes show: the other's acquireTime against the writer's last renewTime.
+    let lease_writes: Vec<Value> = std::fs::read_to_string(api.join("requests.log"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["path"].as_str().is_some_and(|p| p.contains("/leases")) && l["body"]["spec"].is_object())
+        .map(|l| l["body"]["spec"].clone())
+        .collect();
+    let micros = |s: &Value, field: &str| {
+        let t: jiff::Timestamp = s[field].as_str().unwrap_or_else(|| panic!("{field} in {s}")).parse().unwrap();
+        t.as_microsecond()
+    };
+    let last_renewal =
+        lease_writes.iter().filter(|s| s["holderIdentity"] == writer_name).map(|s| micros(s, "renewTime")).max();
+    let taken =
+        lease_writes.iter().filter(|s| s["holderIdentity"] == other_name).map(|s| micros(s, "acquireTime")).min();
+    let (last_renewal, taken) = (last_renewal.expect("the writer's renewals"), taken.expect("the takeover"));
+    assert!(
+        taken - last_renewal >= 3_000_000,
+        "taken over {} ms after the last renewal, before the 3 s Lease ran out",
+        (taken - last_renewal) / 1000
+    );
+    println!(
+        "the Lease was taken over {} ms after its holder's last renewal (duration 3 s, followers look every 1 s)",
+        (taken - last_renewal) / 1000
+    );
     put(&api, "ap-second", &deny("deny-second", 21));
     wait_for(Duration::from_secs(30), || Ok(status_of(&other, "deny-second")))
         .expect("the next status was not written");
