@@ -215,6 +215,9 @@ pub fn model_from(
     meshes.sort_by_key(|x| x.name_any());
     for x in meshes {
         m.admit_mesh(&x.name_any(), &x.spec, "Mesh".into());
+        if let Some(t) = &x.metadata.creation_timestamp {
+            m.mesh_created.insert(x.name_any(), t.0.as_second());
+        }
     }
     let mut slices_of: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {

@@ -223,9 +223,14 @@ impl Keeper {
         (self.retry, self.pending) = (None, false);
         let mut signers = Signers::only_default(self.default.clone());
         let meshes = std::mem::take(&mut m.meshes);
-        // Those accepted before first: a newcomer cannot take an established mesh's trust domain.
+        // The established first: a newcomer cannot take a trust domain in use. Where the source
+        // says when each Mesh was created, the older (then the name) decides, as in every other
+        // replica of the controller; without it, those this keeper accepted before.
         let mut order: Vec<(String, MeshSpec)> = meshes.into_iter().collect();
-        order.sort_by_key(|(n, _)| (!self.accepted_before.contains(n), n.clone()));
+        order.sort_by_key(|(n, _)| match m.mesh_created.get(n) {
+            Some(t) => (*t, false, n.clone()),
+            None => (i64::MAX, !self.accepted_before.contains(n), n.clone()),
+        });
         let verdicts = check_meshes(self.default.trust_domain(), order.iter().map(|(n, s)| (n.as_str(), s)));
         let mut accepted: BTreeMap<String, MeshSpec> = BTreeMap::new();
         let mut judged: BTreeMap<String, Result<(), String>> = BTreeMap::new();
@@ -567,5 +572,33 @@ mod tests {
         std::fs::write(half.join("root-key.pem"), "left by a crash").unwrap();
         let ca = load_or_generate(&half, "half.example", day, day).unwrap();
         assert_eq!(ca.trust_domain(), "half.example");
+    }
+
+    /// Two replicas, one that has run all along (it accepted "pay" before "aaa" came) and one
+    /// just started: with creation times from the source, both let the older Mesh keep the
+    /// trust domain, whatever each accepted before and whatever the names' order.
+    #[tokio::test]
+    async fn replicas_agree_on_which_mesh_keeps_a_trust_domain() {
+        let spec = MeshSpec { trust_domain: "pay.example".into(), ..Default::default() };
+        let model = |with_aaa: bool| {
+            let mut m = Model::default();
+            m.admit_mesh("pay", &spec, "Mesh".into());
+            m.mesh_created.insert("pay".into(), 1_000);
+            if with_aaa {
+                m.admit_mesh("aaa", &spec, "Mesh".into());
+                m.mesh_created.insert("aaa".into(), 2_000);
+            }
+            m
+        };
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut running, ..) = keeper(d1.path());
+        running.admit(&mut model(false)).await;
+        let (mut fresh, ..) = keeper(d2.path());
+        for k in [&mut running, &mut fresh] {
+            let mut m = model(true);
+            k.admit(&mut m).await;
+            assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["pay"], "{:?}", m.errors);
+            assert!(k.verdicts.get("aaa").unwrap().is_err());
+        }
     }
 }

@@ -32,6 +32,10 @@ pub struct Model {
     /// Meshes besides the default one, by name (each valid on its own; the mesh keeper checks
     /// them against each other and gives each its CA).
     pub meshes: BTreeMap<String, MeshSpec>,
+    /// When each Mesh was created (seconds since the epoch), where the source knows it
+    /// (Kubernetes' `creationTimestamp`): of two claiming one trust domain the older stands,
+    /// decided the same way by every controller replica, whatever each admitted before.
+    pub mesh_created: BTreeMap<String, i64>,
     /// Namespaces labelled for a mesh other than the default: namespace -> mesh name.
     pub namespace_meshes: BTreeMap<String, String>,
     /// What agents are told about each mesh, the default one included (filled by the mesh

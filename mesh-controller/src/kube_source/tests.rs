@@ -696,7 +696,7 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
     let client = Client::new(svc, "default");
     let g = "security.sockmesh.io/v1alpha1";
     let ns = |name: &str, mesh: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "resourceVersion": "5", "labels": {MESH_LABEL: mesh}}});
-    let mesh = |name: &str, spec: Value| json!({"apiVersion": g, "kind": "Mesh", "metadata": {"name": name, "resourceVersion": "9", "generation": 1}, "spec": spec});
+    let mesh = |name: &str, spec: Value| json!({"apiVersion": g, "kind": "Mesh", "metadata": {"name": name, "resourceVersion": "9", "generation": 1, "creationTimestamp": "2026-01-02T03:04:05Z"}, "spec": spec});
     let mut a1 = pod("a1", "n1", "sa-a", "10.0.0.1", "a", 100);
     a1["metadata"]["namespace"] = json!("team-a");
     let d1 = pod("d1", "n2", "sa-d", "10.0.0.2", "d", 101);
@@ -756,6 +756,8 @@ async fn meshes_come_from_namespace_labels_and_bad_ones_get_accepted_false() {
     assert_eq!(mesh_of("a1").as_deref(), Some("a"));
     assert_eq!(mesh_of("d1"), None, "`enabled` is the default mesh");
     assert_eq!(m.namespace_meshes, BTreeMap::from([("team-a".to_owned(), "a".to_owned())]));
+    // When each was created, for every replica to settle a trust domain claimed twice alike.
+    assert_eq!(m.mesh_created.get("a"), Some(&1_767_323_045));
 
     let mut statuses = BTreeMap::new();
     for _ in 0..2 {
