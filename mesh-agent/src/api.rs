@@ -47,24 +47,49 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
+/// The inode of the socket file at `path`, if there is one.
+pub fn inode(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok()
+}
+
+/// Asks the API server to bind its path again, and says which socket file is its own.
+#[derive(Default)]
+pub struct Rebind {
+    pub wanted: tokio::sync::Notify,
+    bound: std::sync::atomic::AtomicU64,
+}
+
+impl Rebind {
+    pub fn set_bound(&self, ino: Option<u64>) {
+        self.bound.store(ino.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the socket file at `path` is the one this agent serves on (to remove on exit).
+    pub fn is_ours(&self, path: &Path) -> bool {
+        let ours = self.bound.load(std::sync::atomic::Ordering::SeqCst);
+        ours != 0 && inode(path) == Some(ours)
+    }
+}
+
 /// Serves the local API on `listener`, bound at `path`. `rebind` is notified when a successor
 /// that took the path over went away without taking over: the socket is bound at `path`
 /// again, unless the one there is still this one.
-pub async fn serve(views: Arc<Views>, mut listener: UnixListener, path: PathBuf, rebind: Arc<tokio::sync::Notify>) {
-    let ino = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
-    let mut bound = ino(&path);
+pub async fn serve(views: Arc<Views>, mut listener: UnixListener, path: PathBuf, rebind: Arc<Rebind>) {
+    let mut bound = inode(&path);
+    rebind.set_bound(bound);
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = rebind.notified() => {
+            _ = rebind.wanted.notified() => {
                 // Not over a socket someone answers on (a later successor's, say).
                 let answered = || std::os::unix::net::UnixStream::connect(&path).is_ok();
-                if (ino(&path) != bound || bound.is_none()) && !answered() {
+                if (inode(&path) != bound || bound.is_none()) && !answered() {
                     match bind(&path) {
                         Ok(l) => {
                             listener = l;
-                            bound = ino(&path);
+                            bound = inode(&path);
+                            rebind.set_bound(bound);
                             tracing::info!(path = %path.display(), "local API bound again: the successor went away");
                         }
                         Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot bind the local API again"),

@@ -58,8 +58,9 @@ pub struct Agent {
     /// The tasks that serve the node-wide listeners, follow the controller, the pods and the
     /// local API, and run the census: stopped when this agent hands over.
     pub tasks: Vec<JoinHandle<()>>,
-    /// Binds the local API at its path again (a successor that took it went away).
-    pub api_rebind: Arc<tokio::sync::Notify>,
+    /// Binds the local API at its path again (a successor that took it went away), and knows
+    /// which socket file is this agent's.
+    pub api_rebind: Arc<crate::api::Rebind>,
 }
 
 /// What a predecessor handed over: its node-wide listeners by kind, and each workload's by pin
@@ -285,7 +286,8 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         loads: loads.clone(),
         lifecycle: lifecycle.clone(),
     });
-    let api_rebind = Arc::new(tokio::sync::Notify::new());
+    let api_rebind = Arc::new(crate::api::Rebind::default());
+    api_rebind.set_bound(crate::api::inode(&cfg.api_socket));
     tasks.push(tokio::spawn(crate::api::serve(views.clone(), api_l, cfg.api_socket.clone(), api_rebind.clone())));
     tasks.push(tokio::spawn(
         ConfigWatch {

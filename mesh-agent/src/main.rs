@@ -281,15 +281,15 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         }
     }
     let agent = app::start(cfg, handed).await?;
-    // The API socket is this agent's now; on the way out it is removed only if still so.
-    let api_inode = std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    // The API socket is this agent's now; on the way out it is removed only if still so
+    // (`Rebind::is_ours`).
     if let Some(t) = taken {
         let wait = std::time::Duration::from_secs(agent.views.config.handover_wait_seconds);
         if let Err((t, missing)) = take_over(&agent, t, wait).await {
             // The running agent serves on: the API's path is given back (it binds it again
             // once this agent's end of the hand-over closes), and nothing of the node's is
             // touched on the way out.
-            if std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == api_inode {
+            if agent.api_rebind.is_ours(&api_socket) {
                 let _ = std::fs::remove_file(&api_socket);
             }
             let pid = t.pid;
@@ -345,7 +345,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             (agent.views.registry.clone(), agent.api_rebind.clone(), tokio::runtime::Handle::current());
         let resume = move || {
             registry.set_hold(registration::Hold::None);
-            api_rebind.notify_one();
+            api_rebind.wanted.notify_one();
             // What changed while frozen (pods come and gone, a new configuration) is caught up.
             let registry = registry.clone();
             rt.spawn(async move { registry.follow_config().await });
@@ -387,7 +387,8 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    if std::fs::metadata(&api_socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == api_inode {
+    // Only if still this agent's (bound again after a successor gave up, say).
+    if agent.api_rebind.is_ours(&api_socket) {
         let _ = std::fs::remove_file(&api_socket);
     }
     drop(lock);

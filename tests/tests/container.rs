@@ -105,7 +105,8 @@ struct Host {
 
 /// Starts container `c` of the pod spec (`init`: from initContainers) with runc, in network
 /// namespace `netns`, from a process in cgroup `cgroup`; `extra` args are appended, `mounts`
-/// override volumes by mount path (to break them on purpose).
+/// override volumes by mount path (to break them on purpose). `instance` tells apart two
+/// containers of one spec running at once (a DaemonSet's surge pod beside the old one).
 #[allow(clippy::too_many_arguments)]
 fn run_container(
     t: &Topology,
@@ -116,9 +117,10 @@ fn run_container(
     host: &Host,
     extra: &[String],
     replace: &[(&str, Value)],
+    instance: &str,
 ) -> Container {
     let pod = &ds["spec"]["template"]["spec"];
-    let id = format!("{}-{}-{}", PREFIX, t.id, c["name"].as_str().unwrap());
+    let id = format!("{}-{}-{}{instance}", PREFIX, t.id, c["name"].as_str().unwrap());
     let bundle = t.dir.join(&id);
     std::fs::create_dir_all(&bundle).unwrap();
     let root = rootfs(&t.dir.join("image"));
@@ -240,6 +242,8 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     let agent_pod = t.add_pod(n1, "agent", false).unwrap();
     let a = t.add_pod(n1, "a", false).unwrap();
     let b = t.add_pod(n2, "b", false).unwrap();
+    // The pod of the DaemonSet's rolling update (maxSurge 1), beside the first.
+    let surge_pod = t.add_pod(n1, "agent-surge", false).unwrap();
     t.kubelet_cgroup(
         a,
         &format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice", uid(1).replace('-', "_")),
@@ -277,7 +281,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     let _ctl = t
         .start_kube_controller(&kubeconfig, &["--server-name", "mesh-controller", "--server-name", SERVICE_HOST])
         .unwrap();
-    let _server = t.start_server(b, PORT).unwrap();
+    let server = t.start_server(b, PORT).unwrap();
     let host_netns = format!("/proc/{}/ns/net", std::process::id());
     let agent2 = t.start_agent(n2, &["--kubelet-pods", "--host-netns", &host_netns]).unwrap();
     t.wait_ready(n2).unwrap();
@@ -309,7 +313,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
 
     // The init container: preflight passes with the manifest's mounts and capabilities...
     let host_bpffs = format!("--host-bpffs={}", through_test("root/sys/fs/bpf"));
-    let mut init = run_container(&t, &ds, &init_c, &node, &netns, &host, std::slice::from_ref(&host_bpffs), &[]);
+    let mut init = run_container(&t, &ds, &init_c, &node, &netns, &host, std::slice::from_ref(&host_bpffs), &[], "");
     let code = init.wait();
     assert_eq!(code, 0, "preflight failed in the DaemonSet's container:\n{}", init.log_text());
     assert!(init.log_text().contains("ok       capabilities: SYS_ADMIN, NET_ADMIN, SYS_PTRACE"), "{}", init.log_text());
@@ -325,6 +329,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
         &host,
         std::slice::from_ref(&host_bpffs),
         &[("/sys/fs/bpf", own_bpffs)],
+        "",
     );
     assert_ne!(init.wait(), 0);
     let out = init.log_text();
@@ -332,7 +337,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     drop(init);
     // ...or with the hybrid host's v1 tree where the cgroup v2 root must be.
     let v1 = json!({"type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "rw"]});
-    let mut init = run_container(&t, &ds, &init_c, &node, &netns, &host, &[host_bpffs], &[("/host/cgroup", v1)]);
+    let mut init = run_container(&t, &ds, &init_c, &node, &netns, &host, &[host_bpffs], &[("/host/cgroup", v1)], "");
     assert_ne!(init.wait(), 0);
     let out = init.log_text();
     assert!(out.contains("/host/cgroup is a cgroup v1 tree") && out.contains("/sys/fs/cgroup/unified"), "{out}");
@@ -340,7 +345,8 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
 
     // The agent: captures a (found by UID through the host's /proc) and carries its traffic.
     let extra = [format!("--host-netns={}", through_test("ns/net")), format!("--kube-api=http://{FAKE_API}")];
-    let mut agent = run_container(&t, &ds, &agent_c, &node, &netns, &host, &extra, &[]);
+    let mut old = run_container(&t, &ds, &agent_c, &node, &netns, &host, &extra, &[], "");
+    let agent = &old;
     let ready = wait_for(Duration::from_secs(30), || {
         Ok(http_get(&netns, "127.0.0.1:15021", "/healthz/ready").map(|r| r.0 == 200).unwrap_or(false))
     });
@@ -379,6 +385,36 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
             .any(|l| l["src_principal"] == a_id && l["connection_security_policy"] == "mutual_tls"))
     })
     .unwrap_or_else(|_| panic!("b's agent never saw a's identity over mTLS: {:?}", agent2.access_log()));
+
+    // The rolling update: the surge pod's agent, in a netns of its own, takes over through the
+    // hand-over socket on the shared hostPath while a probes b every 2 ms, and none is refused.
+    // The old agent drains and then waits for the kubelet's SIGTERM rather than exit (the
+    // kubelet would restart it, and it would take over back).
+    let until = t.dir.join("probe-stop").display().to_string();
+    let probe = ["probe", "--to", &to, "--interval-ms", "2", "--duration-ms", "900000", "--until-file", &until];
+    let prober = t.spawn_pod_app(a, &[&probe[..], &["--timeout-ms", "10000"]].concat()).unwrap();
+    let accepted = || server.accepted().map(|a| a.len()).unwrap_or(0);
+    let before = accepted();
+    wait_for(Duration::from_secs(30), || Ok(accepted() >= before + 3)).unwrap();
+    let surge_netns = t.pod(surge_pod).netns.clone();
+    let mut agent = run_container(&t, &ds, &agent_c, &node, &surge_netns, &host, &extra, &[], "-surge");
+    wait_for(Duration::from_secs(60), || {
+        Ok(http_get(&surge_netns, "127.0.0.1:15021", "/healthz/ready").map(|r| r.0 == 200).unwrap_or(false))
+    })
+    .unwrap_or_else(|_| panic!("the surge pod's agent never became ready:\n{}", agent.log_text()));
+    wait_for(Duration::from_secs(60), || {
+        Ok(old.log_text().contains("drained; waiting for the kubelet to stop this pod"))
+    })
+    .unwrap_or_else(|_| panic!("the old agent did not drain:\n{}", old.log_text()));
+    let _ = Command::new("runc").args(["kill", &old.id, "TERM"]).output();
+    assert_eq!(old.wait(), 0, "{}", old.log_text());
+    let before = accepted();
+    wait_for(Duration::from_secs(30), || Ok(accepted() >= before + 3)).unwrap();
+    std::fs::write(&until, "").unwrap();
+    let s = prober.result().unwrap();
+    assert_eq!(s["failed"], 0, "probes failed during the rolling update: {s}");
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "3000", "--timeout-ms", "3000"]).unwrap();
+    assert_eq!(r["ok"], true, "through the surge pod's agent: {r}");
 
     // Told to stop while its DaemonSet exists: its programs stay (a fails closed).
     let _ = Command::new("runc").args(["kill", &agent.id, "TERM"]).output();

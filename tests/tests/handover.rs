@@ -275,7 +275,7 @@ fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on
     let (mut t, n1, a, b) = Topology::one_node_mesh("giveup").unwrap();
     let ctl = t.start_controller(&[]).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
-    let old = t.start_agent(n1, &[]).unwrap();
+    let mut old = t.start_agent(n1, &[]).unwrap();
     t.wait_ready(n1).unwrap();
     let links = pinned_link_ids(&t.node(n1).bpffs).unwrap();
     let to = t.addr(b, APP_PORT);
@@ -318,6 +318,10 @@ fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on
     assert!(!e.to_string().contains("handing over"), "{e}");
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links);
     one_program_per_hook(&t, n1);
+    // Its socket, bound again, is its own: removed when it stops.
+    let api = t.node(n1).state_dir.join("agent.sock");
+    old.stop().unwrap();
+    assert!(!api.exists(), "the agent left its local API socket behind");
 }
 
 /// A DaemonSet's surge, each agent in a pod's netns of its own (`hostNetwork: false`): the new
