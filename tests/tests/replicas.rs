@@ -38,8 +38,8 @@ fn agents_move_to_another_controller_replica_and_keep_certificates_and_configura
     let mut second = t.start_controller_replica(SECOND_PORT, &second_dir, &replica_args).unwrap();
     let _server = t.start_server(b, APP_PORT).unwrap();
     // Certificates that live 8 s: renewed every few seconds, so renewals show who serves.
-    let second_url = format!("https://{CONTROLLER_IP}:{SECOND_PORT}");
-    let flags = ["--controller", &second_url, "--cert-ttl-seconds", "8"];
+    let both = format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT},https://{CONTROLLER_IP}:{SECOND_PORT}");
+    let flags = ["--controller", &both, "--cert-ttl-seconds", "8"];
     let agent1 = t.start_agent(n1, &flags).unwrap();
     let agent2 = t.start_agent(n2, &flags).unwrap();
     t.wait_ready(n1).unwrap();
