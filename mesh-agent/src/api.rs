@@ -64,6 +64,12 @@ impl Rebind {
         self.bound.store(ino.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The path is a successor's from now on (it binds its own there): not to be removed on
+    /// exit, whatever the inode found there then.
+    pub fn disown(&self) {
+        self.set_bound(None);
+    }
+
     /// Whether the socket file at `path` is the one this agent serves on (to remove on exit).
     pub fn is_ours(&self, path: &Path) -> bool {
         let ours = self.bound.load(std::sync::atomic::Ordering::SeqCst);
@@ -82,9 +88,17 @@ pub async fn serve(views: Arc<Views>, mut listener: UnixListener, path: PathBuf,
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = rebind.wanted.notified() => {
-                // Not over a socket someone answers on (a later successor's, say).
-                let answered = || std::os::unix::net::UnixStream::connect(&path).is_ok();
-                if (inode(&path) != bound || bound.is_none()) && !answered() {
+                // Not over a socket someone answers on (a later successor's, say). Ours still
+                // there (the successor went before binding its own) is kept, and ours again.
+                let answered = matches!(
+                    tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(&path)).await,
+                    Ok(Ok(_))
+                );
+                if answered {
+                    if bound.is_some() && inode(&path) == bound {
+                        rebind.set_bound(bound);
+                    }
+                } else {
                     match bind(&path) {
                         Ok(l) => {
                             listener = l;

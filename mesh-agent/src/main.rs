@@ -325,9 +325,11 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         let node_fds = agent.node_fds.clone();
         let lifecycle = agent.lifecycle.clone();
         let tasks: Vec<_> = agent.tasks.iter().map(|t| t.abort_handle()).collect();
+        let api_path = agent.api_rebind.clone();
         let offer = move || -> std::io::Result<handover::Offer> {
             // From here on the successor holds this agent's workloads too: nothing changes.
             views.registry.set_hold(registration::Hold::Frozen);
+            api_path.disown();
             let mut groups = Vec::new();
             let mut node = Vec::new();
             for (kind, fd) in &node_fds {

@@ -218,6 +218,14 @@ pub fn model_from(
         if let Some(t) = &x.metadata.creation_timestamp {
             m.mesh_created.insert(x.name_any(), t.0.as_second());
         }
+        let in_force = x.status.as_ref().is_some_and(|s| {
+            s.observed_generation.is_some()
+                && s.observed_generation == x.metadata.generation
+                && s.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "True")
+        });
+        if in_force {
+            m.mesh_in_force.insert(x.name_any());
+        }
     }
     let mut slices_of: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {

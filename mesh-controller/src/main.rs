@@ -352,6 +352,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         let signers = signers.clone();
         tokio::spawn(async move {
+            let mut published = false;
             loop {
                 // Admitted again after a while when a root's store failed.
                 tokio::select! {
@@ -360,10 +361,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 let mut m = (**source_rx.borrow_and_update()).clone();
                 let s = keeper.admit(&mut m).await;
-                // Not published while a mesh's root is unknown: agents keep what they have.
-                if keeper.pending {
+                // A replica's first configuration waits for every mesh's root: its agents would
+                // otherwise drop a mesh another replica gave them. It serves nothing meanwhile.
+                if keeper.pending() && !published {
+                    tracing::warn!("a Mesh's generated root could not be read yet: not serving until it can");
                     continue;
                 }
+                published = true;
                 *signers.write().unwrap() = s;
                 let _ = model_tx.send(Arc::new(m));
             }

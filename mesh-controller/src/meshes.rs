@@ -152,10 +152,11 @@ pub struct Keeper {
     /// (soon when it did not answer, slowly when it refused: a fixed Role or a deleted bad
     /// Secret is then picked up without another change).
     pub retry: Option<Duration>,
-    /// A generated root's store did not answer at the last admission: what was admitted must
-    /// not be published (it would take that mesh's workloads out, and write its status as
-    /// rejected), nor its verdicts.
-    pub pending: bool,
+    /// The meshes whose generated root's store did not answer at the last admission: not
+    /// accepted yet (their workloads get no certificate meanwhile: refused, never plain), and
+    /// no verdict is written on them. A replica that has published nothing yet publishes
+    /// nothing while there are any: its agents would drop what another replica gave them.
+    pending: std::collections::BTreeSet<String>,
 }
 
 impl Keeper {
@@ -169,7 +170,7 @@ impl Keeper {
             accepted_before: Default::default(),
             verdicts: Default::default(),
             retry: None,
-            pending: false,
+            pending: Default::default(),
         }
     }
 
@@ -195,6 +196,12 @@ impl Keeper {
         let ca = match &source.1 {
             None => {
                 let again = |k: &mut Keeper, after: Duration| k.retry = Some(k.retry.map_or(after, |r| r.min(after)));
+                if !self.pending.is_empty() {
+                    // The store did not answer for another mesh just now: not asked again in
+                    // this admission (each ask may wait its whole timeout).
+                    self.pending.insert(name.to_owned());
+                    return Err("its CA: its root's store did not answer; trying again".into());
+                }
                 let (cert, key) = match self.roots.root(name, &spec.trust_domain).await {
                     Ok(pem) => pem,
                     Err(RootError::Bad(e)) => {
@@ -203,7 +210,7 @@ impl Keeper {
                     }
                     Err(RootError::Unreachable(e)) => {
                         again(self, RETRY_UNANSWERED);
-                        self.pending = true;
+                        self.pending.insert(name.to_owned());
                         return Err(format!("its CA: {e}; trying again"));
                     }
                 };
@@ -218,18 +225,27 @@ impl Keeper {
         Ok(ca)
     }
 
+    /// Whether a mesh's root could not be had at the last admission for want of an answer.
+    pub fn pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Admits the model's meshes (see the module's documentation) and returns the signers.
     pub async fn admit(&mut self, m: &mut Model) -> Signers {
-        (self.retry, self.pending) = (None, false);
+        self.retry = None;
+        self.pending.clear();
+        let before = self.verdicts.map.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut signers = Signers::only_default(self.default.clone());
         let meshes = std::mem::take(&mut m.meshes);
-        // The established first: a newcomer cannot take a trust domain in use. Where the source
-        // says when each Mesh was created, the older (then the name) decides, as in every other
-        // replica of the controller; without it, those this keeper accepted before.
+        // The established first: a newcomer (or a Mesh edited to it) cannot take a trust domain
+        // in use. Where the source has status and creation times, a Mesh in force by its status
+        // comes first, then the older, then the name, decided alike in every replica of the
+        // controller; without them (local mode), those this keeper accepted before.
         let mut order: Vec<(String, MeshSpec)> = meshes.into_iter().collect();
-        order.sort_by_key(|(n, _)| match m.mesh_created.get(n) {
-            Some(t) => (*t, false, n.clone()),
-            None => (i64::MAX, !self.accepted_before.contains(n), n.clone()),
+        order.sort_by_key(|(n, _)| {
+            let created = m.mesh_created.get(n).copied();
+            let in_force = m.mesh_in_force.contains(n) || (created.is_none() && self.accepted_before.contains(n));
+            (!in_force, created.unwrap_or(i64::MAX), n.clone())
         });
         let verdicts = check_meshes(self.default.trust_domain(), order.iter().map(|(n, s)| (n.as_str(), s)));
         let mut accepted: BTreeMap<String, MeshSpec> = BTreeMap::new();
@@ -259,6 +275,15 @@ impl Keeper {
                     signers.by_trust_domain.insert(spec.trust_domain.clone(), Arc::new(signer));
                     judged.insert(name.clone(), Ok(()));
                     accepted.insert(name, spec);
+                }
+                Err(e) if self.pending.contains(&name) => {
+                    let msg = format!("Mesh {name} not accepted yet: {e}");
+                    tracing::warn!(error = %msg, "Mesh not accepted yet; its namespaces' workloads get no certificates meanwhile");
+                    m.errors.push(msg);
+                    // Its status stays what it was.
+                    if let Some(v) = before.get(&name) {
+                        judged.insert(name, v.clone());
+                    }
                 }
                 Err(e) => {
                     let msg = format!("Mesh {name} rejected: {e}");
@@ -346,12 +371,6 @@ impl Keeper {
         }
         self.accepted_before = accepted.keys().cloned().collect();
         m.meshes = accepted;
-        if self.pending {
-            tracing::warn!(
-                "a Mesh's generated root could not be read yet: the configuration is held back until it can"
-            );
-            return signers;
-        }
         *self.verdicts.map.write().unwrap_or_else(|e| e.into_inner()) = judged;
         self.verdicts.changed.notify_one();
         signers
@@ -599,6 +618,18 @@ mod tests {
             k.admit(&mut m).await;
             assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["pay"], "{:?}", m.errors);
             assert!(k.verdicts.get("aaa").unwrap().is_err());
+        }
+        // An older Mesh edited to a trust domain the newer one has in force (its status says
+        // so): the one in force keeps it, in every replica, the just started one included.
+        let (d3, d4) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut one, ..) = keeper(d3.path());
+        let (mut other, ..) = keeper(d4.path());
+        for k in [&mut one, &mut other] {
+            let mut m = model(true);
+            m.mesh_created.insert("pay".into(), 3_000);
+            m.mesh_in_force.insert("pay".into());
+            k.admit(&mut m).await;
+            assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["pay"], "{:?}", m.errors);
         }
     }
 }

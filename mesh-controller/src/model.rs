@@ -36,6 +36,11 @@ pub struct Model {
     /// (Kubernetes' `creationTimestamp`): of two claiming one trust domain the older stands,
     /// decided the same way by every controller replica, whatever each admitted before.
     pub mesh_created: BTreeMap<String, i64>,
+    /// Meshes whose status says their current spec was accepted (`Accepted=True` for their
+    /// generation), where the source has status: in force, whichever replica wrote it, so
+    /// one keeps its trust domain against any other Mesh claiming it (an older one edited to
+    /// it included).
+    pub mesh_in_force: std::collections::BTreeSet<String>,
     /// Namespaces labelled for a mesh other than the default: namespace -> mesh name.
     pub namespace_meshes: BTreeMap<String, String>,
     /// What agents are told about each mesh, the default one included (filled by the mesh

@@ -56,11 +56,12 @@ impl Secrets {
     fn api_error(&self, name: &str, e: kube::Error) -> RootError {
         let what = format!("reading or creating Secret {}/{name}", self.namespace);
         match &e {
-            kube::Error::Api(s) if s.code == 401 || s.code == 403 => RootError::Bad(format!(
+            kube::Error::Api(s) if s.code == 403 => RootError::Bad(format!(
                 "{what}: {e}; the controller's service account needs get and create on Secrets in {} (deploy/controller.yaml's Role)",
                 self.namespace
             )),
-            kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 408 && s.code != 429 => {
+            // 401: this replica's credentials were refused (a token being rotated, say): brief.
+            kube::Error::Api(s) if (400..500).contains(&s.code) && ![401, 408, 429].contains(&s.code) => {
                 RootError::Bad(format!("{what}: {e}"))
             }
             _ => RootError::Unreachable(format!("{what}: {e}")),
@@ -288,41 +289,51 @@ mod tests {
     }
 }
 
-/// The keeper with its roots in Secrets: while the API server does not answer, what it
-/// admitted is held back (no verdict, and the caller publishes nothing) and admitted again
-/// soon; once the Secret is read, the mesh is accepted with its root.
+/// The keeper with its roots in Secrets: while the API server does not answer, the meshes
+/// whose root is unknown are not accepted yet (no verdict written), the store is asked once
+/// per admission, not once per mesh, and the keeper admits again soon; once the Secrets are
+/// read, the meshes are accepted with their roots.
 #[cfg(test)]
 mod keeper_tests {
     use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use http::{Request, Response};
     use kube::client::Body;
     use mesh_model::MeshSpec;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::*;
     use crate::meshes::{Keeper, RootStore, RETRY_UNANSWERED};
     use crate::model::Model;
 
-    #[tokio::test]
-    async fn an_unanswered_root_holds_the_configuration_back_and_is_tried_again() {
+    fn kept(mesh: &str, td: &str, root: &mesh_identity::ca::GeneratedRoot) -> Value {
         use base64::Engine;
-        let root = Ca::generate_root("pay.example").unwrap();
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        let kept = json!({
+        json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "sockmesh-root-pay", "namespace": "sockmesh-system", "annotations": {TRUST_DOMAIN_ANNOTATION: "pay.example"}},
+            "metadata": {"name": secret_name(mesh), "namespace": "sockmesh-system", "annotations": {TRUST_DOMAIN_ANNOTATION: td}},
             "type": "kubernetes.io/tls", "data": {"tls.crt": b64(&root.cert_pem), "tls.key": b64(&root.key_pem)},
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_root_is_not_accepted_yet_and_is_tried_again() {
+        let (pay, shop) = (Ca::generate_root("pay.example").unwrap(), Ca::generate_root("shop.example").unwrap());
+        let answers = vec![
+            (503, json!({"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": "etcd"})),
+            (200, kept("pay", "pay.example", &pay)),
+            (200, kept("shop", "shop.example", &shop)),
+        ];
+        let asked = Arc::new(AtomicUsize::new(0));
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let count = asked.clone();
         tokio::spawn(async move {
-            let answers = [
-                (503, json!({"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": "etcd"})),
-                (200, kept),
-            ];
             for (code, body) in answers {
                 let Some((_, send)) = handle.next_request().await else { return };
+                count.fetch_add(1, Ordering::SeqCst);
                 send.send_response(
                     Response::builder().status(code).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap(),
                 );
@@ -334,24 +345,29 @@ mod keeper_tests {
         let mut keeper = Keeper::new(store, default, day, day);
         let model = || {
             let mut m = Model::default();
-            m.admit_mesh("pay", &MeshSpec { trust_domain: "pay.example".into(), ..Default::default() }, "Mesh".into());
+            for (name, td) in [("pay", "pay.example"), ("shop", "shop.example")] {
+                m.admit_mesh(name, &MeshSpec { trust_domain: td.into(), ..Default::default() }, "Mesh".into());
+            }
             m.set_namespaces(&BTreeMap::from([(
-                "shop".to_owned(),
+                "till".to_owned(),
                 BTreeMap::from([(mesh_model::mesh::MESH_LABEL.to_owned(), "pay".to_owned())]),
             )]));
             m
         };
         let mut m = model();
         keeper.admit(&mut m).await;
-        assert!(keeper.pending, "admitted as if the mesh had no root");
+        assert!(keeper.pending(), "admitted as if the meshes had no root");
         assert_eq!(keeper.retry, Some(RETRY_UNANSWERED));
+        assert!(m.meshes.is_empty(), "accepted without a root: {:?}", m.meshes.keys());
+        assert!(m.errors.iter().any(|e| e.contains("Mesh shop not accepted yet")), "{:?}", m.errors);
         assert_eq!(keeper.verdicts.get("pay"), None, "a verdict from an API server that did not answer");
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "asked again for the second mesh in the same admission");
 
         let mut m = model();
         let signers = keeper.admit(&mut m).await;
-        assert!(!keeper.pending && keeper.retry.is_none());
+        assert!(!keeper.pending() && keeper.retry.is_none());
         assert_eq!(keeper.verdicts.get("pay"), Some(Ok(())));
-        assert_eq!(m.mesh_records["pay"].roots, [root.cert_pem.trim().to_owned() + "\n"]);
-        assert_eq!(signers.for_trust_domain("pay.example").unwrap().mesh, "pay");
+        assert_eq!(m.mesh_records["pay"].roots, [pay.cert_pem.trim().to_owned() + "\n"]);
+        assert_eq!(signers.for_trust_domain("shop.example").unwrap().mesh, "shop");
     }
 }

@@ -834,3 +834,25 @@ async fn nothing_is_published_before_every_watcher_has_listed() {
     let m = until(&mut rx, |m| m.workloads.len() == 1).await.expect("no model once everything was listed");
     assert_eq!(m.version, 1, "the first model published is the complete one");
 }
+
+/// A Mesh is in force when its status accepted its current generation (written by whichever
+/// replica held the Lease); one whose spec changed since, or that was refused, is not.
+#[test]
+fn meshes_in_force_are_read_from_their_status() {
+    let g = "security.sockmesh.io/v1alpha1";
+    let mesh = |name: &str, generation: i64, observed: i64, accepted: &str| -> Arc<Mesh> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": g, "kind": "Mesh",
+                "metadata": {"name": name, "generation": generation, "creationTimestamp": "2026-01-02T03:04:05Z"},
+                "spec": {"trustDomain": format!("{name}.example")},
+                "status": {"observedGeneration": observed, "conditions": [{"type": "Accepted", "status": accepted, "reason": "R", "message": "m"}]},
+            }))
+            .unwrap(),
+        )
+    };
+    let meshes = [mesh("kept", 2, 2, "True"), mesh("edited", 3, 2, "True"), mesh("refused", 1, 1, "False")];
+    let m = model_from(&[], &[], &meshes, &[], &[], &[], &[], &Model::default());
+    assert_eq!(m.mesh_in_force.iter().collect::<Vec<_>>(), ["kept"]);
+    assert_eq!(m.mesh_created.len(), 3);
+}

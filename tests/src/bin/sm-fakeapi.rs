@@ -16,8 +16,9 @@
 //!   the body's resourceVersion is not the object's current one (optimistic concurrency), as
 //!   the API server does. Such objects live in memory only.
 //!
-//! Every request is logged to `<dir>/requests.log` (method, path and, for writes, the body) so
-//! that a test can see what was written.
+//! Every request is logged to `<dir>/requests.log` (method, path and, for writes, the body),
+//! and each create or replace that was stored as `{"stored": <code>, "path", "object"}`, so
+//! that a test can see what was asked and what was written.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -313,6 +314,10 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
         };
         return match out {
             Ok((code, o)) => {
+                // What was stored, apart from what was asked (a write refused is not stored).
+                let mut log =
+                    std::fs::OpenOptions::new().create(true).append(true).open(shared.dir.join("requests.log"))?;
+                writeln!(log, "{}", json!({"stored": code, "path": req.path, "object": o}))?;
                 shared.changed.notify_waiters();
                 respond(&mut w, code, &o).await
             }
