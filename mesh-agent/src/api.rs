@@ -82,7 +82,6 @@ impl Rebind {
 /// again, unless the one there is still this one.
 pub async fn serve(views: Arc<Views>, mut listener: UnixListener, path: PathBuf, rebind: Arc<Rebind>) {
     let mut bound = inode(&path);
-    rebind.set_bound(bound);
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {

@@ -305,6 +305,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tmp = bundle.with_extension("pem.tmp");
     std::fs::write(&tmp, ca.roots_pem().concat())?;
     std::fs::rename(&tmp, &bundle).with_context(|| format!("writing {}", bundle.display()))?;
+    // One client for everything that reads or writes the Kubernetes API.
+    let client = if matches!(args.source, ConfigSource::Kubernetes) || matches!(args.node_auth, NodeAuth::Kubernetes) {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?,
+        )
+    } else {
+        None
+    };
     let auth: Arc<dyn auth::NodeAuthenticator> = match args.node_auth {
         NodeAuth::Static => {
             let path = args.node_credentials.as_ref().context(
@@ -320,9 +330,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .agent_service_account
                 .split_once('/')
                 .context("--agent-service-account: expected namespace/name")?;
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            let client = client.clone().context("a client was made above for --node-auth kubernetes")?;
             Arc::new(auth_kube::TokenReviewAuthenticator::new(client, &args.token_audience, ns, sa))
         }
     };
@@ -333,19 +341,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let signers: meshes::SharedSigners = Arc::new(RwLock::new(meshes::Signers::only_default(ca.clone())));
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let namespace = args.namespace.clone().or_else(|| env("POD_NAMESPACE")).unwrap_or_else(|| "sockmesh-system".into());
-    let client = match args.source {
-        ConfigSource::Local => None,
-        ConfigSource::Kubernetes => Some(
-            kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?,
-        ),
-    };
     // Generated mesh roots: in the state directory when it is the only one (local mode), in
     // Secrets that every replica reads with the Kubernetes source.
-    let roots = match &client {
-        None => meshes::RootStore::Files(state_dir(&args).to_owned()),
-        Some(c) => meshes::RootStore::Secrets(Box::new(kube_source::roots::Secrets::new(c.clone(), &namespace))),
+    let roots = match (&args.source, &client) {
+        (ConfigSource::Kubernetes, Some(c)) => {
+            meshes::RootStore::Secrets(Box::new(kube_source::roots::Secrets::new(c.clone(), &namespace)))
+        }
+        _ => meshes::RootStore::Files(state_dir(&args).to_owned()),
     };
     let mut keeper = meshes::Keeper::new(roots, ca.clone(), args.cert_ttl, args.max_cert_ttl);
     let verdicts = keeper.verdicts.clone();

@@ -234,7 +234,6 @@ impl Keeper {
     pub async fn admit(&mut self, m: &mut Model) -> Signers {
         self.retry = None;
         self.pending.clear();
-        let before = self.verdicts.map.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut signers = Signers::only_default(self.default.clone());
         let meshes = std::mem::take(&mut m.meshes);
         // The established first: a newcomer (or a Mesh edited to it) cannot take a trust domain
@@ -280,8 +279,8 @@ impl Keeper {
                     let msg = format!("Mesh {name} not accepted yet: {e}");
                     tracing::warn!(error = %msg, "Mesh not accepted yet; its namespaces' workloads get no certificates meanwhile");
                     m.errors.push(msg);
-                    // Its status stays what it was.
-                    if let Some(v) = before.get(&name) {
+                    // Its status stays what it was (the verdicts are replaced only below).
+                    if let Some(v) = self.verdicts.get(&name) {
                         judged.insert(name, v.clone());
                     }
                 }

@@ -168,6 +168,12 @@ fn surge_upgrade_under_load_refuses_nothing() {
     one_program_per_hook(&t, n2);
 }
 
+/// Pauses (SIGSTOP) or resumes (SIGCONT) the controller: no certificate is signed meanwhile.
+fn signal(ctl: &Controller, sig: i32) {
+    // SAFETY: our own child's pid.
+    unsafe { libc::kill(ctl.pid().unwrap() as i32, sig) };
+}
+
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }
@@ -225,11 +231,7 @@ fn a_successor_whose_predecessor_dies_first_accepts_at_once() {
     let mut old = t.start_agent(n1, &[]).unwrap();
     t.wait_ready(n1).unwrap();
     let to = t.addr(b, APP_PORT);
-    let signal = |sig| {
-        // SAFETY: our own child's pid.
-        unsafe { libc::kill(ctl.pid().unwrap() as i32, sig) };
-    };
-    signal(libc::SIGSTOP);
+    signal(&ctl, libc::SIGSTOP);
     std::thread::scope(|s| {
         let successor = s.spawn(|| t.start_agent(n1, &[]));
         // Once the old agent has handed its listeners over, it dies.
@@ -240,7 +242,7 @@ fn a_successor_whose_predecessor_dies_first_accepts_at_once() {
         old.kill().unwrap();
         let new = successor.join().unwrap().unwrap();
         assert_eq!(lines_with(&new, "the predecessor went away before this agent took over; accepting now").len(), 1);
-        signal(libc::SIGCONT);
+        signal(&ctl, libc::SIGCONT);
         t.wait_ready(n1).unwrap();
         let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
         assert_eq!(r["ok"], true, "{r}");
@@ -279,11 +281,7 @@ fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on
     t.wait_ready(n1).unwrap();
     let links = pinned_link_ids(&t.node(n1).bpffs).unwrap();
     let to = t.addr(b, APP_PORT);
-    let signal = |sig| {
-        // SAFETY: our own child's pid.
-        unsafe { libc::kill(ctl.pid().unwrap() as i32, sig) };
-    };
-    signal(libc::SIGSTOP);
+    signal(&ctl, libc::SIGSTOP);
     let e = std::thread::scope(|s| {
         let successor = s.spawn(|| t.start_agent(n1, &["--handover-wait-seconds", "20"]));
         // Meanwhile the successor holds the local API's path and takes no change: one it
@@ -297,7 +295,7 @@ fn a_successor_that_cannot_become_ready_gives_up_and_the_running_agent_serves_on
         .expect("the successor took a change through the local API while taking over");
         successor.join().unwrap().err().expect("a successor without certificates took over").to_string()
     });
-    signal(libc::SIGCONT);
+    signal(&ctl, libc::SIGCONT);
     assert!(
         e.contains("could not take over within --handover-wait-seconds 20")
             && e.contains("serves on")

@@ -37,6 +37,31 @@ async fn server(cert: WorkloadCert) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, sessions)
 }
 
+/// A TLS server on loopback presenting `cert`: counts the sessions it accepted and hands each
+/// to `session`.
+async fn tls_server<F, Fut>(cert: WorkloadCert, session: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let (counted, session) = (sessions.clone(), Arc::new(session));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counted, session) = (acceptor.clone(), counted.clone(), session.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                session(tls).await;
+            });
+        }
+    });
+    (addr, sessions)
+}
+
 /// The same, refusing its first `refuse` streams unprocessed (REFUSED_STREAM), and
 /// reporting the first bytes of every stream it answered.
 async fn server_refusing(
@@ -45,43 +70,35 @@ async fn server_refusing(
 ) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let refused = Arc::new(AtomicUsize::new(0));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let sessions = Arc::new(AtomicUsize::new(0));
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
-    let counted = sessions.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, counted, refused, tx) = (acceptor.clone(), counted.clone(), refused.clone(), tx.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                counted.fetch_add(1, Ordering::SeqCst);
-                let Ok(mut conn) = h2::server::Builder::new()
-                    .initial_window_size(STREAM_WINDOW)
-                    .initial_connection_window_size(CONNECTION_WINDOW)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    if refused.fetch_add(1, Ordering::SeqCst) < refuse {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    let resp = http::Response::builder().status(200).body(()).unwrap();
-                    let _ = respond.send_response(resp, false);
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        if let Some(Ok(first)) = body.data().await {
-                            let _ = tx.send(first);
-                        }
-                    });
+    let (addr, sessions) = tls_server(cert, move |tls| {
+        let (refused, tx) = (refused.clone(), tx.clone());
+        async move {
+            let Ok(mut conn) = h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .handshake::<_, Bytes>(tls)
+                .await
+            else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                if refused.fetch_add(1, Ordering::SeqCst) < refuse {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
                 }
-            });
+                let resp = http::Response::builder().status(200).body(()).unwrap();
+                let _ = respond.send_response(resp, false);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    if let Some(Ok(first)) = body.data().await {
+                        let _ = tx.send(first);
+                    }
+                });
+            }
         }
-    });
+    })
+    .await;
     (addr, sessions, rx)
 }
 
@@ -181,31 +198,23 @@ async fn server_taking_then_going(
     reason: h2::Reason,
 ) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let sessions = Arc::new(AtomicUsize::new(0));
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
-    let counted = sessions.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, counted, tx) = (acceptor.clone(), counted.clone(), tx.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                counted.fetch_add(1, Ordering::SeqCst);
-                let Ok(mut conn) = h2::server::Builder::new().handshake::<_, Bytes>(tls).await else { return };
-                let Some(Ok((req, respond))) = conn.accept().await else { return };
-                let mut body = req.into_body();
-                if let Some(Ok(first)) = body.data().await {
-                    let _ = tx.send(first);
-                }
-                // GOAWAY naming the stream processed, flushed; then the connection closes with
-                // the stream unanswered (neither answered nor reset).
-                conn.abrupt_shutdown(reason);
-                while conn.accept().await.is_some() {}
-                std::mem::forget((respond, body));
-            });
+    let (addr, sessions) = tls_server(cert, move |tls| {
+        let tx = tx.clone();
+        async move {
+            let Ok(mut conn) = h2::server::Builder::new().handshake::<_, Bytes>(tls).await else { return };
+            let Some(Ok((req, respond))) = conn.accept().await else { return };
+            let mut body = req.into_body();
+            if let Some(Ok(first)) = body.data().await {
+                let _ = tx.send(first);
+            }
+            // GOAWAY naming the stream processed, flushed; then the connection closes with the
+            // stream unanswered (neither answered nor reset).
+            conn.abrupt_shutdown(reason);
+            while conn.accept().await.is_some() {}
+            std::mem::forget((respond, body));
         }
-    });
+    })
+    .await;
     (addr, sessions, rx)
 }
 
