@@ -64,6 +64,7 @@ impl Views {
             certificates: m.cert_stats(),
             config: m.config_stats(),
             reclaimed_entries: m.reclaimed(),
+            limits: m.limit_stats(&crate::limits::Limit::ALL.map(|l| l.label())),
         }
     }
 

@@ -210,6 +210,7 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         orig_dst,
         loads: loads.clone(),
         lifecycle: Arc::new(Lifecycle::new(Phase::Starting)),
+        limits: crate::limits::Limits::new(cfg.limits.clone(), metrics.clone(), None),
     });
     let lifecycle = inputs.lifecycle.clone();
     let pool = Arc::new(Pool::new(cfg.hbone_pooling, metrics.clone()));

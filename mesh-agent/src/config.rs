@@ -152,6 +152,81 @@ pub struct RunArgs {
     /// worker costs more in cross-thread wake-ups than it adds), else 2.
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds on what one client, one source address or one authenticated peer can make the agent
+/// do. docs/security.md lists each, its default, and what happens when it is hit (each hit is
+/// counted in `sockmesh_limit_hits_total`).
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct LimitArgs {
+    /// TLS handshakes in progress on the HBONE ports, all sources together. A connection
+    /// beyond it is reset before any cryptographic work.
+    #[arg(long, default_value_t = 1024)]
+    pub max_pending_handshakes: usize,
+    /// TLS handshakes in progress from one source address (an IPv6 /64 counts as one address).
+    #[arg(long, default_value_t = 64)]
+    pub max_pending_handshakes_per_source: usize,
+    /// New TLS handshakes per second from one source address, in bursts of up to twice this;
+    /// 0 lifts the rate limit (for measuring fresh handshakes from one client).
+    #[arg(long, default_value_t = 256)]
+    pub handshakes_per_source_per_second: u32,
+    /// How long the HBONE server's TLS handshake, and then the HTTP/2 preface and settings,
+    /// may take each.
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// HBONE connections open from one authenticated peer (its identity, from one address).
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_peer: usize,
+    /// HBONE streams open from one authenticated peer, across its connections.
+    #[arg(long, default_value_t = 4096)]
+    pub max_streams_per_peer: usize,
+    /// What one authenticated peer may have sent that the agent has not yet passed on, in MiB:
+    /// the sum of the HTTP/2 receive windows of its connections. Each new connection's window
+    /// is an eighth of what is left (at most 16 MiB, at least the protocol's 64 KiB).
+    #[arg(long, default_value_t = 64)]
+    pub peer_buffer_mib: u64,
+    /// Plaintext connections (15006) open from one source address.
+    #[arg(long, default_value_t = 1024)]
+    pub max_plaintext_per_source: usize,
+    /// An HBONE connection with no stream open for this long is closed (GOAWAY).
+    #[arg(long, default_value_t = 300)]
+    pub hbone_idle_timeout_seconds: u64,
+    /// An inbound connection (an HBONE stream, plaintext, or from a pod of this node) that moves
+    /// no byte either way for this long is closed.
+    #[arg(long, default_value_t = 3600)]
+    pub idle_timeout_seconds: u64,
+}
+
+impl LimitArgs {
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, value: &dyn std::fmt::Debug, reason: &str| ConfigError::Invalid {
+            setting,
+            value: format!("{value:?}"),
+            reason: reason.to_owned(),
+        };
+        let nonzero: [(&'static str, u64); 9] = [
+            ("max-pending-handshakes", self.max_pending_handshakes as u64),
+            ("max-pending-handshakes-per-source", self.max_pending_handshakes_per_source as u64),
+            ("handshake-timeout-ms", self.handshake_timeout_ms),
+            ("max-connections-per-peer", self.max_connections_per_peer as u64),
+            ("max-streams-per-peer", self.max_streams_per_peer as u64),
+            ("peer-buffer-mib", self.peer_buffer_mib),
+            ("max-plaintext-per-source", self.max_plaintext_per_source as u64),
+            ("hbone-idle-timeout-seconds", self.hbone_idle_timeout_seconds),
+            ("idle-timeout-seconds", self.idle_timeout_seconds),
+        ];
+        for (setting, v) in nonzero {
+            if v == 0 {
+                return Err(invalid(setting, &v, "must be at least 1"));
+            }
+        }
+        if self.peer_buffer_mib > 64 * 1024 {
+            return Err(invalid("peer-buffer-mib", &self.peer_buffer_mib, "must be at most 65536 (64 GiB)"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +266,7 @@ pub struct Config {
     pub hbone_pooling: bool,
     pub same_node_tls: bool,
     pub worker_threads: usize,
+    pub limits: LimitArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +327,7 @@ impl Config {
         if !(1..=16).contains(&a.service_attempts) {
             return Err(invalid("service-attempts", &a.service_attempts, "must be between 1 and 16"));
         }
+        a.limits.check()?;
         if a.max_workloads < 1 {
             return Err(invalid("max-workloads", &a.max_workloads, "must be at least 1"));
         }
@@ -374,6 +451,7 @@ impl Config {
             hbone_pooling: a.hbone_pooling,
             same_node_tls: a.same_node_tls,
             worker_threads,
+            limits: a.limits,
         })
     }
 }

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::ebpf::maps::OrigDstTable;
 use crate::identity::Identities;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
 
@@ -52,6 +53,8 @@ pub struct ProxyInputs {
     pub loads: Arc<Loads>,
     /// Whether to accept, and what is in flight (a hand-over to a successor drains this agent).
     pub lifecycle: Arc<Lifecycle>,
+    /// What one client, source or peer may make the agent do.
+    pub limits: Arc<Limits>,
 }
 
 /// Where the agent is in its life, as the accept loops see it.
@@ -122,13 +125,16 @@ impl Lifecycle {
     }
 
     /// Accepts on `listener` once serving, until draining begins, and runs each connection's
-    /// task (`handle`'s future) on its own, counted in flight until it ends. An accept error
-    /// (out of descriptors, say) is logged and retried after a pause.
+    /// task (`handle`'s future) on its own, counted in flight until it ends. A connection whose
+    /// descriptor falls in the share kept for established traffic is reset at once (counted);
+    /// an accept error (out of descriptors all the same, say) is logged and retried after a
+    /// pause.
     pub async fn accept_loop<F>(
         &self,
         listener: tokio::net::TcpListener,
         what: &'static str,
         workload: &mesh_model::WorkloadKey,
+        limits: &Limits,
         mut handle: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> F,
     ) where
         F: std::future::Future<Output = ()> + Send + 'static,
@@ -149,6 +155,11 @@ impl Lifecycle {
             };
             match r {
                 Ok((stream, peer)) => {
+                    if let Err(l) = limits.descriptor(&stream) {
+                        limits.hit(l, &format_args!("{what} connection from {peer} to {workload}"));
+                        crate::netns::reset(stream);
+                        continue;
+                    }
                     let in_flight = self.track();
                     let task = handle(stream, peer);
                     tokio::spawn(async move {

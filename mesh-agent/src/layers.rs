@@ -13,6 +13,7 @@ const LAYERS: &[&str] = &[
     "balance",
     "outcome",
     "metrics",
+    "limits",
     "ebpf",
     "connections",
     "identity",

@@ -16,6 +16,7 @@ mod inputs;
 mod kubeapi;
 #[cfg(test)]
 mod layers;
+mod limits;
 mod metrics;
 mod netns;
 mod outcome;
@@ -203,7 +204,7 @@ fn node_problems(
 }
 
 /// Every proxied connection holds up to six descriptors (the pod's socket, the upstream one,
-/// and a pipe per direction while a plain relay splices); the default soft limit (often 1024)
+/// and a pipe per direction while a plain relay has a chunk in flight); the default soft limit (often 1024)
 /// would refuse connections long before `--max-connections` does. The headroom covers what
 /// each workload holds besides connections: its listeners, its netns handle and up to 32 spare
 /// dial sockets (netns.rs), a few hundred workloads' worth. Raised as far as allowed, and said

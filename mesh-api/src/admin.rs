@@ -276,6 +276,10 @@ pub struct Stats {
     /// miss), or they belonged to a workload no longer registered.
     #[serde(default)]
     pub reclaimed_entries: u64,
+    /// Connections and streams refused or closed at an abuse limit, by limit
+    /// (`pending_handshakes`, `connections_per_peer`, `idle`, ...).
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
 }
 
 /// `/status`: the agent at a glance.

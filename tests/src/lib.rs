@@ -11,6 +11,7 @@
 //! - [`http`]: HTTP requests from inside a netns (metrics, readiness).
 //! - [`metrics`]: reading Prometheus text.
 //! - [`kernel`]: what the kernel shows (pinned links, attached programs, listening sockets).
+//! - [`peer`]: a hand-driven HBONE client's certificate and TLS configuration.
 
 use std::sync::atomic::AtomicU32;
 
@@ -19,6 +20,7 @@ pub mod capture;
 pub mod http;
 pub mod kernel;
 pub mod metrics;
+pub mod peer;
 pub mod process;
 pub mod topology;
 

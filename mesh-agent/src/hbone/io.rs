@@ -8,6 +8,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use crate::limits::Activity;
+
 /// Read sizes: a connection starts small and doubles while reads fill the buffer (a bulk flow),
 /// up to the largest; request/response traffic stays small. Each read becomes one DATA frame,
 /// and h2 gives rustls a frame's 9-byte header together with its payload, so each read stops a
@@ -26,7 +28,7 @@ const _: () = assert!(MIN_CHUNK > FRAME_HEADER && CHUNK <= super::MAX_FRAME_SIZE
 /// Reads from the client and sends on the stream. The read buffer exists only while data is
 /// flowing: an idle connection holds none (it waits for readability first), which is what lets
 /// one agent hold many idle connections cheaply.
-async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>) -> std::io::Result<u64> {
+async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>, activity: &Activity) -> std::io::Result<u64> {
     let mut buf = BytesMut::new();
     let mut want = MIN_CHUNK;
     let mut total = 0u64;
@@ -48,6 +50,7 @@ async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>) -> std::io::Re
             return Ok(total);
         }
         total += n as u64;
+        activity.moved(true, n as u64);
         if n == room {
             want = (want * 2).min(CHUNK);
         }
@@ -65,13 +68,14 @@ async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>) -> std::io::Re
     }
 }
 
-async fn h2_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf) -> std::io::Result<u64> {
+async fn h2_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf, activity: &Activity) -> std::io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
         w.write_all(&chunk).await?;
         total += n as u64;
+        activity.moved(false, n as u64);
         let _ = recv.flow_control().release_capacity(n);
     }
     w.shutdown().await?;
@@ -82,10 +86,43 @@ fn h2_io(e: h2::Error) -> std::io::Error {
     std::io::Error::other(e)
 }
 
-/// Relays until both directions are done. Returns (bytes TCP→h2, bytes h2→TCP, first error).
-pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> (u64, u64, Option<std::io::Error>) {
+/// Relays until both directions are done, or until neither has moved a byte for `idle` (the
+/// error is then [`is_idle`]). Returns (bytes TCP→h2, bytes h2→TCP, first error).
+pub async fn relay(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    idle: Option<std::time::Duration>,
+) -> (u64, u64, Option<std::io::Error>) {
     let (r, w) = tcp.into_split();
-    let (up, down) = tokio::join!(tcp_to_h2(r, send), h2_to_tcp(recv, w));
-    let err = up.as_ref().err().or(down.as_ref().err()).map(|e| std::io::Error::new(e.kind(), e.to_string()));
-    (up.unwrap_or(0), down.unwrap_or(0), err)
+    let activity = Activity::default();
+    let both = async { tokio::join!(tcp_to_h2(r, send, &activity), h2_to_tcp(recv, w, &activity)) };
+    let quiet = async {
+        match idle {
+            Some(t) => crate::limits::idle(&activity, t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        (up, down) = both => {
+            let err = up.as_ref().err().or(down.as_ref().err()).map(|e| std::io::Error::new(e.kind(), e.to_string()));
+            (up.unwrap_or(0), down.unwrap_or(0), err)
+        }
+        () = quiet => {
+            let (up, down) = activity.totals();
+            (up, down, Some(idle_error()))
+        }
+    }
+}
+
+/// The error a relay closed for idleness ends with.
+pub fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, IDLE)
+}
+
+const IDLE: &str = "no byte moved either way for the idle timeout";
+
+/// Whether a relay ended because it was idle.
+pub fn is_idle(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut && e.to_string() == IDLE
 }

@@ -24,7 +24,7 @@ use crate::outcome::BadRequest;
 
 /// Flow-control windows: large enough for a fast flow across nodes.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = crate::limits::MAX_WINDOW;
 /// The largest DATA frame either end accepts: above [`io`]'s largest read, so a read is one
 /// frame.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::batch::BatchIo;
 use super::{io, parse_connect};
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW};
+use super::{MAX_FRAME_SIZE, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::identity::WorkloadCert;
 use crate::inputs::ProxyInputs;
 use crate::netns::reset;
@@ -33,11 +33,21 @@ pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: T
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
         // In flight until the connection ends: after a hand-over, once its streams have.
-        .accept_loop(listener, "HBONE", wl.key(), |tcp, peer| connection(inputs.clone(), wl.clone(), tcp, peer))
+        .accept_loop(listener, "HBONE", wl.key(), &inputs.limits, |tcp, peer| {
+            connection(inputs.clone(), wl.clone(), tcp, peer)
+        })
         .await
 }
 
 async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpStream, peer: SocketAddr) {
+    // Before anything is read or computed: a flood of handshakes is refused here, cheaply.
+    let pending = match inputs.limits.handshake(peer.ip()) {
+        Ok(p) => p,
+        Err(l) => {
+            inputs.limits.hit(l, &format_args!("HBONE connection from {peer} to {}", wl.key()));
+            return reset(tcp);
+        }
+    };
     let _ = tcp.set_nodelay(true);
     // Subscribed before the identity is read: a change from here on closes the connection.
     let changes = wl.identity_changes();
@@ -49,7 +59,7 @@ async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpSt
     // Each poll of this connection's task writes once (see batch.rs).
     let io = BatchIo::new(tcp);
     let batcher = io.batcher();
-    if batcher.clone().run(Box::pin(tunnel(inputs, wl, cert, io, peer, changes))).await == Ended::ByUs {
+    if batcher.clone().run(Box::pin(tunnel(inputs, wl, cert, io, peer, changes, pending))).await == Ended::ByUs {
         batcher.linger(LINGER).await;
     }
 }
@@ -73,6 +83,7 @@ async fn tunnel(
     io: BatchIo,
     peer: SocketAddr,
     changes: tokio::sync::watch::Receiver<Arc<crate::state::KnownWorkload>>,
+    pending: crate::limits::Pending,
 ) -> Ended {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
     let served = cert.id.clone();
@@ -82,7 +93,8 @@ async fn tunnel(
         inputs.metrics.handshake_failed(Direction::Inbound, &failure);
         Ended::ByPeer
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+    let handshake_timeout = inputs.limits.handshake_timeout();
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return failed(HandshakeFailure::from_io(&e), &e),
         Err(_) => return failed(HandshakeFailure::Timeout, &"timed out"),
@@ -92,18 +104,27 @@ async fn tunnel(
         Some(Err(e)) => return failed(HandshakeFailure::Verify(e), &"peer certificate"),
         None => return failed(HandshakeFailure::Verify(VerifyError::NoCertificate), &"no peer certificate"),
     };
+    // The peer's share: its connections, streams and the bytes it may have in flight unread.
+    let lease = match inputs.limits.peer(&peer_id.to_string(), peer.ip()) {
+        Ok(l) => Arc::new(l),
+        Err(l) => {
+            inputs.limits.hit(l, &format_args!("HBONE connection from {peer_id} at {peer} to {}", wl.key()));
+            return Ended::ByPeer;
+        }
+    };
     let h2 = h2::server::Builder::new()
         .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(STREAM_WINDOW.min(lease.window()))
+        .initial_connection_window_size(lease.window())
         .max_frame_size(MAX_FRAME_SIZE)
         .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2).await {
+    let mut conn = match tokio::time::timeout(handshake_timeout, h2).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return failed(HandshakeFailure::H2Handshake, &e),
         Err(_) => return failed(HandshakeFailure::H2Handshake, &"timed out"),
     };
+    drop(pending);
     let peer_id = Arc::new(peer_id);
     // Accepted for the identity this workload has now: if it changes (its namespace moved to
     // another mesh), the connection and its streams are closed.
@@ -115,9 +136,32 @@ async fn tunnel(
     let lifecycle = inputs.lifecycle.clone();
     let mut draining = Box::pin(lifecycle.draining());
     let mut going_away = false;
+    // Streams open on this connection, and when it last had none: a connection without a
+    // stream for the idle timeout is told to go away, and closed if it has not within a
+    // handshake timeout more.
+    let open = Arc::new(OpenStreams::default());
+    let idle_for = inputs.limits.hbone_idle();
+    let mut idle_deadline = tokio::time::Instant::now() + idle_for;
+    let mut closing: Option<tokio::time::Instant> = None;
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
+            () = tokio::time::sleep_until(idle_deadline), if closing.is_none() => {
+                match open.idle_since() {
+                    Some(since) if since + idle_for <= tokio::time::Instant::now() => {
+                        inputs.limits.hit(crate::limits::Limit::HboneIdle, &format_args!("HBONE connection from {peer_id} at {peer} to {}", wl.key()));
+                        conn.graceful_shutdown();
+                        going_away = true;
+                        closing = Some(tokio::time::Instant::now() + handshake_timeout);
+                    }
+                    Some(since) => idle_deadline = since + idle_for,
+                    None => idle_deadline = tokio::time::Instant::now() + idle_for,
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
+                return Ended::ByUs;
+            }
             () = &mut changed => {
                 tracing::info!(workload = %wl.key(), %peer, "HBONE connection closed: this workload's identity changed");
                 return Ended::ByUs;
@@ -132,7 +176,18 @@ async fn tunnel(
         };
         // After our GOAWAY the connection ends (None) once its streams have: ended by us.
         let Some(next) = next else { return if going_away { Ended::ByUs } else { Ended::ByPeer } };
-        let Ok((req, respond)) = next else { return Ended::ByPeer };
+        let Ok((req, mut respond)) = next else { return Ended::ByPeer };
+        let slot = match lease.stream() {
+            Ok(s) => s,
+            Err(l) => {
+                // Refused unprocessed: a client of ours sends it again on another connection
+                // (which counts against the same bound).
+                inputs.limits.hit(l, &format_args!("HBONE stream from {peer_id} at {peer} to {}", wl.key()));
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+        };
+        let slot = (slot, open.enter());
         let (inputs, wl, peer_id) = (inputs.clone(), wl.clone(), peer_id.clone());
         // The stream's first steps (policy, the dial to the app, usually complete within
         // connect(), and the answer) run here, in this connection's poll, so the answer leaves
@@ -140,7 +195,7 @@ async fn tunnel(
         // stream gets a task of its own.
         // Only the relay outlives the set-up: it is spawned on its own, so an idle stream's task
         // does not keep the set-up's state (the request, its headers) for the stream's life.
-        let mut setup = Box::pin(stream(inputs, wl, peer_id, peer, req, respond));
+        let mut setup = Box::pin(stream(inputs, wl, peer_id, peer, req, respond, slot));
         match std::future::poll_fn(|cx| Poll::Ready(setup.as_mut().poll(cx))).await {
             Poll::Ready(Some(relay)) => {
                 tokio::spawn(relay);
@@ -171,6 +226,7 @@ async fn stream(
     peer: SocketAddr,
     req: http::Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
+    slot: (crate::limits::PeerStream, OpenStream),
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
     let started = Instant::now();
     let snap = inputs.state.load();
@@ -233,15 +289,62 @@ async fn stream(
             return None;
         }
     };
+    if let Err(l) = inputs.limits.descriptor(&app) {
+        inputs.limits.hit(l, &format_args!("HBONE stream from {peer_id} at {peer} to {dst}"));
+        inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &"out of descriptors for new connections");
+        status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        return None;
+    }
     let resp = http::Response::builder().status(StatusCode::OK).body(()).expect("a valid response");
     let send = respond.send_response(resp, false).ok()?;
     let rec = Arc::new(rec);
     let live = inputs.conns.opened(&rec);
     let body = req.into_body();
+    let idle = inputs.limits.idle();
     Some(async move {
-        let (from_app, to_app, err) = io::relay(app, send, body).await;
+        let (from_app, to_app, err) = io::relay(app, send, body, Some(idle)).await;
+        if err.as_ref().is_some_and(io::is_idle) {
+            inputs.limits.hit(crate::limits::Limit::StreamIdle, &format_args!("HBONE stream to {dst}"));
+        }
         drop(live);
+        drop(slot);
         // As the source would count them: sent toward the app, received back from it.
         inputs.conns.closed(&rec, Moved { sent: to_app, received: from_app }, started, err.as_ref());
     })
+}
+
+/// The streams open on one HBONE connection, and since when it has had none.
+struct OpenStreams {
+    open: std::sync::Mutex<(usize, Option<tokio::time::Instant>)>,
+}
+
+impl Default for OpenStreams {
+    fn default() -> Self {
+        OpenStreams { open: std::sync::Mutex::new((0, Some(tokio::time::Instant::now()))) }
+    }
+}
+
+impl OpenStreams {
+    fn enter(self: &Arc<Self>) -> OpenStream {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        *o = (o.0 + 1, None);
+        OpenStream(self.clone())
+    }
+
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+}
+
+/// One stream's place in [`OpenStreams`].
+struct OpenStream(Arc<OpenStreams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut o = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
+        o.0 -= 1;
+        if o.0 == 0 {
+            o.1 = Some(tokio::time::Instant::now());
+        }
+    }
 }

@@ -101,3 +101,8 @@ pub struct EventLabels {
 pub struct FailureLabels {
     pub reason: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}

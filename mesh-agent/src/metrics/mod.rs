@@ -15,7 +15,9 @@ use prometheus_client::registry::Registry;
 mod labels;
 mod read;
 
-use labels::{DirectionLabels, EventLabels, FailureLabels, IdentityLabels, MapLabels, ReasonLabels, TcpLabels};
+use labels::{
+    DirectionLabels, EventLabels, FailureLabels, IdentityLabels, LimitLabels, MapLabels, ReasonLabels, TcpLabels,
+};
 
 use crate::outcome::{ConnRecord, Direction, HandshakeFailure, Outcome, Reason};
 
@@ -45,6 +47,7 @@ pub struct Metrics {
     not_captured: Gauge,
     reclaimed: Counter,
     endpoint_failures: Family<FailureLabels, Counter>,
+    limit_hits: Family<LimitLabels, Counter>,
     /// Which reason labels have been counted, to list them in `/stats` (the values stay in the
     /// registry; this only remembers which keys exist, a bounded set).
     seen_reasons: Mutex<BTreeMap<(&'static str, &'static str), Kind>>,
@@ -94,6 +97,7 @@ impl Metrics {
             not_captured: Gauge::default(),
             reclaimed: Counter::default(),
             endpoint_failures: Family::default(),
+            limit_hits: Family::default(),
             seen_reasons: Mutex::new(BTreeMap::new()),
             kernel_seen: Mutex::new(BTreeMap::new()),
         };
@@ -183,6 +187,11 @@ impl Metrics {
             "Service endpoints that could not be used for a connection (another endpoint was then tried), by reason",
             m.endpoint_failures.clone(),
         );
+        sm.register(
+            "limit_hits",
+            "Connections and streams refused or closed at an abuse limit, by limit (docs/security.md lists them)",
+            m.limit_hits.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -234,6 +243,10 @@ impl Metrics {
     /// A Service endpoint could not be used for a connection; another is tried.
     pub fn service_endpoint_failed(&self, reason: &'static str) {
         self.endpoint_failures.get_or_create(&FailureLabels { reason }).inc();
+    }
+
+    pub fn limit_hit(&self, limit: &'static str) {
+        self.limit_hits.get_or_create(&LimitLabels { limit }).inc();
     }
 
     pub fn stream_refused_retried(&self) {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use mesh_api::admin::{CertStats, ConfigStats, DirectionStats, HboneStats, MapFill};
 
-use super::labels::{DirectionLabels, FailureLabels, MapLabels, ReasonLabels};
+use super::labels::{DirectionLabels, FailureLabels, LimitLabels, MapLabels, ReasonLabels};
 use super::{Kind, Metrics};
 use crate::outcome::Direction;
 
@@ -68,6 +68,14 @@ impl Metrics {
                 let capacity = self.map_capacity.get(&l).map(|g| g.get().max(0) as u64).unwrap_or(0);
                 (map.to_owned(), MapFill { entries, capacity })
             })
+            .collect()
+    }
+
+    /// Hits of each of `limits` that has been hit.
+    pub fn limit_stats(&self, limits: &[&'static str]) -> BTreeMap<String, u64> {
+        limits
+            .iter()
+            .filter_map(|&limit| self.limit_hits.get(&LimitLabels { limit }).map(|c| (limit.to_owned(), c.get())))
             .collect()
     }
 }

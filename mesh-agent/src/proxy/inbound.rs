@@ -18,7 +18,9 @@ use crate::state::LocalWorkload;
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "inbound", wl.key(), |stream, peer| handle(inputs.clone(), wl.clone(), stream, peer))
+        .accept_loop(listener, "inbound", wl.key(), &inputs.limits, |stream, peer| {
+            handle(inputs.clone(), wl.clone(), stream, peer)
+        })
         .await
 }
 
@@ -43,6 +45,13 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
     let refuse = |reason: Reason, client: TcpStream| {
         inputs.conns.refused(&rec, reason.clone(), started, &reason);
         reset(client);
+    };
+    let slot = match inputs.limits.plaintext(peer.ip()) {
+        Ok(s) => s,
+        Err(l) => {
+            inputs.limits.hit(l, &format_args!("plaintext connection from {peer} to {dst}"));
+            return reset(client);
+        }
     };
     if mesh_common::is_mesh_port(dst.port()) {
         // Dialling it would loop back into the agent.
@@ -72,5 +81,16 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
             return reset(client);
         }
     };
-    super::relay(&inputs.conns, client, upstream, Arc::new(rec), bytes::Bytes::new(), started).await;
+    if let Err(l) = inputs.limits.descriptor(&upstream) {
+        inputs.limits.hit(l, &format_args!("plaintext connection from {peer} to {dst}"));
+        inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &"out of descriptors for new connections");
+        return reset(client);
+    }
+    let idle = Some(inputs.limits.idle());
+    let (_, error) =
+        super::relay(&inputs.conns, client, upstream, Arc::new(rec), bytes::Bytes::new(), started, idle).await;
+    if error.as_ref().is_some_and(crate::hbone::io::is_idle) {
+        inputs.limits.hit(crate::limits::Limit::StreamIdle, &format_args!("plaintext connection from {peer} to {dst}"));
+    }
+    drop(slot);
 }

@@ -88,7 +88,12 @@ pub async fn carry(
 ) {
     let inbound = Arc::new(inbound);
     let live_in = inputs.conns.opened(&inbound);
-    let (bytes, error) = super::relay(&inputs.conns, client, upstream, out, first, started).await;
+    // Idle is the destination's bound, as on its HBONE streams.
+    let idle = Some(inputs.limits.idle());
+    let (bytes, error) = super::relay(&inputs.conns, client, upstream, out, first, started, idle).await;
+    if error.as_ref().is_some_and(crate::hbone::io::is_idle) {
+        inputs.limits.hit(crate::limits::Limit::StreamIdle, &"same-node connection");
+    }
     drop(live_in);
     inputs.conns.closed(&inbound, bytes, started, error.as_ref());
 }

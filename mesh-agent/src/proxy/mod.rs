@@ -15,11 +15,13 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use crate::connections::Connections;
+use crate::limits::Activity;
 use crate::outcome::{Bytes, ConnRecord};
 
-/// Moves bytes both ways in the kernel until both sides are done, then records the close.
-/// `first` is what was already read from the client (for a tunnel that was then not used):
-/// it goes to the upstream before anything else. Returns the bytes moved and the first error.
+/// Moves bytes both ways in the kernel until both sides are done (or, with `idle`, until
+/// neither has moved a byte for that long), then records the close. `first` is what was
+/// already read from the client (for a tunnel that was then not used): it goes to the upstream
+/// before anything else. Returns the bytes moved and the first error.
 pub async fn relay(
     conns: &Arc<Connections>,
     client: TcpStream,
@@ -27,19 +29,36 @@ pub async fn relay(
     rec: Arc<ConnRecord>,
     first: bytes::Bytes,
     started: Instant,
+    idle: Option<std::time::Duration>,
 ) -> (Bytes, Option<std::io::Error>) {
     let live = conns.opened(&rec);
+    let activity = Activity::default();
     let res = async {
         if !first.is_empty() {
             write_all(&upstream, &first).await?;
         }
-        tokio::try_join!(splice::one_way(&client, &upstream), splice::one_way(&upstream, &client))
-    }
-    .await;
+        tokio::try_join!(
+            splice::one_way(&client, &upstream, &activity, true),
+            splice::one_way(&upstream, &client, &activity, false)
+        )
+    };
+    let quiet = async {
+        match idle {
+            Some(t) => crate::limits::idle(&activity, t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let res = tokio::select! {
+        r = res => r,
+        () = quiet => Err(crate::hbone::io::idle_error()),
+    };
     drop(live);
     let (bytes, error) = match res {
         Ok((sent, received)) => (Bytes { sent: sent + first.len() as u64, received }, None),
-        Err(e) => (Bytes::default(), Some(e)),
+        Err(e) => {
+            let (sent, received) = activity.totals();
+            (Bytes { sent: sent + first.len() as u64, received }, Some(e))
+        }
     };
     conns.closed(&rec, bytes, started, error.as_ref());
     (bytes, error)

@@ -48,7 +48,7 @@ pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
 pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "outbound", wl.key(), |stream, peer| {
+        .accept_loop(listener, "outbound", wl.key(), &inputs.limits, |stream, peer| {
             let orig =
                 inputs.orig_dst.take(crate::sockdiag::socket_cookie(&stream).ok(), &port_key(wl.netns_cookie, peer));
             // The task lives as long as the connection: the one-off steps (certificate, tunnel
@@ -262,7 +262,7 @@ pub async fn carry(
     match upstream {
         Upstream::Tunnel(tunnel) => {
             let live = inputs.conns.opened(&rec);
-            let (sent, received, err) = crate::hbone::io::relay(client, tunnel.send, tunnel.recv).await;
+            let (sent, received, err) = crate::hbone::io::relay(client, tunnel.send, tunnel.recv, None).await;
             drop((live, tunnel.lease));
             let bytes = crate::outcome::Bytes { sent: sent + tunnel.early, received };
             inputs.conns.closed(&rec, bytes, started, err.as_ref());
@@ -270,7 +270,7 @@ pub async fn carry(
         Upstream::Plain(upstream) => {
             // Boxed: only passed-through connections carry a plain relay's state. Inline, it
             // sized every connection's task, HBONE ones included.
-            Box::pin(super::relay(&inputs.conns, client, upstream, rec, early.read(), started)).await;
+            Box::pin(super::relay(&inputs.conns, client, upstream, rec, early.read(), started, None)).await;
         }
         Upstream::Local { upstream, inbound } => {
             Box::pin(super::local::carry(inputs, client, upstream, rec, inbound, early.read(), started)).await;

@@ -12,10 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_identity::ca::{workload_csr, Ca};
-use mesh_identity::verify::{pem_to_ders, LiveBundle, SpiffeServerVerifier, TrustBundle};
 use mesh_identity::SpiffeId;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use serde_json::json;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -33,33 +31,7 @@ async fn main() {
     let cases: Vec<String> =
         args.iter().enumerate().filter(|(_, a)| *a == "--case").filter_map(|(i, _)| args.get(i + 1).cloned()).collect();
 
-    let root_pem = std::fs::read_to_string(dir.join("root.pem")).unwrap();
-    let root_key = std::fs::read_to_string(dir.join("root-key.pem")).unwrap();
-    let ttl = Duration::from_secs(600);
-    let (td, ca) = match kind.as_str() {
-        "legit" => ("cluster.local", Ca::from_pem("cluster.local", &root_pem, &root_key, "", ttl, ttl).unwrap()),
-        "other-td" => ("evil.example", Ca::from_pem("evil.example", &root_pem, &root_key, "", ttl, ttl).unwrap()),
-        "rogue" => {
-            let r = Ca::generate_root("cluster.local").unwrap();
-            ("cluster.local", Ca::from_pem("cluster.local", &r.cert_pem, &r.key_pem, "", ttl, ttl).unwrap())
-        }
-        other => panic!("--client-cert {other}: legit, rogue or other-td"),
-    };
-    let id = SpiffeId::workload(td, "default", "sa-a").unwrap();
-    let (key, csr) = workload_csr(&id).unwrap();
-    let (_, chain) = ca.sign(&csr, None, |_| Ok(())).unwrap();
-    let bundle = LiveBundle::new(TrustBundle::from_pems("cluster.local", &[root_pem]).unwrap());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundle, expect)))
-        .with_client_auth_cert(
-            pem_to_ders(&chain.concat()),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let cfg = tests::peer::client_config(&dir, &kind, "sa-a", expect);
 
     let tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
     let tls =

@@ -132,7 +132,12 @@ impl Pool {
         }
         let key = PoolKey { src: src.key.clone(), src_id: src.id.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().entry(key).or_default().clone();
-        let mut guard = slot.lock().await;
+        // Waiting for the slot (another stream may be making its connection) and for the
+        // pooled connection to take a stream both end at the connect timeout: a destination
+        // that stalls (stopped, or not reading) fails each new connection to it at its own
+        // deadline, instead of queueing them behind one another's handshakes.
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut guard = tokio::time::timeout_at(deadline, slot.lock()).await.map_err(|_| TunnelError::Timeout)?;
         // A connection at the peer's stream limit is not reused: a new one becomes current,
         // and the full one closes once its streams are done. (Waiting for room instead
         // would stall new connections behind long-lived ones.)
@@ -140,7 +145,12 @@ impl Pool {
             Some(p)
                 if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams().min(MAX_STREAMS as usize) =>
             {
-                p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
+                match tokio::time::timeout_at(deadline, p.sender.ready()).await {
+                    Ok(r) => r.ok().map(|sender| Pooled { sender, active: p.active }),
+                    // It cannot take a stream in time (its peer is not reading): it is no
+                    // longer the current connection, and this stream fails at its deadline.
+                    Err(_) => return Err(TunnelError::Timeout),
+                }
             }
             _ => None,
         };
