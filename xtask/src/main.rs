@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod image;
 mod kernels;
 
@@ -67,6 +68,16 @@ enum Cmd {
     /// binaries and the libraries they link) with the machine's Docker engine, tagged as
     /// deploy/ names them.
     Image,
+    /// Fuzz the parsers of untrusted input (`cargo fuzz` targets in fuzz/, with AddressSanitizer)
+    /// from their committed seed corpora. A crash's input is left in target/fuzz/artifacts/.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: every one in fuzz/fuzz_targets/).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// A local mesh in network namespaces with real traffic.
     Demo {
         /// Leave the mesh running and print how to poke at it.
@@ -177,6 +188,19 @@ fn real_main() -> Result<()> {
             write_crds(&root.join("deploy/crds"))?;
             let written = PROTOS.map(|p| format!("{}/{}", p.out_dir, p.generated));
             eprintln!("codegen: wrote {} and deploy/crds", written.join(", "));
+            Ok(())
+        }
+        Cmd::Fuzz { seconds, target } => {
+            setup()?;
+            fuzz::install()?;
+            let t = Instant::now();
+            let outcomes = fuzz::run(&root, seconds, "address", target.as_deref())?;
+            let failed = fuzz::report(&outcomes);
+            println!("\nfuzzing finished in {:.0}s", t.elapsed().as_secs_f64());
+            println!("summary: {} targets passed, {failed} failed", outcomes.len() - failed);
+            if failed > 0 || outcomes.is_empty() {
+                bail!("fuzzing failed");
+            }
             Ok(())
         }
         Cmd::Demo { keep } => {
@@ -444,6 +468,9 @@ fn run_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
     Ok((p, f, out.status.success()))
 }
 
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SECONDS_IN_TEST: u64 = 10;
+
 fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let t = Instant::now();
     let mut passed = 0;
@@ -472,6 +499,22 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         println!("leftovers FAILED: {}", left.join(", "));
     }
     if filter.is_none() {
+        // Each fuzz target briefly, from its seeds (which hold every crash input fixed so
+        // far): `cargo xtask fuzz` runs them for longer. Each target counts as a test.
+        step(&format!("fuzzing: each target for {FUZZ_SECONDS_IN_TEST}s"));
+        match fuzz::install().and_then(|()| fuzz::run(root, FUZZ_SECONDS_IN_TEST, "none", None)) {
+            Ok(outcomes) => {
+                let bad = fuzz::report(&outcomes);
+                passed += (outcomes.len() - bad) as u64;
+                failed += bad as u64;
+                ok &= bad == 0 && !outcomes.is_empty();
+            }
+            Err(e) => {
+                failed += 1;
+                ok = false;
+                println!("fuzzing FAILED: {e:#}");
+            }
+        }
         // The core cases on Debian 12's kernel and the refusal on Debian 11's, each booted
         // under emulation (the whole matrix is `cargo xtask kernels`). Each case counts as a
         // test.
