@@ -165,7 +165,7 @@ pub struct LimitArgs {
     /// beyond it is reset before any cryptographic work.
     #[arg(long, default_value_t = 1024)]
     pub max_pending_handshakes: usize,
-    /// TLS handshakes in progress from one source address (an IPv6 /64 counts as one address).
+    /// TLS handshakes in progress from one source address.
     #[arg(long, default_value_t = 64)]
     pub max_pending_handshakes_per_source: usize,
     /// New TLS handshakes per second from one source address, in bursts of up to twice this;
@@ -180,7 +180,7 @@ pub struct LimitArgs {
     #[arg(long, default_value_t = 256)]
     pub max_connections_per_peer: usize,
     /// HBONE streams open from one authenticated peer, across its connections.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 1024)]
     pub max_streams_per_peer: usize,
     /// What one authenticated peer may have sent that the agent has not yet passed on, in MiB:
     /// the sum of the HTTP/2 receive windows of its connections. Each new connection's window
@@ -220,6 +220,16 @@ impl LimitArgs {
         for (setting, v) in nonzero {
             if v == 0 {
                 return Err(invalid(setting, &v, "must be at least 1"));
+            }
+        }
+        // A timeout meant as "never" must not overflow the clock: at most 30 days.
+        for (setting, v) in [
+            ("handshake-timeout-ms", self.handshake_timeout_ms / 1000),
+            ("hbone-idle-timeout-seconds", self.hbone_idle_timeout_seconds),
+            ("idle-timeout-seconds", self.idle_timeout_seconds),
+        ] {
+            if v > 30 * 24 * 3600 {
+                return Err(invalid(setting, &v, "must be at most 30 days"));
             }
         }
         if self.peer_buffer_mib > 64 * 1024 {

@@ -106,7 +106,9 @@ pub async fn relay(
     tokio::select! {
         (up, down) = both => {
             let err = up.as_ref().err().or(down.as_ref().err()).map(|e| std::io::Error::new(e.kind(), e.to_string()));
-            (up.unwrap_or(0), down.unwrap_or(0), err)
+            // What moved, also in a direction that failed part-way.
+            let (up, down) = activity.totals();
+            (up, down, err)
         }
         () = quiet => {
             let (up, down) = activity.totals();

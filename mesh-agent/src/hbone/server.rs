@@ -160,7 +160,13 @@ async fn tunnel(
                 continue;
             }
             () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
-                return Ended::ByUs;
+                // A stream the peer opened as the GOAWAY crossed it runs to its end (the
+                // connection ends with it); with none, the peer has had its time.
+                if open.idle_since().is_some() {
+                    return Ended::ByUs;
+                }
+                closing = Some(tokio::time::Instant::now() + handshake_timeout);
+                continue;
             }
             () = &mut changed => {
                 tracing::info!(workload = %wl.key(), %peer, "HBONE connection closed: this workload's identity changed");

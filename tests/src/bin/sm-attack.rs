@@ -14,9 +14,11 @@
 //!       N authenticated connections (service account sa-x) held open: the HTTP/2 connection
 //!       window the server gave each (or `refused`). Then one more connection as `SA`. Prints the
 //!       line, then holds everything until stdin closes.
-//!   sm-attack streams --to ADDR --target APP --count N: N CONNECT streams on one connection,
-//!       none of them sending: how many were opened (200) and refused (REFUSED_STREAM).
-//!   sm-attack h2 --to ADDR --attack rapid-reset|continuation|settings|ping|streams|preface
+//!   sm-attack streams --to ADDR --target APP --count N [--sa SA]: N CONNECT streams on one
+//!       connection, none of them sending: how many were opened (200) and refused
+//!       (REFUSED_STREAM).
+//!   sm-attack h2 --to ADDR
+//!       --attack rapid-reset|continuation|settings|ping|streams|garbage-after-preface|bad-preface
 //!       [--target APP] [--count N]: raw HTTP/2 frames after an authenticated handshake; how
 //!       the connection ended (`goaway` with its code, `eof`, `reset`, or `open`).
 //!
@@ -376,31 +378,55 @@ async fn read_frames(
     }
 }
 
-/// An authenticated connection speaking raw frames: the preface and empty SETTINGS sent.
-async fn raw(
+/// An authenticated connection speaking raw frames: the preface and empty SETTINGS sent (or,
+/// with `bad_preface`, HTTP/1.1 where the preface belongs).
+async fn raw_with(
     a: &Args,
     sa: &str,
+    bad_preface: bool,
 ) -> std::io::Result<(tokio::io::WriteHalf<Tls>, Arc<std::sync::Mutex<Seen>>, Arc<tokio::sync::Notify>)> {
     let tls = handshake(&a.tls(sa), a.to()).await?;
     let (r, mut w) = tokio::io::split(tls);
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
     let acked = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(read_frames(r, seen.clone(), acked.clone()));
-    let mut hello = PREFACE.to_vec();
+    let mut hello = if bad_preface { b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec() } else { PREFACE.to_vec() };
     hello.extend(frame(SETTINGS, 0, 0, &[]));
     w.write_all(&hello).await?;
     Ok((w, seen, acked))
 }
 
-/// The connection window the server gave: what it said before answering a PING.
+async fn raw(
+    a: &Args,
+    sa: &str,
+) -> std::io::Result<(tokio::io::WriteHalf<Tls>, Arc<std::sync::Mutex<Seen>>, Arc<tokio::sync::Notify>)> {
+    raw_with(a, sa, false).await
+}
+
+/// The connection window the server gave: what it said before answering a second PING. (The
+/// server may answer the first PING before it sends the window update it queued at the start,
+/// in the same write; by the second, that write is long done.)
 async fn granted_window(a: &Args, sa: &str) -> (Value, Option<tokio::io::WriteHalf<Tls>>) {
     let Ok((mut w, seen, acked)) = raw(a, sa).await else { return (json!("refused"), None) };
-    if w.write_all(&frame(PING, 0, 0, &[7; 8])).await.is_err() {
-        return (json!("refused"), None);
+    for n in 1..=2u8 {
+        if w.write_all(&frame(PING, 0, 0, &[n; 8])).await.is_err() {
+            return (json!("refused"), None);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                {
+                    let s = seen.lock().unwrap();
+                    if s.pings_acked >= u64::from(n) || s.ended.is_some() {
+                        return;
+                    }
+                }
+                acked.notified().await;
+            }
+        })
+        .await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(30), acked.notified()).await;
     let s = seen.lock().unwrap();
-    if s.pings_acked == 0 {
+    if s.pings_acked < 2 {
         return (json!("refused"), None);
     }
     (json!(65_535 + s.window_updates), Some(w))
@@ -431,7 +457,8 @@ async fn windows(a: &Args) -> Value {
 }
 
 async fn streams(a: &Args) -> Value {
-    let tls = handshake(&a.tls("sa-x"), a.to()).await.unwrap();
+    let sa = a.get("--sa").unwrap_or_else(|| "sa-x".into());
+    let tls = handshake(&a.tls(&sa), a.to()).await.unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     let target = a.get("--target").expect("--target");
@@ -468,7 +495,7 @@ async fn h2_attack(a: &Args) -> Value {
     let count = a.num("--count", 10_000) as u32;
     let target = a.get("--target").unwrap_or_else(|| "127.0.0.1:1".into());
     let started = Instant::now();
-    let (mut w, seen, _acked) = match raw(a, "sa-x").await {
+    let (mut w, seen, _acked) = match raw_with(a, "sa-x", attack == "bad-preface").await {
         Ok(x) => x,
         Err(e) => return json!({"attack": attack, "error": e.to_string()}),
     };
@@ -493,7 +520,8 @@ async fn h2_attack(a: &Args) -> Value {
             }
             "settings" => batch.extend(frame(SETTINGS, 0, 0, &[])),
             "ping" => batch.extend(frame(PING, 0, 0, &i.to_be_bytes().repeat(2))),
-            "preface" => {
+            "bad-preface" => {}
+            "garbage-after-preface" => {
                 if i == 0 {
                     batch.extend(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64));
                 }

@@ -105,7 +105,7 @@ impl Pool {
                     self.metrics.stream_refused_retried();
                     // The peer counts that connection full, or is going away: the next try gets
                     // a new one (the old one keeps its streams and closes when they are done).
-                    self.retire(&src, &to).await;
+                    self.retire(&src, &to);
                 }
                 r => break r,
             }
@@ -132,10 +132,10 @@ impl Pool {
         }
         let key = PoolKey { src: src.key.clone(), src_id: src.id.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().entry(key).or_default().clone();
-        // Waiting for the slot (another stream may be making its connection) and for the
-        // pooled connection to take a stream both end at the connect timeout: a destination
-        // that stalls (stopped, or not reading) fails each new connection to it at its own
-        // deadline, instead of queueing them behind one another's handshakes.
+        // Waiting for the slot (another stream may be making its connection) ends at the
+        // connect timeout: a destination that stalls (stopped, or not reading) fails each new
+        // connection to it at its own deadline, instead of queueing them behind one another's
+        // handshakes.
         let deadline = tokio::time::Instant::now() + connect_timeout;
         let mut guard = tokio::time::timeout_at(deadline, slot.lock()).await.map_err(|_| TunnelError::Timeout)?;
         // A connection at the peer's stream limit is not reused: a new one becomes current,
@@ -145,12 +145,10 @@ impl Pool {
             Some(p)
                 if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams().min(MAX_STREAMS as usize) =>
             {
-                match tokio::time::timeout_at(deadline, p.sender.ready()).await {
-                    Ok(r) => r.ok().map(|sender| Pooled { sender, active: p.active }),
-                    // It cannot take a stream in time (its peer is not reading): it is no
-                    // longer the current connection, and this stream fails at its deadline.
-                    Err(_) => return Err(TunnelError::Timeout),
-                }
+                // The pooled sender never sends itself (streams go out on clones), so this only
+                // finds out whether the connection is still alive; the stream's answer is
+                // waited for until the connect timeout (client::answer).
+                p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
             }
             _ => None,
         };
@@ -255,11 +253,15 @@ impl Pool {
     }
 
     /// Stops reusing the current connection for (source, destination).
-    async fn retire(&self, src: &Source<'_>, to: &Destination<'_>) {
+    fn retire(&self, src: &Source<'_>, to: &Destination<'_>) {
         let key = PoolKey { src: src.key.clone(), src_id: src.id.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().get(&key).cloned();
+        // Never waits: a slot that is locked is having its next connection made, which
+        // replaces the current one anyway.
         if let Some(slot) = slot {
-            slot.lock().await.take();
+            if let Ok(mut s) = slot.try_lock() {
+                s.take();
+            }
         }
     }
 
