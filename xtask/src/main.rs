@@ -78,6 +78,13 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// The mesh under steady churn for a while (connections, workloads, policies, one-minute
+    /// certificates, a controller restart), failing if anything grows without bound or an
+    /// allowed connection fails. Report and chart in target/soak/.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
     /// A local mesh in network namespaces with real traffic.
     Demo {
         /// Leave the mesh running and print how to poke at it.
@@ -202,6 +209,12 @@ fn real_main() -> Result<()> {
                 bail!("fuzzing failed");
             }
             Ok(())
+        }
+        Cmd::Soak { minutes } => {
+            setup()?;
+            build(&root)?;
+            step(&format!("soak: {minutes} minutes"));
+            sh(Command::new(root.join("target/release/sm-soak")).args(["--minutes", &minutes.to_string()]))
         }
         Cmd::Demo { keep } => {
             setup()?;
