@@ -13,29 +13,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::admin::Source;
-use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::admin::Views;
-use mesh_model::{Workload, WorkloadKey};
+use mesh_model::local_api::Request;
+use mesh_model::WorkloadKey;
 
 /// Longest accepted request line: a workload record is far smaller.
 const MAX_LINE: usize = 64 * 1024;
 
 const USAGE: &str =
     "send one JSON object per line with \"op\" one of add_workload, remove_workload, workloads, stats, config, certs";
-
-#[derive(Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-enum Request {
-    AddWorkload { workload: Box<Workload> },
-    RemoveWorkload { namespace: String, name: String },
-    Workloads,
-    Stats,
-    Config,
-    Certs,
-}
 
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -159,7 +148,7 @@ async fn handle(views: Arc<Views>, stream: UnixStream) {
 }
 
 async fn respond(views: &Views, line: &str) -> serde_json::Value {
-    let req: Request = match serde_json::from_str(line) {
+    let req = match Request::parse(line) {
         Ok(r) => r,
         Err(e) => return serde_json::json!({"ok": false, "error": format!("bad request: {e}; {USAGE}")}),
     };

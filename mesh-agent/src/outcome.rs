@@ -71,15 +71,7 @@ pub enum KernelRefusal {
     WorkloadMismatch,
 }
 
-/// Why a CONNECT request was refused before any dial (answered 400).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadRequest {
-    NotConnect,
-    NoAuthority,
-    BadAuthority,
-    NotLocal,
-    MeshPort,
-}
+pub use mesh_model::hbone::BadRequest;
 
 /// Why a tunnel to the destination failed, as the source agent saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,18 +129,6 @@ impl HandshakeFailure {
             HandshakeFailure::H2Handshake => "h2_handshake",
             HandshakeFailure::TlsConfig => "tls_config",
             HandshakeFailure::Other => "handshake_failed",
-        }
-    }
-}
-
-impl BadRequest {
-    pub fn label(self) -> &'static str {
-        match self {
-            BadRequest::NotConnect => "hbone_not_connect",
-            BadRequest::NoAuthority => "hbone_no_authority",
-            BadRequest::BadAuthority => "hbone_bad_authority",
-            BadRequest::NotLocal => "hbone_destination_not_local",
-            BadRequest::MeshPort => "hbone_mesh_port",
         }
     }
 }

@@ -7,172 +7,14 @@
 //! contents are kept; an invalid policy is reported and left out whole, never half-applied.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use mesh_model::{MeshSpec, Service, Workload};
-use serde::Deserialize;
+use mesh_model::config_file::{parse_file, FileContents};
+use mesh_model::Workload;
 
 use crate::model::Model;
-
-#[derive(Debug, Clone, Default)]
-struct FileContents {
-    workloads: Vec<Workload>,
-    authz: Vec<Sourced<AuthorizationPolicySpec>>,
-    peer: Vec<Sourced<PeerAuthenticationSpec>>,
-    /// Services and the line each starts on.
-    services: Vec<(usize, Service)>,
-    meshes: Vec<Sourced<MeshSpec>>,
-    /// Namespaces (line, name, labels).
-    namespaces: Vec<(usize, String, BTreeMap<String, String>)>,
-}
-
-/// A policy and the line of its file where its document starts.
-#[derive(Debug, Clone)]
-struct Sourced<S> {
-    line: usize,
-    namespace: String,
-    name: String,
-    spec: S,
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    name: String,
-    #[serde(default = "default_ns")]
-    namespace: String,
-}
-
-fn default_ns() -> String {
-    "default".into()
-}
-
-/// `kind: Namespace` (only its name and labels are read).
-#[derive(Deserialize)]
-struct NamespaceDoc {
-    #[serde(rename = "apiVersion")]
-    api_version: String,
-    metadata: NamespaceMeta,
-}
-
-#[derive(Deserialize)]
-struct NamespaceMeta {
-    name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyDoc<S> {
-    #[serde(rename = "apiVersion")]
-    api_version: String,
-    #[allow(dead_code)]
-    kind: String,
-    metadata: Meta,
-    spec: S,
-}
-
-/// Parses one file. Errors name the file, the line and the reason.
-fn parse_file(path: &Path, text: &str) -> Result<FileContents, String> {
-    use mesh_model::workload::documents;
-    let mut out = FileContents::default();
-    for doc in documents(path, text).map_err(|e| e.to_string())? {
-        let start = doc.line;
-        let at =
-            |line: Option<usize>, reason: String| format!("{}:{}: {reason}", path.display(), line.unwrap_or(start));
-        let kind = doc
-            .kind(path, "Workload, Service, Mesh, Namespace, AuthorizationPolicy or PeerAuthentication")
-            .map_err(|e| e.to_string())?;
-        let doc_line = |e: &serde_yaml::Error| e.location().map(|l| start + l.line() - 1);
-        let v = doc.value.clone();
-        match kind {
-            "Workload" => {
-                let w = doc.workload(path).map_err(|e| e.to_string())?;
-                if w.node.is_none() {
-                    return Err(at(None, format!("Workload {}: no node; every workload is placed on a node", w.key())));
-                }
-                w.validate("").map_err(|e| at(None, e.to_string()))?;
-                if w.mesh.is_some() {
-                    return Err(at(None, format!("Workload {}: `mesh` is not set on a workload; it comes from its namespace's {} label, e.g.\n{}", w.key(), mesh_model::mesh::MESH_LABEL, mesh_model::mesh::MESH_EXAMPLE)));
-                }
-                out.workloads.push(w);
-            }
-            "Service" => {
-                let svc: Service = doc.record(path, "Service").map_err(|e| e.to_string())?;
-                svc.validate_source().map_err(|e| {
-                    at(
-                        None,
-                        format!(
-                            "Service {}/{}: {e}; a Service looks like\n{}",
-                            svc.namespace,
-                            svc.name,
-                            mesh_model::service::SERVICE_EXAMPLE
-                        ),
-                    )
-                })?;
-                out.services.push((start, svc));
-            }
-            "Mesh" => {
-                let d: PolicyDoc<MeshSpec> = serde_yaml::from_value(v).map_err(|e| {
-                    at(doc_line(&e), format!("Mesh: {e}; a Mesh looks like\n{}", mesh_model::mesh::MESH_EXAMPLE))
-                })?;
-                check_api(&d.api_version).map_err(|r| at(None, r))?;
-                d.spec.validate(&d.metadata.name).map_err(|e| at(None, format!("Mesh {}: {e}", d.metadata.name)))?;
-                out.meshes.push(Sourced { line: start, namespace: String::new(), name: d.metadata.name, spec: d.spec });
-            }
-            "Namespace" => {
-                let d: NamespaceDoc = serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("Namespace: {e}")))?;
-                if d.api_version != "v1" {
-                    return Err(at(None, format!("Namespace: apiVersion {:?}: expected \"v1\"", d.api_version)));
-                }
-                out.namespaces.push((start, d.metadata.name, d.metadata.labels));
-            }
-            "AuthorizationPolicy" => {
-                let d: PolicyDoc<AuthorizationPolicySpec> =
-                    serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("AuthorizationPolicy: {e}")))?;
-                check_api(&d.api_version).map_err(|r| at(None, r))?;
-                out.authz.push(Sourced {
-                    line: start,
-                    namespace: d.metadata.namespace,
-                    name: d.metadata.name,
-                    spec: d.spec,
-                });
-            }
-            "PeerAuthentication" => {
-                let d: PolicyDoc<PeerAuthenticationSpec> =
-                    serde_yaml::from_value(v).map_err(|e| at(doc_line(&e), format!("PeerAuthentication: {e}")))?;
-                check_api(&d.api_version).map_err(|r| at(None, r))?;
-                out.peer.push(Sourced {
-                    line: start,
-                    namespace: d.metadata.namespace,
-                    name: d.metadata.name,
-                    spec: d.spec,
-                });
-            }
-            other => {
-                return Err(at(
-                    None,
-                    format!(
-                        "unknown kind {other:?}: expected Workload, Service, Mesh, Namespace, AuthorizationPolicy or PeerAuthentication"
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn check_api(v: &str) -> Result<(), String> {
-    let want = format!("{}/{}", mesh_model::policy::GROUP, mesh_model::policy::VERSION);
-    if v == want {
-        Ok(())
-    } else {
-        Err(format!("apiVersion {v:?}: expected {want:?}"))
-    }
-}
 
 /// Builds the model from the last good contents of every file; an invalid policy is handled
 /// as [`Model::admit_authz`] says.
@@ -301,6 +143,7 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parses_policies_and_workloads_and_names_the_line_of_an_error() {

@@ -3,6 +3,9 @@
 //! policies. One model, whatever source it is read from.
 
 pub mod authz;
+pub mod config_file;
+pub mod hbone;
+pub mod local_api;
 pub mod mesh;
 pub mod policy;
 pub mod service;

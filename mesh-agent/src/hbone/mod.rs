@@ -15,12 +15,7 @@ pub mod io;
 pub mod pool;
 pub mod server;
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-
-use http::Method;
-
-use crate::outcome::BadRequest;
 
 /// Flow-control windows: large enough for a fast flow across nodes.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -53,51 +48,4 @@ pub const EARLY_MAX: usize = 16 * 1024;
 pub const SERVICE_HEADER: &str = "sockmesh-service";
 const _: () = assert!(EARLY_MAX < 65_535);
 
-/// The destination a CONNECT request asks for, if this workload may serve it. Pure: checked
-/// before any dial.
-pub fn parse_connect(method: &Method, uri: &http::Uri, local_ips: &[IpAddr]) -> Result<SocketAddr, BadRequest> {
-    if method != Method::CONNECT {
-        return Err(BadRequest::NotConnect);
-    }
-    let auth = uri.authority().ok_or(BadRequest::NoAuthority)?;
-    // An address, never a name: the agent resolves nothing on behalf of a peer.
-    let dst: SocketAddr = auth.as_str().parse().map_err(|_| BadRequest::BadAuthority)?;
-    if dst.port() == 0 {
-        return Err(BadRequest::BadAuthority);
-    }
-    if !local_ips.contains(&dst.ip()) {
-        return Err(BadRequest::NotLocal);
-    }
-    if mesh_common::is_mesh_port(dst.port()) {
-        return Err(BadRequest::MeshPort);
-    }
-    Ok(dst)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ips() -> Vec<IpAddr> {
-        vec!["10.20.2.10".parse().unwrap()]
-    }
-
-    #[test]
-    fn connect_requests_are_checked_before_any_dial() {
-        let ok = parse_connect(&Method::CONNECT, &"10.20.2.10:8080".parse().unwrap(), &ips());
-        assert_eq!(ok, Ok("10.20.2.10:8080".parse().unwrap()));
-        let cases: &[(Method, &str, BadRequest)] = &[
-            (Method::GET, "10.20.2.10:8080", BadRequest::NotConnect),
-            (Method::POST, "10.20.2.10:8080", BadRequest::NotConnect),
-            (Method::CONNECT, "/path-only", BadRequest::NoAuthority),
-            (Method::CONNECT, "example.com:80", BadRequest::BadAuthority),
-            (Method::CONNECT, "10.20.2.10:0", BadRequest::BadAuthority),
-            (Method::CONNECT, "10.20.9.9:8080", BadRequest::NotLocal),
-            (Method::CONNECT, "10.20.2.10:15008", BadRequest::MeshPort),
-            (Method::CONNECT, "10.20.2.10:15006", BadRequest::MeshPort),
-        ];
-        for (m, u, want) in cases {
-            assert_eq!(parse_connect(m, &u.parse().unwrap(), &ips()), Err(*want), "{m} {u}");
-        }
-    }
-}
+pub use mesh_model::hbone::parse_connect;
