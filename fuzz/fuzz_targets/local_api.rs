@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|line: &str| {
     if let Ok(mesh_model::local_api::Request::AddWorkload { workload }) = mesh_model::local_api::Request::parse(line) {
-        let _ = workload.validate("");
+        let _ = workload.validate("n1");
         let _ = workload.key();
     }
 });

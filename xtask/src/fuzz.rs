@@ -49,7 +49,9 @@ pub fn run(root: &Path, seconds: u64, sanitizer: &str, only: Option<&str>) -> Re
     let t = Instant::now();
     let build = Command::new("cargo")
         .current_dir(root)
-        .args(["+nightly", "fuzz", "build", "-O", "-s", sanitizer])
+        // -O with -a: optimised, but with debug assertions and overflow checks, so that an
+        // overflow in a parser is a crash, not a silent wrap.
+        .args(["+nightly", "fuzz", "build", "-O", "-a", "-s", sanitizer])
         .status()
         .context("running cargo fuzz build")?;
     if !build.success() {
@@ -68,7 +70,7 @@ pub fn run(root: &Path, seconds: u64, sanitizer: &str, only: Option<&str>) -> Re
         let seeds = root.join("fuzz/corpus").join(&target);
         let o = Command::new("cargo")
             .current_dir(root)
-            .args(["+nightly", "fuzz", "run", "-O", "-s", sanitizer, &target])
+            .args(["+nightly", "fuzz", "run", "-O", "-a", "-s", sanitizer, &target])
             .arg(&work)
             .arg(&seeds)
             .arg("--")

@@ -1,4 +1,4 @@
-//! Developer entry point: `cargo xtask <setup|build-ebpf|build|test|demo|bench|kernels>`.
+//! Developer entry point: `cargo xtask <setup|build-ebpf|build|test|demo|bench|kernels|fuzz|soak|image|codegen>`.
 //! Every command that needs the toolchain runs `setup` first; setup is idempotent and quick
 //! when everything is present.
 

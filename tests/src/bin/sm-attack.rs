@@ -7,7 +7,8 @@
 //!       handshake flight (it did the cryptographic work); `refused`: it closed without a byte.
 //!   sm-attack idle --to ADDR --count N [--wait-ms W] [--deadline-ms D]
 //!       N TCP connections that send nothing, held until the server closes them or W passes:
-//!       how many the server closed, and how many of those no sooner than D after the connect.
+//!       how many the server closed, and how many of those no sooner than D after the connect
+//!       began.
 //!   sm-attack slow --to ADDR --stage tcp|half-hello|no-preface|no-connect|silent-stream
 //!       [--target APP] [--wait-ms W]: stops at that stage and measures when the server closes.
 //!   sm-attack windows --to ADDR --connections N [--then-sa SA]
@@ -197,6 +198,10 @@ async fn idle(a: &Args) -> Value {
     let mut tasks = Vec::new();
     for _ in 0..count {
         tasks.push(tokio::spawn(async move {
+            // From before the connect: with thousands of tasks on one thread, this one may see
+            // its connect done well after the server accepted it, and a deadline measured from
+            // then would look short.
+            let started = Instant::now();
             let mut s = match tokio::time::timeout(Duration::from_secs(30), TcpStream::connect(to)).await {
                 Ok(Ok(s)) => s,
                 // Reset by the server before the connect was seen done: refused at once.
@@ -204,7 +209,6 @@ async fn idle(a: &Args) -> Value {
                 Ok(Err(e)) => return Err(e.raw_os_error().unwrap_or(0)),
                 Err(_) => return Err(-1),
             };
-            let started = Instant::now();
             Ok(until_closed(&mut s, wait).await.map(|_| started.elapsed().as_millis() as u64))
         }));
     }
