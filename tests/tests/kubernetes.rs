@@ -484,8 +484,13 @@ fn a_meshed_pods_cgroup_is_refused_inside_the_kubelets_mkdir() {
     let r_cg = ino(&r_dir);
     assert_eq!(workload_entries(&bpffs).unwrap().get(&r_cg), Some(&(0, 0)), "r's new cgroup is not entered as refused");
     assert_eq!(echo(&t, r, &to)["errno"], libc::EPERM, "r must be refused while it is in the mesh");
+    let pushed = agent2.stats().unwrap().config.version;
     std::fs::remove_file(api.join("objects/pod-r.json")).unwrap();
     std::fs::remove_file(t.node(n1).state_dir.join("config.json")).unwrap();
+    // The controller has dropped r before n1's agent starts (every agent gets every workload
+    // record, so n2's sees the change): otherwise the new agent could capture r from a push
+    // made before the deletion was seen, and release it, lifting nothing.
+    wait_for(Duration::from_secs(20), || Ok(agent2.stats()?.config.version > pushed)).unwrap();
     let agent1 = t.start_agent(n1, &kubelet_flags()).unwrap();
     t.wait_ready(n1).unwrap();
     let lifted = time_until(Duration::from_secs(20), || !workload_entries(&bpffs).unwrap().contains_key(&r_cg));
