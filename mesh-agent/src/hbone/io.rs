@@ -28,10 +28,9 @@ const _: () = assert!(MIN_CHUNK > FRAME_HEADER && CHUNK <= super::MAX_FRAME_SIZE
 /// Reads from the client and sends on the stream. The read buffer exists only while data is
 /// flowing: an idle connection holds none (it waits for readability first), which is what lets
 /// one agent hold many idle connections cheaply.
-async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>, activity: &Activity) -> std::io::Result<u64> {
+async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>, activity: &Activity) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     let mut want = MIN_CHUNK;
-    let mut total = 0u64;
     loop {
         let room = want - FRAME_HEADER;
         buf.reserve(room);
@@ -47,9 +46,8 @@ async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>, activity: &Act
         };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
-            return Ok(total);
+            return Ok(());
         }
-        total += n as u64;
         activity.moved(true, n as u64);
         if n == room {
             want = (want * 2).min(CHUNK);
@@ -68,18 +66,16 @@ async fn tcp_to_h2(r: OwnedReadHalf, mut send: SendStream<Bytes>, activity: &Act
     }
 }
 
-async fn h2_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf, activity: &Activity) -> std::io::Result<u64> {
-    let mut total = 0u64;
+async fn h2_to_tcp(mut recv: RecvStream, mut w: OwnedWriteHalf, activity: &Activity) -> std::io::Result<()> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
         w.write_all(&chunk).await?;
-        total += n as u64;
         activity.moved(false, n as u64);
         let _ = recv.flow_control().release_capacity(n);
     }
     w.shutdown().await?;
-    Ok(total)
+    Ok(())
 }
 
 fn h2_io(e: h2::Error) -> std::io::Error {
