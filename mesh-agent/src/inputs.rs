@@ -57,6 +57,29 @@ pub struct ProxyInputs {
     pub limits: Arc<Limits>,
 }
 
+impl ProxyInputs {
+    /// Dials from inside a workload's netns for one connection (described by `what`): to its
+    /// app from the app's own address (`bind_to`; sk_lookup leaves that alone), or onward for
+    /// its outbound connection. The socket is checked against the descriptors kept for
+    /// established traffic before it connects: a dial to an app too busy to accept, or to a
+    /// destination that drops SYNs, waits in connect() holding its descriptor, and enough of
+    /// them would leave the agent none (counted, and refused as unreachable).
+    pub async fn dial(
+        &self,
+        netns: &crate::netns::NetnsWorker,
+        dst: std::net::SocketAddr,
+        bind_to: Option<std::net::IpAddr>,
+        what: impl FnOnce() -> String,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let s = netns.socket(dst.is_ipv6()).await?;
+        if let Err(l) = self.limits.descriptor(&s) {
+            self.limits.hit(l, &what());
+            return Err(std::io::Error::other("out of descriptors for new connections"));
+        }
+        crate::netns::connect(s, dst, bind_to, self.settings.connect_timeout).await
+    }
+}
+
 /// Where the agent is in its life, as the accept loops see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

@@ -146,53 +146,69 @@ impl NetnsWorker {
         bind_to: Option<IpAddr>,
         timeout: std::time::Duration,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let v6 = addr.is_ipv6();
-        let s = match self.spare_tcp(v6) {
-            Some(s) => s,
-            None => self.run(move || new_tcp_socket(v6)).await.map_err(std::io::Error::other)??,
-        };
-        if let Some(ip) = bind_to {
-            // Choose the port at connect() by the whole 4-tuple, not at bind() by the address
-            // alone: otherwise many connections to one app exhaust the ports (ports held in
-            // TIME_WAIT are never reused by bind).
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_BIND_ADDRESS_NO_PORT,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-            s.bind(&SocketAddr::new(ip, 0).into())?;
-        }
-        s.set_nodelay(true)?;
-        match s.connect(&addr.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(e),
-        }
-        // To an address on this machine the kernel has usually finished the handshake (or been
-        // refused) within connect() itself, the packets being processed in this thread's
-        // softirq: then there is nothing to wait for, and the caller goes on in the same poll.
-        let established = match s.take_error()? {
-            Some(e) => return Err(e),
-            None => s.peer_addr().is_ok(),
-        };
-        let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(s))?;
-        if !established {
-            match tokio::time::timeout(timeout, stream.writable()).await {
-                Ok(r) => r?,
-                Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
-            }
-            if let Some(e) = stream.take_error()? {
-                return Err(e);
-            }
-        }
-        Ok(stream)
+        let s = self.socket(addr.is_ipv6()).await?;
+        connect(s, addr, bind_to, timeout).await
     }
+
+    /// An unconnected TCP socket of this netns, for IPv6 or IPv4 (from the reserve when it
+    /// has one), for [`connect`].
+    pub async fn socket(&self, v6: bool) -> std::io::Result<socket2::Socket> {
+        match self.spare_tcp(v6) {
+            Some(s) => Ok(s),
+            None => self.run(move || new_tcp_socket(v6)).await.map_err(std::io::Error::other)?,
+        }
+    }
+}
+
+/// Connects a socket from [`NetnsWorker::socket`] to `addr`, from `bind_to` if given (see
+/// [`NetnsWorker::dial`]), waiting at most `timeout`.
+pub async fn connect(
+    s: socket2::Socket,
+    addr: SocketAddr,
+    bind_to: Option<IpAddr>,
+    timeout: std::time::Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    if let Some(ip) = bind_to {
+        // Choose the port at connect() by the whole 4-tuple, not at bind() by the address
+        // alone: otherwise many connections to one app exhaust the ports (ports held in
+        // TIME_WAIT are never reused by bind).
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.set_nodelay(true)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // To an address on this machine the kernel has usually finished the handshake (or been
+    // refused) within connect() itself, the packets being processed in this thread's
+    // softirq: then there is nothing to wait for, and the caller goes on in the same poll.
+    let established = match s.take_error()? {
+        Some(e) => return Err(e),
+        None => s.peer_addr().is_ok(),
+    };
+    let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(s))?;
+    if !established {
+        match tokio::time::timeout(timeout, stream.writable()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 /// Refuses a client with a TCP reset rather than a clean close, so that it cannot mistake the

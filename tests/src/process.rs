@@ -467,6 +467,19 @@ impl Server {
     pub fn accepted(&self) -> Result<Vec<Value>> {
         Ok(self.events()?.into_iter().filter(|e| e["event"] == "accept").collect())
     }
+
+    /// Stops the server without ending it (SIGSTOP): its listen queue fills and further
+    /// connects to it wait, as they would to an app too busy to accept.
+    pub fn pause(&self) {
+        // SAFETY: the pid of a child this topology started.
+        unsafe { libc::kill(self.pid as i32, libc::SIGSTOP) };
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: as in pause.
+        unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
+    }
 }
 
 fn read_json_lines(p: &Path) -> Result<Vec<Value>> {

@@ -344,7 +344,11 @@ fn a_flood_of_plaintext_connections_is_refused_before_the_agent_runs_out_of_desc
     let pid = agent2.pid().unwrap().to_string();
     run(Command::new("prlimit").args(["--pid", &pid, "--nofile=1024:1024"])).unwrap();
     // Plaintext connections from the node to b's app, each costing the agent two descriptors.
+    // The app is too busy to accept meanwhile: the agent's dials to it wait in connect(), each
+    // holding a descriptor, so a dial must be refused before it waits, not after.
+    server.pause();
     let flood = attack(t, m.n2, &app, &["idle", "--count", "2000", "--wait-ms", "3000"]);
+    server.resume();
     assert!(hits(&agent2, "descriptors") > 0, "{flood} {:?}", agent2.stats().unwrap().limits);
     no_accept_failures(&agent2);
     // The established connection finishes its transfer.

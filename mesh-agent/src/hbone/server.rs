@@ -287,7 +287,8 @@ async fn stream(
     }
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
-    let app = match Box::pin(wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
+    let what = || format!("HBONE stream from {peer_id} at {peer} to {dst}");
+    let app = match Box::pin(inputs.dial(&wl.netns, dst, Some(dst.ip()), what)).await {
         Ok(s) => s,
         Err(e) => {
             inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &e);
@@ -295,12 +296,6 @@ async fn stream(
             return None;
         }
     };
-    if let Err(l) = inputs.limits.descriptor(&app) {
-        inputs.limits.hit(l, &format_args!("HBONE stream from {peer_id} at {peer} to {dst}"));
-        inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &"out of descriptors for new connections");
-        status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        return None;
-    }
     let resp = http::Response::builder().status(StatusCode::OK).body(()).expect("a valid response");
     let send = respond.send_response(resp, false).ok()?;
     let rec = Arc::new(rec);

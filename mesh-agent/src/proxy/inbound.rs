@@ -73,19 +73,14 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
     }
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
-    // From inside the pod's netns, from the app's own address: sk_lookup leaves that alone.
-    let upstream = match Box::pin(wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
+    let what = || format!("plaintext connection from {peer} to {dst}");
+    let upstream = match Box::pin(inputs.dial(&wl.netns, dst, Some(dst.ip()), what)).await {
         Ok(s) => s,
         Err(e) => {
             inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &e);
             return reset(client);
         }
     };
-    if let Err(l) = inputs.limits.descriptor(&upstream) {
-        inputs.limits.hit(l, &format_args!("plaintext connection from {peer} to {dst}"));
-        inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &"out of descriptors for new connections");
-        return reset(client);
-    }
     let idle = Some(inputs.limits.idle());
     let (_, error) =
         super::relay(&inputs.conns, client, upstream, Arc::new(rec), bytes::Bytes::new(), started, idle).await;

@@ -69,8 +69,8 @@ pub async fn open(
     }
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
-    // From inside the destination's netns, from its own address: sk_lookup leaves that alone.
-    match Box::pin(dst_wl.netns.dial(dst, Some(dst.ip()), inputs.settings.connect_timeout)).await {
+    let what = || format!("same-node connection from {} to {dst}", src_known.spiffe_id);
+    match Box::pin(inputs.dial(&dst_wl.netns, dst, Some(dst.ip()), what)).await {
         Ok(upstream) => Ok(Upstream::Local { upstream, inbound }),
         Err(e) => refuse(Reason::UpstreamUnreachable, &e, true),
     }

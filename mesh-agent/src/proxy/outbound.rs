@@ -198,7 +198,11 @@ pub async fn open(
         // logged as connection_security_policy=none.
         rec.security = Security::None;
         rec.dst = Peer { addr: Some(dst), ..Peer::default() };
-        return match Box::pin(wl.netns.dial(dst, None, inputs.settings.connect_timeout)).await {
+        return match Box::pin(
+            inputs.dial(&wl.netns, dst, None, || format!("outbound connection from {} to {dst}", wl.key())),
+        )
+        .await
+        {
             Ok(s) => Ok(Upstream::Plain(s)),
             Err(e) => Err(Failure::new(Reason::UpstreamUnreachable, &e, true)),
         };
