@@ -73,6 +73,33 @@ pub struct PortKey {
 }
 const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
 
+/// Value of [`maps::WORKLOAD_ADDRS`]: a workload's own addresses, as getsockname() reports a
+/// redirected socket's local end (all zero: not known, the socket's real address stays).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkloadAddrs {
+    /// IPv4, in network order as `bpf_sock_addr::user_ip4` holds it.
+    pub v4: u32,
+    /// IPv6, four words in network order as `bpf_sock_addr::user_ip6` holds it.
+    pub v6: [u32; 4],
+}
+
+impl WorkloadAddrs {
+    /// The first IPv4 and the first IPv6 address of `ips` (given as octets).
+    pub fn from_octets(v4: Option<[u8; 4]>, v6: Option<[u8; 16]>) -> WorkloadAddrs {
+        let mut a = WorkloadAddrs::default();
+        if let Some(o) = v4 {
+            a.v4 = u32::from_ne_bytes(o);
+        }
+        if let Some(o) = v6 {
+            for (i, w) in a.v6.iter_mut().enumerate() {
+                *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            }
+        }
+        a
+    }
+}
+
 /// Value of [`maps::WORKLOADS`], keyed by the pod's cgroup id (its cgroup v2 inode number).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -272,6 +299,7 @@ mod pod {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for WorkloadValue {}
     unsafe impl aya::Pod for InboundKey {}
+    unsafe impl aya::Pod for WorkloadAddrs {}
 }
 
 #[cfg(test)]

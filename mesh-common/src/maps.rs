@@ -52,6 +52,12 @@ pub const fn workload_slots(max_workloads: u32) -> u32 {
     max_workloads.saturating_mul(2).saturating_add(1)
 }
 
+/// Slot (a workload id, as in [`WORKLOAD_CONNS`]) -> that workload's own addresses
+/// ([`crate::WorkloadAddrs`]), for `getsockname()` on its redirected sockets: they connect to
+/// the agent over loopback, and the app is shown the address it would have had. Written at
+/// registration, before the workload's cgroup is marked.
+pub const WORKLOAD_ADDRS: &str = "SM_WL_ADDRS";
+
 /// The workload id of a cgroup that is refused (a workload that could not be captured): its
 /// [`crate::WorkloadValue::max_conns`] is 0, so nothing is ever counted in this slot.
 pub const WORKLOAD_SLOT_REFUSED: u32 = 0;
@@ -118,4 +124,8 @@ pub const PROG_CONNECT4: &str = "sm_connect4";
 pub const PROG_CONNECT6: &str = "sm_connect6";
 pub const PROG_SOCK_OPS: &str = "sm_sock_ops";
 pub const PROG_SOCK_RELEASE: &str = "sm_sock_release";
+pub const PROG_GETPEERNAME4: &str = "sm_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "sm_getpeername6";
+pub const PROG_GETSOCKNAME4: &str = "sm_getsockname4";
+pub const PROG_GETSOCKNAME6: &str = "sm_getsockname6";
 pub const PROG_SK_LOOKUP: &str = "sm_sk_lookup";

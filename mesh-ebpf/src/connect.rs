@@ -121,7 +121,7 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> i32 {
 
 /// Reads user_ip6 one 4-byte ctx load at a time (the only access the verifier allows).
 #[inline(always)]
-fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+pub(crate) fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
     unsafe {
         [
             core::ptr::read_volatile(&sa.user_ip6[0]),

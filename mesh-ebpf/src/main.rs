@@ -8,6 +8,7 @@
 
 mod cgroup_dir;
 mod connect;
+mod names;
 mod maps;
 mod sk_lookup;
 mod sock_ops;

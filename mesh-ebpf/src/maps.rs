@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, SockHash},
 };
 use mesh_common::pods::{PATH_MAX, POD_PARENTS_SIZE, UID_LEN};
-use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadValue};
+use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadAddrs, WorkloadValue};
 
 #[map(name = "SM_WORKLOADS")]
 pub static WORKLOADS: HashMap<u64, WorkloadValue> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
@@ -26,6 +26,10 @@ pub static ORIG_DST_BY_CONN: HashMap<u64, OrigDst> =
 #[map(name = "SM_WL_LIVE")]
 pub static WORKLOAD_CONNS: Array<u64> =
     Array::pinned(mesh_common::workload_slots(mesh_common::WORKLOADS_SIZE), mesh_common::BPF_F_MMAPABLE);
+
+#[map(name = "SM_WL_ADDRS")]
+pub static WORKLOAD_ADDRS: Array<WorkloadAddrs> =
+    Array::pinned(mesh_common::workload_slots(mesh_common::WORKLOADS_SIZE), 0);
 
 #[map(name = "SM_INBOUND")]
 pub static INBOUND_LISTENERS: SockHash<InboundKey> =

@@ -24,6 +24,18 @@ pub mod peer;
 pub mod process;
 pub mod topology;
 
+/// The agent's programs on each node's cgroup root.
+pub const CGROUP_PROGRAMS: [&str; 8] = [
+    "sm_connect4",
+    "sm_connect6",
+    "sm_sock_ops",
+    "sm_sock_release",
+    "sm_getpeername4",
+    "sm_getpeername6",
+    "sm_getsockname4",
+    "sm_getsockname6",
+];
+
 pub use capture::Capture;
 pub use http::http_get;
 pub use kernel::{cgroup2_mount, cgroup_programs, is_bpffs, listening_ports, pinned_link_ids, workload_entries};

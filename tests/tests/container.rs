@@ -376,7 +376,11 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     }
     let to = format!("{}:{PORT}", t.pod(b).ip);
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "3000", "--timeout-ms", "3000"]).unwrap();
-    assert_eq!((&r["ok"], &r["received"], &r["peer"]), (&json!(true), &json!(3000), &json!("127.0.0.1:15001")), "{r}");
+    assert_eq!(
+        (&r["ok"], &r["received"], &r["wire_peer"]),
+        (&json!(true), &json!(3000), &json!("127.0.0.1:15001")),
+        "{r}"
+    );
     let a_id = "spiffe://cluster.local/ns/default/sa/sa-a";
     wait_for(Duration::from_secs(5), || {
         Ok(agent2

@@ -26,8 +26,11 @@ fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
     let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", &(10 * MIB).to_string(), "--seed", "7"]).unwrap();
     assert_eq!(r["ok"], true, "transfer failed: {r}");
     assert_eq!(r["received"], 10 * MIB);
-    // The kernel connected the app to the agent's outbound listener, not to b.
-    assert_eq!(r["peer"], "127.0.0.1:15001", "{r}");
+    // The kernel connected the app to the agent's outbound listener, not to b; the app sees the
+    // address it dialled as its peer (getpeername), and its own as its local end.
+    assert_eq!(r["wire_peer"], "127.0.0.1:15001", "{r}");
+    assert_eq!(r["peer"], dst(&t, b), "{r}");
+    assert!(r["local"].as_str().unwrap().starts_with(&format!("{}:", t.pod(a).ip)), "{r}");
 
     wait_for(Duration::from_secs(5), || Ok(!outbound_lines(&agent1).is_empty())).unwrap();
     let line = &outbound_lines(&agent1)[0];
@@ -86,7 +89,7 @@ fn a_non_meshed_pods_connections_are_not_touched() {
     let r = t.pod_app(c, &["echo", "--to", &dst(&t, d), "--bytes", "100000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
     // Connected straight to d, and d saw c's own address.
-    assert_eq!(r["peer"], dst(&t, d), "{r}");
+    assert_eq!((&r["wire_peer"], &r["peer"]), (&dst(&t, d).into(), &dst(&t, d).into()), "{r}");
     let accepted = server.accepted().unwrap();
     assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(c).ip)), "{accepted:?}");
     let stats = agent1.stats().unwrap();
@@ -144,7 +147,7 @@ fn fail_closed_while_the_agent_is_stopped_and_back_after_restart() {
     t.wait_ready(n1).unwrap();
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(r["peer"], "127.0.0.1:15001", "{r}");
+    assert_eq!(r["wire_peer"], "127.0.0.1:15001", "{r}");
 }
 
 #[test]
@@ -160,7 +163,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     t.wait_ready(n2).unwrap();
     let node = t.node(n1);
     let links_before = pinned_link_ids(&node.bpffs).unwrap();
-    assert_eq!(links_before.len(), 5, "{links_before:?}"); // 4 cgroup links + a's sk_lookup
+    assert_eq!(links_before.len(), tests::CGROUP_PROGRAMS.len() + 1, "{links_before:?}"); // + a's sk_lookup
 
     let to = dst(&t, b);
     // The prober runs until the test says so: from before the kill until after the restart,
@@ -191,7 +194,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     // While no agent runs, the programs are still attached, with the same links.
     for _ in 0..5 {
         let progs = cgroup_programs(&node.cgroup).unwrap();
-        for p in ["sm_connect4", "sm_connect6", "sm_sock_ops", "sm_sock_release"] {
+        for p in tests::CGROUP_PROGRAMS {
             assert!(progs.iter().any(|n| n == p), "{p} detached while the agent was down: {progs:?}");
         }
         assert_eq!(pinned_link_ids(&node.bpffs).unwrap(), links_before);
@@ -207,7 +210,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
 
     assert_eq!(pinned_link_ids(&t.node(n1).bpffs).unwrap(), links_before, "links were replaced");
     let adopted: Vec<Value> = agent1.log_lines().into_iter().filter(|l| l["message"] == "program attached").collect();
-    assert_eq!(adopted.len(), 4, "one line per node-wide link: {adopted:?}");
+    assert_eq!(adopted.len(), tests::CGROUP_PROGRAMS.len(), "one line per node-wide link: {adopted:?}");
     assert!(adopted.iter().all(|l| l["adopted"] == true), "new agent re-attached instead of taking over: {adopted:?}");
     // How many probes fit in the window depends on the machine's speed; what matters is that
     // some got through before the kill, some failed while no agent ran, and that none went
@@ -226,7 +229,7 @@ fn kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses() {
     // must carry traffic.
     t.wait_ready(n1).unwrap();
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     wait_for(Duration::from_secs(5), || Ok(agent1.access_log().iter().any(|l| l["result"] == "ok"))).unwrap();
 }
 
@@ -335,7 +338,7 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     let to = dst(&t, d);
     let echo = |t: &Topology| t.pod_app(e, &["echo", "--to", &to, "--bytes", "2000"]).unwrap();
 
-    assert_eq!(echo(&t)["peer"], to, "captured before it was added");
+    assert_eq!(echo(&t)["wire_peer"], to, "captured before it was added");
 
     // The controller places e on n1, so n1 may obtain e's identity.
     t.write_controller_workloads(&[e]).unwrap();
@@ -358,7 +361,7 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     agent1.api(add).unwrap();
     t.wait_ready(n1).unwrap();
     let r = echo(&t);
-    assert_eq!((r["ok"].clone(), r["peer"].clone()), (Value::Bool(true), Value::from("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].clone(), r["wire_peer"].clone()), (Value::Bool(true), Value::from("127.0.0.1:15001")), "{r}");
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
     let first = &agent1.access_log()[0];
     assert_eq!(
@@ -381,7 +384,7 @@ fn a_workload_added_and_removed_at_run_time_is_captured_then_released() {
     agent1.kill().unwrap();
     let agent1 = t.start_agent(n1, &[]).unwrap();
     t.wait_ready(n1).unwrap();
-    assert_eq!(echo(&t)["peer"], "127.0.0.1:15001");
+    assert_eq!(echo(&t)["wire_peer"], "127.0.0.1:15001");
 
     agent1.api(serde_json::json!({"op": "remove_workload", "namespace": "default", "name": "e"})).unwrap();
     let r = echo(&t);
@@ -455,13 +458,13 @@ fn the_agent_runs_only_where_the_kernel_has_every_feature_it_needs() {
         let _agent1 = t.start_agent(n1, &[]).unwrap();
         let _agent2 = t.start_agent(n2, &[]).unwrap();
         let progs = cgroup_programs(&t.node(n1).cgroup).unwrap();
-        for p in ["sm_connect4", "sm_connect6", "sm_sock_ops", "sm_sock_release"] {
+        for p in tests::CGROUP_PROGRAMS {
             assert!(progs.iter().any(|n| n == p), "{p} not attached: {progs:?}");
         }
         t.wait_ready(n1).unwrap();
         t.wait_ready(n2).unwrap();
         let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000"]).unwrap();
-        assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+        assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     } else {
         assert!(!missing.is_empty(), "preflight failed without naming a missing feature: {text}");
         let _ctl = t.start_controller(&[]).unwrap();
@@ -501,7 +504,7 @@ fn the_agent_runs_only_where_the_kernel_has_every_feature_it_needs() {
         assert!(out.status.success(), "{out:?}");
         let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000"]).unwrap();
         assert_eq!(r["ok"], true, "{r}");
-        assert_ne!(r["peer"], "127.0.0.1:15001", "{r}");
+        assert_ne!(r["wire_peer"], "127.0.0.1:15001", "{r}");
     }
 }
 
@@ -556,5 +559,5 @@ fn the_fail_closed_guard_refuses_tcp_beyond_loopback_until_its_pins_are_removed(
     t.wait_ready(n2).unwrap();
     assert!(!pins.exists(), "the running agent left the guard in place");
     let r = t.pod_app(a, &["echo", "--to", &dst(&t, b), "--bytes", "1000"]).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
 }

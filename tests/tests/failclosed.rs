@@ -26,7 +26,7 @@ fn mptcp_connections_are_carried_and_leave_no_map_entries_behind() {
     let to = t.addr(b, APP_PORT);
 
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "100000", "--mptcp"]).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
     assert_eq!(agent1.access_log()[0]["connection_security_policy"], "mutual_tls");
 
@@ -278,7 +278,7 @@ fn the_agent_finds_destinations_by_connection_below_its_cgroup_root_and_by_port_
     assert_eq!((lookup(n1).as_str(), lookup(n2).as_str()), ("by_port", "by_connection"));
 
     let r = echo(&t, a, &t.addr(b, APP_PORT));
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
     assert_eq!(agent1.access_log()[0]["connection_security_policy"], "mutual_tls");
     // Nothing was moved to an accepted socket on n1: sock_ops never saw them.

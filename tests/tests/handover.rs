@@ -34,7 +34,7 @@ fn lines_with(agent: &Agent, message: &str) -> Vec<Value> {
 /// The program attached to each of a node's cgroup hooks: one each, never two.
 fn one_program_per_hook(t: &Topology, n: NodeId) {
     let progs = cgroup_programs(&t.node(n).cgroup).unwrap();
-    for p in ["sm_connect4", "sm_connect6", "sm_sock_ops", "sm_sock_release"] {
+    for p in tests::CGROUP_PROGRAMS {
         assert_eq!(progs.iter().filter(|n| *n == p).count(), 1, "{p} on {}: {progs:?}", t.node(n).name);
     }
 }

@@ -234,7 +234,7 @@ fn with_the_controller_down_existing_identities_work_and_a_new_workload_fails_cl
     agent1.api(serde_json::json!({"op": "add_workload", "workload": t.workload_json(e)})).unwrap();
     let r = t.pod_app(e, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], false, "a workload without a certificate got through: {r}");
-    assert_eq!(r["peer"], "127.0.0.1:15001", "it was captured, then refused: {r}");
+    assert_eq!(r["wire_peer"], "127.0.0.1:15001", "it was captured, then refused: {r}");
     assert_eq!(server.accepted().unwrap().len(), before, "the app saw e's connection");
     let s = agent1.stats().unwrap();
     assert!(s.outbound.refused.get("no_certificate").is_some_and(|n| *n >= 1), "{s:?}");
@@ -265,7 +265,7 @@ fn a_connection_opened_before_its_certificate_waits_for_it_and_then_goes_through
     let _ctl = t.start_controller(&[]).unwrap();
     let r = echo.result().unwrap();
     assert_eq!(r["ok"], true, "the waiting connection failed: {r}");
-    assert_eq!(r["peer"], "127.0.0.1:15001", "it was not captured: {r}");
+    assert_eq!(r["wire_peer"], "127.0.0.1:15001", "it was not captured: {r}");
     assert_eq!(server.accepted().unwrap().len(), 1);
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
     let line = &agent1.access_log()[0];

@@ -551,7 +551,11 @@ fn sigterm_keeps_programs_while_the_daemonset_exists_and_detaches_them_when_it_i
     t.wait_ready(n1).unwrap();
     let to = format!("{}:{PORT}", t.pod(p).ip);
     let r = echo(&t, a, &to);
-    assert_eq!((&r["ok"], &r["peer"]), (&json!(true), &json!("127.0.0.1:15001")), "a's connection is captured: {r}");
+    assert_eq!(
+        (&r["ok"], &r["wire_peer"]),
+        (&json!(true), &json!("127.0.0.1:15001")),
+        "a's connection is captured: {r}"
+    );
 
     // Stopped with its DaemonSet there: everything stays attached, a's connects fail closed.
     let links = t.node(n1).bpffs.join("links");

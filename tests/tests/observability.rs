@@ -235,7 +235,11 @@ fn meshctl_exec_runs_a_command_as_part_of_the_workload() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let r: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "not captured: {r}");
+    assert_eq!(
+        (r["ok"].as_bool(), r["wire_peer"].as_str()),
+        (Some(true), Some("127.0.0.1:15001")),
+        "not captured: {r}"
+    );
     wait_for(Duration::from_secs(5), || Ok(!agent1.access_log().is_empty())).unwrap();
     let line = &agent1.access_log()[0];
     assert_eq!(

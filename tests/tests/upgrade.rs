@@ -57,7 +57,7 @@ fn pinned_map_ids(bpffs: &Path) -> std::collections::BTreeMap<String, u64> {
 
 fn datapath_programs_attached(cgroup: &Path) {
     let progs = cgroup_programs(cgroup).unwrap();
-    for p in ["sm_connect4", "sm_connect6", "sm_sock_ops", "sm_sock_release"] {
+    for p in tests::CGROUP_PROGRAMS {
         assert!(progs.iter().any(|n| n == p), "{p} detached: {progs:?}");
     }
 }
@@ -123,7 +123,7 @@ fn an_agent_meeting_pins_of_another_layout_refuses_and_leaves_them_attached() {
     t.wait_ready(n1).unwrap();
     assert_eq!(pinned_link_ids(&node.bpffs).unwrap(), links, "links were replaced");
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"]).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     drop(agent1);
 
     // The upgrade path across a layout change: uninstall removes every pin, the record too.
@@ -155,7 +155,7 @@ fn pins_without_a_layout_record_are_taken_over_as_version_1_and_recorded() {
     maps.retain(|k, _| k != "SM_LAYOUT");
     assert_eq!(now, maps, "the pinned maps were made again");
     let r = t.pod_app(a, &["echo", "--to", &t.addr(b, APP_PORT), "--bytes", "1000"]).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
 }
 
 /// Two controllers on one state directory: the second exits non-zero naming the directory,
@@ -202,7 +202,7 @@ fn a_second_controller_on_the_same_state_dir_exits_and_the_first_keeps_serving()
     let agent = t.start_agent(n1, &[]).unwrap();
     t.wait_ready(n1).unwrap();
     let r = t.pod_app(a, &["echo", "--to", &t.addr(b, APP_PORT), "--bytes", "1000"]).unwrap();
-    assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
+    assert_eq!((r["ok"].as_bool(), r["wire_peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     drop(agent);
 
     // Its lock goes with it: the next controller starts, with the same CA.

@@ -6,7 +6,8 @@
 //! Layout under the node's bpffs directory (pinned, property P6 in ARCHITECTURE.md):
 //!   maps/SM_*            every map, pinned by name (reused by the next agent)
 //!   maps/SM_LAYOUT       the maps' layout version: an agent of another layout refuses them
-//!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release)
+//!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release,
+//!                        getpeername4/6, getsockname4/6)
 //!   links/sk_lookup-<id> one sk_lookup link per workload netns
 //!   links/cgroup_mkdir, links/cgroup_rmdir   the pod cgroup hook (`--kubelet-pods` only)
 //! A restarted agent finds the links pinned, swaps its freshly loaded program into each one
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{InboundKey, WorkloadValue};
+use mesh_common::{InboundKey, WorkloadAddrs, WorkloadValue};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (empty when it was not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -76,11 +77,15 @@ pub enum EbpfError {
 }
 
 /// Why a link exists: the pin names of the node-wide cgroup links.
-const CGROUP_LINKS: [(&str, &str); 4] = [
+const CGROUP_LINKS: [(&str, &str); 8] = [
     (mesh_common::PROG_CONNECT4, "connect4"),
     (mesh_common::PROG_CONNECT6, "connect6"),
     (mesh_common::PROG_SOCK_OPS, "sock_ops"),
     (mesh_common::PROG_SOCK_RELEASE, "sock_release"),
+    (mesh_common::PROG_GETPEERNAME4, "getpeername4"),
+    (mesh_common::PROG_GETPEERNAME6, "getpeername6"),
+    (mesh_common::PROG_GETSOCKNAME4, "getsockname4"),
+    (mesh_common::PROG_GETSOCKNAME6, "getsockname6"),
 ];
 
 /// The programs and the maps registration writes to. The connection path never touches this
@@ -90,6 +95,8 @@ pub struct Datapath {
     maps_dir: PathBuf,
     links_dir: PathBuf,
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
+    /// Each workload slot's own addresses, for getsockname() on its redirected sockets.
+    addrs: aya::maps::Array<MapData, WorkloadAddrs>,
     live: Arc<maps::LiveCounts>,
     inbound: SockHash<MapData, InboundKey>,
     /// The meshed pods' UIDs the pod cgroup hook refuses (mesh-common's `pods`).
@@ -194,12 +201,14 @@ impl Datapath {
             }
         }
         let workloads = take_map(&mut ebpf, mesh_common::WORKLOADS)?;
+        let addrs = take_map(&mut ebpf, mesh_common::WORKLOAD_ADDRS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
         let pod_uids = take_map(&mut ebpf, mesh_common::pods::POD_UIDS)?;
         let pod_parents = take_map(&mut ebpf, mesh_common::pods::POD_PARENTS)?;
         let pod_cgroups = take_map(&mut ebpf, mesh_common::pods::POD_CGROUPS)?;
-        let dp = Datapath { ebpf, maps_dir, links_dir, workloads, live, inbound, pod_uids, pod_parents, pod_cgroups };
+        let dp =
+            Datapath { ebpf, maps_dir, links_dir, workloads, addrs, live, inbound, pod_uids, pod_parents, pod_cgroups };
         Ok((dp, reports))
     }
 
@@ -246,6 +255,22 @@ impl Datapath {
         self.workloads
             .insert(cgroup_id, WorkloadValue { id, max_conns }, 0)
             .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOADS, source })
+    }
+
+    /// Records workload slot `id`'s own addresses (its first IPv4 and first IPv6 of `ips`):
+    /// what getsockname() shows its redirected sockets as their local address.
+    pub fn set_workload_addrs(&mut self, id: u32, ips: &[std::net::IpAddr]) -> Result<(), EbpfError> {
+        let v4 = ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(a) => Some(a.octets()),
+            _ => None,
+        });
+        let v6 = ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V6(a) => Some(a.octets()),
+            _ => None,
+        });
+        self.addrs
+            .set(id, WorkloadAddrs::from_octets(v4, v6), 0)
+            .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOAD_ADDRS, source })
     }
 
     /// The entry of a cgroup, if it is marked.
@@ -469,6 +494,7 @@ fn load_object(
         .map_max_entries(mesh_common::ORIG_DST_BY_CONN, by_port_size)
         .map_max_entries(mesh_common::WORKLOADS, max_workloads)
         .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(max_workloads))
+        .map_max_entries(mesh_common::WORKLOAD_ADDRS, mesh_common::workload_slots(max_workloads))
         .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(max_workloads))
         .map_max_entries(p::POD_UIDS, max_workloads)
         .map_max_entries(p::POD_CGROUPS, max_workloads)

@@ -152,6 +152,7 @@ impl Registry {
                 dp.set_inbound_listener(*k, &listeners.inbound)?;
             }
             let adopted = dp.attach_sk_lookup(&wl.pin_name, wl.netns.file())?;
+            dp.set_workload_addrs(id, &wl.ips)?;
             dp.set_workload_cgroup(cgroup_id, id, self.max_conns)?;
             Ok(adopted)
         })();

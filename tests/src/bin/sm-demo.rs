@@ -100,7 +100,8 @@ fn main() -> Result<()> {
         "  result: ok={} received={}B checksum_match={} in {}ms",
         r["ok"], r["received"], r["checksum_match"], r["ms"]
     );
-    println!("  the kernel connected a's socket to {} (the agent's listener in a's netns), not to b", r["peer"]);
+    println!("  the kernel connected a's socket to {} (the agent's listener in a's netns), not to b;", r["wire_peer"]);
+    println!("  a's app sees its ends as they would be without the mesh: {} -> {}", r["local"], r["peer"]);
     let leaked = cap.bytes()?.windows(marker.len()).any(|w| w == marker.as_bytes());
     println!("  on the wire: {} packets on 15008 (HBONE: HTTP/2 CONNECT in TLS 1.3),", cap.count("tcp port 15008")?);
     println!(
@@ -136,7 +137,7 @@ fn main() -> Result<()> {
 
     say("pod c (not meshed) connects to b: untouched on n1, captured on its way into b");
     let r = t.pod_app(c, &["echo", "--to", &to, "--bytes", "4096"])?;
-    println!("  result: ok={} peer={} (c's socket went straight out)", r["ok"], r["peer"]);
+    println!("  result: ok={} peer={} (c's socket went straight out)", r["ok"], r["wire_peer"]);
     std::thread::sleep(Duration::from_millis(300));
     println!("  n1 agent outbound connections so far: {}", agent1.stats()?.outbound.accepted);
     show_access(&agent2, "n2");
@@ -148,7 +149,7 @@ fn main() -> Result<()> {
     println!("  programs still attached: {}", cgroup_programs(&t.node(n1).cgroup)?.join(", "));
     let agent1 = t.start_agent(n1, &[])?;
     let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000"])?;
-    println!("  agent restarted (it took over the pinned programs): ok={} peer={}", r["ok"], r["peer"]);
+    println!("  agent restarted (it took over the pinned programs): ok={} connected to {}", r["ok"], r["wire_peer"]);
 
     say("policy: a DENY written to the controller's config directory, enforced at b without restarts");
     let deny = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-a, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-a\"]}\n";

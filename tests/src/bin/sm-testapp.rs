@@ -159,6 +159,7 @@ fn echo(
     };
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let wire_peer = s.local_addr().ok().and_then(wire_peer).unwrap_or_default();
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut w = s.try_clone().expect("clone");
     let mut halfway = HALFWAY_FILE.with(|f| f.borrow().clone());
@@ -217,6 +218,7 @@ fn echo(
         "stage": "transfer",
         "peer": peer,
         "local": local,
+        "wire_peer": wire_peer,
         "received": received,
         "checksum_match": matches,
         "error": read_err.map(|e| e.to_string()),
@@ -243,7 +245,8 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
             let t0 = Instant::now();
             let s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
             max_connect_us = max_connect_us.max(t0.elapsed().as_micros());
-            let peer = s.peer_addr().map_err(|e| e.to_string())?.to_string();
+            // Where the connection really goes (getpeername shows a meshed app its destination).
+            let peer = s.local_addr().ok().and_then(wire_peer).ok_or("no socket table entry")?;
             let _ = s.set_read_timeout(Some(timeout));
             (&s).write_all(line.as_bytes()).map_err(|e| e.to_string())?;
             let mut back = String::new();
@@ -395,4 +398,37 @@ fn reuse(first: SocketAddr, second: SocketAddr, port: u16, ready: &str, timeout:
             },
         })
     );
+}
+
+/// The far end of the TCP connection whose local end is `local` (as getsockname shows it), as
+/// this netns's socket table has it (/proc/self/net/tcp and tcp6): where the bytes really go, whatever getpeername()
+/// says. Addresses there are hex of the kernel's words in host order; ports are plain hex.
+fn wire_peer(local: SocketAddr) -> Option<String> {
+    fn addr(hex: &str) -> Option<SocketAddr> {
+        let (ip, port) = hex.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let mut bytes = Vec::new();
+        for i in (0..ip.len()).step_by(8) {
+            bytes.extend(u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?.to_ne_bytes());
+        }
+        let ip: std::net::IpAddr = match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+            16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).ok()?;
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace().skip(1);
+            let (Some(l), Some(r)) = (cols.next().and_then(addr), cols.next().and_then(addr)) else { continue };
+            // A redirected socket's real local address is loopback (getsockname shows the pod's).
+            let ip = l.ip().to_canonical();
+            if l.port() == local.port() && (ip == local.ip().to_canonical() || ip.is_loopback()) {
+                return Some(SocketAddr::new(r.ip().to_canonical(), r.port()).to_string());
+            }
+        }
+    }
+    None
 }
