@@ -44,7 +44,7 @@ pub use process::{
     bin, command_in, run, time_until, wait_for, Agent, BackgroundApp, Controller, Server, CONTROLLER_IP,
     CONTROLLER_PORT,
 };
-pub use topology::{Mesh, Node, NodeId, Pod, PodId, Running, Topology, PREFIX};
+pub use topology::{Mesh, Node, NodeId, Pod, PodId, Running, Stack, Topology, PREFIX};
 
 /// Makes names unique within this test process.
 pub(crate) static COUNTER: AtomicU32 = AtomicU32::new(0);

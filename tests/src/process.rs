@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -291,11 +291,13 @@ impl Topology {
     pub fn start_server(&mut self, p: PodId, port: u16) -> Result<Server> {
         let log = self.dir.join(format!("server-{}-{port}.log", self.pod(p).name));
         let cmd = self.pod_command(p, bin("sm-testapp"))?;
-        self.serve(cmd, port, log)
+        // Both families where the pod has IPv6, IPv4 only otherwise.
+        let any =
+            if self.pod(p).ip6.is_some() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { Ipv4Addr::UNSPECIFIED.into() };
+        self.serve(cmd, SocketAddr::new(any, port), log)
     }
 
-    fn serve(&mut self, mut cmd: Command, port: u16, log: PathBuf) -> Result<Server> {
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+    fn serve(&mut self, mut cmd: Command, addr: SocketAddr, log: PathBuf) -> Result<Server> {
         let child = cmd
             .args(["serve", "--listen", &addr.to_string()])
             .stdout(File::create(&log)?)

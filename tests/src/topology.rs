@@ -7,11 +7,14 @@
 //!    ├─ veth ── node netns n1: eth0 10.99.0.1, br0 10.20.1.1/24, ip_forward=1, routes to other nodes
 //!    │            └─ veth ── pod netns: eth0 10.20.1.10/24 (default via 10.20.1.1)
 //!    └─ veth ── node netns n2 ...
+//!  IPv6 beside it: node n eth0 fd99::n/64, br0 fd20:n::1/64, forwarding on, routes to the
+//!  other nodes' fd20:m::/64; a dual-stack or IPv6-only pod ([`Stack`]) has fd20:n::<10+k>/64
+//!  (default via fd20:n::1)
 //!  cgroup v2: <mount>/smt-<id>/<node>/{agent,host,<pod>...}   (node root = <mount>/smt-<id>/<node>)
 //!  bpffs:     /sys/fs/bpf/smt-<id>/<node>/...
 //! ```
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -47,7 +50,19 @@ pub struct Node {
     pub workloads_file: PathBuf,
     pub underlay_ip: Ipv4Addr,
     pub gateway_ip: Ipv4Addr,
+    pub underlay_ip6: Ipv6Addr,
+    pub gateway_ip6: Ipv6Addr,
     pods: usize,
+}
+
+/// A pod's address families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    V4,
+    /// Both families; its workload record lists both addresses.
+    Dual,
+    /// No IPv4 address at all (its [`Pod::ip`] is the address it would have had, unused).
+    V6,
 }
 
 pub struct Pod {
@@ -55,6 +70,9 @@ pub struct Pod {
     pub node: NodeId,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (dual-stack and IPv6-only pods).
+    pub ip6: Option<Ipv6Addr>,
+    pub stack: Stack,
     pub cgroup: PathBuf,
     pub meshed: bool,
     pub service_account: String,
@@ -142,6 +160,11 @@ impl Topology {
         format!("{}:{port}", self.pod(p).ip)
     }
 
+    /// `[ip6]:port` of a dual-stack or IPv6-only pod.
+    pub fn addr6(&self, p: PodId, port: u16) -> String {
+        format!("[{}]:{port}", self.pod(p).ip6.expect("an IPv6 pod"))
+    }
+
     pub fn new(test: &str) -> Result<Self> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{:04x}{:02x}", std::process::id() & 0xffff, n & 0xff);
@@ -178,10 +201,12 @@ impl Topology {
     pub fn add_node(&mut self, name: &str) -> Result<NodeId> {
         let index = self.nodes.len() + 1;
         let netns = format!("{PREFIX}{}-{name}", self.id);
-        ip(&["netns", "add", &netns])?;
+        new_netns(&netns)?;
         let fab_if = format!("n{index}");
         let underlay_ip = Ipv4Addr::new(10, 99, 0, index as u8);
         let gateway_ip = Ipv4Addr::new(10, 20, index as u8, 1);
+        let underlay_ip6 = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, index as u16);
+        let gateway_ip6 = Ipv6Addr::new(0xfd20, index as u16, 0, 0, 0, 0, 0, 1);
         ip(&["-n", &self.fabric, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
         ip(&["-n", &self.fabric, "link", "set", &fab_if, "master", "br0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
@@ -190,7 +215,10 @@ impl Topology {
         ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &netns, "addr", "add", &format!("{gateway_ip}/24"), "dev", "br0"])?;
         ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{underlay_ip6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{gateway_ip6}/64"), "dev", "br0", "nodad"])?;
         run(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        run(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]))?;
         // Routes between this node's pods and every other node's pods.
         for other in &self.nodes {
             ip(&[
@@ -203,6 +231,9 @@ impl Topology {
                 &other.underlay_ip.to_string(),
             ])?;
             ip(&["-n", &other.netns, "route", "add", &format!("10.20.{index}.0/24"), "via", &underlay_ip.to_string()])?;
+            let (theirs, ours) = (format!("fd20:{:x}::/64", other.index), format!("fd20:{index:x}::/64"));
+            ip(&["-n", &netns, "-6", "route", "add", &theirs, "via", &other.underlay_ip6.to_string()])?;
+            ip(&["-n", &other.netns, "-6", "route", "add", &ours, "via", &underlay_ip6.to_string()])?;
         }
         // The fabric (where the controller is) routes this node's pods through it: an agent
         // in a pod's netns of its own, as a DaemonSet's is, reaches the controller.
@@ -222,6 +253,8 @@ impl Topology {
             cgroup,
             underlay_ip,
             gateway_ip,
+            underlay_ip6,
+            gateway_ip6,
             pods: 0,
         });
         Ok(NodeId(self.nodes.len() - 1))
@@ -230,12 +263,19 @@ impl Topology {
     /// A pod: its own netns and cgroup under the node. `meshed` pods are listed in the node's
     /// workloads file (written by [`Topology::write_workloads`]).
     pub fn add_pod(&mut self, node: NodeId, name: &str, meshed: bool) -> Result<PodId> {
+        self.add_pod_stack(node, name, meshed, Stack::V4)
+    }
+
+    /// As [`Topology::add_pod`], with the pod's address families.
+    pub fn add_pod_stack(&mut self, node: NodeId, name: &str, meshed: bool, stack: Stack) -> Result<PodId> {
         let n = &mut self.nodes[node.0];
         n.pods += 1;
         let ip4 = Ipv4Addr::new(10, 20, n.index as u8, 9 + n.pods as u8);
+        let ip6 = (stack != Stack::V4).then(|| Ipv6Addr::new(0xfd20, n.index as u16, 0, 0, 0, 0, 0, 9 + n.pods as u16));
         let netns = format!("{PREFIX}{}-{}-{name}", self.id, n.name);
         let node_if = format!("p{}", n.pods);
-        pod_netns(&n.netns, &netns, &node_if, ip4, n.gateway_ip)?;
+        let v4 = (stack != Stack::V6).then_some((ip4, n.gateway_ip));
+        pod_netns(&n.netns, &netns, &node_if, v4, ip6.map(|a| (a, n.gateway_ip6)))?;
         let cgroup = n.cgroup.join(name);
         std::fs::create_dir_all(&cgroup)?;
         self.pods.push(Pod {
@@ -243,6 +283,8 @@ impl Topology {
             node,
             netns,
             ip: ip4,
+            ip6,
+            stack,
             cgroup,
             meshed,
             service_account: format!("sa-{name}"),
@@ -286,7 +328,8 @@ impl Topology {
         // The old netns lives on while the agent holds it open: its veth pair goes now, so
         // that the new one can take the name.
         let _ = ip(&["-n", &n.netns, "link", "del", &pod.node_if]);
-        pod_netns(&n.netns, &pod.netns, &pod.node_if, pod.ip, n.gateway_ip)
+        let v4 = (pod.stack != Stack::V6).then_some((pod.ip, n.gateway_ip));
+        pod_netns(&n.netns, &pod.netns, &pod.node_if, v4, pod.ip6.map(|a| (a, n.gateway_ip6)))
     }
 
     pub fn controller_dir(&self) -> PathBuf {
@@ -348,7 +391,11 @@ impl Topology {
             "namespace": pod.namespace,
             "serviceAccount": pod.service_account,
             "labels": pod.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-            "ips": [pod.ip.to_string()],
+            "ips": match pod.stack {
+                Stack::V4 => vec![pod.ip.to_string()],
+                Stack::Dual => vec![pod.ip.to_string(), pod.ip6.unwrap().to_string()],
+                Stack::V6 => vec![pod.ip6.unwrap().to_string()],
+            },
             "node": self.node(pod.node).name,
             "netns": format!("/run/netns/{}", pod.netns),
             "cgroup": pod.cgroup,
@@ -447,16 +494,44 @@ fn remove_cgroup_tree(dir: &Path) {
     }
 }
 
-/// A pod's netns `netns`, joined to its node's bridge by a veth (`node_if` on the node's side),
-/// with address `ip4` and a default route through the node.
-fn pod_netns(node_netns: &str, netns: &str, node_if: &str, ip4: Ipv4Addr, gateway: Ipv4Addr) -> Result<()> {
+/// A network namespace whose interfaces skip IPv6 duplicate address detection: until it ends,
+/// an address (link-local ones too) is tentative and neighbour discovery through it stalls,
+/// which a first connection would feel as a lost SYN. Addresses here are unique by
+/// construction.
+fn new_netns(netns: &str) -> Result<()> {
     ip(&["netns", "add", netns])?;
+    let no_dad = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
+    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-qw"]).args(no_dad)).map(|_| ())
+}
+
+/// A pod's netns `netns`, joined to its node's bridge by a veth (`node_if` on the node's side),
+/// with an IPv4 and/or an IPv6 address (each with its gateway) and default routes through the
+/// node.
+fn pod_netns(
+    node_netns: &str,
+    netns: &str,
+    node_if: &str,
+    v4: Option<(Ipv4Addr, Ipv4Addr)>,
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
+) -> Result<()> {
+    new_netns(netns)?;
     ip(&["-n", node_netns, "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
     ip(&["-n", node_netns, "link", "set", node_if, "master", "br0", "up"])?;
     ip(&["-n", netns, "link", "set", "lo", "up"])?;
-    ip(&["-n", netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+    if let Some((ip4, _)) = v4 {
+        ip(&["-n", netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+    }
+    if let Some((ip6, _)) = v6 {
+        ip(&["-n", netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+    }
     ip(&["-n", netns, "link", "set", "eth0", "up"])?;
-    ip(&["-n", netns, "route", "add", "default", "via", &gateway.to_string()])
+    if let Some((_, gateway)) = v4 {
+        ip(&["-n", netns, "route", "add", "default", "via", &gateway.to_string()])?;
+    }
+    if let Some((_, gateway)) = v6 {
+        ip(&["-n", netns, "-6", "route", "add", "default", "via", &gateway.to_string()])?;
+    }
+    Ok(())
 }
 
 /// A workload file: one `kind: Workload` document per record.

@@ -64,8 +64,9 @@ fn surge_upgrade_under_load_refuses_nothing() {
     t.wait_ready(n2).unwrap();
     let links1 = pinned_link_ids(&t.node(n1).bpffs).unwrap();
     let links2 = pinned_link_ids(&t.node(n2).bpffs).unwrap();
-    assert_eq!(links1.len(), 6, "{links1:?}"); // 4 cgroup links + a's and c's sk_lookup
-    assert_eq!(links2.len(), 5, "{links2:?}");
+    // The cgroup links, and a's and c's sk_lookup on n1, b's on n2.
+    assert_eq!(links1.len(), tests::CGROUP_PROGRAMS.len() + 2, "{links1:?}");
+    assert_eq!(links2.len(), tests::CGROUP_PROGRAMS.len() + 1, "{links2:?}");
     let maps = |n: NodeId| -> Vec<String> {
         let mut m: Vec<String> = std::fs::read_dir(t.node(n).bpffs.join("maps"))
             .unwrap()

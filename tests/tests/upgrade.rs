@@ -80,7 +80,7 @@ fn an_agent_meeting_pins_of_another_layout_refuses_and_leaves_them_attached() {
 
     agent1.stop().unwrap();
     let links = pinned_link_ids(&node.bpffs).unwrap();
-    assert_eq!(links.len(), 5, "{links:?}"); // 4 cgroup links + a's sk_lookup
+    assert_eq!(links.len(), tests::CGROUP_PROGRAMS.len() + 1, "{links:?}"); // + a's sk_lookup
     let maps = pinned_map_ids(&node.bpffs);
     let entries = workload_entries(&node.bpffs).unwrap();
     // An agent of layout 7 ran here.

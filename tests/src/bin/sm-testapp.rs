@@ -74,8 +74,10 @@ fn serve(addr: SocketAddr) {
     println!("{}", json!({"event": "listening", "addr": addr.to_string()}));
     for s in l.incoming() {
         let Ok(mut s) = s else { continue };
-        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        // An IPv4 client of a dual-stack listener is shown as IPv4 (not ::ffff:a.b.c.d).
+        let show = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string();
+        let peer = s.peer_addr().map(show).unwrap_or_default();
+        let local = s.local_addr().map(show).unwrap_or_default();
         println!("{}", json!({"event": "accept", "peer": peer, "local": local}));
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];

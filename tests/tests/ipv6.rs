@@ -1,0 +1,102 @@
+//! IPv6 on the real kernel: dual-stack and IPv6-only pods through the same datapath, identity
+//! and policy as IPv4 ones, and an outside packet claiming a pod's own IPv6 address.
+#![cfg(feature = "privileged")]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::*;
+
+const APP_PORT: u16 = 8080;
+const MIB: u64 = 1024 * 1024;
+
+/// n1: `a` dual-stack, `c` IPv6-only; n2: `b` dual-stack, `d` IPv6-only. All meshed.
+struct V6Mesh {
+    t: Topology,
+    n1: NodeId,
+    n2: NodeId,
+    a: PodId,
+    b: PodId,
+    c: PodId,
+    d: PodId,
+}
+
+fn v6_mesh(test: &str) -> V6Mesh {
+    let mut t = Topology::new(test).unwrap();
+    let (n1, n2) = (t.add_node("n1").unwrap(), t.add_node("n2").unwrap());
+    let a = t.add_pod_stack(n1, "a", true, Stack::Dual).unwrap();
+    let b = t.add_pod_stack(n2, "b", true, Stack::Dual).unwrap();
+    let c = t.add_pod_stack(n1, "c", true, Stack::V6).unwrap();
+    let d = t.add_pod_stack(n2, "d", true, Stack::V6).unwrap();
+    t.write_workloads().unwrap();
+    V6Mesh { t, n1, n2, a, b, c, d }
+}
+
+fn id(pod: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/sa-{pod}")
+}
+
+fn inbound_from(agent: &Agent, principal: &str) -> Vec<Value> {
+    agent.access_log().into_iter().filter(|l| l["direction"] == "inbound" && l["src_principal"] == principal).collect()
+}
+
+/// An echo through the mesh whose bytes arrived intact, and whose socket really went to the
+/// agent while the app saw the address it dialled and its own.
+fn meshed_echo(t: &Topology, from: PodId, to: &str, bytes: u64, marker: &str) {
+    let r = t
+        .pod_app(
+            from,
+            &["echo", "--to", to, "--bytes", &bytes.to_string(), "--marker", marker, "--timeout-ms", "20000"],
+        )
+        .unwrap();
+    assert_eq!((&r["ok"], &r["received"]), (&Value::Bool(true), &Value::from(bytes)), "{r}");
+    assert_eq!(r["wire_peer"], "[::1]:15001", "not captured: {r}");
+    assert_eq!(r["peer"], to, "{r}");
+    let own = format!("[{}]:", t.pod(from).ip6.unwrap());
+    assert!(r["local"].as_str().unwrap().starts_with(&own), "{r}");
+}
+
+#[test]
+fn dual_stack_and_ipv6_only_pods_carry_bytes_over_mutual_tls_and_the_wire_shows_only_tls() {
+    let V6Mesh { mut t, n1, n2, a, b, c, d } = v6_mesh("v6wire");
+    let _ctl = t.start_controller(&[]).unwrap();
+    let server_b = t.start_server(b, APP_PORT).unwrap();
+    let server_d = t.start_server(d, APP_PORT).unwrap();
+    let server_a = t.start_server(a, APP_PORT).unwrap();
+    let agent1 = t.start_agent(n1, &[]).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+
+    let mut cap = Capture::start(&t.fabric, "br0", t.dir.join("fabric.pcap")).unwrap();
+    let marker = "SOCKMESH-V6-PLAINTEXT-MARKER-51c2";
+    // Dual-stack to dual-stack over IPv6, IPv6-only to IPv6-only, both across nodes.
+    meshed_echo(&t, a, &t.addr6(b, APP_PORT), 10 * MIB, marker);
+    meshed_echo(&t, c, &t.addr6(d, APP_PORT), MIB, marker);
+    // The dual-stack pod's IPv4 still works beside it.
+    let r = t.pod_app(a, &["echo", "--to", &t.addr(b, APP_PORT), "--bytes", "1000"]).unwrap();
+    assert_eq!((&r["ok"], &r["wire_peer"]), (&Value::Bool(true), &Value::from("127.0.0.1:15001")), "{r}");
+    cap.stop();
+
+    let pcap = cap.bytes().unwrap();
+    assert!(!pcap.windows(marker.len()).any(|w| w == marker.as_bytes()), "the marker crossed the wire in plaintext");
+    let tunnel6 = cap.count("ip6 and tcp port 15008").unwrap();
+    assert!(tunnel6 > 100, "expected the transfers on 15008 over IPv6, saw {tunnel6} packets");
+    assert_eq!(cap.count("tcp and not port 15008 and not port 15012").unwrap(), 0, "TCP beside the tunnel");
+    let tls6 = cap.count("ip6 and tcp port 15008 and (ip6[40 + ((ip6[52] & 0xf0) >> 2)] = 0x16)").unwrap();
+    assert!(tls6 >= 2, "no TLS handshake records on 15008 over IPv6 ({tls6})");
+
+    // b's and d's agent verified who called, over IPv6.
+    wait_for(Duration::from_secs(5), || Ok(!inbound_from(&agent2, &id("a")).is_empty())).unwrap();
+    wait_for(Duration::from_secs(5), || Ok(!inbound_from(&agent2, &id("c")).is_empty())).unwrap();
+    let line = &inbound_from(&agent2, &id("c"))[0];
+    assert_eq!((&line["dst_principal"], &line["connection_security_policy"]), (&id("d").into(), &"mutual_tls".into()));
+    assert!(line["src_addr"].as_str().unwrap().starts_with(&format!("[{}]:", t.pod(c).ip6.unwrap())), "{line}");
+    assert_eq!(server_b.accepted().unwrap().len(), 2, "b's app saw both of a's connections");
+    assert_eq!(server_d.accepted().unwrap().len(), 1);
+
+    // Same node over IPv6: c to a on n1.
+    meshed_echo(&t, c, &t.addr6(a, APP_PORT), 100_000, marker);
+    assert_eq!(server_a.accepted().unwrap().len(), 1);
+    wait_for(Duration::from_secs(5), || Ok(!inbound_from(&agent1, &id("c")).is_empty())).unwrap();
+}
