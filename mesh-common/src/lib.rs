@@ -199,10 +199,13 @@ pub enum Counter {
     /// cgroup_mkdir could not refuse a meshed pod's new cgroup: the workloads map (or its
     /// record of refusals) was full.
     PodMkdirMapFull = 11,
+    /// The ingress filter dropped an IPv6 packet from outside whose source was the
+    /// destination address itself (forged: only the node itself may send from its addresses).
+    ForgedSelfSource = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Redirected,
         Counter::RefusedOrigDstFull,
         Counter::PortKeyFull,
@@ -215,6 +218,7 @@ impl Counter {
         Counter::MovedToAccepted,
         Counter::PodRefusedAtMkdir,
         Counter::PodMkdirMapFull,
+        Counter::ForgedSelfSource,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -230,6 +234,7 @@ impl Counter {
             Counter::MovedToAccepted => "moved_to_accepted",
             Counter::PodRefusedAtMkdir => "pod_cgroups_refused_at_mkdir",
             Counter::PodMkdirMapFull => "pod_cgroups_not_refused_map_full",
+            Counter::ForgedSelfSource => "inbound_dropped_forged_self_source",
         }
     }
 }
@@ -281,8 +286,9 @@ pub enum InboundAction {
 /// `from_self`: the packet's source is the destination address itself (the agent dialling the
 /// app from inside the pod binds to the app's address) or loopback. Local traffic does not
 /// arrive with the loopback ifindex when it is addressed to the pod's own IP, so the source
-/// is what tells. An outside packet cannot claim a local source: the kernel drops those as
-/// martians (accept_local=0) before any socket lookup.
+/// is what tells. An outside packet cannot claim a local source: for IPv4 the kernel drops those
+/// as martians (accept_local=0) before any socket lookup; IPv6 has no such check, and the
+/// ingress filter (mesh-ebpf's `skb_ingress`) drops them before they reach a socket.
 pub fn inbound_action(ingress_ifindex: u32, local_port: u16, from_self: bool) -> InboundAction {
     if from_self || ingress_ifindex == LOOPBACK_IFINDEX || local_port == HBONE_PORT {
         InboundAction::Pass

@@ -128,4 +128,5 @@ pub const PROG_GETPEERNAME4: &str = "sm_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "sm_getpeername6";
 pub const PROG_GETSOCKNAME4: &str = "sm_getsockname4";
 pub const PROG_GETSOCKNAME6: &str = "sm_getsockname6";
+pub const PROG_SKB_INGRESS: &str = "sm_skb_ingress";
 pub const PROG_SK_LOOKUP: &str = "sm_sk_lookup";

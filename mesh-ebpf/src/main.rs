@@ -9,6 +9,7 @@
 mod cgroup_dir;
 mod connect;
 mod names;
+mod skb_ingress;
 mod maps;
 mod sk_lookup;
 mod sock_ops;

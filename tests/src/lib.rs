@@ -25,7 +25,7 @@ pub mod process;
 pub mod topology;
 
 /// The agent's programs on each node's cgroup root.
-pub const CGROUP_PROGRAMS: [&str; 8] = [
+pub const CGROUP_PROGRAMS: [&str; 9] = [
     "sm_connect4",
     "sm_connect6",
     "sm_sock_ops",
@@ -34,6 +34,7 @@ pub const CGROUP_PROGRAMS: [&str; 8] = [
     "sm_getpeername6",
     "sm_getsockname4",
     "sm_getsockname6",
+    "sm_skb_ingress",
 ];
 
 pub use capture::Capture;

@@ -100,3 +100,58 @@ fn dual_stack_and_ipv6_only_pods_carry_bytes_over_mutual_tls_and_the_wire_shows_
     assert_eq!(server_a.accepted().unwrap().len(), 1);
     wait_for(Duration::from_secs(5), || Ok(!inbound_from(&agent1, &id("c")).is_empty())).unwrap();
 }
+
+fn forged_dropped(agent: &Agent) -> u64 {
+    agent.stats().unwrap().kernel.get("inbound_dropped_forged_self_source").copied().unwrap_or(0)
+}
+
+/// IPv4 drops a packet from outside whose source is one of the receiver's own addresses (a
+/// martian); IPv6 has no such check, and sk_lookup takes "source is the destination" to mean
+/// "from inside the pod". A SYN forged that way, sent from the node through a raw socket, must
+/// not reach the app.
+#[test]
+fn an_outside_packet_forging_a_pods_own_ipv6_address_never_reaches_its_app() {
+    let V6Mesh { mut t, n1, n2, b, .. } = v6_mesh("v6spoof");
+    // b's listeners take TCP Fast Open without a cookie (0x602: server, no cookie, no socket
+    // option needed): a SYN carrying data that reaches the app's listener is handed to the
+    // app at once, handshake or not, so the app's accept log shows where each SYN went.
+    let fastopen = ["netns", "exec", &t.pod(b).netns, "sysctl", "-qw", "net.ipv4.tcp_fastopen=1538"];
+    run(std::process::Command::new("ip").args(fastopen)).unwrap();
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let b6 = t.pod(b).ip6.unwrap();
+    let spoof = |t: &Topology, port: u16| {
+        let from = format!("[{b6}]:{port}");
+        let out = t
+            .node_command(n2, bin("sm-attack"))
+            .unwrap()
+            .args(["spoof-syn", "--from", &from, "--to", &t.addr6(b, APP_PORT), "--data", "SPOOFED"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+        assert!(v["sent"].as_u64().unwrap_or(0) > 0, "{v} {}", String::from_utf8_lossy(&out.stderr));
+        from
+    };
+    let accepted_from = |from: &str| server.accepted().unwrap().iter().any(|e| e["peer"] == from);
+
+    // Before the mesh captures b, the forged SYN reaches the app: the packet and the Fast Open
+    // that reveal it work.
+    let before = spoof(&t, 40001);
+    wait_for(Duration::from_secs(20), || Ok(accepted_from(&before))).unwrap();
+
+    let _ctl = t.start_controller(&[]).unwrap();
+    let _agent1 = t.start_agent(n1, &[]).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+    let dropped_before = forged_dropped(&agent2);
+    let captured = spoof(&t, 40002);
+    // Wherever it went, it got there: the agent's ingress filter dropped it, or the app took
+    // it.
+    wait_for(Duration::from_secs(20), || Ok(forged_dropped(&agent2) > dropped_before || accepted_from(&captured)))
+        .unwrap();
+    assert!(!accepted_from(&captured), "the forged SYN reached b's app: {:?}", server.accepted().unwrap());
+    assert_eq!(forged_dropped(&agent2), dropped_before + 1);
+    // The pod's own connections to itself still reach the app directly.
+    let r = t.pod_app(b, &["echo", "--to", &t.addr6(b, APP_PORT), "--bytes", "1000"]).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+}

@@ -7,7 +7,7 @@
 //!   maps/SM_*            every map, pinned by name (reused by the next agent)
 //!   maps/SM_LAYOUT       the maps' layout version: an agent of another layout refuses them
 //!   links/connect4 ...   the node's cgroup links (connect4, connect6, sock_ops, sock_release,
-//!                        getpeername4/6, getsockname4/6)
+//!                        getpeername4/6, getsockname4/6, skb_ingress)
 //!   links/sk_lookup-<id> one sk_lookup link per workload netns
 //!   links/cgroup_mkdir, links/cgroup_rmdir   the pod cgroup hook (`--kubelet-pods` only)
 //! A restarted agent finds the links pinned, swaps its freshly loaded program into each one
@@ -77,7 +77,7 @@ pub enum EbpfError {
 }
 
 /// Why a link exists: the pin names of the node-wide cgroup links.
-const CGROUP_LINKS: [(&str, &str); 8] = [
+const CGROUP_LINKS: [(&str, &str); 9] = [
     (mesh_common::PROG_CONNECT4, "connect4"),
     (mesh_common::PROG_CONNECT6, "connect6"),
     (mesh_common::PROG_SOCK_OPS, "sock_ops"),
@@ -86,6 +86,7 @@ const CGROUP_LINKS: [(&str, &str); 8] = [
     (mesh_common::PROG_GETPEERNAME6, "getpeername6"),
     (mesh_common::PROG_GETSOCKNAME4, "getsockname4"),
     (mesh_common::PROG_GETSOCKNAME6, "getsockname6"),
+    (mesh_common::PROG_SKB_INGRESS, "skb_ingress"),
 ];
 
 /// The programs and the maps registration writes to. The connection path never touches this
@@ -178,6 +179,7 @@ impl Datapath {
                 aya::programs::Program::CgroupSockAddr(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
                 aya::programs::Program::SockOps(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
                 aya::programs::Program::CgroupSock(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
+                aya::programs::Program::CgroupSkb(p) => attach_or_adopt(prog, p, &cgroup, &pin_path)?,
                 _ => return Err(EbpfError::Missing(prog)),
             };
             reports.push(LinkReport { name: pin, adopted });
@@ -509,6 +511,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
             aya::programs::Program::CgroupSockAddr(p) => p.load(),
             aya::programs::Program::SockOps(p) => p.load(),
             aya::programs::Program::CgroupSock(p) => p.load(),
+            aya::programs::Program::CgroupSkb(p) => p.load(),
             _ => return Err(EbpfError::Missing(prog)),
         };
         r.map_err(|source| EbpfError::Program { name: prog, source })?;
@@ -612,6 +615,9 @@ trait CgroupProgram {
 
 macro_rules! cgroup_program {
     ($ty:ty, $name:literal) => {
+        cgroup_program!($ty, $name, (CgroupAttachMode::Single));
+    };
+    ($ty:ty, $name:literal, ($($attach:expr),*)) => {
         impl CgroupProgram for $ty {
             fn prog_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, aya::programs::ProgramError> {
                 Ok(self.fd()?.as_fd())
@@ -620,7 +626,7 @@ macro_rules! cgroup_program {
                 // Mode "Single" means no attach flags: bpf_link_create rejects them, and cgroup
                 // links always coexist with other programs (a CNI, systemd) as if ALLOW_MULTI.
                 let id = self
-                    .attach(cgroup, CgroupAttachMode::Single)
+                    .attach(cgroup, $($attach),*)
                     .map_err(|source| EbpfError::Program { name: $name, source })?;
                 let link = self.take_link(id).map_err(|source| EbpfError::Program { name: $name, source })?;
                 let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| EbpfError::Pin {
@@ -636,6 +642,11 @@ macro_rules! cgroup_program {
 cgroup_program!(CgroupSockAddr, "cgroup_sock_addr");
 cgroup_program!(SockOps, "sock_ops");
 cgroup_program!(CgroupSock, "cgroup_sock");
+cgroup_program!(
+    aya::programs::CgroupSkb,
+    "cgroup_skb",
+    (aya::programs::CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+);
 
 fn attach_or_adopt(
     name: &'static str,

@@ -22,6 +22,11 @@
 //!       --attack rapid-reset|continuation|settings|ping|streams|garbage-after-preface|bad-preface
 //!       [--target APP] [--count N]: raw HTTP/2 frames after an authenticated handshake; how
 //!       the connection ended (`goaway` with its code, `eof`, `reset`, or `open`).
+//!   sm-attack spoof-syn --from [IP6]:PORT --to [IP6]:PORT --data TEXT
+//!       One IPv6 TCP SYN with a forged source, written whole through a raw socket, carrying
+//!       TEXT as TCP Fast Open data (an empty cookie option): a listener that takes Fast Open
+//!       without a cookie hands it to its app at once, so whether the app saw it tells where
+//!       the packet went.
 //!
 //! Common: --root-dir DIR (the controller's root, to mint a legitimate certificate), --expect ID
 //! (the server's identity).
@@ -84,7 +89,8 @@ async fn main() {
         Some("windows") => windows(&a).await,
         Some("streams") => streams(&a).await,
         Some("h2") => h2_attack(&a).await,
-        _ => panic!("usage: sm-attack hellos|idle|slow|windows|streams|h2 ... (see the file's header)"),
+        Some("spoof-syn") => spoof_syn(&a),
+        _ => panic!("usage: sm-attack hellos|idle|slow|windows|streams|h2|spoof-syn ... (see the file's header)"),
     };
     println!("{out}");
 }
@@ -557,4 +563,61 @@ async fn h2_attack(a: &Args) -> Value {
         "pings_acked": s.pings_acked,
         "ms": started.elapsed().as_millis() as u64,
     })
+}
+
+/// See the file's header: `spoof-syn`.
+fn spoof_syn(a: &Args) -> Value {
+    let parse = |name: &str| -> std::net::SocketAddrV6 {
+        match a.get(name).unwrap_or_else(|| panic!("{name}")).parse() {
+            Ok(SocketAddr::V6(s)) => s,
+            _ => panic!("{name} [IPv6]:PORT"),
+        }
+    };
+    let (from, to) = (parse("--from"), parse("--to"));
+    let data = a.get("--data").unwrap_or_default().into_bytes();
+    // TCP: 20 bytes, then the Fast Open option (kind 34, length 2: no cookie) and two NOPs.
+    let mut tcp = Vec::with_capacity(24 + data.len());
+    tcp.extend(from.port().to_be_bytes());
+    tcp.extend(to.port().to_be_bytes());
+    tcp.extend(0x5eed_0001u32.to_be_bytes()); // sequence
+    tcp.extend(0u32.to_be_bytes()); // ack
+    tcp.extend([6 << 4, 0x02]); // data offset 6 words; SYN
+    tcp.extend(64240u16.to_be_bytes()); // window
+    tcp.extend([0, 0, 0, 0]); // checksum, urgent
+    tcp.extend([34, 2, 1, 1]);
+    tcp.extend(&data);
+    // The checksum covers the IPv6 pseudo-header: source, destination, length, next header.
+    let mut sum = 0u32;
+    let mut add = |bytes: &[u8]| {
+        for c in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&from.ip().octets());
+    add(&to.ip().octets());
+    add(&(tcp.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 6]);
+    add(&tcp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend((tcp.len() as u16).to_be_bytes());
+    packet.extend([6, 64]); // next header TCP, hop limit
+    packet.extend(from.ip().octets());
+    packet.extend(to.ip().octets());
+    packet.extend(tcp);
+    // IPPROTO_RAW: the IPv6 header is ours, source included.
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .expect("a raw IPv6 socket (CAP_NET_RAW)");
+    let dst = SocketAddr::V6(std::net::SocketAddrV6::new(*to.ip(), 0, 0, 0));
+    match sock.send_to(&packet, &dst.into()) {
+        Ok(n) => json!({"sent": n}),
+        Err(e) => json!({"sent": 0, "error": e.to_string()}),
+    }
 }

@@ -72,11 +72,12 @@ fn main() {
 fn serve(addr: SocketAddr) {
     let l = TcpListener::bind(addr).expect("bind");
     println!("{}", json!({"event": "listening", "addr": addr.to_string()}));
-    for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
+    loop {
+        // The peer as accept() reports it: a connection reset at once has no peer_addr() left.
+        let Ok((mut s, peer)) = l.accept() else { continue };
         // An IPv4 client of a dual-stack listener is shown as IPv4 (not ::ffff:a.b.c.d).
         let show = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string();
-        let peer = s.peer_addr().map(show).unwrap_or_default();
+        let peer = show(peer);
         let local = s.local_addr().map(show).unwrap_or_default();
         println!("{}", json!({"event": "accept", "peer": peer, "local": local}));
         std::thread::spawn(move || {
