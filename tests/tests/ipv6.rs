@@ -155,3 +155,40 @@ fn an_outside_packet_forging_a_pods_own_ipv6_address_never_reaches_its_app() {
     let r = t.pod_app(b, &["echo", "--to", &t.addr6(b, APP_PORT), "--bytes", "1000"]).unwrap();
     assert_eq!(r["ok"], true, "{r}");
 }
+
+fn echo_ok(t: &Topology, from: PodId, to: &str) -> bool {
+    t.pod_app(from, &["echo", "--to", to, "--bytes", "1000", "--timeout-ms", "5000"]).unwrap()["ok"] == true
+}
+
+/// Policy by verified identity over IPv6, and fail closed with the source's agent down.
+#[test]
+fn over_ipv6_policy_is_enforced_and_a_stopped_agent_fails_closed() {
+    let V6Mesh { mut t, n1, n2, a, c, d, .. } = v6_mesh("v6policy");
+    let _ctl = t.start_controller(&[]).unwrap();
+    let server = t.start_server(d, APP_PORT).unwrap();
+    let mut agent1 = t.start_agent(n1, &[]).unwrap();
+    let agent2 = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n1).unwrap();
+    t.wait_ready(n2).unwrap();
+    let to = t.addr6(d, APP_PORT);
+    assert!(echo_ok(&t, c, &to) && echo_ok(&t, a, &to));
+
+    let deny = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-c, namespace: default}\nspec:\n  selector: {matchLabels: {app: d}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sa-c\"]}\n";
+    t.write_config("deny-c.yaml", deny).unwrap();
+    time_until(Duration::from_secs(30), || !echo_ok(&t, c, &to)).expect("c->d still allowed 30 s after the DENY");
+    let seen = server.accepted().unwrap().len();
+    assert!(!echo_ok(&t, c, &to), "c->d allowed under DENY");
+    assert!(echo_ok(&t, a, &to), "a->d refused by a policy about c");
+    assert_eq!(server.accepted().unwrap().len(), seen + 1, "the app saw a denied connection");
+    let line = agent2.access_log().into_iter().find(|l| l["result"] == "deny_policy").expect("a deny line");
+    assert_eq!(line["src_principal"], id("c"), "{line}");
+    assert!(line["src_addr"].as_str().unwrap().starts_with(&format!("[{}]:", t.pod(c).ip6.unwrap())), "{line}");
+
+    // With n1's agent stopped, a's IPv6 connections fail; none reaches d's app.
+    agent1.stop().unwrap();
+    let seen = server.accepted().unwrap().len();
+    let r = t.pod_app(a, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "3000"]).unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!((&r["stage"], &r["errno"]), (&Value::from("connect"), &Value::from(libc::ECONNREFUSED)), "{r}");
+    assert_eq!(server.accepted().unwrap().len(), seen, "the app saw a connection while the agent was down");
+}
