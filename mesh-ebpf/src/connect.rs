@@ -38,12 +38,19 @@ pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn meshed_workload() -> Option<WorkloadValue> {
     let own = unsafe { bpf_get_current_cgroup_id() };
+    workload_of(own, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The workload of cgroup `own` or of its nearest registered ancestor (`ancestor(level)`: the
+/// id of its ancestor at that depth from the root, 0 past its own depth).
+#[inline(always)]
+pub(crate) fn workload_of(own: u64, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadValue> {
     if let Some(w) = unsafe { WORKLOADS.get(&own) } {
         return Some(*w);
     }
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = ancestor(level);
         if id == 0 || id == own {
             return None;
         }
@@ -74,6 +81,12 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> i32 {
         outbound_action_v6(dst.addr)
     };
     if action == OutboundAction::Pass {
+        // A socket whose earlier, redirected connect failed keeps that entry; its loopback
+        // connection now is not redirected, and getpeername/getsockname must not think so.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(old) = unsafe { ORIG_DST.get(&cookie) }.copied() {
+            forget_orig_dst(cookie, old.workload_id);
+        }
         count(Counter::PassedLocal);
         return ALLOW;
     }

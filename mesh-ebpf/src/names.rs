@@ -4,10 +4,12 @@
 //! pod's own, and apps log both, check the peer against a TLS server name, use it as an HTTP
 //! `Host`. So:
 //! - getpeername() answers the original destination, which connect4/6 stored under the
-//!   socket's cookie for as long as the socket lives;
+//!   socket's cookie for as long as the socket lives, while the real peer is the agent's
+//!   outbound listener (an entry outliving a redirect changes nothing else);
 //! - getsockname() answers the pod's own address (from the workload's slot), with the real
 //!   port, but only while the real address is loopback: an app that bound a source address of
-//!   its own keeps seeing it.
+//!   its own keeps seeing it. An IPv6 socket that dialled an IPv4-mapped address is shown its
+//!   pod's IPv4 address, mapped, as it would have had.
 //!
 //! Attached at the node's cgroup root; a socket with no entry (never redirected, or not a
 //! workload's) is left alone.
@@ -16,7 +18,7 @@ use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
     EbpfContext,
 };
-use mesh_common::{OrigDst, AF_INET, AF_INET6};
+use mesh_common::{OrigDst, AF_INET, AF_INET6, OUTBOUND_PORT};
 
 use crate::connect::read_ip6;
 use crate::maps::{ORIG_DST, WORKLOAD_ADDRS};
@@ -28,6 +30,9 @@ const DONE: i32 = 1;
 pub fn sm_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = redirected(&ctx, AF_INET) {
         let sa = sock_addr(&ctx);
+        if sa.user_port != OUTBOUND_PORT.to_be() as u32 || sa.user_ip4.to_ne_bytes()[0] != 127 {
+            return DONE;
+        }
         sa.user_ip4 = orig.dst.addr[0];
         sa.user_port = orig.dst.port.to_be() as u32;
     }
@@ -38,6 +43,9 @@ pub fn sm_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = redirected(&ctx, AF_INET6) {
         let sa = sock_addr(&ctx);
+        if sa.user_port != OUTBOUND_PORT.to_be() as u32 || !is_loopback6(read_ip6(sa)) {
+            return DONE;
+        }
         write_ip6(sa, orig.dst.addr);
         sa.user_port = orig.dst.port.to_be() as u32;
     }
@@ -62,14 +70,29 @@ pub fn sm_getsockname6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = redirected(&ctx, AF_INET6) {
         let sa = sock_addr(&ctx);
         if let Some(own) = WORKLOAD_ADDRS.get(orig.workload_id) {
-            let cur = read_ip6(sa);
-            let loopback = cur[0] == 0 && cur[1] == 0 && cur[2] == 0 && cur[3].to_ne_bytes() == [0, 0, 0, 1];
-            if loopback && own.v6 != [0; 4] {
+            if !is_loopback6(read_ip6(sa)) {
+                return DONE;
+            }
+            let d = orig.dst.addr;
+            if d[0] == 0 && d[1] == 0 && d[2] == MAPPED {
+                // It dialled IPv4 through an IPv6 socket: its own end is IPv4 too.
+                if own.v4 != 0 {
+                    write_ip6(sa, [0, 0, MAPPED, own.v4]);
+                }
+            } else if own.v6 != [0; 4] {
                 write_ip6(sa, own.v6);
             }
         }
     }
     DONE
+}
+
+/// The third word of an IPv4-mapped IPv6 address (::ffff:a.b.c.d), as the kernel holds it.
+const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+fn is_loopback6(a: [u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::from_ne_bytes([0, 0, 0, 1])
 }
 
 /// The original destination of this socket, if connect4/6 redirected it as `family`.

@@ -73,9 +73,18 @@ fn dual_stack_and_ipv6_only_pods_carry_bytes_over_mutual_tls_and_the_wire_shows_
     // Dual-stack to dual-stack over IPv6, IPv6-only to IPv6-only, both across nodes.
     meshed_echo(&t, a, &t.addr6(b, APP_PORT), 10 * MIB, marker);
     meshed_echo(&t, c, &t.addr6(d, APP_PORT), MIB, marker);
-    // The dual-stack pod's IPv4 still works beside it.
+    // The dual-stack pod's IPv4 still works beside it, from an IPv4 socket and from an IPv6
+    // one dialling the IPv4-mapped address (whose own end is then IPv4-mapped too).
     let r = t.pod_app(a, &["echo", "--to", &t.addr(b, APP_PORT), "--bytes", "1000"]).unwrap();
     assert_eq!((&r["ok"], &r["wire_peer"]), (&Value::Bool(true), &Value::from("127.0.0.1:15001")), "{r}");
+    let mapped = format!("[::ffff:{}]:{APP_PORT}", t.pod(b).ip);
+    let r = t.pod_app(a, &["echo", "--to", &mapped, "--bytes", "1000"]).unwrap();
+    assert_eq!(
+        (&r["ok"], &r["wire_peer"], &r["peer"]),
+        (&Value::Bool(true), &"[::1]:15001".into(), &mapped.into()),
+        "{r}"
+    );
+    assert!(r["local"].as_str().unwrap().starts_with(&format!("[::ffff:{}]:", t.pod(a).ip)), "{r}");
     cap.stop();
 
     let pcap = cap.bytes().unwrap();
@@ -92,7 +101,7 @@ fn dual_stack_and_ipv6_only_pods_carry_bytes_over_mutual_tls_and_the_wire_shows_
     let line = &inbound_from(&agent2, &id("c"))[0];
     assert_eq!((&line["dst_principal"], &line["connection_security_policy"]), (&id("d").into(), &"mutual_tls".into()));
     assert!(line["src_addr"].as_str().unwrap().starts_with(&format!("[{}]:", t.pod(c).ip6.unwrap())), "{line}");
-    assert_eq!(server_b.accepted().unwrap().len(), 2, "b's app saw both of a's connections");
+    assert_eq!(server_b.accepted().unwrap().len(), 3, "b's app saw each of a's connections");
     assert_eq!(server_d.accepted().unwrap().len(), 1);
 
     // Same node over IPv6: c to a on n1.

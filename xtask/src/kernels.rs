@@ -80,6 +80,11 @@ const CORE: &[(&str, &str, &str)] = &[
     ("datapath", "kill_9_and_restart_keeps_programs_attached_and_nothing_bypasses", "restart takes over links"),
     ("datapath", "a_pod_over_its_quota_and_a_full_map_are_refused_and_counted", "map-full refusal"),
     (
+        "ipv6",
+        "an_outside_packet_forging_a_pods_own_ipv6_address_never_reaches_its_app",
+        "IPv6 pods captured; an outside packet forging a pod's own IPv6 address dropped before the app sees it",
+    ),
+    (
         "handover",
         "a_surge_agent_in_a_netns_of_its_own_takes_over",
         "an upgrade: listeners passed over SCM_RIGHTS, programs swapped into the same links, no refusal",

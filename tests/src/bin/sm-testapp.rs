@@ -162,7 +162,7 @@ fn echo(
     };
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let wire_peer = s.local_addr().ok().and_then(wire_peer).unwrap_or_default();
+    let wire_peer = wire_peer(&s).unwrap_or_default();
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut w = s.try_clone().expect("clone");
     let mut halfway = HALFWAY_FILE.with(|f| f.borrow().clone());
@@ -248,8 +248,6 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
             let t0 = Instant::now();
             let s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
             max_connect_us = max_connect_us.max(t0.elapsed().as_micros());
-            // Where the connection really goes (getpeername shows a meshed app its destination).
-            let peer = s.local_addr().ok().and_then(wire_peer).ok_or("no socket table entry")?;
             let _ = s.set_read_timeout(Some(timeout));
             (&s).write_all(line.as_bytes()).map_err(|e| e.to_string())?;
             let mut back = String::new();
@@ -260,6 +258,8 @@ fn probe(to: SocketAddr, interval_ms: u64, duration_ms: u64, until: Option<std::
             // From connect() to the answer: a listener nobody accepts on completes the
             // handshake (the backlog) but answers nothing, so this is the wait a client sees.
             max_rtt_us = max_rtt_us.max(t0.elapsed().as_micros());
+            // Where the connection really went (getpeername shows a meshed app its destination).
+            let peer = wire_peer(&s).ok_or("no socket table entry")?;
             Ok(peer)
         })();
         match result {
@@ -403,10 +403,13 @@ fn reuse(first: SocketAddr, second: SocketAddr, port: u16, ready: &str, timeout:
     );
 }
 
-/// The far end of the TCP connection whose local end is `local` (as getsockname shows it), as
-/// this netns's socket table has it (/proc/self/net/tcp and tcp6): where the bytes really go, whatever getpeername()
+/// The far end of `s`'s TCP connection as this netns's socket table has it (/proc/self/net/tcp
+/// and tcp6, found by the socket's inode): where the bytes really go, whatever getpeername()
 /// says. Addresses there are hex of the kernel's words in host order; ports are plain hex.
-fn wire_peer(local: SocketAddr) -> Option<String> {
+fn wire_peer(s: &TcpStream) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd())).ok()?;
+    let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned();
     fn addr(hex: &str) -> Option<SocketAddr> {
         let (ip, port) = hex.split_once(':')?;
         let port = u16::from_str_radix(port, 16).ok()?;
@@ -424,11 +427,10 @@ fn wire_peer(local: SocketAddr) -> Option<String> {
     for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
         let text = std::fs::read_to_string(table).ok()?;
         for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace().skip(1);
-            let (Some(l), Some(r)) = (cols.next().and_then(addr), cols.next().and_then(addr)) else { continue };
-            // A redirected socket's real local address is loopback (getsockname shows the pod's).
-            let ip = l.ip().to_canonical();
-            if l.port() == local.port() && (ip == local.ip().to_canonical() || ip.is_loopback()) {
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(9) == Some(&inode.as_str()) {
+                let r = addr(cols.get(2)?)?;
                 return Some(SocketAddr::new(r.ip().to_canonical(), r.port()).to_string());
             }
         }
