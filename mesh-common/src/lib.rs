@@ -288,7 +288,8 @@ pub enum InboundAction {
 /// arrive with the loopback ifindex when it is addressed to the pod's own IP, so the source
 /// is what tells. An outside packet cannot claim a local source: for IPv4 the kernel drops those
 /// as martians (accept_local=0) before any socket lookup; IPv6 has no such check, and the
-/// ingress filter (mesh-ebpf's `skb_ingress`) drops those for meshed workloads before their sockets process them.
+/// ingress filter (mesh-ebpf's `skb_ingress`) drops those for meshed workloads before their
+/// sockets process them.
 pub fn inbound_action(ingress_ifindex: u32, local_port: u16, from_self: bool) -> InboundAction {
     if from_self || ingress_ifindex == LOOPBACK_IFINDEX || local_port == HBONE_PORT {
         InboundAction::Pass
