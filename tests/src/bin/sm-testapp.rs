@@ -70,7 +70,18 @@ fn main() {
 /// Echo server: logs one JSON line per accepted connection (peer and local address) so that a
 /// test can tell who reached the app and how.
 fn serve(addr: SocketAddr) {
-    let l = TcpListener::bind(addr).expect("bind");
+    // A deep listen queue, as a server built for load has: the abuse tests drive a thousand
+    // connections at the app at once, and with std's 128 the kernel falls back to SYN cookies
+    // and resets connections the queue had no room for, which is the app's limit, not the
+    // mesh's.
+    let l = (|| -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(4096)?;
+        Ok(s.into())
+    })()
+    .expect("bind");
     println!("{}", json!({"event": "listening", "addr": addr.to_string()}));
     loop {
         // The peer as accept() reports it: a connection reset at once has no peer_addr() left.
