@@ -263,15 +263,25 @@ pub fn outbound_action_v4(addr_be: u32) -> OutboundAction {
 
 /// The decision for an IPv6 destination (four network-order words).
 pub fn outbound_action_v6(addr_be: [u32; 4]) -> OutboundAction {
-    let is_loopback = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == 0 && addr_be[3].to_ne_bytes() == [0, 0, 0, 1];
-    // ::ffff:127.x.y.z (a v4-mapped loopback on a dual-stack socket).
-    let mapped_prefix = addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
-    let is_mapped_loopback = mapped_prefix && addr_be[3].to_ne_bytes()[0] == 127;
-    if is_loopback || is_mapped_loopback {
+    // ::ffff:127.x.y.z is a v4-mapped loopback on a dual-stack socket.
+    if is_loopback6(addr_be) || (is_v4_mapped(addr_be) && addr_be[3].to_ne_bytes()[0] == 127) {
         OutboundAction::Pass
     } else {
         OutboundAction::Redirect
     }
+}
+
+/// `::1`, given as the kernel's four words in network order.
+#[inline(always)]
+pub fn is_loopback6(addr_be: [u32; 4]) -> bool {
+    addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == 0 && addr_be[3].to_ne_bytes() == [0, 0, 0, 1]
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as the kernel's four words in network order;
+/// its IPv4 address is the last word.
+#[inline(always)]
+pub fn is_v4_mapped(addr_be: [u32; 4]) -> bool {
+    addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff]
 }
 
 /// What `sk_lookup` does with a TCP connection arriving in a pod's netns.
@@ -346,10 +356,13 @@ mod tests {
         assert_eq!(outbound_action_v6(v6(mapped)), OutboundAction::Pass);
         mapped[12] = 10;
         assert_eq!(outbound_action_v6(v6(mapped)), OutboundAction::Redirect);
+        assert!(is_v4_mapped(v6(mapped)) && !is_loopback6(v6(mapped)));
+        assert_eq!(v6(mapped)[3].to_ne_bytes(), [10, 0, 0, 1], "the last word is the IPv4 address");
         let mut global = [0u8; 16];
         global[0] = 0xfd;
         global[15] = 7;
         assert_eq!(outbound_action_v6(v6(global)), OutboundAction::Redirect);
+        assert!(!is_v4_mapped(v6(global)) && !is_loopback6(v6(global)) && is_loopback6(v6(lo)));
     }
 
     #[test]

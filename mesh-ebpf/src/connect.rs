@@ -135,12 +135,19 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> i32 {
 /// Reads user_ip6 one 4-byte ctx load at a time (the only access the verifier allows).
 #[inline(always)]
 pub(crate) fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+    read_words(&sa.user_ip6)
+}
+
+/// An IPv6 address in a program's context, one 4-byte load per word: the verifier refuses a
+/// wider load or a memcpy from ctx.
+#[inline(always)]
+pub(crate) fn read_words(w: &[u32; 4]) -> [u32; 4] {
     unsafe {
         [
-            core::ptr::read_volatile(&sa.user_ip6[0]),
-            core::ptr::read_volatile(&sa.user_ip6[1]),
-            core::ptr::read_volatile(&sa.user_ip6[2]),
-            core::ptr::read_volatile(&sa.user_ip6[3]),
+            core::ptr::read_volatile(&w[0]),
+            core::ptr::read_volatile(&w[1]),
+            core::ptr::read_volatile(&w[2]),
+            core::ptr::read_volatile(&w[3]),
         ]
     }
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
     EbpfContext,
 };
-use mesh_common::{OrigDst, AF_INET, AF_INET6, OUTBOUND_PORT};
+use mesh_common::{is_loopback6, is_v4_mapped, OrigDst, AF_INET, AF_INET6, OUTBOUND_PORT};
 
 use crate::connect::read_ip6;
 use crate::maps::{ORIG_DST, WORKLOAD_ADDRS};
@@ -74,10 +74,11 @@ pub fn sm_getsockname6(ctx: SockAddrContext) -> i32 {
                 return DONE;
             }
             let d = orig.dst.addr;
-            if d[0] == 0 && d[1] == 0 && d[2] == MAPPED {
-                // It dialled IPv4 through an IPv6 socket: its own end is IPv4 too.
+            if is_v4_mapped(d) {
+                // It dialled IPv4 through an IPv6 socket: its own end is IPv4 too (keeping the
+                // destination's ::ffff: word).
                 if own.v4 != 0 {
-                    write_ip6(sa, [0, 0, MAPPED, own.v4]);
+                    write_ip6(sa, [0, 0, d[2], own.v4]);
                 }
             } else if own.v6 != [0; 4] {
                 write_ip6(sa, own.v6);
@@ -85,14 +86,6 @@ pub fn sm_getsockname6(ctx: SockAddrContext) -> i32 {
         }
     }
     DONE
-}
-
-/// The third word of an IPv4-mapped IPv6 address (::ffff:a.b.c.d), as the kernel holds it.
-const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-#[inline(always)]
-fn is_loopback6(a: [u32; 4]) -> bool {
-    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::from_ne_bytes([0, 0, 0, 1])
 }
 
 /// The original destination of this socket, if connect4/6 redirected it as `family`.

@@ -6,6 +6,7 @@
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{inbound_action, Counter, InboundAction, InboundKey, AF_INET};
 
+use crate::connect::read_words;
 use crate::maps::{count, INBOUND_LISTENERS};
 
 const SK_DROP: u32 = 0;
@@ -22,8 +23,8 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
     let from_self = if v4 {
         l.remote_ip4 == l.local_ip4 || l.remote_ip4.to_ne_bytes()[0] == 127
     } else {
-        let r = unsafe { read_words(&l.remote_ip6) };
-        let loc = unsafe { read_words(&l.local_ip6) };
+        let r = read_words(&l.remote_ip6);
+        let loc = read_words(&l.local_ip6);
         r == loc
     };
     if inbound_action(l.ingress_ifindex, l.local_port as u16, from_self) == InboundAction::Pass {
@@ -33,7 +34,7 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
         InboundKey::v4(l.local_ip4)
     } else {
         // One 4-byte ctx load per word: the verifier refuses a memcpy from ctx.
-        InboundKey::v6(unsafe { read_words(&l.local_ip6) })
+        InboundKey::v6(read_words(&l.local_ip6))
     };
     let mut key = key;
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, &mut key, 0) {
@@ -45,18 +46,5 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
             count(Counter::InboundNoListener);
             SK_DROP
         }
-    }
-}
-
-/// One 4-byte ctx load per word: the verifier refuses a memcpy from ctx.
-#[inline(always)]
-unsafe fn read_words(w: &[u32; 4]) -> [u32; 4] {
-    unsafe {
-        [
-            core::ptr::read_volatile(&w[0]),
-            core::ptr::read_volatile(&w[1]),
-            core::ptr::read_volatile(&w[2]),
-            core::ptr::read_volatile(&w[3]),
-        ]
     }
 }

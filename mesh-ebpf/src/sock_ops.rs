@@ -20,8 +20,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::{Counter, PortKey, AF_INET, OUTBOUND_PORT};
+use mesh_common::{is_loopback6, Counter, PortKey, AF_INET, OUTBOUND_PORT};
 
+use crate::connect::read_words;
 use crate::maps::{count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, PROBE};
 
 #[sock_ops]
@@ -71,17 +72,7 @@ fn from_loopback(ctx: &SockOpsContext) -> bool {
     if ctx.family() == AF_INET as u32 {
         ctx.remote_ip4().to_ne_bytes()[0] == 127
     } else {
-        // One 4-byte ctx load per word: the verifier refuses wider or moved accesses.
-        let ops = unsafe { &*ctx.ops };
-        let r = unsafe {
-            [
-                core::ptr::read_volatile(&ops.remote_ip6[0]),
-                core::ptr::read_volatile(&ops.remote_ip6[1]),
-                core::ptr::read_volatile(&ops.remote_ip6[2]),
-                core::ptr::read_volatile(&ops.remote_ip6[3]),
-            ]
-        };
-        r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3].to_ne_bytes() == [0, 0, 0, 1]
+        is_loopback6(read_words(unsafe { &(*ctx.ops).remote_ip6 }))
     }
 }
 
