@@ -19,7 +19,10 @@ impl Capture {
     pub fn start(netns: &str, iface: &str, file: PathBuf) -> Result<Capture> {
         let err = file.with_extension("err");
         let child = Command::new("ip")
-            .args(["netns", "exec", netns, "tcpdump", "-i", iface, "-nn", "-U", "-s", "0", "-w"])
+            // --immediate-mode: each packet is handed over as it arrives. Without it the kernel
+            // passes packets in blocks (retired every second or when full), and a capture
+            // stopped within a second of a short exchange loses it, though its statistics count it.
+            .args(["netns", "exec", netns, "tcpdump", "-i", iface, "--immediate-mode", "-nn", "-U", "-s", "0", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdout(Stdio::null())
