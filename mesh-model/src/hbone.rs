@@ -13,6 +13,10 @@ pub enum BadRequest {
     BadAuthority,
     NotLocal,
     MeshPort,
+    /// A `forwarded` header that is not one `for=` address.
+    BadForwarded,
+    /// A stated client address that is no workload of the peer's verified identity.
+    ForgedSource,
 }
 
 impl BadRequest {
@@ -23,6 +27,8 @@ impl BadRequest {
             BadRequest::BadAuthority => "hbone_bad_authority",
             BadRequest::NotLocal => "hbone_destination_not_local",
             BadRequest::MeshPort => "hbone_mesh_port",
+            BadRequest::BadForwarded => "hbone_bad_forwarded",
+            BadRequest::ForgedSource => "hbone_source_not_peers",
         }
     }
 }
@@ -46,6 +52,38 @@ pub fn parse_connect(method: &Method, uri: &http::Uri, local_ips: &[IpAddr]) -> 
         return Err(BadRequest::MeshPort);
     }
     Ok(dst)
+}
+
+/// The header in which the source agent states its client's address (RFC 7239's `Forwarded`,
+/// with one `for=` pair: `for=10.20.1.10`, `for="[fd20:1::10]"`). A claim, which the
+/// destination checks against the workload records of the peer's verified identity.
+pub const FORWARDED: &str = "forwarded";
+
+/// The `forwarded` header's value for a client at `ip`.
+pub fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// The client address stated in a request's `forwarded` headers (`values`): none without one,
+/// an error for anything but a single header with a single `for=` address. Pure.
+pub fn parse_forwarded<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Result<Option<IpAddr>, BadRequest> {
+    let Some(v) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(BadRequest::BadForwarded);
+    }
+    let v = std::str::from_utf8(v).map_err(|_| BadRequest::BadForwarded)?.trim();
+    let (key, node) = v.split_once('=').ok_or(BadRequest::BadForwarded)?;
+    if !key.trim().eq_ignore_ascii_case("for") {
+        return Err(BadRequest::BadForwarded);
+    }
+    let node = node.trim();
+    let node = node.strip_prefix('"').and_then(|n| n.strip_suffix('"')).unwrap_or(node);
+    let node = node.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(node);
+    let ip: IpAddr = node.parse().map_err(|_| BadRequest::BadForwarded)?;
+    Ok(Some(ip.to_canonical()))
 }
 
 #[cfg(test)]
@@ -73,5 +111,33 @@ mod tests {
         for (m, u, want) in cases {
             assert_eq!(parse_connect(m, &u.parse().unwrap(), &ips()), Err(*want), "{m} {u}");
         }
+    }
+
+    #[test]
+    fn forwarded_states_one_client_address() {
+        let one = |v: &str| parse_forwarded([v.as_bytes()].into_iter());
+        for ip in ["10.20.1.10", "fd20:1::10"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(one(&forwarded_for(ip)), Ok(Some(ip)));
+        }
+        assert_eq!(one("For=\"10.20.1.10\""), Ok(Some("10.20.1.10".parse().unwrap())));
+        assert_eq!(one("for=\"[::ffff:10.20.1.10]\""), Ok(Some("10.20.1.10".parse().unwrap())));
+        assert_eq!(parse_forwarded(std::iter::empty()), Ok(None));
+        for bad in [
+            "",
+            "for=",
+            "by=10.0.0.1",
+            "for=10.20.1.10;proto=http",
+            "for=10.20.1.10, for=10.0.0.2",
+            "for=_hidden",
+            "for=unknown",
+            "for=10.20.1.10:80",
+            "for=[fd20:1::10]:80",
+        ] {
+            assert_eq!(one(bad), Err(BadRequest::BadForwarded), "{bad}");
+        }
+        assert_eq!(parse_forwarded([b"\xff".as_slice()].into_iter()), Err(BadRequest::BadForwarded));
+        let two = parse_forwarded([b"for=10.0.0.1".as_slice(), b"for=10.0.0.2".as_slice()].into_iter());
+        assert_eq!(two, Err(BadRequest::BadForwarded));
     }
 }
