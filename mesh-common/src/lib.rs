@@ -169,6 +169,33 @@ impl InboundKey {
     }
 }
 
+/// The mark on the agent's sockets that dial an app from its client's address (a transparent
+/// source), in the app's netns. The app's replies must come back to the agent's socket rather
+/// than leave the pod toward that address: the netns takes an accepted socket's mark from the
+/// SYN that made it (`tcp_fwmark_accept`), and a rule sends marked packets to [`REPLY_TABLE`],
+/// whose one route delivers everything locally. sock_ops also knows these sockets by it.
+pub const TRANSPARENT_MARK: u32 = 15008;
+/// The routing table, in a workload's netns, of packets marked [`TRANSPARENT_MARK`].
+pub const REPLY_TABLE: u32 = 15008;
+/// The priority of the rule that looks [`TRANSPARENT_MARK`] up in [`REPLY_TABLE`]: after the
+/// local table's (0), before the main table's (32766).
+pub const REPLY_RULE_PRIORITY: u32 = 15008;
+
+/// Key of [`maps::TRANSPARENT_DIALS`]: an agent's dial from a client's address to an app, in
+/// the app's netns, as sk_lookup sees its SYN arrive: `app` is the local end, `client` the
+/// remote one. Addresses as [`SockAddr::addr`], ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DialKey {
+    pub family: u16,
+    pub app_port: u16,
+    pub client_port: u16,
+    pub _pad: u16,
+    pub app: [u32; 4],
+    pub client: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<DialKey>() == 40);
+
 /// Indices into [`maps::COUNTERS`]: why the kernel programs did what they did.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,10 +229,18 @@ pub enum Counter {
     /// The ingress filter dropped an IPv6 packet from outside whose source was the
     /// destination address itself (forged: only the node itself may send from its addresses).
     ForgedSelfSource = 12,
+    /// sock_ops could not record an agent's dial from a client's address (map full): sk_lookup
+    /// steers it to the agent's plaintext listener, which recognises its own dial by the mark
+    /// and refuses it.
+    TransparentDialsFull = 13,
+    /// The ingress filter dropped a TCP packet from outside (not over loopback) for a meshed
+    /// workload's listening socket: everything from outside reaches an app through the agent,
+    /// whose dials come over loopback.
+    OutsideToAppListener = 14,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Redirected,
         Counter::RefusedOrigDstFull,
         Counter::PortKeyFull,
@@ -219,6 +254,8 @@ impl Counter {
         Counter::PodRefusedAtMkdir,
         Counter::PodMkdirMapFull,
         Counter::ForgedSelfSource,
+        Counter::TransparentDialsFull,
+        Counter::OutsideToAppListener,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -235,6 +272,8 @@ impl Counter {
             Counter::PodRefusedAtMkdir => "pod_cgroups_refused_at_mkdir",
             Counter::PodMkdirMapFull => "pod_cgroups_not_refused_map_full",
             Counter::ForgedSelfSource => "inbound_dropped_forged_self_source",
+            Counter::TransparentDialsFull => "transparent_dial_map_full",
+            Counter::OutsideToAppListener => "inbound_dropped_outside_to_app_listener",
         }
     }
 }
@@ -317,6 +356,7 @@ mod pod {
     unsafe impl aya::Pod for WorkloadValue {}
     unsafe impl aya::Pod for InboundKey {}
     unsafe impl aya::Pod for WorkloadAddrs {}
+    unsafe impl aya::Pod for DialKey {}
 }
 
 #[cfg(test)]

@@ -80,6 +80,16 @@ pub const fn inbound_listeners_size(max_workloads: u32) -> u32 {
     max_workloads.saturating_mul(2)
 }
 
+/// [`crate::DialKey`] -> u8: the agent's dials from a client's address to an app whose SYN
+/// is on its way. sock_ops adds one as the agent's socket (marked
+/// [`crate::TRANSPARENT_MARK`]) sends its SYN and removes it once the socket has left SYN-SENT;
+/// sk_lookup leaves such a SYN to the app's listener instead of steering it to the agent (it
+/// cannot tell it from a packet from outside otherwise). Entries live for a handshake over
+/// loopback. When full, the SYN is steered to the agent's plaintext listener, which refuses its
+/// own dial (counted): the app is not reached, and nothing passes unproxied.
+pub const TRANSPARENT_DIALS: &str = "SM_TP_DIALS";
+pub const TRANSPARENT_DIALS_SIZE: u32 = 16384;
+
 /// Array of two u64: the agent's probe of whether sock_ops sees the sockets it accepts (that
 /// is, whether the agent runs below the cgroup root the programs are attached to). The agent
 /// writes a port of its own in [`PROBE_PORT`], makes a loopback connection to it and accepts

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, SockHash},
 };
 use mesh_common::pods::{PATH_MAX, POD_PARENTS_SIZE, UID_LEN};
-use mesh_common::{InboundKey, OrigDst, PortKey, WorkloadAddrs, WorkloadValue};
+use mesh_common::{DialKey, InboundKey, OrigDst, PortKey, WorkloadAddrs, WorkloadValue};
 
 #[map(name = "SM_WORKLOADS")]
 pub static WORKLOADS: HashMap<u64, WorkloadValue> = HashMap::pinned(mesh_common::WORKLOADS_SIZE, 0);
@@ -34,6 +34,9 @@ pub static WORKLOAD_ADDRS: Array<WorkloadAddrs> =
 #[map(name = "SM_INBOUND")]
 pub static INBOUND_LISTENERS: SockHash<InboundKey> =
     SockHash::pinned(mesh_common::inbound_listeners_size(mesh_common::WORKLOADS_SIZE), 0);
+
+#[map(name = "SM_TP_DIALS")]
+pub static TRANSPARENT_DIALS: HashMap<DialKey, u8> = HashMap::pinned(mesh_common::TRANSPARENT_DIALS_SIZE, 0);
 
 #[map(name = "SM_PROBE")]
 pub static PROBE: Array<u64> = Array::pinned(2, 0);

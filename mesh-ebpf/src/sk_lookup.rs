@@ -1,13 +1,15 @@
 //! `sk_lookup`, attached to each meshed workload's network namespace: TCP that arrives from
 //! outside the pod (not via loopback) for any port but HBONE is assigned to the agent's inbound
 //! socket of that netns. With no agent socket (agent down) it is dropped: nothing reaches the
-//! app from outside except through the agent (P4).
+//! app from outside except through the agent (P4). The one exception is the agent's own dial
+//! to an app from the client's address, which comes over loopback but looks like it came from
+//! outside: sock_ops records each such SYN in `SM_TP_DIALS`, and it goes to the app.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use mesh_common::{inbound_action, Counter, InboundAction, InboundKey, AF_INET};
+use mesh_common::{inbound_action, Counter, DialKey, InboundAction, InboundKey, AF_INET};
 
 use crate::connect::read_words;
-use crate::maps::{count, INBOUND_LISTENERS};
+use crate::maps::{count, INBOUND_LISTENERS, TRANSPARENT_DIALS};
 
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -28,6 +30,22 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
         r == loc
     };
     if inbound_action(l.ingress_ifindex, l.local_port as u16, from_self) == InboundAction::Pass {
+        return SK_PASS;
+    }
+    // The agent's own dial from a client's address (see `TRANSPARENT_DIALS`): for the app.
+    let mut dial = DialKey {
+        family: l.family as u16,
+        app_port: l.local_port as u16,
+        client_port: u16::from_be(l.remote_port),
+        _pad: 0,
+        app: [l.local_ip4, 0, 0, 0],
+        client: [l.remote_ip4, 0, 0, 0],
+    };
+    if !v4 {
+        dial.app = read_words(&l.local_ip6);
+        dial.client = read_words(&l.remote_ip6);
+    }
+    if unsafe { TRANSPARENT_DIALS.get(&dial) }.is_some() {
         return SK_PASS;
     }
     let key = if v4 {

@@ -9,31 +9,91 @@
 //! - a socket closing (`STATE_CB` to `TCP_CLOSE`): drop what is left of its entries. This is
 //!   what frees a socket that is never released through the cgroup hook — kernel sockets,
 //!   such as MPTCP subflows — so that no kind of socket can leak a map entry.
+//!
+//! It also follows the agent's dials to an app from a client's address (its sockets marked
+//! `TRANSPARENT_MARK`): at `TCP_CONNECT_CB` it records the SYN in `SM_TP_DIALS` for sk_lookup,
+//! and removes it once the socket has left SYN-SENT, established or not.
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::{is_loopback6, Counter, PortKey, AF_INET, OUTBOUND_PORT};
+use mesh_common::{is_loopback6, Counter, DialKey, PortKey, AF_INET, OUTBOUND_PORT, TRANSPARENT_MARK};
 
 use crate::connect::read_words;
-use crate::maps::{count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, PROBE};
+use crate::maps::{
+    count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, PROBE, TRANSPARENT_DIALS,
+};
 
 #[sock_ops]
 pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if is_transparent_dial(&ctx) {
+                dial_started(&ctx)
+            } else {
+                rekey(&ctx)
+            }
+        }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => bind_to_accepted(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => closed(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(0) == BPF_TCP_SYN_SENT && is_transparent_dial(&ctx) {
+                dial_done(&ctx);
+            }
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                closed(&ctx)
+            }
+        }
         _ => {}
     }
     1
+}
+
+/// The agent's socket dialling an app from a client's address.
+#[inline(always)]
+fn is_transparent_dial(ctx: &SockOpsContext) -> bool {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    !sk.is_null() && unsafe { (*sk).mark } == TRANSPARENT_MARK
+}
+
+/// The dial as sk_lookup will see its SYN arrive: the socket's remote end is the app.
+#[inline(always)]
+fn dial_key(ctx: &SockOpsContext) -> DialKey {
+    let mut k = DialKey {
+        family: ctx.family() as u16,
+        app_port: u32::from_be(ctx.remote_port()) as u16,
+        client_port: ctx.local_port() as u16,
+        _pad: 0,
+        app: [ctx.remote_ip4(), 0, 0, 0],
+        client: [ctx.local_ip4(), 0, 0, 0],
+    };
+    if ctx.family() != AF_INET as u32 {
+        k.app = read_words(unsafe { &(*ctx.ops).remote_ip6 });
+        k.client = read_words(unsafe { &(*ctx.ops).local_ip6 });
+    }
+    k
+}
+
+#[inline(always)]
+fn dial_started(ctx: &SockOpsContext) {
+    if TRANSPARENT_DIALS.insert(&dial_key(ctx), &1, 0).is_err() {
+        count(Counter::TransparentDialsFull);
+        return;
+    }
+    ask_state_callbacks(ctx);
+}
+
+#[inline(always)]
+fn dial_done(ctx: &SockOpsContext) {
+    let _ = TRANSPARENT_DIALS.remove(&dial_key(ctx));
+    // Nothing more to follow on this socket.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 #[inline(always)]
