@@ -38,6 +38,12 @@ pub struct RunArgs {
     /// processes and their network namespaces are found.
     #[arg(long, default_value = "/proc")]
     pub host_proc: PathBuf,
+    /// A writable view of the network sysctls (`/proc/sys/net`), which the agent sets in each
+    /// meshed pod's netns so that its apps can be dialled from their clients' addresses. A
+    /// container's own `/proc/sys` is read-only: the DaemonSet mounts the host's
+    /// `/proc/sys/net` (which shows the netns of whoever reads it) at `/host/sysctl-net`.
+    #[arg(long, default_value = "/proc/sys/net")]
+    pub sysctl_net: PathBuf,
     /// The host's network namespace, which no meshed pod may be in. Default: that of the
     /// host's PID 1 (<host-proc>/1/ns/net).
     #[arg(long)]
@@ -248,6 +254,7 @@ pub struct Config {
     pub kubelet_pods: bool,
     pub host_proc: PathBuf,
     pub host_netns: PathBuf,
+    pub sysctl_net: PathBuf,
     /// The agent's DaemonSet (namespace, name) and how to ask the API server about it.
     pub daemonset: Option<(String, String, crate::kubeapi::KubeApi)>,
     pub state_dir: PathBuf,
@@ -435,6 +442,7 @@ impl Config {
             kubelet_pods: a.kubelet_pods,
             host_proc: a.host_proc,
             host_netns,
+            sysctl_net: a.sysctl_net,
             daemonset,
             state_dir,
             api_socket,

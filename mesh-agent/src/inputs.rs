@@ -24,6 +24,8 @@ pub struct ProxySettings {
     pub mesh_cidrs: Vec<mesh_model::Cidr>,
     /// Endpoints of a Service one connection may try.
     pub service_attempts: usize,
+    /// The network sysctls, as seen from a workload's netns thread (`--sysctl-net`).
+    pub sysctl_net: std::path::PathBuf,
 }
 
 impl ProxySettings {
@@ -33,6 +35,7 @@ impl ProxySettings {
             same_node_tls: c.same_node_tls,
             mesh_cidrs: c.mesh_cidrs.clone(),
             service_attempts: c.service_attempts,
+            sysctl_net: c.sysctl_net.clone(),
         }
     }
 
@@ -71,12 +74,52 @@ impl ProxyInputs {
         bind_to: Option<std::net::IpAddr>,
         what: impl FnOnce() -> String,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let s = netns.socket(dst.is_ipv6()).await?;
+        let s = self.socket(netns, dst.is_ipv6(), what).await?;
+        crate::netns::connect(s, dst, bind_to, self.settings.connect_timeout).await
+    }
+
+    /// A dial socket of `netns`, checked against the descriptor ceiling (see [`Self::dial`]).
+    async fn socket(
+        &self,
+        netns: &crate::netns::NetnsWorker,
+        v6: bool,
+        what: impl FnOnce() -> String,
+    ) -> std::io::Result<socket2::Socket> {
+        let s = netns.socket(v6).await?;
         if let Err(l) = self.limits.descriptor(&s) {
             self.limits.hit(l, &what());
             return Err(std::io::Error::other("out of descriptors for new connections"));
         }
-        crate::netns::connect(s, dst, bind_to, self.settings.connect_timeout).await
+        Ok(s)
+    }
+
+    /// Dials an app of local workload `wl` at `dst` for a connection from `client` (checked by
+    /// the caller: a verified workload's address, or a plaintext connection's real peer): from
+    /// that address when it can be used, so that the app sees who called it; else from the
+    /// app's own address, counted by reason (see [`crate::transparent`]).
+    pub async fn dial_app(
+        &self,
+        wl: &crate::state::LocalWorkload,
+        dst: std::net::SocketAddr,
+        client: Option<std::net::IpAddr>,
+        what: impl Fn() -> String,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        use crate::transparent::{Fallback, Source};
+        let (from, fallback) = crate::transparent::source(&wl.transparent, client, dst.ip());
+        if let Some(f) = fallback {
+            self.metrics.source_fallback(f.label());
+        }
+        if let Source::Client(ip) = from {
+            let s = self.socket(&wl.netns, dst.is_ipv6(), &what).await?;
+            match crate::transparent::prepare(&s, dst.is_ipv6()).and_then(|()| crate::netns::bind(&s, ip)) {
+                Ok(()) => return crate::netns::connect(s, dst, None, self.settings.connect_timeout).await,
+                Err(e) => {
+                    tracing::debug!(workload = %wl.key(), client = %ip, error = %e, "cannot bind the client's address; dialling the app from its own");
+                    self.metrics.source_fallback(Fallback::Bind.label());
+                }
+            }
+        }
+        self.dial(&wl.netns, dst, Some(dst.ip()), what).await
     }
 }
 

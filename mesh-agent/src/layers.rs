@@ -8,6 +8,7 @@ const LAYERS: &[&str] = &[
     "config",
     "pods",
     "netns",
+    "transparent",
     "sockdiag",
     "state",
     "balance",

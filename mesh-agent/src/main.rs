@@ -25,6 +25,7 @@ mod proxy;
 mod registration;
 mod sockdiag;
 mod state;
+mod transparent;
 
 use std::path::PathBuf;
 

@@ -169,21 +169,7 @@ pub async fn connect(
     timeout: std::time::Duration,
 ) -> std::io::Result<tokio::net::TcpStream> {
     if let Some(ip) = bind_to {
-        // Choose the port at connect() by the whole 4-tuple, not at bind() by the address
-        // alone: otherwise many connections to one app exhaust the ports (ports held in
-        // TIME_WAIT are never reused by bind).
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-        s.bind(&SocketAddr::new(ip, 0).into())?;
+        bind(&s, ip)?;
     }
     s.set_nodelay(true)?;
     match s.connect(&addr.into()) {
@@ -209,6 +195,25 @@ pub async fn connect(
         }
     }
     Ok(stream)
+}
+
+/// Binds a dial socket to source address `ip`, the port left to connect().
+pub fn bind(s: &socket2::Socket, ip: IpAddr) -> std::io::Result<()> {
+    // Choose the port at connect() by the whole 4-tuple, not at bind() by the address alone:
+    // otherwise many connections to one app exhaust the ports (ports held in TIME_WAIT are
+    // never reused by bind).
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    s.bind(&SocketAddr::new(ip, 0).into())
 }
 
 /// Refuses a client with a TCP reset rather than a clean close, so that it cannot mistake the

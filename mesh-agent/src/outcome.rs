@@ -59,6 +59,8 @@ pub enum Reason {
     NoEndpoint,
     /// The destination is a Service address, on a port the Service does not have.
     UnknownServicePort,
+    /// The agent's own dial to an app from a client's address, steered back to it.
+    OwnDial,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +175,7 @@ impl Reason {
             Reason::UnknownMeshDestination => "unknown_mesh_destination",
             Reason::NoEndpoint => "no_endpoint",
             Reason::UnknownServicePort => "unknown_service_port",
+            Reason::OwnDial => "own_dial_steered_back",
         }
     }
 }
@@ -199,6 +202,9 @@ impl fmt::Display for Reason {
             }
             Reason::NoEndpoint => f.write_str("the Service has no ready endpoint"),
             Reason::UnknownServicePort => f.write_str("the Service has no such port"),
+            Reason::OwnDial => f.write_str(
+                "the agent's own dial from a client's address came back to it (the kernel's record of such dials is full)",
+            ),
         }
     }
 }
@@ -280,6 +286,8 @@ mod tests {
             (Reason::BadRequest(BadRequest::BadAuthority), "hbone_bad_authority"),
             (Reason::BadRequest(BadRequest::NotLocal), "hbone_destination_not_local"),
             (Reason::BadRequest(BadRequest::MeshPort), "hbone_mesh_port"),
+            (Reason::BadRequest(BadRequest::BadForwarded), "hbone_bad_forwarded"),
+            (Reason::BadRequest(BadRequest::ForgedSource), "hbone_source_not_peers"),
             (Reason::Tunnel(TunnelFailure::Connect), "hbone_connect_failed"),
             (
                 Reason::Tunnel(TunnelFailure::Handshake(HandshakeFailure::Verify(VerifyError::UnknownIssuer))),
@@ -303,6 +311,7 @@ mod tests {
             (Reason::UnknownMeshDestination, "unknown_mesh_destination"),
             (Reason::NoEndpoint, "no_endpoint"),
             (Reason::UnknownServicePort, "unknown_service_port"),
+            (Reason::OwnDial, "own_dial_steered_back"),
         ];
         for (reason, label) in &cases {
             assert_eq!(reason.label(), *label, "{reason:?}");

@@ -1,7 +1,7 @@
 //! The HBONE client: a new connection (TLS 1.3 presenting the source workload's certificate and
 //! requiring the destination's identity, then the HTTP/2 preface) and CONNECT streams on it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,12 +92,17 @@ impl Drop for StreamLease {
 }
 
 /// The CONNECT request for `target`; `service` (`namespace/name`) names the Service the client
-/// connected to, for the destination's metrics (it checks the claim against its own records).
-pub fn connect_request(target: SocketAddr, service: Option<&str>) -> http::Request<()> {
+/// connected to, for the destination's metrics (it checks the claim against its own records);
+/// `client` is the client workload's address, which the destination's app is shown (it checks
+/// that too).
+pub fn connect_request(target: SocketAddr, service: Option<&str>, client: Option<IpAddr>) -> http::Request<()> {
     let mut b =
         http::Request::builder().method(http::Method::CONNECT).uri(target.to_string()).version(http::Version::HTTP_2);
     if let Some(s) = service {
         b = b.header(super::SERVICE_HEADER, s);
+    }
+    if let Some(ip) = client {
+        b = b.header(super::FORWARDED, super::forwarded_for(ip));
     }
     b.body(()).expect("a valid CONNECT request")
 }

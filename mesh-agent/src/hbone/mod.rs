@@ -48,4 +48,4 @@ pub const EARLY_MAX: usize = 16 * 1024;
 pub const SERVICE_HEADER: &str = "sockmesh-service";
 const _: () = assert!(EARLY_MAX < 65_535);
 
-pub use mesh_model::hbone::parse_connect;
+pub use mesh_model::hbone::{forwarded_for, parse_connect, parse_forwarded, BadRequest, FORWARDED};

@@ -1,9 +1,10 @@
 //! The HBONE server on 15008, inside each meshed workload's netns: mutual TLS 1.3 with the
 //! workload's certificate (the client must present a valid workload certificate of the trust
-//! domain), then HTTP/2 CONNECT requests, each dialled to the app from the app's own address.
+//! domain), then HTTP/2 CONNECT requests, each dialled to the app from the client's address the
+//! source states (`forwarded`), once checked against the peer's identity.
 //!
-//! Responses: 200 tunnel open; 400 malformed request, or a destination that is not this
-//! workload; 401 denied by policy; 403 no configuration yet (policy unknown); 503 the app is
+//! Responses: 200 tunnel open; 400 malformed request, a destination that is not this
+//! workload, or a stated client address that is not one of the peer identity's workloads; 401 denied by policy; 403 no configuration yet (policy unknown); 503 the app is
 //! unreachable. Header lists, concurrent streams
 //! and the handshake are bounded (the constants in [`super`]).
 
@@ -21,7 +22,7 @@ use mesh_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::batch::BatchIo;
-use super::{io, parse_connect};
+use super::{io, parse_connect, parse_forwarded, BadRequest};
 use super::{MAX_FRAME_SIZE, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::identity::WorkloadCert;
 use crate::inputs::ProxyInputs;
@@ -258,6 +259,23 @@ async fn stream(
         }
     };
     rec.orig_dst = Target::Addr(dst);
+    // The client's address the source states: taken only if it is the address of a workload
+    // with the identity the certificate proved (so a peer can speak only for its own
+    // workloads); a claim of any other address is refused before any dial.
+    let forwarded = req.headers().get_all(super::FORWARDED).iter().map(|v| v.as_bytes());
+    let client = parse_forwarded(forwarded).and_then(|claim| match claim {
+        Some(ip) if snap.destination(ip).is_none_or(|w| *w.spiffe_id != *peer_id) => Err(BadRequest::ForgedSource),
+        claim => Ok(claim),
+    });
+    let client = match client {
+        Ok(c) => c,
+        Err(bad) => {
+            let reason = Reason::BadRequest(bad);
+            inputs.conns.refused(&rec, reason.clone(), started, &reason);
+            status(&mut respond, StatusCode::BAD_REQUEST);
+            return None;
+        }
+    };
     // The Service the source says its client connected to: labels only, and only if ours.
     let claimed = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok());
     rec.service = claimed.and_then(|key| snap.config.service_of_endpoint(key, dst)).cloned();
@@ -288,7 +306,7 @@ async fn stream(
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
     let what = || format!("HBONE stream from {peer_id} at {peer} to {dst}");
-    let app = match Box::pin(inputs.dial(&wl.netns, dst, Some(dst.ip()), what)).await {
+    let app = match Box::pin(inputs.dial_app(&wl, dst, client, what)).await {
         Ok(s) => s,
         Err(e) => {
             inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &e);

@@ -48,6 +48,7 @@ pub struct Metrics {
     reclaimed: Counter,
     endpoint_failures: Family<FailureLabels, Counter>,
     limit_hits: Family<LimitLabels, Counter>,
+    source_fallbacks: Family<FailureLabels, Counter>,
     /// Which reason labels have been counted, to list them in `/stats` (the values stay in the
     /// registry; this only remembers which keys exist, a bounded set).
     seen_reasons: Mutex<BTreeMap<(&'static str, &'static str), Kind>>,
@@ -98,6 +99,7 @@ impl Metrics {
             reclaimed: Counter::default(),
             endpoint_failures: Family::default(),
             limit_hits: Family::default(),
+            source_fallbacks: Family::default(),
             seen_reasons: Mutex::new(BTreeMap::new()),
             kernel_seen: Mutex::new(BTreeMap::new()),
         };
@@ -192,6 +194,11 @@ impl Metrics {
             "Connections and streams refused or closed at an abuse limit, by limit (docs/security.md lists them)",
             m.limit_hits.clone(),
         );
+        sm.register(
+            "source_address_fallbacks",
+            "Connections dialled to an app from the app's own address instead of its client's, by reason",
+            m.source_fallbacks.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -247,6 +254,10 @@ impl Metrics {
 
     pub fn limit_hit(&self, limit: &'static str) {
         self.limit_hits.get_or_create(&LimitLabels { limit }).inc();
+    }
+
+    pub fn source_fallback(&self, reason: &'static str) {
+        self.source_fallbacks.get_or_create(&FailureLabels { reason }).inc();
     }
 
     pub fn stream_refused_retried(&self) {

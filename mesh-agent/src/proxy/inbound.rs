@@ -1,6 +1,7 @@
 //! The 15006 listeners: plaintext TCP that sk_lookup steered away from a meshed workload's app.
 //! The accepted socket's local address is the destination the client asked for. There is no
-//! peer identity on this path (the client's address is recorded, never trusted as identity).
+//! peer identity on this path (the client's address is recorded, never trusted as identity);
+//! the app is dialled from the client's address, as it would have seen it without the mesh.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +58,12 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
         // Dialling it would loop back into the agent.
         return refuse(Reason::MeshPort, client);
     }
+    if crate::transparent::is_own_dial(&client) {
+        // This agent's own dial to the app from a client's address, which sk_lookup steered
+        // here because the kernel could not record it (`transparent_dial_map_full`): refused,
+        // so that it fails rather than loops.
+        return refuse(Reason::OwnDial, client);
+    }
     let snap = inputs.state.load();
     if snap.config.version == 0 {
         // Neither STRICT nor policy known yet: nothing is admitted on a guess.
@@ -74,7 +81,8 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
     let what = || format!("plaintext connection from {peer} to {dst}");
-    let upstream = match Box::pin(inputs.dial(&wl.netns, dst, Some(dst.ip()), what)).await {
+    // The app sees the client's real address: what it would see without the mesh.
+    let upstream = match Box::pin(inputs.dial_app(&wl, dst, Some(peer.ip()), what)).await {
         Ok(s) => s,
         Err(e) => {
             inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &e);

@@ -32,7 +32,7 @@ pub async fn open(
     let started = Instant::now();
     out.security = Security::NodeLocal;
     out.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl.known()) };
-    let source_ip = src.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied().unwrap_or(dst.ip());
+    let source_ip = src.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
     let inbound = ConnRecord {
         direction: Direction::Inbound,
         security: Security::NodeLocal,
@@ -62,7 +62,10 @@ pub async fn open(
         return refuse(reason.clone(), &reason, false);
     }
     let principal = src_known.spiffe_id.to_string();
-    let facts = Facts { principal: Some(&principal), source_ip, dst_port: dst.port() };
+    let facts = Facts { principal: Some(&principal), source_ip: source_ip.unwrap_or(dst.ip()), dst_port: dst.port() };
+    // The app is dialled from the source's address (lacking one of the destination's family,
+    // any of its addresses: a fallback, counted).
+    let client = source_ip.or(src.ips().first().copied());
     if let Decision::Deny(d) = snap.authorize(&dst_wl, &facts).decision {
         let reason = Reason::Denied(d);
         return refuse(reason.clone(), &reason, false);
@@ -70,7 +73,7 @@ pub async fn open(
     drop(snap);
     inputs.metrics.accepted(Direction::Inbound);
     let what = || format!("same-node connection from {} to {dst}", src_known.spiffe_id);
-    match Box::pin(inputs.dial(&dst_wl.netns, dst, Some(dst.ip()), what)).await {
+    match Box::pin(inputs.dial_app(&dst_wl, dst, client, what)).await {
         Ok(upstream) => Ok(Upstream::Local { upstream, inbound }),
         Err(e) => refuse(Reason::UpstreamUnreachable, &e, true),
     }

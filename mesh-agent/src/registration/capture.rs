@@ -132,6 +132,12 @@ impl Registry {
                 source: netns::NetnsError::Enter { path: worker.path().into(), source },
             })?;
         let inbound_keys: Vec<InboundKey> = known.workload.ips.iter().map(|ip| listeners::inbound_key(*ip)).collect();
+        let name = key.to_string();
+        let sysctl_net = self.inputs.settings.sysctl_net.clone();
+        let transparent = worker
+            .run(move || crate::transparent::install(&name, &sysctl_net))
+            .await
+            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
         let wl = Arc::new(LocalWorkload {
             key: key.clone(),
             ips: known.workload.ips.clone(),
@@ -141,6 +147,7 @@ impl Registry {
             cgroup: cgroup_path,
             netns: worker,
             netns_cookie,
+            transparent,
             inbound_keys,
             pin_name,
             source,

@@ -56,6 +56,8 @@ pub struct LocalWorkload {
     pub cgroup: std::path::PathBuf,
     pub netns: NetnsWorker,
     pub netns_cookie: u64,
+    /// What its netns was set up for: dialling its apps from their clients' addresses.
+    pub transparent: crate::transparent::Setup,
     /// Where sk_lookup finds this workload's inbound socket.
     pub inbound_keys: Vec<InboundKey>,
     /// The name of its sk_lookup link under the node's bpffs directory.

@@ -29,6 +29,8 @@ pub struct Destination<'a> {
     pub hbone_addr: SocketAddr,
     pub target: SocketAddr,
     pub service: Option<&'a str>,
+    /// The client workload's address (of the target's family), stated to the destination.
+    pub client: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -126,7 +128,7 @@ impl Pool {
         D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let req = client::connect_request(to.target, to.service);
+        let req = client::connect_request(to.target, to.service, to.client);
         if !self.pooling {
             return self.open_new(src, to, req, connect_timeout, dial, early, None).await;
         }

@@ -121,7 +121,13 @@ async fn open(pool: &Pool, cert: &WorkloadCert, dst: &SpiffeId, addr: SocketAddr
     let client = client_socket(b"hello").await;
     let id = SpiffeId::workload(TD, "default", "sa-a").unwrap();
     let src = Source { key: &key, id: &id, cert, client: &client, identity: None };
-    let to = Destination { id: dst, hbone_addr: addr, target: "10.0.0.2:8080".parse().unwrap(), service: None };
+    let to = Destination {
+        id: dst,
+        hbone_addr: addr,
+        target: "10.0.0.2:8080".parse().unwrap(),
+        service: None,
+        client: None,
+    };
     pool.open(src, to, Duration::from_secs(5), || TcpStream::connect(addr), &mut Default::default()).await
 }
 
