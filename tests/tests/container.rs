@@ -381,6 +381,27 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
         (&json!(true), &json!(3000), &json!("127.0.0.1:15001")),
         "{r}"
     );
+    // The agent set a's netns up to dial its apps from their clients' addresses, through the
+    // DaemonSet's writable view of the network sysctls: the sysctl, the rule and the route.
+    let a_ns = t.pod(a).netns.clone();
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(["-n", &a_ns]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        ip(&["rule", "show"]).contains("fwmark 0x3aa0 lookup 15008"),
+        "{}
+{}",
+        ip(&["rule", "show"]),
+        agent.log_text()
+    );
+    assert!(ip(&["-6", "rule", "show"]).contains("fwmark 0x3aa0 lookup 15008"), "{}", ip(&["-6", "rule", "show"]));
+    assert!(ip(&["route", "show", "table", "15008"]).contains("local default dev lo"), "{}", agent.log_text());
+    let sysctl = Command::new("ip")
+        .args(["netns", "exec", &a_ns, "sysctl", "-n", "net.ipv4.tcp_fwmark_accept"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "1", "{}", agent.log_text());
     let a_id = "spiffe://cluster.local/ns/default/sa/sa-a";
     wait_for(Duration::from_secs(5), || {
         Ok(agent2

@@ -43,11 +43,12 @@ fn cross_node_bytes_arrive_intact_and_the_source_agent_records_them() {
     assert_eq!(line["bytes_sent"], 10 * MIB, "{line}");
     assert_eq!(line["bytes_received"], 10 * MIB, "{line}");
 
-    // On n2 the connection was captured on its way in and handed to the app by the agent.
+    // On n2 the connection was captured on its way in and handed to the app by the agent,
+    // dialling it from a's address: the app sees its real client.
     wait_for(Duration::from_secs(5), || Ok(agent2.access_log().iter().any(|l| l["direction"] == "inbound"))).unwrap();
     let accepted = server.accepted().unwrap();
     assert_eq!(accepted.len(), 1, "{accepted:?}");
-    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(b).ip)), "{accepted:?}");
+    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(a).ip)), "{accepted:?}");
 }
 
 /// One pod holding more connections to one destination than the peer allows streams on one
@@ -251,9 +252,12 @@ fn inbound_from_the_node_lands_on_the_agent_not_the_app() {
     assert_eq!(line["dst_workload"], "default/b", "{line}");
     assert_eq!(line["orig_dst"], to, "{line}");
     assert!(line["src_addr"].as_str().unwrap().starts_with(&format!("{}:", t.node(n2).gateway_ip)), "{line}");
-    // The app's peer is the agent (dialling from the pod's own address), not the node.
+    // The agent carried it (its log line above, the kernel's count of steered connections),
+    // and dialled the app from the node's address: the app sees the client it would have seen
+    // without the mesh.
     let accepted = server.accepted().unwrap();
-    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&format!("{}:", t.pod(b).ip)), "{accepted:?}");
+    let node = format!("{}:", t.node(n2).gateway_ip);
+    assert!(accepted[0]["peer"].as_str().unwrap().starts_with(&node), "{accepted:?}");
     assert!(agent2.stats().unwrap().kernel["inbound_steered"] >= 1);
 
     // With the agent down, nothing from outside reaches the app.

@@ -416,3 +416,48 @@ fn a_claimed_service_labels_the_destination_only_when_its_own_records_agree() {
     let (_, m) = http_get(&t.node(n2).netns, "127.0.0.1:15020", "/metrics").unwrap();
     assert!(!m.contains("invented-by-the-peer"), "a peer's claim became a label value");
 }
+
+/// A Service with an IPv6 address beside its IPv4 one: an IPv6 client connecting to it reaches
+/// each endpoint over IPv6 (the IPv6-only one included), through the tunnel to the other node
+/// and the node-local relay on its own, and each endpoint's app sees the client's IPv6 address.
+#[test]
+fn a_service_with_an_ipv6_address_carries_ipv6_clients_to_its_endpoints() {
+    let mut t = Topology::new("svc-v6").unwrap();
+    let (n1, n2) = (t.add_node("n1").unwrap(), t.add_node("n2").unwrap());
+    let a = t.add_pod_stack(n1, "a", true, Stack::Dual).unwrap();
+    let e1 = t.add_pod_stack(n1, "e1", true, Stack::Dual).unwrap();
+    let e2 = t.add_pod_stack(n2, "e2", true, Stack::Dual).unwrap();
+    let e3 = t.add_pod_stack(n2, "e3", true, Stack::V6).unwrap();
+    let e = [e1, e2, e3];
+    for p in e {
+        t.pods[p.0].labels.push(("tier".into(), "web".into()));
+    }
+    t.write_workloads().unwrap();
+    let (_ctl, servers, _agent1, _agent2) = start_with_endpoint_servers(&mut t, e, n1, n2);
+    let svc = format!("kind: Service\nname: web\nnamespace: default\naddresses: [{SVC_IP}, \"fd96::10\"]\nports: [{{port: 80, targetPort: {APP_PORT}}}]\nselector: {{tier: web}}\n");
+    t.write_config("web.yaml", &svc).unwrap();
+    let mut want: Vec<String> = e.iter().map(|p| t.pod(*p).ip6.unwrap().to_string()).collect();
+    want.extend([e1, e2].iter().map(|p| t.pod(*p).ip.to_string()));
+    wait_endpoints(&t, n1, &want.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let mut cap = Capture::start(&t.fabric, "br0", t.dir.join("fabric.pcap")).unwrap();
+    let marker = "SOCKMESH-SERVICE-V6-MARKER-0e7d";
+    let r = echoes(&t, a, "[fd96::10]:80", 60, &["--marker", marker]);
+    cap.stop();
+    assert_eq!((r["succeeded"].as_u64(), r["failed"].as_u64()), (Some(60), Some(0)), "{r}");
+    let a6 = t.pod(a).ip6.unwrap().to_string();
+    for (p, s) in e.iter().zip(&servers) {
+        let peers: Vec<String> =
+            s.accepted().unwrap().iter().map(|ev| ev["peer"].as_str().unwrap().to_owned()).collect();
+        assert!(!peers.is_empty(), "{} got no connection", t.pod(*p).name);
+        // Over IPv6, and from a's own address.
+        assert!(peers.iter().all(|peer| peer.starts_with(&format!("[{a6}]:"))), "{}: {peers:?}", t.pod(*p).name);
+    }
+    let pcap = cap.bytes().unwrap();
+    assert!(!pcap.windows(marker.len()).any(|w| w == marker.as_bytes()), "the marker crossed the wire in plaintext");
+    assert!(
+        cap.count("ip6 and tcp port 15008").unwrap() > 10,
+        "the legs to n2 did not go through the tunnel over IPv6"
+    );
+    assert_eq!(cap.count("tcp and not port 15008 and not port 15012").unwrap(), 0, "plain TCP between the nodes");
+}

@@ -85,6 +85,11 @@ const CORE: &[(&str, &str, &str)] = &[
         "IPv6 pods captured; an outside packet forging a pod's own IPv6 address dropped before the app sees it",
     ),
     (
+        "transparent",
+        "an_outside_connection_marked_like_the_agents_own_dial_never_reaches_the_app",
+        "the app dialled from its client's address (transparent socket, reply rule and route); a marked SYN from outside dropped at the app's listener",
+    ),
+    (
         "handover",
         "a_surge_agent_in_a_netns_of_its_own_takes_over",
         "an upgrade: listeners passed over SCM_RIGHTS, programs swapped into the same links, no refusal",

@@ -121,7 +121,7 @@ fn main() -> Result<()> {
         println!("  as JSON: {l}");
     }
     println!(
-        "  b's app saw its peer as {} (the agent of n2, dialling from b's own address)",
+        "  b's app saw its peer as {} (a's own address: n2's agent dialled it from there)",
         server.accepted()?[0]["peer"]
     );
 

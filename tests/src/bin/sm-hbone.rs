@@ -4,8 +4,9 @@
 //! (status, stream reset, or handshake failure).
 //!
 //!   sm-hbone --to 10.20.2.10:15008 --root-dir DIR --expect spiffe://... [--client-cert legit|rogue|other-td]
-//!            --case NAME=METHOD,URI[,PAD_BYTES] ... [--service NAMESPACE/NAME]
+//!            --case NAME=METHOD,URI[,PAD_BYTES[,FORWARDED]] ... [--service NAMESPACE/NAME]
 //!
+//! FORWARDED is a `forwarded` header's value: the client address the request states.
 //! `--service` puts the header the agents use to name a Service on every request (a claim the
 //! destination must check).
 
@@ -53,14 +54,18 @@ async fn main() {
     tokio::spawn(conn);
     let mut results = serde_json::Map::new();
     for case in cases {
-        let (name, spec) = case.split_once('=').expect("NAME=METHOD,URI[,PAD]");
+        let (name, spec) = case.split_once('=').expect("NAME=METHOD,URI[,PAD[,FORWARDED]]");
         let mut parts = spec.split(',');
         let method = parts.next().unwrap();
         let uri = parts.next().unwrap();
         let pad: usize = parts.next().map(|p| p.parse().unwrap()).unwrap_or(0);
+        let forwarded = parts.next();
         let mut req = http::Request::builder().method(method).uri(uri);
         if pad > 0 {
             req = req.header("x-pad", "a".repeat(pad));
+        }
+        if let Some(f) = forwarded {
+            req = req.header("forwarded", f);
         }
         if let Some(s) = &service {
             req = req.header("sockmesh-service", s.as_str());

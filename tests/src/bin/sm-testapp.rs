@@ -22,6 +22,9 @@ fn main() {
             // Half the bytes, then a wait until this file exists, then the rest: a transfer
             // that provably spans an event the test brings about.
             HALFWAY_FILE.with(|f| *f.borrow_mut() = get("--halfway-until-file").map(std::path::PathBuf::from));
+            // A socket mark (SO_MARK) on the connecting socket, as a process holding
+            // CAP_NET_ADMIN in its netns may set.
+            MARK.with(|m| m.set(get("--mark").map(|v| v.parse().expect("--mark"))));
             let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), (timeout, mptcp), pace);
             let ok = r["ok"] == true;
             println!("{r}");
@@ -110,6 +113,7 @@ fn serve(addr: SocketAddr) {
 
 thread_local! {
     static HALFWAY_FILE: std::cell::RefCell<Option<std::path::PathBuf>> = const { std::cell::RefCell::new(None) };
+    static MARK: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
 struct Gen(u64);
@@ -136,16 +140,17 @@ fn fnv(h: &mut u64, data: &[u8]) {
 /// speak it).
 const IPPROTO_MPTCP: i32 = 262;
 
-/// Connects a TCP socket, or an MPTCP one with `mptcp`.
+/// Connects a TCP socket, or an MPTCP one with `mptcp`, marked if `--mark` was given.
 fn connect_socket(to: SocketAddr, timeout: Duration, mptcp: bool) -> std::io::Result<TcpStream> {
-    if !mptcp {
+    let mark = MARK.with(|m| m.get());
+    if !mptcp && mark.is_none() {
         return TcpStream::connect_timeout(&to, timeout);
     }
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(to),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::from(IPPROTO_MPTCP)),
-    )?;
+    let proto = if mptcp { socket2::Protocol::from(IPPROTO_MPTCP) } else { socket2::Protocol::TCP };
+    let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, Some(proto))?;
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
     s.connect_timeout(&to.into(), timeout)?;
     Ok(s.into())
 }
