@@ -80,15 +80,28 @@ pub const fn inbound_listeners_size(max_workloads: u32) -> u32 {
     max_workloads.saturating_mul(2)
 }
 
-/// [`crate::DialKey`] -> u8: the agent's dials from a client's address to an app whose SYN
-/// is on its way. sock_ops adds one as the agent's socket (marked
-/// [`crate::TRANSPARENT_MARK`]) sends its SYN and removes it once the socket has left SYN-SENT;
-/// sk_lookup leaves such a SYN to the app's listener instead of steering it to the agent (it
-/// cannot tell it from a packet from outside otherwise). Entries live for a handshake over
-/// loopback. When full, the SYN is steered to the agent's plaintext listener, which refuses its
-/// own dial (counted): the app is not reached, and nothing passes unproxied.
+/// [`crate::DialKey`] -> u8: the agent's connections to apps from their clients' addresses.
+/// sock_ops adds one as the agent's socket sends its SYN (a socket marked
+/// [`crate::TRANSPARENT_MARK`], in the netns of the workload address it dials: see
+/// [`WORKLOAD_NETNS`]) and removes it when the socket closes; sk_lookup leaves a packet with
+/// such a 4-tuple to the app instead of steering it to the agent (it cannot tell it from a
+/// packet from outside otherwise). It lives as long as the connection, not only for the
+/// handshake: an app answering with a SYN cookie has no request socket for the handshake's
+/// last ACK, which goes through sk_lookup too. Allocated as used. When full, the SYN is steered
+/// to the agent's plaintext listener, which refuses its own dial (counted): the app is not
+/// reached, and nothing passes unproxied.
 pub const TRANSPARENT_DIALS: &str = "SM_TP_DIALS";
-pub const TRANSPARENT_DIALS_SIZE: u32 = 16384;
+pub const TRANSPARENT_DIALS_SIZE: u32 = 65536;
+
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates its entries as they are made.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// [`crate::InboundKey`] (a local workload's address) -> the cookie of that workload's netns,
+/// written at registration beside [`INBOUND_LISTENERS`]. sock_ops records a marked socket's
+/// dial in [`TRANSPARENT_DIALS`] only when the socket is in the netns of the workload address
+/// it dials, which is what the agent's dials to apps are: a process elsewhere that puts the
+/// mark on its own socket (`CAP_NET_RAW` suffices) cannot fill the map.
+pub const WORKLOAD_NETNS: &str = "SM_WL_NETNS";
 
 /// Array of two u64: the agent's probe of whether sock_ops sees the sockets it accepts (that
 /// is, whether the agent runs below the cgroup root the programs are attached to). The agent

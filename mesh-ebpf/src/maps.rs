@@ -36,7 +36,12 @@ pub static INBOUND_LISTENERS: SockHash<InboundKey> =
     SockHash::pinned(mesh_common::inbound_listeners_size(mesh_common::WORKLOADS_SIZE), 0);
 
 #[map(name = "SM_TP_DIALS")]
-pub static TRANSPARENT_DIALS: HashMap<DialKey, u8> = HashMap::pinned(mesh_common::TRANSPARENT_DIALS_SIZE, 0);
+pub static TRANSPARENT_DIALS: HashMap<DialKey, u8> =
+    HashMap::pinned(mesh_common::TRANSPARENT_DIALS_SIZE, mesh_common::BPF_F_NO_PREALLOC);
+
+#[map(name = "SM_WL_NETNS")]
+pub static WORKLOAD_NETNS: HashMap<InboundKey, u64> =
+    HashMap::pinned(mesh_common::inbound_listeners_size(mesh_common::WORKLOADS_SIZE), 0);
 
 #[map(name = "SM_PROBE")]
 pub static PROBE: Array<u64> = Array::pinned(2, 0);

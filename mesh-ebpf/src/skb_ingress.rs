@@ -22,18 +22,19 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use mesh_common::{Counter, LOOPBACK_IFINDEX};
+use mesh_common::{Counter, WorkloadValue, LOOPBACK_IFINDEX};
 
 use crate::connect::workload_of;
-use crate::maps::count;
+use crate::maps::{count, WORKLOAD_ADDRS};
 
 /// `TCP_LISTEN`, as `bpf_sock::state` holds it.
 const TCP_LISTEN: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const PASS: i32 = 1;
 const DROP: i32 = 0;
-/// ETH_P_IPV6, as `__sk_buff::protocol` holds it (network order).
+/// ETH_P_IPV6 and ETH_P_IP, as `__sk_buff::protocol` holds them (network order).
 const IPV6: u32 = (0x86dd_u16).to_be() as u32;
+const IPV4: u32 = (0x0800_u16).to_be() as u32;
 
 #[cgroup_skb(ingress)]
 pub fn sm_skb_ingress(ctx: SkBuffContext) -> i32 {
@@ -64,22 +65,22 @@ fn forged_self_source(ctx: &SkBuffContext) -> bool {
     if w[0] != w[2] || w[1] != w[3] {
         return false;
     }
-    meshed_socket(ctx)
+    workload(ctx).is_some()
 }
 
-/// The packet's socket belongs to a meshed workload (its cgroup or an ancestor is registered).
+/// The meshed workload the packet's socket belongs to (its cgroup or an ancestor registered).
 #[inline(always)]
-fn meshed_socket(ctx: &SkBuffContext) -> bool {
+fn workload(ctx: &SkBuffContext) -> Option<WorkloadValue> {
     let own = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    workload_of(own, |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) }).is_some()
+    workload_of(own, |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) })
 }
 
-/// A packet from outside for a meshed workload's listening TCP socket. sk_lookup steers what
-/// comes from outside to the agent, whose dials to the app come over loopback; what still gets
-/// here came past it (a SYN made to look like the agent's own dial from a client's address, or
-/// one that arrived before the workload's sk_lookup was attached), and is dropped. Only the
-/// first packets of a connection (SYN, the handshake's ACK) meet a listener, so an established
-/// connection costs nothing more here.
+/// A packet from outside for a meshed workload's listening TCP socket, to the workload's own
+/// address. sk_lookup steers what comes from outside to the agent, whose dials to the app come
+/// over loopback; what still gets here came past it (a SYN made to look like the agent's own
+/// dial from a client's address, or one that arrived before the workload's sk_lookup was
+/// attached), and is dropped. Only the first packets of a connection (SYN, the handshake's
+/// ACK) meet a listener, so an established connection costs nothing more here.
 #[inline(always)]
 fn to_app_listener(ctx: &SkBuffContext) -> bool {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
@@ -90,5 +91,20 @@ fn to_app_listener(ctx: &SkBuffContext) -> bool {
     if full.is_null() || unsafe { (*full).protocol } != IPPROTO_TCP {
         return false;
     }
-    meshed_socket(ctx)
+    let Some(w) = workload(ctx) else {
+        return false;
+    };
+    // To the workload's own address: a netns of its own that a process of the pod made (a
+    // container runtime inside the pod) gets traffic from outside legitimately.
+    let Some(own) = WORKLOAD_ADDRS.get(w.id) else {
+        return false;
+    };
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    if protocol == IPV6 {
+        ctx.load::<[u32; 4]>(24).is_ok_and(|dst| dst == own.v6)
+    } else if protocol == IPV4 {
+        ctx.load::<u32>(16).is_ok_and(|dst| dst == own.v4)
+    } else {
+        false
+    }
 }

@@ -11,24 +11,25 @@
 //!   such as MPTCP subflows — so that no kind of socket can leak a map entry.
 //!
 //! It also follows the agent's dials to an app from a client's address (its sockets marked
-//! `TRANSPARENT_MARK`): at `TCP_CONNECT_CB` it records the SYN in `SM_TP_DIALS` for sk_lookup,
-//! and removes it once the socket has left SYN-SENT, established or not.
+//! `TRANSPARENT_MARK`, in the netns of the address they dial): at `TCP_CONNECT_CB` it records
+//! the connection's 4-tuple in `SM_TP_DIALS` for sk_lookup, and removes it when the socket
+//! closes.
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::{is_loopback6, Counter, DialKey, PortKey, AF_INET, OUTBOUND_PORT, TRANSPARENT_MARK};
+use mesh_common::{is_loopback6, Counter, DialKey, InboundKey, PortKey, AF_INET, OUTBOUND_PORT, TRANSPARENT_MARK};
 
 use crate::connect::read_words;
 use crate::maps::{
-    count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, PROBE, TRANSPARENT_DIALS,
+    count, forget_orig_dst, ORIG_DST, ORIG_DST_BY_CONN, ORIG_DST_BY_PORT, PROBE, TRANSPARENT_DIALS, WORKLOAD_NETNS,
 };
 
 #[sock_ops]
@@ -42,24 +43,28 @@ pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => bind_to_accepted(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(0) == BPF_TCP_SYN_SENT && is_transparent_dial(&ctx) {
-                dial_done(&ctx);
-            }
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                closed(&ctx)
-            }
-        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => closed(&ctx),
         _ => {}
     }
     1
 }
 
-/// The agent's socket dialling an app from a client's address.
+/// The agent's socket dialling an app from a client's address: it carries the mark, and it is
+/// in the netns of the workload address it dials (a process elsewhere may set the mark on its
+/// own socket; see `SM_WL_NETNS`).
 #[inline(always)]
 fn is_transparent_dial(ctx: &SockOpsContext) -> bool {
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    !sk.is_null() && unsafe { (*sk).mark } == TRANSPARENT_MARK
+    if sk.is_null() || unsafe { (*sk).mark } != TRANSPARENT_MARK {
+        return false;
+    }
+    let app = if ctx.family() == AF_INET as u32 {
+        InboundKey::v4(ctx.remote_ip4())
+    } else {
+        InboundKey::v6(read_words(unsafe { &(*ctx.ops).remote_ip6 }))
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { WORKLOAD_NETNS.get(&app) }.is_some_and(|n| *n == netns)
 }
 
 /// The dial as sk_lookup will see its SYN arrive: the socket's remote end is the app.
@@ -89,12 +94,6 @@ fn dial_started(ctx: &SockOpsContext) {
     ask_state_callbacks(ctx);
 }
 
-#[inline(always)]
-fn dial_done(ctx: &SockOpsContext) {
-    let _ = TRANSPARENT_DIALS.remove(&dial_key(ctx));
-    // Nothing more to follow on this socket.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-}
 
 #[inline(always)]
 fn port_key(ctx: &SockOpsContext, port: u16) -> PortKey {
@@ -177,6 +176,9 @@ fn answer_probe(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) {
+    // The agent's dial from a client's address, however it ended (its mark is not read again:
+    // whatever the socket's mark became, its record goes).
+    let _ = TRANSPARENT_DIALS.remove(&dial_key(ctx));
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // The agent's side of a connection it never accepted.
     let _ = ORIG_DST_BY_CONN.remove(&cookie);
