@@ -94,14 +94,15 @@ impl ProxyInputs {
     }
 
     /// Dials an app of local workload `wl` at `dst` for a connection from `client` (checked by
-    /// the caller: a verified workload's address, or a plaintext connection's real peer): from
+    /// the caller: a verified workload's address, or a plaintext connection's real peer; or why
+    /// there is none): from
     /// that address when it can be used, so that the app sees who called it; else from the
     /// app's own address, counted by reason (see [`crate::transparent`]).
     pub async fn dial_app(
         &self,
         wl: &crate::state::LocalWorkload,
         dst: std::net::SocketAddr,
-        client: Option<std::net::IpAddr>,
+        client: Result<std::net::IpAddr, crate::transparent::Fallback>,
         what: impl Fn() -> String,
     ) -> std::io::Result<tokio::net::TcpStream> {
         use crate::transparent::{Fallback, Source};

@@ -62,6 +62,9 @@ pub enum Source {
 pub enum Fallback {
     /// The source did not say (a peer agent of an earlier version).
     NotStated,
+    /// The stated address is no workload this agent knows (yet: its records may lag the
+    /// source's), so it cannot be checked against the peer's identity.
+    Unverified,
     /// The client's address is of the other family than the app's.
     Family,
     /// The client's address is one of the destination netns's own (or not a unicast address):
@@ -77,6 +80,7 @@ impl Fallback {
     pub fn label(self) -> &'static str {
         match self {
             Fallback::NotStated => "not_stated",
+            Fallback::Unverified => "unverified",
             Fallback::Family => "family",
             Fallback::Collision => "collision",
             Fallback::NotSetUp => "not_set_up",
@@ -86,12 +90,13 @@ impl Fallback {
 }
 
 /// The address to dial an app at `dst` from, for a connection from `client` (already checked:
-/// a verified workload's address, or a plaintext connection's real peer), in a netns set up as
-/// `setup` says.
-pub fn source(setup: &Setup, client: Option<IpAddr>, dst: IpAddr) -> (Source, Option<Fallback>) {
+/// a verified workload's address, or a plaintext connection's real peer; or why there is none),
+/// in a netns set up as `setup` says.
+pub fn source(setup: &Setup, client: Result<IpAddr, Fallback>, dst: IpAddr) -> (Source, Option<Fallback>) {
     let own = Source::Own(dst);
-    let Some(client) = client.map(|c| c.to_canonical()) else {
-        return (own, Some(Fallback::NotStated));
+    let client = match client {
+        Ok(c) => c.to_canonical(),
+        Err(why) => return (own, Some(why)),
     };
     if client == dst {
         // The pod itself: its own address is the true one.
@@ -291,25 +296,25 @@ mod tests {
         let setup = Setup { v4: true, v6: true, local: vec![ip("10.20.2.10"), ip("fd20:2::10"), ip("127.0.0.1")] };
         let dst = ip("10.20.2.10");
         let own = Source::Own(dst);
-        assert_eq!(source(&setup, Some(ip("10.20.1.10")), dst), (Source::Client(ip("10.20.1.10")), None));
+        assert_eq!(source(&setup, Ok(ip("10.20.1.10")), dst), (Source::Client(ip("10.20.1.10")), None));
         // A v4-mapped claim is its IPv4 address.
-        assert_eq!(source(&setup, Some(ip("::ffff:10.20.1.10")), dst), (Source::Client(ip("10.20.1.10")), None));
-        assert_eq!(source(&setup, Some(dst), dst), (own, None));
-        assert_eq!(source(&setup, None, dst), (own, Some(Fallback::NotStated)));
-        assert_eq!(source(&setup, Some(ip("fd20:1::10")), dst), (own, Some(Fallback::Family)));
+        assert_eq!(source(&setup, Ok(ip("::ffff:10.20.1.10")), dst), (Source::Client(ip("10.20.1.10")), None));
+        assert_eq!(source(&setup, Ok(dst), dst), (own, None));
+        assert_eq!(source(&setup, Err(Fallback::Unverified), dst), (own, Some(Fallback::Unverified)));
+        assert_eq!(source(&setup, Ok(ip("fd20:1::10")), dst), (own, Some(Fallback::Family)));
         for c in ["127.0.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255"] {
-            assert_eq!(source(&setup, Some(ip(c)), dst), (own, Some(Fallback::Collision)), "{c}");
+            assert_eq!(source(&setup, Ok(ip(c)), dst), (own, Some(Fallback::Collision)), "{c}");
         }
         let v6 = ip("fd20:2::10");
-        assert_eq!(source(&setup, Some(ip("fd20:1::10")), v6), (Source::Client(ip("fd20:1::10")), None));
-        assert_eq!(source(&setup, Some(ip("::1")), v6), (Source::Own(v6), Some(Fallback::Collision)));
+        assert_eq!(source(&setup, Ok(ip("fd20:1::10")), v6), (Source::Client(ip("fd20:1::10")), None));
+        assert_eq!(source(&setup, Ok(ip("::1")), v6), (Source::Own(v6), Some(Fallback::Collision)));
         // Another address the destination netns holds.
         let mut holds = setup.clone();
         holds.local.push(ip("10.20.1.10"));
-        assert_eq!(source(&holds, Some(ip("10.20.1.10")), dst), (own, Some(Fallback::Collision)));
+        assert_eq!(source(&holds, Ok(ip("10.20.1.10")), dst), (own, Some(Fallback::Collision)));
         let no_v4 = Setup { v4: false, ..setup };
-        assert_eq!(source(&no_v4, Some(ip("10.20.1.10")), dst), (own, Some(Fallback::NotSetUp)));
-        assert_eq!(source(&no_v4, Some(ip("fd20:1::10")), v6), (Source::Client(ip("fd20:1::10")), None));
+        assert_eq!(source(&no_v4, Ok(ip("10.20.1.10")), dst), (own, Some(Fallback::NotSetUp)));
+        assert_eq!(source(&no_v4, Ok(ip("fd20:1::10")), v6), (Source::Client(ip("fd20:1::10")), None));
     }
 
     #[test]

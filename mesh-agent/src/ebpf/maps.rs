@@ -102,6 +102,11 @@ impl OrigDstTable {
     /// The original destination of the connection the agent accepted on a workload's outbound
     /// listener (`accepted`: its SO_COOKIE; `key`: listener's netns cookie, client family,
     /// client port). Consumed.
+    /// Whether sock_ops sees this agent's sockets (see [`Lookup`]).
+    pub fn lookup(&self) -> Lookup {
+        self.lookup
+    }
+
     pub fn take(&self, accepted: Option<u64>, key: &PortKey) -> Option<OrigDst> {
         match self.lookup {
             Lookup::ByConnection => {

@@ -100,6 +100,8 @@ pub struct Datapath {
     addrs: aya::maps::Array<MapData, WorkloadAddrs>,
     live: Arc<maps::LiveCounts>,
     inbound: SockHash<MapData, InboundKey>,
+    /// Each local workload address's netns cookie (sock_ops knows the agent's dials by it).
+    netns_of: BpfHashMap<MapData, InboundKey, u64>,
     /// The meshed pods' UIDs the pod cgroup hook refuses (mesh-common's `pods`).
     pod_uids: BpfHashMap<MapData, [u8; mesh_common::pods::UID_LEN], u8>,
     /// The cgroup ids of the directories the kubelet makes pods' cgroups in.
@@ -206,11 +208,23 @@ impl Datapath {
         let addrs = take_map(&mut ebpf, mesh_common::WORKLOAD_ADDRS)?;
         let live = maps::LiveCounts::open(&maps_dir)?;
         let inbound = take_map(&mut ebpf, mesh_common::INBOUND_LISTENERS)?;
+        let netns_of = take_map(&mut ebpf, mesh_common::WORKLOAD_NETNS)?;
         let pod_uids = take_map(&mut ebpf, mesh_common::pods::POD_UIDS)?;
         let pod_parents = take_map(&mut ebpf, mesh_common::pods::POD_PARENTS)?;
         let pod_cgroups = take_map(&mut ebpf, mesh_common::pods::POD_CGROUPS)?;
-        let dp =
-            Datapath { ebpf, maps_dir, links_dir, workloads, addrs, live, inbound, pod_uids, pod_parents, pod_cgroups };
+        let dp = Datapath {
+            ebpf,
+            maps_dir,
+            links_dir,
+            workloads,
+            addrs,
+            live,
+            inbound,
+            netns_of,
+            pod_uids,
+            pod_parents,
+            pod_cgroups,
+        };
         Ok((dp, reports))
     }
 
@@ -305,7 +319,11 @@ impl Datapath {
         self.workloads.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.id)).collect()
     }
 
-    pub fn set_inbound_listener(&mut self, key: InboundKey, sock: &impl AsRawFd) -> Result<(), EbpfError> {
+    /// Local workload address `key`: its inbound socket, and its netns (by cookie).
+    pub fn set_inbound_listener(&mut self, key: InboundKey, sock: &impl AsRawFd, netns: u64) -> Result<(), EbpfError> {
+        self.netns_of
+            .insert(key, netns, 0)
+            .map_err(|source| EbpfError::Map { name: mesh_common::WORKLOAD_NETNS, source })?;
         self.inbound
             .insert(key, sock.as_raw_fd(), 0)
             .map_err(|source| EbpfError::Map { name: mesh_common::INBOUND_LISTENERS, source })
@@ -313,10 +331,16 @@ impl Datapath {
 
     pub fn remove_inbound_listener(&mut self, key: &InboundKey) {
         let _ = self.inbound.remove(key);
+        let _ = self.netns_of.remove(key);
     }
 
+    /// The addresses with an inbound socket or a netns entry.
     pub fn inbound_keys(&self) -> Vec<InboundKey> {
-        self.inbound.keys().filter_map(|k| k.ok()).collect()
+        let mut keys: Vec<InboundKey> = self.inbound.keys().filter_map(|k| k.ok()).collect();
+        keys.extend(self.netns_of.keys().filter_map(|k| k.ok()));
+        keys.sort_by_key(|k| (k.family, k.addr));
+        keys.dedup();
+        keys
     }
 
     /// Attaches sk_lookup to a workload's netns (or takes over the pinned link).
@@ -498,6 +522,7 @@ fn load_object(
         .map_max_entries(mesh_common::WORKLOAD_CONNS, mesh_common::workload_slots(max_workloads))
         .map_max_entries(mesh_common::WORKLOAD_ADDRS, mesh_common::workload_slots(max_workloads))
         .map_max_entries(mesh_common::INBOUND_LISTENERS, mesh_common::inbound_listeners_size(max_workloads))
+        .map_max_entries(mesh_common::WORKLOAD_NETNS, mesh_common::inbound_listeners_size(max_workloads))
         .map_max_entries(p::POD_UIDS, max_workloads)
         .map_max_entries(p::POD_CGROUPS, max_workloads)
         .load(EBPF_OBJECT)?)

@@ -29,6 +29,7 @@ use crate::inputs::ProxyInputs;
 use crate::netns::reset;
 use crate::outcome::{Bytes as Moved, ConnRecord, Direction, HandshakeFailure, Peer, Reason, Security, Target};
 use crate::state::LocalWorkload;
+use crate::transparent::Fallback;
 
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
@@ -259,13 +260,27 @@ async fn stream(
         }
     };
     rec.orig_dst = Target::Addr(dst);
+    // The Service the source says its client connected to: labels only, and only if ours.
+    let claimed = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok());
+    rec.service = claimed.and_then(|key| snap.config.service_of_endpoint(key, dst)).cloned();
+    if snap.config.version == 0 {
+        // No policy known yet: nothing is admitted on a guess.
+        inputs.conns.refused(&rec, Reason::NoConfig, started, &Reason::NoConfig);
+        status(&mut respond, StatusCode::FORBIDDEN);
+        return None;
+    }
     // The client's address the source states: taken only if it is the address of a workload
-    // with the identity the certificate proved (so a peer can speak only for its own
-    // workloads); a claim of any other address is refused before any dial.
+    // with the identity the certificate proved, so a peer speaks only for its own workloads.
+    // An address this agent's records give another identity is refused before any dial; one
+    // they do not have yet (they may lag the source's) is not used, and that is counted.
     let forwarded = req.headers().get_all(super::FORWARDED).iter().map(|v| v.as_bytes());
     let client = parse_forwarded(forwarded).and_then(|claim| match claim {
-        Some(ip) if snap.destination(ip).is_none_or(|w| *w.spiffe_id != *peer_id) => Err(BadRequest::ForgedSource),
-        claim => Ok(claim),
+        None => Ok(Err(Fallback::NotStated)),
+        Some(ip) => match snap.destination(ip) {
+            Some(w) if *w.spiffe_id == *peer_id => Ok(Ok(ip)),
+            Some(_) => Err(BadRequest::ForgedSource),
+            None => Ok(Err(Fallback::Unverified)),
+        },
     });
     let client = match client {
         Ok(c) => c,
@@ -276,15 +291,6 @@ async fn stream(
             return None;
         }
     };
-    // The Service the source says its client connected to: labels only, and only if ours.
-    let claimed = req.headers().get(super::SERVICE_HEADER).and_then(|v| v.to_str().ok());
-    rec.service = claimed.and_then(|key| snap.config.service_of_endpoint(key, dst)).cloned();
-    if snap.config.version == 0 {
-        // No policy known yet: nothing is admitted on a guess.
-        inputs.conns.refused(&rec, Reason::NoConfig, started, &Reason::NoConfig);
-        status(&mut respond, StatusCode::FORBIDDEN);
-        return None;
-    }
     // The handshake checked the peer's mesh; trust withdrawn since is enforced per stream.
     let peer_mesh = snap.config.mesh_of_trust_domain(peer_id.trust_domain(), inputs.state.trust_domain());
     if peer_mesh.is_none_or(|m| !snap.config.accepts(wl.known().mesh(), m)) {

@@ -82,7 +82,7 @@ async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStr
     inputs.metrics.accepted(Direction::Inbound);
     let what = || format!("plaintext connection from {peer} to {dst}");
     // The app sees the client's real address: what it would see without the mesh.
-    let upstream = match Box::pin(inputs.dial_app(&wl, dst, Some(peer.ip()), what)).await {
+    let upstream = match Box::pin(inputs.dial_app(&wl, dst, Ok(peer.ip()), what)).await {
         Ok(s) => s,
         Err(e) => {
             inputs.conns.refused(&rec, Reason::UpstreamUnreachable, started, &e);

@@ -65,7 +65,7 @@ pub async fn open(
     let facts = Facts { principal: Some(&principal), source_ip: source_ip.unwrap_or(dst.ip()), dst_port: dst.port() };
     // The app is dialled from the source's address (lacking one of the destination's family,
     // any of its addresses: a fallback, counted).
-    let client = source_ip.or(src.ips().first().copied());
+    let client = source_ip.or(src.ips().first().copied()).ok_or(crate::transparent::Fallback::Family);
     if let Decision::Deny(d) = snap.authorize(&dst_wl, &facts).decision {
         let reason = Reason::Denied(d);
         return refuse(reason.clone(), &reason, false);

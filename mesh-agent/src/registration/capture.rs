@@ -132,12 +132,19 @@ impl Registry {
                 source: netns::NetnsError::Enter { path: worker.path().into(), source },
             })?;
         let inbound_keys: Vec<InboundKey> = known.workload.ips.iter().map(|ip| listeners::inbound_key(*ip)).collect();
-        let name = key.to_string();
-        let sysctl_net = self.inputs.settings.sysctl_net.clone();
-        let transparent = worker
-            .run(move || crate::transparent::install(&name, &sysctl_net))
-            .await
-            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
+        // Dialling apps from their clients' addresses needs sock_ops to see the agent's
+        // sockets (it records each dial for sk_lookup); an agent outside the programs' cgroup
+        // root dials from the apps' own addresses, counted (`not_set_up`).
+        let transparent = if self.inputs.orig_dst.lookup() == ebpf::maps::Lookup::ByConnection {
+            let name = key.to_string();
+            let sysctl_net = self.inputs.settings.sysctl_net.clone();
+            worker
+                .run(move || crate::transparent::install(&name, &sysctl_net))
+                .await
+                .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
+        } else {
+            crate::transparent::Setup::default()
+        };
         let wl = Arc::new(LocalWorkload {
             key: key.clone(),
             ips: known.workload.ips.clone(),
@@ -156,7 +163,7 @@ impl Registry {
         let attach = (|| -> Result<bool, ebpf::EbpfError> {
             let dp = &mut inner.datapath;
             for k in &wl.inbound_keys {
-                dp.set_inbound_listener(*k, &listeners.inbound)?;
+                dp.set_inbound_listener(*k, &listeners.inbound, wl.netns_cookie)?;
             }
             let adopted = dp.attach_sk_lookup(&wl.pin_name, wl.netns.file())?;
             dp.set_workload_addrs(id, &wl.ips)?;
