@@ -87,7 +87,7 @@ const CORE: &[(&str, &str, &str)] = &[
     (
         "transparent",
         "an_outside_connection_marked_like_the_agents_own_dial_never_reaches_the_app",
-        "the app dialled from its client's address (transparent socket, reply rule and route); a marked SYN from outside dropped at the app's listener",
+        "the app dialled from its plaintext client's address (transparent socket, reply rule and route); a connection from outside carrying the agent's mark steered like any other",
     ),
     (
         "handover",
