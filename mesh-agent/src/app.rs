@@ -218,6 +218,7 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
     let registry = Arc::new(Registry::new(
         &cfg.node,
         cfg.max_connections_per_workload,
+        cfg.sysctl_net.clone(),
         datapath,
         inputs,
         pool.clone(),

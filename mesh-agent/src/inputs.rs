@@ -24,8 +24,6 @@ pub struct ProxySettings {
     pub mesh_cidrs: Vec<mesh_model::Cidr>,
     /// Endpoints of a Service one connection may try.
     pub service_attempts: usize,
-    /// The network sysctls, as seen from a workload's netns thread (`--sysctl-net`).
-    pub sysctl_net: std::path::PathBuf,
 }
 
 impl ProxySettings {
@@ -35,7 +33,6 @@ impl ProxySettings {
             same_node_tls: c.same_node_tls,
             mesh_cidrs: c.mesh_cidrs.clone(),
             service_attempts: c.service_attempts,
-            sysctl_net: c.sysctl_net.clone(),
         }
     }
 

@@ -201,19 +201,28 @@ pub async fn connect(
 pub fn bind(s: &socket2::Socket, ip: IpAddr) -> std::io::Result<()> {
     // Choose the port at connect() by the whole 4-tuple, not at bind() by the address alone:
     // otherwise many connections to one app exhaust the ports (ports held in TIME_WAIT are
-    // never reused by bind).
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
-    unsafe {
+    // never reused by bind). Without it (an old kernel) bind() chooses: still a port.
+    let _ = setsockopt_int(s, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
+    s.bind(&SocketAddr::new(ip, 0).into())
+}
+
+/// Sets an integer socket option.
+pub fn setsockopt_int(s: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: a socket we own, with a pointer to a live c_int of the size given.
+    let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    s.bind(&SocketAddr::new(ip, 0).into())
 }
 
 /// Refuses a client with a TCP reset rather than a clean close, so that it cannot mistake the

@@ -121,44 +121,14 @@ fn is_unicast(ip: IpAddr) -> bool {
 /// Makes `s` (unbound) a socket that binds a foreign address and carries the mark.
 pub fn prepare(s: &socket2::Socket, v6: bool) -> io::Result<()> {
     let (level, opt) = if v6 { (libc::SOL_IPV6, libc::IPV6_TRANSPARENT) } else { (libc::SOL_IP, libc::IP_TRANSPARENT) };
-    setsockopt(s, level, opt, 1)?;
-    setsockopt(s, libc::SOL_SOCKET, libc::SO_MARK, TRANSPARENT_MARK as libc::c_int)
-}
-
-fn setsockopt(s: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
-    // SAFETY: a socket we own, with a pointer to a live c_int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::netns::setsockopt_int(s, level, opt, 1)?;
+    s.set_mark(TRANSPARENT_MARK)
 }
 
 /// Whether an accepted socket is one of the agent's own dials from a client's address (it
 /// carries the mark, taken from the SYN): one that sk_lookup steered back to the agent.
-pub fn is_own_dial(s: &impl AsRawFd) -> bool {
-    let mut mark: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a socket we own, out-pointer sized for a c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mut mark as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && mark as u32 == TRANSPARENT_MARK
+pub fn is_own_dial(s: &tokio::net::TcpStream) -> bool {
+    socket2::SockRef::from(s).mark().is_ok_and(|m| m == TRANSPARENT_MARK)
 }
 
 /// Sets up the calling thread's netns (run it on a workload's netns thread) so that an app's
@@ -166,8 +136,9 @@ pub fn is_own_dial(s: &impl AsRawFd) -> bool {
 /// its own; what fails is logged and left out (its connections fall back, counted). Idempotent.
 /// `sysctl_net` is the network sysctls' directory (`/proc/sys/net`, which shows the netns of the
 /// thread that opens a file in it).
-pub fn install(workload: &str, sysctl_net: &std::path::Path) -> Setup {
-    let mut setup = Setup { local: crate::netns::local_addresses().unwrap_or_default(), ..Setup::default() };
+/// `local` are the netns's addresses.
+pub fn install(workload: &str, sysctl_net: &std::path::Path, local: Vec<IpAddr>) -> Setup {
+    let mut setup = Setup { local, ..Setup::default() };
     // Per netns; it only gives an accepted socket the mark its SYN carried, and only the
     // agent's SYNs carry one (marks do not cross into a netns from outside).
     let path = sysctl_net.join("ipv4/tcp_fwmark_accept");

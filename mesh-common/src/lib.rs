@@ -196,6 +196,17 @@ pub struct DialKey {
 }
 const _: () = assert!(core::mem::size_of::<DialKey>() == 40);
 
+impl DialKey {
+    pub const fn new(family: u16, app: [u32; 4], app_port: u16, client: [u32; 4], client_port: u16) -> DialKey {
+        DialKey { family, app_port, client_port, _pad: 0, app, client }
+    }
+
+    /// The app's end, as [`maps::INBOUND_LISTENERS`] and [`maps::WORKLOAD_NETNS`] key it.
+    pub const fn app_key(&self) -> InboundKey {
+        InboundKey { family: self.family as u32, addr: self.app }
+    }
+}
+
 /// Indices into [`maps::COUNTERS`]: why the kernel programs did what they did.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

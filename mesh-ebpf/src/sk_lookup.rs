@@ -6,7 +6,7 @@
 //! outside: sock_ops records each such SYN in `SM_TP_DIALS`, and it goes to the app.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use mesh_common::{inbound_action, Counter, DialKey, InboundAction, InboundKey, AF_INET};
+use mesh_common::{inbound_action, Counter, DialKey, InboundAction, AF_INET};
 
 use crate::connect::read_words;
 use crate::maps::{count, INBOUND_LISTENERS, TRANSPARENT_DIALS};
@@ -32,29 +32,18 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
     if inbound_action(l.ingress_ifindex, l.local_port as u16, from_self) == InboundAction::Pass {
         return SK_PASS;
     }
-    // The agent's own dial from a client's address (see `TRANSPARENT_DIALS`): for the app.
-    let mut dial = DialKey {
-        family: l.family as u16,
-        app_port: l.local_port as u16,
-        client_port: u16::from_be(l.remote_port),
-        _pad: 0,
-        app: [l.local_ip4, 0, 0, 0],
-        client: [l.remote_ip4, 0, 0, 0],
+    // One 4-byte ctx load per word: the verifier refuses a memcpy from ctx.
+    let (app, client) = if v4 {
+        ([l.local_ip4, 0, 0, 0], [l.remote_ip4, 0, 0, 0])
+    } else {
+        (read_words(&l.local_ip6), read_words(&l.remote_ip6))
     };
-    if !v4 {
-        dial.app = read_words(&l.local_ip6);
-        dial.client = read_words(&l.remote_ip6);
-    }
+    // The agent's own dial from a client's address (see `TRANSPARENT_DIALS`): for the app.
+    let dial = DialKey::new(l.family as u16, app, l.local_port as u16, client, u16::from_be(l.remote_port));
     if unsafe { TRANSPARENT_DIALS.get(&dial) }.is_some() {
         return SK_PASS;
     }
-    let key = if v4 {
-        InboundKey::v4(l.local_ip4)
-    } else {
-        // One 4-byte ctx load per word: the verifier refuses a memcpy from ctx.
-        InboundKey::v6(read_words(&l.local_ip6))
-    };
-    let mut key = key;
+    let mut key = dial.app_key();
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, &mut key, 0) {
         Ok(()) => {
             count(Counter::InboundSteered);

@@ -47,7 +47,7 @@ pub fn sm_skb_ingress(ctx: SkBuffContext) -> i32 {
         count(Counter::ForgedSelfSource);
         return DROP;
     }
-    if to_app_listener(&ctx) {
+    if to_app_listener(&ctx, skb.protocol) {
         count(Counter::OutsideToAppListener);
         return DROP;
     }
@@ -82,7 +82,7 @@ fn workload(ctx: &SkBuffContext) -> Option<WorkloadValue> {
 /// attached), and is dropped. Only the first packets of a connection (SYN, the handshake's
 /// ACK) meet a listener, so an established connection costs nothing more here.
 #[inline(always)]
-fn to_app_listener(ctx: &SkBuffContext) -> bool {
+fn to_app_listener(ctx: &SkBuffContext, protocol: u32) -> bool {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() || unsafe { (*sk).state } != TCP_LISTEN {
         return false;
@@ -99,7 +99,6 @@ fn to_app_listener(ctx: &SkBuffContext) -> bool {
     let Some(own) = WORKLOAD_ADDRS.get(w.id) else {
         return false;
     };
-    let protocol = unsafe { (*ctx.skb.skb).protocol };
     if protocol == IPV6 {
         ctx.load::<[u32; 4]>(24).is_ok_and(|dst| dst == own.v6)
     } else if protocol == IPV4 {

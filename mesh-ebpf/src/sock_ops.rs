@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::{is_loopback6, Counter, DialKey, InboundKey, PortKey, AF_INET, OUTBOUND_PORT, TRANSPARENT_MARK};
+use mesh_common::{is_loopback6, Counter, DialKey, PortKey, AF_INET, OUTBOUND_PORT, TRANSPARENT_MARK};
 
 use crate::connect::read_words;
 use crate::maps::{
@@ -36,9 +36,8 @@ use crate::maps::{
 pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if is_transparent_dial(&ctx) {
-                dial_started(&ctx)
-            } else {
+            // A pod's redirected socket that carries the mark itself is still re-keyed.
+            if !(is_marked(&ctx) && dial_started(&ctx)) {
                 rekey(&ctx)
             }
         }
@@ -49,51 +48,44 @@ pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The agent's socket dialling an app from a client's address: it carries the mark, and it is
-/// in the netns of the workload address it dials (a process elsewhere may set the mark on its
-/// own socket; see `SM_WL_NETNS`).
+/// The socket carries the mark of the agent's dials from a client's address.
 #[inline(always)]
-fn is_transparent_dial(ctx: &SockOpsContext) -> bool {
+fn is_marked(ctx: &SockOpsContext) -> bool {
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() || unsafe { (*sk).mark } != TRANSPARENT_MARK {
-        return false;
-    }
-    let app = if ctx.family() == AF_INET as u32 {
-        InboundKey::v4(ctx.remote_ip4())
-    } else {
-        InboundKey::v6(read_words(unsafe { &(*ctx.ops).remote_ip6 }))
-    };
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    unsafe { WORKLOAD_NETNS.get(&app) }.is_some_and(|n| *n == netns)
+    !sk.is_null() && unsafe { (*sk).mark } == TRANSPARENT_MARK
 }
 
 /// The dial as sk_lookup will see its SYN arrive: the socket's remote end is the app.
 #[inline(always)]
 fn dial_key(ctx: &SockOpsContext) -> DialKey {
-    let mut k = DialKey {
-        family: ctx.family() as u16,
-        app_port: u32::from_be(ctx.remote_port()) as u16,
-        client_port: ctx.local_port() as u16,
-        _pad: 0,
-        app: [ctx.remote_ip4(), 0, 0, 0],
-        client: [ctx.local_ip4(), 0, 0, 0],
+    // One 4-byte ctx load per word: the verifier refuses wider or moved accesses.
+    let (app, client) = if ctx.family() == AF_INET as u32 {
+        ([ctx.remote_ip4(), 0, 0, 0], [ctx.local_ip4(), 0, 0, 0])
+    } else {
+        (read_words(unsafe { &(*ctx.ops).remote_ip6 }), read_words(unsafe { &(*ctx.ops).local_ip6 }))
     };
-    if ctx.family() != AF_INET as u32 {
-        k.app = read_words(unsafe { &(*ctx.ops).remote_ip6 });
-        k.client = read_words(unsafe { &(*ctx.ops).local_ip6 });
-    }
-    k
+    // remote_port holds the port in network order in its upper half.
+    let app_port = u32::from_be(ctx.remote_port()) as u16;
+    DialKey::new(ctx.family() as u16, app, app_port, client, ctx.local_port() as u16)
 }
 
+/// A marked socket's SYN: the agent's dial when the socket is in the netns of the workload
+/// address it dials, as the agent's dials to apps are (a process elsewhere may set the mark on
+/// its own socket; see `SM_WL_NETNS`), and then recorded. False for any other socket.
 #[inline(always)]
-fn dial_started(ctx: &SockOpsContext) {
-    if TRANSPARENT_DIALS.insert(&dial_key(ctx), &1, 0).is_err() {
-        count(Counter::TransparentDialsFull);
-        return;
+fn dial_started(ctx: &SockOpsContext) -> bool {
+    let key = dial_key(ctx);
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !unsafe { WORKLOAD_NETNS.get(&key.app_key()) }.is_some_and(|n| *n == netns) {
+        return false;
     }
-    ask_state_callbacks(ctx);
+    if TRANSPARENT_DIALS.insert(&key, &1, 0).is_err() {
+        count(Counter::TransparentDialsFull);
+    } else {
+        ask_state_callbacks(ctx);
+    }
+    true
 }
-
 
 #[inline(always)]
 fn port_key(ctx: &SockOpsContext, port: u16) -> PortKey {
@@ -176,9 +168,13 @@ fn answer_probe(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) {
-    // The agent's dial from a client's address, however it ended (its mark is not read again:
-    // whatever the socket's mark became, its record goes).
-    let _ = TRANSPARENT_DIALS.remove(&dial_key(ctx));
+    // The agent's dial from a client's address, however it ended. Only marked sockets can have
+    // a record (the other sockets followed here, pods' connections, are spared a map delete);
+    // a record whose socket has since dropped the mark would stay, which only a process in
+    // the app's own netns holding CAP_NET_ADMIN could do.
+    if is_marked(ctx) {
+        let _ = TRANSPARENT_DIALS.remove(&dial_key(ctx));
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // The agent's side of a connection it never accepted.
     let _ = ORIG_DST_BY_CONN.remove(&cookie);

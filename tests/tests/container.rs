@@ -390,8 +390,7 @@ fn the_agent_runs_as_the_daemonset_runs_it_and_its_preflight_names_wrong_mounts(
     };
     assert!(
         ip(&["rule", "show"]).contains("fwmark 0x3aa0 lookup 15008"),
-        "{}
-{}",
+        "{}\n{}",
         ip(&["rule", "show"]),
         agent.log_text()
     );

@@ -250,12 +250,15 @@ async fn stream(
         orig_dst: Target::Requested(req.uri().to_string()),
         service: None,
     };
+    // A refusal before any dial: logged and counted, and answered with `code`.
+    let refuse = |rec: &ConnRecord, respond: &mut SendResponse<Bytes>, reason: Reason, code: StatusCode| {
+        inputs.conns.refused(rec, reason.clone(), started, &reason);
+        status(respond, code);
+    };
     let dst = match parse_connect(req.method(), req.uri(), wl.ips()) {
         Ok(d) => d,
         Err(bad) => {
-            let reason = Reason::BadRequest(bad);
-            inputs.conns.refused(&rec, reason.clone(), started, &reason);
-            status(&mut respond, StatusCode::BAD_REQUEST);
+            refuse(&rec, &mut respond, Reason::BadRequest(bad), StatusCode::BAD_REQUEST);
             return None;
         }
     };
@@ -265,8 +268,7 @@ async fn stream(
     rec.service = claimed.and_then(|key| snap.config.service_of_endpoint(key, dst)).cloned();
     if snap.config.version == 0 {
         // No policy known yet: nothing is admitted on a guess.
-        inputs.conns.refused(&rec, Reason::NoConfig, started, &Reason::NoConfig);
-        status(&mut respond, StatusCode::FORBIDDEN);
+        refuse(&rec, &mut respond, Reason::NoConfig, StatusCode::FORBIDDEN);
         return None;
     }
     // The client's address the source states: taken only if it is the address of a workload
@@ -285,9 +287,7 @@ async fn stream(
     let client = match client {
         Ok(c) => c,
         Err(bad) => {
-            let reason = Reason::BadRequest(bad);
-            inputs.conns.refused(&rec, reason.clone(), started, &reason);
-            status(&mut respond, StatusCode::BAD_REQUEST);
+            refuse(&rec, &mut respond, Reason::BadRequest(bad), StatusCode::BAD_REQUEST);
             return None;
         }
     };
@@ -296,17 +296,14 @@ async fn stream(
     if peer_mesh.is_none_or(|m| !snap.config.accepts(wl.known().mesh(), m)) {
         let h = HandshakeFailure::Verify(VerifyError::OtherMesh { got: peer_id.trust_domain().to_owned() });
         let reason = Reason::Tunnel(crate::outcome::TunnelFailure::Handshake(h));
-        inputs.conns.refused(&rec, reason.clone(), started, &reason);
-        status(&mut respond, StatusCode::UNAUTHORIZED);
+        refuse(&rec, &mut respond, reason, StatusCode::UNAUTHORIZED);
         return None;
     }
     let principal = peer_id.to_string();
     let facts = mesh_model::authz::Facts { principal: Some(&principal), source_ip: peer.ip(), dst_port: dst.port() };
     if let mesh_model::authz::Decision::Deny(d) = snap.authorize(&wl, &facts).decision {
         // Refused before any dial: the app never sees it; the source agent resets its client.
-        let reason = Reason::Denied(d);
-        inputs.conns.refused(&rec, reason.clone(), started, &reason);
-        status(&mut respond, StatusCode::UNAUTHORIZED);
+        refuse(&rec, &mut respond, Reason::Denied(d), StatusCode::UNAUTHORIZED);
         return None;
     }
     drop(snap);

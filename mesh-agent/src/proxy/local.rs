@@ -32,7 +32,7 @@ pub async fn open(
     let started = Instant::now();
     out.security = Security::NodeLocal;
     out.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl.known()) };
-    let source_ip = src.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
+    let source_ip = src.ip_for(dst.ip());
     let inbound = ConnRecord {
         direction: Direction::Inbound,
         security: Security::NodeLocal,

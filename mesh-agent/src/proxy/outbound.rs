@@ -213,13 +213,12 @@ pub async fn open(
     rec.dst = Peer { addr: Some(dst), ..Peer::workload(&dst_wl) };
     let hbone = SocketAddr::new(dst.ip(), mesh_common::HBONE_PORT);
     let service = rec.service.as_ref().map(|s| s.key.clone());
-    let client_ip = wl.ips().iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).copied();
     let to = Destination {
         id: &dst_wl.spiffe_id,
         hbone_addr: hbone,
         target: dst,
         service: service.as_deref(),
-        client: client_ip,
+        client: wl.ip_for(dst.ip()),
     };
     // The source identity is the certificate's: the tunnel is what that certificate proves,
     // whatever the workload's identity has become meanwhile (the pool then closes it).

@@ -73,20 +73,21 @@ impl Registry {
             .await
             .map_err(|e| RegisterError::Netns { key: key.clone(), source: netns::NetnsError::Thread(e.to_string()) })?
             .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
-        // A pod's netns, found from a process, must hold one of its addresses: a process that
-        // put itself in a pod's cgroup from another netns does not get that pod's traffic.
+        // The netns's addresses. A pod's netns, found from a process, must hold one of its
+        // addresses: a process that put itself in a pod's cgroup from another netns does not
+        // get that pod's traffic. They are also what its apps' clients may not claim to be.
+        let local = worker
+            .run(netns::local_addresses)
+            .await
+            .map_err(|source| RegisterError::Netns { key: key.clone(), source })?;
         if let Some(uid) = &w_uid {
-            let has = worker
-                .run(netns::local_addresses)
-                .await
-                .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
-                .map_err(|e| RegisterError::Pod {
-                    key: key.clone(),
-                    source: Box::new(PodError::Read {
-                        path: netns_path.clone(),
-                        reason: format!("listing its addresses: {e}"),
-                    }),
-                })?;
+            let has = local.as_ref().map_err(|e| RegisterError::Pod {
+                key: key.clone(),
+                source: Box::new(PodError::Read {
+                    path: netns_path.clone(),
+                    reason: format!("listing its addresses: {e}"),
+                }),
+            })?;
             if !known.workload.ips.iter().any(|ip| has.contains(ip)) {
                 let source = PodError::NetnsWithoutAddress {
                     uid: uid.clone(),
@@ -137,9 +138,10 @@ impl Registry {
         // root dials from the apps' own addresses, counted (`not_set_up`).
         let transparent = if self.inputs.orig_dst.lookup() == ebpf::maps::Lookup::ByConnection {
             let name = key.to_string();
-            let sysctl_net = self.inputs.settings.sysctl_net.clone();
+            let sysctl_net = self.sysctl_net.clone();
+            let local = local.unwrap_or_default();
             worker
-                .run(move || crate::transparent::install(&name, &sysctl_net))
+                .run(move || crate::transparent::install(&name, &sysctl_net, local))
                 .await
                 .map_err(|source| RegisterError::Netns { key: key.clone(), source })?
         } else {

@@ -159,6 +159,8 @@ pub struct Registry {
     kubelet: Option<crate::pods::Kubelet>,
     /// Each workload's quota of live intercepted connections.
     max_conns: u32,
+    /// The network sysctls, as a workload's netns thread sees them (`--sysctl-net`).
+    sysctl_net: std::path::PathBuf,
     state: Arc<StateStore>,
     identities: Arc<Identities>,
     metrics: Arc<Metrics>,
@@ -219,9 +221,11 @@ fn let_go(inner: &mut Inner, cg: u64, holder: &WorkloadKey, id: u32) {
 }
 
 impl Registry {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: &str,
         max_conns: u32,
+        sysctl_net: std::path::PathBuf,
         datapath: Datapath,
         inputs: Arc<ProxyInputs>,
         pool: Arc<Pool>,
@@ -232,6 +236,7 @@ impl Registry {
             node: node.to_owned(),
             kubelet,
             max_conns,
+            sysctl_net,
             state: inputs.state.clone(),
             identities: inputs.identities.clone(),
             metrics: inputs.metrics.clone(),

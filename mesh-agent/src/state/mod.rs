@@ -81,6 +81,11 @@ impl LocalWorkload {
     pub fn ips(&self) -> &[IpAddr] {
         &self.ips
     }
+    /// Its (first) address of the family of `other`: what it is seen from when it connects
+    /// there.
+    pub fn ip_for(&self, other: IpAddr) -> Option<IpAddr> {
+        self.ips.iter().find(|ip| ip.is_ipv4() == other.is_ipv4()).copied()
+    }
     /// Wakes when its identity changes: its tunnels, made with the old one, are closed.
     pub fn identity_changes(&self) -> tokio::sync::watch::Receiver<Arc<KnownWorkload>> {
         self.known.subscribe()

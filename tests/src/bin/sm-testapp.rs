@@ -22,8 +22,8 @@ fn main() {
             // Half the bytes, then a wait until this file exists, then the rest: a transfer
             // that provably spans an event the test brings about.
             HALFWAY_FILE.with(|f| *f.borrow_mut() = get("--halfway-until-file").map(std::path::PathBuf::from));
-            // A socket mark (SO_MARK) on the connecting socket, as a process holding
-            // CAP_NET_ADMIN in its netns may set.
+            // A socket mark (SO_MARK) on the connecting socket, as any process holding
+            // CAP_NET_RAW may set.
             MARK.with(|m| m.set(get("--mark").map(|v| v.parse().expect("--mark"))));
             let r = echo(to(), num("--bytes", 1 << 20), num("--seed", 1), get("--marker"), (timeout, mptcp), pace);
             let ok = r["ok"] == true;
