@@ -77,3 +77,63 @@ pub fn workload_entries(bpffs: &Path) -> Result<std::collections::BTreeMap<u64, 
     }
     Ok(m)
 }
+
+/// A map a node's agent pinned under its bpffs dir, opened by the test to change what the
+/// kernel programs see (to fill a bounded map, say). Raw `bpf(2)`: the tests do not link aya.
+pub struct PinnedMap(std::os::fd::OwnedFd);
+
+const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
+const BPF_OBJ_GET: libc::c_int = 7;
+/// Adds only a key the map does not hold.
+const BPF_NOEXIST: u64 = 1;
+
+impl PinnedMap {
+    pub fn open(path: &Path) -> Result<PinnedMap> {
+        use std::os::fd::FromRawFd;
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+        // union bpf_attr, BPF_OBJ_GET: the path's address first, the rest zero.
+        let mut attr = [0u64; 16];
+        attr[0] = c.as_ptr() as u64;
+        let fd = bpf(BPF_OBJ_GET, &mut attr)
+            .map_err(|e| anyhow::anyhow!("cannot open the pinned map {}: {e}", path.display()))?;
+        // SAFETY: a descriptor the kernel just gave us, owned by nothing else.
+        Ok(PinnedMap(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds `key` with `value` unless the map holds it; false when the map is full.
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        match self.elem(BPF_MAP_UPDATE_ELEM, key, Some(value), BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => Ok(false),
+            Err(e) => Err(anyhow::anyhow!("map update: {e}")),
+        }
+    }
+
+    pub fn remove(&self, key: &[u8]) -> Result<()> {
+        self.elem(BPF_MAP_DELETE_ELEM, key, None, 0).map_err(|e| anyhow::anyhow!("map delete: {e}"))
+    }
+
+    /// `key` and `value` must be the map's sizes (the kernel reads that many bytes).
+    fn elem(&self, cmd: libc::c_int, key: &[u8], value: Option<&[u8]>, flags: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // union bpf_attr, the element commands: map_fd (u32, then padding), key, value, flags.
+        let mut attr = [0u64; 16];
+        attr[0] = self.0.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.map_or(0, |v| v.as_ptr() as u64);
+        attr[3] = flags;
+        bpf(cmd, &mut attr).map(|_| ())
+    }
+}
+
+fn bpf(cmd: libc::c_int, attr: &mut [u64; 16]) -> std::io::Result<i32> {
+    // SAFETY: attr is a zero-padded bpf_attr of the size given; the pointers in it are live
+    // for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc as i32)
+    }
+}

@@ -39,7 +39,9 @@ pub const CGROUP_PROGRAMS: [&str; 9] = [
 
 pub use capture::Capture;
 pub use http::http_get;
-pub use kernel::{cgroup2_mount, cgroup_programs, is_bpffs, listening_ports, pinned_link_ids, workload_entries};
+pub use kernel::{
+    cgroup2_mount, cgroup_programs, is_bpffs, listening_ports, pinned_link_ids, workload_entries, PinnedMap,
+};
 pub use metrics::{metric, scrape};
 pub use process::{
     bin, command_in, run, time_until, wait_for, Agent, BackgroundApp, Controller, Server, CONTROLLER_IP,

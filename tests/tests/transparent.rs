@@ -227,3 +227,63 @@ fn with_the_agent_stopped_an_app_listening_on_the_hbone_port_gets_nothing_from_o
     let dropped = agent.stats().unwrap().kernel.get("inbound_dropped_outside_to_app_listener").copied().unwrap_or(0);
     assert!(dropped >= 1, "{:?}", agent.stats().unwrap().kernel);
 }
+
+/// A key of `SM_TP_DIALS` (mesh_common::DialKey, 40 bytes) that no real dial has: IPv4, from
+/// 198.51.100.x to 192.0.2.1, numbered by `i`.
+fn filler_dial(i: u32) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    k[2..4].copy_from_slice(&1u16.to_ne_bytes());
+    k[4..6].copy_from_slice(&(i as u16).to_ne_bytes());
+    k[8..12].copy_from_slice(&[192, 0, 2, 1]);
+    k[24..28].copy_from_slice(&[198, 51, 100, (i >> 16) as u8]);
+    k
+}
+
+/// The kernel's record of the agent's dials from clients' addresses (`SM_TP_DIALS`) is bounded
+/// and node-wide. When it is full, a dial it cannot record looks to sk_lookup like any SYN from
+/// outside and is steered back to the agent. The agent refuses its own dial there (counted),
+/// so the connection fails closed: it does not loop, and nothing reaches the app unrecorded.
+/// With room again, connections go through from the client's address.
+#[test]
+fn with_the_kernels_record_of_dials_full_a_connection_fails_closed_counted_and_then_recovers() {
+    let (mut t, n2, b, u, _ctl) = with_outsider("srcfull");
+    let server = t.start_server(b, APP_PORT).unwrap();
+    let agent = t.start_agent(n2, &[]).unwrap();
+    t.wait_ready(n2).unwrap();
+    let to = t.addr(b, APP_PORT);
+    let client = t.pod(u).ip.to_string();
+    echo_ok(&t, u, &to, 10_000);
+    assert_eq!(seen(&server), std::slice::from_ref(&client));
+
+    let map = PinnedMap::open(&t.node(n2).bpffs.join("maps/SM_TP_DIALS")).unwrap();
+    let mut fillers = Vec::new();
+    for i in 0..1 << 20 {
+        let k = filler_dial(i);
+        if !map.insert(&k, &[1]).unwrap() {
+            break;
+        }
+        fillers.push(k);
+    }
+    assert!(!fillers.is_empty() && fillers.len() < 1 << 20, "{} entries taken", fillers.len());
+
+    let r = t.pod_app(u, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "5000"]).unwrap();
+    assert_eq!(r["ok"], false, "a connection went through with the record full: {r}");
+    assert_eq!(seen(&server), std::slice::from_ref(&client), "a dial the kernel did not record reached the app");
+    let full = agent.stats().unwrap().kernel.get("transparent_dial_map_full").copied().unwrap_or(0);
+    assert_eq!(full, 1, "{:?}", agent.stats().unwrap().kernel);
+    let refused = |t: &Topology| {
+        metric(&scrape(t, n2), "sockmesh_connections_refused_total", &[("reason", "own_dial_steered_back")])
+            .unwrap_or(0.0)
+    };
+    wait_for(Duration::from_secs(10), || Ok(refused(&t) >= 1.0)).unwrap();
+    // One connection, one dial, one refusal: the agent did not dial again into itself.
+    assert_eq!(refused(&t), 1.0);
+
+    for k in &fillers {
+        map.remove(k).unwrap();
+    }
+    echo_ok(&t, u, &to, 10_000);
+    assert_eq!(seen(&server), [client.clone(), client]);
+    assert_eq!(agent.stats().unwrap().kernel.get("transparent_dial_map_full").copied().unwrap_or(0), 1);
+}
