@@ -90,6 +90,15 @@ pub enum Via {
     Service,
 }
 
+/// Whether the agents' metrics were scraped while a measurement ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scraping {
+    Off,
+    /// Both agents' `/metrics`, every 100 ms.
+    Every100Ms,
+}
+
 /// A node of the benchmark's topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +140,11 @@ pub enum Key {
     UpgradeFailed { path: Path },
     /// The longest of those probes (µs), from connect() to the echoed answer.
     UpgradeMaxConnect { path: Path },
+    /// A new meshed connection's set-up (µs, connect() to its 1 KiB answer; one at a time),
+    /// with many idle connections held, with and without metrics scrapes.
+    ConnSetup { scraping: Scraping, q: Quantile },
+    /// How many idle connections were held while [`Key::ConnSetup`] was measured.
+    ScrapeHeldConns,
 }
 
 impl fmt::Display for Key {
@@ -155,6 +169,8 @@ impl fmt::Display for Key {
             Key::ViaEchoP50 { via } => write!(f, "via_echo_p50.{}", n(via)),
             Key::UpgradeFailed { path } => write!(f, "upgrade_failed.{}", n(path)),
             Key::UpgradeMaxConnect { path } => write!(f, "upgrade_max_connect.{}", n(path)),
+            Key::ConnSetup { scraping, q } => write!(f, "conn_setup.{}.{}", n(scraping), q.as_str()),
+            Key::ScrapeHeldConns => f.write_str("scrape_held_conns"),
         }
     }
 }

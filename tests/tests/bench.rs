@@ -3,7 +3,7 @@
 //! consistent with each other), not placeholders. No timing is asserted: the machines are noisy.
 #![cfg(feature = "privileged")]
 
-use tests::bench::{ConnRate, Key, Latency, Node, Path, Quantile, ResultsFile, Rss, Throughput, Via};
+use tests::bench::{ConnRate, Key, Latency, Node, Path, Quantile, ResultsFile, Rss, Scraping, Throughput, Via};
 use tests::*;
 
 #[test]
@@ -39,6 +39,8 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
         Key::ViaConns { via: Via::PodAddress },
         Key::ViaConns { via: Via::Service },
         Key::ViaEchoP50 { via: Via::Service },
+        Key::ConnSetup { scraping: Scraping::Off, q: Quantile::P99 },
+        Key::ConnSetup { scraping: Scraping::Every100Ms, q: Quantile::P99 },
     ] {
         assert!(median(k) > 0.0, "{k} = {}", median(k));
     }
@@ -56,6 +58,9 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
     assert!((500.0..=1100.0).contains(&rps), "fixed-rate run at {rps}/s, asked for 1000/s");
     // Every held connection was opened through the mesh.
     assert_eq!(median(Key::IdleConns), 1000.0);
+    assert_eq!(median(Key::ScrapeHeldConns), 1000.0);
+    let scraped = file.notes.iter().find(|n| n.contains("scrapes of the agents' /metrics")).expect("a scrape note");
+    assert!(!scraped.starts_with("connection set-up with scraping: 0 "), "{scraped}");
     // With pooling off each connection made its own mutual-TLS session; pooled, almost none did.
     let fresh = median(Key::HandshakesPerConn { case: ConnRate::MeshFreshMtls });
     assert!((0.95..=1.05).contains(&fresh), "{fresh} handshakes per connection with --hbone-pooling false");
@@ -65,6 +70,7 @@ fn the_benchmark_measures_mesh_and_direct_and_writes_its_report() {
     assert!(md.contains("kernel: ") && md.contains("commit: "), "{md}");
     assert!(md.contains("throughput, cross-node, 1 connection"), "{md}");
     assert!(md.contains("through a Service address"), "{md}");
+    assert!(md.contains("with /metrics scraped every 100 ms"), "{md}");
     let png = std::fs::read(out.join("chart.png")).unwrap();
     assert!(png.len() > 10_000 && png.starts_with(b"\x89PNG\r\n\x1a\n"), "chart.png is not a PNG");
     let _ = std::fs::remove_dir_all(&out);

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use tests::bench::{
-    ConnRate, Key, Latency, Node, Path as P, Quantile, Results, ResultsFile, Rss, Stat, Throughput, Via,
+    ConnRate, Key, Latency, Node, Path as P, Quantile, Results, ResultsFile, Rss, Scraping, Stat, Throughput, Via,
 };
 use tests::*;
 
@@ -55,6 +55,8 @@ enum Section {
     Svc,
     /// Connections refused, and the longest connect, while the agents are upgraded.
     Upgrade,
+    /// A new connection's set-up with and without metrics scrapes, many connections held.
+    Scrape,
 }
 
 struct Opts {
@@ -457,12 +459,11 @@ impl Bench {
         r
     }
 
-    fn memory(&mut self) -> Result<()> {
-        let pids = self.agent_pids();
-        let idle: Vec<f64> = pids.iter().map(|p| rss_bytes(*p)).collect::<Result<_>>()?;
-        let count = self.opts.idle_conns;
-        progress(&format!("opening {count} idle connections a -> b through the mesh"));
-        let to = format!("{}:7000", self.ip("b"));
+    /// Opens `count` connections from a to `server` through the mesh and holds them until the
+    /// returned child's stdin closes; how many opened.
+    fn hold_idle(&mut self, server: &str, count: u64) -> Result<(Child, f64)> {
+        progress(&format!("opening {count} idle connections a -> {server} through the mesh"));
+        let to = format!("{}:7000", self.ip(server));
         let mut child = self
             .t
             .pod_command(self.pod("a"), bin("sm-load"))?
@@ -475,14 +476,81 @@ impl Bench {
         BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
         let v: Value = serde_json::from_str(&line).with_context(|| format!("sm-load hold said {line:?}"))?;
         let open = v["open"].as_f64().unwrap_or(0.0);
+        if open < count as f64 {
+            self.notes.push(format!("only {open} of {count} idle connections opened: {}", v["error"]));
+        }
+        Ok((child, open))
+    }
+
+    /// A new connection's set-up (connect() to its 1 KiB answer, one at a time, a -> b) with
+    /// the idle connections held, alternately without and with both agents' `/metrics` scraped
+    /// every 100 ms: whether a scrape (which reads the kernel maps' counts) delays connections.
+    /// The idle connections go to a2, on a's node, where they fill the maps as much and leave
+    /// b's agent's streams-per-peer allowance (1,024 by default) to the measured connections;
+    /// 4,000 of them (8,000 of n1's agent's descriptors; the quick run holds fewer).
+    fn scrape_cost(&mut self) -> Result<()> {
+        let count = self.opts.idle_conns.min(4000);
+        let (mut held, open) = self.hold_idle("a2", count)?;
+        let secs = self.opts.rr_secs.to_string();
+        let to = format!("{}:7000", self.ip("b"));
+        let netns: Vec<String> = [self.n1, self.n2].iter().map(|n| self.t.node(*n).netns.clone()).collect();
+        let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+        let mut scrapes = 0u64;
+        for rep in 0..self.opts.reps * 2 {
+            let mut order = [Scraping::Off, Scraping::Every100Ms];
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for scraping in order {
+                progress(&format!("connection set-up, scraping {scraping:?} ({secs}s) run {}", rep + 1));
+                let stop = std::sync::atomic::AtomicBool::new(false);
+                let v = std::thread::scope(|s| {
+                    let scraper = (scraping == Scraping::Every100Ms).then(|| {
+                        s.spawn(|| -> Result<u64> {
+                            let mut n = 0;
+                            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                for ns in &netns {
+                                    let (status, body) = http_get(ns, "127.0.0.1:15020", "/metrics")?;
+                                    anyhow::ensure!(status == 200, "metrics: {status} {body}");
+                                    n += 1;
+                                }
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            Ok(n)
+                        })
+                    });
+                    let v = self.load("a", &["conns", "--to", &to, "--seconds", &secs, "--parallel", "1"]);
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(h) = scraper {
+                        scrapes += h.join().map_err(|_| anyhow!("the scraper panicked"))??;
+                    }
+                    v
+                })?;
+                for q in [Quantile::P50, Quantile::P99] {
+                    let us = v["setup_us"][q.as_str()].as_f64().ok_or_else(|| anyhow!("no setup_us in {v}"))?;
+                    samples.entry(Key::ConnSetup { scraping, q }).or_default().push(us);
+                }
+            }
+        }
+        drop(held.stdin.take());
+        let _ = held.wait();
+        self.notes.push(format!(
+            "connection set-up with scraping: {scrapes} scrapes of the agents' /metrics, {open} connections held"
+        ));
+        self.record(Key::ScrapeHeldConns, vec![open]);
+        self.record_all(samples);
+        Ok(())
+    }
+
+    fn memory(&mut self) -> Result<()> {
+        let pids = self.agent_pids();
+        let idle: Vec<f64> = pids.iter().map(|p| rss_bytes(*p)).collect::<Result<_>>()?;
+        let (mut child, open) = self.hold_idle("b", self.opts.idle_conns)?;
         // Let allocators settle, then read.
         std::thread::sleep(Duration::from_secs(2));
         let held: Vec<f64> = pids.iter().map(|p| rss_bytes(*p)).collect::<Result<_>>()?;
         drop(child.stdin.take());
         let _ = child.wait();
-        if open < count as f64 {
-            self.notes.push(format!("only {open} of {count} idle connections opened: {}", v["error"]));
-        }
         for (i, node) in [Node::N1, Node::N2].into_iter().enumerate() {
             self.record(Key::Rss { when: Rss::Idle, node }, vec![idle[i]]);
             self.record(Key::Rss { when: Rss::Held, node }, vec![held[i]]);
@@ -587,6 +655,10 @@ fn main() -> Result<()> {
     if want(Section::Mem) {
         eprintln!("agent memory");
         b.memory()?;
+    }
+    if want(Section::Scrape) {
+        eprintln!("a new connection's set-up with and without metrics scrapes every 100 ms");
+        b.scrape_cost()?;
     }
     if want(Section::Upgrade) {
         eprintln!("agent upgrades (the hand-over) under probes every 2 ms, {} runs", b.opts.reps);
@@ -762,6 +834,32 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
             ratio: format!("{ratio:.2}× (median of paired runs)"),
             target: if higher_better { "≥ 0.95×" } else { "≤ 1.05×" }.into(),
             met: (!ratio.is_nan()).then_some(met),
+        });
+    }
+    // The "direct" column is the same meshed path without scraping.
+    for q in [Quantile::P50, Quantile::P99] {
+        let key = |scraping| Key::ConnSetup { scraping, q };
+        let pairs: Vec<f64> = match (r(key(Scraping::Off)), r(key(Scraping::Every100Ms))) {
+            (Some(off), Some(on)) => off.samples.iter().zip(&on.samples).map(|(off, on)| on / off).collect(),
+            _ => Vec::new(),
+        };
+        let st = Stat::of(pairs);
+        let ratio = st.median;
+        // Only p99 is held to a target: what a scrape could add is a stall, which p50 hides.
+        // "Within noise" on these machines, whose runs of one thing differ by 15%: the paired
+        // runs go both ways (a real cost would make every scraped run slower).
+        let target = q == Quantile::P99;
+        rows.push(Row {
+            what: format!(
+                "new connection set-up {} with /metrics scraped every 100 ms, {} connections held (direct column: not scraped, also meshed)",
+                q.as_str(),
+                g(Key::ScrapeHeldConns)
+            ),
+            direct: fmt_stat(r(key(Scraping::Off)), "µs", 1.0, 0),
+            mesh: fmt_stat(r(key(Scraping::Every100Ms)), "µs", 1.0, 0),
+            ratio: format!("{ratio:.2}× [{:.2}–{:.2}] (paired runs)", st.min, st.max),
+            target: if target { "pairs both ways".into() } else { "-".into() },
+            met: (target && !ratio.is_nan()).then_some(st.min <= 1.0 && st.max >= 1.0),
         });
     }
     rows.push(Row {

@@ -160,11 +160,15 @@ async fn conns(to: SocketAddr, seconds: u64, parallel: u64, size: usize) -> serd
         tasks.push(tokio::spawn(async move {
             let req = vec![0x5au8; size];
             let mut buf = vec![0u8; size];
+            // Each completed connection's set-up: from connect() to its answer's last byte.
+            let mut setup_us = Vec::new();
             while Instant::now() < end {
+                let began = Instant::now();
                 let r = async {
                     let mut s = TcpStream::connect(to).await?;
                     let _ = s.set_nodelay(true);
                     exchange(&mut s, &req, &mut buf).await?;
+                    setup_us.push(began.elapsed().as_secs_f64() * 1e6);
                     // Close from the client side first, so TIME_WAIT stays here.
                     s.shutdown().await
                 };
@@ -182,15 +186,17 @@ async fn conns(to: SocketAddr, seconds: u64, parallel: u64, size: usize) -> serd
                     }
                 }
             }
+            setup_us
         }));
     }
+    let mut setup_us = Vec::new();
     for t in tasks {
-        let _ = t.await;
+        setup_us.extend(t.await.unwrap_or_default());
     }
     let secs = start.elapsed().as_secs_f64();
     let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let first_error = first_error.lock().unwrap().clone();
-    json!({"ok": f == 0, "completed": d, "failed": f, "per_second": d as f64 / secs, "error": first_error})
+    json!({"ok": f == 0, "completed": d, "failed": f, "per_second": d as f64 / secs, "error": first_error, "setup_us": percentiles(setup_us)})
 }
 
 /// Opens `count` connections, exchanges one byte on each (so every one is proxied end to end),
