@@ -22,6 +22,8 @@ pub enum Throughput {
     Cross1,
     /// Across nodes, two connections at once.
     Cross2,
+    /// Across nodes, eight connections at once.
+    Cross8,
     /// Two pods of one node.
     Same,
 }
@@ -35,6 +37,10 @@ pub enum Latency {
     CrossRate1000,
     /// One node, closed loop.
     SameClosed,
+    /// Across nodes, closed loop on each of 4 connections at once.
+    CrossClosed4,
+    /// Across nodes, closed loop on each of 16 connections at once.
+    CrossClosed16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -117,6 +123,9 @@ pub enum Key {
     MachineCpuPerGb { path: Path },
     /// Both agents' CPU seconds per GB moved across nodes.
     AgentCpuPerGb,
+    /// Both agents' CPU (vCPU: CPU seconds per second) per 1,000 requests a second, 1 KiB
+    /// request/response across nodes at 1,000 a second.
+    AgentCpuPer1kRps,
     /// Microseconds.
     Latency { case: Latency, path: Path, q: Quantile },
     /// Requests per second the latency run achieved.
@@ -158,6 +167,7 @@ impl fmt::Display for Key {
             Key::Throughput { case, path } => write!(f, "throughput.{}.{}", n(case), n(path)),
             Key::MachineCpuPerGb { path } => write!(f, "machine_cpu_per_gb.{}", n(path)),
             Key::AgentCpuPerGb => f.write_str("agent_cpu_per_gb"),
+            Key::AgentCpuPer1kRps => f.write_str("agent_cpu_per_1k_rps"),
             Key::Latency { case, path, q } => write!(f, "latency.{}.{}.{}", n(case), n(path), q.as_str()),
             Key::LatencyRate { case, path } => write!(f, "latency_rate.{}.{}", n(case), n(path)),
             Key::Conns { case } => write!(f, "conns.{}", n(case)),

@@ -255,17 +255,24 @@ fn with_the_kernels_record_of_dials_full_a_connection_fails_closed_counted_and_t
     let client = t.pod(u).ip.to_string();
     echo_ok(&t, u, &to, 10_000);
     assert_eq!(seen(&server), std::slice::from_ref(&client));
+    // That connection ended (its record gone with its socket) before the map is filled.
+    wait_for(Duration::from_secs(10), || Ok(!agent.access_log().is_empty())).unwrap();
 
     let map = PinnedMap::open(&t.node(n2).bpffs.join("maps/SM_TP_DIALS")).unwrap();
     let mut fillers = Vec::new();
-    for i in 0..1 << 20 {
-        let k = filler_dial(i);
-        if !map.insert(&k, &[1]).unwrap() {
-            break;
+    // Until full; run again just before the connection, in case a record went meanwhile.
+    let fill = |fillers: &mut Vec<[u8; 40]>| {
+        for i in fillers.len() as u32..1 << 20 {
+            let k = filler_dial(i);
+            if !map.insert(&k, &[1]).unwrap() {
+                break;
+            }
+            fillers.push(k);
         }
-        fillers.push(k);
-    }
+    };
+    fill(&mut fillers);
     assert!(!fillers.is_empty() && fillers.len() < 1 << 20, "{} entries taken", fillers.len());
+    fill(&mut fillers);
 
     let r = t.pod_app(u, &["echo", "--to", &to, "--bytes", "1000", "--timeout-ms", "5000"]).unwrap();
     assert_eq!(r["ok"], false, "a connection went through with the record full: {r}");

@@ -145,7 +145,10 @@ impl Bench {
         for mut a in self.agents.drain(..) {
             a.stop()?;
         }
-        let mut args: Vec<&str> = extra.to_vec();
+        // The memory section holds 10,000 connections from one client identity: more streams
+        // than one peer may have by default (1,024), which would refuse the rest.
+        let mut args: Vec<&str> = vec!["--max-streams-per-peer", "20000"];
+        args.extend(extra);
         args.extend(self.agent_args.iter().map(String::as_str));
         for n in [self.n1, self.n2] {
             self.agents.push(self.t.start_agent(n, &args)?);
@@ -272,11 +275,13 @@ impl Bench {
 
     fn throughput(&mut self) -> Result<()> {
         let secs = self.opts.tput_secs;
-        let cases: [(Throughput, &str, &str, u32); 6] = [
+        let cases: [(Throughput, &str, &str, u32); 8] = [
             (Throughput::Cross1, "c", "d", 1),
             (Throughput::Cross1, "a", "b", 1),
             (Throughput::Cross2, "c", "d", 2),
             (Throughput::Cross2, "a", "b", 2),
+            (Throughput::Cross8, "c", "d", 8),
+            (Throughput::Cross8, "a", "b", 8),
             (Throughput::Same, "c", "c2", 1),
             (Throughput::Same, "a", "a2", 1),
         ];
@@ -310,24 +315,51 @@ impl Bench {
 
     fn latency(&mut self) -> Result<()> {
         let secs = self.opts.rr_secs.to_string();
-        let cases: [(Latency, &str, &str, u64); 6] = [
-            (Latency::CrossClosed, "c", "d", 0),
-            (Latency::CrossClosed, "a", "b", 0),
-            (Latency::CrossRate1000, "c", "d", 1000),
-            (Latency::CrossRate1000, "a", "b", 1000),
-            (Latency::SameClosed, "c", "c2", 0),
-            (Latency::SameClosed, "a", "a2", 0),
+        // (case, client, server, rate per connection, connections)
+        let cases: [(Latency, &str, &str, u64, u64); 10] = [
+            (Latency::CrossClosed, "c", "d", 0, 1),
+            (Latency::CrossClosed, "a", "b", 0, 1),
+            (Latency::CrossRate1000, "c", "d", 1000, 1),
+            (Latency::CrossRate1000, "a", "b", 1000, 1),
+            (Latency::SameClosed, "c", "c2", 0, 1),
+            (Latency::SameClosed, "a", "a2", 0, 1),
+            (Latency::CrossClosed4, "c", "d", 0, 4),
+            (Latency::CrossClosed4, "a", "b", 0, 4),
+            (Latency::CrossClosed16, "c", "d", 0, 16),
+            (Latency::CrossClosed16, "a", "b", 0, 16),
         ];
         let mut samples: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
         for rep in 0..self.opts.reps {
-            for (case, client, server, rate) in cases {
+            for (case, client, server, rate, conns) in cases {
                 let path = self.path(client);
                 progress(&format!("{} (1 KiB echo, {secs}s) run {}", Key::LatencyRate { case, path }, rep + 1));
                 let to = format!("{}:7000", self.ip(server));
+                let cpu0: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                let (rate_s, conns_s) = (rate.to_string(), conns.to_string());
                 let v = self.load(
                     client,
-                    &["rr", "--to", &to, "--size", "1024", "--seconds", &secs, "--rate", &rate.to_string()],
+                    &[
+                        "rr",
+                        "--to",
+                        &to,
+                        "--size",
+                        "1024",
+                        "--seconds",
+                        &secs,
+                        "--rate",
+                        &rate_s,
+                        "--parallel",
+                        &conns_s,
+                    ],
                 )?;
+                if (case, path) == (Latency::CrossRate1000, P::Mesh) {
+                    // Both agents' CPU seconds per 1,000 requests, which is vCPU per 1,000
+                    // requests a second; the client's warm-up exchanges are in the CPU and not
+                    // in the count, so it errs high.
+                    let cpu1: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                    let requests = v["requests"].as_f64().unwrap_or(f64::NAN);
+                    samples.entry(Key::AgentCpuPer1kRps).or_default().push((cpu1 - cpu0) * 1000.0 / requests);
+                }
                 for q in Quantile::ALL {
                     let us = v["latency_us"][q.as_str()].as_f64().ok_or_else(|| anyhow!("no {q:?} in {v}"))?;
                     samples.entry(Key::Latency { case, path, q }).or_default().push(us);
@@ -755,30 +787,38 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
     let ratio_row = |what: &str, key: &dyn Fn(P) -> Key, unit: &str, target: Option<f64>| {
         let (d, m) = (g(key(P::Direct)), g(key(P::Mesh)));
         let ratio = m / d;
+        // Whole numbers for rates, two decimals for the rest.
+        let digits = if unit == "/s" { 0 } else { 2 };
         Row {
             what: what.into(),
-            direct: fmt_stat(r(key(P::Direct)), unit, 1.0, 2),
-            mesh: fmt_stat(r(key(P::Mesh)), unit, 1.0, 2),
+            direct: fmt_stat(r(key(P::Direct)), unit, 1.0, digits),
+            mesh: fmt_stat(r(key(P::Mesh)), unit, 1.0, digits),
             ratio: format!("{ratio:.2}×"),
             target: target.map(|t| format!("≥ {t}× direct")).unwrap_or_else(|| "-".into()),
             met: target.map(|t| ratio >= t),
         }
     };
     let tput = |case| move |path| Key::Throughput { case, path };
-    rows.push(ratio_row("throughput, cross-node, 1 connection", &tput(Throughput::Cross1), "Gbit/s", Some(0.5)));
-    rows.push(ratio_row("throughput, cross-node, 2 connections", &tput(Throughput::Cross2), "Gbit/s", None));
+    // Targets: the second performance push's (issue 21), where it set one; else the first's.
+    rows.push(ratio_row("throughput, cross-node, 1 connection", &tput(Throughput::Cross1), "Gbit/s", Some(0.75)));
+    rows.push(ratio_row("throughput, cross-node, 2 connections", &tput(Throughput::Cross2), "Gbit/s", Some(0.6)));
+    rows.push(ratio_row("throughput, cross-node, 8 connections", &tput(Throughput::Cross8), "Gbit/s", Some(0.6)));
     rows.push(ratio_row("throughput, same node, 1 connection", &tput(Throughput::Same), "Gbit/s", Some(0.9)));
-    // The issue's latency target (added p50 <= 50 us for a 1 KiB request/response) names no
-    // load, so every p50 row is held to it, the fixed-rate one included.
-    for (what, case, target) in [
-        ("1 KiB echo, cross-node, closed loop", Latency::CrossClosed, Some(50.0)),
-        ("1 KiB echo, cross-node, 1000 req/s", Latency::CrossRate1000, Some(50.0)),
-        ("1 KiB echo, same node, closed loop", Latency::SameClosed, Some(50.0)),
+    // Added latency (µs) allowed at p50 and p99. The same-node target is the first push's (the
+    // second names cross-node ones only).
+    for (what, case, p50_target, p99_target) in [
+        ("1 KiB echo, cross-node, closed loop", Latency::CrossClosed, Some(35.0), None),
+        ("1 KiB echo, cross-node, 1000 req/s", Latency::CrossRate1000, Some(60.0), Some(150.0)),
+        ("1 KiB echo, same node, closed loop", Latency::SameClosed, Some(50.0), None),
     ] {
         for q in Quantile::ALL {
             let key = |path| Key::Latency { case, path, q };
             let (d, m) = (g(key(P::Direct)), g(key(P::Mesh)));
-            let t = if q == Quantile::P50 { target } else { None };
+            let t = match q {
+                Quantile::P50 => p50_target,
+                Quantile::P99 => p99_target,
+                _ => None,
+            };
             rows.push(Row {
                 what: format!("{what}, {} latency", q.as_str()),
                 direct: fmt_stat(r(key(P::Direct)), "µs", 1.0, 0),
@@ -789,19 +829,51 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
             });
         }
     }
+    // Many connections at once, each a closed loop: requests/s (and p50 at 16).
+    for (what, case, p50_target) in [
+        ("1 KiB request/response, 4 concurrent connections", Latency::CrossClosed4, None),
+        ("1 KiB request/response, 16 concurrent connections", Latency::CrossClosed16, Some(100.0)),
+    ] {
+        rows.push(ratio_row(&format!("{what}: requests/s"), &|path| Key::LatencyRate { case, path }, "/s", Some(0.5)));
+        if let Some(t) = p50_target {
+            let key = |path| Key::Latency { case, path, q: Quantile::P50 };
+            let (d, m) = (g(key(P::Direct)), g(key(P::Mesh)));
+            rows.push(Row {
+                what: format!("{what}: p50 latency"),
+                direct: fmt_stat(r(key(P::Direct)), "µs", 1.0, 0),
+                mesh: fmt_stat(r(key(P::Mesh)), "µs", 1.0, 0),
+                ratio: format!("{:.2}× (+{:.0} µs)", m / d, m - d),
+                target: format!("≤ +{t} µs"),
+                met: Some(m - d <= t),
+            });
+        }
+    }
+    rows.push(Row {
+        what: "agents' CPU per 1,000 requests/s (both agents, 1 KiB request/response at 1,000/s, cross-node)".into(),
+        direct: "-".into(),
+        mesh: fmt_stat(r(Key::AgentCpuPer1kRps), "vCPU", 1.0, 3),
+        ratio: "-".into(),
+        target: "≤ 0.02 vCPU".into(),
+        met: r(Key::AgentCpuPer1kRps).map(|s| s.median <= 0.02),
+    });
     let direct_cps = g(Key::Conns { case: ConnRate::Direct });
-    for (what, case, target) in [
-        ("new connections/s, pooled mTLS tunnel", ConnRate::MeshPooled, None),
-        ("new connections/s, fresh mTLS handshake each", ConnRate::MeshFreshMtls, Some(2700.0)),
+    for (what, case, ratio_target, rate_target) in [
+        ("new connections/s, pooled mTLS tunnel", ConnRate::MeshPooled, Some(0.6), None),
+        ("new connections/s, fresh mTLS handshake each", ConnRate::MeshFreshMtls, None, Some(3500.0)),
     ] {
         let m = g(Key::Conns { case });
+        let ratio = m / direct_cps;
         rows.push(Row {
             what: what.into(),
             direct: fmt_stat(r(Key::Conns { case: ConnRate::Direct }), "/s", 1.0, 0),
             mesh: fmt_stat(r(Key::Conns { case }), "/s", 1.0, 0),
-            ratio: format!("{:.2}×", m / direct_cps),
-            target: target.map(|t| format!("≥ {t}/s")).unwrap_or_else(|| "-".into()),
-            met: target.map(|t| m >= t),
+            ratio: format!("{ratio:.2}×"),
+            target: match (ratio_target, rate_target) {
+                (Some(t), _) => format!("≥ {t}× direct"),
+                (_, Some(t)) => format!("≥ {t}/s"),
+                _ => "-".into(),
+            },
+            met: ratio_target.map(|t| ratio >= t).or(rate_target.map(|t| m >= t)),
         });
     }
     // Through a Service: the "direct" column is the same meshed path to the pod's own address.
@@ -846,8 +918,8 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
         let st = Stat::of(pairs);
         let ratio = st.median;
         // Only p99 is held to a target: what a scrape could add is a stall, which p50 hides.
-        // "Within noise" on these machines, whose runs of one thing differ by 15%: the paired
-        // runs go both ways (a real cost would make every scraped run slower).
+        // "Within noise" on these machines, where the paired ratios of one build spread over
+        // about 15% (docs/benchmarks.md): the median of them at most 1.15.
         let target = q == Quantile::P99;
         rows.push(Row {
             what: format!(
@@ -858,8 +930,8 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
             direct: fmt_stat(r(key(Scraping::Off)), "µs", 1.0, 0),
             mesh: fmt_stat(r(key(Scraping::Every100Ms)), "µs", 1.0, 0),
             ratio: format!("{ratio:.2}× [{:.2}–{:.2}] (paired runs)", st.min, st.max),
-            target: if target { "pairs both ways".into() } else { "-".into() },
-            met: (target && !ratio.is_nan()).then_some(st.min <= 1.0 && st.max >= 1.0),
+            target: if target { "≤ 1.15× (noise)".into() } else { "-".into() },
+            met: (target && !ratio.is_nan()).then_some(ratio <= 1.15),
         });
     }
     rows.push(Row {
@@ -900,8 +972,8 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
                 direct: "-".into(),
                 mesh: format!("{:.1} MiB", idle / 1048576.0),
                 ratio: "-".into(),
-                target: "≤ 20 MiB".into(),
-                met: Some(idle <= 20.0 * 1048576.0),
+                target: "≤ 10 MiB".into(),
+                met: Some(idle <= 10.0 * 1048576.0),
             });
         }
         let per = g(Key::MemPerConn { node });
@@ -914,8 +986,8 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
             direct: "-".into(),
             mesh: format!("{:.0} B", per),
             ratio: "-".into(),
-            target: "≤ 4096 B".into(),
-            met: Some(per <= 4096.0),
+            target: "≤ 2048 B".into(),
+            met: Some(per <= 2048.0),
         });
     }
     let mark = |m: Option<bool>| match m {
@@ -1049,12 +1121,17 @@ fn chart(b: &Bench, path: &Path) -> Result<()> {
         &panels[0],
         "Throughput (higher is better)",
         "Gbit/s",
-        [("cross 1", Throughput::Cross1), ("cross 2", Throughput::Cross2), ("same node", Throughput::Same)]
-            .into_iter()
-            .map(|(name, case)| {
-                (name, g(Key::Throughput { case, path: P::Direct }), g(Key::Throughput { case, path: P::Mesh }))
-            })
-            .collect(),
+        [
+            ("cross 1", Throughput::Cross1),
+            ("cross 2", Throughput::Cross2),
+            ("cross 8", Throughput::Cross8),
+            ("same node", Throughput::Same),
+        ]
+        .into_iter()
+        .map(|(name, case)| {
+            (name, g(Key::Throughput { case, path: P::Direct }), g(Key::Throughput { case, path: P::Mesh }))
+        })
+        .collect(),
     )?;
     draw(
         &panels[1],

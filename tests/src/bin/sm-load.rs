@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 fn usage() -> ! {
     eprintln!(
         "usage: sm-load serve --listen IP:PORT\n\
-         \x20      sm-load rr --to IP:PORT [--size 1024] [--seconds 3] [--rate N (per second; 0 = closed loop)]\n\
+         \x20      sm-load rr --to IP:PORT [--size 1024] [--seconds 3] [--rate N (per second and connection; 0 = closed loop)] [--parallel 1]\n\
          \x20      sm-load conns --to IP:PORT [--seconds 3] [--parallel 8] [--size 1024]\n\
          \x20      sm-load hold --to IP:PORT --count N [--parallel 64]   (holds until stdin closes)"
     );
@@ -46,7 +46,9 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let out = match args.first().map(String::as_str) {
         Some("serve") => rt.block_on(serve(addr("--listen"))),
-        Some("rr") => rr(addr("--to"), num("--size", 1024) as usize, num("--seconds", 3), num("--rate", 0)),
+        Some("rr") => {
+            rr(addr("--to"), num("--size", 1024) as usize, num("--seconds", 3), num("--rate", 0), num("--parallel", 1))
+        }
         Some("conns") => {
             rt.block_on(conns(addr("--to"), num("--seconds", 3), num("--parallel", 8), num("--size", 1024) as usize))
         }
@@ -99,17 +101,38 @@ fn percentiles(mut us: Vec<f64>) -> serde_json::Value {
     json!({"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "p999": at(0.999), "max": us[us.len() - 1], "n": us.len()})
 }
 
-/// Request/response on one connection. Blocking I/O and `nanosleep` with the timer slack at
-/// its minimum: tokio's timer has millisecond resolution, too coarse for a fixed rate measured
-/// in microseconds, and spinning would steal a core from what is being measured.
-fn rr(to: SocketAddr, size: usize, seconds: u64, rate: u64) -> serde_json::Value {
+/// Request/response on `parallel` connections at once, a thread each: requests and the
+/// latency of all of them together.
+/// The rate is the sum of each connection's own, each over its measured window (after its
+/// connect and warm-up).
+fn rr(to: SocketAddr, size: usize, seconds: u64, rate: u64, parallel: u64) -> serde_json::Value {
+    let threads: Vec<_> =
+        (0..parallel.max(1)).map(|_| std::thread::spawn(move || rr_conn(to, size, seconds, rate))).collect();
+    let (mut n, mut per_second, mut lat) = (0u64, 0.0, Vec::new());
+    for t in threads {
+        match t.join() {
+            Ok(Ok((k, secs, l))) => {
+                n += k;
+                per_second += k as f64 / secs;
+                lat.extend(l);
+            }
+            Ok(Err(e)) => return json!({"ok": false, "error": e}),
+            Err(_) => return json!({"ok": false, "error": "a client thread panicked"}),
+        }
+    }
+    json!({"ok": true, "requests": n, "per_second": per_second, "latency_us": percentiles(lat)})
+}
+
+/// Request/response on one connection: how many, over how many seconds (after the warm-up),
+/// and each one's latency (µs). Blocking I/O
+/// and `nanosleep` with the timer slack at its minimum: tokio's timer has millisecond
+/// resolution, too coarse for a fixed rate measured in microseconds, and spinning would steal
+/// a core from what is being measured.
+fn rr_conn(to: SocketAddr, size: usize, seconds: u64, rate: u64) -> Result<(u64, f64, Vec<f64>), String> {
     use std::io::{Read, Write};
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
-    let mut s = match std::net::TcpStream::connect(to) {
-        Ok(s) => s,
-        Err(e) => return json!({"ok": false, "error": format!("connect {to}: {e}")}),
-    };
+    let mut s = std::net::TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let req = vec![0x5au8; size];
@@ -120,9 +143,7 @@ fn rr(to: SocketAddr, size: usize, seconds: u64, rate: u64) -> serde_json::Value
     };
     // Warm up: the first exchange includes the mesh's tunnel setup.
     for _ in 0..50 {
-        if let Err(e) = exchange(&mut s) {
-            return json!({"ok": false, "error": format!("warm-up exchange: {e}")});
-        }
+        exchange(&mut s).map_err(|e| format!("warm-up exchange: {e}"))?;
     }
     let mut lat = Vec::with_capacity(1 << 16);
     let start = Instant::now();
@@ -138,14 +159,11 @@ fn rr(to: SocketAddr, size: usize, seconds: u64, rate: u64) -> serde_json::Value
         } else {
             Instant::now()
         };
-        if let Err(e) = exchange(&mut s) {
-            return json!({"ok": false, "error": format!("exchange {n}: {e}")});
-        }
+        exchange(&mut s).map_err(|e| format!("exchange {n}: {e}"))?;
         lat.push(due.elapsed().as_nanos() as f64 / 1000.0);
         n += 1;
     }
-    let secs = start.elapsed().as_secs_f64();
-    json!({"ok": true, "requests": n, "per_second": n as f64 / secs, "latency_us": percentiles(lat)})
+    Ok((n, start.elapsed().as_secs_f64(), lat))
 }
 
 async fn conns(to: SocketAddr, seconds: u64, parallel: u64, size: usize) -> serde_json::Value {
