@@ -141,6 +141,11 @@ impl Bench {
         self.agents.iter().filter_map(|a| a.pid()).collect()
     }
 
+    /// Both agents' CPU seconds so far.
+    fn agents_cpu(&self) -> f64 {
+        self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum()
+    }
+
     fn start_agents(&mut self, extra: &[&str]) -> Result<()> {
         for mut a in self.agents.drain(..) {
             a.stop()?;
@@ -292,7 +297,7 @@ impl Bench {
                 let path = self.path(client);
                 let key = Key::Throughput { case, path };
                 progress(&format!("{key} ({streams} connection(s), {secs}s) run {}", rep + 1));
-                let cpu0: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                let cpu0 = self.agents_cpu();
                 // Same node, the relay's work may be the kernel's rather than the agent's: only
                 // the whole machine's CPU is a fair count.
                 let busy0 = if case == Throughput::Same { Some(machine_busy_seconds()?) } else { None };
@@ -301,7 +306,7 @@ impl Bench {
                     let per_gb = (machine_busy_seconds()? - busy0) / (bytes / 1e9);
                     samples.entry(Key::MachineCpuPerGb { path }).or_default().push(per_gb);
                 }
-                let cpu1: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                let cpu1 = self.agents_cpu();
                 samples.entry(key).or_default().push(bps / 1e9);
                 if path == P::Mesh && case == Throughput::Cross1 {
                     cpu_per_gb.push((cpu1 - cpu0) / (bytes / 1e9));
@@ -334,7 +339,7 @@ impl Bench {
                 let path = self.path(client);
                 progress(&format!("{} (1 KiB echo, {secs}s) run {}", Key::LatencyRate { case, path }, rep + 1));
                 let to = format!("{}:7000", self.ip(server));
-                let cpu0: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                let cpu0 = self.agents_cpu();
                 let (rate_s, conns_s) = (rate.to_string(), conns.to_string());
                 let v = self.load(
                     client,
@@ -356,7 +361,7 @@ impl Bench {
                     // Both agents' CPU seconds per 1,000 requests, which is vCPU per 1,000
                     // requests a second; the client's warm-up exchanges are in the CPU and not
                     // in the count, so it errs high.
-                    let cpu1: f64 = self.agent_pids().iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+                    let cpu1 = self.agents_cpu();
                     let requests = v["requests"].as_f64().unwrap_or(f64::NAN);
                     samples.entry(Key::AgentCpuPer1kRps).or_default().push((cpu1 - cpu0) * 1000.0 / requests);
                 }
