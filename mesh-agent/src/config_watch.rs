@@ -81,10 +81,10 @@ impl ConfigWatch {
         req.metadata_mut().insert("authorization", self.identities.bearer()?);
         let mut s = client.watch(req).await?.into_inner();
         let mut resources = self.state.load().config.resources.clone();
+        let mut parts = Gather::default();
         while let Some(u) = s.message().await? {
-            let (version, snapshot, accepted_at_ms) = (u.version, u.snapshot, u.accepted_at_ms);
-            let mut next = resources.clone();
-            apply(&mut next, u)?;
+            let (version, accepted_at_ms) = (u.version, u.accepted_at_ms);
+            let Some((next, snapshot)) = parts.add(&resources, u)? else { continue };
             let (root, td) = (self.state.root_namespace(), self.state.trust_domain());
             let state = ConfigState::build(next.clone(), version, root, td)
                 .map_err(|source| WatchError::Refused { version, source })?;
@@ -126,18 +126,48 @@ impl ConfigWatch {
     }
 }
 
+/// An update sent in parts (`more`), gathered until its last part: nothing is applied before.
+#[derive(Default)]
+pub struct Gather {
+    partial: Option<(BTreeMap<ResourceId, String>, bool)>,
+}
+
+impl Gather {
+    /// Adds a part to the update under way, which starts from `resources`. Once the last part
+    /// is in: the resources the update leaves, and whether it was a snapshot.
+    pub fn add(
+        &mut self,
+        resources: &BTreeMap<ResourceId, String>,
+        u: ConfigUpdate,
+    ) -> Result<Option<(BTreeMap<ResourceId, String>, bool)>, WatchError> {
+        let more = u.more;
+        let (mut next, snapshot) = match self.partial.take() {
+            Some(p) => p,
+            None if u.snapshot => (BTreeMap::new(), true),
+            None => (resources.clone(), false),
+        };
+        apply(&mut next, u)?;
+        if more {
+            self.partial = Some((next, snapshot));
+            return Ok(None);
+        }
+        Ok(Some((next, snapshot)))
+    }
+}
+
 /// Applies one update to the resources: a snapshot replaces them, a delta changes them.
 /// Nothing changes if any of it cannot be decoded.
 pub fn apply(resources: &mut BTreeMap<ResourceId, String>, u: ConfigUpdate) -> Result<(), WatchError> {
-    let mut next = if u.snapshot { BTreeMap::new() } else { resources.clone() };
-    for r in u.upserts {
-        let (id, json) = r.into_parts()?;
-        next.insert(id, json);
+    // Everything decoded first, so that a failure leaves the resources as they were.
+    let upserts = u.upserts.into_iter().map(Resource::into_parts).collect::<Result<Vec<_>, _>>()?;
+    let removals = u.removals.into_iter().map(|k| k.into_id()).collect::<Result<Vec<_>, _>>()?;
+    if u.snapshot {
+        resources.clear();
     }
-    for k in u.removals {
-        next.remove(&k.into_id()?);
+    resources.extend(upserts);
+    for k in removals {
+        resources.remove(&k);
     }
-    *resources = next;
     Ok(())
 }
 
@@ -265,6 +295,33 @@ mod tests {
         let snap = ConfigUpdate { snapshot: true, ..Default::default() };
         apply(&mut r, snap).unwrap();
         assert!(r.is_empty());
+    }
+
+    /// A snapshot in parts replaces the resources once, at its last part; a delta in parts
+    /// changes them once, at its last part.
+    #[test]
+    fn an_update_in_parts_is_applied_whole_at_its_last_part() {
+        let id = |n: &str| ResourceId::new(Kind::Workload, "default", n);
+        let before: BTreeMap<ResourceId, String> = [(id("old"), "{}".to_owned())].into();
+        let mut g = Gather::default();
+        let part = |snapshot, more, names: &[&str]| ConfigUpdate {
+            snapshot,
+            more,
+            version: 7,
+            upserts: names.iter().map(|n| upsert(Kind::Workload, n)).collect(),
+            ..Default::default()
+        };
+        assert!(g.add(&before, part(true, true, &["a"])).unwrap().is_none());
+        assert!(g.add(&before, part(false, true, &["b"])).unwrap().is_none());
+        let (after, snapshot) = g.add(&before, part(false, false, &["c"])).unwrap().unwrap();
+        assert!(snapshot);
+        assert_eq!(after.keys().cloned().collect::<Vec<_>>(), [id("a"), id("b"), id("c")]);
+        // A delta in two parts starts from what the agent holds.
+        assert!(g.add(&after, part(false, true, &["d"])).unwrap().is_none());
+        let removal = ConfigUpdate { removals: vec![id("a").key()], ..part(false, false, &[]) };
+        let (next, snapshot) = g.add(&after, removal).unwrap().unwrap();
+        assert!(!snapshot);
+        assert_eq!(next.keys().cloned().collect::<Vec<_>>(), [id("b"), id("c"), id("d")]);
     }
 
     #[test]

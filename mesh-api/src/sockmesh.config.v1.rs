@@ -41,6 +41,14 @@ pub struct ConfigUpdate {
     /// When the controller accepted the change (ms since the epoch), for push-lag metrics.
     #[prost(int64, tag = "5")]
     pub accepted_at_ms: i64,
+    /// True when the update continues in the next message: a large snapshot or delta is sent in
+    /// parts of about 1 MiB, so that no message nears a gRPC size limit and the controller never
+    /// holds a whole cluster's state per node. Parts after the first have `snapshot` false and the
+    /// same version. Apply nothing until the part with `more` false has arrived. (An agent that
+    /// predates parts applies each as it comes: the first replaces its state, the others add to it,
+    /// and it holds the whole state once the last has arrived.)
+    #[prost(bool, tag = "6")]
+    pub more: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

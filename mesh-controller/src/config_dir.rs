@@ -69,25 +69,36 @@ fn assemble(
     m
 }
 
+/// What tells a file's versions apart: its modification time, size and inode (a file replaced
+/// by a rename gets a new inode even within the clock's granularity). None when unreadable.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(m: std::io::Result<std::fs::Metadata>) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    m.ok().and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+}
+
 /// Watches `dir` (polling modification times every 200 ms) and publishes a new model whenever
 /// what it yields changes.
 pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: tokio::sync::watch::Sender<Arc<Model>>) {
     let mut good: BTreeMap<PathBuf, FileContents> = BTreeMap::new();
-    let mut seen: BTreeMap<PathBuf, Option<SystemTime>> = BTreeMap::new();
+    let mut seen: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
+    // The error of each file whose last read failed: it stands until the file changes.
+    let mut failed: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut version = tx.borrow().version;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut first = true;
     loop {
         tick.tick().await;
-        let mut now: BTreeMap<PathBuf, Option<SystemTime>> = BTreeMap::new();
+        let mut now: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
         if let Some(f) = &workloads_file {
-            now.insert(f.clone(), std::fs::metadata(f).and_then(|m| m.modified()).ok());
+            now.insert(f.clone(), stamp(std::fs::metadata(f)));
         }
         if let Some(rd) = dir.as_ref().and_then(|d| std::fs::read_dir(d).ok()) {
             for e in rd.flatten() {
                 let p = e.path();
                 if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
-                    now.insert(p, e.metadata().and_then(|m| m.modified()).ok());
+                    now.insert(p, stamp(e.metadata()));
                 }
             }
         }
@@ -95,10 +106,14 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
             continue;
         }
         first = false;
-        seen = now.clone();
-        let mut errors = Vec::new();
+        // Only the files that changed are read again: at a hundred thousand workloads, reading
+        // them all would be most of a change's time.
+        let changed: Vec<&PathBuf> =
+            now.iter().filter(|(p, s)| s.is_none() || seen.get(*p) != Some(*s)).map(|(p, _)| p).collect();
         good.retain(|p, _| now.contains_key(p));
-        for p in now.keys() {
+        failed.retain(|p, _| now.contains_key(p));
+        for p in changed {
+            failed.remove(p);
             let parsed = if Some(p) == workloads_file.as_ref() {
                 // The --workloads file: `kind: Workload` documents only.
                 mesh_model::workload::parse_file(p).map_err(|e| e.to_string()).and_then(|ws| {
@@ -120,10 +135,12 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
                 }
                 Err(e) => {
                     tracing::error!(error = %e, kept_last_good = good.contains_key(p), "configuration file rejected");
-                    errors.push(e);
+                    failed.insert(p.clone(), e);
                 }
             }
         }
+        seen = now;
+        let errors = failed.values().cloned().collect();
         version += 1;
         let previous = tx.borrow().clone();
         let m = assemble(&good, errors, &[], version, &previous);
@@ -245,8 +262,10 @@ mod tests {
             m2.errors
         );
         // Pushed to every node, with the endpoints listed.
-        let r = m.resources_for("n1", "sockmesh-system");
-        let pushed = r.iter().find(|(id, _)| id.kind == mesh_api::push::Kind::Service).expect("the Service is pushed");
+        let v = crate::view::View::build(Arc::new(m.clone()), "sockmesh-system", None);
+        let mine = v.node_part("n1");
+        let pushed =
+            v.snapshot(&mine).find(|(id, _)| id.kind == mesh_api::push::Kind::Service).expect("the Service is pushed");
         assert!(pushed.1.contains("10.0.0.2") && pushed.1.contains("\"targetPort\":8080"), "{}", pushed.1);
 
         let e = parse_file(Path::new("b.yaml"), "kind: Workload\nname: w1\nips: [10.0.0.1]\nnode: n1\n---\nkind: Service\nname: web\nports: [{port: 80, targetPrt: 8080}]\n").unwrap_err();

@@ -13,6 +13,7 @@ mod nodes;
 mod placement;
 mod push;
 mod state_lock;
+mod view;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -410,16 +411,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
+    // What the push sends, worked out once per model version for every node's stream (off the
+    // runtime's threads: at a hundred thousand workloads it is tens of milliseconds of work).
+    let first_view = view::View::build(model_rx.borrow().clone(), &args.root_namespace, None);
+    let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(first_view));
+    {
+        let (mut rx, root) = (model_rx.clone(), args.root_namespace.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let (m, prev, root) = (rx.borrow_and_update().clone(), views_tx.borrow().clone(), root.clone());
+                match tokio::task::spawn_blocking(move || view::View::build(m, &root, Some(&prev))).await {
+                    Ok(v) => views_tx.send_replace(Arc::new(v)),
+                    Err(e) => return tracing::error!(error = %e, "the configuration push stopped"),
+                };
+            }
+        });
+    }
     // Serve only once the first configuration has been read.
-    let mut first = model_rx.clone();
-    let _ = first.wait_for(|m| m.version > 0).await;
+    let mut first = views_rx.clone();
+    let _ = first.wait_for(|v| v.version > 0).await;
 
     let mut ips = args.server_ip.clone();
     if !args.listen.ip().is_unspecified() {
         ips.push(args.listen.ip());
     }
-    let push =
-        push::ConfigPush { auth: auth.clone(), model: model_rx.clone(), root_namespace: args.root_namespace.clone() };
+    let push = push::ConfigPush { auth: auth.clone(), views: views_rx };
     let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
     let stats: Arc<ca_service::Stats> = Default::default();

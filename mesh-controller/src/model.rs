@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::Compiled;
 use mesh_model::mesh::{mesh_of_label, MESH_LABEL};
 use mesh_model::policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
@@ -52,9 +51,6 @@ pub struct Model {
     pub version: u64,
     pub accepted_at_ms: i64,
 }
-
-/// The resources pushed to an agent: identity -> JSON.
-pub type Resources = BTreeMap<ResourceId, String>;
 
 impl Model {
     /// Admits an AuthorizationPolicy if it compiles. If not, it is rejected whole: the version
@@ -149,69 +145,8 @@ impl Model {
     }
 
     pub fn placement(&self) -> crate::placement::Placement {
-        crate::placement::Placement::from_workloads(&self.workloads.values().cloned().collect::<Vec<_>>())
+        crate::placement::Placement::from_workloads(self.workloads.values())
     }
-
-    /// What `node` needs: every workload and Service (to resolve destinations and their
-    /// identities), and the policies that select its own workloads.
-    pub fn resources_for(&self, node: &str, root_namespace: &str) -> Resources {
-        let mut out = Resources::new();
-        for (k, w) in &self.workloads {
-            out.insert(
-                ResourceId::new(Kind::Workload, &k.namespace, &k.name),
-                serde_json::to_string(w).expect("serialisable"),
-            );
-        }
-        for ((ns, n), s) in &self.services {
-            out.insert(ResourceId::new(Kind::Service, ns, n), serde_json::to_string(s).expect("serialisable"));
-        }
-        let compiled = self.authz.iter().filter_map(|((ns, n), s)| Compiled::compile(ns, n, s).ok());
-        let index = mesh_model::authz::PolicyIndex::new(root_namespace, compiled);
-        let local: Vec<&Workload> = self.workloads.values().filter(|w| w.node.as_deref() == Some(node)).collect();
-        let mut wanted = std::collections::BTreeSet::new();
-        for w in &local {
-            let mesh = w.mesh.as_deref().unwrap_or(mesh_model::mesh::DEFAULT_MESH);
-            for name in index.for_workload_in(mesh, &w.namespace, &w.labels).names() {
-                wanted.insert(name);
-            }
-        }
-        for ((ns, n), spec) in &self.authz {
-            if wanted.contains(&format!("{ns}/{n}")) {
-                out.insert(
-                    ResourceId::new(Kind::AuthorizationPolicy, ns, n),
-                    serde_json::to_string(spec).expect("serialisable"),
-                );
-            }
-        }
-        // What the controller rejected, so that agents (and meshctl on any node) can show it.
-        for (i, e) in self.errors.iter().enumerate() {
-            out.insert(
-                ResourceId::new(Kind::Rejected, "", format!("{i:04}")),
-                serde_json::to_string(e).expect("serialisable"),
-            );
-        }
-        for ((ns, n), spec) in &self.peer_auth {
-            if ns == root_namespace || local.iter().any(|w| &w.namespace == ns) {
-                out.insert(
-                    ResourceId::new(Kind::PeerAuthentication, ns, n),
-                    serde_json::to_string(spec).expect("serialisable"),
-                );
-            }
-        }
-        for (name, r) in &self.mesh_records {
-            out.insert(ResourceId::new(Kind::Mesh, "", name), serde_json::to_string(r).expect("serialisable"));
-        }
-        out
-    }
-}
-
-pub type Delta = (Vec<(ResourceId, String)>, Vec<ResourceId>);
-
-/// (upserts, removals) that turn `old` into `new`.
-pub fn diff(old: &Resources, new: &Resources) -> Delta {
-    let upserts = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let removals = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
-    (upserts, removals)
 }
 
 fn admit<S: Clone>(

@@ -13,7 +13,7 @@ pub struct Placement {
 }
 
 impl Placement {
-    pub fn from_workloads(ws: &[Workload]) -> Self {
+    pub fn from_workloads<'a>(ws: impl IntoIterator<Item = &'a Workload>) -> Self {
         let mut by_node: BTreeMap<String, BTreeSet<(String, String, String)>> = BTreeMap::new();
         for w in ws {
             if let Some(node) = &w.node {

@@ -59,6 +59,7 @@ impl Update {
             snapshot: self.snapshot,
             version: self.version,
             accepted_at_ms: 0,
+            more: false,
             upserts: self
                 .upserts
                 .iter()
