@@ -397,13 +397,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(kube_source::run(client, source_tx, verdicts, Some(election)));
         }
     }
-    let shared = Arc::new(RwLock::new(placement::Placement::default()));
+    let shared: placement::Shared = Arc::default();
     {
         // The CA authorizes against the latest model's placement.
         let (shared, mut rx) = (shared.clone(), model_rx.clone());
         tokio::spawn(async move {
             loop {
-                let p = rx.borrow_and_update().placement();
+                let p = Arc::new(rx.borrow_and_update().placement());
                 *shared.write().unwrap() = p;
                 if rx.changed().await.is_err() {
                     return;

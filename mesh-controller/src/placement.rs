@@ -45,7 +45,8 @@ impl Placement {
     }
 }
 
-pub type Shared = Arc<RwLock<Placement>>;
+/// The placement in force, replaced whole on each change (a request takes it without copying).
+pub type Shared = Arc<RwLock<Arc<Placement>>>;
 
 #[cfg(test)]
 mod tests {
