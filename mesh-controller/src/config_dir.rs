@@ -21,13 +21,17 @@ use crate::model::Model;
 fn assemble(
     files: &BTreeMap<PathBuf, FileContents>,
     errors: Vec<String>,
-    extra_workloads: &[Workload],
+    read: &BTreeMap<PathBuf, Vec<Arc<Workload>>>,
     version: u64,
     previous: &Model,
 ) -> Model {
     let mut m = Model { version, ..Default::default() };
-    for w in extra_workloads.iter().chain(files.values().flat_map(|f| f.workloads.iter())) {
-        m.workloads.insert(w.key(), w.clone());
+    for (path, f) in files {
+        // Each file's workloads as read (shared by every model built from them), or as listed.
+        let ws = read.get(path).into_iter().flatten().cloned().chain(f.workloads.iter().cloned().map(Arc::new));
+        for w in ws {
+            m.workloads.insert(w.key(), w);
+        }
     }
     m.errors = errors;
     let mut labels = BTreeMap::new();
@@ -82,6 +86,7 @@ fn stamp(m: std::io::Result<std::fs::Metadata>) -> Stamp {
 /// what it yields changes.
 pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: tokio::sync::watch::Sender<Arc<Model>>) {
     let mut good: BTreeMap<PathBuf, FileContents> = BTreeMap::new();
+    let mut read: BTreeMap<PathBuf, Vec<Arc<Workload>>> = BTreeMap::new();
     let mut seen: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     // The error of each file whose last read failed: it stands until the file changes.
     let mut failed: BTreeMap<PathBuf, String> = BTreeMap::new();
@@ -111,6 +116,7 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
         let changed: Vec<&PathBuf> =
             now.iter().filter(|(p, s)| s.is_none() || seen.get(*p) != Some(*s)).map(|(p, _)| p).collect();
         good.retain(|p, _| now.contains_key(p));
+        read.retain(|p, _| now.contains_key(p));
         failed.retain(|p, _| now.contains_key(p));
         for p in changed {
             failed.remove(p);
@@ -130,7 +136,9 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
                 std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())).and_then(|t| parse_file(p, &t))
             };
             match parsed {
-                Ok(c) => {
+                Ok(mut c) => {
+                    // Its workloads are kept once, shared by the models built from them.
+                    read.insert(p.clone(), std::mem::take(&mut c.workloads).into_iter().map(Arc::new).collect());
                     good.insert(p.clone(), c);
                 }
                 Err(e) => {
@@ -143,7 +151,7 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
         let errors = failed.values().cloned().collect();
         version += 1;
         let previous = tx.borrow().clone();
-        let m = assemble(&good, errors, &[], version, &previous);
+        let m = assemble(&good, errors, &read, version, &previous);
         tracing::info!(
             version,
             workloads = m.workloads.len(),
@@ -188,7 +196,7 @@ mod tests {
         let text = "apiVersion: security.sockmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad}\nspec:\n  rules:\n  - to:\n    - operation: {ports: [\"http\"]}\n";
         let c = parse_file(Path::new("p.yaml"), text).unwrap();
         let files = BTreeMap::from([(PathBuf::from("p.yaml"), c)]);
-        let m = assemble(&files, vec![], &[], 1, &Model::default());
+        let m = assemble(&files, vec![], &BTreeMap::new(), 1, &Model::default());
         assert!(m.authz.is_empty());
         assert!(
             m.errors[0].starts_with("p.yaml:1: AuthorizationPolicy rejected whole")
@@ -208,7 +216,13 @@ mod tests {
         ] {
             let text = format!("apiVersion: security.sockmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: pa}}\nspec:\n  {spec}\n");
             let c = parse_file(Path::new("pa.yaml"), &text).unwrap();
-            let m = assemble(&BTreeMap::from([(PathBuf::from("pa.yaml"), c)]), vec![], &[], 1, &Model::default());
+            let m = assemble(
+                &BTreeMap::from([(PathBuf::from("pa.yaml"), c)]),
+                vec![],
+                &BTreeMap::new(),
+                1,
+                &Model::default(),
+            );
             assert!(m.peer_auth.is_empty(), "{spec}");
             assert!(
                 m.errors[0].starts_with("pa.yaml:1: PeerAuthentication default/pa") && m.errors[0].contains(want),
@@ -220,7 +234,7 @@ mod tests {
         let m = assemble(
             &BTreeMap::from([(PathBuf::from("pa.yaml"), parse_file(Path::new("pa.yaml"), ok).unwrap())]),
             vec![],
-            &[],
+            &BTreeMap::new(),
             1,
             &Model::default(),
         );
@@ -234,7 +248,7 @@ mod tests {
     fn services_resolve_their_selectors_and_bad_ones_are_reported_with_their_line() {
         let text = "kind: Workload\nname: w1\nlabels: {app: web}\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: w2\nlabels: {app: web}\nips: [10.0.0.2]\nnode: n2\n---\nkind: Service\nname: web\naddresses: [10.96.0.10]\nports: [{port: 80, targetPort: 8080}]\nselector: {app: web}\n---\nkind: Service\nname: clash\naddresses: [10.0.0.2]\nports: [{port: 80}]\nendpoints: [{address: 192.0.2.1}]\n";
         let files = BTreeMap::from([(PathBuf::from("s.yaml"), parse_file(Path::new("s.yaml"), text).unwrap())]);
-        let m = assemble(&files, vec![], &[], 1, &Model::default());
+        let m = assemble(&files, vec![], &BTreeMap::new(), 1, &Model::default());
         let web = &m.services[&("default".to_owned(), "web".to_owned())];
         let eps: Vec<String> =
             web.endpoints.iter().map(|e| format!("{}={}", e.workload.as_deref().unwrap_or("-"), e.address)).collect();
@@ -251,7 +265,7 @@ mod tests {
         let again = "kind: Service\nname: web\naddresses: [10.96.0.99]\nports: [{port: 81}]\n";
         let mut two = files.clone();
         two.insert(PathBuf::from("t.yaml"), parse_file(Path::new("t.yaml"), again).unwrap());
-        let m2 = assemble(&two, vec![], &[], 2, &Model::default());
+        let m2 = assemble(&two, vec![], &BTreeMap::new(), 2, &Model::default());
         assert_eq!(m2.services[&("default".to_owned(), "web".to_owned())].addresses, web.addresses);
         assert!(
             m2.errors
@@ -292,20 +306,20 @@ mod tests {
         };
         let files =
             |text: &str| BTreeMap::from([(PathBuf::from("d.yaml"), parse_file(Path::new("d.yaml"), text).unwrap())]);
-        let good = assemble(&files(&deny("\"8080\"")), vec![], &[], 1, &Model::default());
+        let good = assemble(&files(&deny("\"8080\"")), vec![], &BTreeMap::new(), 1, &Model::default());
         assert_eq!(good.authz.len(), 1, "{:?}", good.errors);
         let key = ("default".to_owned(), "deny-x".to_owned());
 
-        let broken = assemble(&files(&deny("\"http\"")), vec![], &[], 2, &good);
+        let broken = assemble(&files(&deny("\"http\"")), vec![], &BTreeMap::new(), 2, &good);
         assert_eq!(broken.authz.get(&key), good.authz.get(&key), "the DENY in force was lifted");
         assert!(broken.errors[0].contains("previous version stays in force"), "{:?}", broken.errors);
         // Still broken at the next reload: still the last good version.
-        let again = assemble(&files(&deny("\"http\"")), vec![], &[], 3, &broken);
+        let again = assemble(&files(&deny("\"http\"")), vec![], &BTreeMap::new(), 3, &broken);
         assert_eq!(again.authz.get(&key), good.authz.get(&key));
 
-        let never = assemble(&files(&deny("\"http\"")), vec![], &[], 1, &Model::default());
+        let never = assemble(&files(&deny("\"http\"")), vec![], &BTreeMap::new(), 1, &Model::default());
         assert!(never.authz.is_empty() && never.errors[0].contains("not applied"), "{:?}", never.errors);
-        let deleted = assemble(&BTreeMap::new(), vec![], &[], 4, &again);
+        let deleted = assemble(&BTreeMap::new(), vec![], &BTreeMap::new(), 4, &again);
         assert!(deleted.authz.is_empty());
     }
 
@@ -319,7 +333,7 @@ mod tests {
         let w = parse_file(Path::new("w.yaml"), "kind: Workload\nname: p\nnamespace: pay\nips: [10.0.0.1]\nnode: n1\n")
             .unwrap();
         let files = BTreeMap::from([(PathBuf::from("m.yaml"), c), (PathBuf::from("w.yaml"), w)]);
-        let m = assemble(&files, vec![], &[], 1, &Model::default());
+        let m = assemble(&files, vec![], &BTreeMap::new(), 1, &Model::default());
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         assert_eq!(m.workloads.values().next().unwrap().mesh.as_deref(), Some("payments"));
         assert_eq!(m.meshes["payments"].trust_domain, "payments.example");

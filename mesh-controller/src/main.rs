@@ -402,9 +402,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // The CA authorizes against the latest model's placement.
         let (shared, mut rx) = (shared.clone(), model_rx.clone());
         tokio::spawn(async move {
+            let mut last = None;
             loop {
-                let p = Arc::new(rx.borrow_and_update().placement());
-                *shared.write().unwrap() = p;
+                let m = rx.borrow_and_update().clone();
+                // Rebuilt only when a workload changed (policy changes are most changes).
+                // Records shared with the last model compare by pointer.
+                if last.as_ref().is_none_or(|l: &Arc<model::Model>| l.workloads != m.workloads) {
+                    *shared.write().unwrap() = Arc::new(m.placement());
+                }
+                last = Some(m);
                 if rx.changed().await.is_err() {
                     return;
                 }
@@ -421,7 +427,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             while rx.changed().await.is_ok() {
                 let (m, prev, root) = (rx.borrow_and_update().clone(), views_tx.borrow().clone(), root.clone());
                 match tokio::task::spawn_blocking(move || view::View::build(m, &root, Some(&prev))).await {
-                    Ok(v) => views_tx.send_replace(Arc::new(v)),
+                    Ok(v) => {
+                        // The model and view this replaces go once their streams move on.
+                        views_tx.send_replace(Arc::new(v));
+                        tokio::task::spawn_blocking(push::release_free_memory);
+                    }
                     Err(e) => return tracing::error!(error = %e, "the configuration push stopped"),
                 };
             }
@@ -435,7 +445,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !args.listen.ip().is_unspecified() {
         ips.push(args.listen.ip());
     }
-    let push = push::ConfigPush { auth: auth.clone(), views: views_rx };
+    let push = push::ConfigPush::new(auth.clone(), views_rx);
     let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
     let stats: Arc<ca_service::Stats> = Default::default();

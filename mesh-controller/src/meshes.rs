@@ -324,7 +324,7 @@ impl Keeper {
         let mut orphan_ips = std::collections::HashSet::new();
         for k in orphans {
             if let Some(w) = m.workloads.remove(&k) {
-                orphan_ips.extend(w.ips);
+                orphan_ips.extend(w.ips.iter().copied());
             }
         }
         // Nor are they anyone's Service endpoint: an endpoint that is no workload would be
@@ -409,7 +409,7 @@ mod tests {
         let ws = mesh_model::workload::parse_str(Path::new("w"), text).unwrap();
         let mut m = Model::default();
         for w in ws {
-            m.workloads.insert(w.key(), w);
+            m.workloads.insert(w.key(), Arc::new(w));
         }
         m
     }

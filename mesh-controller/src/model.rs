@@ -22,7 +22,9 @@ pub enum Endpoints {
 
 #[derive(Debug, Clone, Default)]
 pub struct Model {
-    pub workloads: BTreeMap<WorkloadKey, Workload>,
+    /// Shared with the source's copies and the models before and after: a change copies
+    /// pointers, not a hundred thousand records.
+    pub workloads: BTreeMap<WorkloadKey, std::sync::Arc<Workload>>,
     pub authz: BTreeMap<Key, AuthorizationPolicySpec>,
     pub peer_auth: BTreeMap<Key, PeerAuthenticationSpec>,
     /// Services with their endpoints resolved (selectors against `workloads`), or as the source
@@ -77,7 +79,10 @@ impl Model {
             }
         }
         for w in self.workloads.values_mut() {
-            w.mesh = self.namespace_meshes.get(&w.namespace).cloned();
+            let mesh = self.namespace_meshes.get(&w.namespace);
+            if w.mesh.as_ref() != mesh {
+                std::sync::Arc::make_mut(w).mesh = mesh.cloned();
+            }
         }
     }
 
@@ -123,13 +128,14 @@ impl Model {
                 Err(e) => self.reject_service(&what, &s, &e),
             }
         }
-        let verdicts = mesh_model::service::check_addresses(valid.iter().map(|(s, _)| s), self.workloads.values());
+        let verdicts =
+            mesh_model::service::check_addresses(valid.iter().map(|(s, _)| s), self.workloads.values().map(|w| &**w));
         for ((s, what), verdict) in valid.into_iter().zip(verdicts) {
             match verdict {
                 Err(e) => self.reject_service(&what, &s, &e),
                 Ok(()) => {
                     let s = match endpoints {
-                        Endpoints::FromSelector => s.resolved(self.workloads.values()),
+                        Endpoints::FromSelector => s.resolved(self.workloads.values().map(|w| &**w)),
                         Endpoints::Listed => s,
                     };
                     self.services.insert(s.key(), s);
@@ -145,7 +151,7 @@ impl Model {
     }
 
     pub fn placement(&self) -> crate::placement::Placement {
-        crate::placement::Placement::from_workloads(self.workloads.values())
+        crate::placement::Placement::from_workloads(self.workloads.values().map(|w| &**w))
     }
 }
 

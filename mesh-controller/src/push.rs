@@ -17,11 +17,23 @@ use crate::view::{Resources, Update, View};
 
 /// About how many bytes of resources one message carries: a part closes once it holds this
 /// much (a single larger resource goes alone).
-pub const PART_BYTES: usize = 1 << 20;
+pub const PART_BYTES: usize = 64 << 10;
+
+/// How many snapshots are sent at once. When every node connects at the same moment (the
+/// controller restarted), the others wait their turn: sending them all at once would not finish
+/// sooner (it is CPU work), but would hold parts for all of them.
+pub const SNAPSHOTS_AT_ONCE: usize = 32;
 
 pub struct ConfigPush {
     pub auth: Arc<dyn NodeAuthenticator>,
     pub views: watch::Receiver<Arc<View>>,
+    pub snapshots: Arc<tokio::sync::Semaphore>,
+}
+
+impl ConfigPush {
+    pub fn new(auth: Arc<dyn NodeAuthenticator>, views: watch::Receiver<Arc<View>>) -> ConfigPush {
+        ConfigPush { auth, views, snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_AT_ONCE)) }
+    }
 }
 
 type Sender = tokio::sync::mpsc::Sender<Result<ConfigUpdate, Status>>;
@@ -58,6 +70,17 @@ async fn send_parts<'a>(
     tx.send(Ok(msg)).await.is_ok()
 }
 
+/// Gives the heap's free pages back to the system. The allocator keeps what a burst of work
+/// freed (a storm of snapshots, a model rebuilt), and the controller's resident memory would
+/// stay at its high-water mark.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator's own arenas to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[tonic::async_trait]
 impl ConfigService for ConfigPush {
     type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ConfigUpdate, Status>> + Send + 'static>>;
@@ -75,9 +98,10 @@ impl ConfigService for ConfigPush {
         })?;
         tracing::info!(node, "agent watching configuration");
         let mut rx = self.views.clone();
-        // Two parts in flight at most: a slow agent holds back its own stream, and the
-        // controller holds about two parts for it.
-        let (tx, out) = tokio::sync::mpsc::channel(2);
+        // One part waiting at most: a slow agent holds back its own stream, and the controller
+        // holds about two parts for it (this one, and the one being sent).
+        let (tx, out) = tokio::sync::mpsc::channel(1);
+        let snapshots = self.snapshots.clone();
         tokio::spawn(async move {
             // The version last sent, and the node's own part as sent.
             let mut sent: Option<(u64, Resources)> = None;
@@ -86,7 +110,18 @@ impl ConfigService for ConfigPush {
                 let (update, mine) = view.update_for(&node, sent.as_ref().map(|(v, r)| (*v, r)));
                 let alive = match update {
                     None => true,
-                    Some(Update::Snapshot) => send_parts(&tx, &view, true, view.snapshot(&mine), &[]).await,
+                    Some(Update::Snapshot) => {
+                        let Ok(turn) = snapshots.acquire().await else { return };
+                        // The turn is held until the last part has been taken for sending.
+                        let sent =
+                            send_parts(&tx, &view, true, view.snapshot(&mine), &[]).await && tx.reserve().await.is_ok();
+                        drop(turn);
+                        if snapshots.available_permits() == SNAPSHOTS_AT_ONCE {
+                            // The last of a burst of snapshots: what they held goes back.
+                            tokio::task::spawn_blocking(release_free_memory);
+                        }
+                        sent
+                    }
                     Some(Update::Delta { upserts, removals }) => {
                         send_parts(&tx, &view, false, upserts.iter().map(|(id, j)| (id, j)), &removals).await
                     }
@@ -127,7 +162,7 @@ mod tests {
             .collect();
         let c = mesh_model::config_file::parse_file(std::path::Path::new("w.yaml"), &text).unwrap();
         let mut m = crate::model::Model { version: 3, ..Default::default() };
-        m.workloads = c.workloads.into_iter().map(|w| (w.key(), w)).collect();
+        m.workloads = c.workloads.into_iter().map(|w| (w.key(), Arc::new(w))).collect();
         let view = View::build(Arc::new(m), "sockmesh-system", None);
         let mine = view.node_part("n1");
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use mesh_api::push::{Kind, ResourceId};
 use mesh_model::authz::{Compiled, PolicyIndex};
-use mesh_model::WorkloadKey;
 
 use crate::model::{Key, Model};
 
@@ -25,11 +24,39 @@ pub type Resources = BTreeMap<ResourceId, Arc<str>>;
 /// How many versions back a stream can be and still get a delta (it gets a snapshot past that).
 const HISTORY: usize = 64;
 
-/// The shared part's change from version `from` to the next view's: the resources that were
-/// upserted or removed (what they are now is in the view).
+/// The change from version `from` to the next view's: the shared resources that were upserted
+/// or removed (what they are now is in the view), and which nodes' own parts may have changed.
 struct Step {
     from: u64,
     changed: Vec<ResourceId>,
+    parts: PartChanges,
+}
+
+/// Which nodes' own parts may have changed: those with a workload in `namespaces` (whose
+/// policies or PeerAuthentications changed), those in `nodes` (whose workloads changed), or
+/// every node (`all`: a change in the root namespace).
+#[derive(Default)]
+struct PartChanges {
+    all: bool,
+    namespaces: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+}
+
+impl PartChanges {
+    /// Records a change of policy or PeerAuthentication in `ns`.
+    fn namespace(&mut self, ns: &str, root_namespace: &str) {
+        if ns == root_namespace {
+            self.all = true;
+        }
+        self.namespaces.insert(ns.to_owned());
+    }
+
+    /// Records a node whose workloads changed.
+    fn node(&mut self, w: Option<&mesh_model::Workload>) {
+        if let Some(n) = w.and_then(|w| w.node.as_ref()) {
+            self.nodes.insert(n.clone());
+        }
+    }
 }
 
 pub struct View {
@@ -38,14 +65,14 @@ pub struct View {
     model: Arc<Model>,
     root_namespace: String,
     /// Pushed to every node: workloads, Services, what was rejected, meshes.
-    shared: Resources,
+    shared: Arc<Resources>,
     /// The last changes to `shared`, oldest first, ending at this version.
     history: VecDeque<Arc<Step>>,
     authz: BTreeMap<Key, Arc<str>>,
     index: PolicyIndex,
     peer_auth: BTreeMap<Key, Arc<str>>,
-    /// node -> the keys of its workloads.
-    local: HashMap<String, Vec<WorkloadKey>>,
+    /// node -> its workloads.
+    local: Arc<HashMap<String, Vec<Arc<mesh_model::Workload>>>>,
 }
 
 /// A node's update: the whole state (the shared resources and the node's own part), or what
@@ -53,6 +80,15 @@ pub struct View {
 pub enum Update {
     Snapshot,
     Delta { upserts: Vec<(ResourceId, Arc<str>)>, removals: Vec<ResourceId> },
+}
+
+/// The keys whose values differ between `old` and `new` (added, removed or changed).
+fn changed_keys<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = &'a K> + 'a {
+    let changed = new.iter().filter(move |(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k);
+    changed.chain(old.keys().filter(move |k| !new.contains_key(*k)))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Arc<str> {
@@ -72,41 +108,52 @@ impl View {
     pub fn build(model: Arc<Model>, root_namespace: &str, prev: Option<&View>) -> View {
         let m = &*model;
         let pm = prev.map(|p| &*p.model);
-        let old = |id: &ResourceId| prev.and_then(|p| p.shared.get(id));
-        let mut shared = Resources::new();
-        for (k, w) in &m.workloads {
-            let id = ResourceId::new(Kind::Workload, &k.namespace, &k.name);
-            let j = reuse(pm.and_then(|pm| pm.workloads.get(k)).zip(old(&id)), w);
-            shared.insert(id, j);
-        }
-        for ((ns, n), s) in &m.services {
-            let id = ResourceId::new(Kind::Service, ns, n);
-            let j = reuse(pm.and_then(|pm| pm.services.get(&(ns.clone(), n.clone()))).zip(old(&id)), s);
-            shared.insert(id, j);
-        }
-        // What the controller rejected, so that agents (and meshctl on any node) can show it.
-        for (i, e) in m.errors.iter().enumerate() {
-            let id = ResourceId::new(Kind::Rejected, "", format!("{i:04}"));
-            let j = reuse(pm.and_then(|pm| pm.errors.get(i)).zip(old(&id)), e);
-            shared.insert(id, j);
-        }
-        for (name, r) in &m.mesh_records {
-            let id = ResourceId::new(Kind::Mesh, "", name);
-            let j = reuse(pm.and_then(|pm| pm.mesh_records.get(name)).zip(old(&id)), r);
-            shared.insert(id, j);
-        }
+        // Most changes are of policies: the workloads (shared records, compared by pointer) and
+        // the rest of the shared part are then the last view's, taken whole.
+        let same_workloads = pm.is_some_and(|pm| pm.workloads == m.workloads);
+        let same_shared = same_workloads
+            && pm.is_some_and(|pm| {
+                pm.services == m.services && pm.errors == m.errors && pm.mesh_records == m.mesh_records
+            });
+        let shared = match prev {
+            Some(p) if same_shared => p.shared.clone(),
+            _ => Arc::new(Self::shared(m, prev)),
+        };
         let mut history = prev.map(|p| p.history.clone()).unwrap_or_default();
-        if let Some(p) = prev {
-            // Unchanged objects share their JSON with the last view, so most comparisons are of
-            // two pointers.
-            let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
-            let mut changed: Vec<ResourceId> = shared
-                .iter()
-                .filter(|(id, j)| !p.shared.get(*id).is_some_and(|o| same(o, j)))
-                .map(|(id, _)| id.clone())
-                .collect();
-            changed.extend(p.shared.keys().filter(|id| !shared.contains_key(*id)).cloned());
-            history.push_back(Arc::new(Step { from: p.version, changed }));
+        // No stream is ever sent version 0 (the controller serves once it has read its
+        // configuration), so the step from it, the whole cluster, is not kept.
+        if let (Some(p), Some(pm)) = (prev.filter(|p| p.version > 0), pm) {
+            let mut changed = Vec::new();
+            let mut parts = PartChanges::default();
+            if !same_shared {
+                // Unchanged objects share their JSON with the last view, so most comparisons
+                // are of two pointers.
+                let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
+                changed = shared
+                    .iter()
+                    .filter(|(id, j)| !p.shared.get(*id).is_some_and(|o| same(o, j)))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                changed.extend(p.shared.keys().filter(|id| !shared.contains_key(*id)).cloned());
+            }
+            if !same_workloads {
+                for (k, w) in &m.workloads {
+                    let old = pm.workloads.get(k);
+                    if old != Some(w) {
+                        parts.node(Some(w));
+                        parts.node(old.map(|w| &**w));
+                    }
+                }
+                for (k, w) in &pm.workloads {
+                    if !m.workloads.contains_key(k) {
+                        parts.node(Some(w));
+                    }
+                }
+            }
+            for (ns, _) in changed_keys(&pm.authz, &m.authz).chain(changed_keys(&pm.peer_auth, &m.peer_auth)) {
+                parts.namespace(ns, root_namespace);
+            }
+            history.push_back(Arc::new(Step { from: p.version, changed, parts }));
             while history.len() > HISTORY {
                 history.pop_front();
             }
@@ -127,12 +174,18 @@ impl View {
                 (k.clone(), reuse(pm.and_then(|pm| pm.peer_auth.get(k)).zip(prev.and_then(|p| p.peer_auth.get(k))), s))
             })
             .collect();
-        let mut local: HashMap<String, Vec<WorkloadKey>> = HashMap::new();
-        for (k, w) in &m.workloads {
-            if let Some(node) = &w.node {
-                local.entry(node.clone()).or_default().push(k.clone());
+        let local = match prev {
+            Some(p) if same_workloads => p.local.clone(),
+            _ => {
+                let mut local: HashMap<String, Vec<Arc<mesh_model::Workload>>> = HashMap::new();
+                for w in m.workloads.values() {
+                    if let Some(node) = &w.node {
+                        local.entry(node.clone()).or_default().push(w.clone());
+                    }
+                }
+                Arc::new(local)
             }
-        }
+        };
         View {
             version: m.version,
             accepted_at_ms: m.accepted_at_ms,
@@ -147,14 +200,47 @@ impl View {
         }
     }
 
+    /// The part every node is sent, reusing `prev`'s JSON for what did not change.
+    fn shared(m: &Model, prev: Option<&View>) -> Resources {
+        let pm = prev.map(|p| &*p.model);
+        let old = |id: &ResourceId| prev.and_then(|p| p.shared.get(id));
+        let mut shared = Resources::new();
+        for (k, w) in &m.workloads {
+            let id = ResourceId::new(Kind::Workload, &k.namespace, &k.name);
+            let before = pm.and_then(|pm| pm.workloads.get(k));
+            let j = match before.zip(old(&id)) {
+                // The same record, shared with the last model: nothing to compare.
+                Some((b, j)) if Arc::ptr_eq(b, w) => j.clone(),
+                _ => reuse(before.map(|w| &**w).zip(old(&id)), &**w),
+            };
+            shared.insert(id, j);
+        }
+        for ((ns, n), s) in &m.services {
+            let id = ResourceId::new(Kind::Service, ns, n);
+            let j = reuse(pm.and_then(|pm| pm.services.get(&(ns.clone(), n.clone()))).zip(old(&id)), s);
+            shared.insert(id, j);
+        }
+        // What the controller rejected, so that agents (and meshctl on any node) can show it.
+        for (i, e) in m.errors.iter().enumerate() {
+            let id = ResourceId::new(Kind::Rejected, "", format!("{i:04}"));
+            let j = reuse(pm.and_then(|pm| pm.errors.get(i)).zip(old(&id)), e);
+            shared.insert(id, j);
+        }
+        for (name, r) in &m.mesh_records {
+            let id = ResourceId::new(Kind::Mesh, "", name);
+            let j = reuse(pm.and_then(|pm| pm.mesh_records.get(name)).zip(old(&id)), r);
+            shared.insert(id, j);
+        }
+        shared
+    }
+
     /// What only `node` is sent: the policies that select its workloads, and the
     /// PeerAuthentications of the root namespace and of its workloads' namespaces.
     pub fn node_part(&self, node: &str) -> Resources {
         let mut out = Resources::new();
-        let local: Vec<&mesh_model::Workload> =
-            self.local.get(node).into_iter().flatten().filter_map(|k| self.model.workloads.get(k)).collect();
+        let local = self.local.get(node).map(Vec::as_slice).unwrap_or_default();
         let mut namespaces = BTreeSet::new();
-        for w in &local {
+        for w in local {
             namespaces.insert(w.namespace.as_str());
             let mesh = w.mesh.as_deref().unwrap_or(mesh_model::mesh::DEFAULT_MESH);
             for name in self.index.for_workload_in(mesh, &w.namespace, &w.labels).names() {
@@ -181,26 +267,42 @@ impl View {
         self.shared.iter().filter(|(id, _)| !mine.contains_key(*id)).chain(mine.iter())
     }
 
-    /// The shared resources that changed since version `since`, or None when this view's
-    /// history does not reach back that far (the stream then gets a snapshot).
-    fn shared_changes_since(&self, since: u64) -> Option<BTreeSet<&ResourceId>> {
-        if since == self.version {
-            return Some(BTreeSet::new());
-        }
-        let first = self.history.iter().position(|s| s.from == since)?;
-        let steps = self.history.range(first..);
-        Some(steps.flat_map(|s| s.changed.iter()).collect())
+    /// The steps since version `since`, or None when this view's history does not reach back
+    /// that far (the stream then gets a snapshot).
+    fn steps_since(&self, since: u64) -> Option<impl Iterator<Item = &Step>> {
+        let first = match since == self.version {
+            true => self.history.len(),
+            false => self.history.iter().position(|s| s.from == since)?,
+        };
+        Some(self.history.range(first..).map(|s| &**s))
+    }
+
+    /// Whether `node`'s own part may differ from what it was at the start of `steps`.
+    fn part_changed<'a>(&self, node: &str, mut steps: impl Iterator<Item = &'a Step>) -> bool {
+        let namespaces: BTreeSet<&str> =
+            self.local.get(node).into_iter().flatten().map(|w| w.namespace.as_str()).collect();
+        steps.any(|s| {
+            let p = &s.parts;
+            p.all || p.nodes.contains(node) || namespaces.iter().any(|ns| p.namespaces.contains(*ns))
+        })
     }
 
     /// What to send a node that was last sent `sent` (the version and its own part), or
-    /// None when nothing it holds changed.
+    /// None when nothing it holds changed; and the node's own part now.
     pub fn update_for(&self, node: &str, sent: Option<(u64, &Resources)>) -> (Option<Update>, Resources) {
-        let mine = self.node_part(node);
         let Some((since, last_mine)) = sent else {
-            return (Some(Update::Snapshot), mine);
+            return (Some(Update::Snapshot), self.node_part(node));
         };
-        let Some(changed) = self.shared_changes_since(since) else {
-            return (Some(Update::Snapshot), mine);
+        let Some(steps) = self.steps_since(since) else {
+            return (Some(Update::Snapshot), self.node_part(node));
+        };
+        let steps: Vec<&Step> = steps.collect();
+        let changed: BTreeSet<&ResourceId> = steps.iter().flat_map(|s| s.changed.iter()).collect();
+        // A node's own part is worked out again only when something it depends on changed: a
+        // change of one namespace's policy costs the nodes running none of its workloads nothing.
+        let mine = match self.part_changed(node, steps.iter().copied()) {
+            true => self.node_part(node),
+            false => last_mine.clone(),
         };
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
@@ -229,7 +331,7 @@ mod tests {
         let c = mesh_model::config_file::parse_file(std::path::Path::new("t.yaml"), text).unwrap();
         let mut m = Model { version, ..Default::default() };
         for w in c.workloads {
-            m.workloads.insert(w.key(), w);
+            m.workloads.insert(w.key(), Arc::new(w));
         }
         for p in c.authz {
             m.authz.insert((p.namespace.clone(), p.name.clone()), p.spec.clone());
@@ -316,6 +418,20 @@ mod tests {
         );
         // A version older than the history gets a snapshot.
         assert!(matches!(v4.update_for("n2", Some((0, &mine2))).0, Some(Update::Snapshot)));
+    }
+
+    /// A policy in the root namespace applies mesh-wide: added, it reaches the node whose
+    /// workload it selects in another namespace, and only that node's part changes.
+    #[test]
+    fn a_root_namespace_policy_reaches_the_nodes_it_selects_in_any_namespace() {
+        let root = "sockmesh-system";
+        let v1 = View::build(model(1, WORKLOADS), root, None);
+        let (_, mine1) = v1.update_for("n1", None);
+        let (_, mine2) = v1.update_for("n2", None);
+        let v2 = View::build(model(2, &format!("{WORKLOADS}{}", policy(root, "b", "z"))), root, Some(&v1));
+        assert!(v2.update_for("n1", Some((1, &mine1))).0.is_none());
+        let (u2, _) = v2.update_for("n2", Some((1, &mine2)));
+        assert_eq!(ids(&v2, &u2.unwrap(), &mine2), (vec![format!("KIND_AUTHORIZATION_POLICY {root}/p-b")], vec![]));
     }
 
     /// Past the history's length, a stream that was last sent an early version gets a snapshot

@@ -168,19 +168,28 @@ pub fn check_addresses<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     workloads: impl IntoIterator<Item = &'a Workload>,
 ) -> Vec<Result<(), String>> {
-    let mut taken: BTreeMap<IpAddr, String> = BTreeMap::new();
+    // Who holds each address; named only when a Service collides with it (the model is rebuilt
+    // on every change, and most addresses are workloads' that no Service claims).
+    enum Holder<'a> {
+        Workload(&'a Workload),
+        Service(&'a Service),
+    }
+    let mut taken: std::collections::HashMap<IpAddr, Holder<'a>> = std::collections::HashMap::new();
     for w in workloads {
         for ip in &w.ips {
-            taken.insert(*ip, format!("workload {}", w.key()));
+            taken.insert(*ip, Holder::Workload(w));
         }
     }
     services
         .into_iter()
         .map(|s| match s.addresses.iter().find_map(|a| taken.get(a).map(|who| (a, who))) {
-            Some((a, who)) => Err(format!("address {a} is already {who}'s")),
+            Some((a, Holder::Workload(w))) => Err(format!("address {a} is already workload {}'s", w.key())),
+            Some((a, Holder::Service(o))) => {
+                Err(format!("address {a} is already Service {}/{}'s", o.namespace, o.name))
+            }
             None => {
                 for a in &s.addresses {
-                    taken.insert(*a, format!("Service {}/{}", s.namespace, s.name));
+                    taken.insert(*a, Holder::Service(s));
                 }
                 Ok(())
             }
