@@ -77,7 +77,7 @@ impl ConfigWatch {
 
     async fn stream_once(&self, channel: tonic::transport::Channel, applied: &mut bool) -> Result<(), WatchError> {
         let mut client = ConfigServiceClient::new(channel);
-        let mut req = tonic::Request::new(WatchRequest {});
+        let mut req = tonic::Request::new(WatchRequest { accepts_parts: true });
         req.metadata_mut().insert("authorization", self.identities.bearer()?);
         let mut s = client.watch(req).await?.into_inner();
         let mut resources = self.state.load().config.resources.clone();

@@ -432,7 +432,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         views_tx.send_replace(Arc::new(v));
                         tokio::task::spawn_blocking(push::release_free_memory);
                     }
-                    Err(e) => return tracing::error!(error = %e, "the configuration push stopped"),
+                    Err(e) => {
+                        // Without views every stream would end and its agent reconnect, over and
+                        // over, while the controller looked healthy: stop, and be restarted.
+                        tracing::error!(error = %e, "the configuration push failed; stopping");
+                        std::process::exit(1);
+                    }
                 };
             }
         });

@@ -24,7 +24,11 @@ pub type Resources = BTreeMap<ResourceId, Arc<str>>;
 /// How many versions back a stream can be and still get a delta (it gets a snapshot past that).
 const HISTORY: usize = 64;
 
-/// The change from version `from` to the next view's: the shared resources that were upserted
+/// A delta changing more shared resources than this (and more than a quarter of them) is sent
+/// as a snapshot instead.
+const BIG_DELTA: usize = 1000;
+
+/// The change from view `from` (its [`View::seq`]) to the next view: the shared resources that were upserted
 /// or removed (what they are now is in the view), and which nodes' own parts may have changed.
 struct Step {
     from: u64,
@@ -60,6 +64,10 @@ impl PartChanges {
 }
 
 pub struct View {
+    /// Counts the views built. Streams track what they were sent by it, not by the model's
+    /// version: the mesh keeper may publish a model again with the same version and different
+    /// contents (a Mesh admitted on a retry).
+    pub seq: u64,
     pub version: u64,
     pub accepted_at_ms: i64,
     model: Arc<Model>,
@@ -153,7 +161,7 @@ impl View {
             for (ns, _) in changed_keys(&pm.authz, &m.authz).chain(changed_keys(&pm.peer_auth, &m.peer_auth)) {
                 parts.namespace(ns, root_namespace);
             }
-            history.push_back(Arc::new(Step { from: p.version, changed, parts }));
+            history.push_back(Arc::new(Step { from: p.seq, changed, parts }));
             while history.len() > HISTORY {
                 history.pop_front();
             }
@@ -187,6 +195,7 @@ impl View {
             }
         };
         View {
+            seq: prev.map_or(0, |p| p.seq + 1),
             version: m.version,
             accepted_at_ms: m.accepted_at_ms,
             root_namespace: root_namespace.to_owned(),
@@ -267,10 +276,10 @@ impl View {
         self.shared.iter().filter(|(id, _)| !mine.contains_key(*id)).chain(mine.iter())
     }
 
-    /// The steps since version `since`, or None when this view's history does not reach back
+    /// The steps since view `since`, or None when this view's history does not reach back
     /// that far (the stream then gets a snapshot).
     fn steps_since(&self, since: u64) -> Option<impl Iterator<Item = &Step>> {
-        let first = match since == self.version {
+        let first = match since == self.seq {
             true => self.history.len(),
             false => self.history.iter().position(|s| s.from == since)?,
         };
@@ -287,7 +296,7 @@ impl View {
         })
     }
 
-    /// What to send a node that was last sent `sent` (the version and its own part), or
+    /// What to send a node that was last sent `sent` (the view's seq and its own part), or
     /// None when nothing it holds changed; and the node's own part now.
     pub fn update_for(&self, node: &str, sent: Option<(u64, &Resources)>) -> (Option<Update>, Resources) {
         let Some((since, last_mine)) = sent else {
@@ -298,6 +307,11 @@ impl View {
         };
         let steps: Vec<&Step> = steps.collect();
         let changed: BTreeSet<&ResourceId> = steps.iter().flat_map(|s| s.changed.iter()).collect();
+        // A change to much of the cluster goes as a snapshot: it waits its turn with the others
+        // and is sent as it is read, where a delta is gathered whole for each node.
+        if changed.len() > BIG_DELTA.max(self.shared.len() / 4) {
+            return (Some(Update::Snapshot), self.node_part(node));
+        }
         // A node's own part is worked out again only when something it depends on changed: a
         // change of one namespace's policy costs the nodes running none of its workloads nothing.
         let mine = match self.part_changed(node, steps.iter().copied()) {
@@ -384,9 +398,9 @@ mod tests {
 
         // One policy of n1's changes: n1 gets it alone, n2 nothing.
         let v2 = View::build(model(2, &text("changed")), root, Some(&v1));
-        let (u1, mine1b) = v2.update_for("n1", Some((1, &mine1)));
+        let (u1, mine1b) = v2.update_for("n1", Some((v1.seq, &mine1)));
         assert_eq!(ids(&v2, &u1.unwrap(), &mine1b), (vec!["KIND_AUTHORIZATION_POLICY x/p-a".to_owned()], vec![]));
-        assert!(v2.update_for("n2", Some((1, &mine2))).0.is_none(), "n2 is sent nothing");
+        assert!(v2.update_for("n2", Some((v1.seq, &mine2))).0.is_none(), "n2 is sent nothing");
         assert!(
             Arc::ptr_eq(&v1.shared.values().next().unwrap().clone(), v2.shared.values().next().unwrap()),
             "unchanged JSON is reused"
@@ -395,13 +409,13 @@ mod tests {
         // A workload moves and its label changes: every node gets it; n1 loses its policy.
         let moved = text("changed").replace("node: n1\nlabels: {app: a}", "node: n2\nlabels: {app: c}");
         let v3 = View::build(model(3, &moved), root, Some(&v2));
-        let (u1, _) = v3.update_for("n1", Some((2, &mine1b)));
+        let (u1, _) = v3.update_for("n1", Some((v2.seq, &mine1b)));
         assert_eq!(
             ids(&v3, &u1.unwrap(), &mine1b),
             (vec!["KIND_WORKLOAD x/a".to_owned()], vec!["KIND_AUTHORIZATION_POLICY x/p-a".to_owned()])
         );
         // n2, last sent version 1, gets versions 2 and 3 in one delta: only the workload.
-        let (u2, _) = v3.update_for("n2", Some((1, &mine2)));
+        let (u2, _) = v3.update_for("n2", Some((v1.seq, &mine2)));
         assert_eq!(ids(&v3, &u2.unwrap(), &mine2), (vec!["KIND_WORKLOAD x/a".to_owned()], vec![]));
         // A removed workload is removed on every node.
         let v4 = View::build(
@@ -409,15 +423,15 @@ mod tests {
             root,
             Some(&v3),
         );
-        let (u2, _) = v4.update_for("n2", Some((3, &mine2)));
+        let (u2, _) = v4.update_for("n2", Some((v3.seq, &mine2)));
         let (ups, rems) = ids(&v4, &u2.unwrap(), &mine2);
         assert!(
             rems.contains(&"KIND_WORKLOAD x/a".to_owned())
                 && rems.contains(&"KIND_AUTHORIZATION_POLICY y/p-b".to_owned()),
             "{ups:?} {rems:?}"
         );
-        // A version older than the history gets a snapshot.
-        assert!(matches!(v4.update_for("n2", Some((0, &mine2))).0, Some(Update::Snapshot)));
+        // A view the history does not know gets a snapshot.
+        assert!(matches!(v4.update_for("n2", Some((99, &mine2))).0, Some(Update::Snapshot)));
     }
 
     /// A policy in the root namespace applies mesh-wide: added, it reaches the node whose
@@ -429,9 +443,21 @@ mod tests {
         let (_, mine1) = v1.update_for("n1", None);
         let (_, mine2) = v1.update_for("n2", None);
         let v2 = View::build(model(2, &format!("{WORKLOADS}{}", policy(root, "b", "z"))), root, Some(&v1));
-        assert!(v2.update_for("n1", Some((1, &mine1))).0.is_none());
-        let (u2, _) = v2.update_for("n2", Some((1, &mine2)));
+        assert!(v2.update_for("n1", Some((v1.seq, &mine1))).0.is_none());
+        let (u2, _) = v2.update_for("n2", Some((v1.seq, &mine2)));
         assert_eq!(ids(&v2, &u2.unwrap(), &mine2), (vec![format!("KIND_AUTHORIZATION_POLICY {root}/p-b")], vec![]));
+    }
+
+    /// The mesh keeper may publish a model again under the same version with other contents
+    /// (a Mesh admitted on a retry): the nodes still get what changed.
+    #[test]
+    fn a_model_published_again_under_its_version_still_reaches_the_nodes() {
+        let root = "sockmesh-system";
+        let v1 = View::build(model(1, WORKLOADS), root, None);
+        let (_, mine1) = v1.update_for("n1", None);
+        let v2 = View::build(model(1, &WORKLOADS.replace("10.0.0.2", "10.0.0.3")), root, Some(&v1));
+        let (u, _) = v2.update_for("n1", Some((v1.seq, &mine1)));
+        assert_eq!(ids(&v2, &u.expect("the change was sent"), &mine1), (vec!["KIND_WORKLOAD y/b".to_owned()], vec![]));
     }
 
     /// Past the history's length, a stream that was last sent an early version gets a snapshot
@@ -441,12 +467,13 @@ mod tests {
         let root = "sockmesh-system";
         let mut v = View::build(model(1, WORKLOADS), root, None);
         let (_, mine) = v.update_for("n1", None);
+        let first = v.seq;
         for i in 2..(HISTORY as u64 + 3) {
             let text = WORKLOADS.replace("10.0.0.1", &format!("10.0.1.{i}"));
             v = View::build(model(i, &text), root, Some(&v));
         }
-        assert!(matches!(v.update_for("n1", Some((1, &mine))).0, Some(Update::Snapshot)));
-        let last = v.version - 1;
+        assert!(matches!(v.update_for("n1", Some((first, &mine))).0, Some(Update::Snapshot)));
+        let last = v.seq - 1;
         assert!(matches!(v.update_for("n1", Some((last, &mine))).0, Some(Update::Delta { .. })));
     }
 }
