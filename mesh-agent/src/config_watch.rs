@@ -126,10 +126,13 @@ impl ConfigWatch {
     }
 }
 
+/// Resources as pushed: identity -> JSON.
+pub type Resources = BTreeMap<ResourceId, String>;
+
 /// An update sent in parts (`more`), gathered until its last part: nothing is applied before.
 #[derive(Default)]
 pub struct Gather {
-    partial: Option<(BTreeMap<ResourceId, String>, bool)>,
+    partial: Option<(Resources, bool)>,
 }
 
 impl Gather {
@@ -137,9 +140,9 @@ impl Gather {
     /// is in: the resources the update leaves, and whether it was a snapshot.
     pub fn add(
         &mut self,
-        resources: &BTreeMap<ResourceId, String>,
+        resources: &Resources,
         u: ConfigUpdate,
-    ) -> Result<Option<(BTreeMap<ResourceId, String>, bool)>, WatchError> {
+    ) -> Result<Option<(Resources, bool)>, WatchError> {
         let more = u.more;
         let (mut next, snapshot) = match self.partial.take() {
             Some(p) => p,
