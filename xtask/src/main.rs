@@ -52,6 +52,12 @@ enum Cmd {
         /// defaults: `--agent-args "--worker-threads 2"`. The report notes them.
         #[arg(long, allow_hyphen_values = true)]
         agent_args: Option<String>,
+        /// Instead: the control-plane scale benchmark (the real controller, 1,000 simulated
+        /// agents, 100,000 workloads, 10,000 policies; `--quick`: 50, 2,000, 200): policy
+        /// propagation, controller memory and CPU, bytes pushed per change, a node joining, CA
+        /// signing rate. Report in target/bench/control-plane/.
+        #[arg(long, conflicts_with_all = ["profile", "agent_args"])]
+        control_plane: bool,
     },
     /// The datapath's core cases on Debian's kernels (other than the host's), each booted
     /// under emulation with the host's root filesystem shared: programs load and attach,
@@ -159,9 +165,12 @@ fn real_main() -> Result<()> {
             build(&root)?;
             image::build(&root)
         }
-        Cmd::Bench { quick, profile, agent_args } => {
+        Cmd::Bench { quick, profile, agent_args, control_plane } => {
             setup()?;
             build(&root)?;
+            if control_plane {
+                return bench_control_plane(&root, quick);
+            }
             bench(&root, quick, profile, agent_args.as_deref())
         }
         Cmd::Kernels { kernels } => {
@@ -452,6 +461,17 @@ fn bench(root: &Path, quick: bool, profile: bool, agent_args: Option<&str>) -> R
         cmd.arg("--agent-args").arg(a);
     }
     sh(&mut cmd)
+}
+
+/// `cargo xtask bench --control-plane`: sm-cpbench against the release controller.
+fn bench_control_plane(root: &Path, quick: bool) -> Result<()> {
+    step("control-plane benchmark: the real controller and simulated agents");
+    let mut cmd = Command::new(root.join("target/release/sm-cpbench"));
+    cmd.arg("--out").arg(root.join("target/bench/control-plane"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    sh(cmd.env("SOCKMESH_BIN_DIR", root.join("target/release")))
 }
 
 /// Sums cargo's "test result:" lines.
