@@ -213,7 +213,7 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         limits: crate::limits::Limits::new(cfg.limits.clone(), metrics.clone(), None),
     });
     let lifecycle = inputs.lifecycle.clone();
-    let pool = Arc::new(Pool::new(cfg.hbone_pooling, metrics.clone()));
+    let pool = Arc::new(Pool::new(cfg.hbone_pooling, cfg.hbone_connections, metrics.clone()));
     let state_file = StateFile::new(&cfg.state_dir);
     let registry = Arc::new(Registry::new(
         &cfg.node,

@@ -147,6 +147,13 @@ pub struct RunArgs {
     /// measuring handshake cost; never faster).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub hbone_pooling: bool,
+    /// With pooling, how many HBONE connections one (source workload, destination) may have at
+    /// once: a new one is made while every existing one carries streams, and streams go to the
+    /// least loaded. More than one lets the TLS work of concurrent connections between two pods
+    /// run on several worker threads (with `--worker-threads` above 1). Default 1: on a 2-CPU
+    /// host, 2 connections with 2 workers moved no more than 1 (docs/benchmarks.md).
+    #[arg(long)]
+    pub hbone_connections: Option<usize>,
     /// Send connections between two meshed pods of this node through mutual TLS too (to the
     /// agent itself), as if they crossed nodes. By default they are authenticated by kernel
     /// facts on both ends, authorized by the destination's policy and relayed without TLS:
@@ -281,6 +288,7 @@ pub struct Config {
     pub readiness_addr: std::net::SocketAddr,
     pub root_namespace: String,
     pub hbone_pooling: bool,
+    pub hbone_connections: usize,
     pub same_node_tls: bool,
     pub worker_threads: usize,
     pub limits: LimitArgs,
@@ -329,6 +337,13 @@ impl Config {
             Some(n) => n,
             None if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) <= 2 => 1,
             None => 2,
+        };
+        let hbone_connections = match a.hbone_connections {
+            Some(n) if !(1..=64).contains(&n) => {
+                return Err(invalid("hbone-connections", &n, "must be between 1 and 64"));
+            }
+            Some(n) => n,
+            None => 1,
         };
         let max_connections_per_workload = match a.max_connections_per_workload {
             None => mesh_common::WORKLOAD_CONNS_DEFAULT.min(a.max_connections),
@@ -467,6 +482,7 @@ impl Config {
             readiness_addr: a.readiness_addr,
             root_namespace: a.root_namespace,
             hbone_pooling: a.hbone_pooling,
+            hbone_connections,
             same_node_tls: a.same_node_tls,
             worker_threads,
             limits: a.limits,

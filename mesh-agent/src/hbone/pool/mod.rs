@@ -1,6 +1,9 @@
 //! HBONE connections pooled per (source workload, destination identity, address): each carries
-//! many CONNECT streams, and a new TLS session is made only when none is usable. Slots whose
-//! source or destination is gone are evicted when the agent's state changes.
+//! many CONNECT streams, and a new TLS session is made only when none is usable — or, with
+//! `--hbone-connections` above 1, when every connection already carries a stream, so that
+//! concurrent connections between two pods spread their TLS work over several connection tasks
+//! (and so over the runtime's threads) instead of queueing behind one. Slots whose source or
+//! destination is gone are evicted when the agent's state changes.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,7 +52,8 @@ struct Pooled {
     active: Arc<AtomicUsize>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+/// A key's connections (at most the pool's `per_peer`).
+type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 
 /// What a tunnel from one workload needs, whether or not a connection is made.
 pub struct Source<'a> {
@@ -70,13 +74,15 @@ pub const REFUSED_RETRIES: u32 = 2;
 pub struct Pool {
     /// When false, every connection gets its own TLS session (see `--hbone-pooling`).
     pooling: bool,
+    /// How many connections a key may have at once.
+    per_peer: usize,
     slots: Mutex<HashMap<PoolKey, Slot>>,
     metrics: Arc<Metrics>,
 }
 
 impl Pool {
-    pub fn new(pooling: bool, metrics: Arc<Metrics>) -> Pool {
-        Pool { pooling, slots: Default::default(), metrics }
+    pub fn new(pooling: bool, per_peer: usize, metrics: Arc<Metrics>) -> Pool {
+        Pool { pooling, per_peer: per_peer.max(1), slots: Default::default(), metrics }
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Slot>> {
@@ -140,26 +146,29 @@ impl Pool {
         // handshakes.
         let deadline = tokio::time::Instant::now() + connect_timeout;
         let mut guard = tokio::time::timeout_at(deadline, slot.lock()).await.map_err(|_| TunnelError::Timeout)?;
-        // A connection at the peer's stream limit is not reused: a new one becomes current,
-        // and the full one closes once its streams are done. (Waiting for room instead
-        // would stall new connections behind long-lived ones.)
-        let reusable = match guard.take() {
-            Some(p)
-                if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams().min(MAX_STREAMS as usize) =>
-            {
+        // A connection at the peer's stream limit is not reused: it leaves the slot and closes
+        // once its streams are done. (Waiting for room instead would stall new connections
+        // behind long-lived ones.) Nor is one that has ended.
+        let mut usable = Vec::with_capacity(guard.len());
+        for p in guard.drain(..) {
+            if p.active.load(Ordering::Relaxed) < p.sender.current_max_send_streams().min(MAX_STREAMS as usize) {
                 // The pooled sender never sends itself (streams go out on clones), so this only
                 // finds out whether the connection is still alive; the stream's answer is
                 // waited for until the connect timeout (client::answer).
-                p.sender.ready().await.ok().map(|sender| Pooled { sender, active: p.active })
+                if let Ok(sender) = p.sender.ready().await {
+                    usable.push(Pooled { sender, active: p.active });
+                }
             }
-            _ => None,
-        };
-        let Some(p) = reusable else {
+        }
+        *guard = usable;
+        // The least loaded connection, unless every one carries streams and the key may have
+        // another.
+        let least = guard.iter().min_by_key(|p| p.active.load(Ordering::Relaxed));
+        let Some(p) = least.filter(|p| p.active.load(Ordering::Relaxed) == 0 || guard.len() >= self.per_peer) else {
             // The slot stays locked until the new connection is in it.
             return self.open_new(src, to, req, connect_timeout, dial, early, Some(guard)).await;
         };
         let (mut sender, active) = (p.sender.clone(), p.active.clone());
-        *guard = Some(p);
         drop(guard);
         let started = client::start_stream(&mut sender, req, &active, src.client, early)?;
         client::answer(started, connect_timeout).await
@@ -178,7 +187,7 @@ impl Pool {
         connect_timeout: Duration,
         dial: &D,
         early: &mut EarlyBytes,
-        slot: Option<tokio::sync::MutexGuard<'_, Option<Pooled>>>,
+        slot: Option<tokio::sync::MutexGuard<'_, Vec<Pooled>>>,
     ) -> Result<Tunnel, TunnelError>
     where
         D: Fn() -> F,
@@ -192,7 +201,7 @@ impl Pool {
             self.metrics.tls_session();
             let active: Arc<AtomicUsize> = Arc::default();
             if let Some(mut slot) = slot {
-                *slot = Some(Pooled { sender: sender.clone(), active: active.clone() });
+                slot.push(Pooled { sender: sender.clone(), active: active.clone() });
             }
             // From here on the connection exists (and may be in the pool): it is kept running
             // whatever becomes of this stream.
@@ -254,7 +263,7 @@ impl Pool {
         stream
     }
 
-    /// Stops reusing the current connection for (source, destination).
+    /// Stops reusing the current connections for (source, destination).
     fn retire(&self, src: &Source<'_>, to: &Destination<'_>) {
         let key = PoolKey { src: src.key.clone(), src_id: src.id.clone(), dst: to.id.clone(), addr: to.hbone_addr };
         let slot = self.slots().get(&key).cloned();
@@ -262,7 +271,7 @@ impl Pool {
         // replaces the current one anyway.
         if let Some(slot) = slot {
             if let Ok(mut s) = slot.try_lock() {
-                s.take();
+                s.clear();
             }
         }
     }
@@ -272,7 +281,7 @@ impl Pool {
     pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) -> usize {
         let mut slots = self.slots();
         let before = slots.len();
-        slots.retain(|k, slot| keep(k) && !slot.try_lock().is_ok_and(|s| s.is_none()));
+        slots.retain(|k, slot| keep(k) && !slot.try_lock().is_ok_and(|s| s.is_empty()));
         before - slots.len()
     }
 

@@ -136,7 +136,7 @@ async fn streams_share_a_connection_until_its_slot_is_evicted() {
     let (a, b, b_id) = certs();
     let (addr, sessions) = server(b).await;
     let metrics = Arc::new(Metrics::new());
-    let pool = Pool::new(true, metrics.clone());
+    let pool = Pool::new(true, 1, metrics.clone());
     let t1 = open(&pool, &a, &b_id, addr).await.unwrap();
     let t2 = open(&pool, &a, &b_id, addr).await.unwrap();
     assert_eq!(sessions.load(Ordering::SeqCst), 1, "the second stream reused the connection");
@@ -159,7 +159,7 @@ async fn a_refused_stream_is_sent_again_with_its_first_bytes() {
     let (a, b, b_id) = certs();
     let (addr, sessions, mut firsts) = server_refusing(b, 2).await;
     let metrics = Arc::new(Metrics::new());
-    let pool = Pool::new(true, metrics.clone());
+    let pool = Pool::new(true, 1, metrics.clone());
     let t = open(&pool, &a, &b_id, addr).await.unwrap();
     assert_eq!(t.early, 5);
     assert_eq!(firsts.recv().await.unwrap(), Bytes::from_static(b"hello"), "the first bytes were lost");
@@ -170,7 +170,7 @@ async fn a_refused_stream_is_sent_again_with_its_first_bytes() {
 
     let (a, b, b_id) = certs();
     let (addr, _, _) = server_refusing(b, 10).await;
-    let e = open(&Pool::new(true, Arc::new(Metrics::new())), &a, &b_id, addr).await.err().expect("refused");
+    let e = open(&Pool::new(true, 1, Arc::new(Metrics::new())), &a, &b_id, addr).await.err().expect("refused");
     assert!(e.is_refused_stream(), "{e}");
 }
 
@@ -178,7 +178,7 @@ async fn a_refused_stream_is_sent_again_with_its_first_bytes() {
 async fn without_pooling_every_tunnel_is_its_own_session() {
     let (a, b, b_id) = certs();
     let (addr, sessions) = server(b).await;
-    let pool = Pool::new(false, Arc::new(Metrics::new()));
+    let pool = Pool::new(false, 1, Arc::new(Metrics::new()));
     for _ in 0..3 {
         open(&pool, &a, &b_id, addr).await.unwrap();
     }
@@ -190,7 +190,7 @@ async fn without_pooling_every_tunnel_is_its_own_session() {
 async fn a_peer_with_another_identity_is_refused_at_the_handshake() {
     let (a, b, _) = certs();
     let (addr, _) = server(b).await;
-    let pool = Pool::new(true, Arc::new(Metrics::new()));
+    let pool = Pool::new(true, 1, Arc::new(Metrics::new()));
     let someone_else = SpiffeId::workload(TD, "default", "sa-c").unwrap();
     let e = open(&pool, &a, &someone_else, addr).await.err().expect("refused");
     assert_eq!(e.failure().label(), "unexpected_identity", "{e}");
@@ -239,11 +239,31 @@ async fn processed_then_lost(reason: h2::Reason) {
     let (a, b, b_id) = certs();
     let (addr, sessions, mut firsts) = server_taking_then_going(b, reason).await;
     let metrics = Arc::new(Metrics::new());
-    let pool = Pool::new(true, metrics.clone());
+    let pool = Pool::new(true, 1, metrics.clone());
     let e = open(&pool, &a, &b_id, addr).await.err().expect("an unanswered stream made a tunnel");
     assert!(!e.is_gone_away() && !e.is_refused_stream(), "{reason:?}: {e}");
     assert_eq!(firsts.recv().await.unwrap(), Bytes::from_static(b"hello"));
     assert_eq!(sessions.load(Ordering::SeqCst), 1, "{reason:?}: the processed stream was sent again");
     assert!(firsts.try_recv().is_err(), "{reason:?}: the app got the first bytes twice");
     assert!(metrics.encode().contains("sockmesh_hbone_streams_retried_total 0"));
+}
+
+/// With two connections allowed, a second stream while the first is open gets a connection of
+/// its own; a third goes to the least loaded of the two; once the streams are done, the next
+/// reuses one.
+#[tokio::test]
+async fn concurrent_streams_spread_over_the_connections_a_key_may_have() {
+    let (a, b, b_id) = certs();
+    let (addr, sessions) = server(b).await;
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(true, 2, metrics.clone());
+    let t1 = open(&pool, &a, &b_id, addr).await.unwrap();
+    let t2 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 2, "the second concurrent stream got a connection of its own");
+    let t3 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 2, "no third connection: the key may have two");
+    drop((t1, t2, t3));
+    let _t4 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 2);
+    assert_eq!((metrics.hbone_stats().tls_sessions, metrics.hbone_stats().streams), (2, 4));
 }
