@@ -164,7 +164,9 @@ mod tests {
             "kind: Workload\nname: a\nserviceAccount: sa-a\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: b\nserviceAccount: sa-b\nips: [10.0.0.2]\nnode: n2\n",
         )
         .unwrap();
-        let placement = Arc::new(std::sync::RwLock::new(Arc::new(crate::placement::Placement::from_workloads(&ws))));
+        let placement = Arc::new(std::sync::RwLock::new(Arc::new(crate::placement::Placement::from_workloads(
+            &ws.into_iter().map(Arc::new).collect::<Vec<_>>(),
+        ))));
         let auth = Arc::new(
             StaticCredentials::parse(
                 "c",

@@ -151,7 +151,7 @@ impl Model {
     }
 
     pub fn placement(&self) -> crate::placement::Placement {
-        crate::placement::Placement::from_workloads(self.workloads.values().map(|w| &**w))
+        crate::placement::Placement::from_workloads(self.workloads.values())
     }
 }
 

@@ -18,7 +18,7 @@ use crate::view::{Resources, Update, View};
 
 /// About how many bytes of resources one message carries: a part closes once it holds this
 /// much (a single larger resource goes alone).
-pub const PART_BYTES: usize = 64 << 10;
+pub const PART_BYTES: usize = 16 << 10;
 
 /// How many snapshots are sent at once. When every node connects at the same moment (the
 /// controller restarted), the others wait their turn: sending them all at once would not finish
@@ -235,8 +235,9 @@ mod tests {
             let mut parts = Parts { tx: &tx, part_bytes: PART_BYTES, turn: None };
             assert!(parts.update(&view, true, view.snapshot(&mine), &[]).await);
             // Removals count towards a part too: ten thousand of them are not one message.
-            let gone: Vec<ResourceId> =
-                (0..10_000).map(|i| ResourceId::new(mesh_api::push::Kind::Workload, "ns", format!("gone-{i}"))).collect();
+            let gone: Vec<ResourceId> = (0..10_000)
+                .map(|i| ResourceId::new(mesh_api::push::Kind::Workload, "ns", format!("gone-{i}")))
+                .collect();
             assert!(parts.update(&view, false, std::iter::empty(), &gone).await);
             drop(parts);
             drop(tx);
