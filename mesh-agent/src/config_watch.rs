@@ -138,11 +138,7 @@ pub struct Gather {
 impl Gather {
     /// Adds a part to the update under way, which starts from `resources`. Once the last part
     /// is in: the resources the update leaves, and whether it was a snapshot.
-    pub fn add(
-        &mut self,
-        resources: &Resources,
-        u: ConfigUpdate,
-    ) -> Result<Option<(Resources, bool)>, WatchError> {
+    pub fn add(&mut self, resources: &Resources, u: ConfigUpdate) -> Result<Option<(Resources, bool)>, WatchError> {
         let more = u.more;
         let (mut next, snapshot) = match self.partial.take() {
             Some(p) => p,
