@@ -47,7 +47,7 @@ pub struct ConfigUpdate {
     #[prost(int64, tag = "5")]
     pub accepted_at_ms: i64,
     /// True when the update continues in the next message: to an agent that accepts parts
-    /// (WatchRequest.accepts_parts), a large snapshot or delta is sent in parts of about 64 KiB, so
+    /// (WatchRequest.accepts_parts), a large snapshot or delta is sent in parts of about 16 KiB, so
     /// that no message nears a gRPC size limit and the controller never holds a whole cluster's
     /// state per node. Parts after the first have `snapshot` false and the same version. Apply
     /// nothing until the part with `more` false has arrived.
