@@ -111,6 +111,18 @@ fn reuse<T: serde::Serialize + PartialEq>(prev: Option<(&T, &Arc<str>)>, now: &T
     }
 }
 
+/// [`reuse`] for every object of a map: `before` the last model's objects, `json` the last
+/// view's JSON of them.
+fn reuse_all<T: serde::Serialize + PartialEq>(
+    now: &BTreeMap<Key, T>,
+    before: Option<&BTreeMap<Key, T>>,
+    json: Option<&BTreeMap<Key, Arc<str>>>,
+) -> BTreeMap<Key, Arc<str>> {
+    now.iter()
+        .map(|(k, s)| (k.clone(), reuse(before.and_then(|b| b.get(k)).zip(json.and_then(|j| j.get(k))), s)))
+        .collect()
+}
+
 impl View {
     /// The view of `model`, reusing what `prev` serialised for objects that did not change.
     pub fn build(model: Arc<Model>, root_namespace: &str, prev: Option<&View>) -> View {
@@ -166,22 +178,10 @@ impl View {
                 history.pop_front();
             }
         }
-        let authz = m
-            .authz
-            .iter()
-            .map(|(k, s)| {
-                (k.clone(), reuse(pm.and_then(|pm| pm.authz.get(k)).zip(prev.and_then(|p| p.authz.get(k))), s))
-            })
-            .collect();
+        let authz = reuse_all(&m.authz, pm.map(|pm| &pm.authz), prev.map(|p| &p.authz));
         let compiled = m.authz.iter().filter_map(|((ns, n), s)| Compiled::compile(ns, n, s).ok());
         let index = PolicyIndex::new(root_namespace, compiled);
-        let peer_auth = m
-            .peer_auth
-            .iter()
-            .map(|(k, s)| {
-                (k.clone(), reuse(pm.and_then(|pm| pm.peer_auth.get(k)).zip(prev.and_then(|p| p.peer_auth.get(k))), s))
-            })
-            .collect();
+        let peer_auth = reuse_all(&m.peer_auth, pm.map(|pm| &pm.peer_auth), prev.map(|p| &p.peer_auth));
         let local = match prev {
             Some(p) if same_workloads => p.local.clone(),
             _ => {

@@ -258,6 +258,34 @@ pub struct ResultsFile {
     pub notes: Vec<String>,
 }
 
+fn sh_out(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// What a benchmark report records of the machine and the code: CPUs and their model (the
+/// machines of this kind differ), memory, kernel, commit, date.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned();
+    let dirty = !sh_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+        "memory": mem.trim_start_matches("MemTotal:").trim(),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "commit": format!("{}{}", sh_out("git", &["rev-parse", "--short", "HEAD"]), if dirty { " (with uncommitted changes)" } else { "" }),
+        "date": sh_out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

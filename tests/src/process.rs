@@ -138,14 +138,19 @@ fn spawn_controller(cmd: &mut Command, log: PathBuf) -> Result<Controller> {
     Ok(c)
 }
 
-/// Writes node `n`'s credential file (mode 0600, as the agent requires).
-fn write_credential(n: &crate::Node, credential: &str) -> Result<()> {
+/// Writes a secret file afresh, readable by its owner only (mode 0600, as the agent and the
+/// controller require of credentials): never another mode left by an earlier file.
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = n.state_dir.join("credential");
-    let _ = std::fs::remove_file(&path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-    f.write_all(credential.as_bytes())?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// Writes node `n`'s credential file.
+fn write_credential(n: &crate::Node, credential: &str) -> Result<()> {
+    write_private(&n.state_dir.join("credential"), credential)
 }
 
 impl Topology {
@@ -159,7 +164,6 @@ impl Topology {
     /// (a replica beside the first: give it the first one's CA with `--ca-cert/--ca-key`). Both
     /// read the node credentials, placements and configuration from the first one's directory.
     pub fn start_controller_replica(&self, port: u16, state_dir: &Path, extra: &[&str]) -> Result<Controller> {
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.controller_dir();
         let creds = dir.join("node-credentials.yaml");
         let mut text = String::from("nodes:\n");
@@ -167,13 +171,7 @@ impl Topology {
             text.push_str(&format!("- name: {}\n  credential: {}\n", n.name, self.node_credential(n)));
             write_credential(n, &self.node_credential(n))?;
         }
-        let _ = std::fs::remove_file(&creds);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&creds)?
-            .write_all(text.as_bytes())?;
+        write_private(&creds, &text)?;
         let workloads = dir.join("workloads.yaml");
         if !workloads.exists() {
             self.write_controller_workloads(&[])?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tests::bench::{
     ConnRate, Key, Latency, Node, Path as P, Quantile, Results, ResultsFile, Rss, Scraping, Stat, Throughput, Via,
 };
@@ -739,32 +739,6 @@ struct Report {
     machine: Value,
 }
 
-fn sh_out(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        .unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned();
-    let dirty = !sh_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": cpu,
-        "memory": mem.trim_start_matches("MemTotal:").trim(),
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "commit": format!("{}{}", sh_out("git", &["rev-parse", "--short", "HEAD"]), if dirty { " (with uncommitted changes)" } else { "" }),
-        "date": sh_out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-    })
-}
-
 /// One row of the summary: what, direct, mesh, ratio, target, met.
 struct Row {
     what: String,
@@ -1028,7 +1002,7 @@ fn report(b: &Bench, took: Duration) -> Result<Report> {
         rows.iter().filter(|r| r.met == Some(true)).count(),
         missed.len()
     ));
-    let m = machine();
+    let m = tests::bench::machine();
     let hs = g(Key::HandshakesPerConn { case: ConnRate::MeshFreshMtls });
     let hp = g(Key::HandshakesPerConn { case: ConnRate::MeshPooled });
     let mut md = format!(

@@ -21,8 +21,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -708,12 +706,7 @@ async fn run(opts: Opts, dir: &Path) -> Result<()> {
         credentials.push(c);
     }
     let creds_path = dir.join("nodes.yaml");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&creds_path)?
-        .write_all(list.as_bytes())?;
+    tests::process::write_private(&creds_path, &list)?;
     for node in 0..=n {
         std::fs::write(config.join(format!("workloads-{}.yaml", plan.nodes[node])), plan.workloads_file(node))?;
     }
@@ -1026,7 +1019,7 @@ async fn run(opts: Opts, dir: &Path) -> Result<()> {
     let rss_per_wl = st_watching.rss as f64 / opts.workloads as f64;
     let cpu_per_change = cpu_changes / opts.changes.max(1) as f64;
     let report = json!({
-        "machine": machine(),
+        "machine": tests::bench::machine(),
         "params": {
             "nodes": n, "workloads": opts.workloads, "policies": opts.policies, "changes": opts.changes,
             "namespaces": plan.namespaces.len(), "apps": plan.apps.len(), "quick": opts.quick,
@@ -1100,30 +1093,6 @@ async fn run(opts: Opts, dir: &Path) -> Result<()> {
         bail!("{} errors: {}", errors.len(), errors.join("; "));
     }
     Ok(())
-}
-
-fn sh_out(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        .unwrap_or_default();
-    let dirty = !sh_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": cpu,
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "commit": format!("{}{}", sh_out("git", &["rev-parse", "--short", "HEAD"]), if dirty { " (with uncommitted changes)" } else { "" }),
-        "date": sh_out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-    })
 }
 
 /// One row: what, the value shown, the target shown, met, the gap.
