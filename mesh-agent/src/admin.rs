@@ -199,24 +199,38 @@ impl Views {
         snap.config
             .services_by_key
             .values()
+            .chain(snap.config.imported.values())
             .map(|e| {
                 let s = &e.service;
                 admin::ServiceInfo {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
+                    imported: s.imported,
                     addresses: s.addresses.clone(),
                     ports: s.ports.iter().map(|p| (p.port, p.target())).collect(),
                     endpoints: s
                         .endpoints
                         .iter()
-                        .map(|ep| {
-                            let wl = snap.destination(ep.address);
-                            admin::EndpointInfo {
+                        .map(|ep| match &ep.remote {
+                            // In another zone: its address means nothing here.
+                            Some(r) => admin::EndpointInfo {
                                 address: ep.address,
-                                workload: wl.map(|w| w.key.to_string()),
-                                identity: wl.map(|w| w.spiffe_id.to_string()),
+                                workload: None,
+                                identity: Some(r.identity.clone()),
                                 ready: ep.ready,
                                 in_flight: self.loads.get(&ep.address),
+                                zone: Some(r.zone.clone()),
+                            },
+                            None => {
+                                let wl = snap.destination(ep.address);
+                                admin::EndpointInfo {
+                                    address: ep.address,
+                                    workload: wl.map(|w| w.key.to_string()),
+                                    identity: wl.map(|w| w.spiffe_id.to_string()),
+                                    ready: ep.ready,
+                                    in_flight: self.loads.get(&ep.address),
+                                    zone: None,
+                                }
                             }
                         })
                         .collect(),

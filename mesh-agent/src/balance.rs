@@ -61,15 +61,16 @@ impl Loads {
 }
 
 /// The power of two choices among the ready endpoints not yet tried, preferring those of the
-/// client's address family. `rand(n)` is a uniform index below n.
+/// client's address family. `rand(n)` is a uniform index below n. Tried endpoints are told
+/// apart whole, not by address: an imported Service's endpoints in two zones may share one.
 pub fn pick<'a>(
     endpoints: &'a [Endpoint],
-    tried: &[IpAddr],
+    tried: &[&Endpoint],
     v4: bool,
     load: impl Fn(&IpAddr) -> u32,
     mut rand: impl FnMut(usize) -> usize,
 ) -> Option<&'a Endpoint> {
-    let usable = |e: &&Endpoint| e.ready && !tried.contains(&e.address);
+    let usable = |e: &&Endpoint| e.ready && !tried.contains(e);
     let mut c: Vec<&Endpoint> = endpoints.iter().filter(usable).filter(|e| e.address.is_ipv4() == v4).collect();
     if c.is_empty() {
         c = endpoints.iter().filter(usable).collect();
@@ -90,7 +91,7 @@ mod tests {
     use super::*;
 
     fn ep(a: &str, ready: bool) -> Endpoint {
-        Endpoint { address: a.parse().unwrap(), workload: None, ready }
+        Endpoint { address: a.parse().unwrap(), workload: None, ready, remote: None }
     }
 
     #[test]
@@ -103,15 +104,31 @@ mod tests {
             let got = pick(&eps, &[], true, load, |n| r.usize(..n)).unwrap();
             assert_eq!(got.address.to_string(), "10.0.0.2");
         }
-        let tried = ["10.0.0.2".parse().unwrap()];
-        assert_eq!(pick(&eps, &tried, true, load, |_| 0).unwrap().address.to_string(), "10.0.0.1");
+        assert_eq!(pick(&eps, &[&eps[1]], true, load, |_| 0).unwrap().address.to_string(), "10.0.0.1");
         // The client's family first; the other family only when none is left.
         assert_eq!(pick(&eps, &[], false, load, |_| 0).unwrap().address.to_string(), "fd00::4");
-        let all: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2"].iter().map(|a| a.parse().unwrap()).collect();
-        assert_eq!(pick(&eps, &all, true, load, |_| 0).unwrap().address.to_string(), "fd00::4");
-        let every: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2", "fd00::4"].iter().map(|a| a.parse().unwrap()).collect();
-        assert!(pick(&eps, &every, true, load, |_| 0).is_none(), "not-ready endpoints are never picked");
+        assert_eq!(pick(&eps, &[&eps[0], &eps[1]], true, load, |_| 0).unwrap().address.to_string(), "fd00::4");
+        assert!(
+            pick(&eps, &[&eps[0], &eps[1], &eps[3]], true, load, |_| 0).is_none(),
+            "not-ready endpoints are never picked"
+        );
         assert!(pick(&[], &[], true, load, |_| 0).is_none());
+    }
+
+    /// Two zones number their pods alike: the endpoint in the other zone failing does not rule
+    /// out this zone's endpoint at the same address.
+    #[test]
+    fn endpoints_of_two_zones_at_one_address_are_tried_apart() {
+        let remote = mesh_model::service::RemoteEndpoint {
+            zone: "west".into(),
+            identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+            gateway: "192.0.2.2:15008".parse().unwrap(),
+            gateway_identity: "spiffe://cluster.local/ns/sockmesh-system/sa/sockmesh-gateway".into(),
+        };
+        let eps = [ep("10.20.2.10", true), Endpoint { remote: Some(remote), ..ep("10.20.2.10", true) }];
+        let got = pick(&eps, &[&eps[1]], true, |_| 0, |_| 0).expect("the local endpoint is left");
+        assert!(got.remote.is_none());
+        assert!(pick(&eps, &[&eps[1], &eps[0]], true, |_| 0, |_| 0).is_none());
     }
 
     #[test]

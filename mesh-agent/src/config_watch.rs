@@ -114,6 +114,7 @@ impl ConfigWatch {
                 .config
                 .services_by_key
                 .values()
+                .chain(snap.config.imported.values())
                 .flat_map(|s| s.service.endpoints.iter().map(|e| e.address))
                 .collect();
             self.loads.retain(|ip| endpoints.contains(ip));

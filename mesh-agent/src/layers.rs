@@ -28,6 +28,7 @@ const LAYERS: &[&str] = &[
     "api",
     "handover",
     "app",
+    "gateway",
 ];
 
 /// The top-level modules a source file names with `crate::<module>`.

@@ -9,6 +9,7 @@ mod config;
 mod config_watch;
 mod connections;
 mod ebpf;
+mod gateway;
 mod handover;
 mod hbone;
 mod identity;
@@ -43,6 +44,9 @@ struct Cli {
 enum Cmd {
     /// Load and attach the kernel programs (or take over pinned ones) and serve this node.
     Run(Box<config::RunArgs>),
+    /// A zone's east-west gateway: forwards other zones' tunnels to the agents of this zone's
+    /// exported Services, without decrypting them. No kernel programs, no capture.
+    Gateway(Box<gateway::GatewayArgs>),
     /// Detach everything this node's agents pinned and free the maps. Meshed pods lose
     /// capture: their connections go direct from then on.
     Uninstall {
@@ -88,6 +92,11 @@ fn main() -> anyhow::Result<()> {
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.worker_threads).enable_all().build()?;
             rt.block_on(run(cfg))
+        }
+        Cmd::Gateway(args) => {
+            init_logging(args.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(gateway::run(*args))
         }
         Cmd::Preflight { cgroup_root, bpffs, kubelet_pods, host_proc, host_bpffs } => {
             let node = kubelet_pods.then(|| {

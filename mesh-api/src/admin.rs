@@ -180,6 +180,10 @@ pub struct ConnectionInfo {
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
+    /// Imported from other zones: the address is this zone's for it, and endpoints in other
+    /// zones name their zone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
     /// Empty for a headless Service.
     pub addresses: Vec<IpAddr>,
     /// (port, target port)
@@ -198,6 +202,9 @@ pub struct EndpointInfo {
     pub ready: bool,
     /// Connections this agent is carrying to it now (what the balancer compares).
     pub in_flight: u32,
+    /// The zone of an endpoint in another zone (reached through that zone's gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// A node-wide kernel link: whether this agent took it over, and whether it is still pinned.

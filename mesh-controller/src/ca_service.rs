@@ -177,7 +177,7 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let signers = Arc::new(std::sync::RwLock::new(crate::meshes::Signers::only_default(ca.clone())));
         let svc = CaService { signers, default_roots: ca.roots_pem().to_vec(), auth, placement, stats: stats.clone() };
-        let (chain, key) = ca.issue_server_cert(&["mesh-controller".into()], &[]).unwrap();
+        let (chain, key) = ca.issue_server_cert(&["mesh-controller".into()], &[], None).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(

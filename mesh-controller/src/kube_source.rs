@@ -99,6 +99,7 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
 ///   `targetPort` no slice resolves) the port is dropped. Slices that give one name different
 ///   numbers (pods disagreeing on a named port) cannot be represented: the first slice by name
 ///   wins.
+/// - export: the label `sockmesh.io/export: "true"` offers it to the other zones.
 /// - endpoints: every address of every endpoint of the (IPv4 and IPv6) slices, ready unless
 ///   `conditions.ready` is false, naming the pod of a `targetRef` to a Pod; sorted, duplicates
 ///   removed.
@@ -164,7 +165,7 @@ pub fn service_of(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Servic
             let workload =
                 e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone());
             for address in e.addresses.iter().filter_map(|a| a.parse().ok()) {
-                endpoints.push(Endpoint { address, workload: workload.clone(), ready });
+                endpoints.push(Endpoint { address, workload: workload.clone(), ready, remote: None });
             }
         }
     }
@@ -178,6 +179,8 @@ pub fn service_of(svc: &KubeService, slices: &[&EndpointSlice]) -> Option<Servic
         ports,
         selector: spec.selector.clone().filter(|s| !s.is_empty()),
         endpoints,
+        export: svc.labels().get(mesh_model::service::EXPORT_LABEL).is_some_and(|v| v == "true"),
+        imported: false,
     })
 }
 

@@ -14,6 +14,7 @@ mod placement;
 mod push;
 mod state_lock;
 mod view;
+mod zones;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -64,12 +65,60 @@ enum CaCmd {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Make a zone's intermediate CA under a root made by `ca init` (five years): <out>/ca.pem
+    /// and <out>/ca-key.pem (mode 0600), and <out>/chain.pem (the root). Give them to the zone's
+    /// controller as --ca-cert, --ca-key and --ca-chain. Refuses to overwrite.
+    Intermediate {
+        /// The root's certificate and key (`ca init`'s output directory).
+        #[arg(long)]
+        root: PathBuf,
+        /// The zone's name.
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+/// Writes a zone's intermediate to `out` (see [`CaCmd::Intermediate`]).
+fn ca_intermediate(
+    root: &std::path::Path,
+    zone: &str,
+    out: &std::path::Path,
+    trust_domain: &str,
+) -> anyhow::Result<()> {
+    zones::Settings::zone_id(trust_domain, zone).map_err(|e| anyhow::anyhow!("--zone: {e}"))?;
+    let read = |p: PathBuf| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()));
+    let (root_cert, root_key) = (read(root.join("ca.pem"))?, read(root.join("ca-key.pem"))?);
+    let made =
+        Ca::generate_intermediate(trust_domain, zone, &root_cert, &root_key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (name, text, mode) in
+        [("ca-key.pem", &made.key_pem, 0o600), ("ca.pem", &made.cert_pem, 0o644), ("chain.pem", &root_cert, 0o644)]
+    {
+        write_new(&out.join(name), text, mode)?;
+    }
+    Ok(())
+}
+
+/// Writes a file that must not exist yet, with `mode`.
+fn write_new(p: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(p)
+        .with_context(|| format!("writing {} (a CA is made once: move the old one away first)", p.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Writes a new root CA to `out` (see [`CaCmd::Init`]); the paths written.
 fn ca_init(out: &std::path::Path, trust_domain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let (cert, key) = (out.join("ca.pem"), out.join("ca-key.pem"));
     for p in [&cert, &key] {
@@ -78,18 +127,8 @@ fn ca_init(out: &std::path::Path, trust_domain: &str) -> anyhow::Result<(PathBuf
         }
     }
     let root = Ca::generate_root(trust_domain).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let write = |p: &std::path::Path, text: &str, mode: u32| -> anyhow::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(p)
-            .with_context(|| format!("writing {}", p.display()))?;
-        f.write_all(text.as_bytes())?;
-        Ok(())
-    };
-    write(&key, &root.key_pem, 0o600)?;
-    write(&cert, &root.cert_pem, 0o644)?;
+    write_new(&key, &root.key_pem, 0o600)?;
+    write_new(&cert, &root.cert_pem, 0o644)?;
     Ok((cert, key))
 }
 
@@ -198,6 +237,30 @@ struct Args {
     /// this long after the writer died.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
+    /// This controller's zone, when the mesh spans several clusters: its name (a DNS label).
+    /// Every zone signs with its own intermediate (--ca-cert, --ca-chain) under one shared root,
+    /// and its serving certificate then also proves spiffe://<trust domain>/zone/<zone> to the
+    /// other zones' controllers.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Where the other zones' agents reach this zone's east-west gateway (`mesh-agent
+    /// gateway`), address:port. Without it, this zone exports nothing.
+    #[arg(long, requires = "zone")]
+    zone_gateway: Option<SocketAddr>,
+    /// The gateway's identity, namespace/service account (a workload on its node).
+    #[arg(long, default_value = "sockmesh-system/sockmesh-gateway")]
+    zone_gateway_service_account: String,
+    /// Another zone to follow, NAME=URL of its controller (e.g. west=https://192.0.2.2:15012);
+    /// repeat for each. Both zones name each other.
+    #[arg(long, requires = "zone")]
+    zone_peer: Vec<String>,
+    /// The name the other zones' controllers' certificates carry (their --server-name).
+    #[arg(long, default_value = "mesh-controller")]
+    zone_peer_server_name: String,
+    /// The IPv4 range this zone's addresses for imported Services come from (e.g.
+    /// 10.255.0.0/16): outside the pod and Service ranges.
+    #[arg(long)]
+    import_cidr: Option<zones::Range>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -246,6 +309,15 @@ fn main() -> anyhow::Result<()> {
         println!("keep the key secret; give both to the controller (--ca-cert, --ca-key) and the certificate to agents (--trust-bundle)");
         return Ok(());
     }
+    if let Some(Cmd::Ca(CaCmd::Intermediate { root, zone, out, trust_domain })) = &cli.cmd {
+        ca_intermediate(root, zone, out, trust_domain)?;
+        println!(
+            "intermediate CA for zone {zone}: {0}/ca.pem, {0}/ca-key.pem (mode 0600), {0}/chain.pem (the root)",
+            out.display()
+        );
+        println!("give them to zone {zone}'s controller as --ca-cert, --ca-key and --ca-chain; every zone's agents trust the root (--trust-bundle)");
+        return Ok(());
+    }
     if let Some(Cmd::Node(NodeCmd::Add { name, node_credentials, out })) = cli.cmd {
         let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credential")));
         nodes::add(&node_credentials, &name, &out)?;
@@ -287,7 +359,42 @@ fn state_dir(args: &Args) -> &std::path::Path {
     args.state_dir.as_deref().expect("clap requires --state-dir")
 }
 
+/// The zone settings the flags give, if this controller is in a zone.
+fn zone_settings(args: &Args) -> anyhow::Result<Option<zones::Settings>> {
+    let Some(zone) = &args.zone else { return Ok(None) };
+    zones::Settings::zone_id(&args.trust_domain, zone).map_err(|e| anyhow::anyhow!("--zone: {e}"))?;
+    let (ns, sa) = args
+        .zone_gateway_service_account
+        .split_once('/')
+        .context("--zone-gateway-service-account: expected namespace/name")?;
+    let gateway_identity = mesh_identity::SpiffeId::workload(&args.trust_domain, ns, sa)
+        .map_err(|e| anyhow::anyhow!("--zone-gateway-service-account: {e}"))?;
+    let mut peers = Vec::new();
+    for p in &args.zone_peer {
+        let (name, url) = p
+            .split_once('=')
+            .with_context(|| format!("--zone-peer {p:?}: expected NAME=URL, e.g. west=https://192.0.2.2:15012"))?;
+        zones::Settings::zone_id(&args.trust_domain, name).map_err(|e| anyhow::anyhow!("--zone-peer: {e}"))?;
+        if name == zone {
+            bail!("--zone-peer {p:?}: that is this zone");
+        }
+        peers.push((name.to_owned(), url.to_owned()));
+    }
+    if !peers.is_empty() && args.import_cidr.is_none() {
+        bail!("--zone-peer needs --import-cidr: the other zones' Services get addresses of this zone's from it");
+    }
+    Ok(Some(zones::Settings {
+        zone: zone.clone(),
+        trust_domain: args.trust_domain.clone(),
+        gateway: args.zone_gateway,
+        gateway_identity,
+        peers,
+        import_range: args.import_cidr,
+    }))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    let zone = zone_settings(&args)?.map(Arc::new);
     if mesh_identity::SpiffeId::parse(&format!("spiffe://{}", args.trust_domain)).is_err() {
         bail!(
             "--trust-domain {:?}: not a valid SPIFFE trust domain (lowercase letters, digits, '.', '-', '_')",
@@ -352,8 +459,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut keeper = meshes::Keeper::new(roots, ca.clone(), args.cert_ttl, args.max_cert_ttl);
     let verdicts = keeper.verdicts.clone();
+    // What the other zones export, as their controllers last said.
+    let (remotes_tx, mut remotes_rx) = tokio::sync::watch::channel(zones::Remotes::new());
     {
         let signers = signers.clone();
+        let zone = zone.clone();
         tokio::spawn(async move {
             let mut published = false;
             loop {
@@ -361,9 +471,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::select! {
                     r = source_rx.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(keeper.retry.unwrap_or_default()), if keeper.retry.is_some() => {}
+                    r = remotes_rx.changed() => if r.is_err() { return },
                 }
                 let mut m = (**source_rx.borrow_and_update()).clone();
                 let s = keeper.admit(&mut m).await;
+                if let Some(z) = &zone {
+                    zones::merge(&mut m, z, &remotes_rx.borrow_and_update());
+                }
                 // A replica's first configuration waits for every mesh's root: its agents would
                 // otherwise drop a mesh another replica gave them. It serves nothing meanwhile.
                 if keeper.pending() && !published {
@@ -451,8 +565,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ips.push(args.listen.ip());
     }
     let push = push::ConfigPush::new(auth.clone(), views_rx);
-    let (chain, key) = ca.issue_server_cert(&args.server_name, &ips)?;
-    let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
+    let zone_id = zone.as_ref().map(|z| zones::Settings::zone_id(&args.trust_domain, &z.zone)).transpose();
+    let zone_id = zone_id.map_err(|e| anyhow::anyhow!("--zone: {e}"))?;
+    let (chain, key) = ca.issue_server_cert(&args.server_name, &ips, zone_id.as_ref())?;
+    let identity = tonic::transport::Identity::from_pem(chain.concat(), &key);
+    let zone_stats: Arc<zones::Stats> = Arc::default();
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity.clone());
+    let mut zone_service = None;
+    if let Some(z) = &zone {
+        // Other zones' controllers prove their zone with a certificate under the shared root;
+        // agents present none (they authenticate with their node's credential).
+        let root = tonic::transport::Certificate::from_pem(ca.roots_pem().concat());
+        tls = tls.client_ca_root(root.clone()).client_auth_optional(true);
+        zone_service = Some(mesh_api::push::zone_service_server::ZoneServiceServer::new(zones::ZoneSync {
+            settings: z.clone(),
+            model: model_rx.clone(),
+        }));
+        let client_tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(root)
+            .identity(identity)
+            .domain_name(args.zone_peer_server_name.clone());
+        for (name, url) in &z.peers {
+            let channel = tonic::transport::Channel::from_shared(url.clone())
+                .with_context(|| format!("--zone-peer {name}={url}: not a URL"))?
+                .tls_config(client_tls.clone())?
+                .connect_timeout(Duration::from_secs(3))
+                .connect_lazy();
+            tokio::spawn(zones::follow(name.clone(), channel, remotes_tx.clone(), zone_stats.clone()));
+        }
+        tracing::info!(zone = %z.zone, peers = z.peers.len(), gateway = ?z.gateway, "zone sync on");
+    }
+    // Held for the process's life: the mesh keeper waits on it (and with no zone, for ever).
+    let _remotes_tx = remotes_tx;
     let stats: Arc<ca_service::Stats> = Default::default();
     let svc = ca_service::CaService {
         signers,
@@ -473,13 +617,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin_l = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("--admin-addr {}", args.admin_addr))?;
-    tokio::spawn(serve_metrics(stats, metrics_l));
+    tokio::spawn(serve_metrics(stats, zone.is_some().then_some(zone_stats), metrics_l));
     tokio::spawn(serve_admin(model_rx.clone(), admin_l));
     tracing::info!(listen = %args.listen, trust_domain = %args.trust_domain, "controller ready");
     tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .tls_config(tls)?
         .add_service(CertificateServiceServer::new(svc))
         .add_service(mesh_api::push::config_service_server::ConfigServiceServer::new(push))
+        .add_optional_service(zone_service)
         .serve_with_shutdown(args.listen, async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
             tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
@@ -495,12 +640,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(stats: Arc<ca_service::Stats>, listener: tokio::net::TcpListener) {
+async fn serve_metrics(
+    stats: Arc<ca_service::Stats>,
+    zones: Option<Arc<zones::Stats>>,
+    listener: tokio::net::TcpListener,
+) {
     use axum::routing::get;
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
-            let body = stats.encode();
+            let mut body = stats.encode();
+            if let Some(z) = &zones {
+                // One exposition: the first one's end marker goes.
+                let end = body.rfind("# EOF").unwrap_or(body.len());
+                body.truncate(end);
+                body.push_str(&z.encode());
+            }
             async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

@@ -86,6 +86,35 @@ impl Ca {
         Ok(GeneratedRoot { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
+    /// Generates an intermediate CA under the root `root_cert_pem`/`root_key_pem` (ECDSA P-256,
+    /// five years, no CA below it), named for `zone`: each zone of a mesh signs with its own, and
+    /// every zone's agents trust the one root.
+    pub fn generate_intermediate(
+        trust_domain: &str,
+        zone: &str,
+        root_cert_pem: &str,
+        root_key_pem: &str,
+    ) -> Result<GeneratedRoot, CaError> {
+        let root_key = KeyPair::from_pem(root_key_pem).map_err(|e| CaError::Config(format!("root key: {e}")))?;
+        let root = Issuer::from_ca_cert_pem(root_cert_pem, root_key)
+            .map_err(|e| CaError::Config(format!("root certificate: {e}")))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Config(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, format!("sockmesh zone {zone} intermediate CA"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(1825);
+        let cert = params.signed_by(&key, &root).map_err(|e| CaError::Config(e.to_string()))?;
+        Ok(GeneratedRoot { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
     /// A CA signing with `cert_pem`/`key_pem`. `chain_pem` holds the certificates above the
     /// signing certificate up to and including the root; empty when the signing certificate is
     /// itself the root. The last certificate of the chain (or the signing certificate) is the
@@ -162,17 +191,25 @@ impl Ca {
         Ok((id, chain))
     }
 
-    /// A serving certificate for the controller's own gRPC port (DNS and IP SANs).
+    /// A serving certificate for the controller's own gRPC port (DNS and IP SANs). With
+    /// `zone`, also the zone controller's identity (a URI SAN, `spiffe://<td>/zone/<zone>`) and
+    /// client use: the same certificate proves the zone to the other zones' controllers.
     pub fn issue_server_cert(
         &self,
         dns: &[String],
         ips: &[std::net::IpAddr],
+        zone: Option<&SpiffeId>,
     ) -> Result<(Vec<String>, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Config(e.to_string()))?;
         let mut params = CertificateParams::new(dns.to_vec()).map_err(|e| CaError::Config(e.to_string()))?;
         params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.is_ca = IsCa::ExplicitNoCa;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if let Some(z) = zone {
+            let uri = z.to_string().try_into().map_err(|e| CaError::Config(format!("zone identity: {e}")))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);

@@ -302,6 +302,31 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
     spiffe_id_of_parsed(&x509)
 }
 
+/// The SPIFFE ID in a certificate's one URI SAN, whatever its path (a zone controller's
+/// `spiffe://<td>/zone/<zone>`, which no workload certificate can carry: the CA signs only
+/// workload paths). Checks nothing else: use it only on a certificate whose chain was verified.
+pub fn any_spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|_| VerifyError::Malformed)?;
+    match uri_sans(&x509)?.as_slice() {
+        [] => Err(VerifyError::NoUriSan),
+        [one] => SpiffeId::parse(one).map_err(VerifyError::MalformedSpiffeId),
+        _ => Err(VerifyError::MultipleUriSans),
+    }
+}
+
+fn uri_sans<'a>(x509: &'a x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<&'a str>, VerifyError> {
+    let san = x509.subject_alternative_name().map_err(|_| VerifyError::Malformed)?;
+    Ok(san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|g| if let GeneralName::URI(u) = g { Some(*u) } else { None })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 fn spiffe_id_of_parsed(x509: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, VerifyError> {
     let san = x509.subject_alternative_name().map_err(|_| VerifyError::Malformed)?;
     let uris: Vec<&str> = san

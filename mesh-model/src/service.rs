@@ -32,6 +32,16 @@ pub struct Service {
     /// Explicit endpoints (or, once the controller resolved the selector, the selected ones).
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Offered to the other zones (clusters) of the mesh: they learn its endpoints and their
+    /// identities, give it an address of their own, and reach it through this zone's east-west
+    /// gateway (the multi-cluster Services API's `ServiceExport`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export: bool,
+    /// Made by the controller from other zones' exports (never by a source): its addresses are
+    /// this zone's for it, its endpoints those of every zone that exports it, each remote one
+    /// reached through its zone's gateway.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +71,22 @@ pub struct Endpoint {
     /// Only ready endpoints get new connections.
     #[serde(default = "yes")]
     pub ready: bool,
+    /// An endpoint in another zone (imported Services only): `address` is an address of that
+    /// zone's network, reached only through its gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteEndpoint>,
+}
+
+/// Where an endpoint of another zone is and who it is.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemoteEndpoint {
+    pub zone: String,
+    /// The SPIFFE ID the endpoint's workload proves, end to end.
+    pub identity: String,
+    /// Its zone's east-west gateway (address and port), and the SPIFFE ID the gateway proves.
+    pub gateway: std::net::SocketAddr,
+    pub gateway_identity: String,
 }
 
 fn default_namespace() -> String {
@@ -69,6 +95,31 @@ fn default_namespace() -> String {
 fn yes() -> bool {
     true
 }
+
+/// A Service as its zone offers it to the other zones: its ports, and its endpoints that are
+/// mesh workloads, each with the identity it proves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Exported {
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<ExportedEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedEndpoint {
+    /// An address of the exporting zone's network.
+    pub address: IpAddr,
+    /// The SPIFFE ID its workload proves.
+    pub identity: String,
+    pub ready: bool,
+}
+
+/// The label that exports a Kubernetes Service to the other zones (value `"true"`); in the
+/// configuration directory, `export: true` on the Service.
+pub const EXPORT_LABEL: &str = "sockmesh.io/export";
 
 /// How one Service document looks; every "expected" hint shows it.
 pub const SERVICE_EXAMPLE: &str = "kind: Service\nname: web\nnamespace: default\naddresses: [10.96.0.10]\nports: [{port: 80, targetPort: 8080}]\nselector: {app: web}";
@@ -79,9 +130,11 @@ impl Service {
         (self.namespace.clone(), self.name.clone())
     }
 
-    /// The Istio `destination_service` name: `name.namespace.svc.cluster.local`.
+    /// The Istio `destination_service` name: `name.namespace.svc.cluster.local`, or
+    /// `name.namespace.svc.clusterset.local` for a Service imported from other zones.
     pub fn host(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        let domain = if self.imported { "clusterset" } else { "cluster" };
+        format!("{}.{}.svc.{domain}.local", self.name, self.namespace)
     }
 
     /// The port a client connects to, if the Service has it.
@@ -152,7 +205,12 @@ impl Service {
                 .into_iter()
                 .filter(|w| w.namespace == self.namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                 .flat_map(|w| {
-                    w.ips.iter().map(|ip| Endpoint { address: *ip, workload: Some(w.name.clone()), ready: true })
+                    w.ips.iter().map(|ip| Endpoint {
+                        address: *ip,
+                        workload: Some(w.name.clone()),
+                        ready: true,
+                        remote: None,
+                    })
                 })
                 .collect();
         }

@@ -291,7 +291,7 @@ pub fn is_node_name(s: &str) -> bool {
 
 /// A DNS-1123 label (RFC 1123, as Kubernetes applies it): 1-63 lowercase letters, digits and
 /// '-', starting and ending with a letter or digit.
-pub(crate) fn is_dns_label(s: &str) -> bool {
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')

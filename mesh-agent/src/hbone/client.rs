@@ -136,6 +136,12 @@ impl PendingStream {
 pub struct EarlyBytes(Option<Bytes>);
 
 impl EarlyBytes {
+    /// For a stream that must carry none of the client's bytes (the outer stream to another
+    /// zone's gateway, which can read what it carries): nothing is read for it.
+    pub fn none() -> EarlyBytes {
+        EarlyBytes(Some(Bytes::new()))
+    }
+
     /// Whether any of the client's bytes went behind a CONNECT request.
     pub fn any(&self) -> bool {
         self.0.as_ref().is_some_and(|b| !b.is_empty())
@@ -197,12 +203,15 @@ pub async fn answer(started: Started, connect_timeout: Duration) -> Result<Tunne
 }
 
 /// A new HBONE connection up to HTTP/2: TLS first (from the batched I/O, so the client's last
-/// flight and the preface leave together), then the preface and settings.
-pub async fn handshake(
-    io: BatchIo,
+/// flight and the preface leave together; or, for a tunnel inside a tunnel, over the outer
+/// stream), then the preface and settings.
+pub async fn handshake<IO>(
+    io: IO,
     cfg: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
-) -> Result<(SendRequest<Bytes>, h2::client::Connection<tokio_rustls::client::TlsStream<BatchIo>, Bytes>), TunnelError>
+) -> Result<(SendRequest<Bytes>, h2::client::Connection<tokio_rustls::client::TlsStream<IO>, Bytes>), TunnelError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     // The name is not checked (the SPIFFE ID is); it only has to be syntactically valid.
     let name = rustls_pki_types::ServerName::try_from("hbone.sockmesh.invalid").expect("static name");

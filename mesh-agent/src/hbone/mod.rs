@@ -5,7 +5,8 @@
 //! - [`pool`]: reusing connections per (source workload, destination identity, address);
 //! - [`server`]: the 15008 listener in each workload's netns;
 //! - [`io`]: moving bytes between a TCP socket and an HTTP/2 stream with flow control;
-//! - [`batch`]: one write per poll of the task that owns an HBONE connection.
+//! - [`batch`]: one write per poll of the task that owns an HBONE connection;
+//! - [`stream_io`]: an HTTP/2 stream as a byte stream, for a tunnel inside a tunnel (zones).
 //!
 //! Every limit and window of the protocol is defined here, once, for both ends.
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod io;
 pub mod pool;
 pub mod server;
+pub mod stream_io;
 
 use std::time::Duration;
 

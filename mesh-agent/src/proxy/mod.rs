@@ -6,6 +6,7 @@
 pub mod inbound;
 pub mod local;
 pub mod outbound;
+pub mod remote;
 pub mod service;
 pub mod splice;
 

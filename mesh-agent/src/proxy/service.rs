@@ -10,9 +10,11 @@
 //! another is tried, at most `--service-attempts` in all, with the client's first bytes kept
 //! for the next attempt; a tunnel that failed after carrying those bytes is not retried (see
 //! [`super::outbound::open`]). An endpoint that no workload has is outside the mesh: the
-//! controller listed it, so it is reached in plain TCP even inside `--mesh-cidr`.
+//! controller listed it, so it is reached in plain TCP even inside `--mesh-cidr`. An endpoint
+//! in another zone (a Service imported from other zones) is reached through that zone's
+//! gateway ([`super::remote`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,7 +53,7 @@ pub async fn handle(
     };
     let target_port = port.target();
     let mut early = EarlyBytes::default();
-    let mut tried: Vec<IpAddr> = Vec::new();
+    let mut tried: Vec<&mesh_model::Endpoint> = Vec::new();
     // The last endpoint's failure and the record of that attempt.
     let mut last: Option<(ConnRecord, Failure)> = None;
     while tried.len() < inputs.settings.service_attempts {
@@ -62,14 +64,22 @@ pub async fn handle(
             break;
         };
         let target = SocketAddr::new(ep.address, target_port);
-        tried.push(ep.address);
+        tried.push(ep);
         // Counted from the attempt until the connection ends (dropped with this function).
         let _in_flight = inputs.loads.start(ep.address);
         // Each attempt from the client's record as it came (the original destination is the
         // Service address); the endpoint becomes its `dst`.
         let mut attempt = rec.clone();
-        let opened = open(&inputs, &pool, &wl, &client, &mut attempt, target, &cert, &mut early, true);
-        match Box::pin(opened).await {
+        let opened = match &ep.remote {
+            // In another zone: through its gateway.
+            Some(remote) => {
+                let opened =
+                    super::remote::open(&inputs, &pool, &wl, &client, &mut attempt, target, remote, &cert, &mut early);
+                Box::pin(opened).await
+            }
+            None => Box::pin(open(&inputs, &pool, &wl, &client, &mut attempt, target, &cert, &mut early, true)).await,
+        };
+        match opened {
             Ok(upstream) => {
                 drop(cert);
                 return Box::pin(carry(&inputs, client, attempt, upstream, &early, started)).await;

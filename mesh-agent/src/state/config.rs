@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_api::push::{Kind, ResourceId};
+use mesh_identity::SpiffeId;
 use mesh_model::authz::{Compiled, Facts, PolicyIndex, Verdict};
 use mesh_model::policy::{MtlsMode, PeerAuthenticationSpec};
 use mesh_model::{MeshRecord, Service, Workload, WorkloadKey};
@@ -36,6 +37,9 @@ pub struct ConfigState {
     /// Every Service (headless ones too) by `namespace/name`: for checking what a source
     /// says its client connected to, and for the admin API.
     pub services_by_key: BTreeMap<String, Arc<ServiceEntry>>,
+    /// Services imported from other zones, by `namespace/name` (apart: they have the names of
+    /// this zone's own Services).
+    pub imported: BTreeMap<String, Arc<ServiceEntry>>,
     /// Configuration the controller rejected (file, line, reason), as it reported it.
     pub rejected: Vec<String>,
     /// The meshes, the default one included, by name; empty when the cluster has only the
@@ -119,6 +123,12 @@ impl ConfigState {
                 Kind::Service => {
                     let svc: Service = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
                     svc.validate().map_err(bad)?;
+                    // An endpoint in another zone must name identities a tunnel can require.
+                    for r in svc.endpoints.iter().filter_map(|e| e.remote.as_ref()) {
+                        for id in [&r.identity, &r.gateway_identity] {
+                            SpiffeId::parse(id).map_err(|e| bad(format!("remote endpoint identity {id:?}: {e}")))?;
+                        }
+                    }
                     let key = format!("{}/{}", svc.namespace, svc.name);
                     let endpoint_addrs = svc.endpoints.iter().map(|e| e.address).collect();
                     services.push(Arc::new(ServiceEntry { host: svc.host(), key, endpoint_addrs, service: svc }));
@@ -157,7 +167,11 @@ impl ConfigState {
                 }
             }
         }
-        state.services_by_key = services.into_iter().map(|s| (s.key.clone(), s)).collect();
+        // A Service imported from other zones has the name of the zone's own Service, if it
+        // has one: what a source says it connected to is checked against the zone's own.
+        let (imported, own): (Vec<_>, Vec<_>) = services.into_iter().partition(|s| s.service.imported);
+        state.services_by_key = own.into_iter().map(|s| (s.key.clone(), s)).collect();
+        state.imported = imported.into_iter().map(|s| (s.key.clone(), s)).collect();
         state.resources = resources;
         Ok(state)
     }

@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let ca = Arc::new(Ca::from_pem(td, &root.cert_pem, &root.key_pem, "", day, day)?);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("trust-bundle.pem"), &root.cert_pem)?;
-    let (chain, key) = ca.issue_server_cert(&["mesh-controller".to_owned()], &[listen.ip()])?;
+    let (chain, key) = ca.issue_server_cert(&["mesh-controller".to_owned()], &[listen.ip()], None)?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), key);
     eprintln!("{}", serde_json::json!({"message": "controller ready"}));
     tonic::transport::Server::builder()
