@@ -2,10 +2,12 @@
 //! tunnel to it (mutual TLS: they prove a workload identity of the mesh's trust domain, it
 //! proves its own), and ask for `endpoint:port` with CONNECT. It forwards the stream, as bytes,
 //! to that endpoint's agent (port 15008 of the endpoint's address) — only when the endpoint is
-//! a mesh workload of an exported Service of this zone, on one of its target ports. What it
-//! forwards is the source agent's own mutual TLS session with the endpoint's agent: the gateway
-//! holds no key that decrypts it, and the endpoint's agent sees and enforces the source's own
-//! identity.
+//! a mesh workload of an exported Service of this zone, and the request names one of its target
+//! ports. What it forwards is the source agent's own mutual TLS session with the endpoint's
+//! agent: the gateway holds no key that decrypts it, and the endpoint's agent sees and enforces
+//! the source's own identity. So the gateway decides which pods another zone can reach at all;
+//! which port of such a pod a connection reaches is in the inner request, which only the
+//! endpoint's agent reads, and which its policy decides, as for any client.
 //!
 //! It is the agent's binary without the datapath: no kernel programs, no capture. It takes its
 //! certificate from the zone's CA like any workload (a node credential, and a workload record
@@ -62,6 +64,9 @@ pub struct GatewayArgs {
     /// a workload of it on this node (the CA signs nothing else for it).
     #[arg(long, default_value = "sockmesh-system/sockmesh-gateway")]
     pub service_account: String,
+    /// A forwarded stream that moves no byte either way for this long is closed.
+    #[arg(long, default_value_t = 3600)]
+    pub idle_timeout_seconds: u64,
     /// Connections forwarded at once; more are refused at accept.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
@@ -136,8 +141,9 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             continue;
         };
         let (identities, routes, stats, id) = (identities.clone(), routes.clone(), stats.clone(), id.clone());
+        let idle = Duration::from_secs(args.idle_timeout_seconds);
         tokio::spawn(async move {
-            connection(tcp, peer, identities, routes, stats, id).await;
+            connection(tcp, peer, identities, routes, stats, id, idle).await;
             drop(slot);
         });
     }
@@ -150,6 +156,7 @@ async fn connection(
     routes: Arc<Routes>,
     stats: Arc<Stats>,
     id: SpiffeId,
+    idle: Duration,
 ) {
     let _ = tcp.set_nodelay(true);
     let Some(cert) = identities.current(&id) else {
@@ -168,6 +175,7 @@ async fn connection(
             .max_header_list_size(MAX_HEADER_LIST)
             .max_concurrent_streams(SERVER_MAX_STREAMS)
             .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(crate::hbone::CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(tls)
             .await
@@ -189,7 +197,7 @@ async fn connection(
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
         let (routes, stats, client) = (routes.clone(), stats.clone(), client.clone());
-        tokio::spawn(stream(req, respond, routes, stats, client, peer));
+        tokio::spawn(stream(req, respond, routes, stats, client, peer, idle));
     }
 }
 
@@ -200,6 +208,7 @@ async fn stream(
     stats: Arc<Stats>,
     client: Arc<SpiffeId>,
     peer: SocketAddr,
+    idle: Duration,
 ) {
     let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let resp = http::Response::builder().status(status).body(()).expect("a valid response");
@@ -237,7 +246,7 @@ async fn stream(
     let resp = http::Response::builder().status(StatusCode::OK).body(()).expect("a valid response");
     let Ok(send) = respond.send_response(resp, false) else { return };
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let (up, down, err) = io::relay(upstream, send, req.into_body(), None).await;
+    let (up, down, err) = io::relay(upstream, send, req.into_body(), Some(idle)).await;
     tracing::info!(%client, %peer, %target, bytes_in = up, bytes_out = down, error = err.map(|e| e.to_string()), "forwarded");
 }
 
@@ -246,15 +255,17 @@ async fn watch(identities: Arc<Identities>, routes: Arc<Routes>, trust_domain: S
     let mut backoff = Duration::from_millis(250);
     loop {
         let (replica, channel) = identities.channel();
-        match watch_once(&identities, channel, &routes, &trust_domain).await {
+        let mut got = false;
+        match watch_once(&identities, channel, &routes, &trust_domain, &mut got).await {
             Ok(()) => tracing::warn!("configuration stream ended; reconnecting"),
             Err(e) => {
                 identities.controller_failed(replica);
                 tracing::warn!(error = %e, "configuration stream unavailable; keeping the last routes");
             }
         }
+        // A stream that delivered something was healthy: start the backoff over.
+        backoff = if got { Duration::from_millis(250) } else { (backoff * 2).min(Duration::from_secs(5)) };
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -263,6 +274,7 @@ async fn watch_once(
     channel: tonic::transport::Channel,
     routes: &Routes,
     trust_domain: &str,
+    got: &mut bool,
 ) -> anyhow::Result<()> {
     let mut client = ConfigServiceClient::new(channel);
     let mut req = tonic::Request::new(WatchRequest { accepts_parts: true });
@@ -279,17 +291,20 @@ async fn watch_once(
         let r = routes_of(&state);
         tracing::info!(version, routes = r.len(), "exported endpoints updated");
         routes.store(Arc::new(r));
+        *got = true;
     }
     Ok(())
 }
 
-/// Every target the gateway forwards to: the exported Services' endpoints that are mesh
-/// workloads (so the tunnel it carries ends in their agent's mutual TLS), on their target ports.
+/// Every target the gateway forwards to: the exported Services' endpoints that are workloads of
+/// the default mesh (what the controller exports; the tunnel it carries ends in their agent's
+/// mutual TLS), on their target ports.
 fn routes_of(state: &ConfigState) -> HashSet<SocketAddr> {
     let mut out = HashSet::new();
+    let in_mesh =
+        |ip: &std::net::IpAddr| state.workloads.get(ip).is_some_and(|w| w.mesh() == mesh_model::mesh::DEFAULT_MESH);
     for s in state.services_by_key.values().filter(|s| s.service.export) {
-        for ep in s.service.endpoints.iter().filter(|e| e.remote.is_none() && state.workloads.contains_key(&e.address))
-        {
+        for ep in s.service.endpoints.iter().filter(|e| e.remote.is_none() && in_mesh(&e.address)) {
             for p in &s.service.ports {
                 out.insert(SocketAddr::new(ep.address, p.target()));
             }

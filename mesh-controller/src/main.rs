@@ -75,8 +75,10 @@ enum CaCmd {
         /// The zone's name.
         #[arg(long)]
         zone: String,
+        /// The directory to write the zone's CA in (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// The trust domain, written in the intermediate's subject (the root's).
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
@@ -254,9 +256,6 @@ struct Args {
     /// repeat for each. Both zones name each other.
     #[arg(long, requires = "zone")]
     zone_peer: Vec<String>,
-    /// The name the other zones' controllers' certificates carry (their --server-name).
-    #[arg(long, default_value = "mesh-controller")]
-    zone_peer_server_name: String,
     /// The IPv4 range this zone's addresses for imported Services come from (e.g.
     /// 10.255.0.0/16): outside the pod and Service ranges.
     #[arg(long)]
@@ -468,15 +467,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut published = false;
             loop {
                 // Admitted again after a while when a root's store failed.
+                let mut remote_change = false;
                 tokio::select! {
                     r = source_rx.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(keeper.retry.unwrap_or_default()), if keeper.retry.is_some() => {}
-                    r = remotes_rx.changed() => if r.is_err() { return },
+                    r = remotes_rx.changed() => if r.is_err() { return } else { remote_change = true },
                 }
                 let mut m = (**source_rx.borrow_and_update()).clone();
                 let s = keeper.admit(&mut m).await;
                 if let Some(z) = &zone {
                     zones::merge(&mut m, z, &remotes_rx.borrow_and_update());
+                    if remote_change {
+                        // Accepted now: agents measure their lag from here.
+                        m.accepted_at_ms = zones::now_ms();
+                    }
                 }
                 // A replica's first configuration waits for every mesh's root: its agents would
                 // otherwise drop a mesh another replica gave them. It serves nothing meanwhile.
@@ -567,7 +571,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let push = push::ConfigPush::new(auth.clone(), views_rx);
     let zone_id = zone.as_ref().map(|z| zones::Settings::zone_id(&args.trust_domain, &z.zone)).transpose();
     let zone_id = zone_id.map_err(|e| anyhow::anyhow!("--zone: {e}"))?;
-    let (chain, key) = ca.issue_server_cert(&args.server_name, &ips, zone_id.as_ref())?;
+    // A zone's controller also carries a name of its zone's own, which the other zones'
+    // controllers require: every zone's certificate is under the one root, so the shared
+    // server name alone would let one zone's controller answer as another's.
+    let mut names = args.server_name.clone();
+    names.extend(zone.as_ref().map(|z| zones::Settings::server_name(&z.zone)));
+    let (chain, key) = ca.issue_server_cert(&names, &ips, zone_id.as_ref())?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), &key);
     let zone_stats: Arc<zones::Stats> = Arc::default();
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity.clone());
@@ -581,14 +590,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             settings: z.clone(),
             model: model_rx.clone(),
         }));
-        let client_tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(root)
-            .identity(identity)
-            .domain_name(args.zone_peer_server_name.clone());
+        let client_tls = tonic::transport::ClientTlsConfig::new().ca_certificate(root).identity(identity);
         for (name, url) in &z.peers {
             let channel = tonic::transport::Channel::from_shared(url.clone())
                 .with_context(|| format!("--zone-peer {name}={url}: not a URL"))?
-                .tls_config(client_tls.clone())?
+                .tls_config(client_tls.clone().domain_name(zones::Settings::server_name(name)))?
                 .connect_timeout(Duration::from_secs(3))
                 .connect_lazy();
             tokio::spawn(zones::follow(name.clone(), channel, remotes_tx.clone(), zone_stats.clone()));

@@ -82,6 +82,12 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The DNS name a zone's controller's certificate carries for its zone, which the other
+    /// zones' controllers require of it.
+    pub fn server_name(zone: &str) -> String {
+        format!("{zone}.zone.sockmesh.invalid")
+    }
+
     /// The SPIFFE ID a zone's controller proves.
     pub fn zone_id(trust_domain: &str, zone: &str) -> Result<SpiffeId, String> {
         if !mesh_model::workload::is_dns_label(zone) {
@@ -173,6 +179,21 @@ pub fn merge(m: &mut Model, s: &Settings, remotes: &Remotes) {
             }));
         }
         let Some(ports) = ports else { continue };
+        // What another zone said is checked as any record is: one bad export must not make
+        // every agent here refuse the whole push.
+        let ours = |id: &str| SpiffeId::parse_workload(id).is_ok_and(|i| i.trust_domain() == s.trust_domain);
+        let bad_identity = endpoints
+            .iter()
+            .filter_map(|e| e.remote.as_ref())
+            .find(|r| !ours(&r.identity) || !ours(&r.gateway_identity))
+            .map(|r| r.zone.clone());
+        if let Some(zone) = bad_identity {
+            m.errors.push(format!(
+                "Service {ns}/{name} exported by zone {zone} is not imported: an identity it names is not a workload of trust domain {}",
+                s.trust_domain
+            ));
+            continue;
+        }
         let Some(addr) = allocate(range, &ns, &name, &taken) else {
             m.errors.push(format!(
                 "Service {ns}/{name} exported by another zone is not imported: --import-cidr has no free address left"
@@ -190,6 +211,10 @@ pub fn merge(m: &mut Model, s: &Settings, remotes: &Remotes) {
             export: false,
             imported: true,
         };
+        if let Err(e) = svc.validate() {
+            m.errors.push(format!("Service {ns}/{name} exported by another zone is not imported: {e}"));
+            continue;
+        }
         m.services.insert(import_key(&ns, &name), svc);
     }
 }
@@ -204,7 +229,7 @@ fn allocate(range: Range, ns: &str, name: &str, taken: &HashSet<IpAddr>) -> Opti
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     let size = range.size();
-    (0..size).map(|i| range.nth((h.wrapping_add(i)) % size)).find(|a| !taken.contains(a))
+    (0..size).map(|i| range.nth((h % size + i) % size)).find(|a| !taken.contains(a))
 }
 
 /// The sync's state, for the metrics.
@@ -261,7 +286,7 @@ pub struct ZoneSync {
     pub model: watch::Receiver<Arc<Model>>,
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
@@ -360,7 +385,8 @@ async fn follow_once(
     backoff: &mut Duration,
 ) -> Result<(), String> {
     let mut client = ZoneServiceClient::new(channel);
-    let mut s = client.exports(ExportsRequest {}).await.map_err(|e| e.to_string())?.into_inner();
+    let call = tokio::time::timeout(KEEPALIVE * 3, client.exports(ExportsRequest {}));
+    let mut s = call.await.map_err(|_| "no answer from the zone".to_owned())?.map_err(|e| e.to_string())?.into_inner();
     // No message for three keep-alives: the zone is gone (its stream may never end by itself).
     while let Some(msg) = tokio::time::timeout(KEEPALIVE * 3, s.message())
         .await

@@ -149,6 +149,10 @@ impl Service {
         if self.selector.is_some() && !self.endpoints.is_empty() {
             return Err("has both a selector and explicit endpoints; give one of them".into());
         }
+        // Only the controller makes imports, from what other zones' controllers said.
+        if self.imported || self.endpoints.iter().any(|e| e.remote.is_some()) {
+            return Err("sets `imported` or a `remote` endpoint: those come from other zones' exports only; export the Service in its own zone (export: true)".into());
+        }
         Ok(())
     }
 
@@ -309,6 +313,11 @@ mod tests {
             ("name: web\naddresses: [127.0.0.1]\nports: [{port: 80}]", "cannot be a Service address"),
             ("name: web\naddresses: [10.96.0.1, 10.96.0.1]\nports: [{port: 80}]", "listed twice"),
             ("name: web\nports: [{port: 80}]\nselector: {app: a}\nendpoints: [{address: 10.0.0.1}]", "both"),
+            ("name: web\nports: [{port: 80}]\nimported: true", "other zones' exports only"),
+            (
+                "name: web\nports: [{port: 80}]\nendpoints: [{address: 10.0.0.1, remote: {zone: z, identity: \"spiffe://cluster.local/ns/default/sa/x\", gateway: \"192.0.2.1:15008\", gatewayIdentity: \"spiffe://cluster.local/ns/sockmesh-system/sa/g\"}}]",
+                "other zones' exports only",
+            ),
         ] {
             let e = svc(yaml).validate_source().unwrap_err();
             assert!(e.contains(want), "{yaml}: {e}");

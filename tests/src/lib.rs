@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod peer;
 pub mod process;
 pub mod topology;
+pub mod zones;
 
 /// The agent's programs on each node's cgroup root.
 pub const CGROUP_PROGRAMS: [&str; 9] = [

@@ -40,6 +40,10 @@ pub async fn open(
     cert: &WorkloadCert,
     early: &mut EarlyBytes,
 ) -> Result<Upstream, Failure> {
+    // The mesh's own ports are not for workloads.
+    if mesh_common::is_mesh_port(target.port()) {
+        return Err(Failure::new(Reason::MeshPort, &Reason::MeshPort, false));
+    }
     // Checked when the push was decoded; a record that fails here is refused, never guessed.
     let (Ok(dst_id), Ok(gw_id)) = (SpiffeId::parse(&remote.identity), SpiffeId::parse(&remote.gateway_identity)) else {
         let r = Reason::Tunnel(TunnelFailure::Handshake(HandshakeFailure::TlsConfig));
@@ -58,7 +62,11 @@ pub async fn open(
     let gateway = remote.gateway;
     let outer = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(gateway, None, timeout), &mut none))
         .await
-        .map_err(|e| failure(inputs, &e, "the gateway", false))?;
+        .map_err(|e| {
+            // Nothing of the client's went on the outer stream: whatever the gateway said (its
+            // routes may lag an export just withdrawn, say), another endpoint may be tried.
+            Failure { retry: true, ..failure(inputs, &e, "the gateway", false) }
+        })?;
 
     // The inner tunnel, end to end with the endpoint's agent.
     let hbone = SocketAddr::new(target.ip(), mesh_common::HBONE_PORT);

@@ -40,6 +40,9 @@ pub struct ConfigState {
     /// Services imported from other zones, by `namespace/name` (apart: they have the names of
     /// this zone's own Services).
     pub imported: BTreeMap<String, Arc<ServiceEntry>>,
+    /// Other zones' gateways (address, identity), from the imports' endpoints: the pool keeps
+    /// its tunnels to them across pushes.
+    pub gateways: std::collections::HashSet<(SocketAddr, SpiffeId)>,
     /// Configuration the controller rejected (file, line, reason), as it reported it.
     pub rejected: Vec<String>,
     /// The meshes, the default one included, by name; empty when the cluster has only the
@@ -171,6 +174,11 @@ impl ConfigState {
         // has one: what a source says it connected to is checked against the zone's own.
         let (imported, own): (Vec<_>, Vec<_>) = services.into_iter().partition(|s| s.service.imported);
         state.services_by_key = own.into_iter().map(|s| (s.key.clone(), s)).collect();
+        state.gateways = imported
+            .iter()
+            .flat_map(|s| s.service.endpoints.iter().filter_map(|e| e.remote.as_ref()))
+            .filter_map(|r| SpiffeId::parse(&r.gateway_identity).ok().map(|id| (r.gateway, id)))
+            .collect();
         state.imported = imported.into_iter().map(|s| (s.key.clone(), s)).collect();
         state.resources = resources;
         Ok(state)

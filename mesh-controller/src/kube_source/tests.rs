@@ -687,6 +687,24 @@ fn service_of_skips_external_names_keeps_headless_services_and_drops_unresolved_
     );
 }
 
+/// The label `sockmesh.io/export: "true"` exports a Service to the other zones; any other
+/// value, or none, does not.
+#[test]
+fn the_export_label_offers_a_service_to_the_other_zones() {
+    let k = |v: Value| serde_json::from_value::<KubeService>(v).unwrap();
+    let with = |label: Option<&str>| {
+        let mut v = service("default", "web", "10.96.0.5", json!([{"port": 80}]), json!({"app": "web"}), 1);
+        if let Some(l) = label {
+            v["metadata"]["labels"] = json!({mesh_model::service::EXPORT_LABEL: l});
+        }
+        service_of(&k(v), &[]).unwrap()
+    };
+    assert!(with(Some("true")).export);
+    assert!(!with(Some("yes")).export);
+    assert!(!with(None).export);
+    assert!(!with(Some("true")).imported, "a source never makes an import");
+}
+
 /// Meshes and namespace labels: a pod of a namespace labelled for mesh `a` is in mesh `a`, one
 /// labelled `enabled` in the default mesh, the same as the equivalent directory; a Mesh whose
 /// trust domain is the default mesh's gets `Accepted=False` with the reason, a good one `True`.

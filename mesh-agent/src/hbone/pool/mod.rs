@@ -292,8 +292,13 @@ impl Pool {
         let n = self.retain(|k| {
             let src = snap.local.by_key.get(&k.src).map(|wl| wl.known()).filter(|s| *s.spiffe_id == k.src_id);
             let dst = snap.destination(k.addr.ip()).filter(|d| *d.spiffe_id == k.dst);
-            // And whose destination's mesh no longer accepts the source's (trust withdrawn).
-            matches!((src, dst), (Some(s), Some(d)) if snap.config.accepts(d.mesh(), s.mesh()))
+            match (src, dst) {
+                // And whose destination's mesh no longer accepts the source's (trust withdrawn).
+                (Some(s), Some(d)) => snap.config.accepts(d.mesh(), s.mesh()),
+                // Another zone's gateway, while an import still leads through it.
+                (Some(_), None) => snap.config.gateways.contains(&(k.addr, k.dst.clone())),
+                _ => false,
+            }
         });
         if n > 0 {
             tracing::debug!(evicted = n, "HBONE pool slots whose source or destination is gone");
