@@ -247,7 +247,8 @@ async fn stream(
     let Ok(send) = respond.send_response(resp, false) else { return };
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let (up, down, err) = io::relay(upstream, send, req.into_body(), Some(idle)).await;
-    tracing::info!(%client, %peer, %target, bytes_in = up, bytes_out = down, error = err.map(|e| e.to_string()), "forwarded");
+    let error = err.map(|e| e.to_string());
+    tracing::info!(%client, %peer, endpoint = %target, bytes_in = up, bytes_out = down, error, "forwarded");
 }
 
 /// Follows the zone's configuration: the exported Services' endpoints.

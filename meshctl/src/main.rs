@@ -173,7 +173,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             for s in &all {
                 let addrs = s.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
                 let ports = s.ports.iter().map(|(p, t)| format!("{p}->{t}")).collect::<Vec<_>>().join(",");
-                let name = format!("{}/{}", s.namespace, s.name);
+                // An import from other zones is named as its clients' DNS would.
+                let name = match s.imported {
+                    true => format!("{}/{} (clusterset)", s.namespace, s.name),
+                    false => format!("{}/{}", s.namespace, s.name),
+                };
                 let addrs = if addrs.is_empty() { "(headless)".to_owned() } else { addrs };
                 if s.endpoints.is_empty() {
                     rows.push(vec![name, addrs, ports, "(none)".into(), "-".into(), "-".into(), "-".into()]);
@@ -185,7 +189,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                         if first { name.clone() } else { String::new() },
                         if first { addrs.clone() } else { String::new() },
                         if first { ports.clone() } else { String::new() },
-                        e.address.to_string(),
+                        match &e.zone {
+                            Some(z) => format!("{} (zone {z})", e.address),
+                            None => e.address.to_string(),
+                        },
                         e.identity.clone().unwrap_or_else(|| "(not in the mesh: plain TCP)".into()),
                         if e.ready { "ready" } else { "not-ready" }.to_owned(),
                         e.in_flight.to_string(),

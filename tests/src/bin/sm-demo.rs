@@ -349,8 +349,8 @@ fn zones_demo() -> Result<()> {
     if let Some(l) = west.gateway.as_ref().and_then(|g| g.log_lines().into_iter().find(|l| l["message"] == "forwarded"))
     {
         println!(
-            "  [west gateway] forwarded {} for {} ({} bytes in, {} out): bytes it cannot read",
-            l["target"], l["client"], l["bytes_in"], l["bytes_out"]
+            "  [west gateway] forwarded to {} for {} ({} bytes in, {} out): bytes it cannot read",
+            l["endpoint"], l["client"], l["bytes_in"], l["bytes_out"]
         );
     }
     for l in west.agents[1].access_log().iter().take(1) {
@@ -370,12 +370,13 @@ fn zones_demo() -> Result<()> {
         println!("  [west n2] {} from {} result={}", l["direction"], l["src_principal"], l["result"]);
     }
     std::fs::remove_file(west.t.config_dir().join("deny.yaml"))?;
+    let allowed = time_until(Duration::from_secs(30), || east.echoes(&to, 1, &[]).is_ok_and(|r| r["ok"] == true));
+    println!("  the DENY removed: allowed again after {allowed:?}");
 
     say("east exports web too: one import, both zones' endpoints; then west's gateway dies");
     east.t.write_config("web.yaml", &service("web", "web", "10.96.0.10", true))?;
     let (vip, _) = east.wait_import("web", 2)?;
     let to = format!("{vip}:80");
-    let _ = time_until(Duration::from_secs(30), || east.echoes(&to, 1, &[]).is_ok_and(|r| r["ok"] == true));
     let r = east.echoes(&to, 20, &[])?;
     println!(
         "  20 connections: ok={} (east's web served {}, west's {})",
@@ -383,7 +384,9 @@ fn zones_demo() -> Result<()> {
         east.servers[0].accepted()?.len(),
         west.servers[0].accepted()?.len()
     );
-    west.gateway.as_mut().map(|g| g.kill());
+    if let Some(g) = west.gateway.as_mut() {
+        g.kill();
+    }
     let r = east.echoes(&to, 20, &[])?;
     println!(
         "  west's gateway killed; 20 more: ok={} (east's web served {} in all)",
