@@ -45,9 +45,17 @@ fn mptcp_connections_are_carried_and_leave_no_map_entries_behind() {
     // end the pooled connection, and every stream on it, after 1,024 refusals: h2_error).
     assert!(!stats.outbound.refused.contains_key("h2_error"), "{stats:?}");
     assert!(stats.kernel["closed_unreleased"] > 0, "{stats:?}");
-    // And the node still carries connections.
-    let r = echo(&t, a, &to);
-    assert_eq!(r["ok"], true, "{r} {:?}", agent1.stats());
+    // And the node still carries connections, once both agents have worked through what the
+    // churn left queued (how long that takes is the machine's speed, not the mesh's: on a fast
+    // one the next connection can come while the destination still answers the churn's last
+    // streams, and wait past its 2 s). A node that stopped carrying never gets there.
+    let mut r = Value::Null;
+    let carried = time_until(Duration::from_secs(30), || {
+        r = echo(&t, a, &to);
+        r["ok"] == true
+    });
+    assert!(carried.is_some(), "{r} {:?}", agent1.stats());
+    eprintln!("after the churn, a connection was carried again after {carried:?}");
 }
 
 /// An agent restarted while the controller is away enforces the configuration it had, from the

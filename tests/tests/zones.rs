@@ -150,15 +150,26 @@ fn exports_sync_both_ways_and_a_service_of_both_zones_survives_a_dead_gateway() 
     let (east_got, west_got) = (east.servers[0].accepted().unwrap().len(), west.servers[0].accepted().unwrap().len());
     assert!(east_got > 0 && west_got > 0, "both zones' endpoints serve: east {east_got}, west {west_got}");
 
+    // A Service only west exports, for after its gateway is gone.
+    west.t.write_config("api.yaml", &service("api", "hidden", "10.96.0.12", true)).unwrap();
+    let (api, _) = east.wait_import("api", 1).unwrap();
+    let api = format!("{api}:80");
+    assert_eq!(east.echoes(&api, 1, &[]).unwrap()["ok"], true);
+
     // West's gateway dies: east's clients go on, to east's endpoint.
     west.gateway.as_mut().unwrap().kill();
     let r = east.echoes(&to, 30, &[]).unwrap();
     assert_eq!(r["ok"], true, "with west's gateway gone: {r}");
     assert_eq!(west.servers[0].accepted().unwrap().len(), west_got, "nothing reached west without its gateway");
+    // And what only west serves is refused at once (the gateway's port is closed), not left
+    // hanging until the client gives up.
+    let r = east.echoes(&api, 3, &[]).unwrap();
+    assert_eq!(r["failed"], 3, "{r}");
+    assert!(r["first_error"]["error"].as_str().unwrap_or_default().contains("reset"), "{r}");
 
     // The sync is on the controller's dashboard.
     let (_, m) = http_get(&east.t.fabric, &format!("{CONTROLLER_IP}:15014"), "/metrics").unwrap();
     assert!(m.contains("sockmesh_zone_connected{zone=\"west\"} 1"), "{m}");
     assert!(m.contains("sockmesh_zone_sync_lag_seconds{zone=\"west\"}"), "{m}");
-    assert!(m.contains("sockmesh_zone_imported_services{zone=\"west\"} 1"), "{m}");
+    assert!(m.contains("sockmesh_zone_imported_services{zone=\"west\"} 2"), "{m}");
 }
