@@ -307,11 +307,7 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
 /// workload paths). Checks nothing else: use it only on a certificate whose chain was verified.
 pub fn any_spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|_| VerifyError::Malformed)?;
-    match uri_sans(&x509)?.as_slice() {
-        [] => Err(VerifyError::NoUriSan),
-        [one] => SpiffeId::parse(one).map_err(VerifyError::MalformedSpiffeId),
-        _ => Err(VerifyError::MultipleUriSans),
-    }
+    one_uri(&x509, SpiffeId::parse)
 }
 
 fn uri_sans<'a>(x509: &'a x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<&'a str>, VerifyError> {
@@ -328,19 +324,17 @@ fn uri_sans<'a>(x509: &'a x509_parser::certificate::X509Certificate<'_>) -> Resu
 }
 
 fn spiffe_id_of_parsed(x509: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, VerifyError> {
-    let san = x509.subject_alternative_name().map_err(|_| VerifyError::Malformed)?;
-    let uris: Vec<&str> = san
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|g| if let GeneralName::URI(u) = g { Some(*u) } else { None })
-                .collect()
-        })
-        .unwrap_or_default();
-    match uris.as_slice() {
+    one_uri(x509, SpiffeId::parse_workload)
+}
+
+/// The certificate's one URI SAN, parsed by `parse`.
+fn one_uri(
+    x509: &x509_parser::certificate::X509Certificate<'_>,
+    parse: fn(&str) -> Result<SpiffeId, crate::spiffe::SpiffeError>,
+) -> Result<SpiffeId, VerifyError> {
+    match uri_sans(x509)?.as_slice() {
         [] => Err(VerifyError::NoUriSan),
-        [one] => SpiffeId::parse_workload(one).map_err(VerifyError::MalformedSpiffeId),
+        [one] => parse(one).map_err(VerifyError::MalformedSpiffeId),
         _ => Err(VerifyError::MultipleUriSans),
     }
 }
