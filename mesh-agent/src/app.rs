@@ -211,6 +211,11 @@ pub async fn start(cfg: Config, handed: Handed) -> Result<Agent, StartError> {
         loads: loads.clone(),
         lifecycle: Arc::new(Lifecycle::new(Phase::Starting)),
         limits: crate::limits::Limits::new(cfg.limits.clone(), metrics.clone(), None),
+        gateways: Arc::new(crate::gateway_health::GatewayHealth::new(
+            metrics.clone(),
+            state.clone(),
+            Duration::from_millis(cfg.connect_timeout_ms),
+        )),
     });
     let lifecycle = inputs.lifecycle.clone();
     let pool = Arc::new(Pool::new(cfg.hbone_pooling, cfg.hbone_connections, metrics.clone()));

@@ -55,6 +55,8 @@ pub struct ProxyInputs {
     pub lifecycle: Arc<Lifecycle>,
     /// What one client, source or peer may make the agent do.
     pub limits: Arc<Limits>,
+    /// Other zones' gateways found unreachable (their endpoints are skipped).
+    pub gateways: Arc<crate::gateway_health::GatewayHealth>,
 }
 
 impl ProxyInputs {

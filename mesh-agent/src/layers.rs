@@ -14,6 +14,7 @@ const LAYERS: &[&str] = &[
     "balance",
     "outcome",
     "metrics",
+    "gateway_health",
     "limits",
     "ebpf",
     "connections",

@@ -10,6 +10,7 @@ mod config_watch;
 mod connections;
 mod ebpf;
 mod gateway;
+mod gateway_health;
 mod handover;
 mod hbone;
 mod identity;

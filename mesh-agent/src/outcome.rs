@@ -57,6 +57,9 @@ pub enum Reason {
     UnknownMeshDestination,
     /// The destination is a Service address, and the Service has no ready endpoint.
     NoEndpoint,
+    /// The destination is a Service address whose every endpoint is in another zone, behind a
+    /// gateway this agent cannot reach now.
+    GatewayUnreachable,
     /// The destination is a Service address, on a port the Service does not have.
     UnknownServicePort,
     /// The agent's own dial to an app from a client's address, steered back to it.
@@ -174,6 +177,7 @@ impl Reason {
             Reason::NoConfig => "no_config",
             Reason::UnknownMeshDestination => "unknown_mesh_destination",
             Reason::NoEndpoint => "no_endpoint",
+            Reason::GatewayUnreachable => "gateway_unreachable",
             Reason::UnknownServicePort => "unknown_service_port",
             Reason::OwnDial => "own_dial_steered_back",
         }
@@ -201,6 +205,9 @@ impl fmt::Display for Reason {
                 f.write_str("the destination is in the mesh's pod ranges but is no known workload")
             }
             Reason::NoEndpoint => f.write_str("the Service has no ready endpoint"),
+            Reason::GatewayUnreachable => {
+                f.write_str("every endpoint of the Service is behind another zone's gateway that cannot be reached now")
+            }
             Reason::UnknownServicePort => f.write_str("the Service has no such port"),
             Reason::OwnDial => f.write_str(
                 "the agent's own dial from a client's address came back to it (the kernel's record of such dials is full)",
@@ -310,6 +317,7 @@ mod tests {
             (Reason::NoConfig, "no_config"),
             (Reason::UnknownMeshDestination, "unknown_mesh_destination"),
             (Reason::NoEndpoint, "no_endpoint"),
+            (Reason::GatewayUnreachable, "gateway_unreachable"),
             (Reason::UnknownServicePort, "unknown_service_port"),
             (Reason::OwnDial, "own_dial_steered_back"),
         ];

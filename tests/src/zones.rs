@@ -266,6 +266,22 @@ impl Zone {
         }
     }
 
+    /// Drops everything between this zone's edge and `peer_edge`, both ways: the other zone
+    /// looks wholly gone, as when its network is cut off (no reset, no ICMP: a blackhole).
+    pub fn cut_off(&self, peer_edge: &str) -> Result<()> {
+        nft(
+            &self.t.fabric,
+            &format!(
+                "table ip smt_cut {{\n chain cut_forward {{ type filter hook forward priority -10; ip daddr {peer_edge} drop; ip saddr {peer_edge} drop; }}\n chain cut_output {{ type filter hook output priority -10; ip daddr {peer_edge} drop; }}\n chain cut_input {{ type filter hook input priority -10; ip saddr {peer_edge} drop; }}\n}}\n"
+            ),
+        )
+    }
+
+    /// Undoes [`Zone::cut_off`].
+    pub fn reconnect(&self) -> Result<()> {
+        nft(&self.t.fabric, "delete table ip smt_cut\n")
+    }
+
     /// `sm-testapp echoes` from this zone's client.
     pub fn echoes(&self, to: &str, count: u32, extra: &[&str]) -> Result<Value> {
         let count = count.to_string();

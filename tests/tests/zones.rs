@@ -173,3 +173,70 @@ fn exports_sync_both_ways_and_a_service_of_both_zones_survives_a_dead_gateway() 
     assert!(m.contains("sockmesh_zone_sync_lag_seconds{zone=\"west\"}"), "{m}");
     assert!(m.contains("sockmesh_zone_imported_services{zone=\"west\"} 2"), "{m}");
 }
+
+/// Every Service endpoint failure an agent counted, whatever the reason.
+fn endpoint_failures(metrics: &str) -> f64 {
+    let name = "sockmesh_service_endpoint_failures_total";
+    metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+}
+
+/// A zone wholly cut off (its edge a blackhole: no reset, no ICMP). The first connection that
+/// tries its gateway waits out the agent's connect timeout; from then on the agent skips that
+/// gateway until it answers again: what another zone also serves goes there without trying
+/// the lost zone, and what only the lost zone serves is refused at once. The local zone is
+/// unaffected, the import is kept (the zone may come back), and once the link is back the lost
+/// zone's Services work again.
+#[test]
+fn a_zone_cut_off_is_skipped_at_once_until_its_gateway_answers_again() {
+    let (east, west) = two_zones("zonecut").unwrap();
+    west.t.write_config("web.yaml", &service("web", "web", "10.96.0.10", true)).unwrap();
+    east.t.write_config("web.yaml", &service("web", "web", "10.96.0.10", true)).unwrap();
+    west.t.write_config("api.yaml", &service("api", "hidden", "10.96.0.12", true)).unwrap();
+    let (web, _) = east.wait_import("web", 2).unwrap();
+    let (api, _) = east.wait_import("api", 1).unwrap();
+    let (web, api) = (format!("{web}:80"), format!("{api}:80"));
+    // A pooled tunnel to west's gateway is open when the link goes.
+    assert_eq!(east.echoes(&api, 3, &[]).unwrap()["ok"], true);
+    let unreachable = || metric(&scrape(&east.t, east.n1), "sockmesh_gateways_unreachable", &[]);
+    assert_eq!(unreachable(), Some(0.0));
+
+    east.cut_off(&west.edge).unwrap();
+    // The first connection waits for the pooled tunnel's answer until the connect timeout;
+    // the next ones are refused without trying west's gateway.
+    let r = east.echoes(&api, 3, &[]).unwrap();
+    assert_eq!(r["failed"], 3, "{r}");
+    assert_eq!(unreachable(), Some(1.0), "west's gateway is marked unreachable");
+    let results: Vec<Value> =
+        east.agents[0].access_log().into_iter().filter(|l| l["orig_dst"] == api).map(|l| l["result"].clone()).collect();
+    assert_eq!(results.len(), 6, "{results:?}");
+    assert_eq!(results[4..], ["gateway_unreachable", "gateway_unreachable"], "{results:?}");
+
+    // What both zones serve goes to east's endpoint, without one more try of west's gateway.
+    let west_got = west.servers[0].accepted().unwrap().len();
+    let failures = endpoint_failures(&scrape(&east.t, east.n1));
+    let r = east.echoes(&web, 30, &[]).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(endpoint_failures(&scrape(&east.t, east.n1)), failures, "an endpoint behind the lost gateway was tried");
+    assert_eq!(west.servers[0].accepted().unwrap().len(), west_got);
+    // East's own pods are unaffected.
+    let local = format!("{}:{APP_PORT}", east.t.pod(WEB).ip);
+    assert_eq!(east.echoes(&local, 5, &[]).unwrap()["ok"], true);
+
+    // East's controller loses west's sync and says so; west's last exports stay imported.
+    let (_, m) = http_get(&east.t.fabric, &format!("{CONTROLLER_IP}:15014"), "/metrics").unwrap();
+    assert_eq!(metric(&m, "sockmesh_zone_imported_services", &[("zone", "west")]), Some(2.0), "{m}");
+    let lost = time_until(Duration::from_secs(60), || {
+        http_get(&east.t.fabric, &format!("{CONTROLLER_IP}:15014"), "/metrics")
+            .is_ok_and(|(_, m)| metric(&m, "sockmesh_zone_connected", &[("zone", "west")]) == Some(0.0))
+    });
+    assert!(lost.is_some(), "east's controller never noticed west was gone");
+    assert!(east.import("api").is_some(), "west's exports are kept while it is away");
+
+    // Back: the agent finds west's gateway again by itself, and west's Services work.
+    east.reconnect().unwrap();
+    let back = time_until(Duration::from_secs(60), || east.echoes(&api, 1, &[]).is_ok_and(|r| r["ok"] == true));
+    eprintln!("west reachable again after {back:?}");
+    assert!(back.is_some(), "west's Services never came back");
+    assert_eq!(unreachable(), Some(0.0));
+    assert_eq!(east.echoes(&web, 10, &[]).unwrap()["ok"], true);
+}

@@ -45,6 +45,7 @@ pub struct Metrics {
     config_refused: Counter,
     registration_failures: Family<FailureLabels, Counter>,
     not_captured: Gauge,
+    gateways_unreachable: Gauge,
     reclaimed: Counter,
     endpoint_failures: Family<FailureLabels, Counter>,
     limit_hits: Family<LimitLabels, Counter>,
@@ -96,6 +97,7 @@ impl Metrics {
             config_refused: Counter::default(),
             registration_failures: Family::default(),
             not_captured: Gauge::default(),
+            gateways_unreachable: Gauge::default(),
             reclaimed: Counter::default(),
             endpoint_failures: Family::default(),
             limit_hits: Family::default(),
@@ -178,6 +180,11 @@ impl Metrics {
             "workloads_not_captured",
             "Workloads of this node that could not be captured now (their connections are refused)",
             m.not_captured.clone(),
+        );
+        sm.register(
+            "gateways_unreachable",
+            "Other zones' gateways this agent cannot reach now (their endpoints are skipped until they answer again)",
+            m.gateways_unreachable.clone(),
         );
         sm.register(
             "orig_dst_reclaimed",
@@ -302,6 +309,10 @@ impl Metrics {
 
     pub fn registration_failed(&self, reason: &'static str) {
         self.registration_failures.get_or_create(&FailureLabels { reason }).inc();
+    }
+
+    pub fn gateways_unreachable(&self, n: usize) {
+        self.gateways_unreachable.set(n as i64);
     }
 
     pub fn set_not_captured(&self, n: usize) {

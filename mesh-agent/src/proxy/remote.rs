@@ -8,7 +8,8 @@
 //! session's keys exist only at the two agents.
 //!
 //! The outer connection is pooled like any tunnel (per source workload and gateway); the inner
-//! session is one per connection.
+//! session is one per connection. A gateway that cannot be reached is remembered, and skipped
+//! until it answers again ([`crate::gateway_health`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -63,6 +64,13 @@ pub async fn open(
     let outer = Box::pin(pool.open(src, to, timeout, || wl.netns.dial(gateway, None, timeout), &mut none))
         .await
         .map_err(|e| {
+            // No connection, no answer in time, or the connection gone under the stream: the
+            // gateway is unreachable until it answers again (its zone may be wholly gone), and
+            // its pooled connections, which may be dead without knowing it, are dropped.
+            if matches!(e.failure(), TunnelFailure::Connect | TunnelFailure::Timeout | TunnelFailure::Closed) {
+                pool.retire_address(gateway);
+                inputs.gateways.mark_unreachable(wl, gateway, &e);
+            }
             // Nothing of the client's went on the outer stream: whatever the gateway said (its
             // routes may lag an export just withdrawn, say), another endpoint may be tried.
             Failure { retry: true, ..failure(inputs, &e, "the gateway", false) }

@@ -12,7 +12,9 @@
 //! [`super::outbound::open`]). An endpoint that no workload has is outside the mesh: the
 //! controller listed it, so it is reached in plain TCP even inside `--mesh-cidr`. An endpoint
 //! in another zone (a Service imported from other zones) is reached through that zone's
-//! gateway ([`super::remote`]).
+//! gateway ([`super::remote`]); while that gateway cannot be reached, its endpoints are
+//! skipped without a try, and a Service with no other endpoint is refused at once
+//! ([`crate::gateway_health`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,18 +55,21 @@ pub async fn handle(
     };
     let target_port = port.target();
     let mut early = EarlyBytes::default();
-    let mut tried: Vec<&mesh_model::Endpoint> = Vec::new();
+    // Endpoints behind another zone's gateway that cannot be reached now are never tried.
+    let unreachable =
+        |e: &&mesh_model::Endpoint| e.remote.as_ref().is_some_and(|r| inputs.gateways.is_unreachable(r.gateway));
+    let mut skip: Vec<&mesh_model::Endpoint> = svc.service.endpoints.iter().filter(unreachable).collect();
+    let skipped = skip.len();
     // The last endpoint's failure and the record of that attempt.
     let mut last: Option<(ConnRecord, Failure)> = None;
-    while tried.len() < inputs.settings.service_attempts {
+    while skip.len() - skipped < inputs.settings.service_attempts {
         let loads = &inputs.loads;
-        let Some(ep) =
-            pick(&svc.service.endpoints, &tried, dst.is_ipv4(), |ip| loads.get(ip), |n| fastrand::usize(..n))
+        let Some(ep) = pick(&svc.service.endpoints, &skip, dst.is_ipv4(), |ip| loads.get(ip), |n| fastrand::usize(..n))
         else {
             break;
         };
         let target = SocketAddr::new(ep.address, target_port);
-        tried.push(ep);
+        skip.push(ep);
         // Counted from the attempt until the connection ends (dropped with this function).
         let _in_flight = inputs.loads.start(ep.address);
         // Each attempt from the client's record as it came (the original destination is the
@@ -95,6 +100,7 @@ pub async fn handle(
     match last {
         // Every endpoint tried failed: the client learns the last reason.
         Some((attempt, f)) => refuse(&attempt, client, f.reason, &f.detail),
+        None if skipped > 0 => refuse(&rec, client, Reason::GatewayUnreachable, &Reason::GatewayUnreachable),
         None => refuse(&rec, client, Reason::NoEndpoint, &Reason::NoEndpoint),
     }
 }

@@ -276,6 +276,17 @@ impl Pool {
         }
     }
 
+    /// Stops reusing every connection to `addr`, whoever its source (it stopped answering).
+    /// A slot that is locked is having its next connection made, and is left to it.
+    pub fn retire_address(&self, addr: SocketAddr) {
+        let slots: Vec<Slot> = self.slots().iter().filter(|(k, _)| k.addr == addr).map(|(_, s)| s.clone()).collect();
+        for slot in slots {
+            if let Ok(mut s) = slot.try_lock() {
+                s.clear();
+            }
+        }
+    }
+
     /// Drops the slots `keep` refuses, and slots with no connection. A dropped slot's
     /// connection closes once its streams are done.
     pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) -> usize {

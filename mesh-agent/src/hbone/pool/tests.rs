@@ -152,6 +152,25 @@ async fn streams_share_a_connection_until_its_slot_is_evicted() {
     drop((t1, t2));
 }
 
+/// A gateway that stopped answering: every connection to its address stops being reused,
+/// and the next stream makes a new one (the old one may be dead without knowing it).
+#[tokio::test]
+async fn retiring_an_address_makes_the_next_stream_a_new_connection() {
+    let (a, b, b_id) = certs();
+    let (addr, sessions) = server(b).await;
+    let pool = Pool::new(true, 1, Arc::new(Metrics::new()));
+    let _t1 = open(&pool, &a, &b_id, addr).await.unwrap();
+    let _t2 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 1);
+    // Another address's connections are not touched.
+    pool.retire_address("127.0.0.1:1".parse().unwrap());
+    let _t3 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 1);
+    pool.retire_address(addr);
+    let _t4 = open(&pool, &a, &b_id, addr).await.unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 2, "a new connection after the address was retired");
+}
+
 /// A stream refused unprocessed is sent again, with the client's first bytes, on a new
 /// connection; refused too often, the refusal is the answer.
 #[tokio::test]
