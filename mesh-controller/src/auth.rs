@@ -42,9 +42,48 @@ impl AuthError {
     }
 }
 
-pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AuthError>> + Send + 'a>>;
+/// Who a credential proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A node's agent: it may obtain the identities of the workloads placed on its node, and is
+    /// sent its node's configuration.
+    Node(String),
+    /// A zone's east-west gateway, by its own service account's token (Kubernetes): it may
+    /// obtain the gateway's identity and nothing else, and is sent the configuration every node
+    /// shares (no node's own part). `node` is where its pod runs, for the logs.
+    Gateway { node: String },
+}
 
-/// Turns a bearer credential into the node it proves.
+impl Caller {
+    /// The node whose own part of the configuration the caller is sent: none for a gateway.
+    pub fn view_node(&self) -> &str {
+        match self {
+            Caller::Node(n) => n,
+            Caller::Gateway { .. } => "",
+        }
+    }
+}
+
+/// In tests, a node's agent compares equal to its node's name.
+#[cfg(test)]
+impl PartialEq<&str> for Caller {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(self, Caller::Node(n) if n == other)
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Node(n) => write!(f, "node {n}"),
+            Caller::Gateway { node } => write!(f, "the zone's gateway (on node {node})"),
+        }
+    }
+}
+
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>>;
+
+/// Turns a bearer credential into the caller it proves.
 pub trait NodeAuthenticator: Send + Sync + 'static {
     fn authenticate<'a>(&'a self, credential: &'a str) -> AuthFuture<'a>;
 }
@@ -190,7 +229,7 @@ impl NodeAuthenticator for StaticCredentials {
                     found = Some(node.clone());
                 }
             }
-            found.ok_or(AuthError::Unknown)
+            found.map(Caller::Node).ok_or(AuthError::Unknown)
         })
     }
 }

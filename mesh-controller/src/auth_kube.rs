@@ -1,8 +1,9 @@
 //! Node authentication on Kubernetes: the agent (a DaemonSet pod) sends its projected
 //! service-account token; the API server's TokenReview says whether it is valid for our
 //! audience, whose it is, and which node the pod is bound to. Only tokens of the agent's own
-//! service account are accepted, the answer must name our audience, and the node comes from
-//! the token's binding, never from the request.
+//! service account are accepted (and, in a zone, of its east-west gateway's, which make the
+//! caller the gateway: its own identity only), the answer must name our audience, and the node
+//! comes from the token's binding, never from the request.
 //!
 //! An accepted token is remembered (by its SHA-256) until it expires or for five minutes,
 //! whichever is sooner, so an agent's calls cost one TokenReview per token every few minutes
@@ -23,7 +24,7 @@ use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
-use crate::auth::{AuthError, AuthFuture, NodeAuthenticator};
+use crate::auth::{AuthError, AuthFuture, Caller, NodeAuthenticator};
 
 /// The extra field a bound service-account token carries its node in.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -72,9 +73,10 @@ pub struct TokenReviewAuthenticator {
     audience: String,
     /// `system:serviceaccount:<namespace>:<name>` of the agent DaemonSet.
     agent_user: String,
-    /// SHA-256 of an accepted token -> (its node, its expiry in seconds since the epoch).
-    /// Token digest -> (node, review again after, expiry), Unix seconds.
-    accepted: Mutex<HashMap<[u8; 32], (String, u64, u64)>>,
+    /// The same of the zone's east-west gateway, when this controller is in a zone.
+    gateway_user: Option<String>,
+    /// Token digest (SHA-256) -> (caller, review again after, expiry), Unix seconds.
+    accepted: Mutex<HashMap<[u8; 32], (Caller, u64, u64)>>,
     reviews: Mutex<Bucket>,
 }
 
@@ -113,6 +115,7 @@ impl TokenReviewAuthenticator {
             client,
             audience: audience.to_owned(),
             agent_user: format!("system:serviceaccount:{agent_namespace}:{agent_service_account}"),
+            gateway_user: None,
             accepted: Mutex::new(HashMap::new()),
             reviews: Mutex::new(Bucket {
                 tokens: burst as f64,
@@ -123,26 +126,33 @@ impl TokenReviewAuthenticator {
         }
     }
 
-    async fn check(&self, token: &str) -> Result<String, AuthError> {
+    /// Also accepts tokens of the zone's east-west gateway's service account (`namespace/name`),
+    /// as the gateway.
+    pub fn with_gateway(mut self, namespace: &str, service_account: &str) -> Self {
+        self.gateway_user = Some(format!("system:serviceaccount:{namespace}:{service_account}"));
+        self
+    }
+
+    async fn check(&self, token: &str) -> Result<Caller, AuthError> {
         let key = digest(token);
         let now = now_secs();
         let known = self.accepted.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
         let known = known.filter(|(_, _, exp)| *exp > now);
-        if let Some((node, review_after, _)) = &known {
+        if let Some((caller, review_after, _)) = &known {
             if *review_after > now {
-                return Ok(node.clone());
+                return Ok(caller.clone());
             }
         }
         if !self.reviews.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // Reviews are scarce (callers with made-up tokens spend them): a token accepted
             // before, not yet expired, stays accepted rather than shutting its agent out.
             return match known {
-                Some((node, _, _)) => Ok(node),
+                Some((caller, _, _)) => Ok(caller),
                 None => Err(AuthError::RateLimited),
             };
         }
-        let node = match self.review(token).await {
-            Ok(node) => node,
+        let caller = match self.review(token).await {
+            Ok(caller) => caller,
             Err(e) => {
                 self.accepted.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                 return Err(e);
@@ -156,12 +166,12 @@ impl TokenReviewAuthenticator {
                     accepted.clear();
                 }
             }
-            accepted.insert(key, (node.clone(), remember_until(exp, now), exp));
+            accepted.insert(key, (caller.clone(), remember_until(exp, now), exp));
         }
-        Ok(node)
+        Ok(caller)
     }
 
-    async fn review(&self, token: &str) -> Result<String, AuthError> {
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![self.audience.clone()]) },
             ..Default::default()
@@ -182,10 +192,12 @@ impl TokenReviewAuthenticator {
             return Err(AuthError::Unknown);
         }
         let user = status.user.ok_or(AuthError::Unknown)?;
-        if user.username.as_deref() != Some(self.agent_user.as_str()) {
+        let gateway = match user.username.as_deref() {
+            Some(u) if u == self.agent_user => false,
+            Some(u) if self.gateway_user.as_deref() == Some(u) => true,
             // A valid token, but not the agent's: a workload must not mint node credentials.
-            return Err(AuthError::Unknown);
-        }
+            _ => return Err(AuthError::Unknown),
+        };
         let node = user
             .extra
             .as_ref()
@@ -193,7 +205,10 @@ impl TokenReviewAuthenticator {
             .and_then(|v| v.first())
             .filter(|n| !n.is_empty())
             .ok_or(AuthError::NoNode)?;
-        Ok(node.clone())
+        Ok(match gateway {
+            true => Caller::Gateway { node: node.clone() },
+            false => Caller::Node(node.clone()),
+        })
     }
 }
 
@@ -210,10 +225,18 @@ mod tests {
     use kube::client::Body;
 
     /// A mock API server answering one TokenReview with `status` (recorded JSON shape).
-    async fn with_review(status: serde_json::Value, token: &str) -> Result<String, AuthError> {
+    async fn with_review(status: serde_json::Value, token: &str) -> Result<Caller, AuthError> {
+        review_by(status, token, false).await
+    }
+
+    /// As [`with_review`], by a controller that also takes its zone gateway's tokens (`zoned`).
+    async fn review_by(status: serde_json::Value, token: &str, zoned: bool) -> Result<Caller, AuthError> {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(svc, "default");
-        let auth = TokenReviewAuthenticator::new(client, "sockmesh-ca", "sockmesh-system", "sockmesh-agent");
+        let mut auth = TokenReviewAuthenticator::new(client, "sockmesh-ca", "sockmesh-system", "sockmesh-agent");
+        if zoned {
+            auth = auth.with_gateway("sockmesh-system", "sockmesh-gateway");
+        }
         let server = tokio::spawn(async move { answer_one(&mut handle, status).await });
         let r = auth.authenticate(token).await;
         assert_eq!(server.await.unwrap(), token, "the token is what is reviewed");
@@ -269,6 +292,21 @@ mod tests {
     #[tokio::test]
     async fn a_bound_agent_token_names_its_node() {
         assert_eq!(with_review(agent(Some("worker-2")), "tok-1").await.unwrap(), "worker-2");
+    }
+
+    /// In a zone, the gateway's own token makes the caller the gateway (never a node, whose
+    /// workloads' identities it would then get); without a zone it is any workload's token.
+    #[tokio::test]
+    async fn a_zone_gateways_token_makes_the_caller_the_gateway_only_in_a_zone() {
+        let gateway = || {
+            let mut g = agent(Some("edge-1"));
+            g["user"]["username"] = "system:serviceaccount:sockmesh-system:sockmesh-gateway".into();
+            g
+        };
+        assert_eq!(review_by(gateway(), "gw-1", true).await.unwrap(), Caller::Gateway { node: "edge-1".into() });
+        assert!(matches!(review_by(gateway(), "gw-2", false).await, Err(AuthError::Unknown)));
+        // The agent's token is still a node's in a zone.
+        assert_eq!(review_by(agent(Some("worker-2")), "tok-9", true).await.unwrap(), Caller::Node("worker-2".into()));
     }
 
     #[tokio::test]
@@ -382,7 +420,7 @@ mod tests {
     async fn a_known_token_outlives_a_review_flood_but_not_a_refusal() {
         let token = token_expiring_at(now_secs() + 3600, 7);
         let known = |auth: &TokenReviewAuthenticator| {
-            let due = (String::from("worker-2"), now_secs() - 1, now_secs() + 3600);
+            let due = (Caller::Node("worker-2".into()), now_secs() - 1, now_secs() + 3600);
             auth.accepted.lock().unwrap().insert(digest(&token), due);
         };
         let denied = serde_json::json!({"authenticated": false, "error": "invalid token"});

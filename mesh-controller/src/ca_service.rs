@@ -13,7 +13,7 @@ use mesh_identity::proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{AuthError, NodeAuthenticator};
+use crate::auth::{AuthError, Caller, NodeAuthenticator};
 use crate::placement;
 
 pub struct CaService {
@@ -24,6 +24,29 @@ pub struct CaService {
     pub auth: Arc<dyn NodeAuthenticator>,
     pub placement: placement::Shared,
     pub stats: Arc<Stats>,
+    /// The zone's east-west gateway's service account (namespace, name), in the default mesh:
+    /// the one identity a caller proven to be the gateway may obtain.
+    pub gateway: Option<(String, String)>,
+}
+
+impl CaService {
+    /// Whether `caller` may have the identity `namespace/service_account` of `mesh`; if not, why.
+    fn authorize(
+        &self,
+        placement: &placement::Placement,
+        caller: &Caller,
+        mesh: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), String> {
+        match caller {
+            Caller::Node(node) => placement.authorize(node, mesh, namespace, service_account),
+            Caller::Gateway { .. } => match &self.gateway {
+                Some((ns, sa)) if mesh == mesh_model::mesh::DEFAULT_MESH && ns == namespace && sa == service_account => Ok(()),
+                _ => Err(format!("the zone's gateway may have its own identity only, not {namespace}/{service_account} of mesh {mesh}")),
+            },
+        }
+    }
 }
 
 #[derive(Default)]
@@ -71,11 +94,11 @@ impl CertificateService for CaService {
         &self,
         req: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let node = match bearer(&req) {
+        let caller = match bearer(&req) {
             Ok(cred) => self.auth.authenticate(cred).await,
             Err(e) => Err(e),
         };
-        let node = match node {
+        let caller = match caller {
             Ok(n) => n,
             Err(e) => {
                 self.stats.refuse(e.reason());
@@ -106,18 +129,18 @@ impl CertificateService for CaService {
             };
             signer.ca.sign(&body.csr, ttl, |id| {
                 let (ns, sa) = id.workload_parts().expect("checked workload ID");
-                placement.authorize(&node, &signer.mesh, ns, sa)
+                self.authorize(&placement, &caller, &signer.mesh, ns, sa)
             })
         });
         match signed {
             Ok((id, chain)) => {
                 *self.stats.signed.lock().unwrap().entry(id.to_string()).or_default() += 1;
-                tracing::info!(node, identity = %id, "certificate signed");
+                tracing::info!(caller = %caller, identity = %id, "certificate signed");
                 Ok(Response::new(CreateCertificateResponse { cert_chain: chain }))
             }
             Err(e) => {
                 self.stats.refuse(e.reason());
-                tracing::warn!(node, reason = e.reason(), "certificate request refused: {e}");
+                tracing::warn!(caller = %caller, reason = e.reason(), "certificate request refused: {e}");
                 Err(match e {
                     CaError::Unauthorized(_) => Status::permission_denied(e.to_string()),
                     CaError::Config(_) => Status::internal("the CA cannot sign right now"),
@@ -167,16 +190,23 @@ mod tests {
         let placement = Arc::new(std::sync::RwLock::new(Arc::new(crate::placement::Placement::from_workloads(
             &ws.into_iter().map(Arc::new).collect::<Vec<_>>(),
         ))));
-        let auth = Arc::new(
-            StaticCredentials::parse(
-                "c",
-                &format!("nodes:\n- {{name: n1, credential: {N1}}}\n- {{name: n2, credential: {N2}}}\n"),
-            )
-            .unwrap(),
-        );
+        let nodes = StaticCredentials::parse(
+            "c",
+            &format!("nodes:\n- {{name: n1, credential: {N1}}}\n- {{name: n2, credential: {N2}}}\n"),
+        )
+        .unwrap();
+        let auth = Arc::new(WithGateway(nodes));
         let stats = Arc::new(Stats::default());
         let signers = Arc::new(std::sync::RwLock::new(crate::meshes::Signers::only_default(ca.clone())));
-        let svc = CaService { signers, default_roots: ca.roots_pem().to_vec(), auth, placement, stats: stats.clone() };
+        let gateway = Some(("sockmesh-system".into(), "sockmesh-gateway".into()));
+        let svc = CaService {
+            signers,
+            default_roots: ca.roots_pem().to_vec(),
+            auth,
+            placement,
+            stats: stats.clone(),
+            gateway,
+        };
         let (chain, key) = ca.issue_server_cert(&["mesh-controller".into()], &[], None).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -204,6 +234,20 @@ mod tests {
             client: CertificateServiceClient::new(channel),
             bundle: TrustBundle::from_pems("cluster.local", &[root.cert_pem]).unwrap(),
             stats,
+        }
+    }
+
+    /// The nodes' credentials, and [`GW`], which proves the zone's gateway on n1 (as its
+    /// service account's token does on Kubernetes).
+    struct WithGateway(StaticCredentials);
+    const GW: &str = "gateway-token-0123456789";
+
+    impl NodeAuthenticator for WithGateway {
+        fn authenticate<'a>(&'a self, credential: &'a str) -> crate::auth::AuthFuture<'a> {
+            match credential {
+                GW => Box::pin(async { Ok(Caller::Gateway { node: "n1".into() }) }),
+                c => self.0.authenticate(c),
+            }
         }
     }
 
@@ -271,5 +315,25 @@ mod tests {
         assert_eq!(refused.get("missing_credential"), Some(&1), "{refused:?}");
         assert_eq!(refused.get("san_count"), Some(&1), "{refused:?}");
         assert_eq!(refused.get("ca_requested"), Some(&1), "{refused:?}");
+    }
+
+    /// The zone's gateway gets its own identity, which no placement names, and nothing else:
+    /// not the identities of the workloads on its node, nor a node's own.
+    #[tokio::test]
+    async fn the_zone_gateway_gets_its_own_identity_and_nothing_else() {
+        let r = start().await;
+        let id = "spiffe://cluster.local/ns/sockmesh-system/sa/sockmesh-gateway";
+        let chain = ask(&r, Some(GW), csr_for(id)).await.unwrap();
+        let ders = pem_to_ders(&chain.concat());
+        let want = SpiffeId::parse_workload(id).unwrap();
+        let usage = mesh_identity::verify::KeyUsage::client_auth();
+        r.bundle.verify(&ders[0], &ders[1..], usage, rustls_pki_types::UnixTime::now(), Some(&want)).unwrap();
+        // sa-a runs on the gateway's node: a node's agent may have it, the gateway may not.
+        let e = ask(&r, Some(GW), csr_for("spiffe://cluster.local/ns/default/sa/sa-a")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("gateway"), "{e:?}");
+        // And a node's credential does not give the gateway's identity (no workload of it).
+        let e = ask(&r, Some(N1), csr_for(id)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     }
 }

@@ -249,7 +249,9 @@ struct Args {
     /// gateway`), address:port. Without it, this zone exports nothing.
     #[arg(long, requires = "zone")]
     zone_gateway: Option<SocketAddr>,
-    /// The gateway's identity, namespace/service account (a workload on its node).
+    /// The gateway's identity, namespace/service account. In local mode a workload record places
+    /// it on the gateway's node; on Kubernetes (--node-auth kubernetes) its pods prove it with
+    /// this service account's token, which then gets this identity and nothing else.
     #[arg(long, default_value = "sockmesh-system/sockmesh-gateway")]
     zone_gateway_service_account: String,
     /// Another zone to follow, NAME=URL of its controller (e.g. west=https://192.0.2.2:15012);
@@ -392,6 +394,13 @@ fn zone_settings(args: &Args) -> anyhow::Result<Option<zones::Settings>> {
     }))
 }
 
+/// The zone gateway's service account (namespace, name), when this zone runs a gateway.
+fn gateway_account(args: &Args, zone: Option<&zones::Settings>) -> Option<(String, String)> {
+    zone.filter(|z| z.gateway.is_some())?;
+    let (ns, sa) = args.zone_gateway_service_account.split_once('/')?;
+    Some((ns.to_owned(), sa.to_owned()))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let zone = zone_settings(&args)?.map(Arc::new);
     if mesh_identity::SpiffeId::parse(&format!("spiffe://{}", args.trust_domain)).is_err() {
@@ -438,7 +447,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .split_once('/')
                 .context("--agent-service-account: expected namespace/name")?;
             let client = client.clone().context("a client was made above for --node-auth kubernetes")?;
-            Arc::new(auth_kube::TokenReviewAuthenticator::new(client, &args.token_audience, ns, sa))
+            let mut a = auth_kube::TokenReviewAuthenticator::new(client, &args.token_audience, ns, sa);
+            // A zone with a gateway: the gateway's pod proves itself with its own service
+            // account's token, and may then have the gateway's identity only.
+            if let Some((gns, gsa)) = gateway_account(&args, zone.as_deref()) {
+                a = a.with_gateway(&gns, &gsa);
+            }
+            Arc::new(a)
         }
     };
     // Sources publish what they read; the mesh keeper admits the meshes (CAs, records) and
@@ -610,6 +625,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         auth,
         placement: shared,
         stats: stats.clone(),
+        gateway: gateway_account(&args, zone.as_deref()),
     };
     let metrics_l = tokio::net::TcpListener::bind(args.metrics_addr)
         .await

@@ -147,14 +147,16 @@ impl ConfigService for ConfigPush {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("send `authorization: Bearer <node credential>`"))?;
-        let node = self.auth.authenticate(cred).await.map_err(|e| {
+        let caller = self.auth.authenticate(cred).await.map_err(|e| {
             tracing::warn!(reason = e.reason(), "config watch refused: {e}");
             e.status()
         })?;
         // An agent that does not gather parts (it predates them) gets each update whole, as
         // before: applied part by part, it would hold a partial configuration in between.
         let part_bytes = if req.get_ref().accepts_parts { PART_BYTES } else { usize::MAX };
-        tracing::info!(node, accepts_parts = req.get_ref().accepts_parts, "agent watching configuration");
+        tracing::info!(caller = %caller, accepts_parts = req.get_ref().accepts_parts, "agent watching configuration");
+        // A gateway is sent what every node shares, and no node's own part.
+        let node = caller.view_node().to_owned();
         let mut rx = self.views.clone();
         // One part waiting at most: a slow agent holds back its own stream, and the controller
         // holds about two parts for it (this one, and the one being sent).
@@ -186,7 +188,7 @@ impl ConfigService for ConfigPush {
                     }
                 };
                 if !alive {
-                    tracing::info!(node, "agent stopped watching");
+                    tracing::info!(caller = %caller, "agent stopped watching");
                     return;
                 }
                 sent = Some((view.seq, mine));
@@ -194,7 +196,7 @@ impl ConfigService for ConfigPush {
                 tokio::select! {
                     r = rx.changed() => if r.is_err() { return },
                     () = tx.closed() => {
-                        tracing::info!(node, "agent stopped watching");
+                        tracing::info!(caller = %caller, "agent stopped watching");
                         return;
                     }
                 }

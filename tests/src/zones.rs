@@ -45,6 +45,19 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Starts `mesh-agent gateway` with `args` in the fabric netns `fabric` (in the
+    /// controller's cgroup there), its log in `log`; does not wait for it.
+    pub fn spawn(fabric: &str, cgroup: &Path, args: &[&str], log: PathBuf) -> Result<Gateway> {
+        let child = command_in(fabric, cgroup, bin("mesh-agent"))?
+            .args(["gateway", "--log-format", "json"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting mesh-agent gateway")?;
+        Ok(Gateway { child: Some(child), log })
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -217,19 +230,18 @@ impl Zone {
     pub fn start_gateway(&self) -> Result<Gateway> {
         let t = &self.t;
         let gw = t.nodes.iter().find(|n| n.name == "gw").context("the gateway's node")?;
-        let log = t.dir.join("gateway.log");
-        let child = command_in(&t.fabric, &t.cgroup_root.join("controller"), bin("mesh-agent"))?
-            .args(["gateway", "--log-format", "json", "--listen", &format!("{}:15008", self.edge)])
-            .args(["--controller", &format!("https://{CONTROLLER_IP}:15012")])
-            .arg("--trust-bundle")
-            .arg(t.trust_bundle())
-            .arg("--node-credential-file")
-            .arg(gw.state_dir.join("credential"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting mesh-agent gateway")?;
-        let g = Gateway { child: Some(child), log };
+        let (bundle, credential) = (t.trust_bundle(), gw.state_dir.join("credential"));
+        let args = [
+            "--listen",
+            &format!("{}:15008", self.edge),
+            "--controller",
+            &format!("https://{CONTROLLER_IP}:15012"),
+            "--trust-bundle",
+            &bundle.to_string_lossy(),
+            "--node-credential-file",
+            &credential.to_string_lossy(),
+        ];
+        let g = Gateway::spawn(&t.fabric, &t.cgroup_root.join("controller"), &args, t.dir.join("gateway.log"))?;
         let ready = || Ok(http_get(&t.fabric, "127.0.0.1:15021", "/ready").is_ok_and(|r| r.0 == 200));
         if let Err(e) = wait_for(Duration::from_secs(30), ready) {
             bail!("gateway not ready: {e}: {}", std::fs::read_to_string(&g.log).unwrap_or_default());

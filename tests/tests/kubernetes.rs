@@ -782,3 +782,95 @@ fn replicas_share_a_generated_mesh_root_through_a_secret() {
     assert_eq!(r["ok"], true, "a's certificate from the replica that came back: {r}");
     back.stop();
 }
+
+/// A zone's east-west gateway on Kubernetes proves itself with its own service account's
+/// projected token (no node credential, no workload record): the controller, in a zone, takes
+/// that token as the gateway's and signs the gateway's identity for it and nothing else; the
+/// gateway gets its zone's exported endpoints from the push. A gateway asking for a workload's
+/// identity with the same token is refused.
+#[test]
+fn a_zone_gateway_proves_itself_with_its_service_accounts_token_and_gets_only_its_identity() {
+    let Kube { mut t, b, api, .. } = kube("kube-gateway");
+    // b's Service, exported to the other zones, with its EndpointSlice.
+    let b_ip = t.pod(b).ip.to_string();
+    put(
+        &api,
+        "svc-b",
+        &json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "b", "namespace": "default", "labels": {"sockmesh.io/export": "true"}},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "selector": {"app": "b"}, "ports": [{"port": 80, "targetPort": PORT}]},
+        }),
+    );
+    put(
+        &api,
+        "es-b",
+        &json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "b-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "b"}},
+            "addressType": "IPv4", "ports": [{"port": PORT}],
+            "endpoints": [{"addresses": [b_ip], "targetRef": {"kind": "Pod", "name": "b"}, "conditions": {"ready": true}}],
+        }),
+    );
+    let kubeconfig = t.start_fake_api(&api).unwrap();
+    let gateway_at = format!("{CONTROLLER_IP}:15008");
+    let ctl = t.start_kube_controller(&kubeconfig, &["--zone", "east", "--zone-gateway", &gateway_at]).unwrap();
+    // The gateway pod's token: its own service account's, bound to its node.
+    let tokens = api.join("tokens.json");
+    let mut known: Value = serde_json::from_slice(&std::fs::read(&tokens).unwrap()).unwrap();
+    known["token-gateway"] = json!({"username": "system:serviceaccount:sockmesh-system:sockmesh-gateway", "node": "n1", "audiences": ["sockmesh-ca"]});
+    std::fs::write(&tokens, serde_json::to_vec(&known).unwrap()).unwrap();
+    let token = t.dir.join("gateway-token");
+    tests::process::write_private(&token, "token-gateway").unwrap();
+
+    let (bundle, token) = (t.trust_bundle().to_string_lossy().into_owned(), token.to_string_lossy().into_owned());
+    let controller = format!("https://{CONTROLLER_IP}:15012");
+    let cgroup = t.cgroup_root.join("controller");
+    let start = |listen: &str, admin: &str, account: &str, log: &str| {
+        let args = [
+            "--listen",
+            listen,
+            "--admin-addr",
+            admin,
+            "--controller",
+            &controller,
+            "--trust-bundle",
+            &bundle,
+            "--node-credential-file",
+            &token,
+            "--service-account",
+            account,
+        ];
+        tests::zones::Gateway::spawn(&t.fabric, &cgroup, &args, t.dir.join(log)).unwrap()
+    };
+    let gw = start(&gateway_at, "127.0.0.1:15021", "sockmesh-system/sockmesh-gateway", "gateway.log");
+    let ready = wait_for(Duration::from_secs(30), || {
+        Ok(http_get(&t.fabric, "127.0.0.1:15021", "/ready").is_ok_and(|(s, _)| s == 200))
+    });
+    assert!(ready.is_ok(), "the gateway never got its identity: {:?}", gw.log_lines());
+    let (_, certs) = http_get(&t.fabric, "127.0.0.1:15021", "/certs").unwrap();
+    let certs: Vec<String> = serde_json::from_str(&certs).unwrap();
+    assert_eq!(certs, [tests::zones::GATEWAY_ID]);
+    // Its routes came from the push: b's endpoint, the one exported.
+    let routes = time_until(Duration::from_secs(30), || {
+        http_get(&t.fabric, "127.0.0.1:15021", "/stats")
+            .is_ok_and(|(_, s)| serde_json::from_str::<Value>(&s).is_ok_and(|v| v["routes"] == 1))
+    });
+    assert!(routes.is_some(), "the gateway never had b's endpoint: {:?}", gw.log_lines());
+
+    // The same token asking for b's identity (whose pod runs on the token's node) is refused.
+    let _bad = start(&format!("{CONTROLLER_IP}:15009"), "127.0.0.1:15022", "default/sa-b", "gateway-bad.log");
+    let refused = wait_for(Duration::from_secs(30), || {
+        Ok(ctl.log_lines().iter().any(|l| {
+            l["message"].as_str().is_some_and(|m| m.contains("the zone's gateway may have its own identity only"))
+        }))
+    });
+    assert!(refused.is_ok(), "the controller never refused the gateway a workload's identity");
+    assert!(http_get(&t.fabric, "127.0.0.1:15022", "/ready").map_or(true, |(s, _)| s != 200));
+    let signed: Vec<Value> = ctl.log_lines().into_iter().filter(|l| l["message"] == "certificate signed").collect();
+    assert!(
+        !signed.iter().any(|l| l["identity"] == "spiffe://cluster.local/ns/default/sa/sa-b"
+            && l["caller"].as_str().is_some_and(|c| c.contains("gateway"))),
+        "{signed:?}"
+    );
+}
