@@ -578,6 +578,60 @@ mod tests {
         (m, v)
     }
 
+    /// The zone gateway's Deployment (deploy/zone/) starts `mesh-agent gateway` with flags it
+    /// takes, agreeing with its pod spec and Services: its credential is its own service
+    /// account's projected token for the CA's audience (mode 0400, owned by the pod's one
+    /// user), the identity it asks for is that service account's, the probe reads its admin
+    /// port, and the Service sends the other zones to the port it listens on. It asks the
+    /// controller by the name the controller's Service gives it.
+    #[test]
+    fn the_gateways_command_line_parses_and_agrees_with_its_pod_spec() {
+        let docs = documents(include_str!("../../deploy/zone/gateway.yaml"));
+        let namespace =
+            documents(include_str!("../../deploy/kustomization.yaml"))[0]["namespace"].as_str().unwrap().to_owned();
+        let dep = docs.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment");
+        let pod = &dep["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        let args: Vec<&str> = std::iter::once("mesh-agent")
+            .chain(c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()))
+            .collect();
+        let a = match super::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}")).cmd {
+            super::Cmd::Gateway(a) => a,
+            _ => panic!("not `gateway`"),
+        };
+        assert_eq!(a.service_account, format!("{namespace}/{}", pod["serviceAccountName"].as_str().unwrap()));
+        let (m, v) = volume_for(c, pod, &a.node_credential_file);
+        let token = &v["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(token["audience"], "sockmesh-ca", "the controller's --token-audience");
+        assert_eq!(
+            std::path::Path::new(m["mountPath"].as_str().unwrap()).join(token["path"].as_str().unwrap()),
+            a.node_credential_file
+        );
+        assert_eq!(v["projected"]["defaultMode"].as_u64(), Some(0o400));
+        assert!(pod["securityContext"]["runAsUser"].as_u64().is_some(), "the token file's owner is the pod's user");
+        let (m, v) = volume_for(c, pod, &a.trust_bundle);
+        assert_eq!(v["configMap"]["name"], "sockmesh-trust-bundle");
+        assert!(a.trust_bundle.starts_with(m["mountPath"].as_str().unwrap()));
+        assert_eq!(c["readinessProbe"]["httpGet"]["port"].as_u64(), Some(u64::from(a.admin_addr.port())));
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+        let ports: Vec<u64> =
+            c["ports"].as_sequence().unwrap().iter().map(|p| p["containerPort"].as_u64().unwrap()).collect();
+        assert!(ports.contains(&u64::from(a.listen.port())), "{ports:?}");
+        let svc = docs.iter().find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "sockmesh-gateway").unwrap();
+        assert_eq!(svc["spec"]["selector"], pod_labels(dep));
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"].as_u64(), Some(u64::from(a.listen.port())));
+        let controller = documents(include_str!("../../deploy/controller.yaml"));
+        let ctl_svc = controller.iter().find(|d| d["kind"] == "Service").unwrap();
+        let host = format!("{}.{namespace}.svc", ctl_svc["metadata"]["name"].as_str().unwrap());
+        assert_eq!(a.controller, [format!("https://{host}:15012")]);
+        assert_eq!(a.controller_name, host);
+    }
+
+    /// A workload's pod template labels.
+    fn pod_labels(d: &serde_yaml::Value) -> serde_yaml::Value {
+        d["spec"]["template"]["metadata"]["labels"].clone()
+    }
+
     /// The DaemonSet in deploy/ starts the agent (and its preflight) with flags it takes, and
     /// they agree with the pod spec: each path is on the volume it must be (the host's /proc
     /// read-only, cgroup, bpffs with propagation from the host, /run/sockmesh, the projected

@@ -718,6 +718,52 @@ mod tests {
         serde_yaml::Deserializer::from_str(text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect()
     }
 
+    /// The `value`s of the JSON-patch ops adding arguments to the controller in a kustomization.
+    fn added_args(kustomization: &str) -> Vec<String> {
+        let k = &documents(kustomization)[0];
+        let mut out = Vec::new();
+        for p in k["patches"].as_sequence().unwrap() {
+            assert_eq!(p["target"]["name"], "sockmesh-controller");
+            for op in documents(p["patch"].as_str().unwrap())[0].as_sequence().unwrap() {
+                assert_eq!(op["path"], "/spec/template/spec/containers/0/args/-");
+                out.push(op["value"].as_str().unwrap().to_owned());
+            }
+        }
+        out
+    }
+
+    /// A zone's controller (deploy/ with the deploy/zone component and the example zone's
+    /// overlay) parses, its zone settings hold, and they agree with the gateway's manifest: the
+    /// gateway's service account is the one whose tokens it takes, its intermediate's chain is
+    /// on the CA Secret's mount, and the Service the other zones follow it through selects its
+    /// pods on its gRPC port.
+    #[test]
+    fn a_zones_controller_command_line_parses_and_agrees_with_the_gateway() {
+        let docs = documents(include_str!("../../deploy/controller.yaml"));
+        let gateway = documents(include_str!("../../deploy/zone/gateway.yaml"));
+        let namespace =
+            documents(include_str!("../../deploy/kustomization.yaml"))[0]["namespace"].as_str().unwrap().to_owned();
+        let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let c = &dep["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = std::iter::once("mesh-controller".to_owned())
+            .chain(c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()))
+            .chain(added_args(include_str!("../../deploy/zone/kustomization.yaml")))
+            .chain(added_args(include_str!("../../examples/zone-east/kustomization.yaml")))
+            .collect();
+        let a = super::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}")).run;
+        let zone = super::zone_settings(&a).unwrap().expect("a zone");
+        assert!(zone.gateway.is_some() && !zone.peers.is_empty() && zone.import_range.is_some());
+        let gw = gateway.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let gw_sa = gw["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap();
+        assert_eq!(super::gateway_account(&a, Some(&zone)), Some((namespace.clone(), gw_sa.to_owned())));
+        let mounts = c["volumeMounts"].as_sequence().unwrap();
+        let ca_mount = mounts.iter().find(|m| m["name"] == "ca").unwrap()["mountPath"].as_str().unwrap();
+        assert!(a.ca_chain.as_ref().expect("--ca-chain").starts_with(ca_mount));
+        let follow = gateway.iter().find(|d| d["metadata"]["name"] == "sockmesh-controller-zones").unwrap();
+        assert_eq!(follow["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"]);
+        assert_eq!(follow["spec"]["ports"][0]["targetPort"].as_u64(), Some(u64::from(a.listen.port())));
+    }
+
     /// The Deployment in deploy/ starts the controller with flags it takes, agreeing with the
     /// agent's manifest (the audience of its projected token, its service account) and with
     /// the Service (ports), and its ClusterRole allows what the controller reads and writes.

@@ -9,26 +9,32 @@ use std::process::Command;
 /// The Kubernetes version the manifests are validated against (xtask pins the validator).
 const KUBERNETES_VERSION: &str = "1.31.0";
 
-fn render() -> String {
-    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+fn render(dir: &str) -> String {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
     let out = Command::new("kubectl").arg("kustomize").arg(&deploy).output().expect("kubectl (cargo xtask setup)");
     assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn the_rendered_manifests_pass_strict_validation() {
-    let rendered = render();
-    let file = std::env::temp_dir().join(format!("sockmesh-rendered-{}.yaml", std::process::id()));
-    std::fs::write(&file, &rendered).unwrap();
+/// `kubernetes-validate --strict` of `rendered`: its report, every object of which passed.
+fn validate(rendered: &str) -> String {
+    let file = std::env::temp_dir().join(format!("sockmesh-rendered-{}-{}.yaml", std::process::id(), rendered.len()));
+    std::fs::write(&file, rendered).unwrap();
     let out = Command::new("kubernetes-validate")
         .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
         .arg(&file)
         .output()
         .expect("kubernetes-validate (cargo xtask setup)");
     let _ = std::fs::remove_file(&file);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "kubernetes-validate:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("failed"), "{text}");
+    text
+}
+
+#[test]
+fn the_rendered_manifests_pass_strict_validation() {
+    let text = validate(&render("deploy"));
     // Every object was checked, and each kind the install needs is there.
     for kind in [
         "namespace/sockmesh-system",
@@ -44,16 +50,41 @@ fn the_rendered_manifests_pass_strict_validation() {
     ] {
         assert!(text.contains(&format!("passed for resource {kind}")), "{kind} not validated:\n{text}");
     }
-    assert!(!text.contains("failed"), "{text}");
+}
+
+/// A zone's install (examples/zone-east: the base with the deploy/zone component) renders and
+/// passes the same validation, with the gateway, its Services and the controller's zone flags.
+#[test]
+fn a_zones_install_renders_and_passes_strict_validation() {
+    let rendered = render("examples/zone-east");
+    let text = validate(&rendered);
+    for kind in [
+        "deployment/sockmesh-gateway",
+        "service/sockmesh-gateway",
+        "service/sockmesh-controller-zones",
+        "serviceaccount/sockmesh-gateway",
+        "poddisruptionbudget/sockmesh-gateway",
+        "deployment/sockmesh-controller",
+        "daemonset/sockmesh-agent",
+    ] {
+        assert!(text.contains(&format!("passed for resource {kind}")), "{kind} not validated:\n{text}");
+    }
+    for flag in ["--zone=east", "--zone-gateway=", "--zone-peer=", "--import-cidr=", "--ca-chain=", "- gateway\n"] {
+        assert!(rendered.contains(flag), "{flag} is not in the rendered zone install");
+    }
+    in_sockmesh_system_with_the_built_images(&rendered);
 }
 
 /// Every namespaced object lands in sockmesh-system, and the images are the ones
 /// `cargo xtask image` builds.
 #[test]
 fn everything_is_in_sockmesh_system_and_uses_the_built_images() {
+    in_sockmesh_system_with_the_built_images(&render("deploy"));
+}
+
+fn in_sockmesh_system_with_the_built_images(rendered: &str) {
     use serde::Deserialize;
-    let rendered = render();
-    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
         let v = serde_yaml::Value::deserialize(doc).unwrap();
         let kind = v["kind"].as_str().unwrap();
         let cluster_scoped =
@@ -88,7 +119,7 @@ fn the_install_steps_match_the_manifests() {
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
         .expect("README has the section");
-    let rendered = render();
+    let rendered = render("deploy");
     let docs: Vec<serde_yaml::Value> =
         serde_yaml::Deserializer::from_str(&rendered).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect();
     let volume = |kind: &str, name: &str| -> serde_yaml::Value {
