@@ -218,7 +218,7 @@ impl Views {
                                 workload: None,
                                 identity: Some(r.identity.clone()),
                                 ready: ep.ready,
-                                in_flight: self.loads.get(&ep.address),
+                                in_flight: self.loads.get(&crate::balance::LoadKey::of(ep)),
                                 zone: Some(r.zone.clone()),
                             },
                             None => {
@@ -228,7 +228,7 @@ impl Views {
                                     workload: wl.map(|w| w.key.to_string()),
                                     identity: wl.map(|w| w.spiffe_id.to_string()),
                                     ready: ep.ready,
-                                    in_flight: self.loads.get(&ep.address),
+                                    in_flight: self.loads.get(&crate::balance::LoadKey::of(ep)),
                                     zone: None,
                                 }
                             }

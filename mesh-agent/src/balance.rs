@@ -5,7 +5,7 @@
 //! whose connections last longer.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -14,10 +14,25 @@ use mesh_model::Endpoint;
 
 const SHARDS: usize = 16;
 
-/// Connections this agent carries to each endpoint address now.
+/// An endpoint as its load is counted: its address, and the gateway it is reached through when
+/// it is in another zone (two zones may number their pods alike: their endpoints at one address
+/// are two endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoadKey {
+    ip: IpAddr,
+    via: Option<SocketAddr>,
+}
+
+impl LoadKey {
+    pub fn of(e: &Endpoint) -> LoadKey {
+        LoadKey { ip: e.address, via: e.remote.as_ref().map(|r| r.gateway) }
+    }
+}
+
+/// Connections this agent carries to each endpoint now.
 #[derive(Default)]
 pub struct Loads {
-    shards: [Mutex<HashMap<IpAddr, Arc<AtomicU32>>>; SHARDS],
+    shards: [Mutex<HashMap<LoadKey, Arc<AtomicU32>>>; SHARDS],
 }
 
 /// One connection's share of its endpoint's load, released when dropped.
@@ -30,32 +45,32 @@ impl Drop for InFlight {
 }
 
 impl Loads {
-    fn shard(&self, ip: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<AtomicU32>>> {
-        let h = match ip {
-            IpAddr::V4(a) => u32::from(*a) as usize,
-            IpAddr::V6(a) => u128::from(*a) as usize,
+    fn shard(&self, key: &LoadKey) -> std::sync::MutexGuard<'_, HashMap<LoadKey, Arc<AtomicU32>>> {
+        let h = match key.ip {
+            IpAddr::V4(a) => u32::from(a) as usize,
+            IpAddr::V6(a) => u128::from(a) as usize,
         };
         self.shards[h % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn get(&self, ip: &IpAddr) -> u32 {
-        self.shard(ip).get(ip).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
+    pub fn get(&self, key: &LoadKey) -> u32 {
+        self.shard(key).get(key).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
-    pub fn start(&self, ip: IpAddr) -> InFlight {
+    pub fn start(&self, key: LoadKey) -> InFlight {
         // Counted under the shard's lock, so that `retain` cannot forget the counter between
         // its creation and its first count.
-        let mut shard = self.shard(&ip);
-        let c = shard.entry(ip).or_default();
+        let mut shard = self.shard(&key);
+        let c = shard.entry(key).or_default();
         c.fetch_add(1, Ordering::Relaxed);
         InFlight(c.clone())
     }
 
     /// Forgets idle endpoints that `keep` no longer names (the counters are bounded by the
     /// endpoints of the mesh's Services).
-    pub fn retain(&self, keep: impl Fn(&IpAddr) -> bool) {
+    pub fn retain(&self, keep: impl Fn(&LoadKey) -> bool) {
         for s in &self.shards {
-            s.lock().unwrap_or_else(|e| e.into_inner()).retain(|ip, c| keep(ip) || c.load(Ordering::Relaxed) > 0);
+            s.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, c| keep(k) || c.load(Ordering::Relaxed) > 0);
         }
     }
 }
@@ -67,7 +82,7 @@ pub fn pick<'a>(
     endpoints: &'a [Endpoint],
     tried: &[&Endpoint],
     v4: bool,
-    load: impl Fn(&IpAddr) -> u32,
+    load: impl Fn(&Endpoint) -> u32,
     mut rand: impl FnMut(usize) -> usize,
 ) -> Option<&'a Endpoint> {
     let usable = |e: &&Endpoint| e.ready && !tried.contains(e);
@@ -81,7 +96,7 @@ pub fn pick<'a>(
         n => {
             let i = rand(n);
             let j = (i + 1 + rand(n - 1)) % n;
-            Some(if load(&c[j].address) < load(&c[i].address) { c[j] } else { c[i] })
+            Some(if load(c[j]) < load(c[i]) { c[j] } else { c[i] })
         }
     }
 }
@@ -97,7 +112,7 @@ mod tests {
     #[test]
     fn two_choices_prefer_the_less_loaded_and_skip_unready_and_tried() {
         let eps = [ep("10.0.0.1", true), ep("10.0.0.2", true), ep("10.0.0.3", false), ep("fd00::4", true)];
-        let load = |ip: &IpAddr| if *ip == "10.0.0.1".parse::<IpAddr>().unwrap() { 5 } else { 1 };
+        let load = |e: &Endpoint| if e.address == "10.0.0.1".parse::<IpAddr>().unwrap() { 5 } else { 1 };
         // Whichever two are drawn, the less loaded of them wins; the not-ready one never.
         for seed in 0..20 {
             let mut r = fastrand::Rng::with_seed(seed);
@@ -129,6 +144,16 @@ mod tests {
         let got = pick(&eps, &[&eps[1]], true, |_| 0, |_| 0).expect("the local endpoint is left");
         assert!(got.remote.is_none());
         assert!(pick(&eps, &[&eps[1], &eps[0]], true, |_| 0, |_| 0).is_none());
+        // And their loads are counted apart: connections to the other zone's do not make this
+        // zone's look busy.
+        let loads = Loads::default();
+        let _busy = [loads.start(LoadKey::of(&eps[1])), loads.start(LoadKey::of(&eps[1]))];
+        assert_eq!((loads.get(&LoadKey::of(&eps[0])), loads.get(&LoadKey::of(&eps[1]))), (0, 2));
+        let load = |e: &Endpoint| loads.get(&LoadKey::of(e));
+        for seed in 0..10 {
+            let mut r = fastrand::Rng::with_seed(seed);
+            assert!(pick(&eps, &[], true, load, |n| r.usize(..n)).unwrap().remote.is_none());
+        }
     }
 
     #[test]
@@ -146,7 +171,7 @@ mod tests {
     #[test]
     fn in_flight_counts_rise_and_fall_and_idle_endpoints_are_forgotten() {
         let loads = Loads::default();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let ip = LoadKey::of(&ep("10.0.0.1", true));
         let a = loads.start(ip);
         let b = loads.start(ip);
         assert_eq!(loads.get(&ip), 2);

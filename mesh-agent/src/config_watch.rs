@@ -110,14 +110,14 @@ impl ConfigWatch {
             self.registry.follow_config().await;
             let snap = self.state.load();
             self.pool.evict_stale(&snap);
-            let endpoints: std::collections::HashSet<std::net::IpAddr> = snap
+            let endpoints: std::collections::HashSet<crate::balance::LoadKey> = snap
                 .config
                 .services_by_key
                 .values()
                 .chain(snap.config.imported.values())
-                .flat_map(|s| s.service.endpoints.iter().map(|e| e.address))
+                .flat_map(|s| s.service.endpoints.iter().map(crate::balance::LoadKey::of))
                 .collect();
-            self.loads.retain(|ip| endpoints.contains(ip));
+            self.loads.retain(|k| endpoints.contains(k));
             if let Err(e) = self.file.save(version, &resources) {
                 tracing::error!(path = %self.file.path.display(), error = %e, "cannot keep the configuration on disk; a restart without the controller would start without it");
             }

@@ -200,6 +200,17 @@ fn a_zone_cut_off_is_skipped_at_once_until_its_gateway_answers_again() {
     let unreachable = || metric(&scrape(&east.t, east.n1), "sockmesh_gateways_unreachable", &[]);
     assert_eq!(unreachable(), Some(0.0));
 
+    // The pool keeps that tunnel across a change of east's configuration (a change evicts the
+    // tunnels whose destination is gone): no new TLS session to the gateway after it.
+    let sessions = east.agents[0].stats().unwrap().hbone.tls_sessions;
+    let applied =
+        || east.agents[0].log_lines().iter().filter(|l| l["message"] == "configuration change applied").count();
+    let before = applied();
+    east.t.write_config("other.yaml", &service("other", "web", "10.96.0.13", false)).unwrap();
+    wait_for(Duration::from_secs(30), || Ok(applied() > before)).unwrap();
+    assert_eq!(east.echoes(&api, 3, &[]).unwrap()["ok"], true);
+    assert_eq!(east.agents[0].stats().unwrap().hbone.tls_sessions, sessions, "the tunnel to the gateway was dropped");
+
     east.cut_off(&west.edge).unwrap();
     // The first connection waits for the pooled tunnel's answer until the connect timeout;
     // the next ones are refused without trying west's gateway.
@@ -208,8 +219,8 @@ fn a_zone_cut_off_is_skipped_at_once_until_its_gateway_answers_again() {
     assert_eq!(unreachable(), Some(1.0), "west's gateway is marked unreachable");
     let results: Vec<Value> =
         east.agents[0].access_log().into_iter().filter(|l| l["orig_dst"] == api).map(|l| l["result"].clone()).collect();
-    assert_eq!(results.len(), 6, "{results:?}");
-    assert_eq!(results[4..], ["gateway_unreachable", "gateway_unreachable"], "{results:?}");
+    assert_eq!(results.len(), 9, "{results:?}");
+    assert_eq!(results[7..], ["gateway_unreachable", "gateway_unreachable"], "{results:?}");
 
     // What both zones serve goes to east's endpoint, without one more try of west's gateway.
     let west_got = west.servers[0].accepted().unwrap().len();

@@ -23,7 +23,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::outbound::{carry, open, Failure};
-use crate::balance::pick;
+use crate::balance::{pick, LoadKey};
 use crate::hbone::client::EarlyBytes;
 use crate::hbone::pool::Pool;
 use crate::identity::WorkloadCert;
@@ -64,14 +64,19 @@ pub async fn handle(
     let mut last: Option<(ConnRecord, Failure)> = None;
     while skip.len() - skipped < inputs.settings.service_attempts {
         let loads = &inputs.loads;
-        let Some(ep) = pick(&svc.service.endpoints, &skip, dst.is_ipv4(), |ip| loads.get(ip), |n| fastrand::usize(..n))
-        else {
+        let Some(ep) = pick(
+            &svc.service.endpoints,
+            &skip,
+            dst.is_ipv4(),
+            |e| loads.get(&LoadKey::of(e)),
+            |n| fastrand::usize(..n),
+        ) else {
             break;
         };
         let target = SocketAddr::new(ep.address, target_port);
         skip.push(ep);
         // Counted from the attempt until the connection ends (dropped with this function).
-        let _in_flight = inputs.loads.start(ep.address);
+        let _in_flight = inputs.loads.start(LoadKey::of(ep));
         // Each attempt from the client's record as it came (the original destination is the
         // Service address); the endpoint becomes its `dst`.
         let mut attempt = rec.clone();
