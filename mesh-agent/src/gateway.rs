@@ -67,6 +67,12 @@ pub struct GatewayArgs {
     /// A forwarded stream that moves no byte either way for this long is closed.
     #[arg(long, default_value_t = 3600)]
     pub idle_timeout_seconds: u64,
+    /// How long a dial to an endpoint's agent may take before the other zone's agent is
+    /// answered 503. Keep it below the agents' --connect-timeout-ms (5 s by default): an agent
+    /// that hears nothing from a gateway in its connect timeout takes the whole gateway for
+    /// unreachable, where a 503 fails over that endpoint alone.
+    #[arg(long, default_value_t = 2000)]
+    pub dial_timeout_ms: u64,
     /// Connections forwarded at once; more are refused at accept.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
@@ -91,8 +97,12 @@ struct Stats {
     refused_busy: AtomicU64,
 }
 
-/// How long a dial to an endpoint's agent may take.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A forwarded stream's limits: how long it may sit idle, and how long its dial may take.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    idle: Duration,
+    dial: Duration,
+}
 
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let (ns, sa) = args
@@ -141,9 +151,12 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             continue;
         };
         let (identities, routes, stats, id) = (identities.clone(), routes.clone(), stats.clone(), id.clone());
-        let idle = Duration::from_secs(args.idle_timeout_seconds);
+        let limits = Timeouts {
+            idle: Duration::from_secs(args.idle_timeout_seconds),
+            dial: Duration::from_millis(args.dial_timeout_ms),
+        };
         tokio::spawn(async move {
-            connection(tcp, peer, identities, routes, stats, id, idle).await;
+            connection(tcp, peer, identities, routes, stats, id, limits).await;
             drop(slot);
         });
     }
@@ -156,7 +169,7 @@ async fn connection(
     routes: Arc<Routes>,
     stats: Arc<Stats>,
     id: SpiffeId,
-    idle: Duration,
+    limits: Timeouts,
 ) {
     let _ = tcp.set_nodelay(true);
     let Some(cert) = identities.current(&id) else {
@@ -197,7 +210,7 @@ async fn connection(
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
         let (routes, stats, client) = (routes.clone(), stats.clone(), client.clone());
-        tokio::spawn(stream(req, respond, routes, stats, client, peer, idle));
+        tokio::spawn(stream(req, respond, routes, stats, client, peer, limits));
     }
 }
 
@@ -208,7 +221,7 @@ async fn stream(
     stats: Arc<Stats>,
     client: Arc<SpiffeId>,
     peer: SocketAddr,
-    idle: Duration,
+    limits: Timeouts,
 ) {
     let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let resp = http::Response::builder().status(status).body(()).expect("a valid response");
@@ -229,7 +242,7 @@ async fn stream(
         return answer(&mut respond, StatusCode::NOT_FOUND);
     }
     let hbone = SocketAddr::new(target.ip(), mesh_common::HBONE_PORT);
-    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(hbone)).await {
+    let upstream = match tokio::time::timeout(limits.dial, TcpStream::connect(hbone)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             stats.refused_unreachable.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +259,7 @@ async fn stream(
     let resp = http::Response::builder().status(StatusCode::OK).body(()).expect("a valid response");
     let Ok(send) = respond.send_response(resp, false) else { return };
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let (up, down, err) = io::relay(upstream, send, req.into_body(), Some(idle)).await;
+    let (up, down, err) = io::relay(upstream, send, req.into_body(), Some(limits.idle)).await;
     let error = err.map(|e| e.to_string());
     tracing::info!(%client, %peer, endpoint = %target, bytes_in = up, bytes_out = down, error, "forwarded");
 }

@@ -57,8 +57,8 @@ pub enum Reason {
     UnknownMeshDestination,
     /// The destination is a Service address, and the Service has no ready endpoint.
     NoEndpoint,
-    /// The destination is a Service address whose every endpoint is in another zone, behind a
-    /// gateway this agent cannot reach now.
+    /// The destination is a Service address whose every ready endpoint left is in another zone,
+    /// behind a gateway the client's workload cannot reach now.
     GatewayUnreachable,
     /// The destination is a Service address, on a port the Service does not have.
     UnknownServicePort,
@@ -206,7 +206,7 @@ impl fmt::Display for Reason {
             }
             Reason::NoEndpoint => f.write_str("the Service has no ready endpoint"),
             Reason::GatewayUnreachable => {
-                f.write_str("every endpoint of the Service is behind another zone's gateway that cannot be reached now")
+                f.write_str("every ready endpoint of the Service left is behind another zone's gateway that cannot be reached now")
             }
             Reason::UnknownServicePort => f.write_str("the Service has no such port"),
             Reason::OwnDial => f.write_str(

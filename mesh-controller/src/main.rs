@@ -258,6 +258,12 @@ struct Args {
     /// repeat for each. Both zones name each other.
     #[arg(long, requires = "zone")]
     zone_peer: Vec<String>,
+    /// Where the other zones' controllers follow this zone's exports (gRPC over TLS, a zone
+    /// certificate required of every caller). Its own port, apart from --listen: it is the one
+    /// port of the controller other networks need to reach, and it serves nothing else. Default:
+    /// --listen's address, port 15013.
+    #[arg(long, requires = "zone")]
+    zone_listen: Option<SocketAddr>,
     /// The IPv4 range this zone's addresses for imported Services come from (e.g.
     /// 10.255.0.0/16): outside the pod and Service ranges.
     #[arg(long)]
@@ -594,17 +600,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (chain, key) = ca.issue_server_cert(&names, &ips, zone_id.as_ref())?;
     let identity = tonic::transport::Identity::from_pem(chain.concat(), &key);
     let zone_stats: Arc<zones::Stats> = Arc::default();
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity.clone());
-    let mut zone_service = None;
+    let tls = tonic::transport::ServerTlsConfig::new().identity(identity.clone());
     if let Some(z) = &zone {
-        // Other zones' controllers prove their zone with a certificate under the shared root;
-        // agents present none (they authenticate with their node's credential).
+        // Other zones' controllers follow this one on a port of its own, where the TLS layer
+        // requires a certificate under the shared root of every caller (ZoneSync then checks
+        // it is a zone's): the only port of the controller another network needs to reach.
         let root = tonic::transport::Certificate::from_pem(ca.roots_pem().concat());
-        tls = tls.client_ca_root(root.clone()).client_auth_optional(true);
-        zone_service = Some(mesh_api::push::zone_service_server::ZoneServiceServer::new(zones::ZoneSync {
+        let zone_tls = tonic::transport::ServerTlsConfig::new().identity(identity.clone()).client_ca_root(root.clone());
+        let zone_listen = args.zone_listen.unwrap_or(SocketAddr::new(args.listen.ip(), zones::ZONE_PORT));
+        let zone_l =
+            tokio::net::TcpListener::bind(zone_listen).await.with_context(|| format!("--zone-listen {zone_listen}"))?;
+        let sync = mesh_api::push::zone_service_server::ZoneServiceServer::new(zones::ZoneSync {
             settings: z.clone(),
             model: model_rx.clone(),
-        }));
+        });
+        let server = tonic::transport::Server::builder().tls_config(zone_tls)?.add_service(sync);
+        tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(zone_l);
+            if let Err(e) = server.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "the zone sync server stopped");
+            }
+        });
         let client_tls = tonic::transport::ClientTlsConfig::new().ca_certificate(root).identity(identity);
         for (name, url) in &z.peers {
             let channel = tonic::transport::Channel::from_shared(url.clone())
@@ -614,7 +630,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .connect_lazy();
             tokio::spawn(zones::follow(name.clone(), channel, remotes_tx.clone(), zone_stats.clone()));
         }
-        tracing::info!(zone = %z.zone, peers = z.peers.len(), gateway = ?z.gateway, "zone sync on");
+        tracing::info!(zone = %z.zone, peers = z.peers.len(), gateway = ?z.gateway, listen = %zone_listen, "zone sync on");
     }
     // Held for the process's life: the mesh keeper waits on it (and with no zone, for ever).
     let _remotes_tx = remotes_tx;
@@ -646,7 +662,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tls_config(tls)?
         .add_service(CertificateServiceServer::new(svc))
         .add_service(mesh_api::push::config_service_server::ConfigServiceServer::new(push))
-        .add_optional_service(zone_service)
         .serve_with_shutdown(args.listen, async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
             tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
@@ -725,6 +740,9 @@ mod tests {
         for p in k["patches"].as_sequence().unwrap() {
             assert_eq!(p["target"]["name"], "sockmesh-controller");
             for op in documents(p["patch"].as_str().unwrap())[0].as_sequence().unwrap() {
+                if op["path"] == "/spec/template/spec/containers/0/ports/-" {
+                    continue;
+                }
                 assert_eq!(op["path"], "/spec/template/spec/containers/0/args/-");
                 out.push(op["value"].as_str().unwrap().to_owned());
             }
@@ -761,7 +779,10 @@ mod tests {
         assert!(a.ca_chain.as_ref().expect("--ca-chain").starts_with(ca_mount));
         let follow = gateway.iter().find(|d| d["metadata"]["name"] == "sockmesh-controller-zones").unwrap();
         assert_eq!(follow["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"]);
-        assert_eq!(follow["spec"]["ports"][0]["targetPort"].as_u64(), Some(u64::from(a.listen.port())));
+        let zone_port = a.zone_listen.expect("--zone-listen").port();
+        assert_eq!(follow["spec"]["ports"][0]["targetPort"].as_u64(), Some(u64::from(zone_port)));
+        assert_ne!(zone_port, a.listen.port(), "the CA and the push stay off the zone port");
+        assert!(zone.peers.iter().all(|(_, url)| url.ends_with(&format!(":{zone_port}"))), "{:?}", zone.peers);
     }
 
     /// The Deployment in deploy/ starts the controller with flags it takes, agreeing with the

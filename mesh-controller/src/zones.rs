@@ -68,6 +68,9 @@ impl Range {
     }
 }
 
+/// The controller's port for the other zones' controllers (`--zone-listen`).
+pub const ZONE_PORT: u16 = 15013;
+
 /// What this controller knows of zones.
 #[derive(Debug, Clone)]
 pub struct Settings {

@@ -37,6 +37,8 @@ pub const GATEWAY_ID: &str = "spiffe://cluster.local/ns/sockmesh-system/sa/sockm
 pub const CLIENT: PodId = PodId(0);
 pub const WEB: PodId = PodId(1);
 pub const HIDDEN: PodId = PodId(2);
+/// A second client, on n1 beside the first.
+pub const CLIENT2: PodId = PodId(3);
 
 /// A gateway process, killed when dropped.
 pub struct Gateway {
@@ -135,8 +137,13 @@ fn topology(name: &str, edge: &str) -> Result<(Topology, NodeId, NodeId)> {
     t.add_pod(n1, "client", true)?;
     let web = t.add_pod(n2, "web", true)?;
     let hidden = t.add_pod(n2, "hidden", true)?;
+    t.add_pod(n1, "client2", true)?;
     t.pods[web.0].labels.push(("app".into(), "web".into()));
     t.pods[hidden.0].labels.push(("app".into(), "hidden".into()));
+    // Both servers, for a Service with two endpoints.
+    for p in [web, hidden] {
+        t.pods[p.0].labels.push(("tier".into(), "backend".into()));
+    }
     t.write_workloads()?;
     // The gateway is a workload of its node: the zone's CA signs its identity for that node only.
     t.write_config(
@@ -158,7 +165,7 @@ fn link(east: &Topology, west: &Topology) -> Result<()> {
         nft(
             &t.fabric,
             &format!(
-                "table ip smt_zone {{\n chain post {{ type nat hook postrouting priority 100; oifname \"iz\" masquerade; }}\n chain pre {{ type nat hook prerouting priority -100; iifname \"iz\" tcp dport 15012 dnat to {CONTROLLER_IP}; }}\n}}\n"
+                "table ip smt_zone {{\n chain post {{ type nat hook postrouting priority 100; oifname \"iz\" masquerade; }}\n chain pre {{ type nat hook prerouting priority -100; iifname \"iz\" tcp dport 15013 dnat to {CONTROLLER_IP}; }}\n}}\n"
             ),
         )?;
         for n in &t.nodes {
@@ -182,7 +189,7 @@ fn start_zone(
     let p = |f: &str| ca.join(f).to_string_lossy().into_owned();
     let (cert, key, chain) = (p("ca.pem"), p("ca-key.pem"), p("chain.pem"));
     let gateway = format!("{edge}:15008");
-    let peer_arg = format!("{}=https://{}:15012", peer.0, peer.1);
+    let peer_arg = format!("{}=https://{}:15013", peer.0, peer.1);
     let ctl = t.start_controller(&[
         "--ca-cert",
         &cert,
@@ -240,6 +247,9 @@ impl Zone {
             &bundle.to_string_lossy(),
             "--node-credential-file",
             &credential.to_string_lossy(),
+            // Below the agents' connect timeout here (2 s).
+            "--dial-timeout-ms",
+            "1000",
         ];
         let g = Gateway::spawn(&t.fabric, &t.cgroup_root.join("controller"), &args, t.dir.join("gateway.log"))?;
         let ready = || Ok(http_get(&t.fabric, "127.0.0.1:15021", "/ready").is_ok_and(|r| r.0 == 200));
@@ -296,9 +306,28 @@ impl Zone {
 
     /// `sm-testapp echoes` from this zone's client.
     pub fn echoes(&self, to: &str, count: u32, extra: &[&str]) -> Result<Value> {
+        self.echoes_from(CLIENT, to, count, extra)
+    }
+
+    /// `sm-testapp echoes` from `pod`.
+    pub fn echoes_from(&self, pod: PodId, to: &str, count: u32, extra: &[&str]) -> Result<Value> {
         let count = count.to_string();
         let mut args = vec!["echoes", "--to", to, "--count", &count, "--bytes", "2000", "--timeout-ms", "5000"];
         args.extend_from_slice(extra);
-        self.t.pod_app(CLIENT, &args)
+        self.t.pod_app(pod, &args)
+    }
+
+    /// Drops what `netns` sends to `addr` (and `port`, if given), in a table named `table`.
+    pub fn drop_to(netns: &str, table: &str, addr: &str, port: Option<u16>) -> Result<()> {
+        let port = port.map(|p| format!(" tcp dport {p}")).unwrap_or_default();
+        nft(
+            netns,
+            &format!("table ip {table} {{\n chain cut_output {{ type filter hook output priority -10; ip daddr {addr}{port} drop; }}\n}}\n"),
+        )
+    }
+
+    /// Undoes [`Zone::drop_to`].
+    pub fn undrop(netns: &str, table: &str) -> Result<()> {
+        nft(netns, &format!("delete table ip {table}\n"))
     }
 }

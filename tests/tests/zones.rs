@@ -67,8 +67,8 @@ fn a_client_reaches_another_zones_exported_service_through_its_gateway_end_to_en
     for (what, cap) in [("the inter-zone link", &link), ("the gateway's netns", &gw)] {
         let pcap = cap.bytes().unwrap();
         assert!(!pcap.windows(marker.len()).any(|w| w == marker.as_bytes()), "the marker crossed {what} in plaintext");
-        // Only the tunnels (15008) and the zone sync (15012) cross; nothing else.
-        assert_eq!(cap.count("tcp and not port 15008 and not port 15012").unwrap(), 0, "{what}: other traffic");
+        // Only the tunnels (15008) and the zone sync (15013) cross; nothing else.
+        assert_eq!(cap.count("tcp and not port 15008 and not port 15013").unwrap(), 0, "{what}: other traffic");
     }
 
     // The gateway has only its own identity: it was never given a key that decrypts the
@@ -250,4 +250,57 @@ fn a_zone_cut_off_is_skipped_at_once_until_its_gateway_answers_again() {
     assert!(back.is_some(), "west's Services never came back");
     assert_eq!(unreachable(), Some(0.0));
     assert_eq!(east.echoes(&web, 10, &[]).unwrap()["ok"], true);
+}
+
+/// What marks a gateway unreachable, and for whom. A dead endpoint behind a live gateway is
+/// answered 503 by the gateway, below the agent's connect timeout: that endpoint fails over
+/// alone and the gateway stays in use. A pod that cannot reach a gateway (its own egress
+/// blocked) finds out for itself: its first connection tries one endpoint behind that gateway,
+/// not each of them, and from then on it is refused at once; the node's other pod, which
+/// reaches the gateway, is not shut out.
+#[test]
+fn a_gateway_is_unreachable_per_pod_and_a_dead_endpoint_behind_it_fails_alone() {
+    let (east, west) = two_zones("zoneper").unwrap();
+    let pair = "kind: Service\nname: pair\nnamespace: default\naddresses: [10.96.0.14]\nports: [{port: 80, targetPort: 8080}]\nselector: {tier: backend}\nexport: true\n";
+    west.t.write_config("pair.yaml", pair).unwrap();
+    west.t.write_config("web.yaml", &service("web", "web", "10.96.0.10", true)).unwrap();
+    let (pair, _) = east.wait_import("pair", 2).unwrap();
+    let (web, _) = east.wait_import("web", 1).unwrap();
+    let (pair, web) = (format!("{pair}:80"), format!("{web}:80"));
+    let metrics = || scrape(&east.t, east.n1);
+    let unreachable = || metric(&metrics(), "sockmesh_gateways_unreachable", &[]);
+
+    // West's web pod's agent stops answering west's gateway (a blackhole, not a reset).
+    let web_ip = west.t.pod(WEB).ip.to_string();
+    Zone::drop_to(&west.t.fabric, "smt_dead", &web_ip, Some(15008)).unwrap();
+    let r = east.echoes(&pair, 6, &[]).unwrap();
+    assert_eq!(r["ok"], true, "the live endpoint serves: {r}");
+    assert_eq!(unreachable(), Some(0.0), "a dead endpoint marked its whole gateway");
+    let answered_503 =
+        metric(&metrics(), "sockmesh_service_endpoint_failures_total", &[("reason", "destination_app_unreachable")]);
+    assert!(answered_503.is_some_and(|n| n >= 1.0), "the gateway never answered 503 for the dead endpoint");
+    Zone::undrop(&west.t.fabric, "smt_dead").unwrap();
+
+    // The client's own egress to west's edge is blocked; client2's is not.
+    let client_netns = east.t.pod(CLIENT).netns.clone();
+    Zone::drop_to(&client_netns, "smt_egress", &west.edge, None).unwrap();
+    let failures = endpoint_failures(&metrics());
+    let r = east.echoes(&pair, 1, &[]).unwrap();
+    assert_eq!(r["failed"], 1, "{r}");
+    assert_eq!(endpoint_failures(&metrics()), failures + 1.0, "one endpoint tried behind the lost gateway, not both");
+    let last = |to: &str| {
+        east.agents[0].access_log().into_iter().rev().find(|l| l["orig_dst"] == to).map(|l| l["result"].clone())
+    };
+    let r = east.echoes(&web, 2, &[]).unwrap();
+    assert_eq!(r["failed"], 2, "{r}");
+    assert_eq!(last(&web), Some("gateway_unreachable".into()));
+    assert_eq!(unreachable(), Some(1.0));
+    // The other pod on the node still reaches west.
+    assert_eq!(east.echoes_from(CLIENT2, &web, 3, &[]).unwrap()["ok"], true);
+    assert_eq!(east.echoes_from(CLIENT2, &pair, 3, &[]).unwrap()["ok"], true);
+
+    Zone::undrop(&client_netns, "smt_egress").unwrap();
+    let back = time_until(Duration::from_secs(60), || east.echoes(&web, 1, &[]).is_ok_and(|r| r["ok"] == true));
+    assert!(back.is_some(), "the client never reached west again");
+    assert_eq!(unreachable(), Some(0.0));
 }

@@ -67,9 +67,10 @@ pub async fn open(
             // No connection, no answer in time, or the connection gone under the stream: the
             // gateway is unreachable until it answers again (its zone may be wholly gone), and
             // its pooled connections, which may be dead without knowing it, are dropped.
-            if matches!(e.failure(), TunnelFailure::Connect | TunnelFailure::Timeout | TunnelFailure::Closed) {
-                pool.retire_address(gateway);
-                inputs.gateways.mark_unreachable(wl, gateway, &e);
+            let unreachable =
+                matches!(e.failure(), TunnelFailure::Connect | TunnelFailure::Timeout | TunnelFailure::Closed);
+            if unreachable && inputs.gateways.mark_unreachable(wl, gateway, &e) {
+                pool.retire_address(wl.key(), gateway);
             }
             // Nothing of the client's went on the outer stream: whatever the gateway said (its
             // routes may lag an export just withdrawn, say), another endpoint may be tried.

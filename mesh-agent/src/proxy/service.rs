@@ -55,14 +55,23 @@ pub async fn handle(
     };
     let target_port = port.target();
     let mut early = EarlyBytes::default();
-    // Endpoints behind another zone's gateway that cannot be reached now are never tried.
-    let unreachable =
-        |e: &&mesh_model::Endpoint| e.remote.as_ref().is_some_and(|r| inputs.gateways.is_unreachable(r.gateway));
-    let mut skip: Vec<&mesh_model::Endpoint> = svc.service.endpoints.iter().filter(unreachable).collect();
-    let skipped = skip.len();
+    // Ready endpoints behind another zone's gateway that this workload cannot reach now are
+    // never tried; one found unreachable by an attempt of this connection's is skipped from
+    // then on too. `skipped` of `skip` are those, the rest are the endpoints tried.
+    let unreachable = |e: &&mesh_model::Endpoint| {
+        e.ready && e.remote.as_ref().is_some_and(|r| inputs.gateways.is_unreachable(wl.key(), r.gateway))
+    };
+    let mut skip: Vec<&mesh_model::Endpoint> = Vec::new();
+    let mut skipped = 0;
     // The last endpoint's failure and the record of that attempt.
     let mut last: Option<(ConnRecord, Failure)> = None;
     while skip.len() - skipped < inputs.settings.service_attempts {
+        for e in svc.service.endpoints.iter().filter(unreachable) {
+            if !skip.contains(&e) {
+                skip.push(e);
+                skipped += 1;
+            }
+        }
         let loads = &inputs.loads;
         let Some(ep) = pick(
             &svc.service.endpoints,

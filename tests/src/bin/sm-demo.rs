@@ -305,7 +305,7 @@ fn zones_demo() -> Result<()> {
     let (east, mut west) = two_zones("demo-zones")?;
     for z in [&east, &west] {
         println!(
-            "  zone {:<4}: controller {}:15012 (edge {}:15012), gateway {}:15008, pods client {} web {} hidden {}",
+            "  zone {:<4}: controller {}:15012 (zone sync: edge {}:15013), gateway {}:15008, pods client {} web {} hidden {}",
             z.name,
             CONTROLLER_IP,
             z.edge,

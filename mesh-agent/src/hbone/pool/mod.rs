@@ -276,10 +276,11 @@ impl Pool {
         }
     }
 
-    /// Stops reusing every connection to `addr`, whoever its source (it stopped answering).
-    /// A slot that is locked is having its next connection made, and is left to it.
-    pub fn retire_address(&self, addr: SocketAddr) {
-        let slots: Vec<Slot> = self.slots().iter().filter(|(k, _)| k.addr == addr).map(|(_, s)| s.clone()).collect();
+    /// Stops reusing `src`'s connections to `addr` (it stopped answering them). A slot that is
+    /// locked is having its next connection made, and is left to it.
+    pub fn retire_address(&self, src: &WorkloadKey, addr: SocketAddr) {
+        let slots: Vec<Slot> =
+            self.slots().iter().filter(|(k, _)| k.addr == addr && k.src == *src).map(|(_, s)| s.clone()).collect();
         for slot in slots {
             if let Ok(mut s) = slot.try_lock() {
                 s.clear();

@@ -152,8 +152,9 @@ async fn streams_share_a_connection_until_its_slot_is_evicted() {
     drop((t1, t2));
 }
 
-/// A gateway that stopped answering: every connection to its address stops being reused,
-/// and the next stream makes a new one (the old one may be dead without knowing it).
+/// A gateway that stopped answering a source: that source's connections to its address stop
+/// being reused, and its next stream makes a new one (the old one may be dead without knowing
+/// it).
 #[tokio::test]
 async fn retiring_an_address_makes_the_next_stream_a_new_connection() {
     let (a, b, b_id) = certs();
@@ -162,11 +163,14 @@ async fn retiring_an_address_makes_the_next_stream_a_new_connection() {
     let _t1 = open(&pool, &a, &b_id, addr).await.unwrap();
     let _t2 = open(&pool, &a, &b_id, addr).await.unwrap();
     assert_eq!(sessions.load(Ordering::SeqCst), 1);
-    // Another address's connections are not touched.
-    pool.retire_address("127.0.0.1:1".parse().unwrap());
+    // Another address's connections, and another source's, are not touched.
+    let src = WorkloadKey { namespace: "default".into(), name: "a".into() };
+    let other = WorkloadKey { namespace: "default".into(), name: "z".into() };
+    pool.retire_address(&src, "127.0.0.1:1".parse().unwrap());
+    pool.retire_address(&other, addr);
     let _t3 = open(&pool, &a, &b_id, addr).await.unwrap();
     assert_eq!(sessions.load(Ordering::SeqCst), 1);
-    pool.retire_address(addr);
+    pool.retire_address(&src, addr);
     let _t4 = open(&pool, &a, &b_id, addr).await.unwrap();
     assert_eq!(sessions.load(Ordering::SeqCst), 2, "a new connection after the address was retired");
 }
