@@ -657,12 +657,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--admin-addr {}", args.admin_addr))?;
     tokio::spawn(serve_metrics(stats, zone.is_some().then_some(zone_stats), metrics_l));
     tokio::spawn(serve_admin(model_rx.clone(), admin_l));
+    // Bound before "controller ready" is said: a caller that waits for it finds the port open.
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(listen = %args.listen, trust_domain = %args.trust_domain, "controller ready");
     tonic::transport::Server::builder()
         .tls_config(tls)?
         .add_service(CertificateServiceServer::new(svc))
         .add_service(mesh_api::push::config_service_server::ConfigServiceServer::new(push))
-        .serve_with_shutdown(args.listen, async {
+        .serve_with_incoming_shutdown(incoming, async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
             tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
             tracing::info!("controller stopping");

@@ -66,10 +66,13 @@ pub async fn handle(
     // The last endpoint's failure and the record of that attempt.
     let mut last: Option<(ConnRecord, Failure)> = None;
     while skip.len() - skipped < inputs.settings.service_attempts {
-        for e in svc.service.endpoints.iter().filter(unreachable) {
-            if !skip.contains(&e) {
-                skip.push(e);
-                skipped += 1;
+        // Only an import has endpoints in other zones: a Service of this zone walks nothing.
+        if svc.service.imported {
+            for e in svc.service.endpoints.iter().filter(unreachable) {
+                if !skip.contains(&e) {
+                    skip.push(e);
+                    skipped += 1;
+                }
             }
         }
         let loads = &inputs.loads;
