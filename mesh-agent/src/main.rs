@@ -578,6 +578,16 @@ mod tests {
         (m, v)
     }
 
+    /// `path` is the projected service-account token for the CA's audience, on a volume of
+    /// mode 0400 (the agent and gateway refuse a credential others can read).
+    fn projected_token_at(c: &serde_yaml::Value, pod: &serde_yaml::Value, path: &std::path::Path) {
+        let (m, v) = volume_for(c, pod, path);
+        let token = &v["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(token["audience"], "sockmesh-ca", "the controller's --token-audience");
+        assert_eq!(std::path::Path::new(m["mountPath"].as_str().unwrap()).join(token["path"].as_str().unwrap()), path);
+        assert_eq!(v["projected"]["defaultMode"].as_u64(), Some(0o400), "a credential others can read");
+    }
+
     /// The zone gateway's Deployment (deploy/zone/) starts `mesh-agent gateway` with flags it
     /// takes, agreeing with its pod spec and Services: its credential is its own service
     /// account's projected token for the CA's audience (mode 0400, owned by the pod's one
@@ -600,14 +610,7 @@ mod tests {
             _ => panic!("not `gateway`"),
         };
         assert_eq!(a.service_account, format!("{namespace}/{}", pod["serviceAccountName"].as_str().unwrap()));
-        let (m, v) = volume_for(c, pod, &a.node_credential_file);
-        let token = &v["projected"]["sources"][0]["serviceAccountToken"];
-        assert_eq!(token["audience"], "sockmesh-ca", "the controller's --token-audience");
-        assert_eq!(
-            std::path::Path::new(m["mountPath"].as_str().unwrap()).join(token["path"].as_str().unwrap()),
-            a.node_credential_file
-        );
-        assert_eq!(v["projected"]["defaultMode"].as_u64(), Some(0o400));
+        projected_token_at(c, pod, &a.node_credential_file);
         assert!(pod["securityContext"]["runAsUser"].as_u64().is_some(), "the token file's owner is the pod's user");
         let (m, v) = volume_for(c, pod, &a.trust_bundle);
         assert_eq!(v["configMap"]["name"], "sockmesh-trust-bundle");
@@ -672,18 +675,7 @@ mod tests {
         let (src, m) = host(a.bpffs_dir.as_ref().expect("--bpffs-dir"));
         assert_eq!((src.as_deref(), m["mountPropagation"].as_str()), (Some("/sys/fs/bpf"), Some("HostToContainer")));
         assert_eq!(host(a.state_dir.as_ref().expect("--state-dir")).0.as_deref(), Some("/run/sockmesh"));
-        let (m, v) = volume_for(c, pod, &a.node_credential_file);
-        let token = &v["projected"]["sources"][0]["serviceAccountToken"];
-        assert_eq!(token["audience"], "sockmesh-ca", "the controller's --token-audience");
-        assert_eq!(
-            std::path::Path::new(m["mountPath"].as_str().unwrap()).join(token["path"].as_str().unwrap()),
-            a.node_credential_file
-        );
-        assert_eq!(
-            v["projected"]["defaultMode"].as_u64(),
-            Some(0o400),
-            "the agent refuses a credential others can read"
-        );
+        projected_token_at(c, pod, &a.node_credential_file);
         let (m, v) = volume_for(c, pod, &a.trust_bundle);
         assert!(v["configMap"]["name"].is_string());
         assert!(a.trust_bundle.starts_with(m["mountPath"].as_str().unwrap()));

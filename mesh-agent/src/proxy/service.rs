@@ -16,6 +16,7 @@
 //! skipped without a try, and a Service with no other endpoint is refused at once
 //! ([`crate::gateway_health`]).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,29 +57,25 @@ pub async fn handle(
     let target_port = port.target();
     let mut early = EarlyBytes::default();
     // Ready endpoints behind another zone's gateway that this workload cannot reach now are
-    // never tried; one found unreachable by an attempt of this connection's is skipped from
-    // then on too. `skipped` of `skip` are those, the rest are the endpoints tried.
+    // never tried, nor, once an attempt of this connection's finds a gateway gone, the others
+    // behind it. Only an import has such endpoints: a Service of this zone checks nothing.
     let unreachable = |e: &&mesh_model::Endpoint| {
-        e.ready && e.remote.as_ref().is_some_and(|r| inputs.gateways.is_unreachable(wl.key(), r.gateway))
+        svc.service.imported
+            && e.ready
+            && e.remote.as_ref().is_some_and(|r| inputs.gateways.is_unreachable(wl.key(), r.gateway))
     };
-    let mut skip: Vec<&mesh_model::Endpoint> = Vec::new();
-    let mut skipped = 0;
+    let mut tried: Vec<&mesh_model::Endpoint> = Vec::new();
     // The last endpoint's failure and the record of that attempt.
     let mut last: Option<(ConnRecord, Failure)> = None;
-    while skip.len() - skipped < inputs.settings.service_attempts {
-        // Only an import has endpoints in other zones: a Service of this zone walks nothing.
-        if svc.service.imported {
-            for e in svc.service.endpoints.iter().filter(unreachable) {
-                if !skip.contains(&e) {
-                    skip.push(e);
-                    skipped += 1;
-                }
-            }
-        }
+    while tried.len() < inputs.settings.service_attempts {
+        let excluded: Cow<[&mesh_model::Endpoint]> = match svc.service.imported {
+            true => tried.iter().copied().chain(svc.service.endpoints.iter().filter(unreachable)).collect(),
+            false => Cow::Borrowed(&tried),
+        };
         let loads = &inputs.loads;
         let Some(ep) = pick(
             &svc.service.endpoints,
-            &skip,
+            &excluded,
             dst.is_ipv4(),
             |e| loads.get(&LoadKey::of(e)),
             |n| fastrand::usize(..n),
@@ -86,7 +83,7 @@ pub async fn handle(
             break;
         };
         let target = SocketAddr::new(ep.address, target_port);
-        skip.push(ep);
+        tried.push(ep);
         // Counted from the attempt until the connection ends (dropped with this function).
         let _in_flight = inputs.loads.start(LoadKey::of(ep));
         // Each attempt from the client's record as it came (the original destination is the
@@ -117,7 +114,9 @@ pub async fn handle(
     match last {
         // Every endpoint tried failed: the client learns the last reason.
         Some((attempt, f)) => refuse(&attempt, client, f.reason, &f.detail),
-        None if skipped > 0 => refuse(&rec, client, Reason::GatewayUnreachable, &Reason::GatewayUnreachable),
+        None if svc.service.endpoints.iter().any(|e| unreachable(&e)) => {
+            refuse(&rec, client, Reason::GatewayUnreachable, &Reason::GatewayUnreachable)
+        }
         None => refuse(&rec, client, Reason::NoEndpoint, &Reason::NoEndpoint),
     }
 }
