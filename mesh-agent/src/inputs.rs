@@ -191,7 +191,9 @@ impl Lifecycle {
     }
 
     /// Accepts on `listener` once serving, until draining begins, and runs each connection's
-    /// task (`handle`'s future) on its own, counted in flight until it ends. A connection whose
+    /// task (`handle`'s future) on its own, counted in flight until it ends: `handle` is given
+    /// the count's share, which its future must hold to its end. (Not wrapped here: a future
+    /// moved into another and awaited there is held twice, for the connection's life.) A connection whose
     /// descriptor falls in the share kept for established traffic is reset at once (counted);
     /// an accept error (out of descriptors all the same, say) is logged and retried after a
     /// pause.
@@ -201,7 +203,7 @@ impl Lifecycle {
         what: &'static str,
         workload: &mesh_model::WorkloadKey,
         limits: &Limits,
-        mut handle: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> F,
+        mut handle: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, InFlight) -> F,
     ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
@@ -226,12 +228,7 @@ impl Lifecycle {
                         crate::netns::reset(stream);
                         continue;
                     }
-                    let in_flight = self.track();
-                    let task = handle(stream, peer);
-                    tokio::spawn(async move {
-                        task.await;
-                        drop(in_flight);
-                    });
+                    tokio::spawn(handle(stream, peer, self.track()));
                 }
                 Err(e) => {
                     tracing::warn!(workload = %workload, error = %e, "{what} accept failed");

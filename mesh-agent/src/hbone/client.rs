@@ -149,17 +149,20 @@ impl EarlyBytes {
 
     /// What was read from the client for a stream that was then not opened: a connection
     /// carried some other way must send it first.
-    pub fn read(&self) -> Bytes {
-        self.0.clone().unwrap_or_default()
+    pub fn into_read(self) -> Bytes {
+        self.0.unwrap_or_default()
     }
 
     /// The client's first bytes, read now if they have not been (at most [`EARLY_MAX`]).
     fn get(&mut self, client: &TcpStream) -> Bytes {
         self.0
             .get_or_insert_with(|| {
-                // Read straight into the buffer h2 sends (no zeroing, no copy).
+                // Read straight into the buffer h2 sends (no zeroing). A short read is copied
+                // into a buffer of its own size: the whole buffer would otherwise stay allocated
+                // for as long as this copy is kept.
                 let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
                 match client.try_read_buf(&mut buf) {
+                    Ok(n) if n > 0 && n * 2 < buf.capacity() => Bytes::copy_from_slice(&buf),
                     Ok(n) if n > 0 => buf.freeze(),
                     // Nothing yet, or the client already finished: the relay sees to it.
                     _ => Bytes::new(),

@@ -35,13 +35,19 @@ pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: T
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
         // In flight until the connection ends: after a hand-over, once its streams have.
-        .accept_loop(listener, "HBONE", wl.key(), &inputs.limits, |tcp, peer| {
-            connection(inputs.clone(), wl.clone(), tcp, peer)
+        .accept_loop(listener, "HBONE", wl.key(), &inputs.limits, |tcp, peer, in_flight| {
+            connection(inputs.clone(), wl.clone(), tcp, peer, in_flight)
         })
         .await
 }
 
-async fn connection(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, tcp: TcpStream, peer: SocketAddr) {
+async fn connection(
+    inputs: Arc<ProxyInputs>,
+    wl: Arc<LocalWorkload>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _in_flight: crate::inputs::InFlight,
+) {
     // Before anything is read or computed: a flood of handshakes is refused here, cheaply.
     let pending = match inputs.limits.handshake(peer.ip()) {
         Ok(p) => p,
@@ -209,10 +215,12 @@ async fn tunnel(
                 tokio::spawn(relay);
             }
             Poll::Ready(None) => {}
+            // The relay gets a task of its own here too: awaited in this one, it would be held
+            // twice (moved into the await) beside the finished set-up, for the stream's life.
             Poll::Pending => {
                 tokio::spawn(async move {
                     if let Some(relay) = setup.await {
-                        relay.await;
+                        tokio::spawn(relay);
                     }
                 });
             }
@@ -321,10 +329,10 @@ async fn stream(
     let send = respond.send_response(resp, false).ok()?;
     let rec = Arc::new(rec);
     let live = inputs.conns.opened(&rec);
-    let body = req.into_body();
-    let idle = inputs.limits.idle();
+    // Made here and awaited by reference: moved into the block, its parts would be held twice.
+    let mut relay = io::relay(app, send, req.into_body(), Some(inputs.limits.idle()));
     Some(async move {
-        let (from_app, to_app, err) = io::relay(app, send, body, Some(idle)).await;
+        let (from_app, to_app, err) = (&mut relay).await;
         if err.as_ref().is_some_and(io::is_idle) {
             inputs.limits.hit(crate::limits::Limit::StreamIdle, &format_args!("HBONE stream to {dst}"));
         }

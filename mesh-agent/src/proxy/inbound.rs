@@ -19,13 +19,19 @@ use crate::state::LocalWorkload;
 pub async fn serve(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "inbound", wl.key(), &inputs.limits, |stream, peer| {
-            handle(inputs.clone(), wl.clone(), stream, peer)
+        .accept_loop(listener, "inbound", wl.key(), &inputs.limits, |stream, peer, in_flight| {
+            handle(inputs.clone(), wl.clone(), stream, peer, in_flight)
         })
         .await
 }
 
-async fn handle(inputs: Arc<ProxyInputs>, wl: Arc<LocalWorkload>, client: TcpStream, peer: SocketAddr) {
+async fn handle(
+    inputs: Arc<ProxyInputs>,
+    wl: Arc<LocalWorkload>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _in_flight: crate::inputs::InFlight,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let Ok(dst) = client.local_addr() else {

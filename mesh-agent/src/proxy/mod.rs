@@ -34,10 +34,13 @@ pub async fn relay(
 ) -> (Bytes, Option<std::io::Error>) {
     let live = conns.opened(&rec);
     let activity = Activity::default();
+    let first_len = first.len() as u64;
     let res = async {
         if !first.is_empty() {
             write_all(&upstream, &first).await?;
         }
+        // Written: not kept for the connection's life.
+        drop(first);
         tokio::try_join!(
             splice::one_way(&client, &upstream, &activity, true),
             splice::one_way(&upstream, &client, &activity, false)
@@ -55,10 +58,10 @@ pub async fn relay(
     };
     drop(live);
     let (bytes, error) = match res {
-        Ok((sent, received)) => (Bytes { sent: sent + first.len() as u64, received }, None),
+        Ok((sent, received)) => (Bytes { sent: sent + first_len, received }, None),
         Err(e) => {
             let (sent, received) = activity.totals();
-            (Bytes { sent: sent + first.len() as u64, received }, Some(e))
+            (Bytes { sent: sent + first_len, received }, Some(e))
         }
     };
     conns.closed(&rec, bytes, started, error.as_ref());

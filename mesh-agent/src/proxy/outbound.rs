@@ -4,8 +4,11 @@
 //! the map sock_ops filled; without it the connection is refused (fail closed). A destination
 //! that is a Service address goes to one of its endpoints (`service`).
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use mesh_common::{OrigDst, PortKey, AF_INET, AF_INET6};
@@ -48,13 +51,20 @@ pub fn port_key(netns_cookie: u64, peer: SocketAddr) -> PortKey {
 pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkload>, listener: TcpListener) {
     let lifecycle = inputs.lifecycle.clone();
     lifecycle
-        .accept_loop(listener, "outbound", wl.key(), &inputs.limits, |stream, peer| {
+        .accept_loop(listener, "outbound", wl.key(), &inputs.limits, |stream, peer, in_flight| {
             let orig =
                 inputs.orig_dst.take(crate::sockdiag::socket_cookie(&stream).ok(), &port_key(wl.netns_cookie, peer));
-            // The task lives as long as the connection: the one-off steps (certificate, tunnel
-            // set-up, dial) are boxed inside it so their state is freed once done instead of
-            // sizing every connection's task.
-            handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig)
+            // The task lives as long as the connection, and holds only what carrying it needs:
+            // the one-off steps (certificate, tunnel set-up, dial) run boxed, and their state is
+            // freed once done instead of sizing every connection's task.
+            let setup = Box::pin(handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig));
+            async move {
+                let _in_flight = in_flight;
+                // By reference: moved into the await, it would be held twice.
+                if let Some(mut carry) = setup.await {
+                    (&mut carry).await
+                }
+            }
         })
         .await
 }
@@ -66,7 +76,7 @@ async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     orig: Option<OrigDst>,
-) {
+) -> Option<Carry> {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     // Read once: the record and the certificate are of the same identity.
@@ -82,6 +92,7 @@ async fn handle(
     let refuse = |rec: &ConnRecord, client: TcpStream, reason: Reason, detail: &dyn std::fmt::Display| {
         inputs.conns.refused(rec, reason, started, detail);
         reset(client);
+        None
     };
     let kernel = |k: KernelRefusal| Reason::Kernel(k);
     let Some(orig) = orig else {
@@ -122,7 +133,7 @@ async fn handle(
             // Held for the connection's life otherwise: this workload's certificate (the record
             // keeps its own references to both identities).
             drop(cert);
-            Box::pin(carry(&inputs, client, rec, upstream, &early, started)).await
+            Some(carry(inputs, client, rec, upstream, early, started, None))
         }
         Err(f) => refuse(&rec, client, f.reason, &f.detail),
     }
@@ -259,31 +270,80 @@ pub async fn open(
     })
 }
 
-/// Carries an opened connection until both sides are done, then records it.
-pub async fn carry(
-    inputs: &Arc<ProxyInputs>,
+/// Carries an opened connection until both sides are done, then records it. `in_flight` (a
+/// Service endpoint's count of connections) is held as long.
+pub fn carry(
+    inputs: Arc<ProxyInputs>,
     client: TcpStream,
     rec: ConnRecord,
     upstream: Upstream,
-    early: &EarlyBytes,
+    early: EarlyBytes,
     started: Instant,
-) {
+    in_flight: Option<crate::balance::InFlight>,
+) -> Carry {
     let rec = Arc::new(rec);
     match upstream {
         Upstream::Tunnel(tunnel) => {
+            // The tunnel sent the client's first bytes behind its request: kept until the
+            // answer in case they had to go elsewhere, they are not needed from here on, and an
+            // idle connection must not hold them for its life.
+            drop(early);
             let live = inputs.conns.opened(&rec);
-            let (sent, received, err) = crate::hbone::io::relay(client, tunnel.send, tunnel.recv, None).await;
-            drop((live, tunnel.lease));
-            let bytes = crate::outcome::Bytes { sent: sent + tunnel.early, received };
-            inputs.conns.closed(&rec, bytes, started, err.as_ref());
+            Carry::Tunnel(TunnelCarry {
+                relay: crate::hbone::io::relay(client, tunnel.send, tunnel.recv, None),
+                held: Some((live, tunnel.lease, in_flight)),
+                early: tunnel.early,
+                rec,
+                inputs,
+                started,
+            })
         }
-        Upstream::Plain(upstream) => {
-            // Boxed: only passed-through connections carry a plain relay's state. Inline, it
-            // sized every connection's task, HBONE ones included.
-            Box::pin(super::relay(&inputs.conns, client, upstream, rec, early.read(), started, None)).await;
-        }
-        Upstream::Local { upstream, inbound } => {
-            Box::pin(super::local::carry(inputs, client, upstream, rec, inbound, early.read(), started)).await;
+        // Boxed: only passed-through and same-node connections carry a plain relay's state.
+        Upstream::Plain(upstream) => Carry::Other(Box::pin(async move {
+            super::relay(&inputs.conns, client, upstream, rec, early.into_read(), started, None).await;
+            drop(in_flight);
+        })),
+        Upstream::Local { upstream, inbound } => Carry::Other(Box::pin(async move {
+            super::local::carry(&inputs, client, upstream, rec, inbound, early.into_read(), started).await;
+            drop(in_flight);
+        })),
+    }
+}
+
+/// What carries a connection once it is open: the task of every idle connection holds one for
+/// the connection's life, so the common case, a tunnel stream, is a plain struct of what it
+/// needs (about 300 bytes) rather than an async function's frame.
+// The large variant is the one nearly every connection uses; boxing it would add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Carry {
+    Tunnel(TunnelCarry),
+    Other(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+pub struct TunnelCarry {
+    relay: crate::hbone::io::Relay,
+    /// Released before the close is recorded: the connection's entry in the live table, the
+    /// stream's share of its HBONE connection, the endpoint's in-flight count.
+    held: Option<(crate::connections::Live, crate::hbone::client::StreamLease, Option<crate::balance::InFlight>)>,
+    early: u64,
+    rec: Arc<ConnRecord>,
+    inputs: Arc<ProxyInputs>,
+    started: Instant,
+}
+
+impl Future for Carry {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.get_mut() {
+            Carry::Other(f) => f.as_mut().poll(cx),
+            Carry::Tunnel(t) => {
+                let (sent, received, err) = ready!(Pin::new(&mut t.relay).poll(cx));
+                drop(t.held.take());
+                let bytes = crate::outcome::Bytes { sent: sent + t.early, received };
+                t.inputs.conns.closed(&t.rec, bytes, t.started, err.as_ref());
+                Poll::Ready(())
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::outbound::{carry, open, Failure};
+use super::outbound::{carry, open, Carry, Failure};
 use crate::balance::{pick, LoadKey};
 use crate::hbone::client::EarlyBytes;
 use crate::hbone::pool::Pool;
@@ -45,11 +45,12 @@ pub async fn handle(
     dst: SocketAddr,
     cert: Arc<WorkloadCert>,
     started: Instant,
-) {
+) -> Option<Carry> {
     rec.service = Some(svc.clone());
     let refuse = |rec: &ConnRecord, client: TcpStream, reason: Reason, detail: &dyn std::fmt::Display| {
         inputs.conns.refused(rec, reason, started, detail);
         reset(client);
+        None
     };
     let Some(port) = svc.service.port(dst.port()) else {
         return refuse(&rec, client, Reason::UnknownServicePort, &Reason::UnknownServicePort);
@@ -84,8 +85,8 @@ pub async fn handle(
         };
         let target = SocketAddr::new(ep.address, target_port);
         tried.push(ep);
-        // Counted from the attempt until the connection ends (dropped with this function).
-        let _in_flight = inputs.loads.start(LoadKey::of(ep));
+        // Counted from the attempt until the connection ends (carried with it).
+        let in_flight = inputs.loads.start(LoadKey::of(ep));
         // Each attempt from the client's record as it came (the original destination is the
         // Service address); the endpoint becomes its `dst`.
         let mut attempt = rec.clone();
@@ -101,7 +102,7 @@ pub async fn handle(
         match opened {
             Ok(upstream) => {
                 drop(cert);
-                return Box::pin(carry(&inputs, client, attempt, upstream, &early, started)).await;
+                return Some(carry(inputs.clone(), client, attempt, upstream, early, started, Some(in_flight)));
             }
             Err(f) if f.retry => {
                 tracing::debug!(service = %svc.host, endpoint = %target, reason = f.reason.label(), error = %f.detail, "endpoint unusable; trying another");
