@@ -103,6 +103,51 @@ fn machine_busy_seconds() -> Result<f64> {
 }
 
 /// Resident set size in bytes.
+/// Where a process's resident memory is, from /proc/PID/smaps: resident and private kB per kind
+/// of mapping, and its thread count. What the idle-RSS row is made of.
+fn memory_map(pid: u32) -> Result<String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut kinds: BTreeMap<&'static str, (u64, u64, u64)> = BTreeMap::new();
+    let mut kind = "";
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let perms = words.next().unwrap_or("");
+            let name = words.nth(3).unwrap_or("");
+            kind = match name {
+                n if Path::new(n) == exe && perms.contains('x') => "the agent's code",
+                n if Path::new(n) == exe => "the agent's data (file-backed)",
+                "[heap]" => "heap (brk)",
+                "[stack]" => "main thread's stack",
+                n if n.contains("bpf") => "eBPF maps and programs",
+                n if n.ends_with(".so") || n.contains(".so.") => "shared libraries",
+                "" => "anonymous (malloc arenas, thread stacks)",
+                _ => "other",
+            };
+            kinds.entry(kind).or_default().0 += 1;
+            continue;
+        }
+        let kb = || words.clone().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match first {
+            "Rss:" => kinds.entry(kind).or_default().1 += kb(),
+            "Private_Clean:" | "Private_Dirty:" => kinds.entry(kind).or_default().2 += kb(),
+            _ => {}
+        }
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))?.count();
+    let mut out =
+        format!("pid {pid}, {threads} threads\n\n| mappings | kind | resident kB | private kB |\n|---|---|---|---|\n");
+    let mut total = (0, 0);
+    for (k, (n, rss, private)) in &kinds {
+        out.push_str(&format!("| {n} | {k} | {rss} | {private} |\n"));
+        total = (total.0 + rss, total.1 + private);
+    }
+    out.push_str(&format!("| | total | {} | {} |\n", total.0, total.1));
+    Ok(out)
+}
+
 fn rss_bytes(pid: u32) -> Result<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = s
@@ -668,9 +713,12 @@ fn main() -> Result<()> {
     b.load("a", &["rr", "--to", &format!("{}:7000", b.ip("b")), "--seconds", "1"])?;
     b.load("a", &["rr", "--to", &format!("{}:7000", b.ip("a2")), "--seconds", "1"])?;
     std::thread::sleep(Duration::from_secs(1));
-    for (pid, node) in b.agent_pids().into_iter().zip([Node::N1, Node::N2]) {
+    for (pid, (node, name)) in b.agent_pids().into_iter().zip([(Node::N1, "n1"), (Node::N2, "n2")]) {
         let rss = rss_bytes(pid)?;
         b.record(Key::Rss { when: Rss::Start, node }, vec![rss]);
+        let file = format!("agent-memory-{name}.md");
+        std::fs::write(b.opts.out.join(&file), memory_map(pid)?)?;
+        b.notes.push(format!("where agent {name}'s idle RSS is, by kind of mapping: {file}"));
     }
 
     if want(Section::Tput) {
