@@ -333,6 +333,7 @@ async fn stream(
     let mut relay = io::relay(app, send, req.into_body(), Some(inputs.limits.idle()));
     Some(async move {
         let (from_app, to_app, err) = (&mut relay).await;
+        drop(relay);
         if err.as_ref().is_some_and(io::is_idle) {
             inputs.limits.hit(crate::limits::Limit::StreamIdle, &format_args!("HBONE stream to {dst}"));
         }

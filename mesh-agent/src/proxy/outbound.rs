@@ -290,8 +290,9 @@ pub fn carry(
             drop(early);
             let live = inputs.conns.opened(&rec);
             Carry::Tunnel(TunnelCarry {
-                relay: crate::hbone::io::relay(client, tunnel.send, tunnel.recv, None),
-                held: Some((live, tunnel.lease, in_flight)),
+                relay: Some(crate::hbone::io::relay(client, tunnel.send, tunnel.recv, None)),
+                held: Some((live, tunnel.lease)),
+                in_flight,
                 early: tunnel.early,
                 rec,
                 inputs,
@@ -321,10 +322,13 @@ pub enum Carry {
 }
 
 pub struct TunnelCarry {
-    relay: crate::hbone::io::Relay,
+    /// Dropped as soon as it is done (the socket and the stream go first).
+    relay: Option<crate::hbone::io::Relay>,
     /// Released before the close is recorded: the connection's entry in the live table, the
-    /// stream's share of its HBONE connection, the endpoint's in-flight count.
-    held: Option<(crate::connections::Live, crate::hbone::client::StreamLease, Option<crate::balance::InFlight>)>,
+    /// stream's share of its HBONE connection.
+    held: Option<(crate::connections::Live, crate::hbone::client::StreamLease)>,
+    /// A Service endpoint's count of connections, released last.
+    in_flight: Option<crate::balance::InFlight>,
     early: u64,
     rec: Arc<ConnRecord>,
     inputs: Arc<ProxyInputs>,
@@ -338,10 +342,13 @@ impl Future for Carry {
         match self.get_mut() {
             Carry::Other(f) => f.as_mut().poll(cx),
             Carry::Tunnel(t) => {
-                let (sent, received, err) = ready!(Pin::new(&mut t.relay).poll(cx));
+                let Some(relay) = t.relay.as_mut() else { return Poll::Ready(()) };
+                let (sent, received, err) = ready!(Pin::new(relay).poll(cx));
+                t.relay = None;
                 drop(t.held.take());
                 let bytes = crate::outcome::Bytes { sent: sent + t.early, received };
                 t.inputs.conns.closed(&t.rec, bytes, t.started, err.as_ref());
+                drop(t.in_flight.take());
                 Poll::Ready(())
             }
         }
