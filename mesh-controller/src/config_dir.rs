@@ -84,6 +84,15 @@ fn stamp(m: std::io::Result<std::fs::Metadata>) -> Stamp {
 
 /// Watches `dir` (polling modification times every 200 ms) and publishes a new model whenever
 /// what it yields changes.
+/// A file's workloads, each made shareable. Into a new vector: collected in place, the
+/// pointers would keep the whole buffer of records they came from (the records' size times
+/// its capacity, a few hundred bytes per workload) for as long as the file is unchanged.
+fn shared(ws: Vec<Workload>) -> Vec<Arc<Workload>> {
+    let mut out = Vec::with_capacity(ws.len());
+    out.extend(ws.into_iter().map(Arc::new));
+    out
+}
+
 pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: tokio::sync::watch::Sender<Arc<Model>>) {
     let mut good: BTreeMap<PathBuf, FileContents> = BTreeMap::new();
     let mut read: BTreeMap<PathBuf, Vec<Arc<Workload>>> = BTreeMap::new();
@@ -138,7 +147,7 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
             match parsed {
                 Ok(mut c) => {
                     // Its workloads are kept once, shared by the models built from them.
-                    read.insert(p.clone(), std::mem::take(&mut c.workloads).into_iter().map(Arc::new).collect());
+                    read.insert(p.clone(), shared(std::mem::take(&mut c.workloads)));
                     good.insert(p.clone(), c);
                 }
                 Err(e) => {
@@ -169,6 +178,18 @@ pub async fn watch(dir: Option<PathBuf>, workloads_file: Option<PathBuf>, tx: to
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_files_shared_workloads_keep_no_buffer_beyond_their_pointers() {
+        let text: String = (0..100)
+            .map(|i| format!("kind: Workload\nname: w{i}\nips: [10.0.{}.{}]\nnode: n1\n---\n", i / 200, i % 200 + 1))
+            .collect();
+        let ws = parse_file(Path::new("w.yaml"), &text).unwrap().workloads;
+        assert_eq!(ws.len(), 100);
+        let shared = shared(ws);
+        // Kept for as long as the file is unchanged: its buffer is the pointers, nothing more.
+        assert_eq!(shared.capacity(), 100, "the shared list kept {} slots for 100 records", shared.capacity());
+    }
 
     #[test]
     fn parses_policies_and_workloads_and_names_the_line_of_an_error() {
