@@ -73,7 +73,7 @@ pub fn workload_of(pod: &Pod, meshed_namespaces: &std::collections::BTreeSet<Str
         name: pod.name_any(),
         namespace: ns,
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
-        labels: pod.labels().clone(),
+        labels: pod.labels().clone().into(),
         ips,
         node: Some(spec.node_name.clone()?),
         netns: None,

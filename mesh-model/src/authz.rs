@@ -335,8 +335,8 @@ impl Compiled {
         self.rules.iter().any(|r| r.matches(f))
     }
 
-    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector.as_ref().is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    fn selects(&self, labels: &crate::Labels) -> bool {
+        self.selector.as_ref().is_none_or(|sel| labels.contains_all(sel))
     }
 }
 
@@ -409,14 +409,14 @@ impl PolicyIndex {
     }
 
     /// The policies that select a workload of the default mesh in `namespace` with `labels`.
-    pub fn for_workload(&self, namespace: &str, labels: &BTreeMap<String, String>) -> WorkloadPolicies {
+    pub fn for_workload(&self, namespace: &str, labels: &crate::Labels) -> WorkloadPolicies {
         self.for_workload_in(crate::mesh::DEFAULT_MESH, namespace, labels)
     }
 
     /// The policies that select a workload of `mesh` in `namespace` with `labels`. A policy
     /// naming a mesh applies only to that mesh's workloads; one of the root namespace that names
     /// none, only to the default mesh's: one mesh's mesh-wide policies are never another's.
-    pub fn for_workload_in(&self, mesh: &str, namespace: &str, labels: &BTreeMap<String, String>) -> WorkloadPolicies {
+    pub fn for_workload_in(&self, mesh: &str, namespace: &str, labels: &crate::Labels) -> WorkloadPolicies {
         let mut out = WorkloadPolicies::default();
         let root = self.root_namespace.as_str();
         let mut add = |p: &Arc<Compiled>| {

@@ -5,6 +5,7 @@
 pub mod authz;
 pub mod config_file;
 pub mod hbone;
+pub mod labels;
 pub mod local_api;
 pub mod mesh;
 pub mod policy;
@@ -12,6 +13,7 @@ pub mod service;
 pub mod workload;
 
 pub use authz::Cidr;
+pub use labels::Labels;
 pub use mesh::{Mesh, MeshRecord, MeshSpec};
 pub use service::{Endpoint, Service, ServicePort};
 pub use workload::{Workload, WorkloadError, WorkloadKey};

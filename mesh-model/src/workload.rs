@@ -6,7 +6,6 @@
 //! kernel facts that tie it to traffic are the cgroup (which sockets are the workload's) and the
 //! netns (where the agent's listeners live). IPs are only used to steer inbound packets.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -21,7 +20,7 @@ pub struct Workload {
     #[serde(default = "default_service_account")]
     pub service_account: String,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::Labels,
     pub ips: Vec<IpAddr>,
     /// The node the workload runs on; records for other nodes are known but not captured here.
     #[serde(default, skip_serializing_if = "Option::is_none")]

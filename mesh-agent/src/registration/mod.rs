@@ -593,7 +593,7 @@ impl Registry {
                     service_account: w.service_account.clone(),
                     identity: wl.spiffe_id().to_string(),
                     ips: w.ips.clone(),
-                    labels: w.labels.clone(),
+                    labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     netns: wl.netns.path().to_owned(),
                     cgroup: wl.cgroup.clone(),
                     cgroup_id: wl.cgroup_id,

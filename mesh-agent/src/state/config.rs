@@ -217,7 +217,7 @@ impl ConfigState {
     /// namespace's policy without selector, then the mesh-wide one (root namespace, no
     /// selector); a port-level setting beats the policy's own; PERMISSIVE if none says.
     #[cfg(test)]
-    pub fn mtls_mode(&self, root: &str, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+    pub fn mtls_mode(&self, root: &str, namespace: &str, labels: &mesh_model::Labels, port: u16) -> MtlsMode {
         let default = mesh_model::mesh::DEFAULT_MESH;
         self.declared_mtls_mode(root, default, namespace, labels, port).unwrap_or(MtlsMode::Permissive)
     }
@@ -230,7 +230,7 @@ impl ConfigState {
         root: &str,
         mesh: &str,
         namespace: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &mesh_model::Labels,
         port: u16,
     ) -> Option<MtlsMode> {
         let level = |spec: &PeerAuthenticationSpec| -> MtlsMode {
@@ -242,7 +242,7 @@ impl ConfigState {
             spec.mtls.as_ref().map(|m| m.mode).unwrap_or(MtlsMode::Unset)
         };
         let selects = |spec: &PeerAuthenticationSpec| {
-            spec.selector.as_ref().is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            spec.selector.as_ref().is_some_and(|s| labels.contains_all(&s.match_labels))
         };
         let in_mesh = |p: &PeerAuth| match &p.spec.mesh {
             Some(m) => m == mesh,
@@ -300,7 +300,7 @@ mod tests {
         PeerAuth { namespace: ns.into(), name: name.into(), spec: serde_yaml::from_str(yaml).unwrap() }
     }
 
-    fn labels(app: &str) -> BTreeMap<String, String> {
+    fn labels(app: &str) -> mesh_model::Labels {
         [("app".to_owned(), app.to_owned())].into()
     }
 

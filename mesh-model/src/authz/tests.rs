@@ -31,7 +31,8 @@ const DOTTED: Option<&str> = Some("spiffe://cluster.local/ns/default/sa/my.sa");
 
 fn decide(policies: Vec<Compiled>, f: Facts<'_>) -> Decision {
     let idx = PolicyIndex::new("sockmesh-system", policies);
-    authorize(&f, &idx.for_workload("default", &BTreeMap::from([("app".to_string(), "web".to_string())]))).decision
+    authorize(&f, &idx.for_workload("default", &BTreeMap::from([("app".to_string(), "web".to_string())]).into()))
+        .decision
 }
 
 fn s(f: impl FnOnce(&mut Source)) -> Source {
@@ -243,7 +244,7 @@ fn reasons_audit_and_dry_run() {
     dry.dry_run = true;
     let dry = pol("dry", dry);
     let idx = PolicyIndex::new("sockmesh-system", vec![audit, dry]);
-    let v = authorize(&facts(A, "10.0.0.1", 80), &idx.for_workload("default", &BTreeMap::new()));
+    let v = authorize(&facts(A, "10.0.0.1", 80), &idx.for_workload("default", &Default::default()));
     assert_eq!(v.decision, Decision::Allow(AllowReason::NoAllowPolicies), "AUDIT and dry-run never decide");
     assert_eq!(v.audited, vec!["default/audit".to_string()]);
     assert_eq!(v.dry_run, vec![("default/dry".to_string(), Action::Deny, true)]);
@@ -259,9 +260,10 @@ fn selection_by_namespace_labels_and_root_namespace() {
     let mesh_wide = Compiled::compile("sockmesh-system", "all", &spec(Action::Audit, vec![])).unwrap();
     let elsewhere = Compiled::compile("other", "x", &spec(Action::Deny, vec![])).unwrap();
     let idx = PolicyIndex::new("sockmesh-system", vec![p, mesh_wide, elsewhere]);
-    let web = BTreeMap::from([("app".to_string(), "web".to_string()), ("tier".to_string(), "front".to_string())]);
+    let web: crate::Labels =
+        BTreeMap::from([("app".to_string(), "web".to_string()), ("tier".to_string(), "front".to_string())]).into();
     assert_eq!(idx.for_workload("default", &web).names(), vec!["default/sel", "sockmesh-system/all"]);
-    let partial = BTreeMap::from([("app".to_string(), "web".to_string())]);
+    let partial: crate::Labels = BTreeMap::from([("app".to_string(), "web".to_string())]).into();
     assert_eq!(
         idx.for_workload("default", &partial).names(),
         vec!["sockmesh-system/all"],
@@ -404,7 +406,7 @@ fn mesh_wide_policies_stay_in_their_mesh() {
             Compiled::compile("team-a", "for-b", &deny_all(Some("b"))).unwrap(),
         ],
     );
-    let names = |mesh: &str, ns: &str| idx.for_workload_in(mesh, ns, &BTreeMap::new()).names();
+    let names = |mesh: &str, ns: &str| idx.for_workload_in(mesh, ns, &Default::default()).names();
     assert_eq!(names("default", "prod"), ["sockmesh-system/default-wide"]);
     let mut a = names("a", "team-a");
     a.sort();
