@@ -757,13 +757,15 @@ fn main() -> Result<()> {
         b.profiled("fresh-mtls-connections", |b| b.conn_rate(&[(ConnRate::MeshFreshMtls, "a", "b")]))?;
     }
     if b.opts.profile {
-        eprintln!("profiling: cross-node throughput and 1 KiB echo through the mesh");
+        eprintln!("profiling: cross-node throughput, 1 KiB echo, and 1 KiB request/response on 16 connections through the mesh");
         b.start_agents(&[])?;
         let secs = b.opts.tput_secs;
         b.profiled("cross-node-throughput", |b| b.iperf("a", "b", 1, secs).map(|_| ()))?;
         let to = format!("{}:7000", b.ip("b"));
         let rr_secs = b.opts.rr_secs.to_string();
         b.profiled("cross-node-echo", |b| b.load("a", &["rr", "--to", &to, "--seconds", &rr_secs]).map(|_| ()))?;
+        let rr16 = ["rr", "--to", &to, "--size", "1024", "--seconds", &rr_secs, "--parallel", "16"];
+        b.profiled("cross-node-rr-16-connections", |b| b.load("a", &rr16).map(|_| ()))?;
     }
 
     let mut report = report(&b, started.elapsed())?;
