@@ -51,7 +51,8 @@ fn cluster(n_policies: usize, n_workloads: usize) -> PolicyIndex {
 }
 
 fn measure(idx: &PolicyIndex) -> (f64, f64, f64) {
-    let labels = BTreeMap::from([("app".to_string(), "app-0".to_string()), ("version".to_string(), "v1".to_string())]);
+    let labels: mesh_model::Labels =
+        BTreeMap::from([("app".to_string(), "app-0".to_string()), ("version".to_string(), "v1".to_string())]).into();
     let facts = [
         Facts {
             principal: Some("spiffe://cluster.local/ns/ns-1/sa/api"),
