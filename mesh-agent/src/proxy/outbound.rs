@@ -60,9 +60,8 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pool: Arc<Pool>, wl: Arc<LocalWorkl
             let setup = Box::pin(handle(inputs.clone(), pool.clone(), wl.clone(), stream, peer, orig));
             async move {
                 let _in_flight = in_flight;
-                // By reference: moved into the await, it would be held twice.
-                if let Some(mut carry) = setup.await {
-                    (&mut carry).await
+                if let Some(carry) = setup.await {
+                    carry.await
                 }
             }
         })
