@@ -13,7 +13,8 @@ use mesh_model::policy::{Action, AuthorizationPolicySpec, From, Operation, Rule,
 
 fn policy(ns: &str, name: &str, app: Option<&str>, action: Action, principal: &str, port: &str) -> Compiled {
     let spec = AuthorizationPolicySpec {
-        selector: app.map(|a| WorkloadSelector { match_labels: BTreeMap::from([("app".to_string(), a.to_string())]) }),
+        selector: app
+            .map(|a| WorkloadSelector { match_labels: mesh_model::Labels::from([("app".to_string(), a.to_string())]) }),
         action,
         rules: vec![Rule {
             from: vec![From { source: Source { principals: vec![principal.to_string()], ..Default::default() } }],

@@ -8,7 +8,7 @@
 //! so the cost of a decision depends on the policies that select the workload, not on how many
 //! exist in the cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -218,7 +218,7 @@ pub struct Compiled {
     /// `namespace/name`.
     pub name: String,
     pub namespace: String,
-    pub selector: Option<BTreeMap<String, String>>,
+    pub selector: Option<crate::Labels>,
     pub action: Action,
     pub dry_run: bool,
     /// The mesh whose workloads it applies to (`None`: see [`PolicyIndex::for_workload_in`]).

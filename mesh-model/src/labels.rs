@@ -1,4 +1,5 @@
-//! A workload's labels: a few key-value pairs, sorted by key, in one exactly sized slice.
+//! A workload's labels, and a policy's selector: a few key-value pairs, sorted by key, in one
+//! exactly sized slice.
 //!
 //! A `BTreeMap` would do the same job, but its first node has room for eleven entries: about
 //! 540 bytes for the one or two labels a pod usually has. The controller holds a record of
@@ -83,6 +84,26 @@ impl Serialize for Labels {
 impl<'de> Deserialize<'de> for Labels {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         BTreeMap::<String, String>::deserialize(d).map(Labels::from)
+    }
+}
+
+/// The schema of a map of strings, as a policy's `matchLabels` had before (the CRDs are
+/// generated from it).
+impl schemars::JsonSchema for Labels {
+    fn inline_schema() -> bool {
+        <BTreeMap<String, String> as schemars::JsonSchema>::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        <BTreeMap<String, String> as schemars::JsonSchema>::schema_name()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        <BTreeMap<String, String> as schemars::JsonSchema>::schema_id()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        <BTreeMap<String, String> as schemars::JsonSchema>::json_schema(generator)
     }
 }
 

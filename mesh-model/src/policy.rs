@@ -17,7 +17,7 @@ pub const VERSION: &str = "v1alpha1";
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
+    pub match_labels: crate::Labels,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

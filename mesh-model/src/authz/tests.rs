@@ -254,7 +254,7 @@ fn reasons_audit_and_dry_run() {
 fn selection_by_namespace_labels_and_root_namespace() {
     let mut sel = spec(Action::Deny, vec![Rule::default()]);
     sel.selector = Some(WorkloadSelector {
-        match_labels: BTreeMap::from([("app".into(), "web".into()), ("tier".into(), "front".into())]),
+        match_labels: crate::Labels::from([("app".into(), "web".into()), ("tier".into(), "front".into())]),
     });
     let p = Compiled::compile("default", "sel", &sel).unwrap();
     let mesh_wide = Compiled::compile("sockmesh-system", "all", &spec(Action::Audit, vec![])).unwrap();
@@ -367,7 +367,7 @@ proptest! {
         let mut with = compiled.clone();
         with.push(Compiled::compile("elsewhere", "u1", &other).unwrap());
         let mut selected = other.clone();
-        selected.selector = Some(WorkloadSelector { match_labels: BTreeMap::from([("app".into(), "db".into())]) });
+        selected.selector = Some(WorkloadSelector { match_labels: crate::Labels::from([("app".into(), "db".into())]) });
         with.push(Compiled::compile("default", "u2", &selected).unwrap());
         prop_assert_eq!(decide(with, facts(p, ip, port)), before);
     }
