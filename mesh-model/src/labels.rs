@@ -131,4 +131,21 @@ mod tests {
         let l: Labels = [("a".to_string(), "1".to_string()), ("a".to_string(), "2".to_string())].into();
         assert_eq!((l.len(), l["a"].as_str()), (1, "2"));
     }
+
+    /// A policy's selector reads and writes as it did when it was a map, and selects by it.
+    #[test]
+    fn a_policy_selector_is_the_same_map_on_the_wire() {
+        use crate::policy::AuthorizationPolicySpec;
+        let spec: AuthorizationPolicySpec =
+            serde_yaml::from_str("selector: {matchLabels: {tier: front, app: web}}\naction: ALLOW\n").unwrap();
+        let sel = &spec.selector.as_ref().unwrap().match_labels;
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["selector"], serde_json::json!({"matchLabels": {"app": "web", "tier": "front"}}));
+        let pod: Labels = serde_yaml::from_str("{app: web, tier: front, zone: a}").unwrap();
+        assert!(pod.contains_all(sel) && !Labels::from([("app".into(), "web".into())]).contains_all(sel));
+        let empty: AuthorizationPolicySpec = serde_yaml::from_str("selector: {}\n").unwrap();
+        assert!(empty.selector.unwrap().match_labels.is_empty());
+        let typo = serde_yaml::from_str::<AuthorizationPolicySpec>("selector: {matchLabel: {app: web}}\n");
+        assert!(typo.unwrap_err().to_string().contains("matchLabel"));
+    }
 }

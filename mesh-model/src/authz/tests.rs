@@ -1,6 +1,7 @@
 use super::*;
 use crate::policy::{From, Operation, Rule, Source, To, WorkloadSelector};
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 
 fn spec(action: Action, rules: Vec<Rule>) -> AuthorizationPolicySpec {
     AuthorizationPolicySpec { selector: None, action, rules, dry_run: false, mesh: None }
