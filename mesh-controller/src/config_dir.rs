@@ -30,7 +30,7 @@ fn assemble(
         // Each file's workloads as read (shared by every model built from them), or as listed.
         let ws = read.get(path).into_iter().flatten().cloned().chain(f.workloads.iter().cloned().map(Arc::new));
         for w in ws {
-            m.workloads.insert(w.key(), w);
+            Arc::make_mut(&mut m.workloads).insert(w.key(), w);
         }
     }
     m.errors = errors;

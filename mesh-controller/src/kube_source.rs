@@ -207,7 +207,7 @@ pub fn model_from(
     let mut m = Model::default();
     for p in pods {
         if let Some(w) = workload_of(p, &meshed) {
-            m.workloads.insert(w.key(), std::sync::Arc::new(w));
+            std::sync::Arc::make_mut(&mut m.workloads).insert(w.key(), std::sync::Arc::new(w));
         }
     }
     let labels = namespaces.iter().map(|n| (n.name_any(), n.labels().clone())).collect();

@@ -323,7 +323,7 @@ impl Keeper {
             .collect();
         let mut orphan_ips = std::collections::HashSet::new();
         for k in orphans {
-            if let Some(w) = m.workloads.remove(&k) {
+            if let Some(w) = Arc::make_mut(&mut m.workloads).remove(&k) {
                 orphan_ips.extend(w.ips.iter().copied());
             }
         }
@@ -409,7 +409,7 @@ mod tests {
         let ws = mesh_model::workload::parse_str(Path::new("w"), text).unwrap();
         let mut m = Model::default();
         for w in ws {
-            m.workloads.insert(w.key(), Arc::new(w));
+            Arc::make_mut(&mut m.workloads).insert(w.key(), Arc::new(w));
         }
         m
     }

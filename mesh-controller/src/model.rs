@@ -3,6 +3,7 @@
 //! it; the CA's node authorization and the push to agents read it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use mesh_model::authz::Compiled;
 use mesh_model::mesh::{mesh_of_label, MESH_LABEL};
@@ -23,9 +24,12 @@ pub enum Endpoints {
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     /// Shared with the source's copies and the models before and after: a change copies
-    /// pointers, not a hundred thousand records.
-    pub workloads: BTreeMap<WorkloadKey, std::sync::Arc<Workload>>,
-    pub authz: BTreeMap<Key, AuthorizationPolicySpec>,
+    /// pointers, not a hundred thousand records. The map itself is shared too: the mesh keeper
+    /// copies the source's model, and changes it (a copy of the map then) only where a mesh
+    /// or another zone makes it differ.
+    pub workloads: Arc<BTreeMap<WorkloadKey, Arc<Workload>>>,
+    /// Shared like `workloads`.
+    pub authz: Arc<BTreeMap<Key, AuthorizationPolicySpec>>,
     pub peer_auth: BTreeMap<Key, PeerAuthenticationSpec>,
     /// Services with their endpoints resolved (selectors against `workloads`), or as the source
     /// listed them (Kubernetes EndpointSlices).
@@ -61,7 +65,7 @@ impl Model {
     /// error (file and line, or the object).
     pub fn admit_authz(&mut self, previous: &Model, key: Key, spec: &AuthorizationPolicySpec, what: String) {
         let checked = Compiled::compile(&key.0, &key.1, spec).map(drop).map_err(|e| e.to_string());
-        admit(&mut self.authz, &previous.authz, key, spec, checked, what, &mut self.errors);
+        admit(Arc::make_mut(&mut self.authz), &previous.authz, key, spec, checked, what, &mut self.errors);
     }
 
     /// [`Model::admit_authz`] for a PeerAuthentication.
@@ -78,10 +82,21 @@ impl Model {
                 self.namespace_meshes.insert(ns.clone(), mesh.to_owned());
             }
         }
-        for w in self.workloads.values_mut() {
-            let mesh = self.namespace_meshes.get(&w.namespace);
-            if w.mesh.as_ref() != mesh {
-                std::sync::Arc::make_mut(w).mesh = mesh.cloned();
+        // The map is copied only when a workload's mesh changes (shared maps stay shared).
+        let meshes = &self.namespace_meshes;
+        let stale: Vec<WorkloadKey> = self
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.mesh.as_ref() != meshes.get(&w.namespace))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let workloads = Arc::make_mut(&mut self.workloads);
+        for k in stale {
+            if let Some(w) = workloads.get_mut(&k) {
+                Arc::make_mut(w).mesh = meshes.get(&w.namespace).cloned();
             }
         }
     }
@@ -177,4 +192,39 @@ fn admit<S: Clone>(
     };
     tracing::error!(error = %e, "policy rejected; the rest of the configuration stays in force");
     errors.push(e);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Model {
+        let text = "kind: Workload\nname: a\nnamespace: shop\nips: [10.0.0.1]\nnode: n1\n---\nkind: Workload\nname: b\nnamespace: blog\nips: [10.0.0.2]\nnode: n1\n";
+        let ws = mesh_model::workload::parse_str(std::path::Path::new("w"), text).unwrap();
+        let mut m = Model::default();
+        Arc::make_mut(&mut m.workloads).extend(ws.into_iter().map(|w| (w.key(), Arc::new(w))));
+        m
+    }
+
+    /// The mesh keeper works on a copy of the source's model: with nothing to change, the copy
+    /// shares the source's map of workloads (one map in memory, not two); a namespace moved to
+    /// another mesh copies the map, changes only its own workloads, and leaves the source's
+    /// model as it was.
+    #[test]
+    fn a_copy_shares_the_workloads_until_a_namespace_changes_mesh() {
+        let mut source = model();
+        source.set_namespaces(&BTreeMap::new());
+        let mut copy = source.clone();
+        copy.set_namespaces(&BTreeMap::new());
+        assert!(Arc::ptr_eq(&copy.workloads, &source.workloads), "the map was copied with nothing to change");
+
+        let labels =
+            BTreeMap::from([("shop".to_owned(), BTreeMap::from([(MESH_LABEL.to_owned(), "payments".to_owned())]))]);
+        copy.set_namespaces(&labels);
+        assert!(!Arc::ptr_eq(&copy.workloads, &source.workloads));
+        let key = |ns: &str, n: &str| WorkloadKey { namespace: ns.into(), name: n.into() };
+        assert_eq!(copy.workloads[&key("shop", "a")].mesh.as_deref(), Some("payments"));
+        assert_eq!(source.workloads[&key("shop", "a")].mesh, None, "the source's record changed");
+        assert!(Arc::ptr_eq(&copy.workloads[&key("blog", "b")], &source.workloads[&key("blog", "b")]));
+    }
 }

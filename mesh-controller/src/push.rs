@@ -228,7 +228,7 @@ mod tests {
             .collect();
         let c = mesh_model::config_file::parse_file(std::path::Path::new("w.yaml"), &text).unwrap();
         let mut m = crate::model::Model { version: 3, ..Default::default() };
-        m.workloads = c.workloads.into_iter().map(|w| (w.key(), Arc::new(w))).collect();
+        m.workloads = Arc::new(c.workloads.into_iter().map(|w| (w.key(), Arc::new(w))).collect());
         let view = View::build(Arc::new(m), "sockmesh-system", None);
         let mine = view.node_part("n1");
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

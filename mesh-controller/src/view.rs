@@ -157,14 +157,14 @@ impl View {
                 changed.extend(p.shared.keys().filter(|id| !shared.contains_key(*id)).cloned());
             }
             if !same_workloads {
-                for (k, w) in &m.workloads {
+                for (k, w) in m.workloads.iter() {
                     let old = pm.workloads.get(k);
                     if old != Some(w) {
                         parts.node(Some(w));
                         parts.node(old.map(|w| &**w));
                     }
                 }
-                for (k, w) in &pm.workloads {
+                for (k, w) in pm.workloads.iter() {
                     if !m.workloads.contains_key(k) {
                         parts.node(Some(w));
                     }
@@ -178,7 +178,7 @@ impl View {
                 history.pop_front();
             }
         }
-        let authz = reuse_all(&m.authz, pm.map(|pm| &pm.authz), prev.map(|p| &p.authz));
+        let authz = reuse_all(&m.authz, pm.map(|pm| &*pm.authz), prev.map(|p| &p.authz));
         let compiled = m.authz.iter().filter_map(|((ns, n), s)| Compiled::compile(ns, n, s).ok());
         let index = PolicyIndex::new(root_namespace, compiled);
         let peer_auth = reuse_all(&m.peer_auth, pm.map(|pm| &pm.peer_auth), prev.map(|p| &p.peer_auth));
@@ -214,7 +214,7 @@ impl View {
         let pm = prev.map(|p| &*p.model);
         let old = |id: &ResourceId| prev.and_then(|p| p.shared.get(id));
         let mut shared = Resources::new();
-        for (k, w) in &m.workloads {
+        for (k, w) in m.workloads.iter() {
             let id = ResourceId::new(Kind::Workload, &k.namespace, &k.name);
             let before = pm.and_then(|pm| pm.workloads.get(k));
             let j = match before.zip(old(&id)) {
@@ -345,10 +345,10 @@ mod tests {
         let c = mesh_model::config_file::parse_file(std::path::Path::new("t.yaml"), text).unwrap();
         let mut m = Model { version, ..Default::default() };
         for w in c.workloads {
-            m.workloads.insert(w.key(), Arc::new(w));
+            Arc::make_mut(&mut m.workloads).insert(w.key(), Arc::new(w));
         }
         for p in c.authz {
-            m.authz.insert((p.namespace.clone(), p.name.clone()), p.spec.clone());
+            Arc::make_mut(&mut m.authz).insert((p.namespace.clone(), p.name.clone()), p.spec.clone());
         }
         for p in c.peer {
             m.peer_auth.insert((p.namespace.clone(), p.name.clone()), p.spec.clone());

@@ -5,7 +5,7 @@ fn model(yaml_workloads: &[(&str, &str, &str)], services: &[Service]) -> Model {
     for (name, sa, ip) in yaml_workloads {
         let w: mesh_model::Workload =
             serde_yaml::from_str(&format!("name: {name}\nserviceAccount: {sa}\nips: [{ip}]\nnode: n1\n")).unwrap();
-        m.workloads.insert(w.key(), Arc::new(w));
+        Arc::make_mut(&mut m.workloads).insert(w.key(), Arc::new(w));
     }
     for s in services {
         m.services.insert(s.key(), s.clone());
