@@ -414,6 +414,23 @@ mod tests {
         m
     }
 
+    /// The keeper works on a copy of the source's model: with no orphan to take out, the copy
+    /// still shares the source's maps of workloads and policies (one of each in memory).
+    #[tokio::test]
+    async fn a_model_with_nothing_to_take_out_shares_the_sources_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut keeper, _, _) = keeper(dir.path());
+        let mut source = model("kind: Workload\nname: a\nnamespace: shop\nips: [10.0.0.1]\nnode: n1\n");
+        let spec: mesh_model::policy::AuthorizationPolicySpec =
+            serde_yaml::from_str("selector: {matchLabels: {app: a}}\naction: ALLOW\n").unwrap();
+        source.admit_authz(&Model::default(), ("shop".into(), "p".into()), &spec, "AuthorizationPolicy".into());
+        let mut m = source.clone();
+        keeper.admit(&mut m).await;
+        assert_eq!((m.workloads.len(), m.authz.len()), (1, 1));
+        assert!(Arc::ptr_eq(&m.workloads, &source.workloads), "the keeper copied the workloads");
+        assert!(Arc::ptr_eq(&m.authz, &source.authz), "the keeper copied the policies");
+    }
+
     /// Each mesh gets its own root, kept across restarts; a namespace labelled for a mesh that
     /// is not there loses its workloads (reported); a mesh whose trust domain is taken is
     /// rejected; records go out only when there are meshes.
@@ -431,7 +448,9 @@ mod tests {
         let spec = |td: &str| MeshSpec { trust_domain: td.into(), ..Default::default() };
         m.admit_mesh("a", &spec("a.example"), "Mesh".into());
         m.admit_mesh("b", &spec("cluster.local"), "Mesh".into());
+        let source = m.clone();
         let signers = keeper.admit(&mut m).await;
+        assert_eq!(source.workloads.len(), 3, "taking the orphan out changed the source's shared map");
         assert_eq!(m.meshes.keys().collect::<Vec<_>>(), ["a"]);
         assert!(
             m.errors.iter().any(|e| e.contains("Mesh b rejected") && e.contains("mesh default's")),

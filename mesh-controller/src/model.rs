@@ -25,8 +25,8 @@ pub enum Endpoints {
 pub struct Model {
     /// Shared with the source's copies and the models before and after: a change copies
     /// pointers, not a hundred thousand records. The map itself is shared too: the mesh keeper
-    /// copies the source's model, and changes it (a copy of the map then) only where a mesh
-    /// or another zone makes it differ.
+    /// copies the source's model, and copies this map only to take out the workloads of a
+    /// mesh that is not there.
     pub workloads: Arc<BTreeMap<WorkloadKey, Arc<Workload>>>,
     /// Shared like `workloads`.
     pub authz: Arc<BTreeMap<Key, AuthorizationPolicySpec>>,
@@ -206,10 +206,9 @@ mod tests {
         m
     }
 
-    /// The mesh keeper works on a copy of the source's model: with nothing to change, the copy
-    /// shares the source's map of workloads (one map in memory, not two); a namespace moved to
-    /// another mesh copies the map, changes only its own workloads, and leaves the source's
-    /// model as it was.
+    /// `set_namespaces` on a model that shares its map of workloads: with no workload's mesh to
+    /// change, the map stays shared; a namespace moved to another mesh copies the map, changes
+    /// only that namespace's records, and leaves the other model's as they were.
     #[test]
     fn a_copy_shares_the_workloads_until_a_namespace_changes_mesh() {
         let mut source = model();
