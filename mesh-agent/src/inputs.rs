@@ -195,9 +195,8 @@ impl Lifecycle {
     /// the count's share, which its future must hold to its end. (Not wrapped here: a future
     /// moved into another and awaited there is held twice, for the connection's life.) A
     /// connection whose descriptor falls in the share kept for established traffic is reset at
-    /// once (counted);
-    /// an accept error (out of descriptors all the same, say) is logged and retried after a
-    /// pause.
+    /// once (counted); an accept error (out of descriptors all the same, say) is logged and
+    /// retried after a pause.
     pub async fn accept_loop<F>(
         &self,
         listener: tokio::net::TcpListener,

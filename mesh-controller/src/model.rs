@@ -82,21 +82,15 @@ impl Model {
                 self.namespace_meshes.insert(ns.clone(), mesh.to_owned());
             }
         }
-        // The map is copied only when a workload's mesh changes (shared maps stay shared).
+        // A shared map is copied only when some workload's mesh changes.
         let meshes = &self.namespace_meshes;
-        let stale: Vec<WorkloadKey> = self
-            .workloads
-            .iter()
-            .filter(|(_, w)| w.mesh.as_ref() != meshes.get(&w.namespace))
-            .map(|(k, _)| k.clone())
-            .collect();
-        if stale.is_empty() {
+        if self.workloads.values().all(|w| w.mesh.as_ref() == meshes.get(&w.namespace)) {
             return;
         }
-        let workloads = Arc::make_mut(&mut self.workloads);
-        for k in stale {
-            if let Some(w) = workloads.get_mut(&k) {
-                Arc::make_mut(w).mesh = meshes.get(&w.namespace).cloned();
+        for w in Arc::make_mut(&mut self.workloads).values_mut() {
+            let mesh = meshes.get(&w.namespace);
+            if w.mesh.as_ref() != mesh {
+                Arc::make_mut(w).mesh = mesh.cloned();
             }
         }
     }
